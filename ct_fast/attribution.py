@@ -1,0 +1,367 @@
+"""Edge attribution patching (EAP): exact edge scores of a batch, computed layer by layer in backward.
+
+    score(u -> d) = | (1/B) * sum_b sum_{t in P_b} (a_u[b,t] - a~_u[b,t]) . dM/dx_d[b,t] |
+
+``a_u`` is never materialised per node: the forward keeps compact per-layer tensors (per-head z, MLP
+activations or output, embeddings, the residual read by each norm), and the backward taps hand each
+layer's downstream gradients to ``EdgeScorer``, which scores them against every earlier upstream group
+in token chunks and drops them (DESIGN.md sections 2-3).
+
+Example::
+
+    scores = ct_fast.attribute(model, batch, metric="loss", ablation="mean")
+    circuit = scores.top_n(200)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import ops
+from .capture import Capture
+from .errors import CTFastError, NonFiniteError
+from .graph import ComputationGraph
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
+ABLATIONS = ("mean", "zero", "corrupted")
+CHUNK_ELEMENTS = 1 << 25  # fp32 elements of one [n_nodes, chunk, d_model] gradient block (128 MiB)
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys of ``batch`` that go to the model (task fields such as answer ids stay out)."""
+    if "input_ids" not in batch:
+        raise CTFastError(f"the batch has no 'input_ids' (keys: {sorted(batch)}); pass a tokenized HF batch")
+    return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS and v is not None}
+
+
+def valid_tokens(batch: dict) -> torch.Tensor:
+    """Bool ``[B, T]``: the non-padding tokens (``attention_mask``, or all)."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+def _answer_logits(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    for key in ("target_pos", "answer", "wrong_answer"):
+        if key not in batch:
+            raise CTFastError(
+                f"this metric needs batch[{key!r}] ([B] long): 'target_pos' is the position whose logits "
+                "predict the answer, 'answer'/'wrong_answer' the correct and incorrect token ids"
+            )
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    at = logits[rows, batch["target_pos"].to(logits.device)].float()
+    return at, rows
+
+
+def logit_diff(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean over the batch of ``logit[answer] - logit[wrong_answer]`` at ``target_pos`` (to maximise)."""
+    at, rows = _answer_logits(logits, batch)
+    return (at[rows, batch["answer"]] - at[rows, batch["wrong_answer"]]).mean()
+
+
+def logprob_diff(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean over the batch of ``log p(answer) - log p(wrong_answer)`` at ``target_pos`` (to maximise)."""
+    at, rows = _answer_logits(logits, batch)
+    lp = at.log_softmax(-1)
+    return (lp[rows, batch["answer"]] - lp[rows, batch["wrong_answer"]]).mean()
+
+
+METRICS = {"logit_diff": logit_diff, "logprob_diff": logprob_diff}
+
+
+def evaluate_metric(metric, output, batch: dict) -> torch.Tensor:
+    """The scalar metric of a model output: ``"loss"`` (needs labels), a name in METRICS, or a callable."""
+    if metric == "loss":
+        if output.loss is None:
+            raise CTFastError("metric='loss' needs 'labels' in the batch (e.g. labels = input_ids with -100 on padding)")
+        return output.loss
+    fn = METRICS.get(metric, metric) if isinstance(metric, str) else metric
+    if not callable(fn):
+        raise CTFastError(f"unknown metric {metric!r}: use 'loss', one of {sorted(METRICS)} or a callable (logits, batch) -> scalar")
+    value = fn(output.logits, batch)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise CTFastError(f"the metric must return a scalar tensor, got {type(value).__name__}")
+    return value.reshape(())
+
+
+# ---- token rows (positions, pooling) -----------------------------------------------------------
+
+class TokenRows:
+    """Maps ``[B, T, w]`` tensors to the rows that are scored: the positions P (``[n_P, w]``), or with
+    ``pool=True`` their per-example means (``[B, w]``)."""
+
+    def __init__(self, positions: torch.Tensor, pool: bool):
+        self.pool = pool
+        self.flat = positions.reshape(-1).nonzero().squeeze(1)  # [n_P] flat token indices
+        counts = positions.sum(1)
+        self.example = self.flat // positions.shape[1]  # [n_P] example of each row
+        self.weight = (1.0 / counts.float())[self.example]  # [n_P] pooling weights
+        self.batch_size = positions.shape[0]
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, w]`` -> ``[n_P, w]`` (the tokens at the positions)."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.flat.to(x.device))
+
+    def pool_rows(self, rows: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``[..., c, w]`` rows ``start..start+c`` of the selection -> per-example means ``[..., B, w]``."""
+        c = rows.shape[-2]
+        ex = self.example[start:start + c].to(rows.device)
+        wt = self.weight[start:start + c].to(rows.device, torch.float32)
+        out = rows.new_zeros(*rows.shape[:-2], self.batch_size, rows.shape[-1], dtype=torch.float32)
+        return out.index_add_(-2, ex, rows.float() * wt[:, None])
+
+    def compact(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows of ``x [B, T, w]`` as scored: selected, then pooled when pooling."""
+        rows = self.select(x)
+        return self.pool_rows(rows) if self.pool else rows
+
+
+def resolve_positions(batch: dict, positions) -> torch.Tensor:
+    """Bool ``[B, T]`` of scored positions: ``positions`` (a mask, a batch key, a callable, or None for all
+    non-padding tokens) restricted to non-padding tokens; every example must keep at least one."""
+    valid = valid_tokens(batch)
+    if positions is None:
+        pos = valid
+    else:
+        if isinstance(positions, str):
+            if positions not in batch:
+                raise CTFastError(f"positions={positions!r} names no batch key (keys: {sorted(batch)})")
+            positions = batch[positions]
+        elif callable(positions):
+            positions = positions(batch)
+        positions = torch.as_tensor(positions, device=valid.device)
+        if positions.shape != valid.shape:
+            raise CTFastError(
+                f"positions has shape {tuple(positions.shape)} but the batch is {tuple(valid.shape)}; pass a "
+                "bool [B, T] mask (True at the positions to score)"
+            )
+        pos = positions.bool() & valid
+    empty = (~pos.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise CTFastError(
+            f"examples {empty[:8]} have no valid (non-padding) token among the positions; every example needs "
+            "at least one position to score — check the positions mask against the attention_mask"
+        )
+    return pos
+
+
+# ---- scores ------------------------------------------------------------------------------------
+
+@dataclass
+class EdgeScores:
+    """Edge scores ``[n_up, n_down]`` (float32, exactly 0 on non-edges) with the graph naming its axes."""
+
+    scores: torch.Tensor
+    graph: ComputationGraph
+
+    def top_n(self, n: int, method: str = "edges", threshold: float = 0.0):
+        """The circuit of the top ``n`` edges (``method="nodes"``: ranked by ``|S| * rowsum * colsum``)."""
+        from .circuit import select_circuit
+        return select_circuit(self, n, method=method, threshold=threshold)
+
+    def __add__(self, other: "EdgeScores") -> "EdgeScores":
+        return EdgeScores(self.scores + other.scores, self.graph)
+
+    def edge(self, upstream: str, downstream: str) -> float:
+        return float(self.scores[self.graph.up_index[upstream], self.graph.down_index[downstream]])
+
+
+class EdgeScorer:
+    """Accumulates signed edge sums ``sum (a_u - a~_u) . g_d`` from the backward taps, layer by layer.
+
+    ``deltas[k]`` are the scored rows of upstream group k's compact tensor minus its ablation;
+    ``resid`` the rows of the residual each norm reads. Gradients of one layer are buffered until all
+    its taps have fired, scored against every earlier upstream group in token chunks, and dropped.
+    """
+
+    def __init__(self, model: nn.Module, graph: ComputationGraph, rows: TokenRows,
+                 deltas: dict, resid: dict, raw: torch.Tensor):
+        self.graph, self.rows, self.deltas, self.resid, self.raw = graph, rows, deltas, resid, raw
+        params = dict(model.named_parameters())
+        modules = dict(model.named_modules())
+        self.norms = {g.norm: modules[g.norm] for g in graph.downstream_groups if g.norm}
+        self.up_weight = [None if g.writer is None else g.writer.heads_weight(params[g.writer.weight].detach())
+                          for g in graph.upstream_groups]
+        self.down_weight = [None if g.reader is None else g.reader.heads_weight(params[g.reader.weight].detach())
+                            for g in graph.downstream_groups]
+        self.taps_of_layer: dict[int, set] = {}
+        for g in graph.downstream_groups:
+            self.taps_of_layer.setdefault(g.layer, set()).add(g.tap)
+        self.pending: dict[int, dict] = {}
+
+    def on_grad(self, key, grad: torch.Tensor):
+        """Tap callback: keep the scored rows of this gradient; score the layer once it is complete."""
+        for layer, taps in self.taps_of_layer.items():
+            if key in taps:
+                self.pending.setdefault(layer, {})[key] = self.rows.select(grad.detach())
+                if len(self.pending[layer]) == len(taps):
+                    self._score_layer(layer, self.pending.pop(layer))
+
+    def flush(self):
+        """Score layers whose taps did not all fire (their missing gradients are zero)."""
+        for layer in list(self.pending):
+            self._score_layer(layer, self.pending.pop(layer))
+
+    def _score_layer(self, layer: int, grads: dict):
+        groups = [(i, g) for i, g in enumerate(self.graph.downstream_groups) if g.layer == layer and g.tap in grads]
+        n_nodes = sum(len(g.names) for _, g in groups)
+        n_rows = next(iter(grads.values())).shape[0]
+        chunk = max(1, CHUNK_ELEMENTS // max(1, n_nodes * self.graph.d_model))
+        pooled = [[] for _ in groups]
+        for start in range(0, n_rows, chunk):
+            stop = min(n_rows, start + chunk)
+            per_group = [self._residual_grad(i, g, grads[g.tap][start:stop], start) for i, g in groups]
+            if self.rows.pool:
+                for acc, G in zip(pooled, per_group):
+                    acc.append(self.rows.pool_rows(G, start))
+            else:
+                self._accumulate(groups, per_group, lambda k: self.deltas[k][start:stop])
+        if self.rows.pool:
+            per_group = [torch.stack(acc).sum(0) for acc in pooled]
+            self._accumulate(groups, per_group, lambda k: self.deltas[k])
+
+    def _residual_grad(self, i: int, g, grad_rows: torch.Tensor, start: int) -> torch.Tensor:
+        """``[n, c, d]``: d metric / d x_d of group g's nodes for rows ``start..start+c``."""
+        if g.reader is None:
+            cot = grad_rows.unsqueeze(0)
+        else:
+            w = self.down_weight[i]
+            off = g.reader.offset
+            cot = ops.heads_to_residual(grad_rows[:, off:off + w.shape[0] * w.shape[1]], w)
+        if g.norm is None:
+            return cot.float()
+        x = self.resid[g.norm][start:start + grad_rows.shape[0]]
+        return ops.norm_vjp(self.norms[g.norm], x, cot).float()
+
+    def _accumulate(self, groups, per_group, delta_of):
+        read_pos = max(g.read_pos for _, g in groups)
+        for k, ug in enumerate(self.graph.upstream_groups):
+            if ug.write_pos >= read_pos:
+                continue
+            delta = delta_of(k)
+            for (_, g), G in zip(groups, per_group):
+                if ug.write_pos < g.read_pos:
+                    block = ops.score_edges(delta, self.up_weight[k], G)
+                    self.raw[ug.first:ug.first + len(ug.names), g.first:g.first + len(g.names)] += block
+
+
+class AttributionRun:
+    """One attribution over one or more (micro-)batches: forward with capture, backward with taps.
+
+    Example (what ``attribute`` does)::
+
+        run = AttributionRun(model, graph, ablation="mean")
+        metric = run.forward(batch, metric="loss")
+        run.backward(metric)               # activations-only backward; params=... also returns dW
+        edge_scores = run.scores()
+    """
+
+    def __init__(self, model: nn.Module, graph: ComputationGraph, ablation: str = "mean",
+                 positions=None, pool: bool = False):
+        if ablation not in ABLATIONS:
+            raise CTFastError(f"ablation={ablation!r} is not one of {ABLATIONS}")
+        self.model, self.graph, self.ablation, self.positions, self.pool = model, graph, ablation, positions, pool
+        self.raw = torch.zeros(len(graph.upstream_nodes), len(graph.downstream_nodes), dtype=torch.float32,
+                               device=next(model.parameters()).device)
+        self.batch_size = 0
+        self._capture = None
+        self._scorer = None
+        self.up_keys = [g.capture for g in graph.upstream_groups]
+        self.resid_keys = sorted({(g.norm, "input") for g in graph.downstream_groups if g.norm})
+        self.tap_keys = sorted({g.tap for g in graph.downstream_groups})
+
+    def forward(self, batch: dict, metric="loss", corrupted_batch: dict | None = None):
+        """Run the model on ``batch`` with capture and taps; return ``(output, metric value)``."""
+        inputs = model_inputs(batch)
+        pos = resolve_positions(batch, self.positions)
+        rows = TokenRows(pos, self.pool)
+        baseline = self._baseline(batch, corrupted_batch)
+        cap = Capture(self.model, store=set(self.up_keys) | set(self.resid_keys), taps=self.tap_keys)
+        with cap:
+            output = self.model(**inputs)
+        value = evaluate_metric(metric, output, batch)
+        deltas = [self._delta(k, cap.stored, baseline, rows, batch) for k in self.up_keys]
+        resid = {k[0]: rows.select(cap.stored[k]) for k in self.resid_keys}
+        cap.stored.clear()
+        self._scorer = EdgeScorer(self.model, self.graph, rows, deltas, resid, self.raw)
+        cap.on_grad = self._scorer.on_grad  # the taps call it through the capture
+        self._capture = cap
+        self.batch_size += pos.shape[0]
+        return output, value
+
+    def backward(self, metric: torch.Tensor, params=(), scale: float = 1.0):
+        """Backward of ``scale * metric`` through the taps; returns the gradients of ``params`` (if any).
+
+        With no ``params`` no weight gradient is computed (only what reaches the taps)."""
+        if not torch.isfinite(metric.detach()).all():
+            raise NonFiniteError(f"the metric is {metric.item()} (non-finite): the step is refused, "
+                                 "the model is untouched — check the inputs, labels and learning rate")
+        params = list(params)
+        cap, scorer = self._capture, self._scorer
+        grads = torch.autograd.grad(scale * metric, [cap.anchor] + params, allow_unused=True)
+        scorer.flush()
+        self._capture = self._scorer = None
+        return list(grads[1:])
+
+    def scores(self) -> EdgeScores:
+        """``|raw / B|`` on edges, exactly 0 elsewhere; refuses non-finite scores."""
+        s = (self.raw / max(1, self.batch_size)).abs() * self.graph.edge_mask.to(self.raw.device)
+        if not torch.isfinite(s).all():
+            raise NonFiniteError("edge scores are non-finite (NaN/inf activations or gradients); check the "
+                                 "model's weights and inputs — the step is refused")
+        return EdgeScores(s, self.graph)
+
+    # ---- ablation ----
+    def _baseline(self, batch, corrupted_batch):
+        if self.ablation != "corrupted":
+            if corrupted_batch is not None:
+                raise CTFastError(f"corrupted_batch was given but ablation={self.ablation!r}; use ablation='corrupted'")
+            return None
+        if corrupted_batch is None:
+            raise CTFastError("ablation='corrupted' needs corrupted_batch (the paired corrupted inputs)")
+        a, b = batch["input_ids"].shape, corrupted_batch["input_ids"].shape
+        if a != b:
+            raise CTFastError(f"corrupted_batch has shape {tuple(b)} but the batch has {tuple(a)}; pair every "
+                              "example with a corrupted one of the same length (pad both alike)")
+        cap = Capture(self.model, store=set(self.up_keys))
+        with cap, torch.no_grad():
+            self.model(**{k: v for k, v in model_inputs(corrupted_batch).items() if k != "labels"})
+        return cap.stored
+
+    def _delta(self, key, stored, baseline, rows: TokenRows, batch):
+        a = stored[key]
+        if self.ablation == "zero":
+            return rows.compact(a)
+        if self.ablation == "corrupted":
+            return rows.compact(a - baseline[key])
+        valid = valid_tokens(batch).reshape(-1).nonzero().squeeze(1).to(a.device)
+        mean = a.reshape(-1, a.shape[-1]).index_select(0, valid).float().mean(0)
+        return rows.compact(a.float() - mean)
+
+
+def attribute(model: nn.Module, batch: dict, metric="loss", ablation: str = "mean", positions=None,
+              pool: bool = False, graph: ComputationGraph | None = None,
+              corrupted_batch: dict | None = None) -> EdgeScores:
+    """Exact EAP edge scores of ``batch`` (see module docstring).
+
+    ``metric``: ``"loss"``, ``"logit_diff"``, ``"logprob_diff"`` or a callable ``(logits, batch) -> scalar``;
+    ``ablation``: ``"mean"`` (over the batch's non-padding tokens), ``"zero"`` or ``"corrupted"``
+    (with ``corrupted_batch``); ``positions``: None (all non-padding tokens), a bool ``[B, T]`` mask, a
+    batch key or a callable; ``pool``: average activations and gradients over the positions first.
+
+    Example::
+
+        scores = attribute(model, {"input_ids": ids, "labels": ids})
+        scores.scores.shape   # [n_upstream, n_downstream]
+    """
+    graph = graph or ComputationGraph.from_model(model)
+    run = AttributionRun(model, graph, ablation=ablation, positions=positions, pool=pool)
+    _, value = run.forward(batch, metric=metric, corrupted_batch=corrupted_batch)
+    run.backward(value)
+    return run.scores()
