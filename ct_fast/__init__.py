@@ -3,3 +3,14 @@ from .errors import CTFastError, NonFiniteError, UnsupportedArchitectureError
 from .graph import ComputationGraph, ParamSlice
 
 __version__ = "0.1.0"
+from .attribution import AttributionRun, EdgeScores, attribute, logit_diff, logprob_diff
+from .circuit import Circuit, ParamSelection, TopNSchedule, select_circuit
+from .optim import CircuitAdamW, CircuitSGD
+from .tuner import CircuitTuner, StepResult
+from .models import load_model
+
+__all__ = [
+    "AttributionRun", "Circuit", "CircuitAdamW", "CircuitSGD", "CircuitTuner", "ComputationGraph", "CTFastError",
+    "EdgeScores", "NonFiniteError", "ParamSelection", "ParamSlice", "StepResult", "TopNSchedule",
+    "UnsupportedArchitectureError", "attribute", "load_model", "logit_diff", "logprob_diff", "select_circuit",
+]

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -194,19 +195,30 @@ class EdgeScorer:
         for g in graph.downstream_groups:
             self.taps_of_layer.setdefault(g.layer, set()).add(g.tap)
         self.pending: dict[int, dict] = {}
+        self.seconds = 0.0  # time spent scoring (inside the backward)
+        self.device = raw.device
 
     def on_grad(self, key, grad: torch.Tensor):
         """Tap callback: keep the scored rows of this gradient; score the layer once it is complete."""
+        t0 = self._now()
         for layer, taps in self.taps_of_layer.items():
             if key in taps:
                 self.pending.setdefault(layer, {})[key] = self.rows.select(grad.detach())
                 if len(self.pending[layer]) == len(taps):
                     self._score_layer(layer, self.pending.pop(layer))
+        self.seconds += self._now() - t0
 
     def flush(self):
         """Score layers whose taps did not all fire (their missing gradients are zero)."""
+        t0 = self._now()
         for layer in list(self.pending):
             self._score_layer(layer, self.pending.pop(layer))
+        self.seconds += self._now() - t0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _score_layer(self, layer: int, grads: dict):
         groups = [(i, g) for i, g in enumerate(self.graph.downstream_groups) if g.layer == layer and g.tap in grads]
@@ -270,6 +282,7 @@ class AttributionRun:
         self.raw = torch.zeros(len(graph.upstream_nodes), len(graph.downstream_nodes), dtype=torch.float32,
                                device=next(model.parameters()).device)
         self.batch_size = 0
+        self.scoring_seconds = 0.0  # time the taps spent scoring, summed over backwards
         self._capture = None
         self._scorer = None
         self.up_keys = [g.capture for g in graph.upstream_groups]
@@ -295,18 +308,26 @@ class AttributionRun:
         self.batch_size += pos.shape[0]
         return output, value
 
-    def backward(self, metric: torch.Tensor, params=(), scale: float = 1.0):
+    def backward(self, metric: torch.Tensor, params=(), scale: float = 1.0, retain_graph: bool = False):
         """Backward of ``scale * metric`` through the taps; returns the gradients of ``params`` (if any).
 
-        With no ``params`` no weight gradient is computed (only what reaches the taps)."""
+        With no ``params`` no weight gradient is computed (only what reaches the taps). After it the taps
+        are inert, so a second backward over a retained graph (the training loss) scores nothing."""
+        if self._capture is None:
+            raise CTFastError("AttributionRun.backward() needs a forward() first (one backward per forward)")
         if not torch.isfinite(metric.detach()).all():
             raise NonFiniteError(f"the metric is {metric.item()} (non-finite): the step is refused, "
                                  "the model is untouched — check the inputs, labels and learning rate")
         params = list(params)
         cap, scorer = self._capture, self._scorer
-        grads = torch.autograd.grad(scale * metric, [cap.anchor] + params, allow_unused=True)
-        scorer.flush()
-        self._capture = self._scorer = None
+        try:
+            grads = torch.autograd.grad(scale * metric, [cap.anchor] + params, allow_unused=True,
+                                        retain_graph=retain_graph)
+            scorer.flush()
+        finally:
+            cap.on_grad = None
+            self.scoring_seconds += scorer.seconds
+            self._capture = self._scorer = None
         return list(grads[1:])
 
     def scores(self) -> EdgeScores:

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -147,6 +148,7 @@ class ComputationGraph:
     upstream_nodes: list[str] = field(init=False)
     downstream_nodes: list[str] = field(init=False)
     edge_mask: torch.Tensor = field(init=False)
+    param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     upstream_params: dict[str, list[ParamSlice]] = field(init=False)
     downstream_params: dict[str, list[ParamSlice]] = field(init=False)
 
@@ -198,7 +200,14 @@ class ComputationGraph:
             raise CTFastError(
                 f"mlp_head_dim={mlp_head_dim} must be a positive divisor of the MLP width {spec['d_mlp']}"
             )
-        return _build(model_type, spec, mlp_head_dim)
+        graph = _build(model_type, spec, mlp_head_dim)
+        graph.param_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        return graph
+
+    @property
+    def total_params(self) -> int:
+        """Number of parameter elements of the model (tied weights counted once)."""
+        return sum(math.prod(s) for s in self.param_shapes.values())
 
     # ---- convenience ---------------------------------------------------------------------------
     def param_slices(self, upstream=(), downstream=()) -> list[ParamSlice]:

@@ -42,3 +42,51 @@ def norm_vjp(norm: nn.Module, x: torch.Tensor, cotangents: torch.Tensor) -> torc
     cot = cotangents.to(x.dtype)
     _, vjp = torch.func.vjp(norm.forward, x)  # .forward: bypass the hooks of a running Capture
     return torch.func.vmap(vjp)(cot)[0]
+
+
+# ---- masked optimizer updates (rows of one parameter; the caller gathers and scatters them) --------
+
+def _per_row(step: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``[k]`` -> ``[k, 1, ...]`` broadcastable against row-major ``like [k, ...]``."""
+    return step.view((-1,) + (1,) * (like.dim() - 1))
+
+
+def adamw_rows_(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay,
+                maximize=False, max_exp_avg_sq=None):
+    """AdamW on k selected rows, in place, exactly as ``torch.optim.AdamW`` (single-tensor) per row.
+
+    param/grad/exp_avg/exp_avg_sq(/max_exp_avg_sq) ``[k, ...]`` fp32; step ``[k]`` fp32, already
+    incremented: each row has its own step count (bias correction), so a row's trajectory is that of
+    the torch optimizer run over the steps in which it was selected.
+    """
+    if maximize:
+        grad = -grad
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    s = _per_row(step.double(), param)
+    step_size = (lr / (1 - beta1 ** s)).float()
+    bc2_sqrt = (1 - beta2 ** s).sqrt().float()
+    if max_exp_avg_sq is not None:
+        torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
+        denom = (max_exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+    else:
+        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+    param.add_((-step_size * exp_avg) / denom)
+
+
+def sgd_rows_(param, grad, momentum_buffer, step, *, lr, momentum, dampening, weight_decay, nesterov,
+              maximize=False):
+    """SGD (momentum, dampening, nesterov, L2 weight decay) on k selected rows, in place, as
+    ``torch.optim.SGD`` per row. ``step [k]`` (already incremented) marks rows whose buffer starts now
+    (step == 1: buffer = gradient, as torch does on its first step)."""
+    if maximize:
+        grad = -grad
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    if momentum != 0:
+        first = _per_row(step == 1, param)
+        updated = momentum_buffer.mul(momentum).add_(grad, alpha=1 - dampening)
+        momentum_buffer.copy_(torch.where(first, grad, updated))
+        grad = grad.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
+    param.add_(grad, alpha=-lr)

@@ -1,0 +1,45 @@
+"""Loading models: ``from_pretrained`` on a hub name (when online) or a local directory (always)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import CTFastError
+from .graph import ComputationGraph
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def load_model(name_or_path: str, dtype=None, device=None, mlp_head_dim: int | None = None):
+    """Load a supported causal LM and its graph: ``(model, graph)``.
+
+    ``name_or_path``: a local directory written by ``save_pretrained``, or a hub name (needs network or a
+    filled cache). ``dtype``: a torch dtype or one of ``DTYPES``. Raises ``CTFastError`` for a missing
+    path or an unsupported architecture before any training starts.
+
+    Example::
+
+        model, graph = load_model("./my-llama", dtype="bf16", device="cuda")
+    """
+    from transformers import AutoModelForCausalLM
+
+    looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.isabs(name_or_path)
+    if looks_local and not os.path.isdir(name_or_path):
+        raise CTFastError(f"model path {name_or_path!r} does not exist; pass a directory written by "
+                          "save_pretrained, or a hub name")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise CTFastError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+    except OSError as e:
+        raise CTFastError(f"could not load model {name_or_path!r}: {e}. Without network, pass a local "
+                          "directory written by save_pretrained") from e
+    graph = ComputationGraph.from_model(model, mlp_head_dim=mlp_head_dim)
+    if device is not None:
+        model = model.to(device)
+    return model, graph

@@ -1,0 +1,165 @@
+"""The circuit-tuning loop: attribute, select, update only the circuit (DESIGN.md section 3).
+
+Faithful mode (the default, ``refresh_every=1``): each step discovers the circuit on its own batch,
+then the training loss's gradient on that batch updates exactly the circuit. With ``metric="loss"`` one
+backward serves both: the taps score edges while the weight gradients are computed. With an outcome
+metric the attribution backward computes activation gradients only, then the loss backward follows.
+
+Example::
+
+    opt = ct_fast.CircuitAdamW(model.parameters(), lr=1e-4)
+    tuner = ct_fast.CircuitTuner(model, opt, top_n=300)
+    for batch in loader:
+        result = tuner.step(batch)          # or tuner.step([micro_batch_1, micro_batch_2])
+        print(result.loss, result.circuit.fraction, result.timings)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .attribution import AttributionRun, model_inputs
+from .circuit import Circuit, TopNSchedule
+from .errors import CTFastError, NonFiniteError
+from .graph import ComputationGraph
+from .optim import _CircuitOptimizer
+
+PHASES = ("forward", "attribution", "selection", "backward", "optimizer")
+
+
+@dataclass
+class StepResult:
+    """What one tuner step did. ``timings`` in seconds per phase (``PHASES``) and ``total``."""
+
+    loss: float
+    metric: float
+    circuit: Circuit
+    tuned_params: int
+    top_n: int
+    refreshed: bool
+    timings: dict = field(default_factory=dict)
+
+
+class _Clock:
+    """Phase timer; synchronises the device so GPU time lands in the right phase."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.t = device, {k: 0.0 for k in PHASES}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def stop(self, phase: str, minus: float = 0.0):
+        self._sync()
+        self.t[phase] += time.perf_counter() - self._t0 - minus
+
+
+def _label_tokens(batch: dict) -> int:
+    labels = batch.get("labels")
+    if labels is None:
+        raise CTFastError("the training loss needs 'labels' in every batch (e.g. input_ids with -100 on padding)")
+    return int((labels[:, 1:] != -100).sum())
+
+
+class CircuitTuner:
+    """Circuit-tuning with any ``CircuitAdamW``/``CircuitSGD``; see the module docstring.
+
+    ``top_n``: edges per circuit (int) or a ``TopNSchedule`` (``schedule=`` is an alias); ``metric``:
+    what attribution maximises (``"loss"``, ``"logit_diff"``, ``"logprob_diff"`` or a callable);
+    ``ablation``, ``positions``, ``pool``: as in ``attribute``; ``selection``: ``"edges"`` or ``"nodes"``;
+    ``refresh_every=k``: re-discover the circuit every k steps and reuse it in between.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: _CircuitOptimizer, top_n, metric="loss", ablation="mean",
+                 positions=None, selection="edges", refresh_every: int = 1, schedule: TopNSchedule | None = None,
+                 pool: bool = False, threshold: float = 0.0, graph: ComputationGraph | None = None,
+                 mlp_head_dim: int | None = None):
+        if not isinstance(optimizer, _CircuitOptimizer):
+            raise CTFastError(f"CircuitTuner needs a ct_fast.CircuitAdamW or CircuitSGD, got {type(optimizer).__name__}")
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise CTFastError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
+        self.model, self.optimizer = model, optimizer
+        self.graph = graph or ComputationGraph.from_model(model, mlp_head_dim=mlp_head_dim)
+        self.schedule = schedule or (top_n if isinstance(top_n, TopNSchedule) else TopNSchedule(int(top_n)))
+        for probe in (0, self.schedule.steps):
+            n = self.schedule(probe)
+            if n < 0 or n > self.graph.n_edges:
+                raise CTFastError(f"top_n={n} is out of range: the graph has {self.graph.n_edges} edges")
+        self.metric, self.ablation, self.positions, self.pool = metric, ablation, positions, pool
+        self.selection, self.threshold, self.refresh_every = selection, threshold, refresh_every
+        self.step_count = 0
+        self.circuit: Circuit | None = None
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self.device = next(model.parameters()).device
+
+    def step(self, batch, corrupted_batch=None) -> StepResult:
+        """One circuit-tuning step on ``batch`` (a dict, or a list of micro-batch dicts whose gradients and
+        scores are accumulated). Refuses (raises, model untouched) on NaN/inf loss, metric or scores."""
+        batches = batch if isinstance(batch, (list, tuple)) else [batch]
+        corrupted = corrupted_batch if isinstance(corrupted_batch, (list, tuple)) else [corrupted_batch] * len(batches)
+        if len(corrupted) != len(batches):
+            raise CTFastError(f"{len(batches)} micro-batches but {len(corrupted)} corrupted micro-batches")
+        clock = _Clock(self.device)
+        t_start = time.perf_counter()
+        refresh = self.circuit is None or self.step_count % self.refresh_every == 0
+        top_n = self.schedule(self.step_count)
+        tokens = [_label_tokens(b) for b in batches]
+        sizes = [b["input_ids"].shape[0] for b in batches]
+        grads = [None] * len(self.params)
+        losses, metrics = [], []
+        run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool) if refresh else None
+        for b, c, n_tok, size in zip(batches, corrupted, tokens, sizes):
+            w_loss = n_tok / max(1, sum(tokens))
+            w_metric = w_loss if self.metric == "loss" else size / sum(sizes)
+            clock.start()
+            if run is None:
+                out = self.model(**model_inputs(b))
+                loss, value = out.loss, out.loss
+            else:
+                out, value = run.forward(b, metric=self.metric, corrupted_batch=c)
+                loss = out.loss
+            clock.stop("forward")
+            if loss is None or not torch.isfinite(loss.detach()):
+                raise NonFiniteError(f"the training loss is {None if loss is None else loss.item()}: the step is "
+                                     "refused and the model untouched — check labels, inputs and learning rate")
+            losses.append(loss.item() * w_loss)
+            metrics.append(value.item() * w_metric)
+            clock.start()
+            before = run.scoring_seconds if run is not None else 0.0
+            if run is None:
+                g = torch.autograd.grad(loss * w_loss, self.params, allow_unused=True)
+            elif self.metric == "loss":  # one backward: taps score edges while dW is computed
+                g = run.backward(value, self.params, scale=w_metric)
+            else:  # attribution backward (activations only), then the training backward
+                run.backward(value, scale=w_metric, retain_graph=True)
+                g = torch.autograd.grad(loss * w_loss, self.params, allow_unused=True)
+            scoring = (run.scoring_seconds if run is not None else 0.0) - before
+            clock.stop("backward", minus=scoring)
+            clock.t["attribution"] += scoring
+            grads = [a if b_ is None else (b_ if a is None else a + b_) for a, b_ in zip(grads, g)]
+        if run is not None:
+            clock.start()
+            scores = run.scores()  # raises NonFiniteError on NaN/inf
+            self.circuit = scores.top_n(top_n, method=self.selection, threshold=self.threshold)
+            self.optimizer.set_circuit(self.circuit, self.model)
+            clock.stop("selection")
+        clock.start()
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        clock.stop("optimizer")
+        self.step_count += 1
+        timings = dict(clock.t, total=time.perf_counter() - t_start)
+        return StepResult(loss=sum(losses), metric=sum(metrics), circuit=self.circuit,
+                          tuned_params=self.circuit.num_params, top_n=top_n, refreshed=refresh, timings=timings)
