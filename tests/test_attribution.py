@@ -1,0 +1,182 @@
+"""Exact EAP: ct_fast.attribute against the brute-force private-copy oracle (validated by finite
+differences), for every architecture, ablation, positions and pooling; plus memory and error checks."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ct_fast
+from ct_fast import ComputationGraph, CTFastError, NonFiniteError, attribute
+from ct_fast.testing import (assert_close, brute_force_scores, edge_directions, metric_with_copies, random_batch,
+                             tiny_model)
+
+
+def _corrupted(batch, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    c = dict(batch)
+    c["input_ids"] = torch.randint(1, 37, batch["input_ids"].shape, generator=g)
+    return c
+
+
+def _positions(batch):
+    pos = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    pos[:, 1] = True
+    pos[0, 4] = True
+    pos[2, -1] = True  # padding in row 2: dropped
+    return pos
+
+
+@pytest.mark.parametrize("ablation", ["mean", "zero", "corrupted"])
+@pytest.mark.parametrize("mlp_head_dim", [None, 8])
+def test_scores_match_private_copy_oracle(arch, model, batch, ablation, mlp_head_dim):
+    g = ComputationGraph.from_model(model, mlp_head_dim=mlp_head_dim)
+    corrupted = _corrupted(batch) if ablation == "corrupted" else None
+    got = attribute(model, batch, ablation=ablation, graph=g, corrupted_batch=corrupted)
+    want = brute_force_scores(model, batch, ablation=ablation, graph=g, corrupted_batch=corrupted)
+    assert got.scores.dtype == torch.float32 and got.scores.shape == g.edge_mask.shape
+    assert (got.scores[~g.edge_mask] == 0).all()
+    assert (want > 0).sum() > 0.9 * g.n_edges  # the oracle sees (nearly) every edge
+    assert_close(got.scores, want.float(), name=f"{arch} {ablation} scores")
+
+
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("metric", ["loss", "logit_diff", "logprob_diff"])
+def test_positions_pool_and_metrics(arch, model, batch, pool, metric):
+    batch = dict(batch, target_pos=torch.tensor([4, 2, 3]), answer=torch.tensor([3, 5, 7]),
+                 wrong_answer=torch.tensor([11, 2, 30]))
+    pos = _positions(batch)
+    got = attribute(model, batch, metric=metric, positions=pos, pool=pool)
+    want = brute_force_scores(model, batch, metric=metric, positions=pos, pool=pool)
+    assert_close(got.scores, want.float(), name=f"{arch} {metric} pool={pool}")
+
+
+def test_callable_metric_and_positions_key(model, batch):
+    def last_token_logit(logits, b):
+        return logits[:, -1, 5].mean()
+
+    batch = dict(batch, where=_positions(batch))
+    got = attribute(model, batch, metric=last_token_logit, positions="where")
+    want = brute_force_scores(model, batch, metric=last_token_logit, positions=batch["where"])
+    assert_close(got.scores, want.float())
+
+
+def _loss64(logits, batch):
+    """Next-token cross-entropy in float64 (HF's loss upcasts to float32 only, too coarse for FD)."""
+    lp = logits[:, :-1].double().log_softmax(-1)
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    return -lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0][keep].mean()
+
+
+def test_oracle_matches_finite_differences(arch):
+    """d metric / d eps_d along (a_u - a~_u) on the positions equals the oracle's signed score * B."""
+    model = tiny_model(arch, dtype=torch.float64)
+    batch = random_batch(37)
+    g = ComputationGraph.from_model(model)
+    signed = brute_force_scores(model, batch, metric=_loss64, graph=g, signed=True)
+    acts, base = edge_directions(model, g, batch, "mean")
+    valid = batch["attention_mask"].bool()[..., None]
+    zeros = {n: torch.zeros(batch["input_ids"].shape + (g.d_model,), dtype=torch.float64)
+             for n in g.downstream_nodes}
+    pairs = [("embed", "logits"), ("attn.0.1", "attn.1.0.k"), ("mlp.0", "attn.1.1.q"), ("attn.1.2", "mlp.1"),
+             ("attn.0.0", "attn.1.1.v"), ("mlp.1", "logits")]
+    for u, d in pairs:
+        direction = (acts[u] - base[u]) * valid
+        h = 1e-2  # Llama-family norms compute in float32 even in a float64 model: a small h drowns in rounding
+        plus = metric_with_copies(model, g, batch, _loss64, {**zeros, d: h * direction})
+        minus = metric_with_copies(model, g, batch, _loss64, {**zeros, d: -h * direction})
+        fd = (plus - minus).item() / (2 * h) / batch["input_ids"].shape[0]
+        exact = signed[g.up_index[u], g.down_index[d]].item()
+        assert abs(fd - exact) <= 1e-3 * abs(exact) + 1e-4 * signed.abs().max().item(), (u, d, fd, exact)
+
+
+def test_bf16_scores_close_to_fp32():
+    m32 = tiny_model("llama")
+    m16 = tiny_model("llama", dtype=torch.bfloat16)
+    batch = random_batch(37)
+    s32 = attribute(m32, batch).scores
+    s16 = attribute(m16, batch).scores
+    assert s16.dtype == torch.float32
+    rel = (s16 - s32).norm() / s32.norm()
+    assert rel < 0.05
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_per_node_activation_buffer_and_no_weight_grads():
+    model = tiny_model("llama", num_hidden_layers=4, vocab_size=16)
+    batch = random_batch(16, batch=4, seq=24)
+    g = ComputationGraph.from_model(model)
+    fired = []
+    for p in model.parameters():
+        p.register_hook(lambda grad: fired.append(grad.shape))
+    with _LargestTensor() as mode:
+        attribute(model, batch, graph=g)
+    tokens = batch["attention_mask"].sum().item()
+    assert fired == []  # no weight gradient was computed
+    assert all(p.grad is None for p in model.parameters())
+    per_layer_nodes = g.n_heads + 2 * g.n_kv_heads + 1
+    assert mode.largest <= per_layer_nodes * tokens * g.d_model  # one layer's gradients, never all nodes
+    assert mode.largest < len(g.upstream_nodes) * tokens * g.d_model / 2
+
+
+def test_micro_batches_add_up(model, batch):
+    """Scores of two halves accumulated in one run equal the scores of the whole batch (zero ablation)."""
+    g = ComputationGraph.from_model(model)
+    whole = attribute(model, batch, ablation="zero", graph=g)
+    run = ct_fast.AttributionRun(model, g, ablation="zero")
+    tokens = (batch["labels"][:, 1:] != -100).sum()
+    for rows in (slice(0, 1), slice(1, 3)):
+        part = {k: v[rows] for k, v in batch.items()}
+        _, value = run.forward(part)
+        run.backward(value, scale=((part["labels"][:, 1:] != -100).sum() / tokens).item())
+    assert_close(run.scores().scores, whole.scores)
+
+
+# ---- bad input ----
+
+def test_positions_errors(model, batch):
+    with pytest.raises(CTFastError, match=r"positions has shape \(3, 6\)"):
+        attribute(model, batch, positions=torch.ones(3, 6, dtype=torch.bool))
+    pos = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    pos[0, 1] = True
+    pos[2, -1] = True  # only padding in row 2, nothing in row 1
+    with pytest.raises(CTFastError, match=r"examples \[1, 2\] have no valid"):
+        attribute(model, batch, positions=pos)
+    with pytest.raises(CTFastError, match="names no batch key"):
+        attribute(model, batch, positions="nope")
+
+
+def test_ablation_errors(model, batch):
+    with pytest.raises(CTFastError, match="needs corrupted_batch"):
+        attribute(model, batch, ablation="corrupted")
+    short = {k: v[:, :5] for k, v in batch.items()}
+    with pytest.raises(CTFastError, match=r"corrupted_batch has shape \(3, 5\)"):
+        attribute(model, batch, ablation="corrupted", corrupted_batch=short)
+    with pytest.raises(CTFastError, match="not one of"):
+        attribute(model, batch, ablation="resample")
+    with pytest.raises(CTFastError, match="needs 'labels'"):
+        attribute(model, {"input_ids": batch["input_ids"]})
+    with pytest.raises(CTFastError, match="target_pos"):
+        attribute(model, batch, metric="logit_diff")
+
+
+def test_nan_metric_and_scores_are_refused(model, batch):
+    with pytest.raises(NonFiniteError, match="non-finite"):
+        attribute(model, batch, metric=lambda logits, b: logits.sum() * float("nan"))
+    with torch.no_grad():
+        dict(model.named_parameters())[next(n for n, _ in model.named_parameters() if "layers.0" in n or "h.0" in n)
+                                       ].fill_(float("inf"))
+    with pytest.raises(NonFiniteError):
+        attribute(model, batch)
