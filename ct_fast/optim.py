@@ -157,10 +157,6 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         return loss
 
     # ---- state_dict: keep the compact layout's dtypes; carry the current circuit ----
-    @staticmethod
-    def _process_value_according_to_param_policy(param, value, param_id, param_groups, key=None):
-        return value.to(device=param.device)
-
     def state_dict(self):
         sd = super().state_dict()
         if self._selection is not None:
@@ -172,10 +168,14 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         circuit = state_dict.pop("circuit", None)
         super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, saved in state_dict["state"].items():  # torch casts state to the param dtype: undo that
+            p = params[int(i)]
+            self.state[p] = {k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                             for k, v in saved.items()}
         if circuit is None:
             self._selection = None
         else:
-            params = [p for g in self.param_groups for p in g["params"]]
             self._selection = {params[int(i)]: ParamSelection(d, n, tuple(tuple(r) for r in rs))
                                for i, (d, n, rs) in circuit.items()}
 

@@ -1,0 +1,112 @@
+"""The tuner step: faithful circuit, exact masked update, accumulation, refresh, errors."""
+
+import copy
+
+import pytest
+import torch
+
+import ct_fast
+from ct_fast import CircuitAdamW, CircuitSGD, CircuitTuner, CTFastError, NonFiniteError, TopNSchedule, attribute
+from ct_fast.testing import assert_close, random_batch, tiny_model
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("metric", ["loss", "logit_diff"])
+def test_faithful_step_updates_exactly_the_circuit(arch, model, batch, metric):
+    batch = dict(batch, target_pos=torch.tensor([5, 4, 3]), answer=torch.tensor([1, 2, 3]),
+                 wrong_answer=torch.tensor([4, 5, 6]))
+    twin = copy.deepcopy(model)
+    expected_circuit = attribute(twin, batch, metric=metric).top_n(25)
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=25, metric=metric)
+    before = _snapshot(model)
+    result = tuner.step(batch)
+    assert result.circuit.edges == expected_circuit.edges
+    # the reference update: full training-loss gradient, torch AdamW on the circuit slices only
+    loss = twin(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss
+    loss.backward()
+    ref = torch.optim.AdamW(twin.parameters(), lr=1e-2, foreach=False)
+    ref.step()
+    masks = result.circuit.param_masks(model)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        m = masks[n]
+        assert torch.equal(p.detach()[~m], before[n][~m]), f"{n} changed outside the circuit"
+        assert_close(p.detach()[m], q.detach()[m], name=n)
+        if m.any():
+            assert not torch.equal(p.detach()[m], before[n][m])
+    assert result.tuned_params == result.circuit.num_params > 0
+    assert result.loss == pytest.approx(loss.item(), rel=1e-5)
+    assert set(result.timings) == {"forward", "attribution", "selection", "backward", "optimizer", "total"}
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_micro_batches_equal_the_whole_batch(batch):
+    a, b = tiny_model("qwen2"), tiny_model("qwen2")
+    ta = CircuitTuner(a, CircuitSGD(a.parameters(), lr=0.1, momentum=0.9), top_n=30, ablation="zero")
+    tb = CircuitTuner(b, CircuitSGD(b.parameters(), lr=0.1, momentum=0.9), top_n=30, ablation="zero")
+    ra = ta.step(batch)
+    rb = tb.step([{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}])
+    assert [e[:2] for e in ra.circuit.edges] == [e[:2] for e in rb.circuit.edges]
+    assert rb.loss == pytest.approx(ra.loss, rel=1e-5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close(p, q)
+
+
+def test_refresh_every_and_schedule(model, batch):
+    sched = TopNSchedule(40, 10, steps=2, kind="linear")
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3), top_n=sched, refresh_every=2)
+    results = [tuner.step(random_batch(37, seed=s)) for s in range(4)]
+    assert [r.refreshed for r in results] == [True, False, True, False]
+    assert results[1].circuit is results[0].circuit and results[3].circuit is results[2].circuit
+    assert [r.top_n for r in results] == [40, 25, 10, 10]
+    assert len(results[2].circuit) <= 10
+    assert results[1].timings["attribution"] == 0.0
+
+
+def test_corrupted_ablation_step(model, batch):
+    corrupted = dict(batch, input_ids=torch.randint(1, 37, batch["input_ids"].shape))
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3), top_n=12, ablation="corrupted")
+    want = attribute(copy.deepcopy(model), batch, ablation="corrupted", corrupted_batch=corrupted).top_n(12)
+    r = tuner.step(batch, corrupted_batch=corrupted)
+    assert r.circuit.edges == want.edges
+    with pytest.raises(CTFastError, match="corrupted_batch has shape"):
+        tuner.step(batch, corrupted_batch={k: v[:2] for k, v in corrupted.items()})
+
+
+def test_bad_input_leaves_model_untouched(model, batch):
+    opt = CircuitAdamW(model.parameters(), lr=1e-2)
+    tuner = CircuitTuner(model, opt, top_n=10)
+    before = _snapshot(model)
+    with pytest.raises(CTFastError, match="labels"):
+        tuner.step({"input_ids": batch["input_ids"]})
+    with pytest.raises(CTFastError, match="positions"):
+        CircuitTuner(model, opt, top_n=10, positions=torch.ones(2, 2, dtype=torch.bool)).step(batch)
+    with pytest.raises(CTFastError, match="out of range"):
+        CircuitTuner(model, opt, top_n=10 ** 9)
+    with pytest.raises(CTFastError, match="CircuitAdamW or CircuitSGD"):
+        CircuitTuner(model, torch.optim.AdamW(model.parameters()), top_n=10)
+    nan_metric = CircuitTuner(model, opt, top_n=10, metric=lambda logits, b: logits.mean() * float("nan"))
+    with pytest.raises(NonFiniteError):
+        nan_metric.step(batch)
+    with torch.no_grad():  # NaN in a weight: the loss is NaN, the step is refused
+        w = next(p for n, p in model.named_parameters() if "embed" in n or "wte" in n)
+        saved = w[3].clone()
+        w[3] = float("nan")
+        with pytest.raises(NonFiniteError, match="refused"):
+            tuner.step(dict(batch, input_ids=torch.full_like(batch["input_ids"], 3)))
+        w[3] = saved
+    after = _snapshot(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert opt.state == {} or all(s["step"].numel() == 0 for s in opt.state.values())
+    tuner.step(batch)  # still usable afterwards
+
+
+def test_mlp_heads_and_node_selection(batch):
+    model = tiny_model("llama")
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3), top_n=15, selection="nodes",
+                         mlp_head_dim=10)
+    r = tuner.step(batch)
+    assert any(n.count(".") == 2 and n.startswith("mlp.") for n in r.circuit.nodes) or len(r.circuit) == 15
+    assert ct_fast.Circuit.from_json(r.circuit.to_json(), tuner.graph).num_params == r.tuned_params
