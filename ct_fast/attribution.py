@@ -221,46 +221,63 @@ class EdgeScorer:
         return time.perf_counter()
 
     def _score_layer(self, layer: int, grads: dict):
-        groups = [(i, g) for i, g in enumerate(self.graph.downstream_groups) if g.layer == layer and g.tap in grads]
-        n_nodes = sum(len(g.names) for _, g in groups)
+        """Score the downstream groups of ``layer`` whose taps are in ``grads`` against all earlier writers.
+
+        Per token chunk, the residual gradients of all the layer's nodes are stacked once (``[n, c, d]``);
+        each upstream group's contributions are then produced once and dotted with every node it feeds.
+        """
+        groups = [g for g in self.graph.downstream_groups if g.layer == layer and g.tap in grads]
         n_rows = next(iter(grads.values())).shape[0]
+        n_nodes = sum(len(g.names) for g in groups)
         chunk = max(1, CHUNK_ELEMENTS // max(1, n_nodes * self.graph.d_model))
-        pooled = [[] for _ in groups]
+        cols = torch.cat([torch.arange(g.first, g.first + len(g.names)) for g in groups]).to(self.raw.device)
+        read = torch.tensor([g.read_pos for g in groups for _ in g.names], device=self.raw.device)
+        pooled = []
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
-            per_group = [self._residual_grad(i, g, grads[g.tap][start:stop], start) for i, g in groups]
+            G = self._residual_grads(groups, grads, start, stop, n_nodes)
             if self.rows.pool:
-                for acc, G in zip(pooled, per_group):
-                    acc.append(self.rows.pool_rows(G, start))
+                pooled.append(self.rows.pool_rows(G, start))
             else:
-                self._accumulate(groups, per_group, lambda k: self.deltas[k][start:stop])
+                self._accumulate(G, cols, read, lambda k: self.deltas[k][start:stop])
         if self.rows.pool:
-            per_group = [torch.stack(acc).sum(0) for acc in pooled]
-            self._accumulate(groups, per_group, lambda k: self.deltas[k])
+            self._accumulate(torch.stack(pooled).sum(0), cols, read, lambda k: self.deltas[k])
 
-    def _residual_grad(self, i: int, g, grad_rows: torch.Tensor, start: int) -> torch.Tensor:
-        """``[n, c, d]``: d metric / d x_d of group g's nodes for rows ``start..start+c``."""
-        if g.reader is None:
-            cot = grad_rows.unsqueeze(0)
-        else:
-            w = self.down_weight[i]
-            off = g.reader.offset
-            cot = ops.heads_to_residual(grad_rows[:, off:off + w.shape[0] * w.shape[1]], w)
-        if g.norm is None:
-            return cot.float()
-        x = self.resid[g.norm][start:start + grad_rows.shape[0]]
-        return ops.norm_vjp(self.norms[g.norm], x, cot).float()
+    def _residual_grads(self, groups, grads: dict, start: int, stop: int, n_nodes: int) -> torch.Tensor:
+        """``[n_nodes, c, d]`` fp32: d metric / d x_d of the groups' nodes for scored rows ``start..stop``.
 
-    def _accumulate(self, groups, per_group, delta_of):
-        read_pos = max(g.read_pos for _, g in groups)
+        Each group's normed-input gradients are written into one buffer, then each norm's backward runs
+        in place on its groups' (contiguous) slice."""
+        G = torch.empty(n_nodes, stop - start, self.graph.d_model, dtype=torch.float32, device=self.raw.device)
+        spans, at = {}, 0
+        for g in groups:
+            n = len(g.names)
+            rows = grads[g.tap][start:stop]
+            if g.reader is not None:
+                w = self.down_weight[g.index]
+                rows = rows[:, g.reader.offset:g.reader.offset + w.shape[0] * w.shape[1]]
+            ops.heads_to_residual(rows, self.down_weight[g.index], out=G[at:at + n])
+            a, b = spans.get(g.norm, (at, at))
+            if b != at:
+                raise AssertionError("groups reading one norm must be adjacent")  # graph order guarantees it
+            spans[g.norm] = (a, at + n)
+            at += n
+        for norm, (a, b) in spans.items():
+            if norm is not None:
+                ops.norm_vjp_(self.norms[norm], self.resid[norm][start:stop], G[a:b])
+        return G
+
+    def _accumulate(self, G: torch.Tensor, cols: torch.Tensor, read: torch.Tensor, delta_of):
+        """``raw[u, cols] += sum_c dA_u[c] . G[:, c]`` for every upstream group written before a reader.
+
+        Several groups may share a column (a split MLP head reads through gate and up): index_add sums."""
         for k, ug in enumerate(self.graph.upstream_groups):
-            if ug.write_pos >= read_pos:
+            sees = read > ug.write_pos
+            if not sees.any():
                 continue
-            delta = delta_of(k)
-            for (_, g), G in zip(groups, per_group):
-                if ug.write_pos < g.read_pos:
-                    block = ops.score_edges(delta, self.up_weight[k], G)
-                    self.raw[ug.first:ug.first + len(ug.names), g.first:g.first + len(g.names)] += block
+            block = ops.score_edges(delta_of(k), self.up_weight[k], G[sees] if not sees.all() else G)
+            rows = self.raw[ug.first:ug.first + len(ug.names)]
+            rows.index_add_(1, cols[sees], block)
 
 
 class AttributionRun:

@@ -128,7 +128,8 @@ class DownstreamGroup:
     norm: str | None
     read_pos: int
     params: list[list[ParamSlice]]
-    first: int = 0
+    first: int = 0  # column of the first node in the graph's downstream order
+    index: int = 0  # position in graph.downstream_groups
 
 
 @dataclass
@@ -162,7 +163,8 @@ class ComputationGraph:
         write, read = [], []
         for g in self.upstream_groups:
             write += [g.write_pos] * len(g.names)
-        for g in self.downstream_groups:
+        for i, g in enumerate(self.downstream_groups):
+            g.index = i
             if g.names[0] in self.downstream_params:  # a second tap of the same nodes
                 g.first = self.downstream_nodes.index(g.names[0])
                 for name, extra in zip(g.names, g.params):
@@ -176,6 +178,12 @@ class ComputationGraph:
         self.edge_mask = write[:, None] < read[None, :]
         self.up_index = {n: i for i, n in enumerate(self.upstream_nodes)}
         self.down_index = {n: i for i, n in enumerate(self.downstream_nodes)}
+
+    @property
+    def tunable_params(self) -> set[str]:
+        """Names of the parameters that some node owns (what a circuit can ever update)."""
+        return {s.param for slices in (*self.upstream_params.values(), *self.downstream_params.values())
+                for s in slices}
 
     @property
     def n_edges(self) -> int:

@@ -98,7 +98,12 @@ class CircuitTuner:
         self.selection, self.threshold, self.refresh_every = selection, threshold, refresh_every
         self.step_count = 0
         self.circuit: Circuit | None = None
-        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        # gradients only for parameters some node owns: embeddings, norms and the unembedding never get dW
+        owned = {id(p) for n, p in model.named_parameters() if n in self.graph.tunable_params}
+        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and id(p) in owned]
+        if not self.params:
+            raise CTFastError("the optimizer holds none of the model's circuit parameters (attention and MLP "
+                              "projections); build it from model.parameters()")
         self.device = next(model.parameters()).device
 
     def step(self, batch, corrupted_batch=None) -> StepResult:

@@ -11,7 +11,7 @@ import os
 
 from ..errors import CTFastError
 from . import reference
-from .reference import adamw_rows_, heads_to_residual, norm_vjp, score_edges, sgd_rows_  # noqa: F401
+from .reference import adamw_rows_, heads_to_residual, norm_vjp_, score_edges, sgd_rows_  # noqa: F401
 
 AVAILABLE_BACKENDS = ("torch",)
 
@@ -29,4 +29,4 @@ def backend() -> str:
     return name
 
 
-__all__ = ["adamw_rows_", "backend", "heads_to_residual", "norm_vjp", "reference", "score_edges", "sgd_rows_"]
+__all__ = ["adamw_rows_", "backend", "heads_to_residual", "norm_vjp_", "reference", "score_edges", "sgd_rows_"]

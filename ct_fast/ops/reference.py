@@ -8,16 +8,20 @@ import torch
 from torch import nn
 
 
-def heads_to_residual(rows: torch.Tensor, heads_weight: torch.Tensor | None) -> torch.Tensor:
-    """Per-node residual vectors from compact head rows.
+def heads_to_residual(rows: torch.Tensor, heads_weight: torch.Tensor | None, out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """Per-node residual vectors from compact head rows, in fp32.
 
     rows ``[c, n * w]``, heads_weight ``[n, w, d]`` -> ``[n, c, d]`` with ``out[j] = rows[:, j] @ W[j]``;
     ``heads_weight=None`` means rows ``[c, d]`` already are the single node's vectors -> ``[1, c, d]``.
+    ``out``: an optional contiguous fp32 ``[n, c, d]`` buffer to write into.
     """
     if heads_weight is None:
-        return rows.float().unsqueeze(0)
+        res = rows.float().unsqueeze(0)
+        return res if out is None else out.copy_(res)
     n, w, _ = heads_weight.shape
-    return torch.einsum("cnw,nwd->ncd", rows.float().view(rows.shape[0], n, w), heads_weight.float())
+    z = rows.float().reshape(rows.shape[0], n, w).transpose(0, 1)  # [n, c, w]
+    return torch.bmm(z, heads_weight.float(), out=out)
 
 
 def score_edges(delta_up: torch.Tensor, up_weight: torch.Tensor | None, grad_down: torch.Tensor) -> torch.Tensor:
@@ -31,17 +35,43 @@ def score_edges(delta_up: torch.Tensor, up_weight: torch.Tensor | None, grad_dow
     return torch.einsum("ucd,ncd->un", dA, grad_down.float())
 
 
-def norm_vjp(norm: nn.Module, x: torch.Tensor, cotangents: torch.Tensor) -> torch.Tensor:
-    """Backward of a per-token norm module at ``x`` for a batch of cotangents.
+def norm_kind(norm: nn.Module) -> str:
+    """``"layernorm"``, ``"rmsnorm"`` (HF Llama-family: fp32 statistics, ``weight * x_hat``) or ``"generic"``."""
+    if isinstance(norm, nn.LayerNorm):
+        return "layernorm"
+    if type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon") and hasattr(norm, "weight"):
+        return "rmsnorm"
+    return "generic"
 
-    x ``[c, d]``, cotangents ``[n, c, d]`` (d metric / d normed input, one per node) -> ``[n, c, d]``
-    (d metric / d x through each node's own path). Exact for any norm: it differentiates the module.
+
+def norm_vjp_(norm: nn.Module, x: torch.Tensor, cot: torch.Tensor) -> torch.Tensor:
+    """Backward of a per-token norm module at ``x`` for a batch of cotangents, in place when it can.
+
+    x ``[c, d]``, cot ``[n, c, d]`` fp32 (d metric / d normed input, one per node) -> ``[n, c, d]`` fp32
+    (d metric / d x through each node's own path). LayerNorm, with ``x_hat = (x - mean) * rstd``:
+    ``dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))``, ``g = cot * weight``; RMSNorm drops the
+    ``mean(g)`` term. Other norms: autograd of the module itself (exact for any per-token norm).
     """
-    if cotangents.shape[0] == 0:
-        return cotangents
-    cot = cotangents.to(x.dtype)
-    _, vjp = torch.func.vjp(norm.forward, x)  # .forward: bypass the hooks of a running Capture
-    return torch.func.vmap(vjp)(cot)[0]
+    if cot.shape[0] == 0:
+        return cot
+    kind = norm_kind(norm)
+    if kind == "generic":
+        _, vjp = torch.func.vjp(norm.forward, x)  # .forward: bypass the hooks of a running Capture
+        return cot.copy_(torch.func.vmap(vjp)(cot.to(x.dtype))[0])
+    xf = x.float()
+    if kind == "layernorm":
+        var, mean = torch.var_mean(xf, -1, correction=0, keepdim=True)
+        rstd = torch.rsqrt(var + norm.eps)
+        x_hat = (xf - mean) * rstd
+    else:
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        x_hat = xf * rstd
+    if norm.weight is not None:
+        cot.mul_(norm.weight.float())
+    proj = (cot * x_hat).mean(-1, keepdim=True)
+    if kind == "layernorm":
+        cot.sub_(cot.mean(-1, keepdim=True))
+    return cot.sub_(x_hat * proj).mul_(rstd)
 
 
 # ---- masked optimizer updates (rows of one parameter; the caller gathers and scatters them) --------
