@@ -31,6 +31,23 @@ def _profile_model(args):
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
+def _env() -> dict:
+    """Machine, versions and commit a result belongs to."""
+    import subprocess
+
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=__file__.rsplit("/", 2)[0], timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"gpu": gpu, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cuda": torch.version.cuda, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "commit": commit}
+
+
 def cmd_profile(args) -> dict:
     """Median per-phase time of circuit-tuning steps (random weights and tokens, no download)."""
     from . import CircuitAdamW, CircuitTuner
@@ -52,8 +69,7 @@ def cmd_profile(args) -> dict:
         "heads": args.heads, "vocab": args.vocab, "batch": args.batch, "seq": args.seq, "top_n": args.top_n,
         "n_edges": tuner.graph.n_edges, "tuned_param_fraction": result.circuit.fraction,
         "median_s": median, "steps": args.steps,
-        "env": {"device": "cpu", "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                "torch": torch.__version__},
+        "env": _env(),
     }
     print(f"{args.arch}: {args.layers} layers, d_model {args.d_model}, batch {args.batch} x {args.seq} tokens, "
           f"top_n {args.top_n} of {tuner.graph.n_edges} edges ({100 * result.circuit.fraction:.2f}% of params)")
@@ -77,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--vocab", type=int, default=50257)
     pr.add_argument("--batch", type=int, default=8)
     pr.add_argument("--seq", type=int, default=64)
-    pr.add_argument("--top-n", type=int, default=1000)
+    pr.add_argument("--top-n", type=int, default=200)
     pr.add_argument("--ablation", default="mean", choices=["mean", "zero"])
     pr.add_argument("--steps", type=int, default=3)
     pr.add_argument("--warmup", type=int, default=1)
