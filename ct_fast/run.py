@@ -1,0 +1,273 @@
+"""Training runs on disk: the run directory, checkpoints with exact resume, and the training loop shared
+by ``ct-fast tune`` and ``ct-fast demo`` for circuit-tuning and its baselines (full, LoRA).
+
+Run directory::
+
+    config.json      every setting (for exact reruns and --resume)
+    log.jsonl        one record per step: loss, metric, circuit size, top_n, lr, step time, ...
+    circuits/        step-000010.json ... (the circuit every ``circuit_every`` steps, and the last)
+    checkpoints/     step-000050/state.pt and ``latest`` (model, optimizer, tuner, RNG, data position)
+    summary.json     written at the end
+
+Every file is written atomically (temporary file, then rename): an interrupted run never leaves a
+corrupt checkpoint or summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attribution import evaluate_metric, model_inputs
+from .circuit import Circuit, TopNSchedule
+from .data import Example, batch_indices, collate
+from .errors import CTFastError
+from .optim import CircuitAdamW, CircuitSGD
+from .tuner import CircuitTuner
+
+METHODS = ("circuit", "full", "lora")
+LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
+                "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def write_atomic(path: str, data: bytes | str):
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """Files of one run (see module docstring)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(path, exist_ok=True)
+
+    def file(self, *parts) -> str:
+        return os.path.join(self.path, *parts)
+
+    def write_json(self, name: str, obj):
+        write_atomic(self.file(name), json.dumps(obj, indent=1))
+
+    def read_json(self, name: str):
+        with open(self.file(name)) as f:
+            return json.load(f)
+
+    def append_log(self, record: dict):
+        with open(self.file("log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_log(self) -> list[dict]:
+        if not os.path.exists(self.file("log.jsonl")):
+            return []
+        with open(self.file("log.jsonl")) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_log(self, before_step: int):
+        """Drop log records of steps >= ``before_step`` (written after the checkpoint we resume from)."""
+        keep = [r for r in self.read_log() if r.get("step", -1) < before_step]
+        write_atomic(self.file("log.jsonl"), "".join(json.dumps(r) + "\n" for r in keep))
+
+    def save_circuit(self, step: int, circuit: Circuit):
+        os.makedirs(self.file("circuits"), exist_ok=True)
+        write_atomic(self.file("circuits", f"step-{step:06d}.json"), json.dumps(dict(circuit.to_dict(), step=step)))
+
+    def save_checkpoint(self, step: int, state: dict, keep: int = 2):
+        """``checkpoints/step-N/state.pt`` written whole, then ``latest`` pointed at it; older ones pruned."""
+        os.makedirs(self.file("checkpoints"), exist_ok=True)
+        final = self.file("checkpoints", f"step-{step:06d}")
+        tmp = final + f".tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_atomic(self.file("checkpoints", "latest"), os.path.basename(final))
+        done = sorted(d for d in os.listdir(self.file("checkpoints")) if d.startswith("step-") and ".tmp" not in d)
+        for old in done[:-keep]:
+            shutil.rmtree(self.file("checkpoints", old), ignore_errors=True)
+
+    def load_checkpoint(self) -> dict | None:
+        latest = self.file("checkpoints", "latest")
+        if not os.path.exists(latest):
+            return None
+        with open(latest) as f:
+            name = f.read().strip()
+        return torch.load(self.file("checkpoints", name, "state.pt"), weights_only=False)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (all of them land in config.json)."""
+
+    method: str = "circuit"
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    top_n: int = 50
+    top_n_end: int | None = None
+    top_n_schedule: str = "constant"
+    refresh_every: int = 1
+    ablation: str = "mean"
+    metric: str = "loss"
+    selection: str = "edges"
+    mlp_head_dim: int | None = None
+    lora_r: int = 32
+    seed: int = 0
+    circuit_every: int = 10
+    save_every: int = 50
+    extra: dict = field(default_factory=dict)
+
+    def check(self):
+        if self.method not in METHODS:
+            raise CTFastError(f"method {self.method!r} is not one of {METHODS}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise CTFastError(f"optimizer {self.optimizer!r} is not 'adamw' or 'sgd'")
+        if self.steps < 1 or self.batch_size < 1:
+            raise CTFastError("steps and batch_size must be >= 1")
+        if self.method == "circuit" and self.ablation == "corrupted":
+            raise CTFastError("ablation 'corrupted' needs paired corrupted inputs; the command line supports "
+                              "'mean' and 'zero' (use the Python API for corrupted runs)")
+
+
+class Method:
+    """A model with its optimizer (and tuner): ``step(batch) -> record`` for circuit, full or LoRA."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, arch: str):
+        self.cfg, self.tuner = cfg, None
+        self.base_params = sum(p.numel() for p in model.parameters())
+        if cfg.method == "lora":
+            model = _lora(model, cfg, arch)
+        self.model = model
+        params = [p for p in model.parameters() if p.requires_grad]
+        if cfg.method == "circuit":
+            self.optimizer = (CircuitAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
+                              else CircuitSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+            schedule = TopNSchedule(cfg.top_n, cfg.top_n_end, cfg.steps, cfg.top_n_schedule)
+            self.tuner = CircuitTuner(model, self.optimizer, top_n=schedule, metric=cfg.metric, ablation=cfg.ablation,
+                                      selection=cfg.selection, refresh_every=cfg.refresh_every,
+                                      mlp_head_dim=cfg.mlp_head_dim)
+        else:
+            self.optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
+                              else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+        self.trainable = sum(p.numel() for p in params)
+
+    def step(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
+        if self.tuner is not None:
+            r = self.tuner.step(batch)
+            return {"loss": r.loss, "metric": r.metric, "top_n": r.top_n, "circuit_edges": len(r.circuit),
+                    "circuit_nodes": len(r.circuit.nodes), "tuned_params": r.tuned_params,
+                    "tuned_fraction": r.circuit.fraction, "refreshed": r.refreshed,
+                    "timings": {k: round(v, 6) for k, v in r.timings.items()}, "step_time": r.timings["total"]}
+        out = self.model(**model_inputs(batch))
+        if not torch.isfinite(out.loss.detach()):
+            raise CTFastError(f"the training loss is {out.loss.item()}: lower the learning rate or check the data")
+        out.loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            metric = evaluate_metric(self.cfg.metric, out, batch).item()
+        return {"loss": out.loss.item(), "metric": metric, "tuned_params": self.trainable,
+                "tuned_fraction": self.trainable / self.base_params, "step_time": time.perf_counter() - t0}
+
+    def state(self) -> dict:
+        tuner = None
+        if self.tuner is not None:
+            c = self.tuner.circuit
+            tuner = {"step_count": self.tuner.step_count, "circuit": None if c is None else c.to_dict()}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "tuner": tuner}
+
+    def load_state(self, state: dict):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.tuner is not None and state["tuner"] is not None:
+            self.tuner.step_count = state["tuner"]["step_count"]
+            c = state["tuner"]["circuit"]
+            self.tuner.circuit = None if c is None else Circuit.from_dict(c, self.tuner.graph)
+
+    def final_model(self) -> nn.Module:
+        """The tuned model as a plain transformers model (LoRA merged)."""
+        return self.model.merge_and_unload() if self.cfg.method == "lora" else self.model
+
+
+def _lora(model, cfg: TrainConfig, arch: str):
+    try:
+        import peft
+    except ImportError:
+        raise CTFastError("method 'lora' needs peft: pip install peft") from None
+    targets = LORA_TARGETS["gpt2" if arch == "gpt2" else "llama"]
+    config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules=targets,
+                             fan_in_fan_out=arch == "gpt2", bias="none")
+    return peft.get_peft_model(model, config)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def train(run: RunDir, method: Method, examples: list[Example], pad_id: int, evaluate=None, eval_every: int = 0,
+          resume: bool = False, progress: bool = True) -> list[dict]:
+    """Run ``method`` for ``cfg.steps`` steps on ``examples``; log, save circuits and checkpoints.
+
+    ``evaluate(model) -> dict`` (optional) adds fields to the log every ``eval_every`` steps and at the end.
+    With ``resume`` the latest checkpoint restores model, optimizer, tuner, RNG and data position.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = method.cfg
+    start = 0
+    if resume:
+        state = run.load_checkpoint()
+        if state is not None:
+            method.load_state(state["method"])
+            _set_rng_state(state["rng"])
+            start = state["step"]
+        run.truncate_log(start)
+    else:
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc=cfg.method,
+               dynamic_ncols=True)
+    for step in bar:
+        batch = collate([examples[i] for i in batch_indices(step, cfg.batch_size, len(examples), cfg.seed)], pad_id)
+        record = {"step": step, "lr": method.optimizer.param_groups[0]["lr"], **method.step(batch)}
+        last = step == cfg.steps - 1
+        if evaluate is not None and ((eval_every and step % eval_every == 0) or last):
+            record.update(evaluate(method.model))
+        run.append_log(record)
+        if method.tuner is not None and (step % cfg.circuit_every == 0 or last):
+            run.save_circuit(step, method.tuner.circuit)
+        post = {"loss": f"{record['loss']:.3f}"}
+        if "circuit_edges" in record:
+            post["edges"], post["params"] = record["circuit_edges"], f"{100 * record['tuned_fraction']:.1f}%"
+        bar.set_postfix(post)
+        if (step + 1) % cfg.save_every == 0 or last:
+            run.save_checkpoint(step + 1, {"step": step + 1, "method": method.state(), "rng": _rng_state()})
+    return run.read_log()
+
+
+def config_dict(cfg: TrainConfig, **more) -> dict:
+    return {**asdict(cfg), **more}
