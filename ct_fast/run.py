@@ -211,10 +211,14 @@ def _lora(model, cfg: TrainConfig, arch: str):
         import peft
     except ImportError:
         raise CTFastError("method 'lora' needs peft: pip install peft") from None
+    import warnings
+
     targets = LORA_TARGETS["gpt2" if arch == "gpt2" else "llama"]
     config = peft.LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, target_modules=targets,
                              fan_in_fan_out=arch == "gpt2", bias="none")
-    return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft calls a transformers API that transformers 5 deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        return peft.get_peft_model(model, config)
 
 
 def _rng_state() -> dict:
