@@ -61,7 +61,7 @@ def cmd_profile(args) -> dict:
     torch.set_num_threads(args.threads) if args.threads else None
     model = _profile_model(args)
     opt = CircuitAdamW(model.parameters(), lr=1e-5)
-    tuner = CircuitTuner(model, opt, top_n=args.top_n, ablation=args.ablation)
+    tuner = CircuitTuner(model, opt, top_n=args.top_n, ablation=args.ablation, mlp_head_dim=args.mlp_head_dim)
     g = torch.Generator().manual_seed(args.seed)
     rows = []
     for step in range(args.warmup + args.steps):
@@ -73,6 +73,7 @@ def cmd_profile(args) -> dict:
     report = {
         "bench": "tuner_step", "arch": args.arch, "layers": args.layers, "d_model": args.d_model,
         "heads": args.heads, "vocab": args.vocab, "batch": args.batch, "seq": args.seq, "top_n": args.top_n,
+        "mlp_head_dim": args.mlp_head_dim,
         "n_edges": tuner.graph.n_edges, "tuned_param_fraction": result.circuit.fraction,
         "median_s": median, "steps": args.steps,
         "env": _env(),
@@ -297,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seq", type=int, default=64)
     pr.add_argument("--top-n", type=int, default=200)
     pr.add_argument("--ablation", default="mean", choices=["mean", "zero"])
+    pr.add_argument("--mlp-head-dim", type=int, default=None)
     pr.add_argument("--steps", type=int, default=3)
     pr.add_argument("--warmup", type=int, default=1)
     pr.add_argument("--threads", type=int, default=0)

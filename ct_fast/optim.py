@@ -38,6 +38,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults):
         super().__init__(params, defaults)
         self._selection: dict[torch.Tensor, ParamSelection] | None = None  # None: dense
+        self._grad_rows: dict[torch.Tensor, torch.Tensor] = {}
 
     # ---- circuit ----
     def set_circuit(self, circuit=None, model: nn.Module | None = None):
@@ -70,6 +71,12 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             if sel.count:
                 selection[p] = sel
         self._selection = selection
+
+    def set_grad_rows(self, grad_rows: dict):
+        """Compact gradients for the next ``step()``: ``{param: [k, *other dims]}`` holding the gradient of the
+        selected rows in the selection's order (what ``MaskedLinears`` produces). They replace ``p.grad``,
+        so no full-size gradient needs to exist."""
+        self._grad_rows = dict(grad_rows)
 
     def _rows(self, p: torch.Tensor):
         """``(dim, index)`` of the rows to update (index None: all rows), or None if p is frozen."""
@@ -114,18 +121,27 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     def _update_param(self, p: torch.Tensor, group: dict):
         rows = self._rows(p)
-        if rows is None or p.grad is None:
+        compact = self._grad_rows.pop(p, None)
+        if rows is None or (p.grad is None and compact is None):
             return
-        if p.grad.is_sparse:
+        if compact is None and p.grad.is_sparse:
             raise CTFastError("sparse gradients are not supported by circuit optimizers")
         dim, index = rows
         state, slots = self._prepare(p, dim, index)
         view = p.unsqueeze(0) if p.dim() == 0 else p
-        grad = p.grad.unsqueeze(0) if p.dim() == 0 else p.grad
         p_rows = view.movedim(dim, 0)
-        g_rows = grad.movedim(dim, 0)
-        if index is not None:
-            p_rows, g_rows = p_rows.index_select(0, index), g_rows.index_select(0, index)
+        if compact is not None:
+            g_rows = compact
+            if index is not None:
+                p_rows = p_rows.index_select(0, index)
+            if g_rows.shape != p_rows.shape:
+                raise CTFastError(f"compact gradient of shape {tuple(g_rows.shape)} does not match the "
+                                  f"{tuple(p_rows.shape)} selected rows of a parameter")
+        else:
+            grad = p.grad.unsqueeze(0) if p.dim() == 0 else p.grad
+            g_rows = grad.movedim(dim, 0)
+            if index is not None:
+                p_rows, g_rows = p_rows.index_select(0, index), g_rows.index_select(0, index)
         work = p_rows.float()
         if slots is None:
             state["step"] += 1
@@ -154,6 +170,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self._update_param(p, group)
+        self._grad_rows = {}
         return loss
 
     # ---- state_dict: keep the compact layout's dtypes; carry the current circuit ----

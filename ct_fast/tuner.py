@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attribution import AttributionRun, model_inputs
+from .attribution import AttributionRun, evaluate_metric, model_inputs
+from .autograd import MaskedLinears, selections_by_param
 from .circuit import Circuit, TopNSchedule
 from .errors import CTFastError, NonFiniteError
 from .graph import ComputationGraph
@@ -118,53 +119,74 @@ class CircuitTuner:
         refresh = self.circuit is None or self.step_count % self.refresh_every == 0
         top_n = self.schedule(self.step_count)
         tokens = [_label_tokens(b) for b in batches]
+        w_loss = [n / max(1, sum(tokens)) for n in tokens]
         sizes = [b["input_ids"].shape[0] for b in batches]
-        grads = [None] * len(self.params)
-        losses, metrics = [], []
-        run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool) if refresh else None
-        for b, c, n_tok, size in zip(batches, corrupted, tokens, sizes):
-            w_loss = n_tok / max(1, sum(tokens))
-            w_metric = w_loss if self.metric == "loss" else size / sum(sizes)
-            clock.start()
-            if run is None:
-                out = self.model(**model_inputs(b))
-                loss, value = out.loss, out.loss
+        w_metric = w_loss if self.metric == "loss" else [s / sum(sizes) for s in sizes]
+        loss = metric = 0.0
+        with MaskedLinears(self.model, self.graph) as masked:
+            if refresh:
+                process = self.metric == "loss"  # one backward scores edges and keeps what dW needs
+                masked.selection, masked.active = None, process
+                run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool)
+                for b, c, wl, wm in zip(batches, corrupted, w_loss, w_metric):
+                    clock.start()
+                    out, value = run.forward(b, metric=self.metric, corrupted_batch=c)
+                    clock.stop("forward")
+                    _check_loss(out.loss)
+                    loss, metric = loss + out.loss.item() * wl, metric + value.item() * wm
+                    clock.start()
+                    before = run.scoring_seconds
+                    run.backward(value, [masked.anchor], scale=wm)
+                    scoring = run.scoring_seconds - before
+                    clock.stop("backward", minus=scoring)
+                    clock.t["attribution"] += scoring
+                clock.start()
+                scores = run.scores()  # raises NonFiniteError on NaN/inf; nothing was applied yet
+                self.circuit = scores.top_n(top_n, method=self.selection, threshold=self.threshold)
+                clock.stop("selection")
+                clock.start()
+                if process:
+                    masked.finish(self._param_selection())
+                clock.stop("backward")
+                if not process:  # the training pass of an outcome metric: loss gradient on the same batch
+                    loss, _ = self._train_pass(masked, batches, w_loss, w_metric, clock)
             else:
-                out, value = run.forward(b, metric=self.metric, corrupted_batch=c)
-                loss = out.loss
-            clock.stop("forward")
-            if loss is None or not torch.isfinite(loss.detach()):
-                raise NonFiniteError(f"the training loss is {None if loss is None else loss.item()}: the step is "
-                                     "refused and the model untouched — check labels, inputs and learning rate")
-            losses.append(loss.item() * w_loss)
-            metrics.append(value.item() * w_metric)
-            clock.start()
-            before = run.scoring_seconds if run is not None else 0.0
-            if run is None:
-                g = torch.autograd.grad(loss * w_loss, self.params, allow_unused=True)
-            elif self.metric == "loss":  # one backward: taps score edges while dW is computed
-                g = run.backward(value, self.params, scale=w_metric)
-            else:  # attribution backward (activations only), then the training backward
-                run.backward(value, scale=w_metric, retain_graph=True)
-                g = torch.autograd.grad(loss * w_loss, self.params, allow_unused=True)
-            scoring = (run.scoring_seconds if run is not None else 0.0) - before
-            clock.stop("backward", minus=scoring)
-            clock.t["attribution"] += scoring
-            grads = [a if b_ is None else (b_ if a is None else a + b_) for a, b_ in zip(grads, g)]
-        if run is not None:
-            clock.start()
-            scores = run.scores()  # raises NonFiniteError on NaN/inf
-            self.circuit = scores.top_n(top_n, method=self.selection, threshold=self.threshold)
-            self.optimizer.set_circuit(self.circuit, self.model)
-            clock.stop("selection")
+                loss, metric = self._train_pass(masked, batches, w_loss, w_metric, clock)
+            grads = masked.take_grad_rows()
         clock.start()
-        for p, g in zip(self.params, grads):
-            p.grad = g
+        self.optimizer.set_circuit(self.circuit, self.model)
+        self.optimizer.set_grad_rows(grads)
         self.optimizer.step()
-        for p in self.params:
-            p.grad = None
         clock.stop("optimizer")
         self.step_count += 1
         timings = dict(clock.t, total=time.perf_counter() - t_start)
-        return StepResult(loss=sum(losses), metric=sum(metrics), circuit=self.circuit,
-                          tuned_params=self.circuit.num_params, top_n=top_n, refreshed=refresh, timings=timings)
+        return StepResult(loss=loss, metric=metric, circuit=self.circuit, tuned_params=self.circuit.num_params,
+                          top_n=top_n, refreshed=refresh, timings=timings)
+
+    def _param_selection(self) -> dict:
+        """``{parameter: ParamSelection}`` of the current circuit."""
+        return selections_by_param(self.model, self.circuit.param_selections(self.graph))
+
+    def _train_pass(self, masked, batches, w_loss, w_metric, clock) -> tuple[float, float]:
+        """Forward and loss backward with the circuit known: compact dW of circuit rows only.
+        Returns the (weighted) loss and metric of the batches."""
+        masked.selection, masked.active = self._param_selection(), True
+        loss = metric = 0.0
+        for b, wl, wm in zip(batches, w_loss, w_metric):
+            clock.start()
+            out = self.model(**model_inputs(b))
+            clock.stop("forward")
+            _check_loss(out.loss)
+            loss += out.loss.item() * wl
+            with torch.no_grad():
+                metric += evaluate_metric(self.metric, out, b).item() * wm
+            clock.start()
+            torch.autograd.grad(out.loss * wl, [masked.anchor])
+            clock.stop("backward")
+        return loss, metric
+
+
+def _check_loss(loss):
+    if loss is None or not torch.isfinite(loss.detach()):
+        raise NonFiniteError(f"the training loss is {None if loss is None else loss.item()}: the step is "
+                             "refused and the model untouched — check labels, inputs and learning rate")

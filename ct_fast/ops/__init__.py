@@ -11,7 +11,8 @@ import os
 
 from ..errors import CTFastError
 from . import reference
-from .reference import adamw_rows_, heads_to_residual, norm_vjp_, score_edges, sgd_rows_  # noqa: F401
+from .reference import (adamw_rows_, heads_to_residual, masked_bias_grad, masked_weight_grad, norm_vjp_,  # noqa: F401
+                        score_edges, sgd_rows_)
 
 AVAILABLE_BACKENDS = ("torch",)
 
@@ -29,4 +30,5 @@ def backend() -> str:
     return name
 
 
-__all__ = ["adamw_rows_", "backend", "heads_to_residual", "norm_vjp_", "reference", "score_edges", "sgd_rows_"]
+__all__ = ["adamw_rows_", "backend", "heads_to_residual", "masked_bias_grad", "masked_weight_grad", "norm_vjp_",
+           "reference", "score_edges", "sgd_rows_"]

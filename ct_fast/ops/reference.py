@@ -120,3 +120,27 @@ def sgd_rows_(param, grad, momentum_buffer, step, *, lr, momentum, dampening, we
         momentum_buffer.copy_(torch.where(first, grad, updated))
         grad = grad.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
     param.add_(grad, alpha=-lr)
+
+
+# ---- masked weight gradient (the compact dW of circuit rows) ----------------------------------------
+
+def masked_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, index: torch.Tensor | None,
+                       out_features: bool) -> torch.Tensor:
+    """Weight gradient of ``y = x W^T`` restricted to selected features, compact and fp32.
+
+    x ``[N, in]``, grad_out ``[N, out]``, index ``[k]`` (None: all). ``out_features=True`` selects output
+    features -> ``grad_out[:, index]^T @ x`` ``[k, in]``; else input features -> ``x[:, index]^T @ grad_out``
+    ``[k, out]``. Row r of the result is the gradient of feature ``index[r]`` (nn.Linear rows/columns and
+    GPT-2 Conv1D columns/rows are the same features, transposed).
+    """
+    if out_features:
+        g = grad_out if index is None else grad_out.index_select(1, index)
+        return (g.t() @ x).float()
+    xs = x if index is None else x.index_select(1, index)
+    return (xs.t() @ grad_out).float()
+
+
+def masked_bias_grad(grad_out: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Bias gradient of the selected output features: grad_out ``[N, out]`` -> ``[k]`` fp32."""
+    g = grad_out if index is None else grad_out.index_select(1, index)
+    return g.sum(0, dtype=torch.float32)

@@ -1,0 +1,140 @@
+"""The thin autograd layer: linear layers whose backward computes the weight gradient of circuit rows only.
+
+``MaskedLinears(model, graph)`` swaps, for its duration, the ``forward`` of every module that owns circuit
+parameters (HF ``nn.Linear`` and GPT-2 ``Conv1D``; the model's structure is untouched) for
+``_MaskedLinearFn``: the same output, a full input gradient, and a weight/bias gradient restricted to
+the selected rows (output features) or columns (input features), written compactly as ``[k, other]``
+in the selection's row order — frozen blocks cost neither FLOPs nor bytes. Two modes:
+
+- *direct* (the selection is known before the backward: reused circuits, outcome-metric training pass):
+  compact gradients are computed in the backward;
+- *deferred* (faithful process mode, where one backward both scores edges and trains): the backward
+  keeps ``(input, grad_output)`` and ``finish(selection)`` computes the compact gradients afterwards.
+
+Each function also takes a scalar ``anchor`` so ``torch.autograd.grad(loss, [anchor])`` runs exactly the
+backward through all of them without touching frozen parameters (embeddings, norms, unembedding).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .circuit import ParamSelection
+from .graph import ComputationGraph
+
+
+class _MaskedLinearFn(torch.autograd.Function):
+    """``y = x @ W^T + b`` (linear) or ``x @ W + b`` (conv1d); backward: dx, and dW/db via ``owner``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, anchor, owner, name, conv1d):
+        ctx.owner, ctx.name, ctx.conv1d, ctx.anchor_dtype = owner, name, conv1d, anchor.dtype
+        ctx.save_for_backward(x, weight)
+        if conv1d:
+            out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight) if bias is not None else x.reshape(
+                -1, x.shape[-1]) @ weight
+            return out.view(*x.shape[:-1], weight.shape[1])
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ weight if not ctx.conv1d else grad_out @ weight.t()
+        ctx.owner._on_backward(ctx.name, x, grad_out)
+        return grad_x, None, None, grad_out.new_zeros((), dtype=ctx.anchor_dtype), None, None, None
+
+
+class MaskedLinears:
+    """Context manager installing ``_MaskedLinearFn`` on the graph's tunable linear modules.
+
+    ``selection``: ``{param: ParamSelection}`` for direct mode, ``None`` for deferred mode, or set
+    ``active=False`` to make backwards record nothing (an attribution-only backward).
+    ``grad_rows``: ``{param: compact fp32 gradient}`` accumulated over backwards (for ``set_grad_rows``).
+    """
+
+    def __init__(self, model: nn.Module, graph: ComputationGraph):
+        self.model, self.graph = model, graph
+        modules = dict(model.named_modules())
+        params = dict(model.named_parameters())
+        names = sorted({p.rsplit(".", 1)[0] for p in graph.tunable_params})
+        self.modules = {n: modules[n] for n in names}
+        self.weight = {n: params[f"{n}.weight"] for n in names}
+        self.bias = {n: params.get(f"{n}.bias") for n in names}
+        self.conv1d = {n: type(modules[n]).__name__ == "Conv1D" for n in names}
+        param = next(model.parameters())
+        self.anchor = torch.zeros((), device=param.device, dtype=param.dtype, requires_grad=True)
+        self.selection: dict | None = None
+        self.active = True
+        self.saved: dict[str, list] = {}
+        self.grad_rows: dict[torch.Tensor, torch.Tensor] = {}
+
+    def __enter__(self):
+        for name, m in self.modules.items():
+            m.forward = types.MethodType(self._forward_of(name), m)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.modules.values():
+            del m.forward  # the class's forward again
+        self.saved.clear()
+        return False
+
+    def _forward_of(self, name):
+        owner = self
+
+        def forward(module, x):
+            return _MaskedLinearFn.apply(x, owner.weight[name], owner.bias[name], owner.anchor, owner, name,
+                                         owner.conv1d[name])
+
+        return forward
+
+    # ---- backward side ----
+    def _on_backward(self, name: str, x: torch.Tensor, grad_out: torch.Tensor):
+        if not self.active:
+            return
+        if self.selection is None:
+            self.saved.setdefault(name, []).append((x, grad_out))
+        else:
+            self._accumulate(name, x, grad_out, self.selection)
+
+    def finish(self, selection: dict):
+        """Deferred mode: compute the compact gradients of ``selection`` from the saved backward tensors."""
+        for name, pairs in self.saved.items():
+            for x, grad_out in pairs:
+                self._accumulate(name, x, grad_out, selection)
+        self.saved.clear()
+
+    def _accumulate(self, name, x, grad_out, selection):
+        x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        w, b = self.weight[name], self.bias[name]
+        sel = selection.get(w)
+        if sel is not None:
+            # output features are weight rows for nn.Linear, columns for Conv1D
+            out_features = (sel.dim == 0) != self.conv1d[name]
+            index = None if sel.full else sel.index(x.device)
+            self._add(w, ops.masked_weight_grad(x2, g2, index, out_features))
+        sel_b = selection.get(b) if b is not None else None
+        if sel_b is not None:
+            index = None if sel_b.full else sel_b.index(x.device)
+            self._add(b, ops.masked_bias_grad(g2, index))
+
+    def _add(self, p, g):
+        prev = self.grad_rows.get(p)
+        self.grad_rows[p] = g if prev is None else prev.add_(g)
+
+    def take_grad_rows(self) -> dict:
+        out, self.grad_rows = self.grad_rows, {}
+        return out
+
+
+def selections_by_param(model: nn.Module, selections: dict[str, ParamSelection]) -> dict:
+    """``{name: ParamSelection}`` -> ``{parameter: ParamSelection}``."""
+    params = dict(model.named_parameters())
+    return {params[n]: s for n, s in selections.items()}
