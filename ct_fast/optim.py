@@ -90,75 +90,72 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     # ---- compact state ----
     def _prepare(self, p: torch.Tensor, dim: int, index):
-        """Allocate state for rows that have none; return ``(state, slots)`` (slots None: identity layout)."""
+        """Allocate state for rows that have none; return ``(state, rows [k], slots [k])``."""
         state = self.state[p]
-        rows = p.shape[dim] if p.dim() else 1
+        n_rows = p.shape[dim] if p.dim() else 1
         if "dim" not in state:
             state["dim"] = dim
-            state["slot"] = torch.full((rows,), -1, dtype=torch.long, device=p.device)
+            state["slot"] = torch.full((n_rows,), -1, dtype=torch.long, device=p.device)
             state["step"] = torch.zeros(0, dtype=torch.float32, device=p.device)
             for k in self._moments:
-                state[k] = p.new_zeros((0,) + self._row_shape(p, dim), dtype=torch.float32)
+                state[k] = torch.zeros((0, max(1, p.numel()) // n_rows), dtype=torch.float32, device=p.device)
         elif state["dim"] != dim:
             raise CTFastError(f"a parameter of shape {tuple(p.shape)} was selected along axis {dim} after axis "
                               f"{state['dim']}; a parameter's circuit slices must keep one axis")
-        want = torch.arange(rows, device=p.device) if index is None else index
-        new = want[state["slot"][want] < 0]
+        rows = torch.arange(n_rows, device=p.device) if index is None else index
+        new = rows[state["slot"][rows] < 0]
         if new.numel():
             cap = state["step"].numel()
             state["slot"][new] = torch.arange(cap, cap + new.numel(), device=p.device)
             state["step"] = torch.cat([state["step"], state["step"].new_zeros(new.numel())])
             for k in self._moments:
-                state[k] = torch.cat([state[k], state[k].new_zeros((new.numel(),) + state[k].shape[1:])])
-        slots = state["slot"][want]
-        identity = slots.numel() == state["step"].numel() and bool((slots == torch.arange(
-            slots.numel(), device=p.device)).all()) and index is None
-        return state, None if identity else slots
+                state[k] = torch.cat([state[k], state[k].new_zeros((new.numel(), state[k].shape[1]))])
+        return state, rows, state["slot"][rows]
 
     @staticmethod
-    def _row_shape(p, dim):
-        return tuple(s for i, s in enumerate(p.shape) if i != dim)
+    def _as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+        """A 2-D view ``[rows, M]`` of ``t`` with axis ``dim`` first (writes through to ``t``)."""
+        t = t.unsqueeze(0) if t.dim() == 0 else t
+        moved = t.movedim(dim, 0)
+        try:
+            return moved.view(moved.shape[0], -1)
+        except RuntimeError:
+            raise CTFastError(f"cannot view a parameter of shape {tuple(t.shape)} and strides {t.stride()} as rows "
+                              f"along axis {dim}; circuit optimizers need row/column slices of 1-D/2-D or "
+                              "contiguous parameters") from None
 
-    def _update_param(self, p: torch.Tensor, group: dict):
-        rows = self._rows(p)
-        compact = self._grad_rows.pop(p, None)
-        if rows is None or (p.grad is None and compact is None):
-            return
-        if compact is None and p.grad.is_sparse:
-            raise CTFastError("sparse gradients are not supported by circuit optimizers")
-        dim, index = rows
-        state, slots = self._prepare(p, dim, index)
-        view = p.unsqueeze(0) if p.dim() == 0 else p
-        p_rows = view.movedim(dim, 0)
-        if compact is not None:
-            g_rows = compact
-            if index is not None:
-                p_rows = p_rows.index_select(0, index)
-            if g_rows.shape != p_rows.shape:
-                raise CTFastError(f"compact gradient of shape {tuple(g_rows.shape)} does not match the "
-                                  f"{tuple(p_rows.shape)} selected rows of a parameter")
-        else:
-            grad = p.grad.unsqueeze(0) if p.dim() == 0 else p.grad
-            g_rows = grad.movedim(dim, 0)
-            if index is not None:
-                p_rows, g_rows = p_rows.index_select(0, index), g_rows.index_select(0, index)
-        work = p_rows.float()
-        if slots is None:
-            state["step"] += 1
-            moments = [state[k] for k in self._moments]
-            self._math(work, g_rows.float(), moments, state["step"], group)
-        else:
-            state["step"][slots] += 1
-            moments = [state[k].index_select(0, slots) for k in self._moments]
-            self._math(work, g_rows.float(), moments, state["step"][slots], group)
-            for k, m in zip(self._moments, moments):
-                state[k].index_copy_(0, slots, m)
-        if index is not None:
-            view.movedim(dim, 0).index_copy_(0, index, work.to(p.dtype))
-        elif work.data_ptr() != p_rows.data_ptr():
-            p_rows.copy_(work)
+    def _collect(self, group: dict) -> dict:
+        """The multi-tensor lists of one parameter group: params as row views, compact fp32 grads, states."""
+        out = {"params": [], "grads": [], "rows": [], "slots": [], "steps": []}
+        out.update({k: [] for k in self._moments})
+        for p in group["params"]:
+            sel = self._rows(p)
+            compact = self._grad_rows.pop(p, None)
+            if sel is None or (p.grad is None and compact is None):
+                continue
+            if compact is None and p.grad.is_sparse:
+                raise CTFastError("sparse gradients are not supported by circuit optimizers")
+            dim, index = sel
+            state, rows, slots = self._prepare(p, dim, index)
+            p2 = self._as_rows(p, dim)
+            if compact is not None:
+                g = compact.reshape(rows.numel(), -1)
+                if g.shape != (rows.numel(), p2.shape[1]):
+                    raise CTFastError(f"compact gradient of shape {tuple(compact.shape)} does not match the "
+                                      f"{rows.numel()} selected rows of a parameter of shape {tuple(p.shape)}")
+            else:
+                g = self._as_rows(p.grad, dim)
+                g = g if index is None else g.index_select(0, index)
+            out["params"].append(p2)
+            out["grads"].append(g.float().contiguous())
+            out["rows"].append(rows)
+            out["slots"].append(slots)
+            out["steps"].append(state["step"])
+            for k in self._moments:
+                out[k].append(state[k])
+        return out
 
-    def _math(self, param_rows, grad_rows, moments, step, group):
+    def _apply(self, lists: dict, group: dict):
         raise NotImplementedError
 
     @torch.no_grad()
@@ -168,8 +165,9 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                self._update_param(p, group)
+            lists = self._collect(group)
+            if lists["params"]:
+                self._apply(lists, group)
         self._grad_rows = {}
         return loss
 
@@ -216,11 +214,11 @@ class CircuitAdamW(_CircuitOptimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize))
 
-    def _math(self, param_rows, grad_rows, moments, step, group):
+    def _apply(self, lists: dict, group: dict):
         b1, b2 = group["betas"]
-        ops.adamw_rows_(param_rows, grad_rows, moments[0], moments[1], step, lr=group["lr"], beta1=b1, beta2=b2,
-                        eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-                        max_exp_avg_sq=moments[2] if group["amsgrad"] else None)
+        ops.masked_adamw_(lists["params"], lists["grads"], lists["exp_avg"], lists["exp_avg_sq"],
+                          lists.get("max_exp_avg_sq", []), lists["steps"], lists["rows"], lists["slots"],
+                          group["lr"], b1, b2, group["eps"], group["weight_decay"], group["maximize"])
 
 
 class CircuitSGD(_CircuitOptimizer):
@@ -236,7 +234,7 @@ class CircuitSGD(_CircuitOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize))
 
-    def _math(self, param_rows, grad_rows, moments, step, group):
-        ops.sgd_rows_(param_rows, grad_rows, moments[0] if moments else None, step, lr=group["lr"],
-                      momentum=group["momentum"], dampening=group["dampening"],
-                      weight_decay=group["weight_decay"], nesterov=group["nesterov"], maximize=group["maximize"])
+    def _apply(self, lists: dict, group: dict):
+        ops.masked_sgd_(lists["params"], lists["grads"], lists.get("momentum_buffer", []), lists["steps"],
+                        lists["rows"], lists["slots"], group["lr"], group["momentum"], group["dampening"],
+                        group["weight_decay"], group["nesterov"], group["maximize"])

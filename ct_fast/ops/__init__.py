@@ -1,34 +1,174 @@
-"""Op dispatch: one name per op, implemented by the pure-torch reference (``ct_fast.ops.reference``).
+"""Op dispatch: one name per op, through every backend.
 
-``CT_FAST_BACKEND`` selects the backend (see README, "Environment variables"). This version ships the
-``torch`` reference only; native backends (``cuda``, ``triton``, ``cpp``) register here when built, and
-an explicitly requested backend that is not available raises instead of silently falling back.
+``CT_FAST_BACKEND=auto|cuda|triton|cpp|torch`` (default ``auto``):
+
+- ``cuda`` / ``cpp``: the native kernels of ``ct_fast._C`` (CUDA, or C++ with OpenMP on CPU), reached
+  through ``torch.ops.ct_fast.*``;
+- ``triton``: the Triton kernels of ``ct_fast.kernels`` (GPU; on CPU only under ``TRITON_INTERPRET=1``);
+- ``torch``: the pure-torch reference (``ct_fast.ops.reference``), the oracle of every test;
+- ``auto``: per call, the first of cuda > triton > cpp > torch that has the op for the tensors' device and
+  accepts them (dtype, layout). A fallback is logged once per (op, reason).
+
+An explicitly requested backend that cannot run a call raises ``CTFastError`` with the reason.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
+import torch
+
 from ..errors import CTFastError
-from . import reference
-from .reference import (adamw_rows_, heads_to_residual, masked_bias_grad, masked_weight_grad, norm_vjp_,  # noqa: F401
-                        score_edges, sgd_rows_)
+from . import library, reference
+from .reference import adamw_rows_, heads_to_residual, norm_vjp_, sgd_rows_  # noqa: F401
 
-AVAILABLE_BACKENDS = ("torch",)
+log = logging.getLogger("ct_fast")
+BACKENDS = ("cuda", "triton", "cpp", "torch")
+NATIVE_OPS = {"score_edges", "masked_adamw_", "masked_sgd_"}  # ops with C++/CUDA kernels in ct_fast._C
+TRITON_OPS = {"score_edges", "masked_adamw_"}  # ops with Triton kernels in ct_fast.kernels
+FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+_native = None
+_native_error = None
+_logged: set = set()
 
 
-def backend() -> str:
-    """The backend named by ``CT_FAST_BACKEND`` (default ``auto`` -> the best available)."""
-    name = os.environ.get("CT_FAST_BACKEND", "auto").lower()
-    if name == "auto":
-        return AVAILABLE_BACKENDS[0]
-    if name not in AVAILABLE_BACKENDS:
-        raise CTFastError(
-            f"CT_FAST_BACKEND={name!r} is not available in this build (available: "
-            f"{', '.join(AVAILABLE_BACKENDS)}); unset CT_FAST_BACKEND or set it to 'torch'"
-        )
+def requested_backend() -> str:
+    """The backend named by ``CT_FAST_BACKEND`` (``auto`` if unset)."""
+    name = os.environ.get("CT_FAST_BACKEND", "auto").strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        raise CTFastError(f"CT_FAST_BACKEND={name!r} is not one of auto, {', '.join(BACKENDS)}")
     return name
 
 
-__all__ = ["adamw_rows_", "backend", "heads_to_residual", "masked_bias_grad", "masked_weight_grad", "norm_vjp_",
-           "reference", "score_edges", "sgd_rows_"]
+def native():
+    """``ct_fast._C`` if it was built (loaded lazily, once), else None (``native_error()`` says why)."""
+    global _native, _native_error
+    if _native is None and _native_error is None:
+        try:
+            from .. import _C  # noqa: F401 - registers the native kernels with torch.ops.ct_fast
+            _native = _C
+        except ImportError as e:
+            _native_error = (f"ct_fast._C is not built ({e}); build it with `pip install --no-build-isolation -e .` "
+                             "(CT_FAST_SKIP_NATIVE unset, ninja installed)")
+    return _native
+
+
+def native_error() -> str | None:
+    native()
+    return _native_error
+
+
+def triton_available(device: torch.device) -> str | None:
+    """None if Triton kernels can run on ``device``, else the reason."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1), got {device.type}"
+
+
+def _reason(backend: str, op: str, device: torch.device, dtypes) -> str | None:
+    """None if ``backend`` can run ``op`` on these tensors, else why not."""
+    if backend == "torch":
+        return None
+    if any(d not in FLOAT_TYPES for d in dtypes):
+        return f"dtype {[d for d in dtypes if d not in FLOAT_TYPES][0]} is not float32/bfloat16/float16"
+    if backend == "triton":
+        if op not in TRITON_OPS:
+            return f"no Triton kernel for {op}"
+        return triton_available(device)
+    if op not in NATIVE_OPS:
+        return f"no native kernel for {op}"
+    mod = native()
+    if mod is None:
+        return native_error()
+    if backend == "cpp" and device.type != "cpu":
+        return f"the cpp backend runs on CPU tensors, got {device.type}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device.type}"
+        if not getattr(mod, "WITH_CUDA", False):
+            return "ct_fast._C was built without CUDA"
+    return None
+
+
+def choose_backend(op: str, device: torch.device, dtypes=()) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` (see module docstring)."""
+    req = requested_backend()
+    if req != "auto":
+        why = _reason(req, op, device, dtypes)
+        if why:
+            raise CTFastError(f"CT_FAST_BACKEND={req} cannot run {op}: {why}")
+        return req
+    order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")
+    for b in order:
+        why = _reason(b, op, device, dtypes)
+        if why is None:
+            return b
+        key = (op, b, why)
+        if key not in _logged and (b != "triton" or device.type == "cuda"):
+            _logged.add(key)
+            log.info("ct_fast: %s: not using %s (%s)", op, b, why)
+    return "torch"
+
+
+def _call(op: str, backend: str, *args):
+    if backend == "torch":
+        return library.DEFAULTS[op](*args)
+    if backend == "triton":
+        from .. import kernels
+        return getattr(kernels, op)(*args)
+    return getattr(torch.ops.ct_fast, op)(*args)
+
+
+# ---- public ops ------------------------------------------------------------------------------------
+
+def score_edges(delta: torch.Tensor, up_weight, grad_down: torch.Tensor) -> torch.Tensor:
+    """Signed edge scores of one block (see ``reference.score_edges``), fp32 ``[n_u, n_d]``."""
+    b = choose_backend("score_edges", delta.device, (delta.dtype, grad_down.dtype))
+    return _call("score_edges", b, delta, up_weight, grad_down)
+
+
+def masked_weight_grad(x, grad_out, index, out_features: bool) -> torch.Tensor:
+    """Compact weight gradient of selected features (see ``reference.masked_weight_grad``)."""
+    b = choose_backend("masked_weight_grad", x.device, (x.dtype,))
+    return _call("masked_weight_grad", b, x, grad_out, index, out_features)
+
+
+def masked_bias_grad(grad_out, index) -> torch.Tensor:
+    b = choose_backend("masked_bias_grad", grad_out.device, (grad_out.dtype,))
+    return _call("masked_bias_grad", b, grad_out, index)
+
+
+def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, rows, slots, lr, beta1, beta2, eps,
+                  weight_decay, maximize):
+    """AdamW on the selected rows of many parameters in one call (layout: ``ct_fast.ops.library``)."""
+    if not params:
+        return
+    if max_exp_avg_sqs:  # amsgrad: the reference only
+        if requested_backend() not in ("auto", "torch"):
+            raise CTFastError(f"CT_FAST_BACKEND={requested_backend()} cannot run masked_adamw_ with amsgrad: "
+                              "amsgrad runs on the torch backend only")
+        b = "torch"
+    else:
+        b = choose_backend("masked_adamw_", params[0].device, {p.dtype for p in params})
+    _call("masked_adamw_", b, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, rows, slots,
+          float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
+
+
+def masked_sgd_(params, grads, momentum_buffers, steps, rows, slots, lr, momentum, dampening, weight_decay, nesterov,
+                maximize):
+    """SGD (momentum) on the selected rows of many parameters in one call."""
+    if not params:
+        return
+    b = choose_backend("masked_sgd_", params[0].device, {p.dtype for p in params})
+    _call("masked_sgd_", b, params, grads, momentum_buffers, steps, rows, slots, float(lr), float(momentum),
+          float(dampening), float(weight_decay), bool(nesterov), bool(maximize))
+
+
+__all__ = ["BACKENDS", "choose_backend", "heads_to_residual", "masked_adamw_", "masked_bias_grad",
+           "masked_sgd_", "masked_weight_grad", "native", "norm_vjp_", "reference", "requested_backend",
+           "score_edges"]
