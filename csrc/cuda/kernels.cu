@@ -1,0 +1,177 @@
+// CUDA kernels of ct_fast (raw pointers; see kernels.h). Math in fp32; parameters fp32/bf16/fp16.
+#include "kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace ct_fast {
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// The descriptor holding global row `g` (descs sorted by `first`).
+__device__ __forceinline__ int find_desc(const RowsDesc* descs, int n, int64_t g) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (descs[mid].first <= g) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// One block per selected row (grid-stride over all rows of all tensors): the step count and bias corrections
+// of the row, then its M elements. Reads and writes only the selected rows of param/grad/state.
+template <typename T>
+__global__ void masked_adamw_kernel(const RowsDesc* __restrict__ descs, int n_desc, int64_t total_rows, AdamWHyper h) {
+  __shared__ float s_step_size, s_bc2_sqrt;
+  for (int64_t g = blockIdx.x; g < total_rows; g += gridDim.x) {
+    const RowsDesc& t = descs[find_desc(descs, n_desc, g)];
+    const int64_t r = g - t.first, slot = t.slots[r];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const float st = t.step[slot] + 1.0f;
+      t.step[slot] = st;
+      s_step_size = static_cast<float>(h.lr / (1.0 - pow(static_cast<double>(h.beta1), static_cast<double>(st))));
+      s_bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), static_cast<double>(st))));
+    }
+    __syncthreads();
+    T* prow = static_cast<T*>(t.param) + t.rows[r] * t.stride_row;
+    const float* grow = t.grad + r * t.M;
+    float* mrow = t.state0 + slot * t.M;
+    float* vrow = t.state1 + slot * t.M;
+    const float decay = 1.0f - h.lr * h.weight_decay, w1 = 1.0f - h.beta1, w2 = 1.0f - h.beta2;
+    for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x) {
+      const float gj = h.maximize ? -grow[j] : grow[j];
+      const float mj = mrow[j] + w1 * (gj - mrow[j]);
+      const float vj = vrow[j] * h.beta2 + w2 * gj * gj;
+      mrow[j] = mj;
+      vrow[j] = vj;
+      const float pj = to_f(prow[j * t.stride_col]) * decay;
+      prow[j * t.stride_col] = from_f<T>(pj + (-s_step_size * mj) / (sqrtf(vj) / s_bc2_sqrt + h.eps));
+    }
+  }
+}
+
+template <typename T>
+__global__ void masked_sgd_kernel(const RowsDesc* __restrict__ descs, int n_desc, int64_t total_rows, SGDHyper h) {
+  __shared__ float s_first;
+  for (int64_t g = blockIdx.x; g < total_rows; g += gridDim.x) {
+    const RowsDesc& t = descs[find_desc(descs, n_desc, g)];
+    const int64_t r = g - t.first, slot = t.slots[r];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const float st = t.step[slot] + 1.0f;
+      t.step[slot] = st;
+      s_first = st == 1.0f ? 1.0f : 0.0f;
+    }
+    __syncthreads();
+    T* prow = static_cast<T*>(t.param) + t.rows[r] * t.stride_row;
+    const float* grow = t.grad + r * t.M;
+    float* brow = t.state0 ? t.state0 + slot * t.M : nullptr;
+    for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x) {
+      const float pj = to_f(prow[j * t.stride_col]);
+      float gj = h.maximize ? -grow[j] : grow[j];
+      if (h.weight_decay != 0.0f) gj = gj + h.weight_decay * pj;
+      if (brow) {
+        const float bj = s_first != 0.0f ? gj : brow[j] * h.momentum + (1.0f - h.dampening) * gj;
+        brow[j] = bj;
+        gj = h.nesterov ? gj + h.momentum * bj : bj;
+      }
+      prow[j * t.stride_col] = from_f<T>(pj + (-h.lr) * gj);
+    }
+  }
+}
+
+// Block (u, token chunk): per token, the node's residual vector a = delta[t, u] @ W[u] is built in shared memory
+// (d floats) and every warp dots it with a strided subset of the downstream nodes' G[n, t]; per-node sums stay
+// in shared memory over the chunk and land in S with one atomic each. Dynamic shared memory: (d + n_d) floats.
+constexpr int kScoreThreads = 256;
+constexpr int kScoreTokens = 32;
+
+__global__ void score_edges_kernel(const float* __restrict__ delta, const float* __restrict__ W,
+                                   const float* __restrict__ G, float* __restrict__ S, int64_t n_u, int64_t w,
+                                   int64_t n_d, int64_t c, int64_t d) {
+  extern __shared__ float smem[];
+  float* a = smem;        // [d]
+  float* acc = smem + d;  // [n_d]
+  const int64_t u = blockIdx.x;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kScoreTokens;
+  const int64_t t1 = t0 + kScoreTokens < c ? t0 + kScoreTokens : c;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
+  for (int64_t n = threadIdx.x; n < n_d; n += blockDim.x) acc[n] = 0.0f;
+  for (int64_t t = t0; t < t1; ++t) {
+    __syncthreads();
+    const float* z = delta + t * n_u * w + u * w;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      float s = 0.0f;
+      if (W) {
+        const float* wu = W + u * w * d + j;
+        for (int64_t i = 0; i < w; ++i) s += z[i] * wu[i * d];
+      } else {
+        s = z[j];
+      }
+      a[j] = s;
+    }
+    __syncthreads();
+    for (int64_t n = warp; n < n_d; n += n_warps) {
+      const float* gr = G + (n * c + t) * d;
+      float s = 0.0f;
+      for (int64_t j = lane; j < d; j += 32) s += a[j] * gr[j];
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+      if (lane == 0) acc[n] += s;
+    }
+  }
+  __syncthreads();
+  for (int64_t n = threadIdx.x; n < n_d; n += blockDim.x) atomicAdd(S + u * n_d + n, acc[n]);
+}
+
+template <typename H>
+cudaError_t launch_rows(const RowsDesc* descs, int n_desc, int64_t total_rows, DType dtype, H h, cudaStream_t stream,
+                        void (*f32)(const RowsDesc*, int, int64_t, H), void (*b16)(const RowsDesc*, int, int64_t, H),
+                        void (*f16)(const RowsDesc*, int, int64_t, H)) {
+  if (total_rows == 0) return cudaSuccess;
+  const unsigned grid = static_cast<unsigned>(total_rows < 65535 * 8 ? total_rows : 65535 * 8);
+  switch (dtype) {
+    case DType::kFloat: f32<<<grid, 256, 0, stream>>>(descs, n_desc, total_rows, h); break;
+    case DType::kBFloat16: b16<<<grid, 256, 0, stream>>>(descs, n_desc, total_rows, h); break;
+    case DType::kHalf: f16<<<grid, 256, 0, stream>>>(descs, n_desc, total_rows, h); break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_masked_adamw(const RowsDesc* descs, int n_desc, int64_t total_rows, DType dtype, AdamWHyper h,
+                                cudaStream_t stream) {
+  return launch_rows<AdamWHyper>(descs, n_desc, total_rows, dtype, h, stream, masked_adamw_kernel<float>,
+                                         masked_adamw_kernel<__nv_bfloat16>, masked_adamw_kernel<__half>);
+}
+
+cudaError_t launch_masked_sgd(const RowsDesc* descs, int n_desc, int64_t total_rows, DType dtype, SGDHyper h,
+                              cudaStream_t stream) {
+  return launch_rows<SGDHyper>(descs, n_desc, total_rows, dtype, h, stream, masked_sgd_kernel<float>,
+                                     masked_sgd_kernel<__nv_bfloat16>, masked_sgd_kernel<__half>);
+}
+
+cudaError_t launch_score_edges(const float* delta, const float* W, const float* G, float* S, int64_t n_u, int64_t w,
+                               int64_t n_d, int64_t c, int64_t d, cudaStream_t stream) {
+  if (n_u == 0 || n_d == 0 || c == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(n_u), static_cast<unsigned>((c + kScoreTokens - 1) / kScoreTokens));
+  const size_t smem = static_cast<size_t>(d + n_d) * sizeof(float);
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(score_edges_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(smem));
+    if (e != cudaSuccess) return e;
+  }
+  score_edges_kernel<<<grid, kScoreThreads, smem, stream>>>(delta, W, G, S, n_u, w, n_d, c, d);
+  return cudaGetLastError();
+}
+
+}  // namespace ct_fast

@@ -1,0 +1,185 @@
+"""Every op against its pure-torch reference on fresh random inputs at awkward shapes, for every backend
+available here (torch always; cpp when ct_fast._C is built; triton under TRITON_INTERPRET=1), plus
+torch.library.opcheck and the backend-selection rules."""
+
+import os
+
+import pytest
+import torch
+
+from ct_fast import CTFastError, ops
+from ct_fast.ops import library
+from ct_fast.testing import assert_close
+
+
+def _backends(op):
+    out = ["torch"]
+    if op in ops.NATIVE_OPS and ops.native() is not None:
+        out.append("cpp")
+    if op in ops.TRITON_OPS and os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            import triton  # noqa: F401
+            out.append("triton")
+        except ImportError:
+            pass
+    return out
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    monkeypatch.setenv("CT_FAST_BACKEND", request.param)
+    return request.param
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+SCORE_SHAPES = [(1, 1, 1, 1, 1), (3, 5, 7, 13, 11), (4, 16, 9, 33, 24), (1, None, 6, 17, 10), (2, 8, 1, 2, 64)]
+
+
+@pytest.mark.parametrize("backend", _backends("score_edges"), indirect=True)
+@pytest.mark.parametrize("n_u,w,n_d,c,d", SCORE_SHAPES, ids=lambda s: str(s))
+def test_score_edges(backend, n_u, w, n_d, c, d):
+    g = _gen(n_u * 100 + n_d)
+    W = None if w is None else torch.randn(n_u, w, d, generator=g)
+    delta = torch.randn(c, d if w is None else n_u * w, generator=g)
+    G = torch.randn(n_d, c, d, generator=g)
+    want = ops.reference.score_edges(delta.double(), None if W is None else W.double(), G.double())
+    got = ops.score_edges(delta, W, G)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    # error policy for reductions: at most 2x a same-dtype torch computation (both against fp64), plus a few
+    # fp32 ulps of the absolute sum the reduction runs over (summation order differs between backends)
+    ref32 = ops.reference.score_edges(delta, W, G)
+    magnitude = ops.reference.score_edges(delta.abs().double(), None if W is None else W.abs().double(), G.abs().double())
+    tol = 2 * (ref32.double() - want).abs() + 1e-6 * magnitude
+    assert ((got.double() - want).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("backend", _backends("masked_weight_grad"), indirect=True)
+@pytest.mark.parametrize("out_features", [True, False])
+def test_masked_weight_grad_backends(backend, out_features):
+    g = _gen(3)
+    x, go = torch.randn(19, 7, generator=g), torch.randn(19, 5, generator=g)
+    index = torch.tensor([4, 0, 2]) if out_features else torch.tensor([6, 1])
+    assert_close(ops.masked_weight_grad(x, go, index, out_features),
+                 ops.reference.masked_weight_grad(x, go, index, out_features))
+
+
+def _optimizer_case(seed, dtype, shapes=((7, 5), (5, 1), (3, 33), (1, 1), (9, 4)), col=(False, False, True, False, True)):
+    """Params as row views (some are column views of a [M, R] tensor), selections incl. empty and full."""
+    g = _gen(seed)
+    full, views, grads, rows, slots, m, v, steps = [], [], [], [], [], [], [], []
+    for i, ((R, M), is_col) in enumerate(zip(shapes, col)):
+        base = torch.randn((M, R) if is_col else (R, M), generator=g).to(dtype)
+        view = base.t() if is_col else base
+        pick = [torch.arange(R), torch.tensor([R - 1]), torch.arange(0, R, 2), torch.zeros(0, dtype=torch.long),
+                torch.tensor([2, 0])][i % 5]
+        cap = R + 2
+        slot = torch.randperm(cap, generator=g)[:pick.numel()]
+        full.append(base)
+        views.append(view)
+        rows.append(pick)
+        slots.append(slot)
+        grads.append(torch.randn(pick.numel(), M, generator=g))
+        m.append(torch.randn(cap, M, generator=g))
+        v.append(torch.rand(cap, M, generator=g))
+        steps.append(torch.randint(0, 4, (cap,), generator=g).float())
+    return full, views, grads, rows, slots, m, v, steps
+
+
+def _clone(xs):
+    return [x.clone() for x in xs]
+
+
+def _views_like(tensors, views):
+    """Row views of ``tensors`` shaped like ``views`` (a transposed view where the original was one)."""
+    return [t if v.stride() == t.stride() and v.shape == t.shape else t.t() for t, v in zip(tensors, views)]
+
+
+@pytest.mark.parametrize("backend", _backends("masked_adamw_"), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("maximize,wd", [(False, 0.0), (True, 0.1)])
+def test_masked_adamw(backend, dtype, maximize, wd):
+    full, views, grads, rows, slots, m, v, steps = _optimizer_case(5, dtype)
+    ref_full = _clone(full)
+    ref_views = _views_like(ref_full, views)
+    ref_m, ref_v, ref_steps = _clone(m), _clone(v), _clone(steps)
+    args = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=wd, maximize=maximize)
+    library.masked_adamw_default(ref_views, grads, ref_m, ref_v, [], ref_steps, rows, slots, *args.values())
+    ops.masked_adamw_(views, grads, m, v, [], steps, rows, slots, *args.values())
+    for i in range(len(full)):
+        assert_close(full[i].float(), ref_full[i].float(), dtype=dtype, name=f"param {i}")
+        assert_close(m[i], ref_m[i], name=f"exp_avg {i}")
+        assert_close(v[i], ref_v[i], name=f"exp_avg_sq {i}")
+        assert torch.equal(steps[i], ref_steps[i])
+        untouched = torch.ones(views[i].shape[0], dtype=torch.bool)
+        untouched[rows[i]] = False
+        start = _optimizer_case(5, dtype)[1][i]
+        assert torch.equal(views[i][untouched], start[untouched]), "rows outside the selection changed"
+
+
+@pytest.mark.parametrize("backend", _backends("masked_sgd_"), indirect=True)
+@pytest.mark.parametrize("momentum,nesterov,dampening", [(0.0, False, 0.0), (0.9, False, 0.1), (0.9, True, 0.0)])
+def test_masked_sgd(backend, momentum, nesterov, dampening):
+    full, views, grads, rows, slots, m, _, steps = _optimizer_case(7, torch.float32)
+    ref_full, ref_m, ref_steps = _clone(full), _clone(m), _clone(steps)
+    ref_views = _views_like(ref_full, views)
+    bufs, ref_bufs = (m, ref_m) if momentum else ([], [])
+    args = (0.1, momentum, dampening, 0.01, nesterov, False)
+    library.masked_sgd_default(ref_views, grads, ref_bufs, ref_steps, rows, slots, *args)
+    ops.masked_sgd_(views, grads, bufs, steps, rows, slots, *args)
+    for i in range(len(full)):
+        assert_close(full[i], ref_full[i], name=f"param {i}")
+        if momentum:
+            assert_close(m[i], ref_m[i], name=f"buffer {i}")
+        untouched = torch.ones(views[i].shape[0], dtype=torch.bool)
+        untouched[rows[i]] = False
+        assert torch.equal(views[i][untouched], _optimizer_case(7, torch.float32)[1][i][untouched])
+
+
+def test_opcheck_every_op():
+    g = _gen(0)
+    full, views, grads, rows, slots, m, v, steps = _optimizer_case(9, torch.float32)
+    keep = [0, 2, 4]
+    pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+    cases = {
+        "score_edges": (torch.randn(6, 12, generator=g), torch.randn(3, 4, 5, generator=g), torch.randn(2, 6, 5, generator=g)),
+        "masked_weight_grad": (torch.randn(6, 4, generator=g), torch.randn(6, 3, generator=g), torch.tensor([2, 0]), True),
+        "masked_bias_grad": (torch.randn(6, 3, generator=g), None),
+        "masked_adamw_": (pick(views), pick(grads), pick(m), pick(v), [], pick(steps), pick(rows), pick(slots),
+                          1e-2, 0.9, 0.99, 1e-8, 0.0, False),
+        "masked_sgd_": (pick(views), pick(grads), pick(m), pick(steps), pick(rows), pick(slots), 0.1, 0.9, 0.0, 0.0,
+                        False, False),
+    }
+    assert set(cases) == set(library.OPS)
+    for name, args in cases.items():
+        torch.library.opcheck(getattr(torch.ops.ct_fast, name).default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_explicit_backend_errors(monkeypatch):
+    monkeypatch.setenv("CT_FAST_BACKEND", "cuda")
+    with pytest.raises(CTFastError, match="cuda cannot run score_edges"):
+        ops.score_edges(torch.randn(2, 3), None, torch.randn(1, 2, 3))
+    monkeypatch.setenv("CT_FAST_BACKEND", "bogus")
+    with pytest.raises(CTFastError, match="not one of"):
+        ops.requested_backend()
+    monkeypatch.setenv("CT_FAST_BACKEND", "cpp")
+    with pytest.raises(CTFastError, match="no native kernel for masked_weight_grad"):
+        ops.masked_weight_grad(torch.randn(2, 3), torch.randn(2, 2), None, True)
+
+
+def test_auto_prefers_native_on_cpu(monkeypatch):
+    monkeypatch.delenv("CT_FAST_BACKEND", raising=False)
+    expected = "cpp" if ops.native() is not None else "torch"
+    assert ops.choose_backend("masked_adamw_", torch.device("cpu"), (torch.float32,)) == expected
+    assert ops.choose_backend("masked_weight_grad", torch.device("cpu"), (torch.float32,)) == "torch"
+    assert ops.choose_backend("masked_adamw_", torch.device("cpu"), (torch.int64,)) == "torch"
+
+
+def test_native_build_is_present_in_ci():
+    """CI builds ct_fast._C (CppExtension): a missing build must fail loudly, not silently run Python."""
+    if os.environ.get("CI") != "true" or os.environ.get("CT_FAST_SKIP_NATIVE") == "1":
+        pytest.skip("only enforced in CI")
+    assert ops.native() is not None, ops.native_error()
