@@ -9,7 +9,9 @@
 - ``auto``: per call, the first of cuda > triton > cpp > torch that has the op for the tensors' device and
   accepts them (dtype, layout). A fallback is logged once per (op, reason).
 
-An explicitly requested backend that cannot run a call raises ``CTFastError`` with the reason.
+An explicitly requested backend that cannot run a call (not built, wrong device, unsupported dtype) raises
+``CTFastError`` with the reason; ops that the backend does not implement at all (``masked_weight_grad``
+is two GEMMs on gathered operands everywhere) run their torch implementation.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from .reference import adamw_rows_, heads_to_residual, norm_vjp_, sgd_rows_  # n
 log = logging.getLogger("ct_fast")
 BACKENDS = ("cuda", "triton", "cpp", "torch")
 NATIVE_OPS = {"score_edges", "masked_adamw_", "masked_sgd_"}  # ops with C++/CUDA kernels in ct_fast._C
+# auto skips these (op, backend) pairs: measured slower than the torch path on the same machine
+# (score_edges in C++ on the 2-core CPU: 6.4 s vs 1.6 s per GPT-2-small step, MKL GEMMs win; `ct-fast profile`)
+AUTO_SKIP = {("score_edges", "cpp")}
 TRITON_OPS = {"score_edges", "masked_adamw_"}  # ops with Triton kernels in ct_fast.kernels
 FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 _native = None
@@ -99,12 +104,14 @@ def choose_backend(op: str, device: torch.device, dtypes=()) -> str:
     """The backend that runs ``op`` for tensors on ``device`` (see module docstring)."""
     req = requested_backend()
     if req != "auto":
+        if (req == "triton" and op not in TRITON_OPS) or (req in ("cpp", "cuda") and op not in NATIVE_OPS):
+            return "torch"  # this op's only implementation is the composite torch one (e.g. GEMMs on gathers)
         why = _reason(req, op, device, dtypes)
         if why:
             raise CTFastError(f"CT_FAST_BACKEND={req} cannot run {op}: {why}")
         return req
     order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")
-    for b in order:
+    for b in (b for b in order if (op, b) not in AUTO_SKIP):
         why = _reason(b, op, device, dtypes)
         if why is None:
             return b
