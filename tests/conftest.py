@@ -1,8 +1,16 @@
-import pytest
-import torch
-import transformers
+import os
 
-from ct_fast.testing import TINY_ARCHS, random_batch, tiny_model
+import torch
+
+# Triton kernels run on CPU under the interpreter (small fp32 cases, marker `triton`); it must be set before
+# the first Triton kernel is defined, i.e. before ct_fast.kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import transformers  # noqa: E402
+
+from ct_fast.testing import TINY_ARCHS, random_batch, tiny_model  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 

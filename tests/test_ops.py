@@ -16,12 +16,8 @@ def _backends(op):
     out = ["torch"]
     if op in ops.NATIVE_OPS and ops.native() is not None:
         out.append("cpp")
-    if op in ops.TRITON_OPS and os.environ.get("TRITON_INTERPRET") == "1":
-        try:
-            import triton  # noqa: F401
-            out.append("triton")
-        except ImportError:
-            pass
+    if op in ops.TRITON_OPS and ops.triton_available(torch.device("cpu")) is None:
+        out.append(pytest.param("triton", marks=pytest.mark.triton))
     return out
 
 
@@ -185,3 +181,27 @@ def test_native_build_is_present_in_ci():
     if os.environ.get("CI") != "true" or os.environ.get("CT_FAST_SKIP_NATIVE") == "1":
         pytest.skip("only enforced in CI")
     assert ops.native() is not None, ops.native_error()
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.triton)])
+def test_tuner_step_same_with_every_backend(backend, monkeypatch):
+    """A tuner step with each backend: the same circuit and the same parameters as the torch reference."""
+    from ct_fast import CircuitAdamW, CircuitTuner
+    from ct_fast.testing import random_batch, tiny_model
+
+    if backend == "cpp" and ops.native() is None:
+        pytest.skip(ops.native_error())
+    if backend == "triton" and ops.triton_available(torch.device("cpu")):
+        pytest.skip(ops.triton_available(torch.device("cpu")))
+    results = {}
+    for b in ("torch", backend):
+        monkeypatch.setenv("CT_FAST_BACKEND", b)
+        model = tiny_model("llama")
+        tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=20)
+        r = [tuner.step(random_batch(37, seed=s)) for s in range(2)]
+        results[b] = (model, r)
+    (m0, r0), (m1, r1) = results["torch"], results[backend]
+    for a, b in zip(r0, r1):
+        assert [e[:2] for e in a.circuit.edges] == [e[:2] for e in b.circuit.edges]
+    for (n, p), q in zip(m0.named_parameters(), m1.parameters()):
+        assert_close(q, p, name=n)
