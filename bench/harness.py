@@ -1,0 +1,123 @@
+"""One benchmark harness: device-synchronised timing (median of many), peak memory, bandwidth/FLOP rates,
+and results tied to the machine, versions and commit in ``bench/results/*.json``.
+
+Run a benchmark file directly (``python bench/bench_masked_adamw.py [--device cuda] [--out FILE]``) or
+through pytest-benchmark (``pytest bench/``).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def env() -> dict:
+    from ct_fast.cli import _env
+
+    out = _env()
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device="cpu", warmup=2, reps=10) -> float:
+    """Median seconds of ``fn()`` over ``reps`` runs (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if torch.device(device).type == "cuda":
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensors created while active and still alive (CPU peak-memory proxy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()  # storages already counted (in-place ops return their input)
+
+    def _track(self, t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.seen or storage.nbytes() == 0:
+            return
+        n = storage.nbytes()
+        self.seen.add(key)
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(t, self._free, key, n)  # the tensor object: storages' Python wrappers are transient
+
+    def _free(self, key, n):
+        self.seen.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                try:
+                    self._track(t)
+                except (RuntimeError, TypeError):
+                    pass
+        return out
+
+
+def peak_bytes(fn, device="cpu") -> int:
+    """Extra peak memory of one ``fn()`` call (CUDA allocator stats on GPU, live-tensor tracking on CPU)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with _LiveBytes() as m:
+        fn()
+    return m.peak
+
+
+def copy_bandwidth(device="cpu", nbytes=256 << 20) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write)."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    t = median_time(lambda: y.copy_(x), device, warmup=2, reps=5)
+    return 2 * nbytes / t
+
+
+def write(name: str, records: list[dict], path: str | None = None) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = path or os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump({"env": env(), "results": records}, f, indent=1)
+    return path
