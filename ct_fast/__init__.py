@@ -7,10 +7,10 @@ from .attribution import AttributionRun, EdgeScores, attribute, logit_diff, logp
 from .circuit import Circuit, ParamSelection, TopNSchedule, select_circuit
 from .optim import CircuitAdamW, CircuitSGD
 from .tuner import CircuitTuner, StepResult
-from .models import load_model
+from .models import enable_activation_checkpointing, load_model
 
 __all__ = [
     "AttributionRun", "Circuit", "CircuitAdamW", "CircuitSGD", "CircuitTuner", "ComputationGraph", "CTFastError",
     "EdgeScores", "NonFiniteError", "ParamSelection", "ParamSlice", "StepResult", "TopNSchedule",
-    "UnsupportedArchitectureError", "attribute", "load_model", "logit_diff", "logprob_diff", "select_circuit",
+    "UnsupportedArchitectureError", "attribute", "enable_activation_checkpointing", "load_model", "logit_diff", "logprob_diff", "select_circuit",
 ]

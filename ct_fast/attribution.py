@@ -292,9 +292,12 @@ class AttributionRun:
     """
 
     def __init__(self, model: nn.Module, graph: ComputationGraph, ablation: str = "mean",
-                 positions=None, pool: bool = False):
+                 positions=None, pool: bool = False, token_budget: int | None = None):
         if ablation not in ABLATIONS:
             raise CTFastError(f"ablation={ablation!r} is not one of {ABLATIONS}")
+        if token_budget is not None and (token_budget < 1 or pool):
+            raise CTFastError("token_budget must be a positive int and cannot be combined with pool=True")
+        self.token_budget, self._budget_calls = token_budget, 0
         self.model, self.graph, self.ablation, self.positions, self.pool = model, graph, ablation, positions, pool
         self.raw = torch.zeros(len(graph.upstream_nodes), len(graph.downstream_nodes), dtype=torch.float32,
                                device=next(model.parameters()).device)
@@ -310,6 +313,7 @@ class AttributionRun:
         """Run the model on ``batch`` with capture and taps; return ``(output, metric value)``."""
         inputs = model_inputs(batch)
         pos = resolve_positions(batch, self.positions)
+        pos, factor = self._budget(pos)
         rows = TokenRows(pos, self.pool)
         baseline = self._baseline(batch, corrupted_batch)
         cap = Capture(self.model, store=set(self.up_keys) | set(self.resid_keys), taps=self.tap_keys)
@@ -317,6 +321,8 @@ class AttributionRun:
             output = self.model(**inputs)
         value = evaluate_metric(metric, output, batch)
         deltas = [self._delta(k, cap.stored, baseline, rows, batch) for k in self.up_keys]
+        if factor != 1.0:
+            deltas = [d * factor for d in deltas]
         resid = {k[0]: rows.select(cap.stored[k]) for k in self.resid_keys}
         cap.stored.clear()
         self._scorer = EdgeScorer(self.model, self.graph, rows, deltas, resid, self.raw)
@@ -354,6 +360,20 @@ class AttributionRun:
             raise NonFiniteError("edge scores are non-finite (NaN/inf activations or gradients); check the "
                                  "model's weights and inputs — the step is refused")
         return EdgeScores(s, self.graph)
+
+    def _budget(self, pos: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """At most ``token_budget`` scored positions: a seeded uniform subset, its sum rescaled by
+        ``n_positions / budget`` so the scores stay an unbiased estimate (attribution cost is then bounded)."""
+        n = int(pos.sum())
+        if self.token_budget is None or n <= self.token_budget:
+            return pos, 1.0
+        flat = pos.reshape(-1).nonzero().squeeze(1)
+        g = torch.Generator().manual_seed(self._budget_calls)
+        self._budget_calls += 1
+        keep = flat[torch.randperm(n, generator=g)[:self.token_budget].to(flat.device)]
+        out = torch.zeros(pos.numel(), dtype=torch.bool, device=pos.device)
+        out[keep] = True
+        return out.view_as(pos), n / self.token_budget
 
     # ---- ablation ----
     def _baseline(self, batch, corrupted_batch):

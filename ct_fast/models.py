@@ -43,3 +43,14 @@ def load_model(name_or_path: str, dtype=None, device=None, mlp_head_dim: int | N
     if device is not None:
         model = model.to(device)
     return model, graph
+
+
+def enable_activation_checkpointing(model):
+    """Activation checkpointing that attribution supports (non-reentrant: the taps and masked linears stay in
+    the graph the backward runs; scores equal the non-checkpointed run)."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    return model

@@ -77,13 +77,15 @@ class CircuitTuner:
     ``top_n``: edges per circuit (int) or a ``TopNSchedule`` (``schedule=`` is an alias); ``metric``:
     what attribution maximises (``"loss"``, ``"logit_diff"``, ``"logprob_diff"`` or a callable);
     ``ablation``, ``positions``, ``pool``: as in ``attribute``; ``selection``: ``"edges"`` or ``"nodes"``;
-    ``refresh_every=k``: re-discover the circuit every k steps and reuse it in between.
+    ``refresh_every=k``: re-discover the circuit every k steps and reuse it in between;
+    ``token_budget``: score at most this many positions per batch (a rescaled random subset) to bound the
+    attribution cost on long inputs.
     """
 
     def __init__(self, model: nn.Module, optimizer: _CircuitOptimizer, top_n, metric="loss", ablation="mean",
                  positions=None, selection="edges", refresh_every: int = 1, schedule: TopNSchedule | None = None,
                  pool: bool = False, threshold: float = 0.0, graph: ComputationGraph | None = None,
-                 mlp_head_dim: int | None = None):
+                 mlp_head_dim: int | None = None, token_budget: int | None = None):
         if not isinstance(optimizer, _CircuitOptimizer):
             raise CTFastError(f"CircuitTuner needs a ct_fast.CircuitAdamW or CircuitSGD, got {type(optimizer).__name__}")
         if not isinstance(refresh_every, int) or refresh_every < 1:
@@ -97,6 +99,7 @@ class CircuitTuner:
                 raise CTFastError(f"top_n={n} is out of range: the graph has {self.graph.n_edges} edges")
         self.metric, self.ablation, self.positions, self.pool = metric, ablation, positions, pool
         self.selection, self.threshold, self.refresh_every = selection, threshold, refresh_every
+        self.token_budget = token_budget
         self.step_count = 0
         self.circuit: Circuit | None = None
         # gradients only for parameters some node owns: embeddings, norms and the unembedding never get dW
@@ -127,7 +130,8 @@ class CircuitTuner:
             if refresh:
                 process = self.metric == "loss"  # one backward scores edges and keeps what dW needs
                 masked.selection, masked.active = None, process
-                run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool)
+                run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool,
+                                     self.token_budget)
                 for b, c, wl, wm in zip(batches, corrupted, w_loss, w_metric):
                     clock.start()
                     out, value = run.forward(b, metric=self.metric, corrupted_batch=c)

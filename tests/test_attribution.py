@@ -180,3 +180,34 @@ def test_nan_metric_and_scores_are_refused(model, batch):
                                        ].fill_(float("inf"))
     with pytest.raises(NonFiniteError):
         attribute(model, batch)
+
+
+def test_token_budget_is_a_rescaled_subset(model, batch):
+    """With a budget, scores equal the exact scores of the chosen positions times n_positions / budget."""
+    g = ComputationGraph.from_model(model)
+    budget = 16  # of 18 valid tokens: every example keeps some (the oracle needs that)
+    run = ct_fast.AttributionRun(model, g, ablation="zero", token_budget=budget)
+    pos = ct_fast.attribution.resolve_positions(batch, None)
+    chosen, factor = ct_fast.AttributionRun(model, g, ablation="zero", token_budget=budget)._budget(pos)
+    assert int(chosen.sum()) == budget and factor == pos.sum().item() / budget and not (chosen & ~pos).any()
+    _, value = run.forward(batch)
+    run.backward(value)
+    want = brute_force_scores(model, batch, ablation="zero", positions=chosen, graph=g) * factor
+    assert_close(run.scores().scores, want.float())
+    with pytest.raises(CTFastError, match="token_budget"):
+        ct_fast.AttributionRun(model, g, token_budget=4, pool=True)
+
+
+def test_activation_checkpointing_gives_the_same_scores(arch):
+    import copy
+    model = tiny_model(arch)
+    batch = random_batch(37)
+    plain = attribute(model, batch).scores
+    ckpt = ct_fast.enable_activation_checkpointing(copy.deepcopy(model)).train()
+    assert_close(attribute(ckpt, batch).scores, plain)
+    a, b = copy.deepcopy(model), ct_fast.enable_activation_checkpointing(copy.deepcopy(model)).train()
+    ra = ct_fast.CircuitTuner(a, ct_fast.CircuitAdamW(a.parameters(), lr=1e-2), top_n=15).step(batch)
+    rb = ct_fast.CircuitTuner(b, ct_fast.CircuitAdamW(b.parameters(), lr=1e-2), top_n=15).step(batch)
+    assert ra.circuit.edges == rb.circuit.edges
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close(q, p)
