@@ -5,6 +5,7 @@
     ct-fast discover --model PATH --data FILE.jsonl    score the graph, write the circuit and its picture
     ct-fast plot RUN_DIR                               regenerate a run's pictures
     ct-fast profile [--layers 12 --d-model 768 ...]    time circuit-tuning steps on a random model
+    ct-fast bench [--models gpt2-small ...]            circuit vs full / LoRA / reference steps (source tree)
 """
 
 from __future__ import annotations
@@ -217,6 +218,20 @@ def cmd_discover(args) -> dict:
     return circuit.to_dict()
 
 
+def cmd_bench(argv: list) -> list:
+    """``ct-fast bench ...``: bench/bench_step.py of the source tree (it holds the reference implementation)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_step.py")
+    if not os.path.exists(path):
+        raise CTFastError("ct-fast bench runs from a source checkout (bench/ holds the reference implementation): "
+                          "clone the repository and `pip install -e .` there")
+    spec = importlib.util.spec_from_file_location("ct_fast_bench_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
 def cmd_plot(args) -> list:
     from .plots import plot_run_dir
 
@@ -284,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-examples", type=int, default=64)
     c.set_defaults(func=cmd_discover)
 
+    sub.add_parser("bench", help="time circuit-tuning against full, LoRA and the reference code (ct-fast bench -h)")
     pl = sub.add_parser("plot", help="regenerate the pictures of a run directory")
     pl.add_argument("run_dir")
     pl.set_defaults(func=cmd_plot)
@@ -309,6 +325,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own argument parser (bench/bench_step.py)
+        try:
+            cmd_bench(argv[1:])
+        except CTFastError as e:
+            print(f"ct-fast: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -1,0 +1,35 @@
+"""`ct-fast bench` runs end to end on a tiny model, and README's results table is generated from the
+committed results (not typed by hand)."""
+
+import json
+import pathlib
+import sys
+
+from ct_fast.cli import main
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bench_tiny(tmp_path, capsys):
+    out = tmp_path / "step.json"
+    assert main(["bench", "--models", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"gpu", "cuda", "torch", "triton", "transformers", "commit"} <= set(data["env"])
+    methods = {r["method"] for r in data["results"]}
+    assert {"full", "reference", "circuit_refresh1", "circuit_refresh10"} <= methods
+    for r in data["results"]:
+        for key in ("model", "method", "dtype", "batch", "seq", "median_ms", "tokens_per_s", "peak_mem_gib"):
+            assert key in r, key
+        if r["method"].startswith("circuit"):
+            assert set(r["split_ms"]) >= {"forward", "attribution", "selection", "backward", "optimizer"}
+            assert 0 <= r["attribution_fraction"] < 1
+    assert "| tiny | circuit_refresh1 |" in capsys.readouterr().out
+
+
+def test_readme_table_is_generated_from_results():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import report
+
+    text = (ROOT / "README.md").read_text()
+    assert report.update(text) == text, "README's bench table is stale: run `python bench/report.py`"
