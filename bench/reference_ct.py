@@ -20,7 +20,7 @@ import torch
 from ct_fast import ComputationGraph, EdgeScores
 from ct_fast.attribution import model_inputs
 from ct_fast.capture import Capture
-from ct_fast.testing import _node_activations, _PrivateCopies
+from ct_fast.testing import node_activations, PrivateCopies
 
 
 class ReferenceCircuitTuning:
@@ -35,7 +35,7 @@ class ReferenceCircuitTuning:
         # 1. per-node activation differences, materialised
         with torch.no_grad(), Capture(model, store={g.capture for g in graph.upstream_groups}) as cap:
             model(**inputs)
-        acts = _node_activations(model, graph, cap.stored)
+        acts = node_activations(model, graph, cap.stored)
         deltas = torch.stack([acts[u] - acts[u].reshape(-1, acts[u].shape[-1]).mean(0) for u in graph.upstream_nodes])
         del acts, cap
         # 2. metric backward with per-node residual copies; backward hooks score their edges
@@ -52,7 +52,7 @@ class ReferenceCircuitTuning:
             e = torch.zeros(shape, device=deltas.device, dtype=deltas.dtype, requires_grad=True)
             e.register_hook(scorer(j))
             eps[name] = e
-        with _PrivateCopies(model, graph, eps):
+        with PrivateCopies(model, graph, eps):
             loss = model(**inputs).loss
         loss.backward()
         self.optimizer.zero_grad(set_to_none=True)

@@ -135,7 +135,8 @@ def _check_metric(metric: str, fmt: str):
 
 
 TUNE_KEYS = ("method", "steps", "batch_size", "lr", "optimizer", "weight_decay", "top_n", "top_n_end",
-             "top_n_schedule", "refresh_every", "ablation", "metric", "selection", "mlp_head_dim", "lora_r", "seed",
+             "top_n_schedule", "refresh_every", "ablation", "metric", "selection", "mlp_head_dim", "token_budget", "lora_r",
+             "seed",
              "circuit_every", "save_every")
 
 
@@ -164,7 +165,7 @@ def cmd_tune(args) -> dict:
     tok = _tokenizer(conf["model"])
     examples, fmt = load_dataset(conf["data"], tok, conf["max_length"])
     _check_metric(conf["metric"], fmt)
-    cfg = TrainConfig(**{k: conf[k] for k in TUNE_KEYS})
+    cfg = TrainConfig(**{k: conf[k] for k in TUNE_KEYS if k in conf})
     cfg.check()
     if not args.resume:
         run.write_json("config.json", conf)
@@ -287,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-n-end", type=int, default=None)
     t.add_argument("--top-n-schedule", default="constant", choices=["constant", "linear", "cosine"])
     t.add_argument("--refresh-every", type=int, default=1)
+    t.add_argument("--token-budget", type=int, default=None, help="score at most this many positions per batch")
     t.add_argument("--lora-r", type=int, default=32)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--circuit-every", type=int, default=10)

@@ -127,6 +127,7 @@ class TrainConfig:
     metric: str = "loss"
     selection: str = "edges"
     mlp_head_dim: int | None = None
+    token_budget: int | None = None
     lora_r: int = 32
     seed: int = 0
     circuit_every: int = 10
@@ -161,7 +162,7 @@ class Method:
             schedule = TopNSchedule(cfg.top_n, cfg.top_n_end, cfg.steps, cfg.top_n_schedule)
             self.tuner = CircuitTuner(model, self.optimizer, top_n=schedule, metric=cfg.metric, ablation=cfg.ablation,
                                       selection=cfg.selection, refresh_every=cfg.refresh_every,
-                                      mlp_head_dim=cfg.mlp_head_dim)
+                                      mlp_head_dim=cfg.mlp_head_dim, token_budget=cfg.token_budget)
         else:
             self.optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
                               else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))

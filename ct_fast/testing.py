@@ -10,6 +10,11 @@ from torch import nn
 from .attribution import TokenRows, evaluate_metric, model_inputs, resolve_positions, valid_tokens
 from .graph import ComputationGraph
 
+def devices() -> list[str]:
+    """The devices tests run on: always "cpu", plus "cuda" when a GPU is present (the one place that asks)."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 # ---- tolerance policy (STYLE.md 8) ----------------------------------------------------------------
 TOLERANCES = {torch.float64: (1e-10, 1e-7), torch.float32: (1e-5, 1e-4), torch.bfloat16: (1e-2, 2e-2),
               torch.float16: (1e-3, 5e-3)}
@@ -77,7 +82,7 @@ def random_batch(vocab: int, batch: int = 3, seq: int = 7, pad: bool = True, see
 
 # ---- brute-force oracle ------------------------------------------------------------------------
 
-def _node_activations(model: nn.Module, graph: ComputationGraph, stored: dict) -> dict[str, torch.Tensor]:
+def node_activations(model: nn.Module, graph: ComputationGraph, stored: dict) -> dict[str, torch.Tensor]:
     """Per-node residual contributions ``[B, T, d]`` of every upstream node, materialised naively."""
     params = dict(model.named_parameters())
     acts = {}
@@ -94,7 +99,7 @@ def _node_activations(model: nn.Module, graph: ComputationGraph, stored: dict) -
     return acts
 
 
-class _PrivateCopies:
+class PrivateCopies:
     """Hooks that make every downstream node read ``norm(x + eps_d)`` through its own weight slice, so
     that ``d metric / d eps_d`` is node d's residual gradient through its own path only."""
 
@@ -177,13 +182,13 @@ def edge_directions(model, graph, batch, ablation, corrupted_batch=None):
     keys = {g.capture for g in graph.upstream_groups}
     with torch.no_grad(), Capture(model, store=keys) as cap:
         model(**model_inputs(batch))
-    acts = _node_activations(model, graph, cap.stored)
+    acts = node_activations(model, graph, cap.stored)
     if ablation == "zero":
         base = {n: torch.zeros_like(a) for n, a in acts.items()}
     elif ablation == "corrupted":
         with torch.no_grad(), Capture(model, store=keys) as cap2:
             model(**model_inputs(corrupted_batch))
-        base = _node_activations(model, graph, cap2.stored)
+        base = node_activations(model, graph, cap2.stored)
     else:
         valid = valid_tokens(batch)
         base = {n: a[valid].mean(0) for n, a in acts.items()}
@@ -191,7 +196,7 @@ def edge_directions(model, graph, batch, ablation, corrupted_batch=None):
 
 
 def metric_with_copies(model, graph, batch, metric, eps: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The metric of a forward in which downstream node d reads ``norm(x + eps[d])`` (see _PrivateCopies)."""
-    with _PrivateCopies(model, graph, eps):
+    """The metric of a forward in which downstream node d reads ``norm(x + eps[d])`` (see PrivateCopies)."""
+    with PrivateCopies(model, graph, eps):
         out = model(**model_inputs(batch))
     return evaluate_metric(metric, out, batch)

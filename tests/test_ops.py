@@ -9,22 +9,32 @@ import torch
 
 from ct_fast import CTFastError, ops
 from ct_fast.ops import library
-from ct_fast.testing import assert_close
+from ct_fast.testing import assert_close, devices
 
 
-def _backends(op):
-    out = ["torch"]
-    if op in ops.NATIVE_OPS and ops.native() is not None:
-        out.append("cpp")
-    if op in ops.TRITON_OPS and ops.triton_available(torch.device("cpu")) is None:
-        out.append(pytest.param("triton", marks=pytest.mark.triton))
+def _cases(op):
+    """(device, backend) pairs that can run ``op`` here: every device of ``devices()``, every backend built."""
+    out = []
+    for device in devices():
+        dev = torch.device(device)
+        names = ["torch"]
+        if op in ops.NATIVE_OPS and ops.native() is not None:
+            names.append("cpp" if device == "cpu" else "cuda")
+        if op in ops.TRITON_OPS and ops.triton_available(dev) is None:
+            names.append("triton")
+        for b in names:
+            if b == "cuda" and not getattr(ops.native(), "WITH_CUDA", False):
+                continue
+            marks = [pytest.mark.triton] if b == "triton" else []
+            out.append(pytest.param(device, b, marks=marks, id=f"{device}-{b}"))
     return out
 
 
-@pytest.fixture
-def backend(request, monkeypatch):
-    monkeypatch.setenv("CT_FAST_BACKEND", request.param)
-    return request.param
+@pytest.fixture(autouse=True)
+def _backend_env(request, monkeypatch):
+    backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
+    if backend:
+        monkeypatch.setenv("CT_FAST_BACKEND", backend)
 
 
 def _gen(seed):
@@ -34,15 +44,15 @@ def _gen(seed):
 SCORE_SHAPES = [(1, 1, 1, 1, 1), (3, 5, 7, 13, 11), (4, 16, 9, 33, 24), (1, None, 6, 17, 10), (2, 8, 1, 2, 64)]
 
 
-@pytest.mark.parametrize("backend", _backends("score_edges"), indirect=True)
+@pytest.mark.parametrize("device,backend", _cases("score_edges"))
 @pytest.mark.parametrize("n_u,w,n_d,c,d", SCORE_SHAPES, ids=lambda s: str(s))
-def test_score_edges(backend, n_u, w, n_d, c, d):
+def test_score_edges(device, backend, n_u, w, n_d, c, d):
     g = _gen(n_u * 100 + n_d)
     W = None if w is None else torch.randn(n_u, w, d, generator=g)
     delta = torch.randn(c, d if w is None else n_u * w, generator=g)
     G = torch.randn(n_d, c, d, generator=g)
     want = ops.reference.score_edges(delta.double(), None if W is None else W.double(), G.double())
-    got = ops.score_edges(delta, W, G)
+    got = ops.score_edges(delta.to(device), None if W is None else W.to(device), G.to(device)).cpu()
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     # error policy for reductions: at most 2x a same-dtype torch computation (both against fp64), plus a few
     # fp32 ulps of the absolute sum the reduction runs over (summation order differs between backends)
@@ -52,17 +62,18 @@ def test_score_edges(backend, n_u, w, n_d, c, d):
     assert ((got.double() - want).abs() <= tol).all()
 
 
-@pytest.mark.parametrize("backend", _backends("masked_weight_grad"), indirect=True)
+@pytest.mark.parametrize("device,backend", _cases("masked_weight_grad"))
 @pytest.mark.parametrize("out_features", [True, False])
-def test_masked_weight_grad_backends(backend, out_features):
+def test_masked_weight_grad_backends(device, backend, out_features):
     g = _gen(3)
     x, go = torch.randn(19, 7, generator=g), torch.randn(19, 5, generator=g)
     index = torch.tensor([4, 0, 2]) if out_features else torch.tensor([6, 1])
-    assert_close(ops.masked_weight_grad(x, go, index, out_features),
+    assert_close(ops.masked_weight_grad(x.to(device), go.to(device), index.to(device), out_features),
                  ops.reference.masked_weight_grad(x, go, index, out_features))
 
 
-def _optimizer_case(seed, dtype, shapes=((7, 5), (5, 1), (3, 33), (1, 1), (9, 4)), col=(False, False, True, False, True)):
+def _optimizer_case(seed, dtype, shapes=((7, 5), (5, 1), (3, 33), (1, 1), (9, 4)), col=(False, False, True, False, True),
+                    device="cpu"):
     """Params as row views (some are column views of a [M, R] tensor), selections incl. empty and full."""
     g = _gen(seed)
     full, views, grads, rows, slots, m, v, steps = [], [], [], [], [], [], [], []
@@ -81,6 +92,10 @@ def _optimizer_case(seed, dtype, shapes=((7, 5), (5, 1), (3, 33), (1, 1), (9, 4)
         m.append(torch.randn(cap, M, generator=g))
         v.append(torch.rand(cap, M, generator=g))
         steps.append(torch.randint(0, 4, (cap,), generator=g).float())
+    if device != "cpu":
+        full = [t.to(device) for t in full]
+        views = [t.t() if c else t for t, c in zip(full, col)]
+        grads, rows, slots, m, v, steps = ([t.to(device) for t in ts] for ts in (grads, rows, slots, m, v, steps))
     return full, views, grads, rows, slots, m, v, steps
 
 
@@ -93,11 +108,11 @@ def _views_like(tensors, views):
     return [t if v.stride() == t.stride() and v.shape == t.shape else t.t() for t, v in zip(tensors, views)]
 
 
-@pytest.mark.parametrize("backend", _backends("masked_adamw_"), indirect=True)
+@pytest.mark.parametrize("device,backend", _cases("masked_adamw_"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("maximize,wd", [(False, 0.0), (True, 0.1)])
-def test_masked_adamw(backend, dtype, maximize, wd):
-    full, views, grads, rows, slots, m, v, steps = _optimizer_case(5, dtype)
+def test_masked_adamw(device, backend, dtype, maximize, wd):
+    full, views, grads, rows, slots, m, v, steps = _optimizer_case(5, dtype, device=device)
     ref_full = _clone(full)
     ref_views = _views_like(ref_full, views)
     ref_m, ref_v, ref_steps = _clone(m), _clone(v), _clone(steps)
@@ -109,16 +124,16 @@ def test_masked_adamw(backend, dtype, maximize, wd):
         assert_close(m[i], ref_m[i], name=f"exp_avg {i}")
         assert_close(v[i], ref_v[i], name=f"exp_avg_sq {i}")
         assert torch.equal(steps[i], ref_steps[i])
-        untouched = torch.ones(views[i].shape[0], dtype=torch.bool)
+        untouched = torch.ones(views[i].shape[0], dtype=torch.bool, device=views[i].device)
         untouched[rows[i]] = False
-        start = _optimizer_case(5, dtype)[1][i]
+        start = _optimizer_case(5, dtype, device=device)[1][i]
         assert torch.equal(views[i][untouched], start[untouched]), "rows outside the selection changed"
 
 
-@pytest.mark.parametrize("backend", _backends("masked_sgd_"), indirect=True)
+@pytest.mark.parametrize("device,backend", _cases("masked_sgd_"))
 @pytest.mark.parametrize("momentum,nesterov,dampening", [(0.0, False, 0.0), (0.9, False, 0.1), (0.9, True, 0.0)])
-def test_masked_sgd(backend, momentum, nesterov, dampening):
-    full, views, grads, rows, slots, m, _, steps = _optimizer_case(7, torch.float32)
+def test_masked_sgd(device, backend, momentum, nesterov, dampening):
+    full, views, grads, rows, slots, m, _, steps = _optimizer_case(7, torch.float32, device=device)
     ref_full, ref_m, ref_steps = _clone(full), _clone(m), _clone(steps)
     ref_views = _views_like(ref_full, views)
     bufs, ref_bufs = (m, ref_m) if momentum else ([], [])
@@ -129,9 +144,9 @@ def test_masked_sgd(backend, momentum, nesterov, dampening):
         assert_close(full[i], ref_full[i], name=f"param {i}")
         if momentum:
             assert_close(m[i], ref_m[i], name=f"buffer {i}")
-        untouched = torch.ones(views[i].shape[0], dtype=torch.bool)
+        untouched = torch.ones(views[i].shape[0], dtype=torch.bool, device=views[i].device)
         untouched[rows[i]] = False
-        assert torch.equal(views[i][untouched], _optimizer_case(7, torch.float32)[1][i][untouched])
+        assert torch.equal(views[i][untouched], _optimizer_case(7, torch.float32, device=device)[1][i][untouched])
 
 
 def test_opcheck_every_op():
