@@ -220,3 +220,31 @@ def test_tuner_step_same_with_every_backend(backend, monkeypatch):
         assert [e[:2] for e in a.circuit.edges] == [e[:2] for e in b.circuit.edges]
     for (n, p), q in zip(m0.named_parameters(), m1.parameters()):
         assert_close(q, p, name=n)
+
+
+@pytest.mark.parametrize("op", ["masked_adamw_", "masked_sgd_"])
+@pytest.mark.parametrize("device,backend", _cases("masked_adamw_"))
+def test_masked_updates_never_touch_unselected_lanes(op, device, backend, monkeypatch):
+    """NaN-poison every unselected parameter row and state slot: after the op they are still NaN, bit for bit,
+    and no NaN leaked into the selected rows."""
+    if op == "masked_sgd_" and backend == "triton":
+        monkeypatch.setenv("CT_FAST_BACKEND", "torch")  # no Triton SGD kernel
+    full, views, grads, rows, slots, m, v, steps = _optimizer_case(11, torch.float32, device=device)
+    for p, r, s, mm, vv in zip(views, rows, slots, m, v):
+        keep_r = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+        keep_r[r] = True
+        p[~keep_r] = float("nan")
+        keep_s = torch.zeros(mm.shape[0], dtype=torch.bool, device=p.device)
+        keep_s[s] = True
+        mm[~keep_s] = float("nan")
+        vv[~keep_s] = float("nan")
+    before = [t.clone() for t in views + m + v]
+    if op == "masked_adamw_":
+        ops.masked_adamw_(views, grads, m, v, [], steps, rows, slots, 1e-2, 0.9, 0.99, 1e-8, 0.1, False)
+    else:
+        ops.masked_sgd_(views, grads, m, steps, rows, slots, 0.1, 0.9, 0.0, 0.01, False, False)
+    after = views + m + v
+    for b, a in zip(before, after):
+        poisoned = torch.isnan(b)
+        assert torch.isnan(a[poisoned]).all(), "an unselected lane was written"
+        assert torch.isfinite(a[~poisoned]).all(), "NaN leaked into a selected lane"
