@@ -1,8 +1,10 @@
 // torch binding of the CUDA kernels (kernels.cu): registered for the CUDA dispatch key of the ops declared in
 // ct_fast/ops/library.py. Built only against a CUDA torch (setup.py).
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
+#include <cstring>
 #include <map>
 #include <vector>
 
@@ -24,6 +26,8 @@ DType dtype_of(at::ScalarType t) {
 template <typename Launch>
 void launch_groups(at::TensorList params, at::TensorList grads, at::TensorList state0, at::TensorList state1,
                    at::TensorList steps, at::TensorList rows, at::TensorList slots, Launch launch) {
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
   std::map<int, std::vector<RowsDesc>> groups;
   std::map<int, int64_t> totals;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -50,7 +54,7 @@ void launch_groups(at::TensorList params, at::TensorList grads, at::TensorList s
     totals[key] += k;
     groups[key].push_back(d);
   }
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   for (auto& kv : groups) {
     const auto bytes = static_cast<int64_t>(kv.second.size() * sizeof(RowsDesc));
     at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
@@ -89,8 +93,10 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
 
 at::Tensor score_edges_cuda(const at::Tensor& delta_in, const std::optional<at::Tensor>& up_weight,
                             const at::Tensor& grad_down_in) {
+  const c10::cuda::CUDAGuard guard(delta_in.device());
   const at::Tensor delta = delta_in.to(at::kFloat).contiguous();
   const at::Tensor G = grad_down_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(G.dim() == 3, "ct_fast: grad_down must be [n_d, c, d]");
   at::Tensor W;
   int64_t n_u = 1, w = G.size(2);
   if (up_weight.has_value()) {
@@ -102,7 +108,7 @@ at::Tensor score_edges_cuda(const at::Tensor& delta_in, const std::optional<at::
   at::Tensor S = at::zeros({n_u, G.size(0)}, delta.options());
   const cudaError_t err = launch_score_edges(delta.data_ptr<float>(), W.defined() ? W.data_ptr<float>() : nullptr,
                                              G.data_ptr<float>(), S.data_ptr<float>(), n_u, w, G.size(0), G.size(1),
-                                             G.size(2), at::cuda::getCurrentCUDAStream().stream());
+                                             G.size(2), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "ct_fast: CUDA launch failed: ", cudaGetErrorString(err));
   return S;
 }
