@@ -87,7 +87,9 @@ def plot_circuit(circuit: dict, path: str, title: str = ""):
     ax.set_yticks([])
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
-    handles = [plt.Line2D([], [], color=c, lw=2.5, label=f"→ {k}") for k, c in KIND_COLORS.items()]
+    gqa = g["n_kv_heads"] < g["n_heads"]  # k/v edges end at the first query head of their KV group
+    handles = [plt.Line2D([], [], color=c, lw=2.5, label=f"→ {k}" + (" (KV group)" if gqa and k in ("k", "v") else ""))
+               for k, c in KIND_COLORS.items()]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     n_params = circuit.get("fraction")
     sub = f"{len(edges)} edges, {len(circuit.get('nodes', []))} nodes"
