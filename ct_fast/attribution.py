@@ -229,7 +229,9 @@ class EdgeScorer:
         groups = [g for g in self.graph.downstream_groups if g.layer == layer and g.tap in grads]
         n_rows = next(iter(grads.values())).shape[0]
         n_nodes = sum(len(g.names) for g in groups)
-        chunk = max(1, CHUNK_ELEMENTS // max(1, n_nodes * self.graph.d_model))
+        # bound both the stacked gradients [n_nodes, chunk, d] and an upstream group's contributions [n_u, chunk, d]
+        widest = max(n_nodes, max(len(g.names) for g in self.graph.upstream_groups))
+        chunk = max(1, CHUNK_ELEMENTS // (widest * self.graph.d_model))
         cols = torch.cat([torch.arange(g.first, g.first + len(g.names)) for g in groups]).to(self.raw.device)
         read = torch.tensor([g.read_pos for g in groups for _ in g.names], device=self.raw.device)
         pooled = []
@@ -292,12 +294,12 @@ class AttributionRun:
     """
 
     def __init__(self, model: nn.Module, graph: ComputationGraph, ablation: str = "mean",
-                 positions=None, pool: bool = False, token_budget: int | None = None):
+                 positions=None, pool: bool = False, token_budget: int | None = None, budget_seed: int = 0):
         if ablation not in ABLATIONS:
             raise CTFastError(f"ablation={ablation!r} is not one of {ABLATIONS}")
         if token_budget is not None and (token_budget < 1 or pool):
             raise CTFastError("token_budget must be a positive int and cannot be combined with pool=True")
-        self.token_budget, self._budget_calls = token_budget, 0
+        self.token_budget, self._budget_calls = token_budget, 1000003 * budget_seed
         self.model, self.graph, self.ablation, self.positions, self.pool = model, graph, ablation, positions, pool
         self.raw = torch.zeros(len(graph.upstream_nodes), len(graph.downstream_nodes), dtype=torch.float32,
                                device=next(model.parameters()).device)

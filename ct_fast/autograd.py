@@ -114,13 +114,13 @@ class MaskedLinears:
     def _accumulate(self, name, x, grad_out, selection):
         x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
         w, b = self.weight[name], self.bias[name]
-        sel = selection.get(w)
+        sel = selection.get(w) if w.requires_grad else None
         if sel is not None:
             # output features are weight rows for nn.Linear, columns for Conv1D
             out_features = (sel.dim == 0) != self.conv1d[name]
             index = None if sel.full else sel.index(x.device)
             self._add(w, ops.masked_weight_grad(x2, g2, index, out_features))
-        sel_b = selection.get(b) if b is not None else None
+        sel_b = selection.get(b) if b is not None and b.requires_grad else None
         if sel_b is not None:
             index = None if sel_b.full else sel_b.index(x.device)
             self._add(b, ops.masked_bias_grad(g2, index))

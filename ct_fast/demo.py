@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .data import Example, collate
+from .errors import CTFastError
 from .run import Method, RunDir, TrainConfig, train
 from .tasks import AgreementWorld, word_tokenizer
 
@@ -170,6 +171,9 @@ def run_demo(out_dir: str, cfg: DemoConfig | None = None, methods=("circuit", "f
              progress: bool = True, log=print) -> dict:
     """The whole demo (module docstring); returns the summary written to ``out_dir/summary.json``."""
     cfg = cfg or DemoConfig()
+    for name in ("tune_steps", "pretrain_steps", "top_n", "eval_every", "tune_batch"):
+        if getattr(cfg, name) < 1:
+            raise CTFastError(f"demo: {name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     root = RunDir(out_dir)

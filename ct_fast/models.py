@@ -39,8 +39,12 @@ def load_model(name_or_path: str, dtype=None, device=None, mlp_head_dim: int | N
     except OSError as e:
         raise CTFastError(f"could not load model {name_or_path!r}: {e}. Without network, pass a local "
                           "directory written by save_pretrained") from e
+    except ValueError as e:  # e.g. a config of an architecture without a causal-LM class
+        raise CTFastError(f"could not load {name_or_path!r} as a causal LM: {e}") from e
     graph = ComputationGraph.from_model(model, mlp_head_dim=mlp_head_dim)
     if device is not None:
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise CTFastError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
         model = model.to(device)
     return model, graph
 

@@ -100,8 +100,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             for k in self._moments:
                 state[k] = torch.zeros((0, max(1, p.numel()) // n_rows), dtype=torch.float32, device=p.device)
         elif state["dim"] != dim:
-            raise CTFastError(f"a parameter of shape {tuple(p.shape)} was selected along axis {dim} after axis "
-                              f"{state['dim']}; a parameter's circuit slices must keep one axis")
+            self._relayout(p, state, dim)
         rows = torch.arange(n_rows, device=p.device) if index is None else index
         new = rows[state["slot"][rows] < 0]
         if new.numel():
@@ -111,6 +110,29 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             for k in self._moments:
                 state[k] = torch.cat([state[k], state[k].new_zeros((new.numel(), state[k].shape[1]))])
         return state, rows, state["slot"][rows]
+
+    def _relayout(self, p: torch.Tensor, state: dict, dim: int):
+        """Move a dense state (every row allocated, one shared step count — e.g. after dense steps) to rows
+        along ``dim``; a partial row state cannot change axis and raises."""
+        old = state["dim"]
+        n_old = p.shape[old] if p.dim() else 1
+        steps = state["step"]
+        dense = (steps.numel() == n_old and bool((state["slot"] == torch.arange(n_old, device=p.device)).all())
+                 and bool((steps == steps[0]).all()))
+        if not dense:
+            raise CTFastError(f"a parameter of shape {tuple(p.shape)} was selected along axis {dim} after axis {old}; "
+                              "a parameter's circuit slices must keep one axis")
+        moved_shape = (n_old,) + self._row_shape(p, old)
+        for k in self._moments:
+            full = state[k].view(moved_shape).movedim(0, old)
+            state[k] = full.movedim(dim, 0).reshape(p.shape[dim], -1).contiguous()
+        state["dim"] = dim
+        state["slot"] = torch.arange(p.shape[dim], device=p.device)
+        state["step"] = steps.new_full((p.shape[dim],), float(steps[0]))
+
+    @staticmethod
+    def _row_shape(p, dim):
+        return tuple(s for i, s in enumerate(p.shape) if i != dim)
 
     @staticmethod
     def _as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -164,11 +186,13 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            lists = self._collect(group)
+        try:  # validate and prepare every group before writing any parameter
+            collected = [(group, self._collect(group)) for group in self.param_groups]
+        finally:
+            self._grad_rows = {}
+        for group, lists in collected:
             if lists["params"]:
                 self._apply(lists, group)
-        self._grad_rows = {}
         return loss
 
     # ---- state_dict: keep the compact layout's dtypes; carry the current circuit ----

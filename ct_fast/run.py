@@ -139,8 +139,9 @@ class TrainConfig:
             raise CTFastError(f"method {self.method!r} is not one of {METHODS}")
         if self.optimizer not in ("adamw", "sgd"):
             raise CTFastError(f"optimizer {self.optimizer!r} is not 'adamw' or 'sgd'")
-        if self.steps < 1 or self.batch_size < 1:
-            raise CTFastError("steps and batch_size must be >= 1")
+        for name in ("steps", "batch_size", "circuit_every", "save_every", "refresh_every"):
+            if getattr(self, name) < 1:
+                raise CTFastError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.method == "circuit" and self.ablation == "corrupted":
             raise CTFastError("ablation 'corrupted' needs paired corrupted inputs; the command line supports "
                               "'mean' and 'zero' (use the Python API for corrupted runs)")
@@ -223,13 +224,24 @@ def _lora(model, cfg: TrainConfig, arch: str):
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed(seed: int):
+    torch.manual_seed(seed)  # all devices
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def train(run: RunDir, method: Method, examples: list[Example], pad_id: int, evaluate=None, eval_every: int = 0,
@@ -243,21 +255,21 @@ def train(run: RunDir, method: Method, examples: list[Example], pad_id: int, eva
 
     cfg = method.cfg
     start = 0
+    state = run.load_checkpoint() if resume else None
+    if state is not None:
+        method.load_state(state["method"])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+    else:  # a fresh run, or a resume before the first checkpoint: start over exactly
+        _seed(cfg.seed)
     if resume:
-        state = run.load_checkpoint()
-        if state is not None:
-            method.load_state(state["method"])
-            _set_rng_state(state["rng"])
-            start = state["step"]
         run.truncate_log(start)
-    else:
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
+    device = next(method.model.parameters()).device
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc=cfg.method,
                dynamic_ncols=True)
     for step in bar:
         batch = collate([examples[i] for i in batch_indices(step, cfg.batch_size, len(examples), cfg.seed)], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
         record = {"step": step, "lr": method.optimizer.param_groups[0]["lr"], **method.step(batch)}
         last = step == cfg.steps - 1
         if evaluate is not None and ((eval_every and step % eval_every == 0) or last):

@@ -113,8 +113,9 @@ class CircuitTuner:
     def step(self, batch, corrupted_batch=None) -> StepResult:
         """One circuit-tuning step on ``batch`` (a dict, or a list of micro-batch dicts whose gradients and
         scores are accumulated). Refuses (raises, model untouched) on NaN/inf loss, metric or scores."""
-        batches = batch if isinstance(batch, (list, tuple)) else [batch]
+        batches = [_to(b, self.device) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
         corrupted = corrupted_batch if isinstance(corrupted_batch, (list, tuple)) else [corrupted_batch] * len(batches)
+        corrupted = [None if c is None else _to(c, self.device) for c in corrupted]
         if len(corrupted) != len(batches):
             raise CTFastError(f"{len(batches)} micro-batches but {len(corrupted)} corrupted micro-batches")
         clock = _Clock(self.device)
@@ -131,7 +132,7 @@ class CircuitTuner:
                 process = self.metric == "loss"  # one backward scores edges and keeps what dW needs
                 masked.selection, masked.active = None, process
                 run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool,
-                                     self.token_budget)
+                                     self.token_budget, budget_seed=self.step_count)
                 for b, c, wl, wm in zip(batches, corrupted, w_loss, w_metric):
                     clock.start()
                     out, value = run.forward(b, metric=self.metric, corrupted_batch=c)
@@ -158,7 +159,7 @@ class CircuitTuner:
                 loss, metric = self._train_pass(masked, batches, w_loss, w_metric, clock)
             grads = masked.take_grad_rows()
         clock.start()
-        self.optimizer.set_circuit(self.circuit, self.model)
+        self.optimizer.set_circuit(self._param_selection())
         self.optimizer.set_grad_rows(grads)
         self.optimizer.step()
         clock.stop("optimizer")
@@ -168,8 +169,11 @@ class CircuitTuner:
                           top_n=top_n, refreshed=refresh, timings=timings)
 
     def _param_selection(self) -> dict:
-        """``{parameter: ParamSelection}`` of the current circuit."""
-        return selections_by_param(self.model, self.circuit.param_selections(self.graph))
+        """``{parameter: ParamSelection}`` of the current circuit, restricted to parameters this tuner trains
+        (held by the optimizer, ``requires_grad``): a frozen parameter gets no gradient and no update."""
+        trained = {id(p) for p in self.params}
+        return {p: s for p, s in selections_by_param(self.model, self.circuit.param_selections(self.graph)).items()
+                if id(p) in trained}
 
     def _train_pass(self, masked, batches, w_loss, w_metric, clock) -> tuple[float, float]:
         """Forward and loss backward with the circuit known: compact dW of circuit rows only.
@@ -188,6 +192,11 @@ class CircuitTuner:
             torch.autograd.grad(out.loss * wl, [masked.anchor])
             clock.stop("backward")
         return loss, metric
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors on the model's device (a no-op when they already are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _check_loss(loss):

@@ -164,3 +164,28 @@ def test_lr_scheduler_compatible():
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_dense_state_moves_to_a_column_selection():
+    """Dense steps keep state along rows; a later column selection re-lays it out exactly."""
+    p = torch.randn(6, 5, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    ours, ref = CircuitAdamW([p], lr=1e-2), torch.optim.AdamW([q], lr=1e-2, foreach=False)
+    for step in range(3):
+        g = torch.randn(6, 5, generator=torch.Generator().manual_seed(step))
+        if step == 2:
+            ours.set_circuit({p: ParamSelection(1, 5, ((1, 3),))})
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        if step < 2:
+            ref.step()
+    # step 2 of the reference on the selected columns only
+    cols = q.detach()[:, 1:3].clone().requires_grad_()
+    state = ref.state[q]
+    solo = torch.optim.AdamW([cols], lr=1e-2, foreach=False)
+    solo.state[cols] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][:, 1:3].clone(),
+                        "exp_avg_sq": state["exp_avg_sq"][:, 1:3].clone()}
+    cols.grad = torch.randn(6, 5, generator=torch.Generator().manual_seed(2))[:, 1:3]
+    solo.step()
+    assert_close(p.detach()[:, 1:3], cols.detach())
+    assert torch.equal(p.detach()[:, [0, 3, 4]], q.detach()[:, [0, 3, 4]])

@@ -110,3 +110,52 @@ def test_mlp_heads_and_node_selection(batch):
     r = tuner.step(batch)
     assert any(n.count(".") == 2 and n.startswith("mlp.") for n in r.circuit.nodes) or len(r.circuit) == 15
     assert ct_fast.Circuit.from_json(r.circuit.to_json(), tuner.graph).num_params == r.tuned_params
+
+
+def test_frozen_parameters_stay_frozen(batch):
+    """requires_grad=False is respected even when the optimizer holds the parameter and the circuit owns it."""
+    model = tiny_model("gpt2")
+    for n, p in model.named_parameters():
+        if n.startswith("transformer.h.0.attn"):
+            p.requires_grad_(False)
+    opt = CircuitAdamW(model.parameters(), lr=1e-2)
+    tuner = CircuitTuner(model, opt, top_n=ct_fast.ComputationGraph.from_model(model).n_edges)
+    before = _snapshot(model)
+    tuner.step(batch)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(torch.equal(dict(model.named_parameters())[n], before[n]) for n in frozen)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_dense_steps_then_circuit_steps(batch):
+    """A dense warm-up step (state along axis 0) followed by circuit steps selecting columns moves the state
+    to the new axis instead of failing half-way."""
+    model = tiny_model("llama")
+    opt = CircuitAdamW(model.parameters(), lr=1e-2)
+    model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    tuner = CircuitTuner(model, opt, top_n=40)
+    r = tuner.step(batch)
+    assert any("o_proj" in s.param or "down_proj" in s.param for s in
+               tuner.graph.param_slices(r.circuit.upstream, r.circuit.downstream))
+
+
+def test_token_budget_differs_between_steps(batch):
+    model = tiny_model("gpt2")
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=0.0), top_n=10, token_budget=4)
+    seen = []
+    orig = ct_fast.AttributionRun._budget
+
+    def spy(self, pos):
+        out = orig(self, pos)
+        seen.append(out[0].nonzero().tolist())
+        return out
+
+    ct_fast.AttributionRun._budget = spy
+    try:
+        for _ in range(3):
+            tuner.step(batch)
+    finally:
+        ct_fast.AttributionRun._budget = orig
+    assert len({str(s) for s in seen}) == 3
