@@ -195,6 +195,8 @@ class EdgeScorer:
         for g in graph.downstream_groups:
             self.taps_of_layer.setdefault(g.layer, set()).add(g.tap)
         self.pending: dict[int, dict] = {}
+        # sum over scored rows of each downstream node's gradient [n_down, d]: corrects per-micro-batch means
+        self.grad_sum = raw.new_zeros(raw.shape[1], graph.d_model)
         self.seconds = 0.0  # time spent scoring (inside the backward)
         self.device = raw.device
 
@@ -242,8 +244,11 @@ class EdgeScorer:
                 pooled.append(self.rows.pool_rows(G, start))
             else:
                 self._accumulate(G, cols, read, lambda k: self.deltas[k][start:stop])
+                self.grad_sum.index_add_(0, cols, G.sum(1))
         if self.rows.pool:
-            self._accumulate(torch.stack(pooled).sum(0), cols, read, lambda k: self.deltas[k])
+            G = torch.stack(pooled).sum(0)
+            self._accumulate(G, cols, read, lambda k: self.deltas[k])
+            self.grad_sum.index_add_(0, cols, G.sum(1))
 
     def _residual_grads(self, groups, grads: dict, start: int, stop: int, n_nodes: int) -> torch.Tensor:
         """``[n_nodes, c, d]`` fp32: d metric / d x_d of the groups' nodes for scored rows ``start..stop``.
@@ -305,6 +310,10 @@ class AttributionRun:
                                device=next(model.parameters()).device)
         self.batch_size = 0
         self.scoring_seconds = 0.0  # time the taps spent scoring, summed over backwards
+        # mean ablation over several micro-batches: per micro-batch (node means [n_up, d], tokens, budget factor,
+        # gradient sums [n_down, d]) so that scores() can re-centre every micro-batch on the global mean
+        self._means: list = []
+        self._params = dict(model.named_parameters())
         self._capture = None
         self._scorer = None
         self.up_keys = [g.capture for g in graph.upstream_groups]
@@ -325,6 +334,8 @@ class AttributionRun:
         deltas = [self._delta(k, cap.stored, baseline, rows, batch) for k in self.up_keys]
         if factor != 1.0:
             deltas = [d * factor for d in deltas]
+        if self.ablation == "mean":
+            self._means.append([self._node_means(cap.stored, batch), int(valid_tokens(batch).sum()), factor, None])
         resid = {k[0]: rows.select(cap.stored[k]) for k in self.resid_keys}
         cap.stored.clear()
         self._scorer = EdgeScorer(self.model, self.graph, rows, deltas, resid, self.raw)
@@ -349,6 +360,8 @@ class AttributionRun:
             grads = torch.autograd.grad(scale * metric, [cap.anchor] + params, allow_unused=True,
                                         retain_graph=retain_graph)
             scorer.flush()
+            if self._means:
+                self._means[-1][3] = scorer.grad_sum
         finally:
             cap.on_grad = None
             self.scoring_seconds += scorer.seconds
@@ -356,8 +369,20 @@ class AttributionRun:
         return list(grads[1:])
 
     def scores(self) -> EdgeScores:
-        """``|raw / B|`` on edges, exactly 0 elsewhere; refuses non-finite scores."""
-        s = (self.raw / max(1, self.batch_size)).abs() * self.graph.edge_mask.to(self.raw.device)
+        """``|raw / B|`` on edges, exactly 0 elsewhere; refuses non-finite scores.
+
+        With mean ablation over several micro-batches, each was scored against its own mean m_i; since
+        ``sum_t (a - m) . g = sum_t (a - m_i) . g + (m_i - m) . sum_t g``, adding the second term re-centres
+        them all on the mean of the whole batch, as if it had been one batch."""
+        raw = self.raw
+        done = [m for m in self._means if m[3] is not None]
+        if len(done) > 1:
+            total = sum(n for _, n, _, _ in done)
+            mean = sum(means * n for means, n, _, _ in done) / total
+            raw = raw.clone()
+            for means, _, factor, grad_sum in done:
+                raw += factor * (means - mean) @ grad_sum.t()
+        s = (raw / max(1, self.batch_size)).abs() * self.graph.edge_mask.to(self.raw.device)
         if not torch.isfinite(s).all():
             raise NonFiniteError("edge scores are non-finite (NaN/inf activations or gradients); check the "
                                  "model's weights and inputs — the step is refused")
@@ -393,6 +418,17 @@ class AttributionRun:
         with cap, torch.no_grad():
             self.model(**{k: v for k, v in model_inputs(corrupted_batch).items() if k != "labels"})
         return cap.stored
+
+    def _node_means(self, stored, batch) -> torch.Tensor:
+        """``[n_up, d]``: every upstream node's mean contribution over the batch's non-padding tokens."""
+        valid = valid_tokens(batch).reshape(-1).nonzero().squeeze(1)
+        out = []
+        for g, key in zip(self.graph.upstream_groups, self.up_keys):
+            a = stored[key]
+            mean = a.reshape(-1, a.shape[-1]).index_select(0, valid.to(a.device)).float().mean(0, keepdim=True)
+            w = None if g.writer is None else g.writer.heads_weight(self._params[g.writer.weight].detach())
+            out.append(ops.heads_to_residual(mean, w)[:, 0])
+        return torch.cat(out)
 
     def _delta(self, key, stored, baseline, rows: TokenRows, batch):
         a = stored[key]

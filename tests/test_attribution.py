@@ -211,3 +211,17 @@ def test_activation_checkpointing_gives_the_same_scores(arch):
     assert ra.circuit.edges == rb.circuit.edges
     for p, q in zip(a.parameters(), b.parameters()):
         assert_close(q, p)
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_mean_ablation_micro_batches_equal_the_whole_batch(model, batch, pool):
+    """Each micro-batch is re-centred on the whole batch's mean: accumulation == one big batch."""
+    g = ComputationGraph.from_model(model)
+    whole = attribute(model, batch, graph=g, pool=pool)
+    run = ct_fast.AttributionRun(model, g, ablation="mean", pool=pool)
+    tokens = (batch["labels"][:, 1:] != -100).sum()
+    for rows in (slice(0, 1), slice(1, 3)):
+        part = {k: v[rows] for k, v in batch.items()}
+        _, value = run.forward(part)
+        run.backward(value, scale=((part["labels"][:, 1:] != -100).sum() / tokens).item())
+    assert_close(run.scores().scores, whole.scores)

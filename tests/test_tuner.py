@@ -42,10 +42,11 @@ def test_faithful_step_updates_exactly_the_circuit(arch, model, batch, metric):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_micro_batches_equal_the_whole_batch(batch):
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_micro_batches_equal_the_whole_batch(batch, ablation):
     a, b = tiny_model("qwen2"), tiny_model("qwen2")
-    ta = CircuitTuner(a, CircuitSGD(a.parameters(), lr=0.1, momentum=0.9), top_n=30, ablation="zero")
-    tb = CircuitTuner(b, CircuitSGD(b.parameters(), lr=0.1, momentum=0.9), top_n=30, ablation="zero")
+    ta = CircuitTuner(a, CircuitSGD(a.parameters(), lr=0.1, momentum=0.9), top_n=30, ablation=ablation)
+    tb = CircuitTuner(b, CircuitSGD(b.parameters(), lr=0.1, momentum=0.9), top_n=30, ablation=ablation)
     ra = ta.step(batch)
     rb = tb.step([{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}])
     assert [e[:2] for e in ra.circuit.edges] == [e[:2] for e in rb.circuit.edges]
