@@ -35,7 +35,7 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
             if HAS_W:
                 wt = tl.load(w_ptr + u * w * d + i_offs[:, None] * d + k_offs[None, :],
                              mask=(i_offs[:, None] < w) & k_mask[None, :], other=0.0).to(tl.float32)
-                a = tl.dot(z, wt)  # [BT, BK]
+                a = tl.dot(z, wt, input_precision="ieee")  # [BT, BK]; full fp32, not TF32
             else:
                 a = tl.load(delta_ptr + t_offs[:, None] * d + k_offs[None, :],
                             mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)

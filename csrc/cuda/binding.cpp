@@ -30,9 +30,21 @@ void launch_groups(at::TensorList params, at::TensorList grads, at::TensorList s
   const c10::cuda::CUDAGuard guard(params[0].device());
   std::map<int, std::vector<RowsDesc>> groups;
   std::map<int, int64_t> totals;
+  const auto device = params[0].device();
+  auto on_device = [&](const at::Tensor& t) { return t.is_cuda() && t.device() == device; };
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.is_cuda() && p.dim() == 2, "ct_fast: parameters must be CUDA [R, M] row views");
+    TORCH_CHECK(on_device(p) && p.dim() == 2,
+                "ct_fast: parameters must be [R, M] row views on one CUDA device (split models: one call per device)");
+    TORCH_CHECK(on_device(grads[i]) && on_device(rows[i]) && on_device(slots[i]) && on_device(steps[i]) &&
+                    (state0.empty() || on_device(state0[i])) && (state1.empty() || on_device(state1[i])),
+                "ct_fast: grads, rows, slots, steps and states must be on the parameters' CUDA device");
+    TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].is_contiguous() && rows[i].scalar_type() == at::kLong &&
+                    slots[i].scalar_type() == at::kLong && rows[i].numel() == slots[i].numel(),
+                "ct_fast: steps must be contiguous fp32, rows/slots int64 of equal length");
+    TORCH_CHECK((state0.empty() || (state0[i].is_contiguous() && state0[i].scalar_type() == at::kFloat)) &&
+                    (state1.empty() || (state1[i].is_contiguous() && state1[i].scalar_type() == at::kFloat)),
+                "ct_fast: optimizer states must be contiguous fp32 [capacity, M]");
     TORCH_CHECK(grads[i].scalar_type() == at::kFloat && grads[i].is_contiguous() && grads[i].size(0) == rows[i].numel(),
                 "ct_fast: grads must be contiguous fp32 [k, M]");
     const int64_t k = rows[i].numel();
@@ -96,15 +108,18 @@ at::Tensor score_edges_cuda(const at::Tensor& delta_in, const std::optional<at::
   const c10::cuda::CUDAGuard guard(delta_in.device());
   const at::Tensor delta = delta_in.to(at::kFloat).contiguous();
   const at::Tensor G = grad_down_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(G.dim() == 3, "ct_fast: grad_down must be [n_d, c, d]");
+  TORCH_CHECK(G.dim() == 3 && G.device() == delta.device(), "ct_fast: grad_down must be [n_d, c, d] on delta's device");
   at::Tensor W;
   int64_t n_u = 1, w = G.size(2);
   if (up_weight.has_value()) {
     W = up_weight->to(at::kFloat).contiguous();
+    TORCH_CHECK(W.dim() == 3 && W.size(2) == G.size(2) && W.device() == delta.device(),
+                "ct_fast: up_weight must be [n_u, w, d] on delta's device");
     n_u = W.size(0);
     w = W.size(1);
   }
-  TORCH_CHECK(delta.size(0) == G.size(1) && delta.size(1) == n_u * w, "ct_fast: delta must be [c, n_u * w]");
+  TORCH_CHECK(delta.dim() == 2 && delta.size(0) == G.size(1) && delta.size(1) == n_u * w,
+              "ct_fast: delta must be [c, n_u * w]");
   at::Tensor S = at::zeros({n_u, G.size(0)}, delta.options());
   const cudaError_t err = launch_score_edges(delta.data_ptr<float>(), W.defined() ? W.data_ptr<float>() : nullptr,
                                              G.data_ptr<float>(), S.data_ptr<float>(), n_u, w, G.size(0), G.size(1),

@@ -93,17 +93,18 @@ __global__ void masked_sgd_kernel(const RowsDesc* __restrict__ descs, int n_desc
 // (d floats) and every warp dots it with a strided subset of the downstream nodes' G[n, t]; per-node sums stay
 // in shared memory over the chunk and land in S with one atomic each. Dynamic shared memory: (d + n_d) floats.
 constexpr int kScoreThreads = 256;
-constexpr int kScoreTokens = 32;
+constexpr int64_t kScoreTokens = 32;    // tokens per block, raised so the grid's y extent stays <= 65535
+constexpr int64_t kMaxGridY = 65535;
 
 __global__ void score_edges_kernel(const float* __restrict__ delta, const float* __restrict__ W,
                                    const float* __restrict__ G, float* __restrict__ S, int64_t n_u, int64_t w,
-                                   int64_t n_d, int64_t c, int64_t d) {
+                                   int64_t n_d, int64_t c, int64_t d, int64_t tokens_per_block) {
   extern __shared__ float smem[];
   float* a = smem;        // [d]
   float* acc = smem + d;  // [n_d]
   const int64_t u = blockIdx.x;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kScoreTokens;
-  const int64_t t1 = t0 + kScoreTokens < c ? t0 + kScoreTokens : c;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
+  const int64_t t1 = t0 + tokens_per_block < c ? t0 + tokens_per_block : c;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
   for (int64_t n = threadIdx.x; n < n_d; n += blockDim.x) acc[n] = 0.0f;
   for (int64_t t = t0; t < t1; ++t) {
@@ -163,14 +164,17 @@ cudaError_t launch_masked_sgd(const RowsDesc* descs, int n_desc, int64_t total_r
 cudaError_t launch_score_edges(const float* delta, const float* W, const float* G, float* S, int64_t n_u, int64_t w,
                                int64_t n_d, int64_t c, int64_t d, cudaStream_t stream) {
   if (n_u == 0 || n_d == 0 || c == 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(n_u), static_cast<unsigned>((c + kScoreTokens - 1) / kScoreTokens));
+  if (n_u > 2147483647) return cudaErrorInvalidValue;
+  int64_t per_block = kScoreTokens;
+  if ((c + per_block - 1) / per_block > kMaxGridY) per_block = (c + kMaxGridY - 1) / kMaxGridY;
+  const dim3 grid(static_cast<unsigned>(n_u), static_cast<unsigned>((c + per_block - 1) / per_block));
   const size_t smem = static_cast<size_t>(d + n_d) * sizeof(float);
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(score_edges_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  score_edges_kernel<<<grid, kScoreThreads, smem, stream>>>(delta, W, G, S, n_u, w, n_d, c, d);
+  score_edges_kernel<<<grid, kScoreThreads, smem, stream>>>(delta, W, G, S, n_u, w, n_d, c, d, per_block);
   return cudaGetLastError();
 }
 
