@@ -152,3 +152,10 @@ def test_user_errors(model_dir, datasets, tmp_path, capsys):
                                                      "--metric", "logit_diff", "--out", str(tmp_path / "d")])
     assert "--resume" in _err(capsys, ["tune", "--resume", str(tmp_path / "never")])
     assert "does not exist" in _err(capsys, ["plot", str(tmp_path / "never")])
+    assert "save_every must be >= 1" in _err(capsys, ["tune", "--model", model_dir, "--data", datasets["text"],
+                                                      "--save-every", "0", "--out", str(tmp_path / "r3")])
+    assert "tune_steps must be >= 1" in _err(capsys, ["demo", "--quick", "--tune-steps", "0", "--out",
+                                                      str(tmp_path / "d0"), "--no-progress"])
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in _err(capsys, ["tune", "--model", model_dir, "--data", datasets["text"],
+                                                        "--device", "cuda", "--out", str(tmp_path / "r4")])
