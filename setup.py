@@ -23,7 +23,7 @@ if os.environ.get("CT_FAST_SKIP_NATIVE") != "1":
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]  # no errno: lets sqrt vectorise
     sources = ["csrc/module.cpp", "csrc/cpu/ops_cpu.cpp"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("CT_FAST_NO_CUDA") != "1"
     if with_cuda:

@@ -1,5 +1,4 @@
-"""Masked AdamW over a circuit of a model's parameters vs dense ``torch.optim.AdamW`` (fused on CUDA,
-foreach on CPU), and the achieved bandwidth on the bytes the masked update must touch vs measured copy
+"""Masked AdamW over a circuit of a model's parameters vs dense ``torch.optim.AdamW(fused=True)``, and the achieved bandwidth on the bytes the masked update must touch vs measured copy
 bandwidth. ``python bench/bench_masked_adamw.py [--device cuda] [--params 8e9] [--fraction 0.05]``."""
 
 import argparse
@@ -39,8 +38,7 @@ def run(device="cpu", total=2e7, d=1024, fraction=0.05, dtype=torch.float32, bac
     dense_params = [p.detach().clone().requires_grad_() for p in params]
     for p, q in zip(dense_params, params):
         p.grad = q.grad
-    fused = torch.device(device).type == "cuda"
-    dense = torch.optim.AdamW(dense_params, lr=1e-4, fused=fused, foreach=not fused)
+    dense = torch.optim.AdamW(dense_params, lr=1e-4, fused=True)  # the fastest dense baseline, CPU and CUDA
     dense.step()
     dense_t = harness.median_time(dense.step, device)
     touched = sum(k_of[id(p)] * p.shape[1] for p in params)

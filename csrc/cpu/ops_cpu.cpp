@@ -4,7 +4,9 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace ct_fast {
@@ -21,65 +23,111 @@ void check_rows(const at::Tensor& p, const at::Tensor& g, const at::Tensor& rows
   TORCH_CHECK(step.scalar_type() == at::kFloat && step.is_contiguous(), "ct_fast: steps must be contiguous fp32");
 }
 
-// AdamW on selected rows, exactly the update of torch.optim.AdamW (single tensor) per row.
-template <typename scalar_t>
-void adamw_rows(scalar_t* p, int64_t s_row, int64_t s_col, const float* g, float* m, float* v, float* step,
-                const int64_t* rows, const int64_t* slots, int64_t k, int64_t M, float lr, float beta1, float beta2,
-                float eps, float weight_decay, bool maximize) {
-  const float decay = 1.0f - lr * weight_decay;
-  const float w1 = 1.0f - beta1, w2 = 1.0f - beta2;
-  at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t slot = slots[r];
-      const float st = step[slot] + 1.0f;
-      step[slot] = st;
-      const double bc1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(st));
-      const double bc2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(st));
-      const float step_size = static_cast<float>(lr / bc1);
-      const float bc2_sqrt = static_cast<float>(std::sqrt(bc2));
-      scalar_t* prow = p + rows[r] * s_row;
-      const float* grow = g + r * M;
-      float* mrow = m + slot * M;
-      float* vrow = v + slot * M;
-      for (int64_t j = 0; j < M; ++j) {
-        const float gj = maximize ? -grow[j] : grow[j];
-        float pj = static_cast<float>(prow[j * s_col]) * decay;
-        const float mj = mrow[j] + w1 * (gj - mrow[j]);  // lerp with weight < 0.5, as torch computes it
-        const float vj = vrow[j] * beta2 + w2 * gj * gj;
-        mrow[j] = mj;
-        vrow[j] = vj;
-        const float denom = std::sqrt(vj) / bc2_sqrt + eps;
-        pj = pj + (-step_size * mj) / denom;
-        prow[j * s_col] = static_cast<scalar_t>(pj);
-      }
-    }
-  });
+// One parameter of a masked multi-tensor update (see ct_fast/ops/library.py for the layout).
+struct RowsTensor {
+  void* p;
+  at::ScalarType dtype;
+  int64_t s_row, s_col, M;
+  const float* g;
+  float* state0;  // AdamW exp_avg / SGD momentum buffer (may be null)
+  float* state1;  // AdamW exp_avg_sq
+  float* step;
+  const int64_t* rows;
+  const int64_t* slots;
+};
+
+struct AdamWHyper { float lr, beta1, beta2, eps, weight_decay; bool maximize; };
+struct SGDHyper { float lr, momentum, dampening, weight_decay; bool nesterov, maximize; };
+
+// AdamW on row r of t, exactly the update of torch.optim.AdamW (single tensor) for that row. kContiguous: the
+// row's elements are adjacent (a selected weight row), so the loop vectorises; else they are s_col apart.
+template <typename scalar_t, bool kContiguous>
+void adamw_row_impl(const RowsTensor& t, int64_t r, const AdamWHyper& h) {
+  const int64_t slot = t.slots[r], M = t.M, s_col = kContiguous ? 1 : t.s_col;
+  const float st = t.step[slot] + 1.0f;
+  t.step[slot] = st;
+  const float step_size = static_cast<float>(h.lr / (1.0 - std::pow(static_cast<double>(h.beta1), static_cast<double>(st))));
+  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(h.beta2), static_cast<double>(st))));
+  const float decay = 1.0f - h.lr * h.weight_decay, w1 = 1.0f - h.beta1, w2 = 1.0f - h.beta2, beta2 = h.beta2;
+  const float eps = h.eps, sign = h.maximize ? -1.0f : 1.0f;
+  scalar_t* __restrict__ prow = static_cast<scalar_t*>(t.p) + t.rows[r] * t.s_row;
+  const float* __restrict__ grow = t.g + r * M;
+  float* __restrict__ mrow = t.state0 + slot * M;
+  float* __restrict__ vrow = t.state1 + slot * M;
+#pragma omp simd
+  for (int64_t j = 0; j < M; ++j) {
+    const float gj = sign * grow[j];
+    const float pj = static_cast<float>(prow[j * s_col]) * decay;
+    const float mj = mrow[j] + w1 * (gj - mrow[j]);  // lerp with weight < 0.5, as torch computes it
+    const float vj = vrow[j] * beta2 + w2 * gj * gj;
+    mrow[j] = mj;
+    vrow[j] = vj;
+    prow[j * s_col] = static_cast<scalar_t>(pj + (-step_size * mj) / (std::sqrt(vj) / bc2_sqrt + eps));
+  }
 }
 
-// SGD with momentum/dampening/nesterov/L2 decay on selected rows, as torch.optim.SGD per row.
 template <typename scalar_t>
-void sgd_rows(scalar_t* p, int64_t s_row, int64_t s_col, const float* g, float* buf, float* step, const int64_t* rows,
-              const int64_t* slots, int64_t k, int64_t M, float lr, float momentum, float dampening,
-              float weight_decay, bool nesterov, bool maximize) {
-  at::parallel_for(0, k, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t slot = slots[r];
-      const float st = step[slot] + 1.0f;
-      step[slot] = st;
-      scalar_t* prow = p + rows[r] * s_row;
-      const float* grow = g + r * M;
-      float* brow = buf ? buf + slot * M : nullptr;
-      for (int64_t j = 0; j < M; ++j) {
-        float pj = static_cast<float>(prow[j * s_col]);
-        float gj = maximize ? -grow[j] : grow[j];
-        if (weight_decay != 0.0f) gj = gj + weight_decay * pj;
-        if (brow) {
-          const float bj = (st == 1.0f) ? gj : brow[j] * momentum + (1.0f - dampening) * gj;
-          brow[j] = bj;
-          gj = nesterov ? gj + momentum * bj : bj;
-        }
-        prow[j * s_col] = static_cast<scalar_t>(pj + (-lr) * gj);
-      }
+void adamw_row(const RowsTensor& t, int64_t r, const AdamWHyper& h) {
+  if (t.s_col == 1) adamw_row_impl<scalar_t, true>(t, r, h);
+  else adamw_row_impl<scalar_t, false>(t, r, h);
+}
+
+// SGD (momentum, dampening, nesterov, L2 decay) on row r of t, as torch.optim.SGD for that row.
+template <typename scalar_t>
+void sgd_row(const RowsTensor& t, int64_t r, const SGDHyper& h) {
+  const int64_t slot = t.slots[r], M = t.M, s_col = t.s_col;
+  const float st = t.step[slot] + 1.0f;
+  t.step[slot] = st;
+  scalar_t* __restrict__ prow = static_cast<scalar_t*>(t.p) + t.rows[r] * t.s_row;
+  const float* __restrict__ grow = t.g + r * M;
+  float* brow = t.state0 ? t.state0 + slot * M : nullptr;
+  for (int64_t j = 0; j < M; ++j) {
+    const float pj = static_cast<float>(prow[j * s_col]);
+    float gj = h.maximize ? -grow[j] : grow[j];
+    if (h.weight_decay != 0.0f) gj = gj + h.weight_decay * pj;
+    if (brow) {
+      const float bj = (st == 1.0f) ? gj : brow[j] * h.momentum + (1.0f - h.dampening) * gj;
+      brow[j] = bj;
+      gj = h.nesterov ? gj + h.momentum * bj : bj;
+    }
+    prow[j * s_col] = static_cast<scalar_t>(pj + (-h.lr) * gj);
+  }
+}
+
+template <typename F>
+void dispatch_row(const RowsTensor& t, F&& f) {
+  switch (t.dtype) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<at::BFloat16*>(nullptr)); break;
+    case at::kHalf: f(static_cast<at::Half*>(nullptr)); break;
+    default: TORCH_CHECK(false, "ct_fast: parameters must be float32, bfloat16 or float16, got ", t.dtype);
+  }
+}
+
+// Collect the tensors' descriptors; one parallel region over all selected rows of all tensors.
+template <typename RowFn>
+void for_all_rows(at::TensorList params, at::TensorList grads, at::TensorList state0, at::TensorList state1,
+                  at::TensorList steps, at::TensorList rows, at::TensorList slots, RowFn row_fn) {
+  std::vector<RowsTensor> tensors;
+  std::vector<int64_t> first;  // prefix sums of selected rows
+  int64_t total = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    check_rows(p, grads[i], rows[i], slots[i], steps[i]);
+    if (rows[i].numel() == 0) continue;
+    TORCH_CHECK((state0.empty() || state0[i].is_contiguous()) && (state1.empty() || state1[i].is_contiguous()),
+                "ct_fast: optimizer states must be contiguous fp32 [capacity, M]");
+    tensors.push_back({p.data_ptr(), p.scalar_type(), p.stride(0), p.stride(1), p.size(1), grads[i].data_ptr<float>(),
+                       state0.empty() ? nullptr : state0[i].data_ptr<float>(),
+                       state1.empty() ? nullptr : state1[i].data_ptr<float>(), steps[i].data_ptr<float>(),
+                       rows[i].data_ptr<int64_t>(), slots[i].data_ptr<int64_t>()});
+    first.push_back(total);
+    total += rows[i].numel();
+  }
+  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const size_t i = static_cast<size_t>(std::upper_bound(first.begin(), first.end(), g) - first.begin() - 1);
+      row_fn(tensors[i], g - first[i]);
     }
   });
 }
@@ -91,36 +139,21 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList rows, at::TensorList slots, double lr, double beta1, double beta2, double eps,
                       double weight_decay, bool maximize) {
   TORCH_CHECK(max_exp_avg_sqs.empty(), "ct_fast: amsgrad runs on the torch backend");
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    check_rows(p, grads[i], rows[i], slots[i], steps[i]);
-    if (rows[i].numel() == 0) continue;
-    TORCH_CHECK(exp_avgs[i].is_contiguous() && exp_avg_sqs[i].is_contiguous(), "ct_fast: states must be contiguous");
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "masked_adamw_cpu", [&] {
-      adamw_rows<scalar_t>(p.data_ptr<scalar_t>(), p.stride(0), p.stride(1), grads[i].data_ptr<float>(),
-                           exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(), steps[i].data_ptr<float>(),
-                           rows[i].data_ptr<int64_t>(), slots[i].data_ptr<int64_t>(), rows[i].numel(), p.size(1),
-                           static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
-                           static_cast<float>(eps), static_cast<float>(weight_decay), maximize);
-    });
-  }
+  const AdamWHyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
+                     static_cast<float>(eps), static_cast<float>(weight_decay), maximize};
+  for_all_rows(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, [&](const RowsTensor& t, int64_t r) {
+    dispatch_row(t, [&](auto* tag) { adamw_row<std::remove_pointer_t<decltype(tag)>>(t, r, h); });
+  });
 }
 
 void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                     at::TensorList steps, at::TensorList rows, at::TensorList slots, double lr, double momentum,
                     double dampening, double weight_decay, bool nesterov, bool maximize) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    check_rows(p, grads[i], rows[i], slots[i], steps[i]);
-    if (rows[i].numel() == 0) continue;
-    float* buf = momentum_buffers.empty() ? nullptr : momentum_buffers[i].data_ptr<float>();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "masked_sgd_cpu", [&] {
-      sgd_rows<scalar_t>(p.data_ptr<scalar_t>(), p.stride(0), p.stride(1), grads[i].data_ptr<float>(), buf,
-                         steps[i].data_ptr<float>(), rows[i].data_ptr<int64_t>(), slots[i].data_ptr<int64_t>(),
-                         rows[i].numel(), p.size(1), static_cast<float>(lr), static_cast<float>(momentum),
-                         static_cast<float>(dampening), static_cast<float>(weight_decay), nesterov, maximize);
-    });
-  }
+  const SGDHyper h{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(dampening),
+                   static_cast<float>(weight_decay), nesterov, maximize};
+  for_all_rows(params, grads, momentum_buffers, {}, steps, rows, slots, [&](const RowsTensor& t, int64_t r) {
+    dispatch_row(t, [&](auto* tag) { sgd_row<std::remove_pointer_t<decltype(tag)>>(t, r, h); });
+  });
 }
 
 // S[u, n] = sum_c (delta[c, u] @ W[u]) . G[n, c]: the per-node residual vector a = delta[c, u] @ W[u] lives in a
