@@ -66,12 +66,16 @@ def norm_vjp_(norm: nn.Module, x: torch.Tensor, cot: torch.Tensor) -> torch.Tens
     else:
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         x_hat = xf * rstd
-    if norm.weight is not None:
-        cot.mul_(norm.weight.float())
-    proj = (cot * x_hat).mean(-1, keepdim=True)
-    if kind == "layernorm":
-        cot.sub_(cot.mean(-1, keepdim=True))
-    return cot.sub_(x_hat * proj).mul_(rstd)
+    gamma = norm.weight.detach().float() if norm.weight is not None else torch.ones_like(xf[0])
+    d = xf.shape[-1]
+    # reductions without [n, c, d] temporaries: mean(g * x_hat) and mean(g) for g = cot * gamma
+    proj = torch.einsum("ncd,cd->nc", cot, x_hat * gamma).div_(d).unsqueeze(-1)
+    shift = torch.einsum("ncd,d->nc", cot, gamma).div_(d).unsqueeze(-1) if kind == "layernorm" else None
+    cot.mul_(gamma * rstd)  # rstd * g
+    cot.addcmul_(x_hat * rstd, proj, value=-1.0)  # - rstd * x_hat * mean(g * x_hat)
+    if shift is not None:
+        cot.sub_(shift * rstd)  # - rstd * mean(g)
+    return cot
 
 
 # ---- masked optimizer updates (rows of one parameter; the caller gathers and scatters them) --------
