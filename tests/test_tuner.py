@@ -160,3 +160,18 @@ def test_token_budget_differs_between_steps(batch):
     finally:
         ct_fast.AttributionRun._budget = orig
     assert len({str(s) for s in seen}) == 3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_bf16_step_touches_only_the_circuit(arch, batch):
+    model = tiny_model(arch, dtype=torch.bfloat16)
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=20)
+    before = _snapshot(model)
+    r = tuner.step(batch)
+    masks = r.circuit.param_masks(model)
+    changed = 0
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p.detach()[~masks[n]], before[n][~masks[n]]), n
+        changed += int((p.detach() != before[n]).sum())
+    assert changed > 0 and torch.isfinite(torch.tensor(r.loss))
