@@ -26,22 +26,28 @@ __device__ __forceinline__ int find_desc(const RowsDesc* descs, int n, int64_t g
   return lo;
 }
 
+// Thread 0 increments the row's step count; every thread of the block gets the new count.
+__device__ __forceinline__ float bump_step(const RowsDesc& t, int64_t slot) {
+  __shared__ float s_step;
+  __syncthreads();  // the previous row's readers of s_step are done
+  if (threadIdx.x == 0) {
+    s_step = t.step[slot] + 1.0f;
+    t.step[slot] = s_step;
+  }
+  __syncthreads();
+  return s_step;
+}
+
 // One block per selected row (grid-stride over all rows of all tensors): the step count and bias corrections
 // of the row, then its M elements. Reads and writes only the selected rows of param/grad/state.
 template <typename T>
 __global__ void masked_adamw_kernel(const RowsDesc* __restrict__ descs, int n_desc, int64_t total_rows, AdamWHyper h) {
-  __shared__ float s_step_size, s_bc2_sqrt;
   for (int64_t g = blockIdx.x; g < total_rows; g += gridDim.x) {
     const RowsDesc& t = descs[find_desc(descs, n_desc, g)];
     const int64_t r = g - t.first, slot = t.slots[r];
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      const float st = t.step[slot] + 1.0f;
-      t.step[slot] = st;
-      s_step_size = static_cast<float>(h.lr / (1.0 - pow(static_cast<double>(h.beta1), static_cast<double>(st))));
-      s_bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), static_cast<double>(st))));
-    }
-    __syncthreads();
+    const double st = bump_step(t, slot);
+    const float step_size = static_cast<float>(h.lr / (1.0 - pow(static_cast<double>(h.beta1), st)));
+    const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), st)));
     T* prow = static_cast<T*>(t.param) + t.rows[r] * t.stride_row;
     const float* grow = t.grad + r * t.M;
     float* mrow = t.state0 + slot * t.M;
@@ -54,24 +60,17 @@ __global__ void masked_adamw_kernel(const RowsDesc* __restrict__ descs, int n_de
       mrow[j] = mj;
       vrow[j] = vj;
       const float pj = to_f(prow[j * t.stride_col]) * decay;
-      prow[j * t.stride_col] = from_f<T>(pj + (-s_step_size * mj) / (sqrtf(vj) / s_bc2_sqrt + h.eps));
+      prow[j * t.stride_col] = from_f<T>(pj + (-step_size * mj) / (sqrtf(vj) / bc2_sqrt + h.eps));
     }
   }
 }
 
 template <typename T>
 __global__ void masked_sgd_kernel(const RowsDesc* __restrict__ descs, int n_desc, int64_t total_rows, SGDHyper h) {
-  __shared__ float s_first;
   for (int64_t g = blockIdx.x; g < total_rows; g += gridDim.x) {
     const RowsDesc& t = descs[find_desc(descs, n_desc, g)];
     const int64_t r = g - t.first, slot = t.slots[r];
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      const float st = t.step[slot] + 1.0f;
-      t.step[slot] = st;
-      s_first = st == 1.0f ? 1.0f : 0.0f;
-    }
-    __syncthreads();
+    const bool first = bump_step(t, slot) == 1.0f;  // torch starts the buffer as the gradient
     T* prow = static_cast<T*>(t.param) + t.rows[r] * t.stride_row;
     const float* grow = t.grad + r * t.M;
     float* brow = t.state0 ? t.state0 + slot * t.M : nullptr;
@@ -80,7 +79,7 @@ __global__ void masked_sgd_kernel(const RowsDesc* __restrict__ descs, int n_desc
       float gj = h.maximize ? -grow[j] : grow[j];
       if (h.weight_decay != 0.0f) gj = gj + h.weight_decay * pj;
       if (brow) {
-        const float bj = s_first != 0.0f ? gj : brow[j] * h.momentum + (1.0f - h.dampening) * gj;
+        const float bj = first ? gj : brow[j] * h.momentum + (1.0f - h.dampening) * gj;
         brow[j] = bj;
         gj = h.nesterov ? gj + h.momentum * bj : bj;
       }
