@@ -166,9 +166,6 @@ class EdgeScores:
         from .circuit import select_circuit
         return select_circuit(self, n, method=method, threshold=threshold)
 
-    def __add__(self, other: "EdgeScores") -> "EdgeScores":
-        return EdgeScores(self.scores + other.scores, self.graph)
-
     def edge(self, upstream: str, downstream: str) -> float:
         return float(self.scores[self.graph.up_index[upstream], self.graph.down_index[downstream]])
 
@@ -191,9 +188,10 @@ class EdgeScorer:
                           for g in graph.upstream_groups]
         self.down_weight = [None if g.reader is None else g.reader.heads_weight(params[g.reader.weight].detach())
                             for g in graph.downstream_groups]
-        self.taps_of_layer: dict[int, set] = {}
-        for g in graph.downstream_groups:
-            self.taps_of_layer.setdefault(g.layer, set()).add(g.tap)
+        self.layer_of_tap = {g.tap: g.layer for g in graph.downstream_groups}  # a tap feeds one layer
+        self.taps_per_layer: dict[int, int] = {}
+        for tap, layer in self.layer_of_tap.items():
+            self.taps_per_layer[layer] = self.taps_per_layer.get(layer, 0) + 1
         self.pending: dict[int, dict] = {}
         # sum over scored rows of each downstream node's gradient [n_down, d]: corrects per-micro-batch means
         self.grad_sum = raw.new_zeros(raw.shape[1], graph.d_model)
@@ -203,11 +201,10 @@ class EdgeScorer:
     def on_grad(self, key, grad: torch.Tensor):
         """Tap callback: keep the scored rows of this gradient; score the layer once it is complete."""
         t0 = self._now()
-        for layer, taps in self.taps_of_layer.items():
-            if key in taps:
-                self.pending.setdefault(layer, {})[key] = self.rows.select(grad.detach())
-                if len(self.pending[layer]) == len(taps):
-                    self._score_layer(layer, self.pending.pop(layer))
+        layer = self.layer_of_tap[key]
+        self.pending.setdefault(layer, {})[key] = self.rows.select(grad.detach())
+        if len(self.pending[layer]) == self.taps_per_layer[layer]:
+            self._score_layer(layer, self.pending.pop(layer))
         self.seconds += self._now() - t0
 
     def flush(self):

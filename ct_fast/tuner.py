@@ -150,16 +150,18 @@ class CircuitTuner:
                 self.circuit = scores.top_n(top_n, method=self.selection, threshold=self.threshold)
                 clock.stop("selection")
                 clock.start()
+                selection = self._param_selection()
                 if process:
-                    masked.finish(self._param_selection())
+                    masked.finish(selection)
                 clock.stop("backward")
                 if not process:  # the training pass of an outcome metric: loss gradient on the same batch
-                    loss, _ = self._train_pass(masked, batches, w_loss, w_metric, clock)
+                    loss, _ = self._train_pass(masked, selection, batches, w_loss, w_metric, clock)
             else:
-                loss, metric = self._train_pass(masked, batches, w_loss, w_metric, clock)
+                selection = self._param_selection()
+                loss, metric = self._train_pass(masked, selection, batches, w_loss, w_metric, clock)
             grads = masked.take_grad_rows()
         clock.start()
-        self.optimizer.set_circuit(self._param_selection())
+        self.optimizer.set_circuit(selection)
         self.optimizer.set_grad_rows(grads)
         self.optimizer.step()
         clock.stop("optimizer")
@@ -175,10 +177,10 @@ class CircuitTuner:
         return {p: s for p, s in selections_by_param(self.model, self.circuit.param_selections(self.graph)).items()
                 if id(p) in trained}
 
-    def _train_pass(self, masked, batches, w_loss, w_metric, clock) -> tuple[float, float]:
+    def _train_pass(self, masked, selection, batches, w_loss, w_metric, clock) -> tuple[float, float]:
         """Forward and loss backward with the circuit known: compact dW of circuit rows only.
         Returns the (weighted) loss and metric of the batches."""
-        masked.selection, masked.active = self._param_selection(), True
+        masked.selection, masked.active = selection, True
         loss = metric = 0.0
         for b, wl, wm in zip(batches, w_loss, w_metric):
             clock.start()
