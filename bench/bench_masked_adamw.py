@@ -7,8 +7,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import harness  # noqa: E402
+from ct_fast.app import harness  # noqa: E402
 
 from ct_fast import CircuitAdamW, ParamSelection  # noqa: E402
 

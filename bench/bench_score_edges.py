@@ -9,8 +9,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import harness  # noqa: E402
+from ct_fast.app import harness  # noqa: E402
 
 import ct_fast  # noqa: E402
 from ct_fast.testing import brute_force_scores  # noqa: E402

@@ -15,7 +15,7 @@ BEGIN, END = "<!-- bench:step -->", "<!-- /bench:step -->"
 
 
 def rendered() -> str:
-    from bench_step import table
+    from ct_fast.app.step_bench import table
 
     parts = []
     for path in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "step_*.json"))):

@@ -194,6 +194,12 @@ class Circuit:
             return cls.from_json(f.read(), graph)
 
 
+def selections_by_param(model: nn.Module, selections: dict[str, ParamSelection]) -> dict:
+    """``{name: ParamSelection}`` -> ``{parameter: ParamSelection}``."""
+    params = dict(model.named_parameters())
+    return {params[n]: s for n, s in selections.items()}
+
+
 def select_circuit(edge_scores, n: int, method: str = "edges", threshold: float = 0.0) -> Circuit:
     """The top ``n`` edges by score (``method="nodes"``: by ``|S| * rowsum|S| * colsum|S|``), keeping only
     those with score ``> threshold``. Ranking happens on the scores' device, without Python edge loops."""

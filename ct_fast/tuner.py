@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .attribution import AttributionRun, evaluate_metric, model_inputs
-from .autograd import MaskedLinears, selections_by_param
-from .circuit import Circuit, TopNSchedule
+from .circuit import Circuit, TopNSchedule, selections_by_param
+from .masked_linear import MaskedLinears
 from .errors import CTFastError, NonFiniteError
 from .graph import ComputationGraph
 from .optim import _CircuitOptimizer

@@ -5,7 +5,7 @@ import json
 import pathlib
 import sys
 
-from ct_fast.cli import main
+from ct_fast.app.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from ct_fast.cli import main
-from ct_fast.tasks import AgreementWorld, word_tokenizer
+from ct_fast.app.cli import main
+from ct_fast.app.tasks import AgreementWorld, word_tokenizer
 from ct_fast.testing import tiny_model
 
 

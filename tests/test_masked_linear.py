@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ct_fast import ComputationGraph, ParamSelection, ops
-from ct_fast.autograd import MaskedLinears, selections_by_param
+from ct_fast.masked_linear import MaskedLinears
+from ct_fast.circuit import selections_by_param
 from ct_fast.testing import assert_close, random_batch, tiny_model
 
 SHAPES = [(1, 1, 1), (5, 3, 7), (33, 17, 9), (64, 48, 40)]

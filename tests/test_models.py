@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ct_fast import CTFastError, UnsupportedArchitectureError, attribute, load_model
-from ct_fast.cli import main
+from ct_fast.app.cli import main
 from ct_fast.testing import random_batch, tiny_model
 
 

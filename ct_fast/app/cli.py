@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 
-from .errors import CTFastError
+from ..errors import CTFastError
+from . import harness
 
 
 def _profile_model(args):
@@ -38,26 +38,9 @@ def _profile_model(args):
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def _env() -> dict:
-    """Machine, versions and commit a result belongs to."""
-    import subprocess
-
-    import transformers
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=__file__.rsplit("/", 2)[0], timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"gpu": gpu, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "cuda": torch.version.cuda, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "commit": commit}
-
-
 def cmd_profile(args) -> dict:
     """Median per-phase time of circuit-tuning steps (random weights and tokens, no download)."""
-    from . import CircuitAdamW, CircuitTuner
+    from .. import CircuitAdamW, CircuitTuner
 
     torch.set_num_threads(args.threads) if args.threads else None
     model = _profile_model(args)
@@ -77,7 +60,7 @@ def cmd_profile(args) -> dict:
         "mlp_head_dim": args.mlp_head_dim,
         "n_edges": tuner.graph.n_edges, "tuned_param_fraction": result.circuit.fraction,
         "median_s": median, "steps": args.steps,
-        "env": _env(),
+        "env": harness.env(),
     }
     print(f"{args.arch}: {args.layers} layers, d_model {args.d_model}, batch {args.batch} x {args.seq} tokens, "
           f"top_n {args.top_n} of {tuner.graph.n_edges} edges ({100 * result.circuit.fraction:.2f}% of params)")
@@ -142,7 +125,7 @@ TUNE_KEYS = ("method", "steps", "batch_size", "lr", "optimizer", "weight_decay",
 
 def cmd_tune(args) -> dict:
     from .data import load_dataset
-    from .models import load_model
+    from ..models import load_model
     from .plots import plot_run_dir
     from .run import Method, RunDir, TrainConfig, train
 
@@ -185,9 +168,9 @@ def cmd_tune(args) -> dict:
 
 
 def cmd_discover(args) -> dict:
-    from .attribution import AttributionRun
+    from ..attribution import AttributionRun
     from .data import collate, load_dataset
-    from .models import load_model
+    from ..models import load_model
     from .plots import plot_circuit
     from .run import RunDir
 
@@ -220,17 +203,10 @@ def cmd_discover(args) -> dict:
 
 
 def cmd_bench(argv: list) -> list:
-    """``ct-fast bench ...``: bench/bench_step.py of the source tree (it holds the reference implementation)."""
-    import importlib.util
+    """``ct-fast bench ...``: the step benchmark (``ct_fast.app.step_bench``)."""
+    from .step_bench import main as bench_main
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_step.py")
-    if not os.path.exists(path):
-        raise CTFastError("ct-fast bench runs from a source checkout (bench/ holds the reference implementation): "
-                          "clone the repository and `pip install -e .` there")
-    spec = importlib.util.spec_from_file_location("ct_fast_bench_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return bench_main(argv)
 
 
 def cmd_plot(args) -> list:
@@ -328,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:  # its own argument parser (bench/bench_step.py)
+    if argv[:1] == ["bench"]:  # its own argument parser (ct_fast/app/step_bench.py)
         try:
             cmd_bench(argv[1:])
         except CTFastError as e:

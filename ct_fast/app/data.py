@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CTFastError
+from ..errors import CTFastError
 
 FORMATS = {"text": ("text",), "completion": ("prompt", "completion"),
            "contrastive": ("prompt", "answer", "wrong_answer")}

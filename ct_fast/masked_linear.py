@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .circuit import ParamSelection
 from .graph import ComputationGraph
 
 
@@ -133,8 +132,3 @@ class MaskedLinears:
         out, self.grad_rows = self.grad_rows, {}
         return out
 
-
-def selections_by_param(model: nn.Module, selections: dict[str, ParamSelection]) -> dict:
-    """``{name: ParamSelection}`` -> ``{parameter: ParamSelection}``."""
-    params = dict(model.named_parameters())
-    return {params[n]: s for n, s in selections.items()}

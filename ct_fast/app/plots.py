@@ -205,7 +205,7 @@ def _circuit_snapshots(run_dir: str, tag: str) -> list[str]:
 def plot_run_dir(run_dir: str) -> list[str]:
     """Regenerate every picture of a run directory (a tune/discover run, or the demo's root)."""
     if not os.path.isdir(run_dir):
-        from .errors import CTFastError
+        from ..errors import CTFastError
         raise CTFastError(f"run directory {run_dir!r} does not exist")
     out = []
     summary_path = os.path.join(run_dir, "summary.json")

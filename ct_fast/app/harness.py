@@ -1,8 +1,8 @@
 """One benchmark harness: device-synchronised timing (median of many), peak memory, bandwidth/FLOP rates,
 and results tied to the machine, versions and commit in ``bench/results/*.json``.
 
-Run a benchmark file directly (``python bench/bench_masked_adamw.py [--device cuda] [--out FILE]``) or
-through pytest-benchmark (``pytest bench/``).
+Used by the scripts in ``bench/`` (``python bench/bench_masked_adamw.py [--device cuda] [--out FILE]``) and by
+``ct-fast bench``.
 """
 
 from __future__ import annotations
@@ -17,19 +17,32 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# results go to bench/results of the source checkout (ct_fast/app/harness.py -> repository root), else ./bench-results
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS = os.path.join(_ROOT, "bench", "results") if os.path.isdir(os.path.join(_ROOT, "bench")) else "bench-results"
 
 
 def env() -> dict:
-    from ct_fast.cli import _env
+    """Machine, versions and commit a result belongs to."""
+    import platform
+    import subprocess
 
-    out = _env()
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=_ROOT, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
     try:
         import triton
-        out["triton"] = triton.__version__
+        triton_version = triton.__version__
     except ImportError:
-        out["triton"] = None
-    return out
+        triton_version = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"gpu": gpu, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cuda": torch.version.cuda, "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": triton_version, "python": platform.python_version(), "commit": commit}
 
 
 def sync(device):

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attribution import evaluate_metric, model_inputs
-from .circuit import Circuit, TopNSchedule
+from ..attribution import evaluate_metric, model_inputs
+from ..circuit import Circuit, TopNSchedule
 from .data import Example, batch_indices, collate
-from .errors import CTFastError
-from .optim import CircuitAdamW, CircuitSGD
-from .tuner import CircuitTuner
+from ..errors import CTFastError
+from ..optim import CircuitAdamW, CircuitSGD
+from ..tuner import CircuitTuner
 
 METHODS = ("circuit", "full", "lora")
 LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],

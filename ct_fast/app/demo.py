@@ -1,7 +1,7 @@
 """``ct-fast demo``: the paper's first experiment at small scale, offline, on a CPU in minutes.
 
 1. A small GPT-2-style model is trained (deterministically; cached in ``RUN/base``) on a procedural
-   English-like corpus in which present-tense verbs agree with their subjects (``ct_fast.tasks``).
+   English-like corpus in which present-tense verbs agree with their subjects (``ct_fast.app.tasks``).
 2. It is then tuned toward subject-verb *disagreement* by circuit-tuning, and — with the same data, steps,
    batch size and learning rate — by full fine-tuning and by LoRA (when ``peft`` is installed).
 3. For each method: disagreement accuracy and logit difference on held-out prefixes, language-modelling
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .data import Example, collate
-from .errors import CTFastError
+from ..errors import CTFastError
 from .run import Method, RunDir, TrainConfig, train
 from .tasks import AgreementWorld, word_tokenizer
 

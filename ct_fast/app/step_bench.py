@@ -1,0 +1,235 @@
+"""End-to-end training steps: circuit-tuning (faithful and amortised) against full fine-tuning, LoRA and the
+public reference code's way of doing a circuit-tuning step — same model, data and device.
+
+    ct-fast bench [--models gpt2-small] [--methods full,lora,reference,circuit_refresh1,circuit_refresh10]
+                  [--device cpu|cuda] [--dtype fp32|bf16] [--batch 8 --seq 64] [--steps 3]
+
+Reports median and mean step time, tokens/s, peak memory and, for circuit methods, the per-phase split and
+the attribution share of a step; writes ``bench/results/step_<device>.json`` and prints a table.
+Models are built from configs with random weights (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from . import harness
+
+METHODS = ("full", "lora", "reference", "circuit_refresh1", "circuit_refresh10")
+LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
+                "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def config(name: str):
+    import transformers as tf
+
+    if name == "tiny":
+        return tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64)
+    if name == "gpt2-small":
+        return tf.GPT2Config()
+    if name == "llama-1B":  # Llama-3.2-1B shape
+        return tf.LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                              head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                              max_position_embeddings=8192)
+    if name == "llama-8B":  # Llama-3-8B shape
+        return tf.LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                              intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192)
+    raise ValueError(f"unknown model {name!r}: tiny, gpt2-small, llama-1B, llama-8B")
+
+
+def build(name: str, device, dtype, seed: int = 0):
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = config(name)
+    for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(cfg, k):
+            setattr(cfg, k, 0.0)
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.train()
+
+
+def make_batches(vocab: int, batch: int, seq: int, n: int, device):
+    g = torch.Generator().manual_seed(123)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out
+
+
+def choose_top_n(model, batch, target: float) -> int:
+    """The smallest top-N whose circuit holds at least ``target`` of the parameters (binary search)."""
+    import ct_fast
+
+    scores = ct_fast.attribute(model, batch)
+    lo, hi = 1, scores.graph.n_edges
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if scores.top_n(mid).fraction >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+class _Method:
+    """A step function for one method on its own copy of the model."""
+
+    def __init__(self, method: str, model, top_n: int, arch: str, lr: float = 1e-5):
+        import ct_fast
+
+        self.method, self.model, self.tuner, self.last = method, model, None, None
+        cuda = next(model.parameters()).is_cuda
+        if method == "full":
+            self.opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=cuda, foreach=not cuda)
+        elif method == "lora":
+            import peft
+
+            self.model = peft.get_peft_model(model, peft.LoraConfig(
+                r=32, lora_alpha=64, lora_dropout=0.0, target_modules=LORA_TARGETS["gpt2" if arch == "gpt2" else "llama"],
+                fan_in_fan_out=arch == "gpt2"))
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.opt = torch.optim.AdamW(params, lr=lr, fused=cuda, foreach=not cuda)
+        elif method == "reference":
+            from .reference_step import ReferenceCircuitTuning
+
+            self.ref = ReferenceCircuitTuning(model, top_n, lr=lr, fused=cuda)
+        else:
+            refresh = 1 if method == "circuit_refresh1" else 10
+            self.tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=lr), top_n=top_n,
+                                              refresh_every=refresh)
+
+    def step(self, batch):
+        if self.tuner is not None:
+            self.last = self.tuner.step(batch)
+        elif self.method == "reference":
+            self.ref.step(batch)
+        else:
+            self.model(**batch).loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+
+
+def _persistent_bytes(model, method: "_Method") -> int:
+    """Parameters, gradients and optimizer state held between steps (the CPU memory baseline)."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+
+    for p in method.model.parameters():
+        add(p)
+        add(p.grad)
+    opt = method.tuner.optimizer if method.tuner is not None else getattr(method, "opt", None) or method.ref.optimizer
+    for state in opt.state.values():
+        for v in state.values():
+            add(v)
+    return total
+
+
+def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, batch=8, seq=64, steps=3, warmup=1,
+        target_fraction=0.05, progress=print) -> list[dict]:
+    base = build(model_name, device, dtype)
+    arch = "gpt2" if model_name in ("tiny", "gpt2-small") else "llama"
+    data = make_batches(base.config.vocab_size, batch, seq, warmup + steps + 1, device)
+    top_n = choose_top_n(base, data[0], target_fraction)
+    records = []
+    for method in methods:
+        model = copy.deepcopy(base) if device == "cpu" else build(model_name, device, dtype)
+        try:
+            m = _Method(method, model, top_n, arch)
+        except ImportError as e:
+            progress(f"{method}: skipped ({e})")
+            continue
+        for b in data[:warmup]:
+            m.step(b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times, splits = [], []
+        for b in data[warmup:warmup + steps]:
+            t0 = time.perf_counter()
+            m.step(b)
+            harness.sync(device)
+            times.append(time.perf_counter() - t0)
+            if m.last is not None:
+                splits.append(m.last.timings)
+        if device != "cpu":
+            peak = torch.cuda.max_memory_allocated()
+        else:  # one more, untimed step under the live-tensor tracker
+            transient = harness.peak_bytes(lambda: m.step(data[-1]), device)
+            peak = _persistent_bytes(model, m) + transient
+        rec = {"bench": "step", "model": model_name, "method": method, "dtype": str(dtype).replace("torch.", ""),
+               "batch": batch, "seq": seq, "steps": steps, "median_ms": 1e3 * statistics.median(times),
+               "mean_ms": 1e3 * statistics.mean(times), "tokens_per_s": batch * seq / statistics.mean(times),
+               "peak_mem_gib": peak / 2**30}
+        if splits:
+            split = {k: 1e3 * statistics.mean(s[k] for s in splits) for k in splits[0]}
+            rec.update(split_ms=split, attribution_fraction=split["attribution"] / split["total"], top_n=top_n,
+                       tuned_param_fraction=m.last.circuit.fraction)
+        if method == "reference":
+            rec["top_n"] = top_n
+        records.append(rec)
+        progress(f"{model_name} {method:>18}: {rec['mean_ms']:9.1f} ms/step, {rec['tokens_per_s']:8.0f} tok/s, "
+                 f"{rec['peak_mem_gib']:.2f} GiB")
+        del m, model
+        gc.collect()
+        if device != "cpu":
+            torch.cuda.empty_cache()
+    return records
+
+
+def table(records: list[dict]) -> str:
+    """Markdown table of step results, with ratios to ``full`` per model."""
+    rows = ["| model | method | device | ms/step (mean) | vs full | tokens/s | peak GiB | attribution share |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    full = {(r["model"], r.get("device")): r["mean_ms"] for r in records if r["method"] == "full"}
+    for r in records:
+        ref = full.get((r["model"], r.get("device")))
+        ratio = f"{r['mean_ms'] / ref:.2f}x" if ref else "—"
+        share = f"{100 * r['attribution_fraction']:.0f}%" if "attribution_fraction" in r else "—"
+        rows.append(f"| {r['model']} | {r['method']} | {r.get('device', '')} | {r['mean_ms']:.0f} | {ratio} | "
+                    f"{r['tokens_per_s']:.0f} | {r['peak_mem_gib']:.2f} | {share} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="ct-fast bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="gpt2-small")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--fraction", type=float, default=0.05, help="target share of parameters in the circuit")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/step_<device>.json)")
+    a = ap.parse_args(argv)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    methods = [m for m in a.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    records = []
+    for name in a.models.split(","):
+        for r in run(name, methods, a.device, dtype, a.batch, a.seq, a.steps, a.warmup, a.fraction):
+            r["device"] = a.device
+            records.append(r)
+    print(table(records))
+    print(harness.write(f"step_{a.device}", records, a.out))
+    return records
