@@ -15,7 +15,7 @@ Example::
 
 from __future__ import annotations
 
-import time
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +26,7 @@ from . import ops
 from .capture import Capture
 from .errors import CTFastError, NonFiniteError
 from .graph import ComputationGraph
+from .profiling import PhaseTimer
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
 ABLATIONS = ("mean", "zero", "corrupted")
@@ -100,14 +101,16 @@ class TokenRows:
     def __init__(self, positions: torch.Tensor, pool: bool):
         self.pool = pool
         self.flat = positions.reshape(-1).nonzero().squeeze(1)  # [n_P] flat token indices
+        self.every = self.flat.numel() == positions.numel()  # every token is scored: rows are views, not copies
         counts = positions.sum(1)
         self.example = self.flat // positions.shape[1]  # [n_P] example of each row
         self.weight = (1.0 / counts.float())[self.example]  # [n_P] pooling weights
         self.batch_size = positions.shape[0]
 
     def select(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, T, w]`` -> ``[n_P, w]`` (the tokens at the positions)."""
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.flat.to(x.device))
+        """``[B, T, w]`` -> ``[n_P, w]`` (the tokens at the positions; a view when every token is scored)."""
+        rows = x.reshape(-1, x.shape[-1])
+        return rows if self.every else rows.index_select(0, self.flat.to(x.device))
 
     def pool_rows(self, rows: torch.Tensor, start: int = 0) -> torch.Tensor:
         """``[..., c, w]`` rows ``start..start+c`` of the selection -> per-example means ``[..., B, w]``."""
@@ -170,118 +173,190 @@ class EdgeScores:
         return float(self.scores[self.graph.up_index[upstream], self.graph.down_index[downstream]])
 
 
+@dataclass
+class LayerPlan:
+    """How one downstream layer is scored, fixed per graph (host data only, built once).
+
+    The layer's downstream nodes occupy graph columns ``col0 .. col0 + n_nodes`` (the rows of the stacked
+    gradient block ``G [n_nodes, c, d]``). ``blocks``: ``(offset, n, groups)`` node ranges of G, each
+    filled by one or more taps (a split MLP head reads through gate and up: their gradients are summed
+    before the norm backward). ``norms``: ``(norm, a, b)`` G rows that one norm's backward maps to the
+    residual. ``ups``: ``(k, a)`` — upstream group k is read by G rows ``a:`` (a suffix: nodes are in
+    residual order, so a writer is seen by a tail of the layer's readers).
+    """
+
+    layer: int
+    col0: int
+    n_nodes: int
+    blocks: list
+    norms: list
+    ups: list
+    taps: int
+
+
+def layer_plans(graph: ComputationGraph) -> dict[int, LayerPlan]:
+    """``{layer: LayerPlan}`` of every downstream layer (cached on the graph)."""
+    cached = getattr(graph, "_layer_plans", None)
+    if cached is not None:
+        return cached
+    plans = {}
+    for layer in sorted({g.layer for g in graph.downstream_groups}):
+        groups = [g for g in graph.downstream_groups if g.layer == layer]
+        col0 = min(g.first for g in groups)
+        by_first: dict[int, list] = {}
+        for g in groups:
+            by_first.setdefault(g.first, []).append(g)
+        blocks = [(first - col0, len(gs[0].names), gs) for first, gs in sorted(by_first.items())]
+        n_nodes = sum(n for _, n, _ in blocks)
+        if sorted(by_first) != [col0 + off for off, _, _ in blocks] or any(
+                off != sum(n for _, n, _ in blocks[:i]) for i, (off, _, _) in enumerate(blocks)):
+            raise AssertionError(f"downstream nodes of layer {layer} are not contiguous columns")
+        norms: list = []
+        for off, n, gs in blocks:
+            if norms and norms[-1][0] == gs[0].norm:
+                norms[-1][2] = off + n
+            else:
+                norms.append([gs[0].norm, off, off + n])
+        read = [gs[0].read_pos for _, n, gs in blocks for _ in range(n)]
+        ups = []
+        for k, ug in enumerate(graph.upstream_groups):
+            seen = [r > ug.write_pos for r in read]
+            if any(seen):
+                a = seen.index(True)
+                if not all(seen[a:]):
+                    raise AssertionError("a writer must be seen by a suffix of a layer's readers")
+                ups.append((k, a))
+        plans[layer] = LayerPlan(layer, col0, n_nodes, blocks, [tuple(x) for x in norms], ups, len(groups))
+    graph._layer_plans = plans
+    return plans
+
+
 class EdgeScorer:
     """Accumulates signed edge sums ``sum (a_u - a~_u) . g_d`` from the backward taps, layer by layer.
 
-    ``deltas[k]`` are the scored rows of upstream group k's compact tensor minus its ablation;
-    ``resid`` the rows of the residual each norm reads. Gradients of one layer are buffered until all
-    its taps have fired, scored against every earlier upstream group in token chunks, and dropped.
+    ``sources[k]`` are the scored rows of upstream group k's compact tensor (a view of what the forward
+    produced whenever every token is scored) and ``shifts[k]`` its ablation (mean ablation: the ``[w]``
+    mean, subtracted chunk by chunk, so no centred copy exists); ``resid`` the rows of the residual each
+    norm reads. Gradients of one layer are buffered until all its taps have fired, scored against every
+    earlier upstream group in token chunks, and dropped; a source, a residual and a cast weight are
+    dropped as soon as the last layer that reads them is scored. The per-layer work (``layer_plans``) is
+    fixed per graph: the scoring loop issues kernels only, no host synchronisation.
+    ``score_dtype``: fp32 (exact) or bf16/fp16 (tensor-core operands, fp32 accumulation).
     """
 
-    def __init__(self, model: nn.Module, graph: ComputationGraph, rows: TokenRows,
-                 deltas: dict, resid: dict, raw: torch.Tensor):
-        self.graph, self.rows, self.deltas, self.resid, self.raw = graph, rows, deltas, resid, raw
-        params = dict(model.named_parameters())
+    def __init__(self, model: nn.Module, graph: ComputationGraph, rows: TokenRows, sources: list, shifts: list,
+                 resid: dict, raw: torch.Tensor, factor: float = 1.0, score_dtype: torch.dtype = torch.float32,
+                 timer: PhaseTimer | None = None):
+        self.graph, self.rows, self.sources, self.shifts, self.resid, self.raw = graph, rows, sources, shifts, resid, raw
+        self.factor, self.score_dtype, self.timer = factor, score_dtype, timer
+        self.plans = layer_plans(graph)
+        self.params = dict(model.named_parameters())
         modules = dict(model.named_modules())
         self.norms = {g.norm: modules[g.norm] for g in graph.downstream_groups if g.norm}
-        self.up_weight = [None if g.writer is None else g.writer.heads_weight(params[g.writer.weight].detach())
-                          for g in graph.upstream_groups]
-        self.down_weight = [None if g.reader is None else g.reader.heads_weight(params[g.reader.weight].detach())
-                            for g in graph.downstream_groups]
+        self.up_weight: dict[int, torch.Tensor | None] = {}  # cast once per step, dropped after the last reader
         self.layer_of_tap = {g.tap: g.layer for g in graph.downstream_groups}  # a tap feeds one layer
-        self.taps_per_layer: dict[int, int] = {}
-        for tap, layer in self.layer_of_tap.items():
-            self.taps_per_layer[layer] = self.taps_per_layer.get(layer, 0) + 1
+        self.readers_left = [0] * len(graph.upstream_groups)
+        for plan in self.plans.values():
+            for k, _ in plan.ups:
+                self.readers_left[k] += 1
         self.pending: dict[int, dict] = {}
         # sum over scored rows of each downstream node's gradient [n_down, d]: corrects per-micro-batch means
         self.grad_sum = raw.new_zeros(raw.shape[1], graph.d_model)
-        self.seconds = 0.0  # time spent scoring (inside the backward)
-        self.device = raw.device
 
     def on_grad(self, key, grad: torch.Tensor):
         """Tap callback: keep the scored rows of this gradient; score the layer once it is complete."""
-        t0 = self._now()
-        layer = self.layer_of_tap[key]
-        self.pending.setdefault(layer, {})[key] = self.rows.select(grad.detach())
-        if len(self.pending[layer]) == self.taps_per_layer[layer]:
-            self._score_layer(layer, self.pending.pop(layer))
-        self.seconds += self._now() - t0
+        with self._span():
+            layer = self.layer_of_tap[key]
+            self.pending.setdefault(layer, {})[key] = self.rows.select(grad.detach())
+            if len(self.pending[layer]) == self.plans[layer].taps:
+                self._score_layer(self.plans[layer], self.pending.pop(layer))
 
     def flush(self):
         """Score layers whose taps did not all fire (their missing gradients are zero)."""
-        t0 = self._now()
-        for layer in list(self.pending):
-            self._score_layer(layer, self.pending.pop(layer))
-        self.seconds += self._now() - t0
+        with self._span():
+            for layer in sorted(self.pending, reverse=True):
+                self._score_layer(self.plans[layer], self.pending.pop(layer))
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+    def _span(self):
+        return self.timer.span("attribution") if self.timer is not None else contextlib.nullcontext()
 
-    def _score_layer(self, layer: int, grads: dict):
-        """Score the downstream groups of ``layer`` whose taps are in ``grads`` against all earlier writers.
+    def _weight(self, projection, dtype) -> torch.Tensor | None:
+        if projection is None:
+            return None
+        return projection.heads_weight(self.params[projection.weight].detach()).to(dtype)
 
-        Per token chunk, the residual gradients of all the layer's nodes are stacked once (``[n, c, d]``);
-        each upstream group's contributions are then produced once and dotted with every node it feeds.
-        """
-        groups = [g for g in self.graph.downstream_groups if g.layer == layer and g.tap in grads]
+    def _score_layer(self, plan: LayerPlan, grads: dict):
+        """Score ``plan``'s layer against all earlier writers, in token chunks, then drop what is done.
+
+        Per chunk the residual gradients of all the layer's nodes are stacked once (``[n, c, d]``); each
+        upstream group's contributions are then produced once and dotted with every node that reads it."""
+        sdt = self.score_dtype
+        for k, _ in plan.ups:
+            if k not in self.up_weight:
+                self.up_weight[k] = self._weight(self.graph.upstream_groups[k].writer, sdt)
+        down_weight = {g.index: self._weight(g.reader, torch.float32 if sdt == torch.float32 else sdt)
+                       for _, _, gs in plan.blocks for g in gs}
         n_rows = next(iter(grads.values())).shape[0]
-        n_nodes = sum(len(g.names) for g in groups)
         # bound both the stacked gradients [n_nodes, chunk, d] and an upstream group's contributions [n_u, chunk, d]
-        widest = max(n_nodes, max(len(g.names) for g in self.graph.upstream_groups))
+        widest = max(plan.n_nodes, max(len(g.names) for g in self.graph.upstream_groups))
         chunk = max(1, CHUNK_ELEMENTS // (widest * self.graph.d_model))
-        cols = torch.cat([torch.arange(g.first, g.first + len(g.names)) for g in groups]).to(self.raw.device)
-        read = torch.tensor([g.read_pos for g in groups for _ in g.names], device=self.raw.device)
+        cols = slice(plan.col0, plan.col0 + plan.n_nodes)
         pooled = []
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
-            G = self._residual_grads(groups, grads, start, stop, n_nodes)
+            G = self._residual_grads(plan, grads, down_weight, start, stop)
             if self.rows.pool:
                 pooled.append(self.rows.pool_rows(G, start))
             else:
-                self._accumulate(G, cols, read, lambda k: self.deltas[k][start:stop])
-                self.grad_sum.index_add_(0, cols, G.sum(1))
+                self._accumulate(plan, G, start, stop)
+                self.grad_sum[cols] += G.sum(1)
         if self.rows.pool:
             G = torch.stack(pooled).sum(0)
-            self._accumulate(G, cols, read, lambda k: self.deltas[k])
-            self.grad_sum.index_add_(0, cols, G.sum(1))
+            self._accumulate(plan, G, 0, G.shape[1])
+            self.grad_sum[cols] += G.sum(1)
+        for norm, _, _ in plan.norms:
+            self.resid.pop(norm, None)
+        for k, _ in plan.ups:
+            self.readers_left[k] -= 1
+            if self.readers_left[k] == 0:  # no later layer reads this writer: drop its rows and weight
+                self.sources[k] = self.up_weight[k] = None
 
-    def _residual_grads(self, groups, grads: dict, start: int, stop: int, n_nodes: int) -> torch.Tensor:
-        """``[n_nodes, c, d]`` fp32: d metric / d x_d of the groups' nodes for scored rows ``start..stop``.
+    def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int) -> torch.Tensor:
+        """``[n_nodes, c, d]`` fp32: d metric / d x_d of the layer's nodes for scored rows ``start..stop``.
 
-        Each group's normed-input gradients are written into one buffer, then each norm's backward runs
-        in place on its groups' (contiguous) slice."""
-        G = torch.empty(n_nodes, stop - start, self.graph.d_model, dtype=torch.float32, device=self.raw.device)
-        spans, at = {}, 0
-        for g in groups:
-            n = len(g.names)
-            rows = grads[g.tap][start:stop]
-            if g.reader is not None:
-                w = self.down_weight[g.index]
-                rows = rows[:, g.reader.offset:g.reader.offset + w.shape[0] * w.shape[1]]
-            ops.heads_to_residual(rows, self.down_weight[g.index], out=G[at:at + n])
-            a, b = spans.get(g.norm, (at, at))
-            if b != at:
-                raise AssertionError("groups reading one norm must be adjacent")  # graph order guarantees it
-            spans[g.norm] = (a, at + n)
-            at += n
-        for norm, (a, b) in spans.items():
+        Each block's normed-input gradients (summed over its taps) are written into one buffer, then each
+        norm's backward runs in place on its (contiguous) rows."""
+        G = torch.empty(plan.n_nodes, stop - start, self.graph.d_model, dtype=torch.float32, device=self.raw.device)
+        for off, n, groups in plan.blocks:
+            out, written = G[off:off + n], False
+            for g in groups:
+                rows = grads.get(g.tap)
+                if rows is None:
+                    continue
+                rows = rows[start:stop]
+                w = down_weight[g.index]
+                if w is not None:
+                    rows = rows[:, g.reader.offset:g.reader.offset + w.shape[0] * w.shape[1]]
+                ops.heads_to_residual(rows, w, out=out, accumulate=written, dtype=self.score_dtype)
+                written = True
+            if not written:
+                out.zero_()
+        for norm, a, b in plan.norms:
             if norm is not None:
                 ops.norm_vjp_(self.norms[norm], self.resid[norm][start:stop], G[a:b])
         return G
 
-    def _accumulate(self, G: torch.Tensor, cols: torch.Tensor, read: torch.Tensor, delta_of):
-        """``raw[u, cols] += sum_c dA_u[c] . G[:, c]`` for every upstream group written before a reader.
-
-        Several groups may share a column (a split MLP head reads through gate and up): index_add sums."""
-        for k, ug in enumerate(self.graph.upstream_groups):
-            sees = read > ug.write_pos
-            if not sees.any():
-                continue
-            block = ops.score_edges(delta_of(k), self.up_weight[k], G[sees] if not sees.all() else G)
-            rows = self.raw[ug.first:ug.first + len(ug.names)]
-            rows.index_add_(1, cols[sees], block)
+    def _accumulate(self, plan: LayerPlan, G: torch.Tensor, start: int, stop: int):
+        """``raw[u, cols] += factor * sum_c dA_u[c] . G[:, c]`` for every upstream group the layer reads."""
+        Gs = G if self.score_dtype == torch.float32 else G.to(self.score_dtype)
+        for k, a in plan.ups:
+            ug = self.graph.upstream_groups[k]
+            delta = self.sources[k][start:stop]
+            if self.shifts[k] is not None:
+                delta = delta.to(self.score_dtype) - self.shifts[k].to(self.score_dtype)
+            block = ops.score_edges(delta, self.up_weight[k], Gs[a:])
+            self.raw[ug.first:ug.first + len(ug.names), plan.col0 + a:plan.col0 + plan.n_nodes].add_(
+                block, alpha=self.factor)
 
 
 class AttributionRun:
@@ -296,7 +371,8 @@ class AttributionRun:
     """
 
     def __init__(self, model: nn.Module, graph: ComputationGraph, ablation: str = "mean",
-                 positions=None, pool: bool = False, token_budget: int | None = None, budget_seed: int = 0):
+                 positions=None, pool: bool = False, token_budget: int | None = None, budget_seed: int = 0,
+                 score_dtype: torch.dtype | None = None, timer: PhaseTimer | None = None):
         if ablation not in ABLATIONS:
             raise CTFastError(f"ablation={ablation!r} is not one of {ABLATIONS}")
         if token_budget is not None and (token_budget < 1 or pool):
@@ -306,7 +382,8 @@ class AttributionRun:
         self.raw = torch.zeros(len(graph.upstream_nodes), len(graph.downstream_nodes), dtype=torch.float32,
                                device=next(model.parameters()).device)
         self.batch_size = 0
-        self.scoring_seconds = 0.0  # time the taps spent scoring, summed over backwards
+        self.score_dtype = score_dtype or scoring_dtype(next(model.parameters()))
+        self.timer = timer
         # mean ablation over several micro-batches: per micro-batch (node means [n_up, d], tokens, budget factor,
         # gradient sums [n_down, d]) so that scores() can re-centre every micro-batch on the global mean
         self._means: list = []
@@ -328,14 +405,18 @@ class AttributionRun:
         with cap:
             output = self.model(**inputs)
         value = evaluate_metric(metric, output, batch)
-        deltas = [self._delta(k, cap.stored, baseline, rows, batch) for k in self.up_keys]
-        if factor != 1.0:
-            deltas = [d * factor for d in deltas]
+        valid = valid_tokens(batch).reshape(-1)
+        shifts = [self._mean(cap.stored[k], valid) if self.ablation == "mean" else None for k in self.up_keys]
+        sources = [rows.compact(cap.stored[k] if baseline is None else cap.stored[k] - baseline[k])
+                   for k in self.up_keys]
         if self.ablation == "mean":
-            self._means.append([self._node_means(cap.stored, batch), int(valid_tokens(batch).sum()), factor, None])
+            self._means.append([self._node_means(shifts), int(valid.sum()), factor, None])
+            if rows.pool:  # pooled rows are per-example means: centre them now (they are small)
+                sources, shifts = [s - m for s, m in zip(sources, shifts)], [None] * len(shifts)
         resid = {k[0]: rows.select(cap.stored[k]) for k in self.resid_keys}
         cap.stored.clear()
-        self._scorer = EdgeScorer(self.model, self.graph, rows, deltas, resid, self.raw)
+        self._scorer = EdgeScorer(self.model, self.graph, rows, sources, shifts, resid, self.raw, factor,
+                                  self.score_dtype, self.timer)
         cap.on_grad = self._scorer.on_grad  # the taps call it through the capture
         self._capture = cap
         self.batch_size += pos.shape[0]
@@ -361,7 +442,6 @@ class AttributionRun:
                 self._means[-1][3] = scorer.grad_sum
         finally:
             cap.on_grad = None
-            self.scoring_seconds += scorer.seconds
             self._capture = self._scorer = None
         return list(grads[1:])
 
@@ -416,26 +496,30 @@ class AttributionRun:
             self.model(**{k: v for k, v in model_inputs(corrupted_batch).items() if k != "labels"})
         return cap.stored
 
-    def _node_means(self, stored, batch) -> torch.Tensor:
+    @staticmethod
+    def _mean(a: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``[w]`` fp32 mean of ``a [B, T, w]`` over the valid tokens, in row chunks (no fp32 copy of ``a``)."""
+        rows = a.reshape(-1, a.shape[-1])
+        weight = valid.to(rows.device, torch.float32)
+        step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+        total = sum(weight[i:i + step] @ rows[i:i + step].float() for i in range(0, rows.shape[0], step))
+        return total / weight.sum()
+
+    def _node_means(self, shifts: list) -> torch.Tensor:
         """``[n_up, d]``: every upstream node's mean contribution over the batch's non-padding tokens."""
-        valid = valid_tokens(batch).reshape(-1).nonzero().squeeze(1)
         out = []
-        for g, key in zip(self.graph.upstream_groups, self.up_keys):
-            a = stored[key]
-            mean = a.reshape(-1, a.shape[-1]).index_select(0, valid.to(a.device)).float().mean(0, keepdim=True)
+        for g, mean in zip(self.graph.upstream_groups, shifts):
             w = None if g.writer is None else g.writer.heads_weight(self._params[g.writer.weight].detach())
-            out.append(ops.heads_to_residual(mean, w)[:, 0])
+            out.append(ops.heads_to_residual(mean[None], w)[:, 0])
         return torch.cat(out)
 
-    def _delta(self, key, stored, baseline, rows: TokenRows, batch):
-        a = stored[key]
-        if self.ablation == "zero":
-            return rows.compact(a)
-        if self.ablation == "corrupted":
-            return rows.compact(a - baseline[key])
-        valid = valid_tokens(batch).reshape(-1).nonzero().squeeze(1).to(a.device)
-        mean = a.reshape(-1, a.shape[-1]).index_select(0, valid).float().mean(0)
-        return rows.compact(a.float() - mean)
+
+def scoring_dtype(param: torch.Tensor) -> torch.dtype:
+    """The precision policy of scoring: bf16/fp16 operands with fp32 accumulation (tensor cores) for a bf16/fp16
+    model on a GPU; fp32 otherwise (the exact path, and always on CPU)."""
+    if param.device.type == "cuda" and param.dtype in (torch.bfloat16, torch.float16):
+        return param.dtype
+    return torch.float32
 
 
 def attribute(model: nn.Module, batch: dict, metric="loss", ablation: str = "mean", positions=None,

@@ -8,8 +8,10 @@ in the selection's row order — frozen blocks cost neither FLOPs nor bytes. Two
 
 - *direct* (the selection is known before the backward: reused circuits, outcome-metric training pass):
   compact gradients are computed in the backward;
-- *deferred* (faithful process mode, where one backward both scores edges and trains): the backward
-  keeps ``(input, grad_output)`` and ``finish(selection)`` computes the compact gradients afterwards.
+- *deferred* (faithful process mode, where one backward both scores edges and trains): per linear, the
+  backward keeps whichever is smaller — ``(input, grad_output)``, or the dense fp32 weight gradient (the
+  smaller one once a batch has more tokens than about ``in * out / (in + out)``) — and
+  ``finish(selection)`` turns it into the compact gradients of the selection afterwards.
 
 Each function also takes a scalar ``anchor`` so ``torch.autograd.grad(loss, [anchor])`` runs exactly the
 backward through all of them without touching frozen parameters (embeddings, norms, unembedding).
@@ -71,7 +73,8 @@ class MaskedLinears:
         self.anchor = torch.zeros((), device=param.device, dtype=param.dtype, requires_grad=True)
         self.selection: dict | None = None
         self.active = True
-        self.saved: dict[str, list] = {}
+        self.saved: dict[str, list] = {}  # deferred: name -> [(x, grad_out), ...]
+        self.dense: dict[str, list] = {}  # deferred: name -> [dW [out, in] fp32, db [out] fp32 or None]
         self.grad_rows: dict[torch.Tensor, torch.Tensor] = {}
 
     def __enter__(self):
@@ -83,6 +86,7 @@ class MaskedLinears:
         for m in self.modules.values():
             del m.forward  # the class's forward again
         self.saved.clear()
+        self.dense.clear()
         return False
 
     def _forward_of(self, name):
@@ -98,17 +102,58 @@ class MaskedLinears:
     def _on_backward(self, name: str, x: torch.Tensor, grad_out: torch.Tensor):
         if not self.active:
             return
-        if self.selection is None:
-            self.saved.setdefault(name, []).append((x, grad_out))
-        else:
+        if self.selection is not None:
             self._accumulate(name, x, grad_out, self.selection)
+        elif self._keep_dense(name, x):
+            self._add_dense(name, x, grad_out)
+        else:
+            self.saved.setdefault(name, []).append((x, grad_out))
+
+    def _keep_dense(self, name: str, x: torch.Tensor) -> bool:
+        """Deferred mode: is the dense fp32 weight gradient smaller than this call's ``(x, grad_out)``?"""
+        w = self.weight[name]
+        tokens = x.numel() // x.shape[-1]
+        return 4 * w.numel() < tokens * sum(w.shape) * x.element_size()
+
+    def deferred_bytes(self, tokens: int, element_size: int) -> int:
+        """Bytes deferred mode keeps until selection for a batch of ``tokens`` (per linear: the smaller of
+        ``(x, grad_out)`` and the dense fp32 weight gradient) — what ``memory_mode="auto"`` weighs."""
+        return sum(min(4 * w.numel(), tokens * sum(w.shape) * element_size)
+                   for w in self.weight.values() if w.requires_grad)
+
+    def _add_dense(self, name: str, x: torch.Tensor, grad_out: torch.Tensor):
+        w, b = self.weight[name], self.bias[name]
+        if not w.requires_grad:
+            return
+        x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        dw = ops.masked_weight_grad(x2, g2, None, True)  # [out, in] fp32, feature-major for Conv1D too
+        db = ops.masked_bias_grad(g2, None) if b is not None and b.requires_grad else None
+        prev = self.dense.get(name)
+        if prev is None:
+            self.dense[name] = [dw, db]
+        else:
+            prev[0].add_(dw)
+            if db is not None:
+                prev[1].add_(db)
 
     def finish(self, selection: dict):
-        """Deferred mode: compute the compact gradients of ``selection`` from the saved backward tensors."""
+        """Deferred mode: compute the compact gradients of ``selection`` from what the backward kept."""
         for name, pairs in self.saved.items():
             for x, grad_out in pairs:
                 self._accumulate(name, x, grad_out, selection)
+        for name, (dw, db) in self.dense.items():
+            w, b = self.weight[name], self.bias[name]
+            sel = selection.get(w)
+            if sel is not None:
+                out_features = (sel.dim == 0) != self.conv1d[name]
+                index = None if sel.full else sel.index(dw.device)
+                g = dw if out_features else dw.t()
+                self._add(w, g if index is None else g.index_select(0, index))
+            sel_b = selection.get(b) if db is not None else None
+            if sel_b is not None:
+                self._add(b, db if sel_b.full else db.index_select(0, sel_b.index(db.device)))
         self.saved.clear()
+        self.dense.clear()
 
     def _accumulate(self, name, x, grad_out, selection):
         x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])

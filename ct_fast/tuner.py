@@ -1,9 +1,23 @@
-"""The circuit-tuning loop: attribute, select, update only the circuit (DESIGN.md section 3).
+"""The circuit-tuning loop: attribute, select, update only the circuit (docs/design.md section 3).
 
 Faithful mode (the default, ``refresh_every=1``): each step discovers the circuit on its own batch,
-then the training loss's gradient on that batch updates exactly the circuit. With ``metric="loss"`` one
-backward serves both: the taps score edges while the weight gradients are computed. With an outcome
-metric the attribution backward computes activation gradients only, then the loss backward follows.
+then the training loss's gradient on that batch updates exactly the circuit. With ``metric="loss"`` the
+circuit is known only after the backward that scores it, while the weight gradient needs each layer's
+``(x, grad_out)`` during that backward; ``memory_mode`` chooses how to bridge the two:
+
+- ``"deferred"``: one backward; each linear keeps the smaller of ``(x, grad_out)`` and its dense fp32
+  weight gradient until selection, then the circuit's rows are taken from it (fastest: one backward);
+- ``"two_pass"``: an attribution backward that computes no weight gradient (the graph retained), then a
+  second backward with the masked weight gradient of the circuit only (least memory; works with
+  activation checkpointing; with several micro-batches the second pass re-runs each forward instead);
+- ``"lagged"``: one backward that both scores this batch's edges and computes the masked weight gradient
+  of the circuit selected on the *previous* step — standard memory and time, but the circuit lags one
+  batch (the first step, with no circuit yet, runs ``two_pass``);
+- ``"auto"`` (default): ``deferred`` unless its kept tensors would take more than a quarter of the free
+  device memory (estimated per batch shape), then ``two_pass``.
+
+``two_pass`` and ``deferred`` give equal circuits and updates. With an outcome metric (``logit_diff``...)
+the attribution backward computes activation gradients only, then the loss backward follows.
 
 Example::
 
@@ -16,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -28,13 +43,18 @@ from .masked_linear import MaskedLinears
 from .errors import CTFastError, NonFiniteError
 from .graph import ComputationGraph
 from .optim import _CircuitOptimizer
+from .profiling import PhaseTimer
 
 PHASES = ("forward", "attribution", "selection", "backward", "optimizer")
+MEMORY_MODES = ("auto", "deferred", "two_pass", "lagged")
 
 
 @dataclass
 class StepResult:
-    """What one tuner step did. ``timings`` in seconds per phase (``PHASES``) and ``total``."""
+    """What one tuner step did. ``circuit`` is the circuit whose parameters this step updated (with
+    ``memory_mode="lagged"`` the one selected on the previous step; ``CircuitTuner.circuit`` holds the
+    newest); ``memory_mode`` the mode the step ran in. ``timings`` in seconds per phase (``PHASES``) and
+    ``total`` (on a GPU, phases only with ``profile=True``)."""
 
     loss: float
     metric: float
@@ -42,26 +62,8 @@ class StepResult:
     tuned_params: int
     top_n: int
     refreshed: bool
+    memory_mode: str = "deferred"
     timings: dict = field(default_factory=dict)
-
-
-class _Clock:
-    """Phase timer; synchronises the device so GPU time lands in the right phase."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.t = device, {k: 0.0 for k in PHASES}
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def start(self):
-        self._sync()
-        self._t0 = time.perf_counter()
-
-    def stop(self, phase: str, minus: float = 0.0):
-        self._sync()
-        self.t[phase] += time.perf_counter() - self._t0 - minus
 
 
 def _label_tokens(batch: dict) -> int:
@@ -79,15 +81,19 @@ class CircuitTuner:
     ``ablation``, ``positions``, ``pool``: as in ``attribute``; ``selection``: ``"edges"`` or ``"nodes"``;
     ``refresh_every=k``: re-discover the circuit every k steps and reuse it in between;
     ``token_budget``: score at most this many positions per batch (a rescaled random subset) to bound the
-    attribution cost on long inputs.
+    attribution cost on long inputs; ``memory_mode``: see the module docstring; ``profile``: time phases
+    on a GPU too (CUDA events, one synchronisation per step; on CPU phases are always timed, for free).
     """
 
     def __init__(self, model: nn.Module, optimizer: _CircuitOptimizer, top_n, metric="loss", ablation="mean",
                  positions=None, selection="edges", refresh_every: int = 1, schedule: TopNSchedule | None = None,
                  pool: bool = False, threshold: float = 0.0, graph: ComputationGraph | None = None,
-                 mlp_head_dim: int | None = None, token_budget: int | None = None):
+                 mlp_head_dim: int | None = None, token_budget: int | None = None, memory_mode: str = "auto",
+                 profile: bool = False):
         if not isinstance(optimizer, _CircuitOptimizer):
             raise CTFastError(f"CircuitTuner needs a ct_fast.CircuitAdamW or CircuitSGD, got {type(optimizer).__name__}")
+        if memory_mode not in MEMORY_MODES:
+            raise CTFastError(f"memory_mode={memory_mode!r} is not one of {MEMORY_MODES}")
         if not isinstance(refresh_every, int) or refresh_every < 1:
             raise CTFastError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
         self.model, self.optimizer = model, optimizer
@@ -99,7 +105,8 @@ class CircuitTuner:
                 raise CTFastError(f"top_n={n} is out of range: the graph has {self.graph.n_edges} edges")
         self.metric, self.ablation, self.positions, self.pool = metric, ablation, positions, pool
         self.selection, self.threshold, self.refresh_every = selection, threshold, refresh_every
-        self.token_budget = token_budget
+        self.token_budget, self.memory_mode, self.profile = token_budget, memory_mode, profile
+        self._auto_modes: dict = {}  # batch shape -> the mode "auto" chose for it
         self.step_count = 0
         self.circuit: Circuit | None = None
         # gradients only for parameters some node owns: embeddings, norms and the unembedding never get dW
@@ -118,7 +125,7 @@ class CircuitTuner:
         corrupted = [None if c is None else _to(c, self.device) for c in corrupted]
         if len(corrupted) != len(batches):
             raise CTFastError(f"{len(batches)} micro-batches but {len(corrupted)} corrupted micro-batches")
-        clock = _Clock(self.device)
+        timer = PhaseTimer(self.device, self.profile)
         t_start = time.perf_counter()
         refresh = self.circuit is None or self.step_count % self.refresh_every == 0
         top_n = self.schedule(self.step_count)
@@ -126,73 +133,115 @@ class CircuitTuner:
         w_loss = [n / max(1, sum(tokens)) for n in tokens]
         sizes = [b["input_ids"].shape[0] for b in batches]
         w_metric = w_loss if self.metric == "loss" else [s / sum(sizes) for s in sizes]
-        loss = metric = 0.0
+        previous = self.circuit
+        mode = "deferred"
         with MaskedLinears(self.model, self.graph) as masked:
             if refresh:
-                process = self.metric == "loss"  # one backward scores edges and keeps what dW needs
-                masked.selection, masked.active = None, process
-                run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool,
-                                     self.token_budget, budget_seed=self.step_count)
-                for b, c, wl, wm in zip(batches, corrupted, w_loss, w_metric):
-                    clock.start()
-                    out, value = run.forward(b, metric=self.metric, corrupted_batch=c)
-                    clock.stop("forward")
-                    _check_loss(out.loss)
-                    loss, metric = loss + out.loss.item() * wl, metric + value.item() * wm
-                    clock.start()
-                    before = run.scoring_seconds
-                    run.backward(value, [masked.anchor], scale=wm)
-                    scoring = run.scoring_seconds - before
-                    clock.stop("backward", minus=scoring)
-                    clock.t["attribution"] += scoring
-                clock.start()
-                scores = run.scores()  # raises NonFiniteError on NaN/inf; nothing was applied yet
-                self.circuit = scores.top_n(top_n, method=self.selection, threshold=self.threshold)
-                clock.stop("selection")
-                clock.start()
-                selection = self._param_selection()
-                if process:
-                    masked.finish(selection)
-                clock.stop("backward")
-                if not process:  # the training pass of an outcome metric: loss gradient on the same batch
-                    loss, _ = self._train_pass(masked, selection, batches, w_loss, w_metric, clock)
+                mode, loss, metric, retained = self._refresh(masked, batches, corrupted, top_n, w_loss, w_metric,
+                                                             timer)
+                applied = previous if mode == "lagged" else self.circuit
+                selection = self._param_selection(applied)
+                if mode == "deferred":
+                    with timer.span("backward"):
+                        masked.finish(selection)
+                elif mode in ("two_pass", "outcome"):  # the training pass: masked dW of the circuit only
+                    masked.selection, masked.active = selection, True
+                    if retained is not None:  # one micro-batch: backward over the graph kept by attribution
+                        with timer.span("backward"):
+                            torch.autograd.grad(retained, [masked.anchor])
+                    else:
+                        loss, _ = self._train_pass(masked, batches, w_loss, w_metric, timer)
             else:
-                selection = self._param_selection()
-                loss, metric = self._train_pass(masked, selection, batches, w_loss, w_metric, clock)
+                applied = self.circuit
+                selection = self._param_selection(applied)
+                masked.selection, masked.active = selection, True
+                loss, metric = self._train_pass(masked, batches, w_loss, w_metric, timer)
             grads = masked.take_grad_rows()
-        clock.start()
-        self.optimizer.set_circuit(selection)
-        self.optimizer.set_grad_rows(grads)
-        self.optimizer.step()
-        clock.stop("optimizer")
+        with timer.span("optimizer"):
+            self.optimizer.set_circuit(selection)
+            self.optimizer.set_grad_rows(grads)
+            self.optimizer.step()
         self.step_count += 1
-        timings = dict(clock.t, total=time.perf_counter() - t_start)
-        return StepResult(loss=loss, metric=metric, circuit=self.circuit, tuned_params=self.circuit.num_params,
-                          top_n=top_n, refreshed=refresh, timings=timings)
+        return StepResult(loss=loss, metric=metric, circuit=applied, tuned_params=applied.num_params, top_n=top_n,
+                          refreshed=refresh, memory_mode=mode, timings=self._timings(timer, t_start))
 
-    def _param_selection(self) -> dict:
-        """``{parameter: ParamSelection}`` of the current circuit, restricted to parameters this tuner trains
+    def _refresh(self, masked, batches, corrupted, top_n, w_loss, w_metric, timer):
+        """Forward and attribution backward on every micro-batch, then the new circuit in ``self.circuit``.
+
+        Returns the mode the step runs in, the (weighted) loss and metric, and (two_pass on one batch) the
+        weighted loss whose graph is kept for the training backward. What the attribution backward also
+        does depends on the mode: deferred keeps what dW needs, lagged computes dW of the previous
+        circuit, two_pass (and an outcome metric) computes no weight gradient."""
+        mode = self._mode(masked, batches) if self.metric == "loss" else "outcome"
+        if mode == "lagged" and self.circuit is None:
+            mode = "two_pass"  # no circuit to lag behind yet
+        if mode == "lagged":
+            masked.selection, masked.active = self._param_selection(self.circuit), True
+        else:
+            masked.selection, masked.active = None, mode == "deferred"
+        retain = mode == "two_pass" and len(batches) == 1
+        run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool, self.token_budget,
+                             budget_seed=self.step_count, timer=timer)
+        loss = metric = 0.0
+        retained = None
+        for b, c, wl, wm in zip(batches, corrupted, w_loss, w_metric):
+            with timer.span("forward"):
+                out, value = run.forward(b, metric=self.metric, corrupted_batch=c)
+            step_loss, step_metric = _finite_values(out.loss, value)
+            loss, metric = loss + step_loss * wl, metric + step_metric * wm
+            with timer.span("backward"):
+                run.backward(value, [masked.anchor], scale=wm, retain_graph=retain)
+            retained = value * wm if retain else None
+        with timer.span("selection"):
+            scores = run.scores()  # raises NonFiniteError on NaN/inf; nothing was applied yet
+            self.circuit = scores.top_n(top_n, method=self.selection, threshold=self.threshold)
+        return mode, loss, metric, retained
+
+    def _mode(self, masked, batches) -> str:
+        """The memory mode of this step (``auto``: from the bytes deferred would keep, per batch shape)."""
+        if self.memory_mode != "auto":
+            return self.memory_mode
+        shape = tuple(tuple(b["input_ids"].shape) for b in batches)
+        if shape not in self._auto_modes:
+            mode = "deferred"
+            if self.device.type == "cuda":
+                tokens = sum(b["input_ids"].numel() for b in batches)
+                kept = masked.deferred_bytes(tokens, next(self.model.parameters()).element_size())
+                free, _ = torch.cuda.mem_get_info(self.device)
+                mode = "deferred" if kept <= free / 4 else "two_pass"
+            self._auto_modes[shape] = mode
+        return self._auto_modes[shape]
+
+    @staticmethod
+    def _timings(timer: PhaseTimer, t_start: float) -> dict:
+        seconds = timer.seconds()
+        out = {}
+        if seconds or timer.active:
+            out = {k: seconds.get(k, 0.0) for k in PHASES}
+            out["backward"] = max(0.0, out["backward"] - out["attribution"])  # scoring runs inside the backward
+        out["total"] = time.perf_counter() - t_start
+        return out
+
+    def _param_selection(self, circuit: Circuit) -> dict:
+        """``{parameter: ParamSelection}`` of ``circuit``, restricted to parameters this tuner trains
         (held by the optimizer, ``requires_grad``): a frozen parameter gets no gradient and no update."""
         trained = {id(p) for p in self.params}
-        return {p: s for p, s in selections_by_param(self.model, self.circuit.param_selections(self.graph)).items()
+        return {p: s for p, s in selections_by_param(self.model, circuit.param_selections(self.graph)).items()
                 if id(p) in trained}
 
-    def _train_pass(self, masked, selection, batches, w_loss, w_metric, clock) -> tuple[float, float]:
+    def _train_pass(self, masked, batches, w_loss, w_metric, timer) -> tuple[float, float]:
         """Forward and loss backward with the circuit known: compact dW of circuit rows only.
         Returns the (weighted) loss and metric of the batches."""
-        masked.selection, masked.active = selection, True
         loss = metric = 0.0
         for b, wl, wm in zip(batches, w_loss, w_metric):
-            clock.start()
-            out = self.model(**model_inputs(b))
-            clock.stop("forward")
-            _check_loss(out.loss)
-            loss += out.loss.item() * wl
-            with torch.no_grad():
-                metric += evaluate_metric(self.metric, out, b).item() * wm
-            clock.start()
-            torch.autograd.grad(out.loss * wl, [masked.anchor])
-            clock.stop("backward")
+            with timer.span("forward"):
+                out = self.model(**model_inputs(b))
+                with torch.no_grad():
+                    value = evaluate_metric(self.metric, out, b)
+            step_loss, step_metric = _finite_values(out.loss, value)
+            loss, metric = loss + step_loss * wl, metric + step_metric * wm
+            with timer.span("backward"):
+                torch.autograd.grad(out.loss * wl, [masked.anchor])
         return loss, metric
 
 
@@ -201,7 +250,12 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _check_loss(loss):
-    if loss is None or not torch.isfinite(loss.detach()):
-        raise NonFiniteError(f"the training loss is {None if loss is None else loss.item()}: the step is "
-                             "refused and the model untouched — check labels, inputs and learning rate")
+def _finite_values(loss, metric) -> tuple[float, float]:
+    """The loss and metric as floats (one host sync for both); raises if the loss is missing or non-finite."""
+    if loss is None:
+        raise CTFastError("the training loss needs 'labels' in every batch (e.g. input_ids with -100 on padding)")
+    values = torch.stack([loss.detach().float().reshape(()), metric.detach().float().reshape(())]).tolist()
+    if not math.isfinite(values[0]):
+        raise NonFiniteError(f"the training loss is {values[0]}: the step is refused and the model untouched — "
+                             "check labels, inputs and learning rate")
+    return values[0], values[1]

@@ -8,31 +8,42 @@ import torch
 from torch import nn
 
 
-def heads_to_residual(rows: torch.Tensor, heads_weight: torch.Tensor | None, out: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-    """Per-node residual vectors from compact head rows, in fp32.
+def heads_to_residual(rows: torch.Tensor, heads_weight: torch.Tensor | None, out: torch.Tensor | None = None,
+                      accumulate: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-node residual vectors from compact head rows.
 
     rows ``[c, n * w]``, heads_weight ``[n, w, d]`` -> ``[n, c, d]`` with ``out[j] = rows[:, j] @ W[j]``;
     ``heads_weight=None`` means rows ``[c, d]`` already are the single node's vectors -> ``[1, c, d]``.
-    ``out``: an optional contiguous fp32 ``[n, c, d]`` buffer to write into.
+    ``out``: an optional contiguous ``[n, c, d]`` buffer to write into (``accumulate=True``: add to it).
+    The product runs in ``dtype`` (default: ``out``'s dtype, else fp32): fp32 is the exact path; bf16/fp16
+    operands use tensor cores (fp32 accumulation inside the GEMM), the result lands in ``out``'s dtype.
     """
+    dtype = dtype or (out.dtype if out is not None else torch.float32)
     if heads_weight is None:
-        res = rows.float().unsqueeze(0)
-        return res if out is None else out.copy_(res)
-    n, w, _ = heads_weight.shape
-    z = rows.float().reshape(rows.shape[0], n, w).transpose(0, 1)  # [n, c, w]
-    return torch.bmm(z, heads_weight.float(), out=out)
+        res = rows.to(dtype).unsqueeze(0)
+    else:
+        n, w, _ = heads_weight.shape
+        z = rows.to(dtype).reshape(rows.shape[0], n, w).transpose(0, 1)  # [n, c, w]
+        weight = heads_weight.to(dtype)
+        if out is not None and out.dtype == dtype:
+            return out.baddbmm_(z, weight) if accumulate else torch.bmm(z, weight, out=out)
+        res = torch.bmm(z, weight)
+    if out is None:
+        return res
+    return out.add_(res) if accumulate else out.copy_(res)
 
 
 def score_edges(delta_up: torch.Tensor, up_weight: torch.Tensor | None, grad_down: torch.Tensor) -> torch.Tensor:
-    """Signed edge scores of one (upstream group, downstream group) block, in fp32.
+    """Signed edge scores of one (upstream group, downstream group) block, fp32 ``[n_u, n_d]``.
 
     ``S[u, d] = sum_c (delta_up[c, u] @ up_weight[u]) . grad_down[d, c]``
     delta_up ``[c, n_u * w]`` (activation minus ablation, compact), up_weight ``[n_u, w, d]`` or None,
-    grad_down ``[n_d, c, d]`` (per-node residual gradients) -> ``[n_u, n_d]``.
+    grad_down ``[n_d, c, d]`` (per-node residual gradients) -> ``[n_u, n_d]``. The products run in
+    ``grad_down``'s dtype: fp32 (the exact path) or bf16/fp16 (tensor-core operands, fp32 accumulation
+    inside each GEMM).
     """
-    dA = heads_to_residual(delta_up, up_weight)
-    return torch.einsum("ucd,ncd->un", dA, grad_down.float())
+    dA = heads_to_residual(delta_up, up_weight, dtype=grad_down.dtype)
+    return torch.einsum("ucd,ncd->un", dA, grad_down).float()
 
 
 def norm_kind(norm: nn.Module) -> str:

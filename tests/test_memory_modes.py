@@ -1,0 +1,127 @@
+"""Memory modes of the faithful step: two_pass == deferred (circuits and updates), lagged updates the previous
+step's circuit with this batch's gradient, deferred's dense-gradient and (x, grad_out) paths agree, and
+activation checkpointing works with two_pass."""
+
+import copy
+
+import pytest
+import torch
+
+import ct_fast
+from ct_fast import CircuitAdamW, CircuitSGD, CircuitTuner, CTFastError, enable_activation_checkpointing
+from ct_fast.masked_linear import MaskedLinears
+from ct_fast.testing import assert_close, random_batch, tiny_model
+
+
+def _batches(n=3):
+    return [random_batch(37, seed=s) for s in range(n)]
+
+
+def _run(model, mode, batches, opt="adamw", **kw):
+    optimizer = (CircuitAdamW(model.parameters(), lr=1e-2) if opt == "adamw"
+                 else CircuitSGD(model.parameters(), lr=0.1, momentum=0.9))
+    tuner = CircuitTuner(model, optimizer, top_n=25, memory_mode=mode, **kw)
+    return [tuner.step(b) for b in batches]
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_two_pass_equals_deferred(arch, opt):
+    a, b = tiny_model(arch), tiny_model(arch)
+    ra, rb = _run(a, "deferred", _batches(), opt), _run(b, "two_pass", _batches(), opt)
+    assert [r.memory_mode for r in ra] == ["deferred"] * 3 and [r.memory_mode for r in rb] == ["two_pass"] * 3
+    for x, y in zip(ra, rb):
+        assert [e[:2] for e in x.circuit.edges] == [e[:2] for e in y.circuit.edges]
+        assert y.loss == pytest.approx(x.loss, rel=1e-6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close(q, p)
+
+
+@pytest.mark.parametrize("mode", ["two_pass", "lagged"])
+def test_micro_batches_equal_the_whole_batch(mode):
+    """With several micro-batches two_pass re-runs each forward for the training pass; same result."""
+    whole, parts = tiny_model("llama"), tiny_model("llama")
+    batches = _batches(2)
+    ra = _run(whole, mode, batches)
+    rb = _run(parts, mode, [[{k: v[:1] for k, v in b.items()}, {k: v[1:] for k, v in b.items()}] for b in batches])
+    for x, y in zip(ra, rb):
+        assert [e[:2] for e in x.circuit.edges] == [e[:2] for e in y.circuit.edges]
+    for p, q in zip(whole.parameters(), parts.parameters()):
+        assert_close(q, p)
+
+
+def test_lagged_updates_the_previous_circuit_with_this_batch(arch):
+    """Step 1 (no circuit yet) is a two_pass step; step 2 applies the gradient of batch 2 to circuit 1."""
+    model, check = tiny_model(arch), tiny_model(arch)
+    b1, b2 = _batches(2)
+    lr = 0.1
+    tuner = CircuitTuner(model, CircuitSGD(model.parameters(), lr=lr), top_n=25, memory_mode="lagged")
+    r1 = tuner.step(b1)
+    first = CircuitTuner(check, CircuitSGD(check.parameters(), lr=lr), top_n=25, memory_mode="two_pass").step(b1)
+    assert r1.memory_mode == "two_pass" and r1.circuit.edges == first.circuit.edges
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dense = copy.deepcopy(model)
+    dense(**b2).loss.backward()
+    r2 = tuner.step(b2)
+    assert r2.memory_mode == "lagged" and r2.circuit is r1.circuit and tuner.circuit is not r1.circuit
+    masks = r1.circuit.param_masks(model)
+    owned = ct_fast.ComputationGraph.from_model(model).tunable_params
+    for (n, p), q in zip(model.named_parameters(), dense.parameters()):
+        want = before[n] - lr * q.grad * masks[n] if n in owned else before[n]
+        assert_close(p.detach(), want, name=n)
+        assert torch.equal(p.detach()[~masks[n]], before[n][~masks[n]]), n
+
+
+def test_deferred_dense_gradient_equals_kept_pairs(monkeypatch):
+    """Deferred mode keeps dense dW or (x, grad_out) per linear by size; both give the same update."""
+    a, b = tiny_model("gpt2"), tiny_model("gpt2")
+    monkeypatch.setattr(MaskedLinears, "_keep_dense", lambda self, name, x: True)
+    ra = _run(a, "deferred", _batches(2))
+    monkeypatch.setattr(MaskedLinears, "_keep_dense", lambda self, name, x: False)
+    rb = _run(b, "deferred", _batches(2))
+    for x, y in zip(ra, rb):
+        assert [e[:2] for e in x.circuit.edges] == [e[:2] for e in y.circuit.edges]
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close(q, p)
+
+
+def test_keep_dense_is_the_smaller_choice():
+    model = tiny_model("llama")  # d_model 16..: dense dW beats (x, grad_out) beyond ~in*out/(in+out) tokens
+    masked = MaskedLinears(model, ct_fast.ComputationGraph.from_model(model))
+    name = next(iter(masked.weight))
+    w = masked.weight[name]
+    few = torch.zeros(1, 2, w.shape[1])
+    many = torch.zeros(1, 4 * w.numel(), w.shape[1])
+    assert not masked._keep_dense(name, few) and masked._keep_dense(name, many)
+    assert masked.deferred_bytes(2, 4) < masked.deferred_bytes(10 ** 6, 4) == 4 * sum(
+        p.numel() for p in masked.weight.values())
+
+
+def test_two_pass_with_activation_checkpointing():
+    plain, ckpt = tiny_model("llama"), tiny_model("llama")
+    enable_activation_checkpointing(ckpt)
+    ckpt.train()  # HF checkpoints only in training mode; the tiny models have no dropout
+    ra, rb = _run(plain, "two_pass", _batches(2)), _run(ckpt, "two_pass", _batches(2))
+    for x, y in zip(ra, rb):
+        assert [e[:2] for e in x.circuit.edges] == [e[:2] for e in y.circuit.edges]
+    for p, q in zip(plain.parameters(), ckpt.parameters()):
+        assert_close(q, p)
+
+
+def test_auto_mode_and_bad_mode(model, batch):
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3), top_n=10)
+    assert tuner.memory_mode == "auto" and tuner.step(batch).memory_mode == "deferred"  # CPU: deferred
+    with pytest.raises(CTFastError, match="memory_mode"):
+        CircuitTuner(model, CircuitAdamW(model.parameters()), top_n=10, memory_mode="fast")
+
+
+def test_outcome_metric_ignores_the_memory_mode(batch):
+    batch = dict(batch, target_pos=torch.tensor([4, 2, 3]), answer=torch.tensor([3, 5, 7]),
+                 wrong_answer=torch.tensor([11, 2, 30]))
+    a, b = tiny_model("qwen2"), tiny_model("qwen2")
+    ra = CircuitTuner(a, CircuitAdamW(a.parameters(), lr=1e-2), top_n=20, metric="logit_diff",
+                      memory_mode="deferred").step(batch)
+    rb = CircuitTuner(b, CircuitAdamW(b.parameters(), lr=1e-2), top_n=20, metric="logit_diff",
+                      memory_mode="lagged").step(batch)
+    assert ra.memory_mode == rb.memory_mode == "outcome" and ra.circuit.edges == rb.circuit.edges
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
