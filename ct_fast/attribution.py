@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -260,6 +261,7 @@ class EdgeScorer:
             for k, _ in plan.ups:
                 self.readers_left[k] += 1
         self.pending: dict[int, dict] = {}
+        self._buffers: dict = {}
         # sum over scored rows of each downstream node's gradient [n_down, d]: corrects per-micro-batch means
         self.grad_sum = raw.new_zeros(raw.shape[1], graph.d_model)
 
@@ -284,6 +286,15 @@ class EdgeScorer:
         if projection is None:
             return None
         return projection.heads_weight(self.params[projection.weight].detach()).to(dtype)
+
+    def _buffer(self, name: str, shape, dtype) -> torch.Tensor:
+        """A ``shape`` view of a scratch buffer kept for the whole backward (grown, never shrunk): large fresh
+        allocations cost page faults on CPU; the chunked scoring loop reuses a few buffers instead."""
+        n = math.prod(shape)
+        buf = self._buffers.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[(name, dtype)] = torch.empty(n, dtype=dtype, device=self.raw.device)
+        return buf[:n].view(shape)
 
     def _score_layer(self, plan: LayerPlan, grads: dict):
         """Score ``plan``'s layer against all earlier writers, in token chunks, then drop what is done.
@@ -326,7 +337,7 @@ class EdgeScorer:
 
         Each block's normed-input gradients (summed over its taps) are written into one buffer, then each
         norm's backward runs in place on its (contiguous) rows."""
-        G = torch.empty(plan.n_nodes, stop - start, self.graph.d_model, dtype=torch.float32, device=self.raw.device)
+        G = self._buffer("G", (plan.n_nodes, stop - start, self.graph.d_model), torch.float32)
         for off, n, groups in plan.blocks:
             out, written = G[off:off + n], False
             for g in groups:
@@ -348,13 +359,16 @@ class EdgeScorer:
 
     def _accumulate(self, plan: LayerPlan, G: torch.Tensor, start: int, stop: int):
         """``raw[u, cols] += factor * sum_c dA_u[c] . G[:, c]`` for every upstream group the layer reads."""
-        Gs = G if self.score_dtype == torch.float32 else G.to(self.score_dtype)
+        sdt = self.score_dtype
+        Gs = G if sdt == torch.float32 else G.to(sdt)
         for k, a in plan.ups:
             ug = self.graph.upstream_groups[k]
             delta = self.sources[k][start:stop]
             if self.shifts[k] is not None:
-                delta = delta.to(self.score_dtype) - self.shifts[k].to(self.score_dtype)
-            block = ops.score_edges(delta, self.up_weight[k], Gs[a:])
+                centred = self._buffer("delta", delta.shape, sdt)
+                delta = torch.sub(delta.to(sdt), self.shifts[k].to(sdt), out=centred)
+            workspace = self._buffer("contributions", (len(ug.names), stop - start, self.graph.d_model), sdt)
+            block = ops.score_edges(delta, self.up_weight[k], Gs[a:], workspace.view(-1))
             self.raw[ug.first:ug.first + len(ug.names), plan.col0 + a:plan.col0 + plan.n_nodes].add_(
                 block, alpha=self.factor)
 

@@ -134,3 +134,35 @@ def write(name: str, records: list[dict], path: str | None = None) -> str:
     with open(path, "w") as f:
         json.dump({"env": env(), "results": records}, f, indent=1)
     return path
+
+
+# leaf ops that make the host wait for the device: a value read back (``.item()``, ``bool(t)``, ``int(t)`` all end
+# in _local_scalar_dense) or an output whose size depends on data (``nonzero``, boolean indexing, ``unique``)
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::masked_select", "aten::_unique2",
+            "aten::unique_consecutive", "aten::unique_dim")
+
+
+def count_host_syncs(fn) -> dict:
+    """Host-synchronising operations of one ``fn()`` call, counted on any device: the profiler's ``SYNC_OPS``
+    events plus ``Tensor.tolist`` calls (a device-to-host copy on a GPU; no aten event on CPU).
+    Returns ``{"total": n, op: count, ...}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = {"tensor.tolist": 0}
+    original = torch.Tensor.tolist
+
+    def tolist(self):
+        counts["tensor.tolist"] += 1
+        return original(self)
+
+    torch.Tensor.tolist = tolist
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+    finally:
+        torch.Tensor.tolist = original
+    for event in prof.events():
+        if event.name in SYNC_OPS:
+            counts[event.name] = counts.get(event.name, 0) + 1
+    counts["total"] = sum(counts.values())
+    return counts
