@@ -1,5 +1,6 @@
-"""Render the committed step results (bench/results/step_*.json) into README.md between the
-``<!-- bench:step -->`` markers: ``python bench/report.py`` (tests check the README matches)."""
+"""Render committed results into README.md between markers: the step results (bench/results/step_*.json)
+between ``<!-- bench:step -->`` markers and the scale results (bench/results/cpu_scale.json) between
+``<!-- bench:scale -->`` markers: ``python bench/report.py`` (tests check the README matches)."""
 
 import glob
 import json
@@ -11,28 +12,46 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
-BEGIN, END = "<!-- bench:step -->", "<!-- /bench:step -->"
 
 
-def rendered() -> str:
+def _header(path: str, env: dict) -> str:
+    where = env.get("gpu") or f"CPU ({env.get('threads')} threads)"
+    return f"`{os.path.relpath(path, ROOT)}` — {where}, torch {env.get('torch')}, commit {env.get('commit')}"
+
+
+def rendered_step() -> str:
     from ct_fast.app.step_bench import table
 
     parts = []
     for path in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "step_*.json"))):
         with open(path) as f:
             data = json.load(f)
-        env = data["env"]
-        where = env.get("gpu") or f"CPU ({env.get('threads')} threads)"
-        parts.append(f"`{os.path.relpath(path, ROOT)}` — {where}, torch {env.get('torch')}, commit "
-                     f"{env.get('commit')}:\n\n{table(data['results'])}")
+        parts.append(f"{_header(path, data['env'])}:\n\n{table(data['results'])}")
     return "\n\n".join(parts) if parts else "(no results yet: run `ct-fast bench`)"
 
 
+def rendered_scale() -> str:
+    from bench_scale import table
+
+    parts = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*_scale.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        parts.append(f"{_header(path, data['env'])}:\n\n{table(data)}")
+    return "\n\n".join(parts) if parts else "(no results yet: run `python bench/bench_scale.py`)"
+
+
+BLOCKS = {"step": rendered_step, "scale": rendered_scale}
+
+
 def update(text: str) -> str:
-    block = f"{BEGIN}\n{rendered()}\n{END}"
-    if BEGIN not in text:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-    return re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    for name, render in BLOCKS.items():
+        begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+        if begin not in text:
+            raise SystemExit(f"README.md has no {begin} ... {end} block")
+        block = f"{begin}\n{render()}\n{end}"
+        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    return text
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 ``a_u`` is never materialised per node: the forward keeps compact per-layer tensors (per-head z, MLP
 activations or output, embeddings, the residual read by each norm), and the backward taps hand each
 layer's downstream gradients to ``EdgeScorer``, which scores them against every earlier upstream group
-in token chunks and drops them (DESIGN.md sections 2-3).
+in token chunks and drops them (docs/design.md sections 2-3).
 
 Example::
 

@@ -1,7 +1,7 @@
 """Circuits: selection of the top-N edges, the parameters a circuit owns, schedules for N.
 
 A ``Circuit`` is a set of edges with scores; its nodes are the edges' endpoints, and its parameters are
-the union of the nodes' slices (DESIGN.md section 1). Per parameter the slices are rows (or columns) of
+the union of the nodes' slices (docs/design.md section 1). Per parameter the slices are rows (or columns) of
 one axis, kept as a ``ParamSelection`` so optimizers touch only those rows.
 
 Example::

@@ -1,7 +1,7 @@
 """The computational graph of a Hugging Face causal LM, read off the unmodified model.
 
 Residual-stream order: ``embed``, then for each layer L the attention heads of L, then the MLP of L, then
-``logits``. Upstream nodes write the residual stream, downstream nodes read it (DESIGN.md section 1):
+``logits``. Upstream nodes write the residual stream, downstream nodes read it (docs/design.md section 1):
 
     upstream:   embed, attn.L.h, mlp.L (or mlp.L.j with ``mlp_head_dim``)
     downstream: attn.L.h.q, attn.L.g.k, attn.L.g.v (g: key/value head), mlp.L (or mlp.L.j), logits
@@ -284,7 +284,7 @@ def _build(arch: str, s: dict, mlp_head_dim: int | None) -> ComputationGraph:
     layout, split = s["layout"], mlp_head_dim is not None
     n_mlp, w_mlp = (d_mlp // mlp_head_dim, mlp_head_dim) if split else (1, d_mlp)
     ups = [UpstreamGroup("embed", -1, ["embed"], (f"{s['prefix']}.0.{s['attn_norm']}", "input"), None, -1,
-                         [[]])]  # embeddings are frozen (DESIGN.md section 1)
+                         [[]])]  # embeddings are frozen (docs/design.md section 1)
     downs = []
     for L in range(s["n_layers"]):
         p = f"{s['prefix']}.{L}"
