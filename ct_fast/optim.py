@@ -3,18 +3,22 @@
 Without a circuit ``CircuitAdamW``/``CircuitSGD`` are ``torch.optim.AdamW``/``SGD``. After
 ``set_circuit(circuit, model)`` a step reads and writes only the circuit's rows (or columns) of each
 parameter, its gradient and its state; everything else stays bit-identical and its state does not move.
-State is block-sparse: per parameter, moments exist only for rows that have been in some circuit, each
-row with its own step count, so a row's trajectory equals the torch optimizer's run on that row alone
-over the steps in which it was selected.
+State is block-sparse: per parameter, a preallocated pool of row slots (``state_capacity`` rows, by default
+all of them) holds moments and a step count for rows that have been in some circuit, so a row's trajectory
+equals the torch optimizer's run on that row alone over the steps in which it was selected (since it last
+took a slot: when the pool is full, the rows idle longest lose their state).
 
 Example::
 
-    opt = ct_fast.CircuitAdamW(model.parameters(), lr=1e-4)
+    opt = ct_fast.CircuitAdamW(model.parameters(), lr=1e-4, state_capacity=0.5)
     opt.set_circuit(circuit, model)    # or a {param: bool mask} dict; set_circuit(None): dense again
     loss.backward(); opt.step()
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import torch
 from torch import nn
@@ -23,14 +27,48 @@ from . import ops
 from .circuit import Circuit, ParamSelection
 from .errors import CTFastError
 
-_ALL = "all"
+_SELECTED = torch.iinfo(torch.long).max  # slot priority of a row selected in the current step: never evicted
+_FREE = -1  # slot priority of a free slot: taken first
+
+
+def _n_rows(p: torch.Tensor, dim: int) -> int:
+    return p.shape[dim] if p.dim() else 1
+
+
+def check_state_capacity(capacity):
+    """``capacity`` as None, a float in (0, 1] or an int >= 1; anything else raises ``CTFastError``."""
+    if capacity is None:
+        return None
+    if isinstance(capacity, numbers.Integral) and not isinstance(capacity, bool) and capacity >= 1:
+        return int(capacity)
+    if isinstance(capacity, numbers.Real) and not isinstance(capacity, numbers.Integral) and 0 < capacity <= 1:
+        return float(capacity)
+    raise CTFastError(f"state_capacity={capacity!r}: expected None (every row can hold state), a float in (0, 1] "
+                      "(a fraction of each parameter's rows) or an int >= 1 (rows per parameter)")
+
+
+def pool_size(capacity, n_rows: int) -> int:
+    """Slots of a parameter with ``n_rows`` rows on its sliced axis under ``state_capacity=capacity``."""
+    if capacity is None:
+        return n_rows
+    if isinstance(capacity, float):  # round first: 0.3 * 10 is 3.0000000000000004
+        capacity = max(1, math.ceil(round(capacity * n_rows, 6)))
+    return min(n_rows, capacity)
 
 
 class _CircuitOptimizer(torch.optim.Optimizer):
-    """Shared machinery: the current selection per parameter and the compact row-state layout.
+    """Shared machinery: the current selection per parameter and the pooled row state.
 
-    Per parameter, state holds ``dim`` (the sliced axis), ``slot [rows]`` (long, -1 = no state yet),
-    ``step [capacity]`` (fp32) and the moment tensors ``[capacity, *other dims]`` (fp32).
+    Per parameter, state holds ``dim`` (the sliced axis) and a pool of ``capacity`` slots, allocated once
+    (zeros) on the parameter's first selection and never grown:
+
+    - ``slot [n_rows]`` long: each row's slot, -1 = none;
+    - ``owner [capacity]`` long: the row holding each slot, -1 = free;
+    - ``last_used [capacity]`` long: the optimizer step at which the slot's row was last selected;
+    - ``step [capacity + 1]`` fp32 and the moment tensors ``[capacity + 1, width]`` fp32 (width: the other
+      dims); the extra last row is scratch: it absorbs the no-op writes of ``_assign`` (content meaningless).
+
+    ``capacity`` comes from the parameter group's ``state_capacity`` when the pool is allocated.
     """
 
     _moments: tuple[str, ...] = ()
@@ -39,6 +77,12 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._selection: dict[torch.Tensor, ParamSelection] | None = None  # None: dense
         self._grad_rows: dict[torch.Tensor, torch.Tensor] = {}
+        self._clock = 0  # optimizer steps taken: the time stamps of last_used
+
+    def add_param_group(self, param_group: dict):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["state_capacity"] = check_state_capacity(group["state_capacity"])
 
     # ---- circuit ----
     def set_circuit(self, circuit=None, model: nn.Module | None = None):
@@ -79,56 +123,121 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         self._grad_rows = dict(grad_rows)
 
     def _rows(self, p: torch.Tensor):
-        """``(dim, index)`` of the rows to update (index None: all rows), or None if p is frozen."""
+        """``(dim, index, count)`` of the rows to update (index None: all ``count`` rows), or None if p is
+        frozen. ``count`` is known on the host."""
         if self._selection is None:
             dim = self.state[p]["dim"] if "dim" in self.state[p] else 0
-            return dim, None
+            return dim, None, _n_rows(p, dim)
         sel = self._selection.get(p)
         if sel is None:
             return None
-        return sel.dim, None if sel.full else sel.index(p.device)
+        return sel.dim, None if sel.full else sel.index(p.device), sel.count
 
-    # ---- compact state ----
-    def _prepare(self, p: torch.Tensor, dim: int, index):
-        """Allocate state for rows that have none; return ``(state, rows [k], slots [k])``."""
+    # ---- pooled state ----
+    def _check_capacity(self, p: torch.Tensor, group: dict, dim: int, count: int):
+        """Raise if ``count`` selected rows do not fit the parameter's pool (host-side, no state touched)."""
         state = self.state[p]
-        n_rows = p.shape[dim] if p.dim() else 1
-        if "dim" not in state:
-            state["dim"] = dim
-            state["slot"] = torch.full((n_rows,), -1, dtype=torch.long, device=p.device)
-            state["step"] = torch.zeros(0, dtype=torch.float32, device=p.device)
-            for k in self._moments:
-                state[k] = torch.zeros((0, max(1, p.numel()) // n_rows), dtype=torch.float32, device=p.device)
-        elif state["dim"] != dim:
-            self._relayout(p, state, dim)
-        rows = torch.arange(n_rows, device=p.device) if index is None else index
-        new = rows[state["slot"][rows] < 0]
-        if new.numel():
-            cap = state["step"].numel()
-            state["slot"][new] = torch.arange(cap, cap + new.numel(), device=p.device)
-            state["step"] = torch.cat([state["step"], state["step"].new_zeros(new.numel())])
-            for k in self._moments:
-                state[k] = torch.cat([state[k], state[k].new_zeros((new.numel(), state[k].shape[1]))])
-        return state, rows, state["slot"][rows]
+        n_rows = _n_rows(p, dim)
+        cap = state["owner"].numel() if "owner" in state else pool_size(group["state_capacity"], n_rows)
+        if count > cap:
+            what = "a dense step (no circuit) updates all" if self._selection is None else "the circuit selects"
+            raise CTFastError(f"{what} {count} of the {n_rows} rows (axis {dim}) of a parameter of shape "
+                              f"{tuple(p.shape)}, but its optimizer-state pool holds {cap} rows "
+                              f"(state_capacity={group['state_capacity']!r}); raise state_capacity to at least "
+                              f"{count} rows or {math.ceil(1000 * count / n_rows) / 1000:g} (or None), or select "
+                              "fewer rows")
 
-    def _relayout(self, p: torch.Tensor, state: dict, dim: int):
-        """Move a dense state (every row allocated, one shared step count — e.g. after dense steps) to rows
-        along ``dim``; a partial row state cannot change axis and raises."""
+    def _allocate(self, p: torch.Tensor, state: dict, dim: int, capacity: int):
+        """The empty pool: every row without a slot, every slot free, zero moments and steps."""
+        n_rows, dev = _n_rows(p, dim), p.device
+        state.update(dim=dim, slot=torch.full((n_rows,), -1, dtype=torch.long, device=dev),
+                     owner=torch.full((capacity,), -1, dtype=torch.long, device=dev),
+                     last_used=torch.zeros(capacity, dtype=torch.long, device=dev),
+                     step=torch.zeros(capacity + 1, dtype=torch.float32, device=dev))
+        for k in self._moments:
+            state[k] = torch.zeros((capacity + 1, max(1, p.numel()) // n_rows), dtype=torch.float32, device=dev)
+
+    def _prepare(self, p: torch.Tensor, group: dict, dim: int, index):
+        """Give the selected rows slots (allocating the pool on first use); return ``(state, rows [k], slots [k])``."""
+        state = self.state[p]
+        n_rows = _n_rows(p, dim)
+        if "owner" not in state:
+            self._allocate(p, state, dim, pool_size(group["state_capacity"], n_rows))
+        rows = torch.arange(n_rows, device=p.device) if index is None else index
+        return state, rows, self._assign(state, rows)
+
+    def _assign(self, state: dict, rows: torch.Tensor) -> torch.Tensor:
+        """Slots ``[k]`` of the selected ``rows [k]`` (distinct, k <= capacity), with device ops only (no sync).
+
+        Rows that hold a slot keep it; the k-th row without one takes the k-th slot in order of priority:
+        free slots first, then the least recently used, never one whose row is selected now (k <= capacity
+        guarantees enough others). Its previous owner loses the slot; the slot restarts at zero moments, step 0
+        (written only to new slots: kept rows write to the scratch row instead, so no kept row is read).
+        """
+        slot, owner, last_used = state["slot"], state["owner"], state["last_used"]
+        cap = owner.numel()
+        held = slot.index_select(0, rows)  # [k], -1: missing
+        missing = held < 0
+        selected = torch.zeros(cap + 1, dtype=torch.bool, device=rows.device)  # entry cap: a sink for missing rows
+        selected.index_fill_(0, torch.where(missing, cap, held), True)
+        priority = torch.where(selected[:cap], _SELECTED, torch.where(owner < 0, _FREE, last_used))
+        candidates = torch.argsort(priority, stable=True)
+        rank = (missing.cumsum(0) - 1).clamp_(min=0)  # the k-th missing row takes candidate k
+        slots = torch.where(missing, candidates.index_select(0, rank), held)
+        evicted = owner.index_select(0, slots)  # previous owners (-1: free; the row itself if it kept its slot)
+        # unlink evicted rows; entries that evict nobody point at a selected row, relinked just below
+        slot.index_fill_(0, torch.where(missing & (evicted >= 0), evicted, rows), -1)
+        slot.index_copy_(0, rows, slots)
+        owner.index_copy_(0, slots, rows)
+        last_used.index_fill_(0, slots, self._clock)
+        if cap < slot.numel():  # a full-size pool never evicts: its new rows take never-used (zero) slots
+            fresh = torch.where(missing, slots, cap)  # cap: the scratch row
+            for k in ("step",) + self._moments:
+                state[k].index_fill_(0, fresh, 0.0)
+        return slots
+
+    def _relayout(self, p: torch.Tensor, group: dict, state: dict, dim: int):
+        """Move a dense state (every row holding its own slot, one shared step count — e.g. after dense steps)
+        to rows along ``dim`` (lossless); a partial row state cannot change axis and raises."""
         old = state["dim"]
-        n_old = p.shape[old] if p.dim() else 1
-        steps = state["step"]
+        n_old, n_new = _n_rows(p, old), _n_rows(p, dim)
+        steps = state["step"][:-1]  # without the scratch entry
         dense = (steps.numel() == n_old and bool((state["slot"] == torch.arange(n_old, device=p.device)).all())
                  and bool((steps == steps[0]).all()))
         if not dense:
             raise CTFastError(f"a parameter of shape {tuple(p.shape)} was selected along axis {dim} after axis {old}; "
                               "a parameter's circuit slices must keep one axis")
+        cap = pool_size(group["state_capacity"], n_new)
+        if cap < n_new:
+            raise CTFastError(f"moving the dense state of a parameter of shape {tuple(p.shape)} to axis {dim} needs "
+                              f"{n_new} rows of state, but state_capacity={group['state_capacity']!r} gives {cap}; "
+                              "raise state_capacity")
         moved_shape = (n_old,) + self._row_shape(p, old)
-        for k in self._moments:
-            full = state[k].view(moved_shape).movedim(0, old)
-            state[k] = full.movedim(dim, 0).reshape(p.shape[dim], -1).contiguous()
-        state["dim"] = dim
-        state["slot"] = torch.arange(p.shape[dim], device=p.device)
-        state["step"] = steps.new_full((p.shape[dim],), float(steps[0]))
+        moved = {k: state[k][:n_old].view(moved_shape).movedim(0, old).movedim(dim, 0).reshape(n_new, -1)
+                 for k in self._moments}
+        self._allocate(p, state, dim, cap)
+        for k, v in moved.items():
+            state[k][:n_new].copy_(v)
+        state["slot"].copy_(torch.arange(n_new, device=p.device))
+        state["owner"].copy_(state["slot"])
+        state["last_used"].fill_(self._clock)
+        state["step"].copy_(steps[0])
+
+    def _upgrade(self, p: torch.Tensor, group: dict, state: dict):
+        """A state saved before pools existed (slots 0..m-1 appended as rows entered) as a pool of the group's
+        capacity, the same rows keeping the same slots."""
+        slot, m = state["slot"], state["step"].numel()
+        cap = pool_size(group["state_capacity"], slot.numel())
+        if m > cap:
+            raise CTFastError(f"the saved optimizer state of a parameter of shape {tuple(p.shape)} holds {m} rows, "
+                              f"more than state_capacity={group['state_capacity']!r} allows ({cap}); "
+                              "load it with a larger state_capacity")
+        rows = (slot >= 0).nonzero().flatten()
+        state["owner"] = torch.full((cap,), -1, dtype=torch.long, device=slot.device).index_copy_(
+            0, slot[rows], rows)
+        state["last_used"] = torch.zeros(cap, dtype=torch.long, device=slot.device)
+        for k in ("step",) + self._moments:  # free slots and the scratch row: zeros
+            state[k] = torch.cat([state[k], state[k].new_zeros((cap + 1 - m,) + state[k].shape[1:])])
 
     @staticmethod
     def _row_shape(p, dim):
@@ -146,10 +255,10 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                               f"along axis {dim}; circuit optimizers need row/column slices of 1-D/2-D or "
                               "contiguous parameters") from None
 
-    def _collect(self, group: dict) -> dict:
-        """The multi-tensor lists of one parameter group: params as row views, compact fp32 grads, states."""
-        out = {"params": [], "grads": [], "rows": [], "slots": [], "steps": []}
-        out.update({k: [] for k in self._moments})
+    def _plan(self, group: dict) -> list[tuple]:
+        """Validate one parameter group without touching its state (but for a lossless re-layout):
+        ``(p, dim, index, params as rows [R, M], compact fp32 grads [k, M])`` per parameter to update."""
+        plan = []
         for p in group["params"]:
             sel = self._rows(p)
             compact = self._grad_rows.pop(p, None)
@@ -157,19 +266,30 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                 continue
             if compact is None and p.grad.is_sparse:
                 raise CTFastError("sparse gradients are not supported by circuit optimizers")
-            dim, index = sel
-            state, rows, slots = self._prepare(p, dim, index)
+            dim, index, count = sel
+            if "dim" in self.state[p] and self.state[p]["dim"] != dim:
+                self._relayout(p, group, self.state[p], dim)
+            self._check_capacity(p, group, dim, count)
             p2 = self._as_rows(p, dim)
             if compact is not None:
-                g = compact.reshape(rows.numel(), -1)
-                if g.shape != (rows.numel(), p2.shape[1]):
+                g = compact.reshape(count, -1)
+                if g.shape != (count, p2.shape[1]):
                     raise CTFastError(f"compact gradient of shape {tuple(compact.shape)} does not match the "
-                                      f"{rows.numel()} selected rows of a parameter of shape {tuple(p.shape)}")
+                                      f"{count} selected rows of a parameter of shape {tuple(p.shape)}")
             else:
                 g = self._as_rows(p.grad, dim)
                 g = g if index is None else g.index_select(0, index)
+            plan.append((p, dim, index, p2, g.float().contiguous()))
+        return plan
+
+    def _collect(self, group: dict, plan: list[tuple]) -> dict:
+        """The multi-tensor lists of one validated group: slots assigned, states gathered."""
+        out = {"params": [], "grads": [], "rows": [], "slots": [], "steps": []}
+        out.update({k: [] for k in self._moments})
+        for p, dim, index, p2, g in plan:
+            state, rows, slots = self._prepare(p, group, dim, index)
             out["params"].append(p2)
-            out["grads"].append(g.float().contiguous())
+            out["grads"].append(g)
             out["rows"].append(rows)
             out["slots"].append(slots)
             out["steps"].append(state["step"])
@@ -186,18 +306,20 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        try:  # validate and prepare every group before writing any parameter
-            collected = [(group, self._collect(group)) for group in self.param_groups]
+        try:  # validate every group before any state or parameter is written
+            plans = [(group, self._plan(group)) for group in self.param_groups]
         finally:
             self._grad_rows = {}
-        for group, lists in collected:
-            if lists["params"]:
-                self._apply(lists, group)
+        self._clock += 1
+        for group, plan in plans:
+            if plan:
+                self._apply(self._collect(group, plan), group)
         return loss
 
-    # ---- state_dict: keep the compact layout's dtypes; carry the current circuit ----
+    # ---- state_dict: keep the pool's dtypes; carry the current circuit and the clock ----
     def state_dict(self):
         sd = super().state_dict()
+        sd["clock"] = self._clock
         if self._selection is not None:
             ids = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
             sd["circuit"] = {ids[p]: [s.dim, s.size, [list(r) for r in s.ranges]] for p, s in self._selection.items()}
@@ -206,37 +328,67 @@ class _CircuitOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         circuit = state_dict.pop("circuit", None)
+        clock = state_dict.pop("clock", 0)
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
+        groups = {p: g for g in self.param_groups for p in g["params"]}
+        params = list(groups)
+        for g in self.param_groups:  # saved before state_capacity existed
+            g["state_capacity"] = check_state_capacity(g.get("state_capacity", self.defaults["state_capacity"]))
         for i, saved in state_dict["state"].items():  # torch casts state to the param dtype: undo that
             p = params[int(i)]
             self.state[p] = {k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v
                              for k, v in saved.items()}
+            if "slot" in self.state[p] and "owner" not in self.state[p]:
+                self._upgrade(p, groups[p], self.state[p])
+        self._clock = clock
         if circuit is None:
             self._selection = None
         else:
             self._selection = {params[int(i)]: ParamSelection(d, n, tuple(tuple(r) for r in rs))
                                for i, (d, n, rs) in circuit.items()}
 
+    # ---- footprint (for logs and benchmarks: these synchronise) ----
+    def _pools(self):
+        return [s for s in self.state.values() if "owner" in s]
+
     def num_state_rows(self) -> int:
-        """Rows of state allocated over all parameters (a measure of the block-sparse footprint)."""
-        return sum(int(s["step"].numel()) for s in self.state.values() if "step" in s)
+        """Rows currently holding state, over all parameters (the block-sparse footprint in use)."""
+        return sum(int((s["owner"] >= 0).sum()) for s in self._pools())
+
+    def state_capacity_rows(self) -> int:
+        """Rows of the allocated pools, over all parameters (fixed once each parameter has been selected)."""
+        return sum(s["owner"].numel() for s in self._pools())
+
+    def state_bytes(self) -> int:
+        """Bytes of all state tensors (pools, moments, index tensors)."""
+        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
+                   if isinstance(v, torch.Tensor))
 
 
 class CircuitAdamW(_CircuitOptimizer):
     """``torch.optim.AdamW`` (decoupled weight decay, optional amsgrad/maximize) with circuit masking.
 
     Moments are fp32 whatever the parameter dtype (bf16/fp16 parameters get fp32 math).
+
+    ``state_capacity`` bounds the state: per parameter, a pool of ``ceil(f * n_rows)`` rows for a float
+    ``f`` in (0, 1], ``min(n, n_rows)`` rows for an int ``n``, all rows for None (the default; a param group
+    may set its own). The pool is allocated on the parameter's first selection and never grows. A step whose
+    selection exceeds a pool raises ``CTFastError`` before anything is written; dense steps (no circuit) need
+    the full pool. When new rows need slots and none is free, the rows idle longest (not selected in this
+    step) are evicted: an evicted row loses its moments and step count and restarts from zero — as a fresh
+    torch optimizer on that row — when it is selected again. Rows outside the circuit keep their state frozen
+    while they hold a slot.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 maximize=False):
+                 maximize=False, state_capacity=None):
+        state_capacity = check_state_capacity(state_capacity)
         if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise CTFastError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
                               f"weight_decay={weight_decay}")
         self._moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      amsgrad=amsgrad, maximize=maximize))
+                                      amsgrad=amsgrad, maximize=maximize, state_capacity=state_capacity))
 
     def _apply(self, lists: dict, group: dict):
         b1, b2 = group["betas"]
@@ -246,17 +398,21 @@ class CircuitAdamW(_CircuitOptimizer):
 
 
 class CircuitSGD(_CircuitOptimizer):
-    """``torch.optim.SGD`` (momentum, dampening, nesterov, L2 weight decay, maximize) with circuit masking."""
+    """``torch.optim.SGD`` (momentum, dampening, nesterov, L2 weight decay, maximize) with circuit masking.
+
+    See ``CircuitAdamW`` for ``state_capacity`` (bounded state, evictions).
+    """
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 maximize=False):
+                 maximize=False, state_capacity=None):
+        state_capacity = check_state_capacity(state_capacity)
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise CTFastError(f"invalid SGD hyper-parameters lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise CTFastError("nesterov momentum requires momentum > 0 and dampening = 0")
         self._moments = ("momentum_buffer",) if momentum else ()
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize))
+                                      nesterov=nesterov, maximize=maximize, state_capacity=state_capacity))
 
     def _apply(self, lists: dict, group: dict):
         ops.masked_sgd_(lists["params"], lists["grads"], lists.get("momentum_buffer", []), lists["steps"],

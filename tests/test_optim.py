@@ -1,12 +1,12 @@
 """Circuit optimizers against torch.optim: dense equivalence, masked exactness, per-slice trajectories,
-block-sparse state and state_dict round-trips."""
+block-sparse state, bounded state pools (LRU eviction, no growth, no host syncs) and state_dict round-trips."""
 
 import copy
 
 import pytest
 import torch
 
-from ct_fast import CircuitAdamW, CircuitSGD, CTFastError, ParamSelection
+from ct_fast import CircuitAdamW, CircuitSGD, CTFastError, ParamSelection, ops
 from ct_fast.testing import assert_close
 
 ADAMW = [dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.95), weight_decay=0.1, eps=1e-6), dict(lr=1e-2, amsgrad=True),
@@ -190,3 +190,335 @@ def test_dense_state_moves_to_a_column_selection():
     solo.step()
     assert_close(p.detach()[:, 1:3], cols.detach())
     assert torch.equal(p.detach()[:, [0, 3, 4]], before[:, [0, 3, 4]])
+
+
+# ---- bounded state pools (state_capacity) ------------------------------------------------------------
+
+class _PoolModel:
+    """Python model of one parameter's slot pool: rows keep their slots; new rows take free slots (lowest
+    index first), then the least recently used (ties: lowest index), never one selected in the same step."""
+
+    def __init__(self, capacity):
+        self.owner, self.last, self.steps = [-1] * capacity, [0] * capacity, [0] * capacity
+
+    def select(self, rows, now) -> list:
+        """Select ``rows`` (sorted) at optimizer step ``now``; returns the rows that (re)start from zero."""
+        slot_of = {r: s for s, r in enumerate(self.owner) if r >= 0}
+        kept = {slot_of[r] for r in rows if r in slot_of}
+        order = sorted((s for s in range(len(self.owner)) if s not in kept),
+                       key=lambda s: (0, 0, s) if self.owner[s] < 0 else (1, self.last[s], s))
+        fresh = [r for r in rows if r not in slot_of]
+        for r, s in zip(fresh, order):
+            self.owner[s], self.steps[s], slot_of[r] = r, 0, s
+        for r in rows:
+            self.last[slot_of[r]] = now
+            self.steps[slot_of[r]] += 1
+        return fresh
+
+
+# (shape, sliced axis) of the small parameters of the pool tests, and their pool sizes at state_capacity=0.5
+_POOL_PARAMS = [((6, 4), 0), ((4, 5), 1), ((7,), 0)]
+_POOL_CAPS = [3, 3, 4]
+
+
+def _pool_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).requires_grad_() for s, _ in _POOL_PARAMS]
+
+
+def _random_masks(params, caps, gen):
+    """{param index: bool mask} selecting 1..cap random rows along each parameter's axis; some left out."""
+    masks = {}
+    for i, (p, (_, dim), cap) in enumerate(zip(params, _POOL_PARAMS, caps)):
+        if torch.rand((), generator=gen) < 0.2:
+            continue
+        n = p.shape[dim]
+        k = int(torch.randint(1, cap + 1, (), generator=gen))
+        rows = torch.zeros(n, dtype=torch.bool)
+        rows[torch.randperm(n, generator=gen)[:k]] = True
+        view = [1] * p.dim()
+        view[dim] = n
+        masks[i] = rows.view(view).expand(p.shape).clone()
+    return masks
+
+
+def _rows_of_mask(mask, dim):
+    return mask.movedim(dim, 0).reshape(mask.shape[dim], -1)[:, 0].nonzero().flatten().tolist()
+
+
+def _row_selection(n, rows):
+    return ParamSelection(0, n, tuple((r, r + 1) for r in rows))
+
+
+def _assert_same_state(sd_a, sd_b):
+    """Two optimizer state_dicts hold bit-identical state, clock and groups."""
+    assert sd_a["state"].keys() == sd_b["state"].keys()
+    for i, state in sd_a["state"].items():
+        assert state.keys() == sd_b["state"][i].keys()
+        for k, v in state.items():
+            assert torch.equal(v, sd_b["state"][i][k]) if isinstance(v, torch.Tensor) else v == sd_b["state"][i][k]
+    assert sd_a["clock"] == sd_b["clock"] and sd_a["param_groups"] == sd_b["param_groups"]
+
+
+def _check_pool(state, model):
+    """The optimizer's pool equals the Python model: owners, step counts, time stamps, slot <-> owner links."""
+    owner = state["owner"].tolist()
+    assert owner == model.owner
+    assert state["step"][:-1].tolist() == model.steps  # the last entry is scratch
+    assert [t for t, o in zip(state["last_used"].tolist(), owner) if o >= 0] == \
+        [t for t, o in zip(model.last, owner) if o >= 0]
+    expected_slot = [-1] * state["slot"].numel()
+    for s, r in enumerate(owner):
+        if r >= 0:
+            expected_slot[r] = s
+    assert state["slot"].tolist() == expected_slot
+
+
+@pytest.mark.parametrize("ours,kw", [(CircuitAdamW, dict(lr=1e-2)), (CircuitSGD, dict(lr=0.05, momentum=0.9))],
+                         ids=["adamw", "sgd"])
+def test_bounded_pool_never_grows(ours, kw):
+    """200 steps of random circuits: the pools are allocated once, keep their storage and size, never hold
+    more rows than their capacity, and evict exactly as the LRU model says."""
+    params = _pool_params()
+    opt = ours([{"params": params[:2]}, {"params": params[2:], "state_capacity": 4}], state_capacity=0.5, **kw)
+    models = [_PoolModel(c) for c in _POOL_CAPS]
+    gen = torch.Generator().manual_seed(7)
+    storage = None
+    for step in range(200):
+        masks = _random_masks(params, _POOL_CAPS, gen)
+        opt.set_circuit({params[i]: m for i, m in masks.items()})
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        opt.step()
+        for i, (p, (_, dim), model) in enumerate(zip(params, _POOL_PARAMS, models)):
+            if i in masks:
+                model.select(_rows_of_mask(masks[i], dim), step + 1)
+            if p in opt.state:
+                _check_pool(opt.state[p], model)
+        assert opt.num_state_rows() <= opt.state_capacity_rows()
+        if len(opt.state) == len(params):
+            now = {id(p): [v.data_ptr() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+                   for p in params}
+            assert storage in (None, now)  # the same tensors, never reallocated
+            if storage is None:
+                storage, rows, nbytes = now, opt.state_capacity_rows(), opt.state_bytes()
+            assert (opt.state_capacity_rows(), opt.state_bytes()) == (rows, nbytes)
+    assert storage is not None and rows == sum(_POOL_CAPS)
+    assert opt.num_state_rows() == sum(_POOL_CAPS)  # 200 steps fill every pool
+
+
+@pytest.mark.parametrize("ours,theirs,kw", _pairs(), ids=lambda x: getattr(x, "__name__", str(x)))
+def test_evicted_rows_restart_and_kept_rows_continue(ours, theirs, kw):
+    """Every row follows a torch optimizer run on that row alone, which restarts from scratch whenever the row
+    re-enters after losing its slot; rows not selected are bit-identical."""
+    params = _pool_params(seed=1)
+    start = [p.detach().clone() for p in params]
+    opt = ours(params, state_capacity=0.5, **kw)
+    models = [_PoolModel(c) for c in _POOL_CAPS]
+    gen = torch.Generator().manual_seed(3)
+    solo, restarts = {}, 0
+    for step in range(30):
+        masks = _random_masks(params, _POOL_CAPS, gen)
+        opt.set_circuit({params[i]: m for i, m in masks.items()})
+        grads = _grads(params, step)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        for i, (p, g, (_, dim), model) in enumerate(zip(params, grads, _POOL_PARAMS, models)):
+            rows = _rows_of_mask(masks[i], dim) if i in masks else []
+            fresh = model.select(rows, step + 1) if rows else []
+            restarts += sum((i, r) in solo for r in fresh)
+            for r in range(p.shape[dim]):
+                now = p.detach().movedim(dim, 0)[r]
+                if r not in rows:
+                    assert torch.equal(now, before[i].movedim(dim, 0)[r]), (i, r, step)
+                    continue
+                if r in fresh:  # a fresh optimizer from the row's current value
+                    q = before[i].movedim(dim, 0)[r].clone().requires_grad_()
+                    solo[i, r] = (q, theirs([q], foreach=False, **kw))
+                q, o = solo[i, r]
+                q.grad = g.movedim(dim, 0)[r].clone()
+                o.step()
+                assert_close(now, q, name=f"param {i} row {r} step {step}")
+    assert restarts > 5  # the run did evict and re-select rows
+    assert any(not torch.equal(p, s) for p, s in zip(params, start))
+
+
+def test_lru_evicts_the_row_idle_longest():
+    p = torch.zeros(4, 3, requires_grad=True)
+    opt = CircuitAdamW([p], lr=1e-2, state_capacity=2)
+
+    def select(*rows):
+        mask = torch.zeros(4, 3, dtype=torch.bool)
+        mask[list(rows)] = True
+        opt.set_circuit({p: mask})
+        p.grad = torch.ones(4, 3)
+        opt.step()
+        slot, step = opt.state[p]["slot"], opt.state[p]["step"]
+        return {r: int(step[slot[r]]) for r in range(4) if slot[r] >= 0}  # row -> its step count
+
+    assert select(0) == {0: 1}
+    assert select(1) == {0: 1, 1: 1}
+    assert select(0) == {0: 2, 1: 1}
+    assert select(2) == {0: 2, 2: 1}  # row 1 (idle since step 2) goes, not row 0 (used at step 3)
+    assert select(1) == {1: 1, 2: 1}  # row 1 restarts; row 0 is now the one idle longest
+    assert select(1, 2) == {1: 2, 2: 2}
+    assert opt.state_capacity_rows() == 2 and opt.num_state_rows() == 2
+    # slot, owner, last_used; step and moments with their scratch row
+    assert opt.state_bytes() == (4 + 2 + 2) * 8 + 3 * 4 + 2 * 3 * 3 * 4
+
+
+def test_full_capacity_equals_unbounded():
+    """state_capacity None, 1.0 and an int >= the rows give the same pools and bit-identical trajectories."""
+    runs = []
+    for cap in (None, 1.0, 100):
+        params = _params()
+        opt = CircuitAdamW(params, lr=1e-2, state_capacity=cap)
+        for step in range(6):
+            opt.set_circuit(_circuit(params, step))
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g
+            opt.step()
+        assert [opt.state[p]["owner"].numel() for p in params if p in opt.state] == [7, 5, 3, 1]
+        runs.append(params)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_state_capacity_validation_and_sizes():
+    params = _params()
+    for bad in (0, -1, 0.0, 1.5, True, "0.5", [1]):
+        with pytest.raises(CTFastError, match="state_capacity"):
+            CircuitAdamW(params, state_capacity=bad)
+    with pytest.raises(CTFastError, match="state_capacity"):
+        CircuitSGD([{"params": params[:1], "state_capacity": 2.0}], lr=0.1)
+    from ct_fast.optim import pool_size
+    assert [pool_size(0.3, 10), pool_size(0.25, 7), pool_size(0.01, 5), pool_size(3, 2), pool_size(None, 4)] == \
+        [3, 2, 1, 2, 4]
+
+
+def test_selection_over_capacity_raises_and_writes_nothing():
+    """The step validates every group first: an oversized selection in the last group leaves parameters and
+    pools untouched (no evictions in earlier groups either); dense steps need full pools."""
+    a, b = torch.randn(6, 4, requires_grad=True), torch.randn(8, 3, requires_grad=True)
+    opt = CircuitAdamW([{"params": [a]}, {"params": [b], "state_capacity": 0.25}], lr=1e-2, state_capacity=2)
+    for rows_a, rows_b in (((0, 1), (0, 1)), ((2,), (2,))):
+        opt.set_circuit({a: _row_selection(6, rows_a), b: _row_selection(8, rows_b)})
+        a.grad, b.grad = torch.randn(6, 4), torch.randn(8, 3)
+        opt.step()
+    before = copy.deepcopy((a, b, opt.state_dict()))
+    opt.set_circuit({a: _row_selection(6, (4, 5)), b: _row_selection(8, (1, 3, 5))})  # a evicts; b has 2 slots
+    with pytest.raises(CTFastError, match=r"selects 3 of the 8 rows .* shape \(8, 3\).* pool holds 2 rows "
+                                          r"\(state_capacity=0.25\); raise state_capacity to at least 3 rows"):
+        opt.step()
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    _assert_same_state(opt.state_dict(), before[2])
+    opt.set_circuit(None)  # dense steps need every row of a pool
+    with pytest.raises(CTFastError, match=r"a dense step \(no circuit\) updates all 6 of the 6 rows"):
+        opt.step()
+
+
+
+def test_dense_state_moves_axis_only_into_a_full_pool():
+    """Dense steps fill a full pool; moving that state to columns needs every column to fit as well."""
+    p = torch.randn(5, 8, requires_grad=True)
+    opt = CircuitAdamW([p], lr=1e-2, state_capacity=5)  # 5 of 5 rows, but only 5 of 8 columns
+    p.grad = torch.randn(5, 8)
+    opt.step()
+    assert opt.num_state_rows() == opt.state_capacity_rows() == 5
+    opt.set_circuit({p: ParamSelection(1, 8, ((0, 2),))})
+    with pytest.raises(CTFastError, match="to axis 1 needs 8 rows of state, but state_capacity=5 gives 5"):
+        opt.step()
+
+@pytest.mark.parametrize("ours,kw", [(CircuitAdamW, dict(lr=1e-2, weight_decay=0.05)),
+                                     (CircuitSGD, dict(lr=0.05, momentum=0.9, nesterov=True))], ids=["adamw", "sgd"])
+def test_state_dict_round_trip_with_capacity(ours, kw):
+    """Saving and loading mid-run (pools full, evictions before and after) continues bit-identically, also into
+    an optimizer built with another state_capacity (the saved groups carry theirs)."""
+    def run(split):
+        params = _pool_params(seed=5)
+        opt = ours(params, state_capacity=0.5, **kw)
+        gen = torch.Generator().manual_seed(11)
+        for step in range(40):
+            if split and step == 25:
+                sd = copy.deepcopy(opt.state_dict())
+                params = [p.detach().clone().requires_grad_() for p in params]
+                opt = ours(params, state_capacity=None, **kw)
+                opt.load_state_dict(sd)
+                assert opt.param_groups[0]["state_capacity"] == 0.5
+            opt.set_circuit({params[i]: m for i, m in _random_masks(params, _POOL_CAPS, gen).items()})
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g
+            opt.step()
+        return params, opt
+
+    (pa, oa), (pb, ob) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+    _assert_same_state(oa.state_dict(), ob.state_dict())
+
+
+def test_loads_state_saved_before_pools():
+    """A state_dict of the earlier layout (rows appended as they entered, no owner/last_used) loads into a pool
+    and continues bit-identically."""
+    def run(legacy):
+        params = _params(seed=4)
+        opt = CircuitAdamW(params, lr=1e-2)
+        for step in range(6):
+            if legacy and step == 3:
+                sd = copy.deepcopy(opt.state_dict())
+                for state in sd["state"].values():  # unbounded pools hand out slots 0..m-1 in order of entry
+                    m = int((state.pop("owner") >= 0).sum())
+                    del state["last_used"]
+                    for k in ("step", "exp_avg", "exp_avg_sq"):
+                        state[k] = state[k][:m]
+                del sd["clock"]
+                for g in sd["param_groups"]:
+                    del g["state_capacity"]
+                params = [p.detach().clone().requires_grad_() for p in params]
+                opt = CircuitAdamW(params, lr=1e-2)
+                opt.load_state_dict(sd)
+            opt.set_circuit(_circuit(params, step))
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g
+            opt.step()
+        return params
+
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+
+
+SYNC_EVENTS = {"aten::nonzero", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::item", "aten::equal",
+               "aten::masked_select"}
+
+
+def _profiled_events(fn) -> set:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("backend", ["torch", "default"])
+@pytest.mark.parametrize("ours,kw", [(CircuitAdamW, dict(lr=1e-2)), (CircuitSGD, dict(lr=0.05, momentum=0.9))],
+                         ids=["adamw", "sgd"])
+def test_steady_state_step_does_not_synchronise(ours, kw, backend, monkeypatch):
+    """With a bounded pool and circuits that evict every step, a step issues no host synchronisation."""
+    if backend == "torch":
+        monkeypatch.setenv("CT_FAST_BACKEND", "torch")
+    else:
+        monkeypatch.delenv("CT_FAST_BACKEND", raising=False)
+    assert {"aten::is_nonzero", "aten::_local_scalar_dense"} & _profiled_events(lambda: bool(torch.ones(2).any()))
+    params = [torch.randn(6, 4, requires_grad=True), torch.randn(4, 6, requires_grad=True)]
+    opt = ours(params, state_capacity=2, **kw)
+    for step in range(4):
+        rows = ((2 * step % 6, 2 * step % 6 + 2),)  # rows {0,1}, {2,3}, {4,5}, {0,1}: each step evicts both slots
+        opt.set_circuit({params[0]: ParamSelection(0, 6, rows), params[1]: ParamSelection(1, 6, rows)})
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        events = _profiled_events(opt.step)
+        if step:  # after the warm-up step that allocates the pools
+            assert not events & SYNC_EVENTS, events & SYNC_EVENTS
+            assert "aten::argsort" in events or "aten::sort" in events  # the eviction ran under the profiler
+            native = any(e.startswith("ct_fast::masked_") for e in events)  # the op dispatched to a kernel
+            assert native == (backend == "default" and ops.native() is not None)
+    assert opt.num_state_rows() == 4
