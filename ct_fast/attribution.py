@@ -31,7 +31,8 @@ from .profiling import PhaseTimer
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
 ABLATIONS = ("mean", "zero", "corrupted")
-CHUNK_ELEMENTS = 1 << 25  # fp32 elements of one [n_nodes, chunk, d_model] gradient block (128 MiB)
+CHUNK_ELEMENTS = 1 << 25  # elements of one [nodes, chunk, d_model] scoring block (128 MiB in fp32)
+MIN_CHUNK_ROWS = 128  # deep graphs: keep token chunks at least this long, batch fewer upstream groups instead
 
 
 def model_inputs(batch: dict) -> dict:
@@ -308,9 +309,11 @@ class EdgeScorer:
         down_weight = {g.index: self._weight(g.reader, torch.float32 if sdt == torch.float32 else sdt)
                        for _, _, gs in plan.blocks for g in gs}
         n_rows = next(iter(grads.values())).shape[0]
-        # bound both the stacked gradients [n_nodes, chunk, d] and an upstream group's contributions [n_u, chunk, d]
-        widest = max(plan.n_nodes, max(len(g.names) for g in self.graph.upstream_groups))
-        chunk = max(1, CHUNK_ELEMENTS // (widest * self.graph.d_model))
+        # bound the stacked gradients [n_nodes, chunk, d] and the contributions of the upstream groups scored
+        # together [nodes, chunk, d]: all groups the layer reads at once while chunks stay >= MIN_CHUNK_ROWS
+        seen = sum(len(self.graph.upstream_groups[k].names) for k, _ in plan.ups)
+        chunk = CHUNK_ELEMENTS // (max(plan.n_nodes, seen) * self.graph.d_model)
+        chunk = max(1, chunk, min(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // (plan.n_nodes * self.graph.d_model)))
         cols = slice(plan.col0, plan.col0 + plan.n_nodes)
         pooled = []
         for start in range(0, n_rows, chunk):
@@ -358,19 +361,54 @@ class EdgeScorer:
         return G
 
     def _accumulate(self, plan: LayerPlan, G: torch.Tensor, start: int, stop: int):
-        """``raw[u, cols] += factor * sum_c dA_u[c] . G[:, c]`` for every upstream group the layer reads."""
-        sdt = self.score_dtype
+        """``raw[u, cols] += factor * sum_c dA_u[c] . G[:, c]`` for every upstream group the layer reads.
+
+        On the torch path the contributions of several upstream groups are written into one block and dotted
+        with G in one GEMM (G is read once per batch of groups, not once per group); the fused kernels
+        (``CT_FAST_BACKEND=cuda|triton``) take one group per call."""
+        sdt, d = self.score_dtype, self.graph.d_model
         Gs = G if sdt == torch.float32 else G.to(sdt)
-        for k, a in plan.ups:
-            ug = self.graph.upstream_groups[k]
-            delta = self.sources[k][start:stop]
-            if self.shifts[k] is not None:
-                centred = self._buffer("delta", delta.shape, sdt)
-                delta = torch.sub(delta.to(sdt), self.shifts[k].to(sdt), out=centred)
-            workspace = self._buffer("contributions", (len(ug.names), stop - start, self.graph.d_model), sdt)
-            block = ops.score_edges(delta, self.up_weight[k], Gs[a:], workspace.view(-1))
-            self.raw[ug.first:ug.first + len(ug.names), plan.col0 + a:plan.col0 + plan.n_nodes].add_(
-                block, alpha=self.factor)
+        fused = ops.choose_backend("score_edges", G.device, (sdt,)) != "torch"
+        per_batch = 1 if fused else max(1, CHUNK_ELEMENTS // (G.shape[1] * d))  # nodes scored together
+        batch, nodes = [], 0
+        for i, (k, a) in enumerate(plan.ups):
+            batch.append((k, a))
+            nodes += len(self.graph.upstream_groups[k].names)
+            last = i + 1 == len(plan.ups)
+            if last or plan.ups[i + 1][1] != a or nodes + len(self.graph.upstream_groups[plan.ups[i + 1][0]].names) > per_batch:
+                self._score_batch(plan, batch, nodes, Gs, start, stop, fused)
+                batch, nodes = [], 0
+
+    def _centred(self, k: int, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start..stop`` of upstream group k's source minus its ablation, in the scoring dtype."""
+        rows = self.sources[k][start:stop]
+        if self.shifts[k] is None:
+            return rows
+        sdt = self.score_dtype
+        return torch.sub(rows.to(sdt), self.shifts[k].to(sdt), out=self._buffer("delta", rows.shape, sdt))
+
+    def _score_batch(self, plan: LayerPlan, batch: list, nodes: int, Gs: torch.Tensor, start: int, stop: int,
+                     fused: bool):
+        """Score upstream groups ``batch`` (all read by G rows ``a:``) against the layer's gradients."""
+        a, cols = batch[0][1], slice(plan.col0 + batch[0][1], plan.col0 + plan.n_nodes)
+        groups = [self.graph.upstream_groups[k] for k, _ in batch]
+        if fused:
+            (k, _), ug = batch[0], groups[0]
+            block = ops.score_edges(self._centred(k, start, stop), self.up_weight[k], Gs[a:])
+            self.raw[ug.first:ug.first + len(ug.names), cols].add_(block, alpha=self.factor)
+            return
+        A = self._buffer("contributions", (nodes, stop - start, self.graph.d_model), self.score_dtype)
+        r = 0
+        for (k, _), ug in zip(batch, groups):
+            n = len(ug.names)
+            ops.heads_to_residual(self._centred(k, start, stop), self.up_weight[k], out=A[r:r + n])
+            r += n
+        S = (A.view(nodes, -1) @ Gs[a:].reshape(Gs.shape[0] - a, -1).t()).float()  # [nodes, n_read]
+        r = 0
+        for ug in groups:
+            n = len(ug.names)
+            self.raw[ug.first:ug.first + n, cols].add_(S[r:r + n], alpha=self.factor)
+            r += n
 
 
 class AttributionRun:
