@@ -134,11 +134,17 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         return sel.dim, None if sel.full else sel.index(p.device), sel.count
 
     # ---- pooled state ----
+    @staticmethod
+    def _pool_size(p: torch.Tensor, group: dict, n_rows: int) -> int:
+        """Pool slots of ``p``: the group's ``state_capacity``, except that 1-D parameters (biases: a row is one
+        element, and a shared output bias is selected whole with any of its heads) always get a full pool."""
+        return pool_size(None if p.dim() <= 1 else group["state_capacity"], n_rows)
+
     def _check_capacity(self, p: torch.Tensor, group: dict, dim: int, count: int):
         """Raise if ``count`` selected rows do not fit the parameter's pool (host-side, no state touched)."""
         state = self.state[p]
         n_rows = _n_rows(p, dim)
-        cap = state["owner"].numel() if "owner" in state else pool_size(group["state_capacity"], n_rows)
+        cap = state["owner"].numel() if "owner" in state else self._pool_size(p, group, n_rows)
         if count > cap:
             what = "a dense step (no circuit) updates all" if self._selection is None else "the circuit selects"
             raise CTFastError(f"{what} {count} of the {n_rows} rows (axis {dim}) of a parameter of shape "
@@ -162,7 +168,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         n_rows = _n_rows(p, dim)
         if "owner" not in state:
-            self._allocate(p, state, dim, pool_size(group["state_capacity"], n_rows))
+            self._allocate(p, state, dim, self._pool_size(p, group, n_rows))
         rows = torch.arange(n_rows, device=p.device) if index is None else index
         return state, rows, self._assign(state, rows)
 
@@ -207,7 +213,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         if not dense:
             raise CTFastError(f"a parameter of shape {tuple(p.shape)} was selected along axis {dim} after axis {old}; "
                               "a parameter's circuit slices must keep one axis")
-        cap = pool_size(group["state_capacity"], n_new)
+        cap = self._pool_size(p, group, n_new)
         if cap < n_new:
             raise CTFastError(f"moving the dense state of a parameter of shape {tuple(p.shape)} to axis {dim} needs "
                               f"{n_new} rows of state, but state_capacity={group['state_capacity']!r} gives {cap}; "
@@ -227,7 +233,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         """A state saved before pools existed (slots 0..m-1 appended as rows entered) as a pool of the group's
         capacity, the same rows keeping the same slots."""
         slot, m = state["slot"], state["step"].numel()
-        cap = pool_size(group["state_capacity"], slot.numel())
+        cap = self._pool_size(p, group, slot.numel())
         if m > cap:
             raise CTFastError(f"the saved optimizer state of a parameter of shape {tuple(p.shape)} holds {m} rows, "
                               f"more than state_capacity={group['state_capacity']!r} allows ({cap}); "

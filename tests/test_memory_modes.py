@@ -125,3 +125,21 @@ def test_outcome_metric_ignores_the_memory_mode(batch):
     assert ra.memory_mode == rb.memory_mode == "outcome" and ra.circuit.edges == rb.circuit.edges
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_bounded_state_over_many_tuner_steps():
+    """A capacity bounds the optimizer state of a tuner whose circuits change every step; shared 1-D biases
+    (selected whole with any of their heads) get full pools, so GPT-2 circuits of heads fit."""
+    model = tiny_model("gpt2")
+    opt = CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.75)
+    tuner = CircuitTuner(model, opt, top_n=2, mlp_head_dim=8)
+    rows, pools = [], {}
+    for s in range(12):
+        tuner.step(random_batch(37, seed=s))
+        rows.append(opt.num_state_rows())
+        assert rows[-1] <= opt.state_capacity_rows()
+        for p, state in opt.state.items():  # a parameter's pool is allocated once and never grows
+            assert pools.setdefault(p, state["owner"].numel()) == state["owner"].numel()
+    assert len(set(rows)) > 1
+    matrices = [(p, s) for p, s in opt.state.items() if p.dim() == 2]
+    assert matrices and all(s["owner"].numel() < p.shape[s["dim"]] for p, s in matrices)

@@ -217,7 +217,7 @@ class _PoolModel:
 
 
 # (shape, sliced axis) of the small parameters of the pool tests, and their pool sizes at state_capacity=0.5
-_POOL_PARAMS = [((6, 4), 0), ((4, 5), 1), ((7,), 0)]
+_POOL_PARAMS = [((6, 4), 0), ((4, 5), 1), ((7, 1), 0)]  # 1-D parameters always get full pools
 _POOL_CAPS = [3, 3, 4]
 
 
