@@ -128,6 +128,8 @@ class TrainConfig:
     selection: str = "edges"
     mlp_head_dim: int | None = None
     token_budget: int | None = None
+    memory_mode: str = "auto"
+    state_capacity: float | int | None = None
     lora_r: int = 32
     seed: int = 0
     circuit_every: int = 10
@@ -158,12 +160,16 @@ class Method:
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.method == "circuit":
-            self.optimizer = (CircuitAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
-                              else CircuitSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
+            cap = cfg.state_capacity
+            self.optimizer = (CircuitAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, state_capacity=cap)
+                              if cfg.optimizer == "adamw" else
+                              CircuitSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                         state_capacity=cap))
             schedule = TopNSchedule(cfg.top_n, cfg.top_n_end, cfg.steps, cfg.top_n_schedule)
             self.tuner = CircuitTuner(model, self.optimizer, top_n=schedule, metric=cfg.metric, ablation=cfg.ablation,
                                       selection=cfg.selection, refresh_every=cfg.refresh_every,
-                                      mlp_head_dim=cfg.mlp_head_dim, token_budget=cfg.token_budget)
+                                      mlp_head_dim=cfg.mlp_head_dim, token_budget=cfg.token_budget,
+                                      memory_mode=cfg.memory_mode)
         else:
             self.optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
                               else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
@@ -175,7 +181,8 @@ class Method:
             r = self.tuner.step(batch)
             return {"loss": r.loss, "metric": r.metric, "top_n": r.top_n, "circuit_edges": len(r.circuit),
                     "circuit_nodes": len(r.circuit.nodes), "tuned_params": r.tuned_params,
-                    "tuned_fraction": r.circuit.fraction, "refreshed": r.refreshed,
+                    "tuned_fraction": r.circuit.fraction, "refreshed": r.refreshed, "memory_mode": r.memory_mode,
+                    "state_rows": self.optimizer.num_state_rows(), "state_pool_rows": self.optimizer.state_capacity_rows(),
                     "timings": {k: round(v, 6) for k, v in r.timings.items()}, "step_time": r.timings["total"]}
         out = self.model(**model_inputs(batch))
         if not torch.isfinite(out.loss.detach()):
