@@ -576,13 +576,15 @@ def scoring_dtype(param: torch.Tensor) -> torch.dtype:
 
 def attribute(model: nn.Module, batch: dict, metric="loss", ablation: str = "mean", positions=None,
               pool: bool = False, graph: ComputationGraph | None = None,
-              corrupted_batch: dict | None = None) -> EdgeScores:
+              corrupted_batch: dict | None = None, score_dtype: torch.dtype | None = None) -> EdgeScores:
     """Exact EAP edge scores of ``batch`` (see module docstring).
 
     ``metric``: ``"loss"``, ``"logit_diff"``, ``"logprob_diff"`` or a callable ``(logits, batch) -> scalar``;
     ``ablation``: ``"mean"`` (over the batch's non-padding tokens), ``"zero"`` or ``"corrupted"``
     (with ``corrupted_batch``); ``positions``: None (all non-padding tokens), a bool ``[B, T]`` mask, a
-    batch key or a callable; ``pool``: average activations and gradients over the positions first.
+    batch key or a callable; ``pool``: average activations and gradients over the positions first;
+    ``score_dtype``: the scoring precision (default ``scoring_dtype``: bf16/fp16 operands for such a model on
+    a GPU, else fp32 — the exact path).
 
     Example::
 
@@ -590,7 +592,7 @@ def attribute(model: nn.Module, batch: dict, metric="loss", ablation: str = "mea
         scores.scores.shape   # [n_upstream, n_downstream]
     """
     graph = graph or ComputationGraph.from_model(model)
-    run = AttributionRun(model, graph, ablation=ablation, positions=positions, pool=pool)
+    run = AttributionRun(model, graph, ablation=ablation, positions=positions, pool=pool, score_dtype=score_dtype)
     _, value = run.forward(batch, metric=metric, corrupted_batch=corrupted_batch)
     run.backward(value)
     return run.scores()

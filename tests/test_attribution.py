@@ -114,6 +114,24 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_bf16_scoring_policy(arch):
+    """bf16 scoring operands (the GPU policy for bf16 models, forced here on CPU) stay within the bf16 band of
+    the fp64 oracle and keep the top circuit; the default on CPU is the exact fp32 path."""
+    model = tiny_model(arch)
+    batch = random_batch(37, batch=4, seq=16)
+    g = ComputationGraph.from_model(model)
+    oracle = brute_force_scores(tiny_model(arch, dtype=torch.float64), batch, graph=g).float()
+    low = attribute(model, batch, graph=g, score_dtype=torch.bfloat16).scores
+    exact = attribute(model, batch, graph=g).scores
+    assert ct_fast.attribution.scoring_dtype(next(model.parameters())) == torch.float32
+    rel = ((low - oracle).abs().sum() / oracle.abs().sum()).item()
+    assert 1e-4 < rel < 5e-2, rel  # bf16 operands: measurably inexact, within the band
+    assert ((exact - oracle).abs().sum() / oracle.abs().sum()).item() < 1e-5
+    top = set(oracle.flatten().topk(30).indices.tolist())
+    assert len(top & set(low.flatten().topk(30).indices.tolist())) >= 27
+
+
 def test_no_per_node_activation_buffer_and_no_weight_grads(monkeypatch):
     """Scoring buffers are bounded by CHUNK_ELEMENTS whatever the token count: never [nodes, tokens, d]."""
     model = tiny_model("llama", num_hidden_layers=4, vocab_size=16)
