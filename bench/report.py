@@ -19,26 +19,26 @@ def _header(path: str, env: dict) -> str:
     return f"`{os.path.relpath(path, ROOT)}` — {where}, torch {env.get('torch')}, commit {env.get('commit')}"
 
 
+def _render(pattern: str, table, empty: str) -> str:
+    """Every committed results file matching ``pattern``, headed by its machine and commit, as ``table(data)``."""
+    parts = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "bench", "results", pattern))):
+        with open(path) as f:
+            data = json.load(f)
+        parts.append(f"{_header(path, data['env'])}:\n\n{table(data)}")
+    return "\n\n".join(parts) if parts else empty
+
+
 def rendered_step() -> str:
     from ct_fast.app.step_bench import table
 
-    parts = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "step_*.json"))):
-        with open(path) as f:
-            data = json.load(f)
-        parts.append(f"{_header(path, data['env'])}:\n\n{table(data['results'])}")
-    return "\n\n".join(parts) if parts else "(no results yet: run `ct-fast bench`)"
+    return _render("step_*.json", lambda data: table(data["results"]), "(no results yet: run `ct-fast bench`)")
 
 
 def rendered_scale() -> str:
     from bench_scale import table
 
-    parts = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*_scale.json"))):
-        with open(path) as f:
-            data = json.load(f)
-        parts.append(f"{_header(path, data['env'])}:\n\n{table(data)}")
-    return "\n\n".join(parts) if parts else "(no results yet: run `python bench/bench_scale.py`)"
+    return _render("*_scale.json", table, "(no results yet: run `python bench/bench_scale.py`)")
 
 
 BLOCKS = {"step": rendered_step, "scale": rendered_scale}
