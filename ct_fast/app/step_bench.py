@@ -108,7 +108,7 @@ class _Method:
         else:
             refresh = 1 if method == "circuit_refresh1" else 10
             self.tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=lr), top_n=top_n,
-                                              refresh_every=refresh)
+                                              refresh_every=refresh, profile=True)  # phase split on GPUs too
 
     def step(self, batch):
         if self.tuner is not None:
