@@ -220,6 +220,27 @@ def cmd_plot(args) -> list:
     return paths
 
 
+def cmd_plan(args) -> dict:
+    """Predicted peak memory of one training step per memory mode (meta device: no weights allocated)."""
+    from ..memory import memory_plan, parse_bytes
+
+    memory = parse_bytes(args.memory) if args.memory else None
+    capacity = args.state_capacity
+    if capacity is not None and capacity > 1:  # rows per parameter
+        capacity = int(capacity)
+    plan = memory_plan(args.model, args.batch, args.seq, dtype=args.dtype, device_memory=memory,
+                       top_fraction=args.top_fraction, state_capacity=capacity,
+                       activation_checkpointing=args.checkpointing, optimizer=args.optimizer)
+    print(f"{plan.model}: {plan.params / 1e9:.2f} B parameters ({plan.tunable_params / 1e9:.2f} B tunable), "
+          f"{plan.dtype}, batch {plan.batch} x {plan.seq} tokens"
+          f"{', activation checkpointing' if plan.activation_checkpointing else ''}")
+    print(plan.table())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan.to_dict(), f, indent=1)
+    return plan.to_dict()
+
+
 def _model_args(p):
     p.add_argument("--model", help="local directory (save_pretrained) or hub name")
     p.add_argument("--data", help="JSONL: {text} | {prompt, completion} | {prompt, answer, wrong_answer}")
@@ -299,6 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--out", default=None, help="write the report as JSON here")
     pr.set_defaults(func=cmd_profile)
+    pn = sub.add_parser("plan", help="predict the peak memory of a training step per memory mode (no weights loaded)")
+    pn.add_argument("--model", required=True,
+                    help="tiny, gpt2-small, llama-1B, llama-8B, or a config.json / model directory")
+    pn.add_argument("--batch", type=int, required=True)
+    pn.add_argument("--seq", type=int, required=True)
+    pn.add_argument("--dtype", default="bf16", help="bf16 (default), fp16, fp32")
+    pn.add_argument("--memory", default=None, help="device memory, e.g. 80GB or 80GiB: fits and largest batch")
+    pn.add_argument("--checkpointing", action="store_true", help="with activation checkpointing")
+    pn.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    pn.add_argument("--top-fraction", type=float, default=0.05, help="share of tunable parameters in a circuit")
+    pn.add_argument("--state-capacity", type=float, default=None,
+                    help="circuit optimizer state pool per parameter: a fraction of its rows, or rows "
+                         "(default: every row)")
+    pn.add_argument("--json", default=None, metavar="FILE", help="write the plan as JSON here")
+    pn.set_defaults(func=cmd_plan)
     return p
 
 
