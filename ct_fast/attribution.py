@@ -228,7 +228,8 @@ def layer_plans(graph: ComputationGraph) -> dict[int, LayerPlan]:
                 if not all(seen[a:]):
                     raise AssertionError("a writer must be seen by a suffix of a layer's readers")
                 ups.append((k, a))
-        plans[layer] = LayerPlan(layer, col0, n_nodes, blocks, [tuple(x) for x in norms], ups, len(groups))
+        taps = len({g.tap for g in groups})  # GPT-2's q, k and v share one tap (the fused c_attn output)
+        plans[layer] = LayerPlan(layer, col0, n_nodes, blocks, [tuple(x) for x in norms], ups, taps)
     graph._layer_plans = plans
     return plans
 

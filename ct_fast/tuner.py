@@ -188,6 +188,7 @@ class CircuitTuner:
             with timer.span("forward"):
                 out, value = run.forward(b, metric=self.metric, corrupted_batch=c)
             step_loss, step_metric = _finite_values(out.loss, value)
+            del out  # the logits ([B, T, vocab]) are not needed by the backward: free them before it
             loss, metric = loss + step_loss * wl, metric + step_metric * wm
             with timer.span("backward"):
                 run.backward(value, [masked.anchor], scale=wm, retain_graph=retain)
@@ -238,10 +239,12 @@ class CircuitTuner:
                 out = self.model(**model_inputs(b))
                 with torch.no_grad():
                     value = evaluate_metric(self.metric, out, b)
-            step_loss, step_metric = _finite_values(out.loss, value)
+            train_loss = out.loss
+            del out  # free the logits before the backward
+            step_loss, step_metric = _finite_values(train_loss, value)
             loss, metric = loss + step_loss * wl, metric + step_metric * wm
             with timer.span("backward"):
-                torch.autograd.grad(out.loss * wl, [masked.anchor])
+                torch.autograd.grad(train_loss * wl, [masked.anchor])
         return loss, metric
 
 

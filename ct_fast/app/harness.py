@@ -16,6 +16,7 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # results go to bench/results of the source checkout (ct_fast/app/harness.py -> repository root), else ./bench-results
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,34 +73,47 @@ def median_time(fn, device="cpu", warmup=2, reps=10) -> float:
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of tensors created while active and still alive (CPU peak-memory proxy)."""
+    """Peak bytes of storages created while active and still alive (CPU peak-memory proxy). A storage counts
+    from its first tensor until the last tensor seen on it dies (views such as ``F.linear``'s 3-D output keep
+    their base's memory alive)."""
 
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
-        self.seen: set[int] = set()  # storages already counted (in-place ops return their input)
+        self.users: dict[int, int] = {}  # storage -> live tensors seen on it
+        self.size: dict[int, int] = {}
 
-    def _track(self, t):
+    def _track(self, t, inputs: set):
         storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in self.seen or storage.nbytes() == 0:
-            return
-        n = storage.nbytes()
-        self.seen.add(key)
-        self.live += n
-        self.peak = max(self.peak, self.live)
-        weakref.finalize(t, self._free, key, n)  # the tensor object: storages' Python wrappers are transient
+        key, n = storage.data_ptr(), storage.nbytes()
+        if n == 0 or (key in inputs and key not in self.users):
+            return  # a view of, or an in-place write into, memory that existed before (parameters, states)
+        if key not in self.users:
+            self.users[key], self.size[key] = 0, n
+            self.live += n
+            self.peak = max(self.peak, self.live)
+        self.users[key] += 1
+        weakref.finalize(t, self._release, key)  # the tensor object: storages' Python wrappers are transient
 
-    def _free(self, key, n):
-        self.seen.discard(key)
-        self.live -= n
+    def _release(self, key):
+        self.users[key] -= 1
+        if self.users[key] == 0:
+            del self.users[key]
+            self.live -= self.size.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
+        inputs = set()
+        for t in tree_leaves((args, kwargs)):
             if isinstance(t, torch.Tensor) and not t.is_meta:
                 try:
-                    self._track(t)
+                    inputs.add(t.untyped_storage().data_ptr())
+                except (RuntimeError, TypeError):
+                    pass
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                try:
+                    self._track(t, inputs)
                 except (RuntimeError, TypeError):
                     pass
         return out
