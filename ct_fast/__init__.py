@@ -8,9 +8,10 @@ from .circuit import Circuit, ParamSelection, TopNSchedule, select_circuit
 from .optim import CircuitAdamW, CircuitSGD
 from .tuner import CircuitTuner, StepResult
 from .models import enable_activation_checkpointing, load_model
+from .memory import MemoryPlan, memory_plan
 
 __all__ = [
     "AttributionRun", "Circuit", "CircuitAdamW", "CircuitSGD", "CircuitTuner", "ComputationGraph", "CTFastError",
-    "EdgeScores", "NonFiniteError", "ParamSelection", "ParamSlice", "StepResult", "TopNSchedule",
-    "UnsupportedArchitectureError", "attribute", "enable_activation_checkpointing", "load_model", "logit_diff", "logprob_diff", "select_circuit",
+    "EdgeScores", "MemoryPlan", "NonFiniteError", "ParamSelection", "ParamSlice", "StepResult", "TopNSchedule",
+    "UnsupportedArchitectureError", "attribute", "enable_activation_checkpointing", "load_model", "logit_diff", "logprob_diff", "memory_plan", "select_circuit",
 ]

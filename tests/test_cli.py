@@ -51,16 +51,22 @@ def _tune(model_dir, data, out, *extra):
                  "--top-n", "12", "--lr", "1e-2", "--no-progress", "--circuit-every", "2", "--save-every", "2", *extra])
 
 
-@pytest.mark.parametrize("fmt,extra", [("text", []), ("completion", ["--mlp-head-dim", "8"]),
+@pytest.mark.parametrize("fmt,extra", [("text", []),
+                                       ("completion", ["--mlp-head-dim", "8", "--memory-mode", "two_pass",
+                                                       "--state-capacity", "1.0"]),
                                        ("contrastive", ["--metric", "logit_diff", "--selection", "nodes"])])
 def test_tune_writes_a_complete_run(model_dir, datasets, tmp_path, fmt, extra):
     out = tmp_path / "run"
     assert _tune(model_dir, datasets[fmt], out, *extra) == 0
     log = [json.loads(line) for line in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == [0, 1, 2, 3]
-    for key in ("loss", "metric", "circuit_edges", "circuit_nodes", "tuned_params", "top_n", "lr", "step_time"):
+    for key in ("loss", "metric", "circuit_edges", "circuit_nodes", "tuned_params", "top_n", "lr", "step_time",
+                "memory_mode", "state_rows", "state_pool_rows"):
         assert key in log[0], key
+    assert all(r["state_rows"] <= r["state_pool_rows"] for r in log)
     config = json.load(open(out / "config.json"))
+    if "--memory-mode" in extra:
+        assert {r["memory_mode"] for r in log} == {"two_pass"} and config["state_capacity"] == 1.0
     assert config["top_n"] == 12 and config["model"] == model_dir
     assert sorted(os.listdir(out / "circuits")) == ["step-000000.json", "step-000002.json", "step-000003.json"]
     assert (out / "model" / "config.json").exists() and (out / "model" / "tokenizer.json").exists()

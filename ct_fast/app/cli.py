@@ -5,7 +5,8 @@
     ct-fast discover --model PATH --data FILE.jsonl    score the graph, write the circuit and its picture
     ct-fast plot RUN_DIR                               regenerate a run's pictures
     ct-fast profile [--layers 12 --d-model 768 ...]    time circuit-tuning steps on a random model
-    ct-fast bench [--models gpt2-small ...]            circuit vs full / LoRA / reference steps (source tree)
+    ct-fast bench [--models gpt2-small ...]            circuit vs full / LoRA / reference steps
+    ct-fast plan --model llama-8B --batch 8 --seq 2048 --memory 80GB   peak memory per mode (meta device)
 """
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ def _profile_model(args):
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
+def _capacity(text: str):
+    """``--state-capacity``: a fraction (has a '.') or a row count."""
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.25 or a row count, got {text!r}") from None
+
+
 def cmd_profile(args) -> dict:
     """Median per-phase time of circuit-tuning steps (random weights and tokens, no download)."""
     from .. import CircuitAdamW, CircuitTuner
@@ -45,7 +54,8 @@ def cmd_profile(args) -> dict:
     torch.set_num_threads(args.threads) if args.threads else None
     model = _profile_model(args)
     opt = CircuitAdamW(model.parameters(), lr=1e-5)
-    tuner = CircuitTuner(model, opt, top_n=args.top_n, ablation=args.ablation, mlp_head_dim=args.mlp_head_dim)
+    tuner = CircuitTuner(model, opt, top_n=args.top_n, ablation=args.ablation, mlp_head_dim=args.mlp_head_dim,
+                         memory_mode=args.memory_mode, profile=True)
     g = torch.Generator().manual_seed(args.seed)
     rows = []
     for step in range(args.warmup + args.steps):
@@ -118,9 +128,8 @@ def _check_metric(metric: str, fmt: str):
 
 
 TUNE_KEYS = ("method", "steps", "batch_size", "lr", "optimizer", "weight_decay", "top_n", "top_n_end",
-             "top_n_schedule", "refresh_every", "ablation", "metric", "selection", "mlp_head_dim", "token_budget", "lora_r",
-             "seed",
-             "circuit_every", "save_every")
+             "top_n_schedule", "refresh_every", "ablation", "metric", "selection", "mlp_head_dim", "token_budget", "memory_mode",
+             "state_capacity", "lora_r", "seed", "circuit_every", "save_every")
 
 
 def cmd_tune(args) -> dict:
@@ -286,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-n-schedule", default="constant", choices=["constant", "linear", "cosine"])
     t.add_argument("--refresh-every", type=int, default=1)
     t.add_argument("--token-budget", type=int, default=None, help="score at most this many positions per batch")
+    t.add_argument("--memory-mode", default="auto", choices=["auto", "deferred", "two_pass", "lagged"],
+                   help="how a faithful step bridges scoring and the weight gradient (default auto; see README)")
+    t.add_argument("--state-capacity", type=_capacity, default=None,
+                   help="optimizer-state pool per parameter: a fraction in (0, 1] of its rows or a row count "
+                        "(default: every row)")
     t.add_argument("--lora-r", type=int, default=32)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--circuit-every", type=int, default=10)
@@ -314,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-n", type=int, default=200)
     pr.add_argument("--ablation", default="mean", choices=["mean", "zero"])
     pr.add_argument("--mlp-head-dim", type=int, default=None)
+    pr.add_argument("--memory-mode", default="auto", choices=["auto", "deferred", "two_pass", "lagged"])
     pr.add_argument("--steps", type=int, default=3)
     pr.add_argument("--warmup", type=int, default=1)
     pr.add_argument("--threads", type=int, default=0)
