@@ -445,6 +445,7 @@ class AttributionRun:
         self._scorer = None
         self.up_keys = [g.capture for g in graph.upstream_groups]
         self.resid_keys = sorted({(g.norm, "input") for g in graph.downstream_groups if g.norm})
+        self.mlp_residuals = _mlp_residuals(graph)
         self.tap_keys = sorted({g.tap for g in graph.downstream_groups})
 
     def forward(self, batch: dict, metric="loss", corrupted_batch: dict | None = None):
@@ -454,14 +455,26 @@ class AttributionRun:
         pos, factor = self._budget(pos)
         rows = TokenRows(pos, self.pool)
         baseline = self._baseline(batch, corrupted_batch)
-        cap = Capture(self.model, store=set(self.up_keys) | set(self.resid_keys), taps=self.tap_keys)
+        # whole-MLP outputs of an fp32 model are read as residual differences (no capture of their own)
+        derived = {} if (rows.pool or baseline is not None or next(self.model.parameters()).dtype != torch.float32
+                         ) else self.mlp_residuals
+        store = {k for i, k in enumerate(self.up_keys) if i not in derived} | set(self.resid_keys)
+        store |= {key for pair in derived.values() for key in pair}
+        cap = Capture(self.model, store=store, taps=self.tap_keys)
         with cap:
             output = self.model(**inputs)
         value = evaluate_metric(metric, output, batch)
         valid = valid_tokens(batch).reshape(-1)
-        shifts = [self._mean(cap.stored[k], valid) if self.ablation == "mean" else None for k in self.up_keys]
-        sources = [rows.compact(cap.stored[k] if baseline is None else cap.stored[k] - baseline[k])
-                   for k in self.up_keys]
+        stored = cap.stored
+        shifts, sources = [], []
+        for i, key in enumerate(self.up_keys):
+            if i in derived:
+                after, before = (stored[k] for k in derived[i])
+                sources.append(_Difference(rows.select(after), rows.select(before)))
+                shifts.append(self._mean(after, valid) - self._mean(before, valid) if self.ablation == "mean" else None)
+                continue
+            shifts.append(self._mean(stored[key], valid) if self.ablation == "mean" else None)
+            sources.append(rows.compact(stored[key] if baseline is None else stored[key] - baseline[key]))
         if self.ablation == "mean":
             self._means.append([self._node_means(shifts), int(valid.sum()), factor, None])
             if rows.pool:  # pooled rows are per-example means: centre them now (they are small)
@@ -565,6 +578,27 @@ class AttributionRun:
             w = None if g.writer is None else g.writer.heads_weight(self._params[g.writer.weight].detach())
             out.append(ops.heads_to_residual(mean[None], w)[:, 0])
         return torch.cat(out)
+
+
+class _Difference:
+    """Rows of ``after - before`` computed chunk by chunk when sliced: an MLP's output as the difference of the
+    residual stream after and before it (both kept anyway), instead of a capture of its own."""
+
+    def __init__(self, after: torch.Tensor, before: torch.Tensor):
+        self.after, self.before = after, before
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.after[rows] - self.before[rows]
+
+
+def _mlp_residuals(graph: ComputationGraph) -> dict[int, tuple]:
+    """``{upstream group: (key of the residual after the MLP, key of the residual before it)}`` for whole-MLP
+    nodes: the next layer's attention-norm input (or the final norm's) and this layer's MLP-norm input."""
+    before = {g.layer: (g.norm, "input") for g in graph.downstream_groups if g.kind == "mlp" and g.norm}
+    after = {g.layer - 1: (g.norm, "input") for g in graph.downstream_groups if g.kind == "q" and g.norm}
+    after.update({g.layer - 1: g.tap for g in graph.downstream_groups if g.kind == "logits"})
+    return {k: (after[g.layer], before[g.layer]) for k, g in enumerate(graph.upstream_groups)
+            if g.kind == "mlp" and g.writer is None and g.layer in after and g.layer in before}
 
 
 def scoring_dtype(param: torch.Tensor) -> torch.dtype:

@@ -290,11 +290,15 @@ class _Engine:
     scored layer, None for the buffers) and ``compact`` (serial -> weight elements)."""
 
     def __init__(self, model: nn.Module, graph: ComputationGraph, tracker: LiveStorages):
-        from .attribution import layer_plans
+        from .attribution import _mlp_residuals, layer_plans
         from .capture import Capture
 
         stored = {g.capture for g in graph.upstream_groups} | {(g.norm, "input") for g in graph.downstream_groups
                                                                if g.norm}
+        if next(model.parameters()).dtype == torch.float32:  # as AttributionRun: whole-MLP outputs of an fp32
+            derived = _mlp_residuals(graph)                  # model are residual differences, not captures
+            stored -= {graph.upstream_groups[k].capture for k in derived}
+            stored |= {key for pair in derived.values() for key in pair}
         taps = {g.tap for g in graph.downstream_groups}
         self.capture = Capture(model, store=stored, taps=taps, on_grad=self._on_grad)
         self.plans, self.tracker = layer_plans(graph), tracker
@@ -458,7 +462,7 @@ class _ScoringSizes:
     else fp32)."""
 
     def __init__(self, graph: ComputationGraph, score_bytes: int):
-        from .attribution import layer_plans
+        from .attribution import _mlp_residuals, layer_plans
 
         self.d, self.score_bytes, self.layers = graph.d_model, score_bytes, {}
         for layer, plan in layer_plans(graph).items():
