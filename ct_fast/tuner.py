@@ -53,7 +53,8 @@ MEMORY_MODES = ("auto", "deferred", "two_pass", "lagged")
 class StepResult:
     """What one tuner step did. ``circuit`` is the circuit whose parameters this step updated (with
     ``memory_mode="lagged"`` the one selected on the previous step; ``CircuitTuner.circuit`` holds the
-    newest); ``memory_mode`` the mode the step ran in. ``timings`` in seconds per phase (``PHASES``) and
+    newest); ``memory_mode`` the mode the step ran in (``"reused"`` between refreshes, ``"outcome"`` for an
+    outcome metric). ``timings`` in seconds per phase (``PHASES``) and
     ``total`` (on a GPU, phases only with ``profile=True``)."""
 
     loss: float
@@ -62,7 +63,7 @@ class StepResult:
     tuned_params: int
     top_n: int
     refreshed: bool
-    memory_mode: str = "deferred"
+    memory_mode: str = "reused"
     timings: dict = field(default_factory=dict)
 
 
@@ -134,7 +135,7 @@ class CircuitTuner:
         sizes = [b["input_ids"].shape[0] for b in batches]
         w_metric = w_loss if self.metric == "loss" else [s / sum(sizes) for s in sizes]
         previous = self.circuit
-        mode = "deferred"
+        mode = "reused"  # a step between refreshes: one forward and a masked-dW backward of the known circuit
         with MaskedLinears(self.model, self.graph) as masked:
             if refresh:
                 mode, loss, metric, retained = self._refresh(masked, batches, corrupted, top_n, w_loss, w_metric,

@@ -60,6 +60,7 @@ def test_refresh_every_and_schedule(model, batch):
     tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3), top_n=sched, refresh_every=2)
     results = [tuner.step(random_batch(37, seed=s)) for s in range(4)]
     assert [r.refreshed for r in results] == [True, False, True, False]
+    assert [r.memory_mode for r in results] == ["deferred", "reused", "deferred", "reused"]
     assert results[1].circuit is results[0].circuit and results[3].circuit is results[2].circuit
     assert [r.top_n for r in results] == [40, 25, 10, 10]
     assert [len(r.circuit) for r in results] == [40, 40, 10, 10]  # a reused circuit keeps its size
