@@ -488,6 +488,20 @@ class AttributionRun:
         self.batch_size += pos.shape[0]
         return output, value
 
+    def observe(self, batch: dict):
+        """Count a micro-batch whose metric has no gradient (e.g. no label token of the training loss): its
+        examples join the ``1/B`` normalisation and its tokens the mean ablation, as in one whole batch; it
+        adds nothing to the signed sums (a no-grad forward, no backward)."""
+        pos = resolve_positions(batch, self.positions)
+        cap = Capture(self.model, store=set(self.up_keys))
+        with cap, torch.no_grad():
+            self.model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"})
+        if self.ablation == "mean":
+            valid = valid_tokens(batch).reshape(-1)
+            means = self._node_means([self._mean(cap.stored[k], valid) for k in self.up_keys])
+            self._means.append([means, int(valid.sum()), 1.0, self.raw.new_zeros(self.raw.shape[1], self.graph.d_model)])
+        self.batch_size += pos.shape[0]
+
     def backward(self, metric: torch.Tensor, params=(), scale: float = 1.0, retain_graph: bool = False):
         """Backward of ``scale * metric`` through the taps; returns the gradients of ``params`` (if any).
 

@@ -131,7 +131,10 @@ class CircuitTuner:
         refresh = self.circuit is None or self.step_count % self.refresh_every == 0
         top_n = self.schedule(self.step_count)
         tokens = [_label_tokens(b) for b in batches]
-        w_loss = [n / max(1, sum(tokens)) for n in tokens]
+        if sum(tokens) == 0:
+            raise CTFastError("no micro-batch has a label token (labels are all -100): there is no training loss "
+                              "to step on — check the labels (-100 marks tokens without loss)")
+        w_loss = [n / sum(tokens) for n in tokens]  # a micro-batch without label tokens weighs 0
         sizes = [b["input_ids"].shape[0] for b in batches]
         w_metric = w_loss if self.metric == "loss" else [s / sum(sizes) for s in sizes]
         previous = self.circuit
@@ -186,6 +189,10 @@ class CircuitTuner:
         loss = metric = 0.0
         retained = None
         for b, c, wl, wm in zip(batches, corrupted, w_loss, w_metric):
+            if wm == 0:  # no label token: no loss, no gradient; its examples and tokens still count
+                with timer.span("forward"):
+                    run.observe(b)
+                continue
             with timer.span("forward"):
                 out, value = run.forward(b, metric=self.metric, corrupted_batch=c)
             step_loss, step_metric = _finite_values(out.loss, value)
@@ -236,6 +243,11 @@ class CircuitTuner:
         Returns the (weighted) loss and metric of the batches."""
         loss = metric = 0.0
         for b, wl, wm in zip(batches, w_loss, w_metric):
+            if wl == 0:  # no label token: nothing to train on (an outcome metric is still reported)
+                if wm:
+                    with timer.span("forward"), torch.no_grad():
+                        metric += evaluate_metric(self.metric, self.model(**model_inputs(b)), b).item() * wm
+                continue
             with timer.span("forward"):
                 out = self.model(**model_inputs(b))
                 with torch.no_grad():

@@ -55,6 +55,26 @@ def test_micro_batches_equal_the_whole_batch(batch, ablation):
         assert_close(p, q)
 
 
+@pytest.mark.parametrize("mode", ["deferred", "two_pass"])
+def test_micro_batch_without_label_tokens_weighs_zero(batch, mode):
+    """A micro-batch whose labels are all -100 adds no loss and no gradient, but its examples and tokens count
+    as in the same data given as one batch (1/B, mean ablation): same circuit, same update."""
+    labels = batch["labels"].clone()
+    labels[2] = -100
+    whole_batch = dict(batch, labels=labels)
+    a, b = tiny_model("llama"), tiny_model("llama")
+    ta = CircuitTuner(a, CircuitAdamW(a.parameters(), lr=1e-2), top_n=20, memory_mode=mode)
+    tb = CircuitTuner(b, CircuitAdamW(b.parameters(), lr=1e-2), top_n=20, memory_mode=mode)
+    ra = ta.step(whole_batch)
+    rb = tb.step([{k: v[:2] for k, v in whole_batch.items()}, {k: v[2:] for k, v in whole_batch.items()}])
+    assert [e[:2] for e in ra.circuit.edges] == [e[:2] for e in rb.circuit.edges]
+    assert rb.loss == pytest.approx(ra.loss, rel=1e-5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close(q, p)
+    with pytest.raises(CTFastError, match="no micro-batch has a label token"):
+        ta.step([{k: v[2:] for k, v in whole_batch.items()}])
+
+
 def test_refresh_every_and_schedule(model, batch):
     sched = TopNSchedule(40, 10, steps=2, kind="linear")
     tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3), top_n=sched, refresh_every=2)
