@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -307,8 +306,7 @@ class EdgeScorer:
         for k, _ in plan.ups:
             if k not in self.up_weight:
                 self.up_weight[k] = self._weight(self.graph.upstream_groups[k].writer, sdt)
-        down_weight = {g.index: self._weight(g.reader, torch.float32 if sdt == torch.float32 else sdt)
-                       for _, _, gs in plan.blocks for g in gs}
+        down_weight = {g.index: self._weight(g.reader, sdt) for _, _, gs in plan.blocks for g in gs}
         n_rows = next(iter(grads.values())).shape[0]
         # bound the stacked gradients [n_nodes, chunk, d] and the contributions of the upstream groups scored
         # together [nodes, chunk, d]: all groups the layer reads at once while chunks stay >= MIN_CHUNK_ROWS
@@ -367,18 +365,20 @@ class EdgeScorer:
         On the torch path the contributions of several upstream groups are written into one block and dotted
         with G in one GEMM (G is read once per batch of groups, not once per group); the fused kernels
         (``CT_FAST_BACKEND=cuda|triton``) take one group per call."""
-        sdt, d = self.score_dtype, self.graph.d_model
+        sdt = self.score_dtype
         Gs = G if sdt == torch.float32 else G.to(sdt)
         fused = ops.choose_backend("score_edges", G.device, (sdt,)) != "torch"
-        per_batch = 1 if fused else max(1, CHUNK_ELEMENTS // (G.shape[1] * d))  # nodes scored together
+        per_batch = 1 if fused else max(1, CHUNK_ELEMENTS // (G.shape[1] * self.graph.d_model))  # nodes at once
         batch, nodes = [], 0
-        for i, (k, a) in enumerate(plan.ups):
-            batch.append((k, a))
-            nodes += len(self.graph.upstream_groups[k].names)
-            last = i + 1 == len(plan.ups)
-            if last or plan.ups[i + 1][1] != a or nodes + len(self.graph.upstream_groups[plan.ups[i + 1][0]].names) > per_batch:
+        for k, a in plan.ups:  # consecutive groups read by the same G rows, up to per_batch nodes
+            n = len(self.graph.upstream_groups[k].names)
+            if batch and (batch[0][1] != a or nodes + n > per_batch):
                 self._score_batch(plan, batch, nodes, Gs, start, stop, fused)
                 batch, nodes = [], 0
+            batch.append((k, a))
+            nodes += n
+        if batch:
+            self._score_batch(plan, batch, nodes, Gs, start, stop, fused)
 
     def _centred(self, k: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop`` of upstream group k's source minus its ablation, in the scoring dtype."""

@@ -109,17 +109,20 @@ class MaskedLinears:
         else:
             self.saved.setdefault(name, []).append((x, grad_out))
 
+    @staticmethod
+    def _kept_bytes(w: torch.Tensor, tokens: int, element_size: int) -> tuple[int, int]:
+        """Deferred mode's two ways to keep a linear's gradient: ``(dense fp32 dW, (x, grad_out))`` bytes."""
+        return 4 * w.numel(), tokens * sum(w.shape) * element_size
+
     def _keep_dense(self, name: str, x: torch.Tensor) -> bool:
         """Deferred mode: is the dense fp32 weight gradient smaller than this call's ``(x, grad_out)``?"""
-        w = self.weight[name]
-        tokens = x.numel() // x.shape[-1]
-        return 4 * w.numel() < tokens * sum(w.shape) * x.element_size()
+        dense, pair = self._kept_bytes(self.weight[name], x.numel() // x.shape[-1], x.element_size())
+        return dense < pair
 
     def deferred_bytes(self, tokens: int, element_size: int) -> int:
         """Bytes deferred mode keeps until selection for a batch of ``tokens`` (per linear: the smaller of
         ``(x, grad_out)`` and the dense fp32 weight gradient) — what ``memory_mode="auto"`` weighs."""
-        return sum(min(4 * w.numel(), tokens * sum(w.shape) * element_size)
-                   for w in self.weight.values() if w.requires_grad)
+        return sum(min(self._kept_bytes(w, tokens, element_size)) for w in self.weight.values() if w.requires_grad)
 
     def _add_dense(self, name: str, x: torch.Tensor, grad_out: torch.Tensor):
         w, b = self.weight[name], self.bias[name]
@@ -142,32 +145,34 @@ class MaskedLinears:
             for x, grad_out in pairs:
                 self._accumulate(name, x, grad_out, selection)
         for name, (dw, db) in self.dense.items():
-            w, b = self.weight[name], self.bias[name]
-            sel = selection.get(w)
-            if sel is not None:
-                out_features = (sel.dim == 0) != self.conv1d[name]
-                index = None if sel.full else sel.index(dw.device)
+            weight, bias = self._targets(name, selection, dw.device)
+            if weight is not None:
+                index, out_features = weight
                 g = dw if out_features else dw.t()
-                self._add(w, g if index is None else g.index_select(0, index))
-            sel_b = selection.get(b) if db is not None else None
-            if sel_b is not None:
-                self._add(b, db if sel_b.full else db.index_select(0, sel_b.index(db.device)))
+                self._add(self.weight[name], g if index is None else g.index_select(0, index))
+            if bias is not None and db is not None:
+                self._add(self.bias[name], db if bias[0] is None else db.index_select(0, bias[0]))
         self.saved.clear()
         self.dense.clear()
 
-    def _accumulate(self, name, x, grad_out, selection):
-        x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+    def _targets(self, name: str, selection: dict, device) -> tuple:
+        """What ``selection`` asks of linear ``name``: ``((index, out_features) or None, (index,) or None)`` for
+        its weight and bias (index None: every row); frozen parameters ask nothing."""
         w, b = self.weight[name], self.bias[name]
         sel = selection.get(w) if w.requires_grad else None
-        if sel is not None:
-            # output features are weight rows for nn.Linear, columns for Conv1D
-            out_features = (sel.dim == 0) != self.conv1d[name]
-            index = None if sel.full else sel.index(x.device)
-            self._add(w, ops.masked_weight_grad(x2, g2, index, out_features))
         sel_b = selection.get(b) if b is not None and b.requires_grad else None
-        if sel_b is not None:
-            index = None if sel_b.full else sel_b.index(x.device)
-            self._add(b, ops.masked_bias_grad(g2, index))
+        # output features are weight rows for nn.Linear, columns for Conv1D
+        weight = None if sel is None else (None if sel.full else sel.index(device), (sel.dim == 0) != self.conv1d[name])
+        bias = None if sel_b is None else (None if sel_b.full else sel_b.index(device),)
+        return weight, bias
+
+    def _accumulate(self, name, x, grad_out, selection):
+        x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        weight, bias = self._targets(name, selection, x.device)
+        if weight is not None:
+            self._add(self.weight[name], ops.masked_weight_grad(x2, g2, *weight))
+        if bias is not None:
+            self._add(self.bias[name], ops.masked_bias_grad(g2, bias[0]))
 
     def _add(self, p, g):
         prev = self.grad_rows.get(p)

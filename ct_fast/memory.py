@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import CTFastError
 from .graph import ComputationGraph
-from .models import DTYPES, enable_activation_checkpointing
+from .models import DTYPES, enable_activation_checkpointing, shape_config
 
 MODES = ("deferred", "two_pass", "lagged")
 FULL = "full"  # full fine-tuning with the torch optimizer, all parameters trained
@@ -131,7 +131,7 @@ def parse_bytes(text) -> int:
 # ---- the model on the meta device -----------------------------------------------------------------
 
 def load_config(model_or_config):
-    """``(label, config)`` of a name in ``ct_fast.app.step_bench.config``, a config.json or model directory
+    """``(label, config)`` of a name in ``ct_fast.models.shape_config``, a config.json or model directory
     (local only), a transformers config or a model."""
     from transformers import AutoConfig, PretrainedConfig
 
@@ -140,10 +140,8 @@ def load_config(model_or_config):
     if isinstance(model_or_config, nn.Module):
         return type(model_or_config).__name__, model_or_config.config
     name = str(model_or_config)
-    from .app.step_bench import config as named_config
-
     try:
-        return name, named_config(name)
+        return name, shape_config(name)
     except ValueError:
         pass
     if not os.path.exists(name):
@@ -462,7 +460,7 @@ class _ScoringSizes:
     else fp32)."""
 
     def __init__(self, graph: ComputationGraph, score_bytes: int):
-        from .attribution import _mlp_residuals, layer_plans
+        from .attribution import layer_plans
 
         self.d, self.score_bytes, self.layers = graph.d_model, score_bytes, {}
         for layer, plan in layer_plans(graph).items():

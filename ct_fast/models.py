@@ -58,3 +58,22 @@ def enable_activation_checkpointing(model):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     return model
+
+
+def shape_config(name: str):
+    """The transformers config of a named model shape (random weights; used by the benchmarks and the memory plan):
+    ``tiny``, ``gpt2-small``, ``llama-1B`` (Llama-3.2-1B) or ``llama-8B`` (Llama-3-8B)."""
+    import transformers as tf
+
+    if name == "tiny":
+        return tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64)
+    if name == "gpt2-small":
+        return tf.GPT2Config()
+    if name == "llama-1B":  # Llama-3.2-1B shape
+        return tf.LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                              head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                              max_position_embeddings=8192)
+    if name == "llama-8B":  # Llama-3-8B shape
+        return tf.LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                              intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192)
+    raise ValueError(f"unknown model {name!r}: tiny, gpt2-small, llama-1B, llama-8B")

@@ -144,7 +144,7 @@ class CircuitTuner:
                 mode, loss, metric, retained = self._refresh(masked, batches, corrupted, top_n, w_loss, w_metric,
                                                              timer)
                 applied = previous if mode == "lagged" else self.circuit
-                selection = self._param_selection(applied)
+                selection = masked.selection if mode == "lagged" else self._param_selection(applied)
                 if mode == "deferred":
                     with timer.span("backward"):
                         masked.finish(selection)

@@ -12,11 +12,10 @@ import json
 import os
 import statistics
 import time
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from ..memory import LiveStorages, replay_peak
 
 # results go to bench/results of the source checkout (ct_fast/app/harness.py -> repository root), else ./bench-results
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,53 +71,6 @@ def median_time(fn, device="cpu", warmup=2, reps=10) -> float:
     return statistics.median(times)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of storages created while active and still alive (CPU peak-memory proxy). A storage counts
-    from its first tensor until the last tensor seen on it dies (views such as ``F.linear``'s 3-D output keep
-    their base's memory alive)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.users: dict[int, int] = {}  # storage -> live tensors seen on it
-        self.size: dict[int, int] = {}
-
-    def _track(self, t, inputs: set):
-        storage = t.untyped_storage()
-        key, n = storage.data_ptr(), storage.nbytes()
-        if n == 0 or (key in inputs and key not in self.users):
-            return  # a view of, or an in-place write into, memory that existed before (parameters, states)
-        if key not in self.users:
-            self.users[key], self.size[key] = 0, n
-            self.live += n
-            self.peak = max(self.peak, self.live)
-        self.users[key] += 1
-        weakref.finalize(t, self._release, key)  # the tensor object: storages' Python wrappers are transient
-
-    def _release(self, key):
-        self.users[key] -= 1
-        if self.users[key] == 0:
-            del self.users[key]
-            self.live -= self.size.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = set()
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                try:
-                    inputs.add(t.untyped_storage().data_ptr())
-                except (RuntimeError, TypeError):
-                    pass
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and not t.is_meta:
-                try:
-                    self._track(t, inputs)
-                except (RuntimeError, TypeError):
-                    pass
-        return out
-
-
 def peak_bytes(fn, device="cpu") -> int:
     """Extra peak memory of one ``fn()`` call (CUDA allocator stats on GPU, live-tensor tracking on CPU)."""
     gc.collect()
@@ -129,9 +81,9 @@ def peak_bytes(fn, device="cpu") -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    with _LiveBytes() as m:
+    with LiveStorages() as tracker:  # storages created during fn, each alive until its last view dies
         fn()
-    return m.peak
+    return replay_peak(tracker.events, tracker.size, {})["transients"]
 
 
 def copy_bandwidth(device="cpu", nbytes=256 << 20) -> float:

@@ -136,13 +136,9 @@ def _call(op: str, backend: str, *args):
 
 # ---- public ops ------------------------------------------------------------------------------------
 
-def score_edges(delta: torch.Tensor, up_weight, grad_down: torch.Tensor, workspace: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """Signed edge scores of one block (see ``reference.score_edges``), fp32 ``[n_u, n_d]``. ``workspace``: a
-    flat buffer the torch path may use for the ``[n_u, c, d]`` contributions (the fused kernels need none)."""
+def score_edges(delta: torch.Tensor, up_weight, grad_down: torch.Tensor) -> torch.Tensor:
+    """Signed edge scores of one block (see ``reference.score_edges``), fp32 ``[n_u, n_d]``."""
     b = choose_backend("score_edges", delta.device, (delta.dtype, grad_down.dtype))
-    if b == "torch":
-        return reference.score_edges(delta, up_weight, grad_down, workspace)
     return _call("score_edges", b, delta, up_weight, grad_down)
 
 

@@ -33,22 +33,16 @@ def heads_to_residual(rows: torch.Tensor, heads_weight: torch.Tensor | None, out
     return out.add_(res) if accumulate else out.copy_(res)
 
 
-def score_edges(delta_up: torch.Tensor, up_weight: torch.Tensor | None, grad_down: torch.Tensor,
-                workspace: torch.Tensor | None = None) -> torch.Tensor:
+def score_edges(delta_up: torch.Tensor, up_weight: torch.Tensor | None, grad_down: torch.Tensor) -> torch.Tensor:
     """Signed edge scores of one (upstream group, downstream group) block, fp32 ``[n_u, n_d]``.
 
     ``S[u, d] = sum_c (delta_up[c, u] @ up_weight[u]) . grad_down[d, c]``
     delta_up ``[c, n_u * w]`` (activation minus ablation, compact), up_weight ``[n_u, w, d]`` or None,
     grad_down ``[n_d, c, d]`` (per-node residual gradients) -> ``[n_u, n_d]``. The products run in
     ``grad_down``'s dtype: fp32 (the exact path) or bf16/fp16 (tensor-core operands, fp32 accumulation
-    inside each GEMM). ``workspace``: an optional flat buffer (``grad_down``'s dtype, at least ``n_u * c * d``
-    elements) for the contributions, reused across calls instead of a fresh allocation.
+    inside each GEMM).
     """
-    out = None
-    if workspace is not None and up_weight is not None:
-        shape = (up_weight.shape[0], delta_up.shape[0], grad_down.shape[-1])
-        out = workspace[:shape[0] * shape[1] * shape[2]].view(shape)
-    dA = heads_to_residual(delta_up, up_weight, out=out, dtype=grad_down.dtype)
+    dA = heads_to_residual(delta_up, up_weight, dtype=grad_down.dtype)
     return torch.einsum("ucd,ncd->un", dA, grad_down).float()
 
 
