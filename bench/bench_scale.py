@@ -99,8 +99,9 @@ def host_syncs(layers: int = 32) -> dict:
     model = tf.AutoModelForCausalLM.from_config(cfg)
     batch = make_batches(256, 2, 32, 1, "cpu")[0]
     out = {"layers": layers}
+    top_n = min(300, ct_fast.ComputationGraph.from_model(model).n_edges)
     for mode in ("deferred", "two_pass", "lagged"):
-        tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=1e-5), top_n=300,
+        tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=1e-5), top_n=top_n,
                                      memory_mode=mode)
         tuner.step(batch)
         tuner.step(batch)
