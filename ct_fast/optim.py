@@ -332,7 +332,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
+        from .state_interchange import convert_torch_state
+        state_dict = dict(convert_torch_state(self, state_dict))
         circuit = state_dict.pop("circuit", None)
         clock = state_dict.pop("clock", 0)
         super().load_state_dict(state_dict)
