@@ -262,6 +262,7 @@ class EdgeScorer:
             for k, _ in plan.ups:
                 self.readers_left[k] += 1
         self.pending: dict[int, dict] = {}
+        self.layers_left = len(self.plans)
         self._buffers: dict = {}
         # sum over scored rows of each downstream node's gradient [n_down, d]: corrects per-micro-batch means
         self.grad_sum = raw.new_zeros(raw.shape[1], graph.d_model)
@@ -333,6 +334,9 @@ class EdgeScorer:
             self.readers_left[k] -= 1
             if self.readers_left[k] == 0:  # no later layer reads this writer: drop its rows and weight
                 self.sources[k] = self.up_weight[k] = None
+        self.layers_left -= 1
+        if self.layers_left == 0:  # the backward has scored every layer: free the scratch buffers now
+            self._buffers.clear()
 
     def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int) -> torch.Tensor:
         """``[n_nodes, c, d]`` fp32: d metric / d x_d of the layer's nodes for scored rows ``start..stop``.
@@ -441,8 +445,9 @@ class AttributionRun:
         # gradient sums [n_down, d]) so that scores() can re-centre every micro-batch on the global mean
         self._means: list = []
         self._params = dict(model.named_parameters())
-        self._capture = None
-        self._scorer = None
+        self._committed: list = []  # recordings whose backward has begun
+        self._recording = None  # forward()'s recording, for backward()
+        self.closed = False
         self.up_keys = [g.capture for g in graph.upstream_groups]
         self.resid_keys = sorted({(g.norm, "input") for g in graph.downstream_groups if g.norm})
         self.mlp_residuals = _mlp_residuals(graph)
@@ -450,7 +455,18 @@ class AttributionRun:
 
     def forward(self, batch: dict, metric="loss", corrupted_batch: dict | None = None):
         """Run the model on ``batch`` with capture and taps; return ``(output, metric value)``."""
-        inputs = model_inputs(batch)
+        recording = self.begin(batch, corrupted_batch)
+        try:
+            output = self.model(**model_inputs(batch))
+        finally:
+            self.end(recording)
+        self._recording = recording
+        return output, evaluate_metric(metric, output, batch)
+
+    def begin(self, batch: dict, corrupted_batch: dict | None = None, anchor: torch.Tensor | None = None):
+        """Start recording the model's next forward on ``batch`` (its capture and taps are installed until
+        ``end``); the forward may be the caller's own. Returns the ``Recording``; it counts in this run
+        (examples, ablation mean, scores) from the moment its backward reaches a tap."""
         pos = resolve_positions(batch, self.positions)
         pos, factor = self._budget(pos)
         rows = TokenRows(pos, self.pool)
@@ -460,12 +476,18 @@ class AttributionRun:
                          ) else self.mlp_residuals
         store = {k for i, k in enumerate(self.up_keys) if i not in derived} | set(self.resid_keys)
         store |= {key for pair in derived.values() for key in pair}
-        cap = Capture(self.model, store=store, taps=self.tap_keys)
-        with cap:
-            output = self.model(**inputs)
-        value = evaluate_metric(metric, output, batch)
-        valid = valid_tokens(batch).reshape(-1)
+        capture = Capture(self.model, store=store, taps=self.tap_keys, anchor=anchor)
+        capture.__enter__()
+        return Recording(self, capture, rows, derived, baseline, factor, valid_tokens(batch).reshape(-1))
+
+    def end(self, recording: "Recording"):
+        """The recorded forward is done: remove its hooks and prepare the scorer its backward feeds."""
+        cap, rows, derived, baseline = recording.capture, recording.rows, recording.derived, recording.baseline
+        cap.__exit__(None, None, None)
         stored = cap.stored
+        if not stored:  # the forward did not run (it raised)
+            return
+        valid = recording.valid
         shifts, sources = [], []
         for i, key in enumerate(self.up_keys):
             if i in derived:
@@ -476,17 +498,40 @@ class AttributionRun:
             shifts.append(self._mean(stored[key], valid) if self.ablation == "mean" else None)
             sources.append(rows.compact(stored[key] if baseline is None else stored[key] - baseline[key]))
         if self.ablation == "mean":
-            self._means.append([self._node_means(shifts), int(valid.sum()), factor, None])
+            recording.means = self._node_means(shifts)
             if rows.pool:  # pooled rows are per-example means: centre them now (they are small)
                 sources, shifts = [s - m for s, m in zip(sources, shifts)], [None] * len(shifts)
-        resid = {k[0]: rows.select(cap.stored[k]) for k in self.resid_keys}
-        cap.stored.clear()
-        self._scorer = EdgeScorer(self.model, self.graph, rows, sources, shifts, resid, self.raw, factor,
-                                  self.score_dtype, self.timer)
-        cap.on_grad = self._scorer.on_grad  # the taps call it through the capture
-        self._capture = cap
-        self.batch_size += pos.shape[0]
-        return output, value
+        resid = {k[0]: rows.select(stored[k]) for k in self.resid_keys}
+        stored.clear()
+        recording.baseline = None
+        recording.scorer = EdgeScorer(self.model, self.graph, rows, sources, shifts, resid, self.raw,
+                                      recording.factor, self.score_dtype, self.timer)
+        cap.on_grad = recording.on_grad  # the taps call it through the capture
+
+    def _commit(self, recording: "Recording"):
+        """A recorded forward's backward has begun: count its examples and tokens, keep its scorer to flush."""
+        self.batch_size += recording.rows.batch_size
+        if self.ablation == "mean":
+            self._means.append([recording.means, int(recording.valid.sum()), recording.factor,
+                                recording.scorer.grad_sum])
+        self._committed.append(recording)
+
+    def reset(self):
+        """Forget every counted backward (``zero_grad``): scores, examples, ablation means. Forwards whose
+        backward has not begun yet still count when it does."""
+        self.raw.zero_()
+        self.batch_size = 0
+        self._means.clear()
+        self._committed.clear()
+
+    def close(self):
+        """Stop scoring: later backwards through recorded forwards (a retained graph) reach inert taps."""
+        self.closed = True
+
+    @property
+    def committed(self) -> int:
+        """Recorded forwards whose backward has begun (``observe``d batches not included)."""
+        return len(self._committed)
 
     def observe(self, batch: dict):
         """Count a micro-batch whose metric has no gradient (e.g. no label token of the training loss): its
@@ -507,23 +552,25 @@ class AttributionRun:
 
         With no ``params`` no weight gradient is computed (only what reaches the taps). After it the taps
         are inert, so a second backward over a retained graph (the training loss) scores nothing."""
-        if self._capture is None:
+        recording, self._recording = self._recording, None
+        if recording is None:
             raise CTFastError("AttributionRun.backward() needs a forward() first (one backward per forward)")
         if not torch.isfinite(metric.detach()).all():
             raise NonFiniteError(f"the metric is {metric.item()} (non-finite): the step is refused, "
                                  "the model is untouched — check the inputs, labels and learning rate")
         params = list(params)
-        cap, scorer = self._capture, self._scorer
         try:
-            grads = torch.autograd.grad(scale * metric, [cap.anchor] + params, allow_unused=True,
+            grads = torch.autograd.grad(scale * metric, [recording.capture.anchor] + params, allow_unused=True,
                                         retain_graph=retain_graph)
-            scorer.flush()
-            if self._means:
-                self._means[-1][3] = scorer.grad_sum
+            self.flush()
         finally:
-            cap.on_grad = None
-            self._capture = self._scorer = None
+            recording.capture.on_grad = None
         return list(grads[1:])
+
+    def flush(self):
+        """Finish the backwards that have run: score layers whose taps did not all fire (zero gradients)."""
+        for recording in self._committed:
+            recording.scorer.flush()
 
     def scores(self) -> EdgeScores:
         """``|raw / B|`` on edges, exactly 0 elsewhere; refuses non-finite scores.
@@ -531,8 +578,9 @@ class AttributionRun:
         With mean ablation over several micro-batches, each was scored against its own mean m_i; since
         ``sum_t (a - m) . g = sum_t (a - m_i) . g + (m_i - m) . sum_t g``, adding the second term re-centres
         them all on the mean of the whole batch, as if it had been one batch."""
+        self.flush()
         raw = self.raw
-        done = [m for m in self._means if m[3] is not None]
+        done = self._means
         if len(done) > 1:
             total = sum(n for _, n, _, _ in done)
             mean = sum(means * n for means, n, _, _ in done) / total
@@ -592,6 +640,29 @@ class AttributionRun:
             w = None if g.writer is None else g.writer.heads_weight(self._params[g.writer.weight].detach())
             out.append(ops.heads_to_residual(mean[None], w)[:, 0])
         return torch.cat(out)
+
+
+class Recording:
+    """One recorded forward of an ``AttributionRun``: its capture, then the scorer its backward feeds.
+
+    It joins the run's counts when its backward first reaches a tap; a forward that is never backpropagated
+    (its graph dropped) never counts, and nothing keeps it alive but that graph."""
+
+    def __init__(self, run: AttributionRun, capture: Capture, rows: TokenRows, derived: dict, baseline, factor: float,
+                 valid: torch.Tensor):
+        self.run, self.capture, self.rows, self.derived, self.baseline = run, capture, rows, derived, baseline
+        self.factor, self.valid = factor, valid
+        self.means = None
+        self.scorer: EdgeScorer | None = None
+        self.committed = False
+
+    def on_grad(self, key, grad: torch.Tensor):
+        if self.run.closed:
+            return
+        if not self.committed:
+            self.committed = True
+            self.run._commit(self)
+        self.scorer.on_grad(key, grad)
 
 
 class _Difference:

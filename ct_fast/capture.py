@@ -58,16 +58,20 @@ class Capture:
 
     ``store``: keys whose tensors are kept detached in ``self.stored`` (a second forward overwrites).
     ``taps``: keys whose gradients are sent to ``on_grad(key, grad)`` during backward.
+    ``anchor``: the scalar every tap takes (``requires_grad``); by default a fresh one on each ``__enter__``.
     """
 
-    def __init__(self, model: nn.Module, store=(), taps=(), on_grad: Callable | None = None):
+    def __init__(self, model: nn.Module, store=(), taps=(), on_grad: Callable | None = None,
+                 anchor: torch.Tensor | None = None):
         self.model = model
         self.store_keys = set(store)
         self.tap_keys = set(taps)
         self.on_grad = on_grad
         self.stored: dict[Key, torch.Tensor] = {}
-        self.anchor = None
+        self.anchor = anchor  # None: a fresh one per use
+        self._own_anchor = anchor is None
         self._handles = []
+        self.tapped: set = set()  # keys whose tap was applied (under autograd)
 
     def __enter__(self):
         modules = dict(self.model.named_modules())
@@ -75,8 +79,9 @@ class Capture:
         missing = sorted(n for n in names if n not in modules)
         if missing:
             raise KeyError(f"modules not found in {type(self.model).__name__}: {missing}")
-        param = next(self.model.parameters())
-        self.anchor = torch.zeros((), device=param.device, dtype=param.dtype, requires_grad=bool(self.tap_keys))
+        if self._own_anchor:
+            param = next(self.model.parameters())
+            self.anchor = torch.zeros((), device=param.device, dtype=param.dtype, requires_grad=bool(self.tap_keys))
         for name in names:
             m = modules[name]
             if (name, "input") in self.store_keys | self.tap_keys:
@@ -96,6 +101,7 @@ class Capture:
             self.stored[key] = x.detach()
         if key in self.tap_keys and torch.is_grad_enabled():
             x = _Tap.apply(x, self.anchor, key, self._dispatch)
+            self.tapped.add(key)
         return x
 
     def _dispatch(self, key: Key, grad: torch.Tensor):

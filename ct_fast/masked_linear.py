@@ -60,7 +60,7 @@ class MaskedLinears:
     ``grad_rows``: ``{param: compact fp32 gradient}`` accumulated over backwards (for ``set_grad_rows``).
     """
 
-    def __init__(self, model: nn.Module, graph: ComputationGraph):
+    def __init__(self, model: nn.Module, graph: ComputationGraph, anchor: torch.Tensor | None = None):
         self.model, self.graph = model, graph
         modules = dict(model.named_modules())
         params = dict(model.named_parameters())
@@ -70,12 +70,14 @@ class MaskedLinears:
         self.bias = {n: params.get(f"{n}.bias") for n in names}
         self.conv1d = {n: type(modules[n]).__name__ == "Conv1D" for n in names}
         param = next(model.parameters())
-        self.anchor = torch.zeros((), device=param.device, dtype=param.dtype, requires_grad=True)
+        self.anchor = anchor if anchor is not None else torch.zeros((), device=param.device, dtype=param.dtype,
+                                                                    requires_grad=True)
         self.selection: dict | None = None
         self.active = True
         self.saved: dict[str, list] = {}  # deferred: name -> [(x, grad_out), ...]
         self.dense: dict[str, list] = {}  # deferred: name -> [dW [out, in] fp32, db [out] fp32 or None]
         self.grad_rows: dict[torch.Tensor, torch.Tensor] = {}
+        self.touched = False  # a backward reached a masked linear since the last clear()
 
     def __enter__(self):
         for name, m in self.modules.items():
@@ -84,22 +86,39 @@ class MaskedLinears:
 
     def __exit__(self, *exc):
         for m in self.modules.values():
-            del m.forward  # the class's forward again
+            m.__dict__.pop("forward", None)  # the class's forward again
+        self.clear()
+        return False
+
+    def clear(self):
+        """Drop what backwards recorded (kept pairs, dense and compact gradients)."""
         self.saved.clear()
         self.dense.clear()
-        return False
+        self.grad_rows = {}
+        self.touched = False
 
     def _forward_of(self, name):
         owner = self
 
         def forward(module, x):
-            return _MaskedLinearFn.apply(x, owner.weight[name], owner.bias[name], owner.anchor, owner, name,
-                                         owner.conv1d[name])
+            if not torch.is_grad_enabled() or module is not owner.modules[name]:  # no_grad, or a deepcopy
+                return type(module).forward(module, x)
+            # the parameters enter detached: no autograd edge reaches them (their dW is ours to compute)
+            weight, bias, device = owner.weight[name].detach(), owner.bias[name], x.device.type
+            bias = None if bias is None else bias.detach()
+            if torch.is_autocast_enabled(device):  # as autocast runs linear: operands in its dtype, saved so
+                dtype = torch.get_autocast_dtype(device)
+                x, weight = x.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+                with torch.autocast(device, enabled=False):
+                    return _MaskedLinearFn.apply(x, weight, bias, owner.anchor, owner, name, owner.conv1d[name])
+            return _MaskedLinearFn.apply(x, weight, bias, owner.anchor, owner, name, owner.conv1d[name])
 
         return forward
 
     # ---- backward side ----
     def _on_backward(self, name: str, x: torch.Tensor, grad_out: torch.Tensor):
+        self.touched = True
         if not self.active:
             return
         if self.selection is not None:

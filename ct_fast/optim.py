@@ -8,9 +8,20 @@ all of them) holds moments and a step count for rows that have been in some circ
 equals the torch optimizer's run on that row alone over the steps in which it was selected (since it last
 took a slot: when the pool is full, the rows idle longest lose their state).
 
+With ``model=`` and ``top_n=`` they circuit-tune inside an ordinary training loop (``ct_fast.session``): the
+model's forwards and backwards score edges and produce the compact gradients of circuit rows, and ``step()``
+selects the circuit and updates only it.
+
 Example::
 
-    opt = ct_fast.CircuitAdamW(model.parameters(), lr=1e-4, state_capacity=0.5)
+    opt = ct_fast.CircuitAdamW(model.parameters(), lr=1e-4, model=model, top_n=300)
+    for batch in loader:
+        model(**batch).loss.backward()     # k backwards before a step: gradient accumulation
+        opt.clip_grad_norm_(1.0)           # optional: clips the circuit's gradient
+        opt.step()                         # selects the circuit from this step's scores, updates only it
+        opt.zero_grad()
+
+    opt = ct_fast.CircuitAdamW(model.parameters(), lr=1e-4, state_capacity=0.5)   # a fixed circuit instead
     opt.set_circuit(circuit, model)    # or a {param: bool mask} dict; set_circuit(None): dense again
     loss.backward(); opt.step()
 """
@@ -73,11 +84,63 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     _moments: tuple[str, ...] = ()
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, model: nn.Module | None = None, top_n=None, tuning: dict | None = None):
         super().__init__(params, defaults)
         self._selection: dict[torch.Tensor, ParamSelection] | None = None  # None: dense
         self._grad_rows: dict[torch.Tensor, torch.Tensor] = {}
         self._clock = 0  # optimizer steps taken: the time stamps of last_used
+        self.tuning = None  # the attached TuningSession (model=)
+        self.last_step = None  # the Conclusion the last circuit-tuning step applied
+        if model is not None:
+            self.attach(model, top_n, **(tuning or {}))
+        elif top_n is not None or tuning:
+            raise CTFastError(f"circuit-tuning options ({', '.join(['top_n'] * (top_n is not None) + sorted(tuning or {}))}) "
+                              "need the model: CircuitAdamW(model.parameters(), ..., model=model, top_n=N)")
+
+    # ---- circuit-tuning in the caller's loop ----
+    def attach(self, model: nn.Module, top_n=None, **options):
+        """Circuit-tune ``model`` from now on (what ``model=`` does): see ``ct_fast.session.TuningSession``
+        for ``options``. Returns the session."""
+        from .session import TuningSession
+        if self.tuning is not None and self.tuning.attached:
+            raise CTFastError("this optimizer already circuit-tunes a model (built with model=): call its step() in "
+                              "your loop, or build one without model= for CircuitTuner")
+        self.tuning = TuningSession(model, self, top_n, **options)
+        self.tuning.attach()
+        return self.tuning
+
+    def detach(self):
+        """Stop circuit-tuning: the model's hooks are removed and its frozen parameters unfrozen; the optimizer is
+        an ordinary (dense) one again, its state kept."""
+        if self.tuning is not None:
+            self.tuning.detach()
+            self.tuning = None
+        self._selection = None
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none)
+        if self.tuning is not None:
+            self.tuning.zero_grad()
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the gradient this step will apply to total ``norm_type``-norm ``max_norm``; returns the norm before
+        clipping (as ``torch.nn.utils.clip_grad_norm_``). Circuit-tuning: the circuit's compact gradient (the
+        circuit is selected now, if this is a refresh step) — ``torch.nn.utils.clip_grad_norm_(model.parameters())``
+        sees no gradient there (tunable weights get no ``.grad``) and clips nothing."""
+        if self.tuning is None:
+            return torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_norm,
+                                                  norm_type)
+        c = self.tuning.conclude()
+        if c is None:
+            return torch.zeros((), device=self.tuning.device)
+        grads = list(c.grads.values())
+        norm = c.norm if norm_type == 2.0 else torch.linalg.vector_norm(
+            torch.stack(torch._foreach_norm(grads, norm_type)), norm_type)
+        if grads:  # as torch: scale by min(1, max_norm / (norm + 1e-6)), no host sync
+            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        return norm
+
+    clip_grad_norm = clip_grad_norm_  # the name the HF Trainer looks for on sharded optimizers
 
     def add_param_group(self, param_group: dict):
         super().add_param_group(param_group)
@@ -89,6 +152,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         """Restrict the next steps to ``circuit`` (a ``Circuit`` with ``model``, or a dict mapping parameters
         or their names to bool masks / ``ParamSelection``); parameters it does not name are frozen.
         ``None`` makes the optimizer dense again."""
+        self._refuse_while_tuning("set_circuit")
         if circuit is None:
             self._selection = None
             return
@@ -120,7 +184,13 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         """Compact gradients for the next ``step()``: ``{param: [k, *other dims]}`` holding the gradient of the
         selected rows in the selection's order (what ``MaskedLinears`` produces). They replace ``p.grad``,
         so no full-size gradient needs to exist."""
+        self._refuse_while_tuning("set_grad_rows")
         self._grad_rows = dict(grad_rows)
+
+    def _refuse_while_tuning(self, what: str):
+        if self.tuning is not None:
+            raise CTFastError(f"{what}: this optimizer circuit-tunes its model (model= was given), so each step "
+                              "selects its own circuit; call detach() first to set one by hand")
 
     def _rows(self, p: torch.Tensor):
         """``(dim, index, count)`` of the rows to update (index None: all ``count`` rows), or None if p is
@@ -308,10 +378,27 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update. Circuit-tuning: selects the circuit from this step's backwards (refresh steps) and updates
+        its rows only; a step with no backward since the last one does nothing."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.tuning is None:
+            self._update()
+            return loss
+        c = self.tuning.conclude()
+        if c is None:
+            return loss
+        with self.tuning.timer.span("optimizer"):
+            self._selection, self._grad_rows = c.selection, dict(c.grads)
+            self._update()
+        self.tuning.finish_step()
+        self.last_step = c
+        return loss
+
+    def _update(self):
+        """Apply ``p.grad`` / the compact gradients to the current selection (every row when dense)."""
         try:  # validate every group before any state or parameter is written
             plans = [(group, self._plan(group)) for group in self.param_groups]
         finally:
@@ -320,7 +407,6 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         for group, plan in plans:
             if plan:
                 self._apply(self._collect(group, plan), group)
-        return loss
 
     # ---- state_dict: keep the pool's dtypes; carry the current circuit and the clock ----
     def state_dict(self):
@@ -329,6 +415,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         if self._selection is not None:
             ids = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
             sd["circuit"] = {ids[p]: [s.dim, s.size, [list(r) for r in s.ranges]] for p, s in self._selection.items()}
+        if self.tuning is not None:
+            sd["tuning"] = self.tuning.state_dict()
         return sd
 
     def load_state_dict(self, state_dict):
@@ -336,6 +424,9 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         state_dict = dict(convert_torch_state(self, state_dict))
         circuit = state_dict.pop("circuit", None)
         clock = state_dict.pop("clock", 0)
+        tuning = state_dict.pop("tuning", None)
+        if tuning is not None and self.tuning is not None:
+            self.tuning.load_state_dict(tuning)
         super().load_state_dict(state_dict)
         groups = {p: g for g in self.param_groups for p in g["params"]}
         params = list(groups)
@@ -385,17 +476,22 @@ class CircuitAdamW(_CircuitOptimizer):
     step) are evicted: an evicted row loses its moments and step count and restarts from zero — as a fresh
     torch optimizer on that row — when it is selected again. Rows outside the circuit keep their state frozen
     while they hold a slot.
+
+    ``model=``, ``top_n=`` and the options of ``CircuitTuner`` (``ablation``, ``positions``, ``selection``,
+    ``refresh_every``, ``schedule``, ``token_budget``, ``memory_mode``...) circuit-tune inside your own loop
+    (module docstring); without ``model=`` this is ``torch.optim.AdamW``.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 maximize=False, state_capacity=None):
+                 maximize=False, state_capacity=None, *, model: nn.Module | None = None, top_n=None, **tuning):
         state_capacity = check_state_capacity(state_capacity)
         if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise CTFastError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
                               f"weight_decay={weight_decay}")
         self._moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      amsgrad=amsgrad, maximize=maximize, state_capacity=state_capacity))
+                                      amsgrad=amsgrad, maximize=maximize, state_capacity=state_capacity),
+                         model, top_n, tuning)
 
     def _apply(self, lists: dict, group: dict):
         b1, b2 = group["betas"]
@@ -407,11 +503,12 @@ class CircuitAdamW(_CircuitOptimizer):
 class CircuitSGD(_CircuitOptimizer):
     """``torch.optim.SGD`` (momentum, dampening, nesterov, L2 weight decay, maximize) with circuit masking.
 
-    See ``CircuitAdamW`` for ``state_capacity`` (bounded state, evictions).
+    See ``CircuitAdamW`` for ``state_capacity`` (bounded state, evictions) and ``model=`` / ``top_n=``
+    (circuit-tuning in your own loop).
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 maximize=False, state_capacity=None):
+                 maximize=False, state_capacity=None, *, model: nn.Module | None = None, top_n=None, **tuning):
         state_capacity = check_state_capacity(state_capacity)
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise CTFastError(f"invalid SGD hyper-parameters lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
@@ -419,7 +516,8 @@ class CircuitSGD(_CircuitOptimizer):
             raise CTFastError("nesterov momentum requires momentum > 0 and dampening = 0")
         self._moments = ("momentum_buffer",) if momentum else ()
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize, state_capacity=state_capacity))
+                                      nesterov=nesterov, maximize=maximize, state_capacity=state_capacity),
+                         model, top_n, tuning)
 
     def _apply(self, lists: dict, group: dict):
         ops.masked_sgd_(lists["params"], lists["grads"], lists.get("momentum_buffer", []), lists["steps"],

@@ -30,6 +30,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -37,16 +38,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attribution import AttributionRun, evaluate_metric, model_inputs
-from .circuit import Circuit, TopNSchedule, selections_by_param
-from .masked_linear import MaskedLinears
+from .attribution import evaluate_metric, model_inputs
+from .circuit import Circuit, TopNSchedule
 from .errors import CTFastError, NonFiniteError
 from .graph import ComputationGraph
 from .optim import _CircuitOptimizer
 from .profiling import PhaseTimer
+from .session import MEMORY_MODES, TuningSession  # noqa: F401  (MEMORY_MODES: the CLI lists them)
 
 PHASES = ("forward", "attribution", "selection", "backward", "optimizer")
-MEMORY_MODES = ("auto", "deferred", "two_pass", "lagged")
 
 
 @dataclass
@@ -84,6 +84,10 @@ class CircuitTuner:
     ``token_budget``: score at most this many positions per batch (a rescaled random subset) to bound the
     attribution cost on long inputs; ``memory_mode``: see the module docstring; ``profile``: time phases
     on a GPU too (CUDA events, one synchronisation per step; on CPU phases are always timed, for free).
+
+    It is a loop over the machinery of the drop-in optimizers (``ct_fast.session``): it attaches the
+    optimizer to the model (as ``CircuitAdamW(..., model=model, top_n=N)`` does), runs the forwards and
+    backwards of a step, and calls ``optimizer.step()``.
     """
 
     def __init__(self, model: nn.Module, optimizer: _CircuitOptimizer, top_n, metric="loss", ablation="mean",
@@ -93,30 +97,36 @@ class CircuitTuner:
                  profile: bool = False):
         if not isinstance(optimizer, _CircuitOptimizer):
             raise CTFastError(f"CircuitTuner needs a ct_fast.CircuitAdamW or CircuitSGD, got {type(optimizer).__name__}")
-        if memory_mode not in MEMORY_MODES:
-            raise CTFastError(f"memory_mode={memory_mode!r} is not one of {MEMORY_MODES}")
-        if not isinstance(refresh_every, int) or refresh_every < 1:
-            raise CTFastError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
+        if optimizer.tuning is not None:
+            raise CTFastError("this optimizer already circuit-tunes a model (built with model=): call its step() in "
+                              "your loop, or build one without model= for CircuitTuner")
         self.model, self.optimizer = model, optimizer
-        self.graph = graph or ComputationGraph.from_model(model, mlp_head_dim=mlp_head_dim)
-        self.schedule = schedule or (top_n if isinstance(top_n, TopNSchedule) else TopNSchedule(int(top_n)))
-        for probe in (0, self.schedule.steps):
-            n = self.schedule(probe)
-            if n < 0 or n > self.graph.n_edges:
-                raise CTFastError(f"top_n={n} is out of range: the graph has {self.graph.n_edges} edges")
-        self.metric, self.ablation, self.positions, self.pool = metric, ablation, positions, pool
-        self.selection, self.threshold, self.refresh_every = selection, threshold, refresh_every
-        self.token_budget, self.memory_mode, self.profile = token_budget, memory_mode, profile
-        self._auto_modes: dict = {}  # batch shape -> the mode "auto" chose for it
-        self.step_count = 0
-        self.circuit: Circuit | None = None
-        # gradients only for parameters some node owns: embeddings, norms and the unembedding never get dW
-        owned = {id(p) for n, p in model.named_parameters() if n in self.graph.tunable_params}
-        self.params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad and id(p) in owned]
-        if not self.params:
-            raise CTFastError("the optimizer holds none of the model's circuit parameters (attention and MLP "
-                              "projections); build it from model.parameters()")
-        self.device = next(model.parameters()).device
+        self.session = TuningSession(
+            model, optimizer, schedule or top_n, metric=metric, ablation=ablation, positions=positions,
+            selection=selection, refresh_every=refresh_every, pool=pool, threshold=threshold, graph=graph,
+            mlp_head_dim=mlp_head_dim, token_budget=token_budget, memory_mode=memory_mode, profile=profile,
+            rerun=True)
+        self.graph, self.schedule, self.params = self.session.graph, self.session.schedule, self.session.params
+        self.metric, self.device, self.memory_mode = metric, self.session.device, memory_mode
+        self.refresh_every, self.token_budget, self.ablation = refresh_every, token_budget, ablation
+
+    @property
+    def circuit(self) -> Circuit | None:
+        """The newest circuit (with ``memory_mode="lagged"``, the one the next step updates)."""
+        return self.session.circuit
+
+    @circuit.setter
+    def circuit(self, circuit: Circuit | None):
+        self.session.circuit = circuit
+
+    @property
+    def step_count(self) -> int:
+        return self.session.step_count
+
+    @step_count.setter
+    def step_count(self, n: int):
+        self.session.step_count = n
+        self.session._reset_step()
 
     def step(self, batch, corrupted_batch=None) -> StepResult:
         """One circuit-tuning step on ``batch`` (a dict, or a list of micro-batch dicts whose gradients and
@@ -126,10 +136,6 @@ class CircuitTuner:
         corrupted = [None if c is None else _to(c, self.device) for c in corrupted]
         if len(corrupted) != len(batches):
             raise CTFastError(f"{len(batches)} micro-batches but {len(corrupted)} corrupted micro-batches")
-        timer = PhaseTimer(self.device, self.profile)
-        t_start = time.perf_counter()
-        refresh = self.circuit is None or self.step_count % self.refresh_every == 0
-        top_n = self.schedule(self.step_count)
         tokens = [_label_tokens(b) for b in batches]
         if sum(tokens) == 0:
             raise CTFastError("no micro-batch has a label token (labels are all -100): there is no training loss "
@@ -137,89 +143,83 @@ class CircuitTuner:
         w_loss = [n / sum(tokens) for n in tokens]  # a micro-batch without label tokens weighs 0
         sizes = [b["input_ids"].shape[0] for b in batches]
         w_metric = w_loss if self.metric == "loss" else [s / sum(sizes) for s in sizes]
-        previous = self.circuit
-        mode = "reused"  # a step between refreshes: one forward and a masked-dW backward of the known circuit
-        with MaskedLinears(self.model, self.graph) as masked:
-            if refresh:
-                mode, loss, metric, retained = self._refresh(masked, batches, corrupted, top_n, w_loss, w_metric,
-                                                             timer)
-                applied = previous if mode == "lagged" else self.circuit
-                selection = masked.selection if mode == "lagged" else self._param_selection(applied)
-                if mode == "deferred":
+        session = self.session
+        session.abort()  # a step left unfinished by an exception starts over
+        timer = PhaseTimer(self.device, session.profile)
+        t_start = time.perf_counter()
+        with self._attached():
+            return self._step(batches, corrupted, w_loss, w_metric, timer, t_start)
+
+    @contextlib.contextmanager
+    def _attached(self):
+        """The session hooks the model and drives the optimizer for the duration of one step only: between steps
+        the model is untouched and several tuners may share an optimizer."""
+        if self.optimizer.tuning is not None:
+            raise CTFastError("this optimizer circuit-tunes a model in a loop of its own (model= was given)")
+        self.session.attach()
+        self.optimizer.tuning = self.session
+        try:
+            yield
+        finally:
+            self.optimizer.tuning = None
+            self.session.detach()
+
+    def _step(self, batches, corrupted, w_loss, w_metric, timer, t_start) -> StepResult:
+        session = self.session
+        session.begin_step(batches, timer)
+        try:
+            if session.mode in ("two_pass", "outcome"):  # a scoring pass, then a training pass on the circuit
+                loss, metric, retained = self._passes(batches, corrupted, w_loss, w_metric, timer, score=True)
+                session.select()
+                if retained is not None:  # one micro-batch: the training backward over the graph kept
                     with timer.span("backward"):
-                        masked.finish(selection)
-                elif mode in ("two_pass", "outcome"):  # the training pass: masked dW of the circuit only
-                    masked.selection, masked.active = selection, True
-                    if retained is not None:  # one micro-batch: backward over the graph kept by attribution
-                        with timer.span("backward"):
-                            torch.autograd.grad(retained, [masked.anchor])
-                    else:
-                        loss, _ = self._train_pass(masked, batches, w_loss, w_metric, timer)
-            else:
-                applied = self.circuit
-                selection = self._param_selection(applied)
-                masked.selection, masked.active = selection, True
-                loss, metric = self._train_pass(masked, batches, w_loss, w_metric, timer)
-            grads = masked.take_grad_rows()
-        with timer.span("optimizer"):
-            self.optimizer.set_circuit(selection)
-            self.optimizer.set_grad_rows(grads)
-            self.optimizer.step()
-        self.step_count += 1
-        return StepResult(loss=loss, metric=metric, circuit=applied, tuned_params=applied.num_params, top_n=top_n,
-                          refreshed=refresh, memory_mode=mode, timings=self._timings(timer, t_start))
+                        retained.backward()
+                else:
+                    loss, _, _ = self._passes(batches, corrupted, w_loss, w_metric, timer, score=False)
+            else:  # deferred, lagged, reused: one forward and backward per micro-batch
+                loss, metric, _ = self._passes(batches, corrupted, w_loss, w_metric, timer, score=False)
+            conclusion = session.conclude()
+        except BaseException:
+            session.abort()
+            raise
+        self.optimizer.step()  # times its own "optimizer" phase
+        return StepResult(loss=loss, metric=metric, circuit=conclusion.circuit,
+                          tuned_params=conclusion.circuit.num_params, top_n=conclusion.top_n,
+                          refreshed=conclusion.refreshed, memory_mode=conclusion.memory_mode,
+                          timings=self._timings(timer, t_start))
 
-    def _refresh(self, masked, batches, corrupted, top_n, w_loss, w_metric, timer):
-        """Forward and attribution backward on every micro-batch, then the new circuit in ``self.circuit``.
-
-        Returns the mode the step runs in, the (weighted) loss and metric, and (two_pass on one batch) the
-        weighted loss whose graph is kept for the training backward. What the attribution backward also
-        does depends on the mode: deferred keeps what dW needs, lagged computes dW of the previous
-        circuit, two_pass (and an outcome metric) computes no weight gradient."""
-        mode = self._mode(masked, batches) if self.metric == "loss" else "outcome"
-        if mode == "lagged" and self.circuit is None:
-            mode = "two_pass"  # no circuit to lag behind yet
-        if mode == "lagged":
-            masked.selection, masked.active = self._param_selection(self.circuit), True
-        else:
-            masked.selection, masked.active = None, mode == "deferred"
-        retain = mode == "two_pass" and len(batches) == 1
-        run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool, self.token_budget,
-                             budget_seed=self.step_count, timer=timer)
+    def _passes(self, batches, corrupted, w_loss, w_metric, timer, score: bool):
+        """Forward and backward of every micro-batch. ``score``: backpropagate the metric (the scoring pass of
+        two_pass/outcome; with two_pass on one micro-batch the graph is kept for the training backward and
+        returned); else the training loss (it also scores when the session records: deferred, lagged).
+        Returns the (weighted) loss and metric."""
+        session = self.session
+        retain = score and session.mode == "two_pass" and len(batches) == 1
         loss = metric = 0.0
         retained = None
         for b, c, wl, wm in zip(batches, corrupted, w_loss, w_metric):
-            if wm == 0:  # no label token: no loss, no gradient; its examples and tokens still count
-                with timer.span("forward"):
-                    run.observe(b)
+            w = wm if score else wl
+            if w == 0:  # no label token: no loss, no gradient; its examples and tokens still count
+                if session.run is not None and not session.run.closed:
+                    with timer.span("forward"):
+                        session.observe(b)
+                elif wm and not session.refresh:  # an outcome metric is still reported
+                    with timer.span("forward"), torch.no_grad():
+                        metric += evaluate_metric(self.metric, self.model(**model_inputs(b)), b).item() * wm
                 continue
             with timer.span("forward"):
-                out, value = run.forward(b, metric=self.metric, corrupted_batch=c)
+                session.corrupted = c
+                out = self.model(**model_inputs(b))
+                with torch.set_grad_enabled(score):
+                    value = evaluate_metric(self.metric, out, b)
             step_loss, step_metric = _finite_values(out.loss, value)
+            target = (value if score else out.loss) * w
             del out  # the logits ([B, T, vocab]) are not needed by the backward: free them before it
             loss, metric = loss + step_loss * wl, metric + step_metric * wm
             with timer.span("backward"):
-                run.backward(value, [masked.anchor], scale=wm, retain_graph=retain)
-            retained = value * wm if retain else None
-        with timer.span("selection"):
-            scores = run.scores()  # raises NonFiniteError on NaN/inf; nothing was applied yet
-            self.circuit = scores.top_n(top_n, method=self.selection, threshold=self.threshold)
-        return mode, loss, metric, retained
-
-    def _mode(self, masked, batches) -> str:
-        """The memory mode of this step (``auto``: from the bytes deferred would keep, per batch shape)."""
-        if self.memory_mode != "auto":
-            return self.memory_mode
-        shape = tuple(tuple(b["input_ids"].shape) for b in batches)
-        if shape not in self._auto_modes:
-            mode = "deferred"
-            if self.device.type == "cuda":
-                tokens = sum(b["input_ids"].numel() for b in batches)
-                kept = masked.deferred_bytes(tokens, next(self.model.parameters()).element_size())
-                free, _ = torch.cuda.mem_get_info(self.device)
-                mode = "deferred" if kept <= free / 4 else "two_pass"
-            self._auto_modes[shape] = mode
-        return self._auto_modes[shape]
+                target.backward(retain_graph=retain)
+            retained = target if retain else None
+        return loss, metric, retained
 
     @staticmethod
     def _timings(timer: PhaseTimer, t_start: float) -> dict:
@@ -230,35 +230,6 @@ class CircuitTuner:
             out["backward"] = max(0.0, out["backward"] - out["attribution"])  # scoring runs inside the backward
         out["total"] = time.perf_counter() - t_start
         return out
-
-    def _param_selection(self, circuit: Circuit) -> dict:
-        """``{parameter: ParamSelection}`` of ``circuit``, restricted to parameters this tuner trains
-        (held by the optimizer, ``requires_grad``): a frozen parameter gets no gradient and no update."""
-        trained = {id(p) for p in self.params}
-        return {p: s for p, s in selections_by_param(self.model, circuit.param_selections(self.graph)).items()
-                if id(p) in trained}
-
-    def _train_pass(self, masked, batches, w_loss, w_metric, timer) -> tuple[float, float]:
-        """Forward and loss backward with the circuit known: compact dW of circuit rows only.
-        Returns the (weighted) loss and metric of the batches."""
-        loss = metric = 0.0
-        for b, wl, wm in zip(batches, w_loss, w_metric):
-            if wl == 0:  # no label token: nothing to train on (an outcome metric is still reported)
-                if wm:
-                    with timer.span("forward"), torch.no_grad():
-                        metric += evaluate_metric(self.metric, self.model(**model_inputs(b)), b).item() * wm
-                continue
-            with timer.span("forward"):
-                out = self.model(**model_inputs(b))
-                with torch.no_grad():
-                    value = evaluate_metric(self.metric, out, b)
-            train_loss = out.loss
-            del out  # free the logits before the backward
-            step_loss, step_metric = _finite_values(train_loss, value)
-            loss, metric = loss + step_loss * wl, metric + step_metric * wm
-            with timer.span("backward"):
-                torch.autograd.grad(train_loss * wl, [masked.anchor])
-        return loss, metric
 
 
 def _to(batch: dict, device: torch.device) -> dict:

@@ -1,0 +1,346 @@
+"""Circuit-tuning attached to a model: the forwards and backwards that one optimizer step sees.
+
+``TuningSession(model, optimizer, top_n)`` hooks the model (nothing in it is rewritten) for as long as it is
+attached (``CircuitAdamW(..., model=model, top_n=N)`` attaches one; ``CircuitTuner`` drives the same one):
+
+- every grad-enabled forward of a *refresh* step is recorded for attribution (``AttributionRun.begin/end``:
+  what the scorer reads is kept, the taps score edges during the backward, whoever calls ``backward``);
+- the tunable linears run ``MaskedLinears``: their backward yields the compact gradients of the circuit's
+  rows, or (``deferred``: the circuit is chosen only after this backward) keeps what those need — never a
+  full-size ``.grad`` of a tunable weight;
+- parameters no circuit contains (embeddings, norms, unembedding) are frozen (``requires_grad=False``) until
+  ``detach()``: circuit-tuning never updates them, so no backward computes their gradient.
+
+A step: forwards and backwards (any number: gradient accumulation), then ``conclude()`` selects the circuit
+from their scores (refresh steps) and returns its rows' gradients, the optimizer applies them and calls
+``finish_step()``. Forwards under ``torch.no_grad()`` pass straight through (evaluation, generation).
+
+Memory modes of a refresh step (``memory_mode``): ``deferred`` (one backward; each linear keeps the smaller of
+``(x, grad_out)`` and its dense fp32 dW until selection), ``lagged`` (one backward computing the dW of the
+previous circuit), ``two_pass`` (a scoring backward, then a second, masked one — only a driver that can run
+the forward again does it: ``CircuitTuner``), ``auto`` (deferred unless what it keeps exceeds a quarter of the
+free device memory). Between refreshes (``reused``) the known circuit's dW is computed directly.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attribution import AttributionRun, ABLATIONS
+from .circuit import Circuit, TopNSchedule, selections_by_param
+from .errors import CTFastError, NonFiniteError
+from .graph import ComputationGraph
+from .masked_linear import MaskedLinears
+from .profiling import PhaseTimer
+
+MEMORY_MODES = ("auto", "deferred", "two_pass", "lagged")
+
+
+@dataclass
+class Conclusion:
+    """What a step applies: ``circuit`` (whose rows are updated; with ``lagged`` the previous step's),
+    ``selection`` ``{param: ParamSelection}``, ``grads`` ``{param: compact fp32 [k, ...]}``, ``norm`` (the
+    2-norm of all of them, a 0-d tensor), and how the step ran."""
+
+    circuit: Circuit
+    selection: dict
+    grads: dict
+    norm: torch.Tensor
+    refreshed: bool
+    top_n: int
+    memory_mode: str
+
+
+def _batch_of(args: tuple, kwargs: dict) -> dict:
+    """The batch a model call sees: ``input_ids``, ``attention_mask``, ``labels`` (as HF causal LMs take them)."""
+    batch = {"input_ids": kwargs.get("input_ids", args[0] if args else None),
+             "attention_mask": kwargs.get("attention_mask", args[1] if len(args) > 1 else None),
+             "labels": kwargs.get("labels")}
+    if not isinstance(batch["input_ids"], torch.Tensor):
+        raise CTFastError("circuit-tuning records forwards called with input_ids (model(input_ids=..., "
+                          "attention_mask=..., labels=...)); inputs_embeds alone is not supported")
+    return {k: v for k, v in batch.items() if v is not None}
+
+
+def _detach(masked: MaskedLinears, frozen: list, handles: list):
+    """Undo ``TuningSession``'s changes to the model (also run when the session is garbage-collected)."""
+    for h in handles:
+        h.remove()
+    masked.__exit__(None, None, None)
+    for p in frozen:
+        p.requires_grad_(True)
+
+
+class TuningSession:
+    """Per-model circuit-tuning state shared by the drop-in optimizers and ``CircuitTuner``.
+
+    Options as ``CircuitTuner``'s. ``rerun``: the driver can run a step's forwards again (``CircuitTuner``),
+    so ``two_pass`` is available; a plain training loop cannot (``auto`` then falls back to ``lagged`` when
+    ``deferred`` would not fit, with a warning).
+    """
+
+    def __init__(self, model: nn.Module, optimizer, top_n, metric="loss", ablation="mean", positions=None,
+                 selection="edges", refresh_every: int = 1, schedule: TopNSchedule | None = None, pool: bool = False,
+                 threshold: float = 0.0, graph: ComputationGraph | None = None, mlp_head_dim: int | None = None,
+                 token_budget: int | None = None, memory_mode: str = "auto", profile: bool = False,
+                 rerun: bool = False):
+        if memory_mode not in MEMORY_MODES:
+            raise CTFastError(f"memory_mode={memory_mode!r} is not one of {MEMORY_MODES}")
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise CTFastError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
+        if ablation not in ABLATIONS:
+            raise CTFastError(f"ablation={ablation!r} is not one of {ABLATIONS}")
+        if not rerun:  # the loop's backward is all there is
+            if metric != "loss":
+                raise CTFastError(f"metric={metric!r}: in your own loop attribution scores what your backward "
+                                  "computes (metric='loss'); outcome metrics need ct_fast.CircuitTuner")
+            if ablation == "corrupted":
+                raise CTFastError("ablation='corrupted' needs paired corrupted inputs per batch: use "
+                                  "ct_fast.CircuitTuner.step(batch, corrupted_batch)")
+            if memory_mode == "two_pass":
+                raise CTFastError("memory_mode='two_pass' runs each forward twice, which your loop does not: use "
+                                  "'deferred', 'lagged' or 'auto' here, or ct_fast.CircuitTuner for two_pass")
+        if top_n is None and schedule is None:
+            raise CTFastError("circuit-tuning needs top_n (edges per circuit) or a schedule")
+        self.model, self.optimizer = model, optimizer
+        self.graph = graph or ComputationGraph.from_model(model, mlp_head_dim=mlp_head_dim)
+        self.schedule = schedule or (top_n if isinstance(top_n, TopNSchedule) else TopNSchedule(int(top_n)))
+        for probe in (0, self.schedule.steps):
+            n = self.schedule(probe)
+            if n < 0 or n > self.graph.n_edges:
+                raise CTFastError(f"top_n={n} is out of range: the graph has {self.graph.n_edges} edges")
+        self.metric, self.ablation, self.positions, self.pool = metric, ablation, positions, pool
+        self.selection, self.threshold, self.refresh_every = selection, threshold, refresh_every
+        self.token_budget, self.memory_mode, self.profile, self.rerun = token_budget, memory_mode, profile, rerun
+        self.device = next(model.parameters()).device
+        owned = set(self.graph.tunable_params)
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        # trained: what some node owns, the optimizer holds and requires grad; frozen: what no circuit contains
+        self.params = [p for n, p in model.named_parameters() if n in owned and id(p) in held and p.requires_grad]
+        if not self.params:
+            raise CTFastError("the optimizer holds none of the model's circuit parameters (attention and MLP "
+                              "projections); build it from model.parameters()")
+        self._trained = {id(p) for p in self.params}
+        self._owned = owned
+        self.anchor = torch.zeros((), device=self.device, dtype=next(model.parameters()).dtype, requires_grad=True)
+        self.masked = MaskedLinears(model, self.graph, anchor=self.anchor)
+        self._auto_modes: dict = {}  # batch shape -> the mode "auto" chose for it
+        self.step_count = 0
+        self.circuit: Circuit | None = None
+        self.corrupted = None  # the corrupted batch of the next recorded forward (CircuitTuner)
+        self._open: list = []  # recordings of the forwards in progress (None: a forward not recorded)
+        self._reset_step()
+        self._detach = None
+
+    # ---- attachment ----
+    def attach(self):
+        """Hook the model: freeze what no circuit contains, swap the linears' forward, record forwards. Undone by
+        ``detach()`` or when the session is garbage-collected (the hooks hold no reference to it)."""
+        if self.attached:
+            return
+        frozen = [p for n, p in self.model.named_parameters() if n not in self._owned and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        self.masked.__enter__()
+        me = weakref.ref(self)
+        model = self.model
+        handles = [
+            model.register_forward_pre_hook(lambda m, a, kw: me() and me()._before_forward(m, a, kw), with_kwargs=True),
+            model.register_forward_hook(lambda m, a, kw, out: me() and me()._after_forward(m, out), with_kwargs=True,
+                                        always_call=True)]
+        self._detach = weakref.finalize(self, _detach, self.masked, frozen, handles)
+
+    def detach(self):
+        """Remove the hooks and masked linears and unfreeze what was frozen (idempotent)."""
+        if self._detach is not None:
+            self._detach()
+        self._open.clear()
+
+    @property
+    def attached(self) -> bool:
+        return self._detach is not None and self._detach.alive
+
+    # ---- one step ----
+    def _reset_step(self):
+        self.mode: str | None = None  # decided by the step's first forward (or begin_step)
+        self.refresh = False
+        self.top_n = self.schedule(self.step_count)
+        self.run: AttributionRun | None = None
+        self.timer: PhaseTimer | None = None
+        self._previous: Circuit | None = None
+        self._selected = False
+        self._conclusion: Conclusion | None = None
+
+    def begin_step(self, batches: list, timer: PhaseTimer | None = None):
+        """Decide how this step runs (once: the first forward of a step calls it with its own batch)."""
+        if self.mode is not None:
+            return
+        self.timer = timer or PhaseTimer(self.device, self.profile)
+        self.refresh = self.circuit is None or self.step_count % self.refresh_every == 0
+        self.top_n = self.schedule(self.step_count)
+        if not self.refresh:
+            mode = "reused"
+        elif self.metric != "loss":
+            mode = "outcome"
+        else:
+            mode = self._choose_mode(batches)
+            if mode == "lagged" and self.circuit is None:  # no circuit to lag behind yet
+                mode = "two_pass" if self.rerun else "deferred"
+        m = self.masked
+        if mode in ("reused", "lagged"):
+            m.selection, m.active = self.param_selection(self.circuit), True
+        else:  # deferred keeps what dW needs; two_pass and outcome score first and train afterwards
+            m.selection, m.active = None, mode == "deferred"
+        if self.refresh:
+            self.run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool,
+                                      self.token_budget, budget_seed=self.step_count, timer=self.timer)
+        self.mode = mode
+
+    def _choose_mode(self, batches: list) -> str:
+        if self.memory_mode != "auto":
+            return self.memory_mode
+        shape = tuple(tuple(b["input_ids"].shape) for b in batches)
+        if shape not in self._auto_modes:
+            mode = "deferred"
+            if self.device.type == "cuda":
+                tokens = sum(b["input_ids"].numel() for b in batches)
+                kept = self.masked.deferred_bytes(tokens, next(self.model.parameters()).element_size())
+                free, _ = torch.cuda.mem_get_info(self.device)
+                if kept > free / 4:
+                    mode = "two_pass" if self.rerun else "lagged"
+                    if not self.rerun:
+                        warnings.warn(f"memory_mode='auto': deferred would keep {kept / 2**30:.1f} GiB per step "
+                                      f"(free: {free / 2**30:.1f} GiB), so steps run 'lagged' (each updates the "
+                                      "circuit selected on the previous batch); pass memory_mode='deferred' to "
+                                      "force the faithful mode", stacklevel=3)
+            self._auto_modes[shape] = mode
+        return self._auto_modes[shape]
+
+    def param_selection(self, circuit: Circuit) -> dict:
+        """``{parameter: ParamSelection}`` of ``circuit``, restricted to the trained parameters."""
+        return {p: s for p, s in selections_by_param(self.model, circuit.param_selections(self.graph)).items()
+                if id(p) in self._trained}
+
+    # ---- forward hooks ----
+    def _before_forward(self, module, args, kwargs):
+        if module is not self.model or not torch.is_grad_enabled():  # a deepcopy of the model, or no_grad
+            self._open.append(None)
+            return None
+        batch = _batch_of(args, kwargs)
+        self.begin_step([batch])
+        recording = None
+        if self.run is not None and not self.run.closed:
+            corrupted, self.corrupted = self.corrupted, None
+            self._open.append(None)  # the corrupted baseline's own forward (no_grad) passes through
+            try:
+                recording = self.run.begin(batch, corrupted, anchor=self.anchor)
+            finally:
+                self._open.pop()
+        self._open.append(recording)
+        return None
+
+    def _after_forward(self, module, output):
+        recording = self._open.pop() if self._open else None
+        if recording is None:
+            return None
+        if output is None:  # the forward raised: nothing to score
+            recording.capture.__exit__(None, None, None)
+            return None
+        self.run.end(recording)
+        missing = set(self.run.tap_keys) - recording.capture.tapped
+        if recording.scorer is not None and missing:
+            raise CTFastError(f"{len(missing)} attribution taps saw no autograd during the forward (e.g. "
+                              f"{sorted(missing)[0][0]}): reentrant activation checkpointing runs layers under "
+                              "no_grad — use ct_fast.enable_activation_checkpointing(model) or "
+                              "gradient_checkpointing_kwargs={'use_reentrant': False}")
+        return None
+
+    def observe(self, batch: dict):
+        """Count a micro-batch with no gradient in this refresh step's attribution (``AttributionRun.observe``)."""
+        self.begin_step([batch])
+        if self.run is not None:
+            self.run.observe(batch)
+
+    # ---- the end of a step ----
+    @property
+    def pending(self) -> bool:
+        """Has a backward run since the last step (is there anything to step on)?"""
+        return self.masked.touched or (self.run is not None and self.run.committed > 0)
+
+    def select(self):
+        """Choose this refresh step's circuit from the scores of its backwards; later backwards score nothing.
+        Refuses (``NonFiniteError``, nothing changed, the step dropped) on non-finite scores."""
+        with self.timer.span("selection"):
+            try:
+                scores = self.run.scores()
+            except NonFiniteError:
+                self.abort()
+                raise
+            self.run.close()
+            self._previous, self.circuit = self.circuit, scores.top_n(self.top_n, method=self.selection,
+                                                                      threshold=self.threshold)
+        self._selected = True
+        if self.mode in ("two_pass", "outcome"):  # the training backward computes this circuit's dW directly
+            self.masked.selection, self.masked.active = self.param_selection(self.circuit), True
+
+    def conclude(self) -> Conclusion | None:
+        """Select the circuit (refresh steps) and return its rows' gradients; None if no backward ran since the
+        last step. Refuses non-finite scores or gradients (``NonFiniteError``; the step is dropped, the model and
+        optimizer untouched). Idempotent within a step."""
+        if self._conclusion is not None:
+            return self._conclusion
+        if self.mode is None or not self.pending:
+            return None
+        if self.refresh and not self._selected:
+            self.select()
+        applied = self._previous if self.mode == "lagged" else self.circuit
+        selection = self.masked.selection if self.mode in ("reused", "lagged") else self.param_selection(applied)
+        if self.mode == "deferred":
+            with self.timer.span("backward"):
+                self.masked.finish(selection)
+        grads = self.masked.take_grad_rows()
+        norms = torch._foreach_norm([g for g in grads.values()]) if grads else []
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else self.anchor.new_zeros((), dtype=torch.float32)
+        if not bool(torch.isfinite(norm)):  # one host sync per step
+            self.abort()
+            raise NonFiniteError("the circuit's gradient is non-finite (a NaN/inf loss?): the step is refused and "
+                                 "the model untouched — check labels, inputs and learning rate")
+        self._conclusion = Conclusion(applied, selection, grads, norm, self.refresh, self.top_n, self.mode)
+        return self._conclusion
+
+    def finish_step(self):
+        """The optimizer applied the conclusion: the next forward starts a new step."""
+        self.step_count += 1
+        self.anchor.grad = None
+        self.masked.clear()
+        self._reset_step()
+
+    def zero_grad(self):
+        """Forget the gradients and scores of the backwards run so far in this step (forwards whose backward
+        has not begun yet still count when it does)."""
+        self.masked.clear()
+        self.anchor.grad = None
+        if self.run is not None and not self._selected:
+            self.run.reset()
+        self._conclusion = None
+
+    def abort(self):
+        """Drop the step in progress (after a refused step): nothing of it is applied."""
+        self.masked.clear()
+        self.anchor.grad = None
+        self._reset_step()
+
+    # ---- checkpoints ----
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "circuit": None if self.circuit is None else self.circuit.to_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.step_count = int(state["step_count"])
+        c = state.get("circuit")
+        self.circuit = None if c is None else Circuit.from_dict(c, self.graph)
+        self._reset_step()

@@ -1,0 +1,266 @@
+"""The drop-in optimizers (``CircuitAdamW(..., model=model, top_n=N)``) in an ordinary training loop: equal to
+CircuitTuner step for step, gradient accumulation, only circuit rows change and no tunable weight gets a
+``.grad``, no_grad forwards pass through, clipping, schedulers, autocast, NaN refusal, checkpoints."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import ct_fast
+from ct_fast import CircuitAdamW, CircuitSGD, CircuitTuner, CTFastError, NonFiniteError, TopNSchedule
+from ct_fast.testing import assert_close, random_batch, tiny_model
+
+OPTIMIZERS = {"adamw": (CircuitAdamW, dict(lr=1e-2, weight_decay=0.1)), "sgd": (CircuitSGD, dict(lr=0.1, momentum=0.9))}
+
+
+def _batches(n, seq=7, seed=0):
+    return [random_batch(37, seq=seq, seed=seed + s) for s in range(n)]
+
+
+def _inputs(b):
+    return {k: b[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _loop(model, opt, batches, weights=None):
+    """The user's loop: forward, backward (k per step when a step is a list), step, zero_grad."""
+    for step in batches:
+        micro = step if isinstance(step, list) else [step]
+        w = weights or [1.0] * len(micro)
+        for b, wi in zip(micro, w):
+            (model(**_inputs(b)).loss * wi).backward()
+        opt.step()
+        yield opt.last_step
+        opt.zero_grad()
+
+
+def _edges(circuit):
+    return [e[:2] for e in circuit.edges]
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
+@pytest.mark.parametrize("refresh,schedule", [(1, None), (4, None), (1, TopNSchedule(40, end=10, steps=3))])
+def test_loop_equals_tuner(opt_name, refresh, schedule):
+    cls, kw = OPTIMIZERS[opt_name]
+    a, b = tiny_model("llama"), tiny_model("llama")
+    batches = _batches(5)
+    top = schedule or 25
+    tuner = CircuitTuner(a, cls(a.parameters(), **kw), top_n=top, refresh_every=refresh)
+    want = [tuner.step(x) for x in batches]
+    opt = cls(b.parameters(), **kw, model=b, top_n=top, refresh_every=refresh)
+    got = list(_loop(b, opt, batches))
+    for r, c in zip(want, got):
+        assert _edges(c.circuit) == _edges(r.circuit) and c.refreshed == r.refreshed and c.top_n == r.top_n
+        assert c.memory_mode == r.memory_mode
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close(q, p)
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])
+def test_accumulated_backwards_equal_micro_batches(opt_name, arch):
+    """k backwards (each weighted by its share of label tokens) before one step == one tuner step on the list."""
+    cls, kw = OPTIMIZERS[opt_name]
+    a, b = tiny_model(arch), tiny_model(arch)
+    steps = [[random_batch(37, batch=2, seed=10 * s + i) for i in range(3)] for s in range(2)]
+    tuner = CircuitTuner(a, cls(a.parameters(), **kw), top_n=30)
+    want = [tuner.step(micro) for micro in steps]
+    opt = cls(b.parameters(), **kw, model=b, top_n=30)
+    got = []
+    for micro in steps:
+        n = [int((m["labels"][:, 1:] != -100).sum()) for m in micro]
+        got += list(_loop(b, opt, [micro], [x / sum(n) for x in n]))
+    for r, c in zip(want, got):
+        assert _edges(c.circuit) == _edges(r.circuit)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close(q, p)
+
+
+def test_only_the_circuit_changes_and_no_full_gradient(arch):
+    model = tiny_model(arch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=20, memory_mode="lagged")
+    tunable = set(opt.tuning.graph.tunable_params)
+    seen = []
+    for p in model.parameters():  # fires if a backward ever reaches a parameter's .grad
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda p: seen.append(p.shape))
+    masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    for b in _batches(3):
+        model(**_inputs(b)).loss.backward()
+        assert all(p.grad is None for p in model.parameters())
+        opt.step()
+        for n, m in opt.last_step.circuit.param_masks(model).items():
+            masks[n] |= m
+        opt.zero_grad()
+    assert not seen
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach()[~masks[n]], before[n][~masks[n]]), f"{n} changed outside every circuit"
+        if n not in tunable:
+            assert not masks[n].any() and not p.requires_grad  # frozen while circuit-tuning
+    opt.detach()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_no_grad_forwards_pass_through():
+    model = tiny_model("llama")
+    twin = copy.deepcopy(model)
+    opt = CircuitSGD(model.parameters(), lr=0.1, model=model, top_n=20)
+    b = _batches(1)[0]
+    with torch.no_grad():
+        out = model(**_inputs(b))
+        ids = model.generate(b["input_ids"][:1, :3], max_new_tokens=4, do_sample=False)
+    assert opt.tuning.run is None and opt.tuning.mode is None  # nothing was recorded
+    assert torch.equal(out.logits, twin(**_inputs(b)).logits)
+    assert torch.equal(ids, twin.generate(b["input_ids"][:1, :3], max_new_tokens=4, do_sample=False))
+    opt.step()  # no backward since the last step: nothing happens
+    assert opt.last_step is None and all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    # an evaluation forward between the backward and the step changes nothing
+    a, c = tiny_model("llama"), tiny_model("llama")
+    oa = CircuitSGD(a.parameters(), lr=0.1, model=a, top_n=20)
+    oc = CircuitSGD(c.parameters(), lr=0.1, model=c, top_n=20)
+    a(**_inputs(b)).loss.backward()
+    c(**_inputs(b)).loss.backward()
+    with torch.no_grad():
+        c(**_inputs(_batches(1, seed=5)[0]))
+    oa.step()
+    oc.step()
+    assert _edges(oa.last_step.circuit) == _edges(oc.last_step.circuit)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_zero_grad_between_forward_and_backward():
+    """``out = model(x); opt.zero_grad(); out.loss.backward(); opt.step()`` (the classic order) works."""
+    a, b = tiny_model("qwen2"), tiny_model("qwen2")
+    oa = CircuitAdamW(a.parameters(), lr=1e-2, model=a, top_n=25)
+    ob = CircuitAdamW(b.parameters(), lr=1e-2, model=b, top_n=25)
+    for x in _batches(2):
+        out = a(**_inputs(x))
+        oa.zero_grad()
+        out.loss.backward()
+        oa.step()
+    list(_loop(b, ob, _batches(2)))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_clip_grad_norm_clips_the_circuit_gradient():
+    model, twin = tiny_model("llama"), tiny_model("llama")
+    opt = CircuitSGD(model.parameters(), lr=0.5, model=model, top_n=30)
+    b = _batches(1)[0]
+    model(**_inputs(b)).loss.backward()
+    assert float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)) == 0.0  # torch's sees no .grad
+    norm = opt.clip_grad_norm_(1e-3)
+    circuit = opt.tuning._conclusion.circuit
+    twin(**_inputs(b)).loss.backward()
+    masks = circuit.param_masks(twin)
+    dense = torch.cat([(q.grad * masks[n]).flatten() for n, q in twin.named_parameters() if q.grad is not None])
+    assert_close(norm, dense.norm())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert opt.last_step.circuit is circuit
+    scale = 1e-3 / (float(dense.norm()) + 1e-6)
+    for n, p in model.named_parameters():
+        q = dict(twin.named_parameters())[n]
+        want = before[n] - 0.5 * scale * q.grad * masks[n] if q.grad is not None else before[n]
+        assert_close(p.detach(), want, name=n)
+
+
+def test_lr_scheduler_drives_the_circuit_update():
+    model, twin = tiny_model("gpt2"), tiny_model("gpt2")
+    opt = CircuitSGD(model.parameters(), lr=0.2, model=model, top_n=20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for i, b in enumerate(_batches(3)):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        twin.load_state_dict(model.state_dict())
+        twin.zero_grad()
+        twin(**_inputs(b)).loss.backward()
+        model(**_inputs(b)).loss.backward()
+        opt.step()
+        sched.step()
+        masks = opt.last_step.circuit.param_masks(model)
+        for n, p in model.named_parameters():
+            q = dict(twin.named_parameters())[n]
+            want = before[n] - 0.2 * 0.5 ** i * q.grad * masks[n] if q.grad is not None else before[n]
+            assert_close(p.detach(), want, name=n)
+        opt.zero_grad()
+
+
+def test_bf16_autocast():
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=20)
+    for b in _batches(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**_inputs(b)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    masks = opt.last_step.circuit.param_masks(model)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed and all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(masks[n].any() for n in changed)
+
+
+def test_nan_loss_is_refused_and_the_model_untouched():
+    model = tiny_model("llama")
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=20, refresh_every=2)
+    b = _batches(1)[0]
+    list(_loop(model, opt, [b]))  # step 0 selects a circuit; step 1 reuses it
+    before = copy.deepcopy(model.state_dict())
+    state = copy.deepcopy(opt.state_dict())
+    w = model.get_input_embeddings().weight
+    with torch.no_grad():
+        saved = w[3].clone()
+        w[3] = float("nan")
+    model(**_inputs(dict(b, input_ids=torch.full_like(b["input_ids"], 3)))).loss.backward()
+    with pytest.raises(NonFiniteError, match="refused"):
+        opt.step()
+    with torch.no_grad():
+        w[3] = saved
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert opt.state_dict()["tuning"] == state["tuning"]
+    opt.zero_grad()
+    list(_loop(model, opt, [b]))  # usable afterwards
+
+
+def test_options_and_errors():
+    model = tiny_model("llama")
+    with pytest.raises(CTFastError, match="need the model"):
+        CircuitAdamW(model.parameters(), top_n=10)
+    with pytest.raises(CTFastError, match="two_pass"):
+        CircuitAdamW(model.parameters(), model=model, top_n=10, memory_mode="two_pass")
+    with pytest.raises(CTFastError, match="CircuitTuner"):
+        CircuitAdamW(model.parameters(), model=model, top_n=10, metric="logit_diff")
+    with pytest.raises(CTFastError, match="out of range"):
+        CircuitAdamW(model.parameters(), model=model, top_n=10 ** 9)
+    opt = CircuitAdamW(model.parameters(), model=model, top_n=10)
+    with pytest.raises(CTFastError, match="already circuit-tunes"):
+        CircuitTuner(model, opt, top_n=10)
+    with pytest.raises(CTFastError, match="set_circuit"):
+        opt.set_circuit({})
+
+
+def test_checkpoint_resume_is_bit_exact():
+    """A state_dict saved mid-run (through torch.save / weights_only load) continues exactly: step count,
+    circuit (refresh_every=2 reuses it after the resume) and optimizer pools."""
+    batches = _batches(4)
+    a = tiny_model("qwen2")
+    oa = CircuitAdamW(a.parameters(), lr=1e-2, model=a, top_n=25, refresh_every=2)
+    list(_loop(a, oa, batches))
+    b = tiny_model("qwen2")
+    ob = CircuitAdamW(b.parameters(), lr=1e-2, model=b, top_n=25, refresh_every=2)
+    list(_loop(b, ob, batches[:1]))
+    buf = io.BytesIO()
+    torch.save({"model": b.state_dict(), "opt": ob.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    c = tiny_model("qwen2", seed=7)
+    c.load_state_dict(saved["model"])
+    oc = CircuitAdamW(c.parameters(), lr=1e-2, model=c, top_n=25, refresh_every=2)
+    oc.load_state_dict(saved["opt"])
+    got = list(_loop(c, oc, batches[1:]))
+    assert got[0].refreshed is False and oc.tuning.step_count == 4
+    for p, q in zip(a.parameters(), c.parameters()):
+        assert torch.equal(p, q)
