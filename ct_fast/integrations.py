@@ -1,0 +1,55 @@
+"""Hugging Face ``Trainer`` integration.
+
+A plain ``Trainer(optimizers=(CircuitAdamW(..., model=model, top_n=N), None))`` already circuit-tunes:
+it accumulates gradients (k backwards before a step), steps, schedules the LR, evaluates (``no_grad``
+forwards pass through), saves and resumes (the optimizer's state_dict carries the pools, the step count and
+the circuit). What it cannot do alone is clip: it clips the ``.grad`` of ``model.parameters()`` through
+accelerate, and circuit-tuning gives tunable weights no ``.grad`` — so it would clip nothing and log
+``grad_norm`` 0.0. ``CircuitTrainer`` routes that clipping (and the logged ``grad_norm``) to the circuit's
+gradient (``optimizer.clip_grad_norm_``) and logs the circuit of each step.
+
+Example::
+
+    opt = ct_fast.CircuitAdamW(model.parameters(), lr=1e-4, model=model, top_n=300)
+    trainer = CircuitTrainer(model=model, args=TrainingArguments(..., max_grad_norm=1.0),
+                             train_dataset=ds, optimizers=(opt, None))
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+from transformers import Trainer
+
+from .optim import _CircuitOptimizer
+
+
+def circuit_optimizer(optimizer) -> _CircuitOptimizer | None:
+    """The circuit-tuning optimizer behind ``optimizer`` (accelerate wraps it), or None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if isinstance(inner, _CircuitOptimizer) and inner.tuning is not None else None
+
+
+class CircuitTrainer(Trainer):
+    """``transformers.Trainer`` whose gradient clipping and ``grad_norm`` act on the circuit's gradient, and
+    whose logs carry the circuit (``circuit_edges``, ``tuned_fraction``, ``circuit_refreshed``). With any other
+    optimizer it is the plain ``Trainer``."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        clip = self.accelerator.clip_grad_norm_
+
+        def clip_grad_norm_(parameters, max_norm, norm_type=2):
+            opt = circuit_optimizer(self.optimizer)
+            if opt is None:
+                return clip(parameters, max_norm, norm_type)
+            return opt.clip_grad_norm_(max_norm, norm_type)
+
+        self.accelerator.clip_grad_norm_ = clip_grad_norm_  # this trainer's own accelerator only
+
+    def log(self, logs: dict, *args, **kwargs):
+        opt = circuit_optimizer(self.optimizer)
+        last = opt.last_step if opt is not None else None
+        if last is not None and "loss" in logs:
+            logs = {**logs, "circuit_edges": len(last.circuit), "tuned_fraction": last.circuit.fraction,
+                    "circuit_refreshed": float(last.refreshed)}
+        super().log(logs, *args, **kwargs)
