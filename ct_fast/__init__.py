@@ -9,6 +9,9 @@ from .optim import CircuitAdamW, CircuitSGD
 from .tuner import CircuitTuner, StepResult
 from .models import enable_activation_checkpointing, load_model
 from .memory import MemoryPlan, memory_plan
+from .state_interchange import install_torch_guard as _install_torch_guard
+
+_install_torch_guard()  # a torch optimizer handed a circuit state_dict refuses to step instead of misreading it
 
 __all__ = [
     "AttributionRun", "Circuit", "CircuitAdamW", "CircuitSGD", "CircuitTuner", "ComputationGraph", "CTFastError",

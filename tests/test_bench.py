@@ -17,7 +17,7 @@ def test_bench_tiny(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert {"gpu", "cuda", "torch", "triton", "transformers", "commit"} <= set(data["env"])
     methods = {r["method"] for r in data["results"]}
-    assert {"full", "reference", "circuit_refresh1", "circuit_refresh10"} <= methods
+    assert {"full", "reference", "circuit_refresh1", "circuit_dropin", "circuit_refresh10"} <= methods
     for r in data["results"]:
         for key in ("model", "method", "dtype", "batch", "seq", "median_ms", "tokens_per_s", "peak_mem_gib"):
             assert key in r, key

@@ -1,7 +1,8 @@
-"""End-to-end training steps: circuit-tuning (faithful and amortised) against full fine-tuning, LoRA and the
-public reference code's way of doing a circuit-tuning step — same model, data and device.
+"""End-to-end training steps: circuit-tuning (faithful, in the tuner and as a drop-in optimizer in a plain loop,
+and amortised) against full fine-tuning, LoRA and the public reference code's way of doing a circuit-tuning
+step — same model, data and device.
 
-    ct-fast bench [--models gpt2-small] [--methods full,lora,reference,circuit_refresh1,circuit_refresh10]
+    ct-fast bench [--models gpt2-small] [--methods full,lora,reference,circuit_refresh1,circuit_dropin,...]
                   [--device cpu|cuda] [--dtype fp32|bf16] [--batch 8 --seq 64] [--steps 3]
 
 Reports median and mean step time, tokens/s, peak memory and, for circuit methods, the per-phase split and
@@ -22,7 +23,7 @@ import torch
 from . import harness
 from ..models import shape_config as config
 
-METHODS = ("full", "lora", "reference", "circuit_refresh1", "circuit_refresh10")
+METHODS = ("full", "lora", "reference", "circuit_refresh1", "circuit_dropin", "circuit_refresh10")
 LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
                 "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
@@ -87,6 +88,8 @@ class _Method:
             from .reference_step import ReferenceCircuitTuning
 
             self.ref = ReferenceCircuitTuning(model, top_n, lr=lr, fused=cuda)
+        elif method == "circuit_dropin":  # the faithful step in the user's own loop (below: as "full")
+            self.opt = ct_fast.CircuitAdamW(model.parameters(), lr=lr, model=model, top_n=top_n)
         else:
             refresh = 1 if method == "circuit_refresh1" else 10
             self.tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=lr), top_n=top_n,
