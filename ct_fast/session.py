@@ -132,6 +132,7 @@ class TuningSession:
         self._auto_modes: dict = {}  # batch shape -> the mode "auto" chose for it
         self.step_count = 0
         self.circuit: Circuit | None = None
+        self.circuit_top_n = 0  # the top_n self.circuit was selected with
         self.corrupted = None  # the corrupted batch of the next recorded forward (CircuitTuner)
         self._open: list = []  # recordings of the forwards in progress (None: a forward not recorded)
         self._reset_step()
@@ -172,7 +173,7 @@ class TuningSession:
         self.top_n = self.schedule(self.step_count)
         self.run: AttributionRun | None = None
         self.timer: PhaseTimer | None = None
-        self._previous: Circuit | None = None
+        self._previous: tuple = (self.circuit, self.circuit_top_n)  # what lagged applies
         self._selected = False
         self._conclusion: Conclusion | None = None
 
@@ -282,8 +283,8 @@ class TuningSession:
                 self.abort()
                 raise
             self.run.close()
-            self._previous, self.circuit = self.circuit, scores.top_n(self.top_n, method=self.selection,
-                                                                      threshold=self.threshold)
+            self.circuit = scores.top_n(self.top_n, method=self.selection, threshold=self.threshold)
+            self.circuit_top_n = self.top_n
         self._selected = True
         if self.mode in ("two_pass", "outcome"):  # the training backward computes this circuit's dW directly
             self.masked.selection, self.masked.active = self.param_selection(self.circuit), True
@@ -298,7 +299,8 @@ class TuningSession:
             return None
         if self.refresh and not self._selected:
             self.select()
-        applied = self._previous if self.mode == "lagged" else self.circuit
+        # the circuit this step updates, and the top_n it was selected with (between refreshes: an earlier one)
+        applied, top_n = self._previous if self.mode == "lagged" else (self.circuit, self.circuit_top_n)
         selection = self.masked.selection if self.mode in ("reused", "lagged") else self.param_selection(applied)
         if self.mode == "deferred":
             with self.timer.span("backward"):
@@ -310,7 +312,7 @@ class TuningSession:
             self.abort()
             raise NonFiniteError("the circuit's gradient is non-finite (a NaN/inf loss?): the step is refused and "
                                  "the model untouched — check labels, inputs and learning rate")
-        self._conclusion = Conclusion(applied, selection, grads, norm, self.refresh, self.top_n, self.mode)
+        self._conclusion = Conclusion(applied, selection, grads, norm, self.refresh, top_n, self.mode)
         return self._conclusion
 
     def finish_step(self):
@@ -337,10 +339,12 @@ class TuningSession:
 
     # ---- checkpoints ----
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "circuit": None if self.circuit is None else self.circuit.to_dict()}
+        return {"step_count": self.step_count, "circuit_top_n": self.circuit_top_n,
+                "circuit": None if self.circuit is None else self.circuit.to_dict()}
 
     def load_state_dict(self, state: dict):
         self.step_count = int(state["step_count"])
         c = state.get("circuit")
         self.circuit = None if c is None else Circuit.from_dict(c, self.graph)
+        self.circuit_top_n = int(state.get("circuit_top_n", 0 if c is None else len(self.circuit)))
         self._reset_step()

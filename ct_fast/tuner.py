@@ -118,6 +118,8 @@ class CircuitTuner:
     @circuit.setter
     def circuit(self, circuit: Circuit | None):
         self.session.circuit = circuit
+        self.session.circuit_top_n = 0 if circuit is None else len(circuit)
+        self.session._reset_step()
 
     @property
     def step_count(self) -> int:
