@@ -264,3 +264,20 @@ def test_checkpoint_resume_is_bit_exact():
     assert got[0].refreshed is False and oc.tuning.step_count == 4
     for p, q in zip(a.parameters(), c.parameters()):
         assert torch.equal(p, q)
+
+
+def test_activation_checkpointing():
+    """Non-reentrant checkpointing (HF's default) gives the un-checkpointed result; reentrant is refused."""
+    a, b = tiny_model("llama").train(), tiny_model("llama").train()
+    b.gradient_checkpointing_enable()
+    oa = CircuitAdamW(a.parameters(), lr=1e-2, model=a, top_n=25)
+    ob = CircuitAdamW(b.parameters(), lr=1e-2, model=b, top_n=25)
+    for x, y in zip(_loop(a, oa, _batches(2)), _loop(b, ob, _batches(2))):
+        assert _edges(x.circuit) == _edges(y.circuit)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close(q, p)
+    c = tiny_model("llama").train()
+    c.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    CircuitAdamW(c.parameters(), lr=1e-2, model=c, top_n=25)
+    with pytest.raises(CTFastError, match="reentrant"):
+        c(**_inputs(_batches(1)[0]))
