@@ -572,22 +572,25 @@ class AttributionRun:
         for recording in self._committed:
             recording.scorer.flush()
 
-    def scores(self) -> EdgeScores:
+    def scores(self, data_parallel=None) -> EdgeScores:
         """``|raw / B|`` on edges, exactly 0 elsewhere; refuses non-finite scores.
 
         With mean ablation over several micro-batches, each was scored against its own mean m_i; since
         ``sum_t (a - m) . g = sum_t (a - m_i) . g + (m_i - m) . sum_t g``, adding the second term re-centres
-        them all on the mean of the whole batch, as if it had been one batch."""
+        them all on the mean of the whole batch, as if it had been one batch. ``data_parallel``
+        (``ct_fast.distributed.DataParallel``): the scores of the global batch over all ranks."""
         self.flush()
-        raw = self.raw
+        raw, batch_size = self.raw, self.batch_size
         done = self._means
-        if len(done) > 1:
+        if data_parallel is not None:
+            raw, batch_size = data_parallel.reduce_scores(raw, batch_size, done if self.ablation == "mean" else None)
+        elif len(done) > 1:
             total = sum(n for _, n, _, _ in done)
             mean = sum(means * n for means, n, _, _ in done) / total
             raw = raw.clone()
             for means, _, factor, grad_sum in done:
                 raw += factor * (means - mean) @ grad_sum.t()
-        s = (raw / max(1, self.batch_size)).abs() * self.graph.edge_mask.to(self.raw.device)
+        s = (raw / max(1, batch_size)).abs() * self.graph.edge_mask.to(self.raw.device)
         if not torch.isfinite(s).all():
             raise NonFiniteError("edge scores are non-finite (NaN/inf activations or gradients); check the "
                                  "model's weights and inputs — the step is refused")

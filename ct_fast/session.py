@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .attribution import AttributionRun, ABLATIONS
+from .distributed import DataParallel
 from .circuit import Circuit, TopNSchedule, selections_by_param
 from .errors import CTFastError, NonFiniteError
 from .graph import ComputationGraph
@@ -45,7 +46,7 @@ MEMORY_MODES = ("auto", "deferred", "two_pass", "lagged")
 class Conclusion:
     """What a step applies: ``circuit`` (whose rows are updated; with ``lagged`` the previous step's),
     ``selection`` ``{param: ParamSelection}``, ``grads`` ``{param: compact fp32 [k, ...]}``, ``norm`` (the
-    2-norm of all of them, a 0-d tensor), and how the step ran."""
+    2-norm of all of them, a 0-d tensor; with several ranks: averaged over them), and how the step ran."""
 
     circuit: Circuit
     selection: dict
@@ -54,6 +55,7 @@ class Conclusion:
     refreshed: bool
     top_n: int
     memory_mode: str
+    comm_bytes: int = 0  # several ranks: bytes this rank all-reduced in this step
 
 
 def _batch_of(args: tuple, kwargs: dict) -> dict:
@@ -67,13 +69,15 @@ def _batch_of(args: tuple, kwargs: dict) -> dict:
     return {k: v for k, v in batch.items() if v is not None}
 
 
-def _detach(masked: MaskedLinears, frozen: list, handles: list):
+def _detach(masked: MaskedLinears, frozen: list, handles: list, ddp, ddp_sync):
     """Undo ``TuningSession``'s changes to the model (also run when the session is garbage-collected)."""
     for h in handles:
         h.remove()
     masked.__exit__(None, None, None)
     for p in frozen:
         p.requires_grad_(True)
+    if ddp is not None:
+        ddp.require_backward_grad_sync = ddp_sync
 
 
 class TuningSession:
@@ -107,6 +111,7 @@ class TuningSession:
                                   "'deferred', 'lagged' or 'auto' here, or ct_fast.CircuitTuner for two_pass")
         if top_n is None and schedule is None:
             raise CTFastError("circuit-tuning needs top_n (edges per circuit) or a schedule")
+        model, self.ddp, group = DataParallel.of(model)  # hooks go on the module a DDP wrapper holds
         self.model, self.optimizer = model, optimizer
         self.graph = graph or ComputationGraph.from_model(model, mlp_head_dim=mlp_head_dim)
         self.schedule = schedule or (top_n if isinstance(top_n, TopNSchedule) else TopNSchedule(int(top_n)))
@@ -135,8 +140,19 @@ class TuningSession:
         self.circuit_top_n = 0  # the top_n self.circuit was selected with
         self.corrupted = None  # the corrupted batch of the next recorded forward (CircuitTuner)
         self._open: list = []  # recordings of the forwards in progress (None: a forward not recorded)
+        self.dp = None if group is None else DataParallel(group, self.device)
+        self.nonfinite = False  # a driver saw a NaN/inf loss on this rank this step (the ranks refuse together)
         self._reset_step()
         self._detach = None
+        if self.dp is not None:  # the same graph and options everywhere, and rank 0's weights
+            s = self.schedule
+            self.dp.agree("circuit-tuning setup", {
+                "graph": self.graph.describe(), "top_n": [s.start, s.end, s.steps, s.kind], "metric": str(metric),
+                "refresh_every": refresh_every, "memory_mode": memory_mode, "ablation": ablation,
+                "selection": selection, "threshold": threshold, "token_budget": token_budget,
+                "trained": [tuple(p.shape) for p in self.params]})
+            if self.ddp is None:
+                self.dp.broadcast_parameters(model)
 
     # ---- attachment ----
     def attach(self):
@@ -147,6 +163,9 @@ class TuningSession:
         frozen = [p for n, p in self.model.named_parameters() if n not in self._owned and p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
+        ddp_sync = None
+        if self.ddp is not None:  # DDP's own reduction expects .grad: ct_fast reduces the compact gradients
+            ddp_sync, self.ddp.require_backward_grad_sync = self.ddp.require_backward_grad_sync, False
         self.masked.__enter__()
         me = weakref.ref(self)
         model = self.model
@@ -154,7 +173,7 @@ class TuningSession:
             model.register_forward_pre_hook(lambda m, a, kw: me() and me()._before_forward(m, a, kw), with_kwargs=True),
             model.register_forward_hook(lambda m, a, kw, out: me() and me()._after_forward(m, out), with_kwargs=True,
                                         always_call=True)]
-        self._detach = weakref.finalize(self, _detach, self.masked, frozen, handles)
+        self._detach = weakref.finalize(self, _detach, self.masked, frozen, handles, self.ddp, ddp_sync)
 
     def detach(self):
         """Remove the hooks and masked linears and unfreeze what was frozen (idempotent)."""
@@ -176,6 +195,10 @@ class TuningSession:
         self._previous: tuple = (self.circuit, self.circuit_top_n)  # what lagged applies
         self._selected = False
         self._conclusion: Conclusion | None = None
+        self._agreed = False
+        self.nonfinite = False
+        if getattr(self, "dp", None) is not None:
+            self.dp.comm_bytes = 0
 
     def begin_step(self, batches: list, timer: PhaseTimer | None = None):
         """Decide how this step runs (once: the first forward of a step calls it with its own batch)."""
@@ -273,12 +296,28 @@ class TuningSession:
         """Has a backward run since the last step (is there anything to step on)?"""
         return self.masked.touched or (self.run is not None and self.run.committed > 0)
 
+    def _agree_step(self):
+        """Several ranks: check that all are at the same point of the same step before its first collective, and
+        refuse the step on every rank if one saw a non-finite loss."""
+        if self.dp is None or self._agreed:
+            return
+        self._agreed = True
+        seen = self.dp.agree("circuit-tuning step", {
+            "step": self.step_count, "mode": str(self.mode), "top_n": self.top_n, "backward_ran": int(self.pending),
+            "nonfinite": int(self.nonfinite)}, free=("nonfinite",))
+        if any(seen["nonfinite"]):
+            bad = [r for r, v in enumerate(seen["nonfinite"]) if v]
+            self.abort()
+            raise NonFiniteError(f"the training loss is non-finite on rank(s) {bad}: the step is refused on every "
+                                 "rank and the model untouched — check labels, inputs and learning rate")
+
     def select(self):
         """Choose this refresh step's circuit from the scores of its backwards; later backwards score nothing.
         Refuses (``NonFiniteError``, nothing changed, the step dropped) on non-finite scores."""
+        self._agree_step()
         with self.timer.span("selection"):
             try:
-                scores = self.run.scores()
+                scores = self.run.scores(self.dp)
             except NonFiniteError:
                 self.abort()
                 raise
@@ -295,6 +334,7 @@ class TuningSession:
         optimizer untouched). Idempotent within a step."""
         if self._conclusion is not None:
             return self._conclusion
+        self._agree_step()
         if self.mode is None or not self.pending:
             return None
         if self.refresh and not self._selected:
@@ -306,13 +346,16 @@ class TuningSession:
             with self.timer.span("backward"):
                 self.masked.finish(selection)
         grads = self.masked.take_grad_rows()
+        if self.dp is not None:  # the same circuit on every rank: its compact gradients have one layout
+            self.dp.reduce_grads(grads)
         norms = torch._foreach_norm([g for g in grads.values()]) if grads else []
         norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else self.anchor.new_zeros((), dtype=torch.float32)
         if not bool(torch.isfinite(norm)):  # one host sync per step
             self.abort()
             raise NonFiniteError("the circuit's gradient is non-finite (a NaN/inf loss?): the step is refused and "
                                  "the model untouched — check labels, inputs and learning rate")
-        self._conclusion = Conclusion(applied, selection, grads, norm, self.refresh, top_n, self.mode)
+        self._conclusion = Conclusion(applied, selection, grads, norm, self.refresh, top_n, self.mode,
+                                      0 if self.dp is None else self.dp.comm_bytes)
         return self._conclusion
 
     def finish_step(self):

@@ -214,7 +214,13 @@ class CircuitTuner:
                 out = self.model(**model_inputs(b))
                 with torch.set_grad_enabled(score):
                     value = evaluate_metric(self.metric, out, b)
-            step_loss, step_metric = _finite_values(out.loss, value)
+            try:
+                step_loss, step_metric = _finite_values(out.loss, value)
+            except NonFiniteError:
+                if session.dp is None:
+                    raise
+                session.nonfinite = True  # several ranks: refused on all of them at the step's first collective
+                continue
             target = (value if score else out.loss) * w
             del out  # the logits ([B, T, vocab]) are not needed by the backward: free them before it
             loss, metric = loss + step_loss * wl, metric + step_metric * wm

@@ -1,0 +1,197 @@
+"""Data-parallel circuit-tuning on torch.distributed (gloo, 2 spawned processes, tiny models): 2 ranks equal
+1 rank on the concatenated batch (drop-in with a DDP wrapper and with the bare module, CircuitTuner on DDP),
+circuits and parameters equal across ranks, a resume after the processes end equals an uninterrupted run,
+and mismatches or a NaN on one rank raise on every rank instead of hanging."""
+
+import datetime
+import os
+import pathlib
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ct_fast
+from ct_fast import CircuitAdamW, CircuitSGD, CircuitTuner, CTFastError, NonFiniteError
+from ct_fast.testing import assert_close, tiny_model
+
+WORLD, STEPS, PER_RANK = 2, 2, 2
+
+
+def _global_batch(step):
+    g = torch.Generator().manual_seed(50 + step)
+    ids = torch.randint(1, 37, (WORLD * PER_RANK, 8), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def _shard(batch, rank):
+    return {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
+
+
+def _dropin_steps(model, opt, rank, steps):
+    circuits = []
+    for step in steps:
+        model(**_shard(_global_batch(step), rank)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        circuits.append([e[:2] for e in opt.last_step.circuit.edges])
+    return circuits
+
+
+def _scenarios(rank, out: pathlib.Path, phase: str):
+    """What each rank runs; results go to ``out/<name>_<rank>.pt``."""
+    def save(name, **data):
+        torch.save(data, out / f"{name}_{rank}.pt")
+
+    if phase == "main":
+        model = tiny_model("llama")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = CircuitAdamW(ddp.parameters(), lr=1e-2, model=ddp, top_n=25)
+        circuits = _dropin_steps(ddp, opt, rank, range(1))
+        if rank == 0:  # the checkpoint a later run ("resume", new processes) continues from
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, out / "checkpoint.pt")
+        circuits += _dropin_steps(ddp, opt, rank, range(1, STEPS))
+        save("dropin_ddp", circuits=circuits, params=model.state_dict(), bytes=opt.last_step.comm_bytes)
+
+        model = tiny_model("llama", seed=rank)  # different weights per rank: rank 0's are broadcast
+        opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)
+        save("dropin_module", circuits=_dropin_steps(model, opt, rank, range(STEPS)), params=model.state_dict())
+
+        model = tiny_model("qwen2")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        tuner = CircuitTuner(ddp, CircuitSGD(ddp.parameters(), lr=0.1, momentum=0.9), top_n=25,
+                             memory_mode="two_pass")
+        results = [tuner.step(_shard(_global_batch(s), rank)) for s in range(STEPS)]
+        save("tuner_ddp", circuits=[[e[:2] for e in r.circuit.edges] for r in results], params=model.state_dict(),
+             loss=[r.loss for r in results])
+
+        # failures: every rank raises, none hangs, nothing changes
+        errors = {}
+        model = tiny_model("llama")
+        try:
+            CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25 + rank)
+        except CTFastError as e:
+            errors["top_n"] = str(e)
+        opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        if rank == 1:
+            with torch.no_grad():
+                model.get_input_embeddings().weight[3] = float("nan")
+        batch = _shard(_global_batch(0), rank)
+        model(**dict(batch, input_ids=torch.full_like(batch["input_ids"], 3))).loss.backward()
+        try:
+            opt.step()
+        except NonFiniteError as e:
+            errors["nan"] = str(e)
+        if rank == 1:
+            with torch.no_grad():
+                model.get_input_embeddings().weight[3] = before["model.embed_tokens.weight"][3]
+        errors["untouched"] = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        opt.zero_grad()
+        if rank == 0:  # rank 1 steps without a backward
+            model(**batch).loss.backward()
+        try:
+            opt.step()
+        except CTFastError as e:
+            errors["no_backward"] = str(e)
+        save("errors", **errors)
+    elif phase == "resume":
+        model = tiny_model("llama", seed=3)
+        saved = torch.load(out / "checkpoint.pt", weights_only=True)
+        model.load_state_dict(saved["model"])
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = CircuitAdamW(ddp.parameters(), lr=1e-2, model=ddp, top_n=25)
+        opt.load_state_dict(saved["opt"])
+        save("resumed", circuits=_dropin_steps(ddp, opt, rank, range(1, STEPS)), params=model.state_dict())
+
+
+def _worker(rank, init_file, out, phase):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        _scenarios(rank, pathlib.Path(out), phase)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(out, phase):
+    init = tempfile.mktemp(prefix="ct_fast_dist_")
+    mp.start_processes(_worker, args=(init, str(out), phase), nprocs=WORLD, join=True, start_method="spawn")
+    if os.path.exists(init):
+        os.remove(init)
+
+
+def _load(out, name):
+    return [torch.load(out / f"{name}_{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _one_rank_dropin():
+    model = tiny_model("llama")
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)
+    circuits = []
+    for step in range(STEPS):
+        model(**_global_batch(step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        circuits.append([e[:2] for e in opt.last_step.circuit.edges])
+    return circuits, model.state_dict(), opt
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    _spawn(out, "main")
+    _spawn(out, "resume")  # new processes, from the checkpoint "main" wrote after its first step
+    return out
+
+
+def _same_across_ranks(results):
+    a, b = results
+    assert a["circuits"] == b["circuits"]
+    for k in a["params"]:
+        assert torch.equal(a["params"][k], b["params"][k]), k
+
+
+@pytest.mark.parametrize("name", ["dropin_ddp", "dropin_module"])
+def test_two_ranks_equal_one_rank_on_the_concatenated_batch(runs, name):
+    results = _load(runs, name)
+    _same_across_ranks(results)
+    circuits, params, opt = _one_rank_dropin()
+    assert results[0]["circuits"] == circuits
+    for k, v in params.items():
+        assert_close(results[0]["params"][k], v, name=k)
+    if name == "dropin_ddp":  # only the circuit's compact gradients (and the step fingerprint) are all-reduced
+        grad_bytes = 4 * sum(g.numel() for g in opt.last_step.grads.values())
+        assert grad_bytes < results[0]["bytes"] <= 1.2 * grad_bytes + 4096
+
+
+def test_tuner_on_ddp_equals_one_rank(runs):
+    results = _load(runs, "tuner_ddp")
+    _same_across_ranks(results)
+    model = tiny_model("qwen2")
+    tuner = CircuitTuner(model, CircuitSGD(model.parameters(), lr=0.1, momentum=0.9), top_n=25, memory_mode="two_pass")
+    want = [tuner.step(_global_batch(s)) for s in range(STEPS)]
+    assert results[0]["circuits"] == [[e[:2] for e in r.circuit.edges] for r in want]
+    mean_loss = [(a + b) / 2 for a, b in zip(results[0]["loss"], results[1]["loss"])]  # each rank: its own loss
+    assert mean_loss == pytest.approx([r.loss for r in want], rel=1e-5)
+    for k, v in model.state_dict().items():
+        assert_close(results[0]["params"][k], v, name=k)
+
+
+def test_failures_raise_on_every_rank(runs):
+    for errors in _load(runs, "errors"):
+        assert "top_n" in errors["top_n"] and "disagree" in errors["top_n"]
+        assert "rank(s) [1]" in errors["nan"] or "non-finite" in errors["nan"]
+        assert errors["untouched"]
+        assert "backward_ran" in errors["no_backward"]
+
+
+def test_resume_after_the_processes_end_equals_an_uninterrupted_run(runs):
+    resumed, full = _load(runs, "resumed"), _load(runs, "dropin_ddp")
+    _same_across_ranks(resumed)
+    assert resumed[0]["circuits"] == full[0]["circuits"][1:]
+    for k, v in full[0]["params"].items():
+        assert torch.equal(resumed[0]["params"][k], v), k
