@@ -165,3 +165,188 @@ def test_user_errors(model_dir, datasets, tmp_path, capsys):
     if not torch.cuda.is_available():
         assert "CUDA is not available" in _err(capsys, ["tune", "--model", model_dir, "--data", datasets["text"],
                                                         "--device", "cuda", "--out", str(tmp_path / "r4")])
+
+
+# ---- the rough edges a new user hit (issue 11) ------------------------------------------------------------------
+
+def _no_tmp(root):
+    return [os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files if ".tmp" in n]
+
+
+def test_failed_starts_leave_no_run_directory(model_dir, datasets, tmp_path, capsys, monkeypatch):
+    """Each user error: one line, exit 2, and no run directory (validated before loading where possible)."""
+    import ct_fast.models
+
+    notok = tmp_path / "no-tokenizer"
+    tiny_model("llama", vocab_size=40).save_pretrained(notok)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "the dog runs ."}\n{"text": "caf\xe9 au lait"}\n')
+    monkeypatch.setattr(ct_fast.models, "_hub_reachable", lambda timeout=3.0: False)
+    capsys.readouterr()
+    cases = [
+        (["--top-n", "0"], "top_n must be >= 1"),
+        (["--method", "full", "--lr", "-1"], "lr must be a positive number"),
+        (["--method", "lora", "--lr", "-1"], "lr must be a positive number"),
+        (["--top-n", "100000"], "top_n=100000 is larger than"),
+        (["--top-n-end", "20"], "top_n_end needs a top_n_schedule"),
+        (["--model", str(notok)], "has no tokenizer"),
+        (["--data", str(latin1)], "latin1.jsonl:2: not UTF-8 text"),
+        (["--model", "no-such-org/no-such-model"], "Hugging Face hub cannot be reached"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        argv = ["tune", "--model", model_dir, "--data", datasets["text"], "--out", str(out), "--steps", "2",
+                "--no-progress", *extra]
+        err = _err(capsys, argv)
+        assert message in err and err.count("\n") == 1, (extra, err)
+        assert not out.exists(), extra
+    # --out inside a file (a directory that cannot be created) is refused before loading
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert "not a writable directory" in _err(capsys, ["tune", "--model", model_dir, "--data", datasets["text"],
+                                                       "--out", str(blocker / "run"), "--no-progress"])
+
+
+def test_bare_hub_name_fails_fast_offline(monkeypatch):
+    import time
+
+    import ct_fast.models
+    from ct_fast import CTFastError, load_model
+
+    monkeypatch.setattr(ct_fast.models, "_hub_reachable", lambda timeout=3.0: False)
+    t0 = time.perf_counter()
+    with pytest.raises(CTFastError, match="not a local directory and the Hugging Face hub cannot be reached"):
+        load_model("gpt2-no-such-model")
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(CTFastError, match="does not exist"):
+        load_model("./no/such/dir")
+    with pytest.raises(CTFastError, match="GGUF file"):
+        load_model("missing.gguf")
+    t0 = time.perf_counter()
+    ct_fast.models.__dict__["_hub_reachable"]  # the real probe is bounded by its timeout
+    monkeypatch.undo()
+    ct_fast.models._hub_reachable(timeout=1.0)
+    assert time.perf_counter() - t0 < 4
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_full_disk_leaves_no_temporary_files(model_dir, datasets, tmp_path, capsys, monkeypatch, fail_at):
+    """A write that fails (full disk) ends with one line and exit 2; no .tmp-* checkpoint stays; a run that
+    fails before its first checkpoint leaves no directory, a later one stays resumable."""
+    import errno
+
+    import ct_fast.app.run as run_mod
+
+    real_save, calls = run_mod.torch.save, []
+
+    def save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == fail_at:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(run_mod.torch, "save", save)
+    out = tmp_path / "run"
+    assert _tune(model_dir, datasets["text"], out) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.count("\n") == 1 and "Traceback" not in err
+    if fail_at == 1:
+        assert not out.exists()
+    else:
+        assert not _no_tmp(out)
+        assert open(out / "checkpoints" / "latest").read() == "step-000002"
+        monkeypatch.undo()
+        assert main(["tune", "--resume", str(out), "--no-progress"]) == 0
+        assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [0, 1, 2, 3]
+
+
+def test_resume_from_any_directory_and_extend(model_dir, datasets, tmp_path, capsys, monkeypatch):
+    """Paths are stored absolute; --resume --steps N extends a finished run and equals an N-step run; a
+    finished run without --steps, or with other options, is refused clearly."""
+    import shutil
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    shutil.copy(datasets["completion"], work / "data.jsonl")
+    shutil.copytree(model_dir, work / "model")
+    monkeypatch.chdir(work)
+    assert _tune("model", "data.jsonl", "run", "--steps", "2") == 0
+    config = json.load(open(work / "run" / "config.json"))
+    assert config["model"] == str(work / "model") and config["data"] == str(work / "data.jsonl")
+    monkeypatch.chdir(elsewhere)
+    assert "already finished its 2 steps" in _err(capsys, ["tune", "--resume", "../work/run"])
+    assert "--lr cannot be changed" in _err(capsys, ["tune", "--resume", "../work/run", "--lr", "1"])
+    assert "at least 2" in _err(capsys, ["tune", "--resume", "../work/run", "--steps", "1"])
+    assert main(["tune", "--resume", "../work/run", "--steps", "4", "--no-progress"]) == 0
+    assert _tune(model_dir, datasets["completion"], tmp_path / "whole") == 0
+    a = [json.loads(line) for line in open(tmp_path / "whole" / "log.jsonl")]
+    b = [json.loads(line) for line in open(work / "run" / "log.jsonl")]
+    assert [r["step"] for r in b] == [0, 1, 2, 3]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+    assert json.load(open(work / "run" / "config.json"))["steps"] == 4
+
+
+def test_top_n_end_is_reached_at_the_last_step(model_dir, datasets, tmp_path):
+    out = tmp_path / "run"
+    assert _tune(model_dir, datasets["text"], out, "--top-n-end", "20", "--top-n-schedule", "linear") == 0
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["top_n"] for r in log] == [12, 15, 17, 20]
+
+
+def test_lora_is_reproducible_with_seed(model_dir, datasets, tmp_path):
+    pytest.importorskip("peft")
+    import transformers
+
+    def run(name, seed):
+        torch.manual_seed(len(name) * 7919)  # a different global RNG state before each run
+        assert _tune(model_dir, datasets["text"], tmp_path / name, "--method", "lora", "--lora-r", "2",
+                     "--seed", str(seed)) == 0
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name / "model")
+
+    a, b, c = run("a", 3), run("bb", 3), run("ccc", 4)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_every_option_has_help_with_its_default():
+    from ct_fast.app.cli import HelpFormatter, build_parser
+
+    parser = build_parser()
+    import argparse
+
+    import ct_fast.app.step_bench as sb
+    captured = {}
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        captured["bench"] = self
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        with pytest.raises(SystemExit):
+            sb.main([])
+    finally:
+        argparse.ArgumentParser.parse_args = real_parse
+    subs = dict(parser.subcommands, bench=captured["bench"])
+    assert set(subs) == {"demo", "tune", "discover", "plot", "profile", "plan", "bench"}
+    for name, sub in subs.items():
+        fmt = HelpFormatter(name)
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            text = fmt._get_help_string(action)
+            assert action.help and "default" in text, (name, action.option_strings)
+
+
+def test_no_progress_silences_transformers_bars(model_dir, datasets, tmp_path, capfd):
+    from ct_fast import load_model
+
+    load_model(model_dir)  # transformers draws its loading bar by default ...
+    assert "Loading weights" in capfd.readouterr().err
+    assert _tune(model_dir, datasets["text"], tmp_path / "run") == 0  # ... and not with --no-progress
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err and "%|" not in captured.err + captured.out
+    load_model(model_dir, progress=False)
+    assert "Loading weights" not in capfd.readouterr().err

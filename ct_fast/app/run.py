@@ -15,12 +15,15 @@ corrupt checkpoint or summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+
+import math
 
 import numpy as np
 import torch
@@ -39,21 +42,29 @@ LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
 
 
 def write_atomic(path: str, data: bytes | str):
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    """Write ``data`` to ``path`` through a temporary file and a rename (the temporary file is removed when the
+    write fails, e.g. on a full disk)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else
+                                                                     {"encoding": "utf-8"})) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 class RunDir:
     """Files of one run (see module docstring)."""
 
-    def __init__(self, path: str):
-        self.path = path
-        os.makedirs(path, exist_ok=True)
+    def __init__(self, path: str, create: bool = True):
+        self.path = os.path.abspath(path)
+        if create:
+            os.makedirs(self.path, exist_ok=True)
 
     def file(self, *parts) -> str:
         return os.path.join(self.path, *parts)
@@ -90,14 +101,31 @@ class RunDir:
         final = self.file("checkpoints", f"step-{step:06d}")
         tmp = final + f".tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        try:
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "state.pt"), "wb") as f:  # a file object: write errors are OSErrors
+                torch.save(state, f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:  # e.g. a full disk: no half-written checkpoint directory stays behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         write_atomic(self.file("checkpoints", "latest"), os.path.basename(final))
         done = sorted(d for d in os.listdir(self.file("checkpoints")) if d.startswith("step-") and ".tmp" not in d)
         for old in done[:-keep]:
             shutil.rmtree(self.file("checkpoints", old), ignore_errors=True)
+
+    def checkpoint_step(self) -> int | None:
+        """The step of the latest checkpoint (without loading it), or None."""
+        latest = self.file("checkpoints", "latest")
+        if not os.path.exists(latest):
+            return None
+        with open(latest) as f:
+            name = f.read().strip()
+        try:
+            return int(name.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            raise CTFastError(f"{latest}: unreadable checkpoint pointer {name!r}") from None
 
     def load_checkpoint(self) -> dict | None:
         latest = self.file("checkpoints", "latest")
@@ -122,6 +150,7 @@ class TrainConfig:
     top_n: int = 50
     top_n_end: int | None = None
     top_n_schedule: str = "constant"
+    schedule_steps: int | None = None  # steps the top-n schedule spans (the original steps of an extended run)
     refresh_every: int = 1
     ablation: str = "mean"
     metric: str = "loss"
@@ -137,13 +166,32 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def check(self):
+        """Refuse settings no run can use (one-line ``CTFastError``), before anything is loaded."""
         if self.method not in METHODS:
             raise CTFastError(f"method {self.method!r} is not one of {METHODS}")
         if self.optimizer not in ("adamw", "sgd"):
             raise CTFastError(f"optimizer {self.optimizer!r} is not 'adamw' or 'sgd'")
-        for name in ("steps", "batch_size", "circuit_every", "save_every", "refresh_every"):
+        for name in ("steps", "batch_size", "circuit_every", "save_every", "refresh_every", "top_n", "lora_r"):
             if getattr(self, name) < 1:
                 raise CTFastError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("top_n_end", "token_budget", "mlp_head_dim", "schedule_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise CTFastError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise CTFastError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise CTFastError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            raise CTFastError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.top_n_schedule not in ("constant", "linear", "cosine"):
+            raise CTFastError(f"top_n_schedule {self.top_n_schedule!r} is not 'constant', 'linear' or 'cosine'")
+        if self.top_n_schedule == "constant" and self.top_n_end is not None:
+            raise CTFastError("top_n_end needs a top_n_schedule of 'linear' or 'cosine' (the schedule is 'constant')")
+        if self.top_n_schedule != "constant" and self.top_n_end is None:
+            raise CTFastError(f"a {self.top_n_schedule} top_n_schedule needs top_n_end")
+        cap = self.state_capacity
+        if cap is not None and (cap <= 0 or (isinstance(cap, float) and cap > 1)):
+            raise CTFastError(f"state_capacity must be a fraction in (0, 1] or a row count >= 1, got {cap}")
         if self.method == "circuit" and self.ablation == "corrupted":
             raise CTFastError("ablation 'corrupted' needs paired corrupted inputs; the command line supports "
                               "'mean' and 'zero' (use the Python API for corrupted runs)")
@@ -155,6 +203,7 @@ class Method:
     def __init__(self, model: nn.Module, cfg: TrainConfig, arch: str):
         self.cfg, self.tuner = cfg, None
         self.base_params = sum(p.numel() for p in model.parameters())
+        _seed(cfg.seed)  # LoRA initialises its adapters randomly: the same seed gives the same run
         if cfg.method == "lora":
             model = _lora(model, cfg, arch)
         self.model = model
@@ -165,7 +214,7 @@ class Method:
                               if cfg.optimizer == "adamw" else
                               CircuitSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                          state_capacity=cap))
-            schedule = TopNSchedule(cfg.top_n, cfg.top_n_end, cfg.steps, cfg.top_n_schedule)
+            schedule = top_n_schedule(cfg)
             self.tuner = CircuitTuner(model, self.optimizer, top_n=schedule, metric=cfg.metric, ablation=cfg.ablation,
                                       selection=cfg.selection, refresh_every=cfg.refresh_every,
                                       mlp_head_dim=cfg.mlp_head_dim, token_budget=cfg.token_budget,
@@ -215,6 +264,13 @@ class Method:
         return self.model.merge_and_unload() if self.cfg.method == "lora" else self.model
 
 
+def top_n_schedule(cfg: TrainConfig) -> TopNSchedule:
+    """The run's circuit size per step: ``top_n`` at step 0, ``top_n_end`` at the last step of the schedule
+    (``schedule_steps``, default ``steps``) and after."""
+    span = cfg.schedule_steps or cfg.steps
+    return TopNSchedule(cfg.top_n, cfg.top_n_end, max(1, span - 1), cfg.top_n_schedule)
+
+
 def _lora(model, cfg: TrainConfig, arch: str):
     try:
         import peft
@@ -252,11 +308,12 @@ def _seed(seed: int):
 
 
 def train(run: RunDir, method: Method, examples: list[Example], pad_id: int, evaluate=None, eval_every: int = 0,
-          resume: bool = False, progress: bool = True) -> list[dict]:
+          resume: bool = False, progress: bool = True, checkpoints: bool = True) -> list[dict]:
     """Run ``method`` for ``cfg.steps`` steps on ``examples``; log, save circuits and checkpoints.
 
     ``evaluate(model) -> dict`` (optional) adds fields to the log every ``eval_every`` steps and at the end.
     With ``resume`` the latest checkpoint restores model, optimizer, tuner, RNG and data position.
+    ``checkpoints=False`` writes none (runs that are not resumed, such as the demo's).
     """
     from tqdm.auto import tqdm
 
@@ -288,7 +345,7 @@ def train(run: RunDir, method: Method, examples: list[Example], pad_id: int, eva
         if "circuit_edges" in record:
             post["edges"], post["params"] = record["circuit_edges"], f"{100 * record['tuned_fraction']:.1f}%"
         bar.set_postfix(post)
-        if (step + 1) % cfg.save_every == 0 or last:
+        if checkpoints and ((step + 1) % cfg.save_every == 0 or last):
             run.save_checkpoint(step + 1, {"step": step + 1, "method": method.state(), "rng": _rng_state()})
     return run.read_log()
 

@@ -193,17 +193,21 @@ def table(records: list[dict]) -> str:
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="ct-fast bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="gpt2-small")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
+    from .cli import HelpFormatter
+
+    ap = argparse.ArgumentParser(prog="ct-fast bench", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--models", default="gpt2-small", help="comma-separated: tiny, gpt2-small, llama-1B, llama-8B")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to time")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device (default: cuda when available, else cpu)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
+    ap.add_argument("--batch", type=int, default=8, help="batch size")
+    ap.add_argument("--seq", type=int, default=64, help="tokens per example")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per method")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--fraction", type=float, default=0.05, help="target share of parameters in the circuit")
-    ap.add_argument("--out", default=None, help="results JSON (default bench/results/step_<device>.json)")
+    ap.add_argument("--out", default=None, help="results JSON (default: bench/results/step_<device>.json)")
     a = ap.parse_args(argv)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     methods = [m for m in a.methods.split(",") if m]
