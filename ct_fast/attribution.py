@@ -24,6 +24,7 @@ from torch import nn
 
 from . import ops
 from .capture import Capture
+from .distributed import full
 from .errors import CTFastError, NonFiniteError
 from .graph import ComputationGraph
 from .profiling import PhaseTimer
@@ -252,8 +253,7 @@ class EdgeScorer:
         self.graph, self.rows, self.sources, self.shifts, self.resid, self.raw = graph, rows, sources, shifts, resid, raw
         self.factor, self.score_dtype, self.timer = factor, score_dtype, timer
         self.plans = layer_plans(graph)
-        self.params = dict(model.named_parameters())
-        modules = dict(model.named_modules())
+        self.modules = modules = dict(model.named_modules())
         self.norms = {g.norm: modules[g.norm] for g in graph.downstream_groups if g.norm}
         self.up_weight: dict[int, torch.Tensor | None] = {}  # cast once per step, dropped after the last reader
         self.layer_of_tap = {g.tap: g.layer for g in graph.downstream_groups}  # a tap feeds one layer
@@ -287,7 +287,7 @@ class EdgeScorer:
     def _weight(self, projection, dtype) -> torch.Tensor | None:
         if projection is None:
             return None
-        return projection.heads_weight(self.params[projection.weight].detach()).to(dtype)
+        return projection.heads_weight(current_weight(self.modules, projection.weight)).to(dtype)
 
     def _buffer(self, name: str, shape, dtype) -> torch.Tensor:
         """A ``shape`` view of a scratch buffer kept for the whole backward (grown, never shrunk): large fresh
@@ -444,7 +444,7 @@ class AttributionRun:
         # mean ablation over several micro-batches: per micro-batch (node means [n_up, d], tokens, budget factor,
         # gradient sums [n_down, d]) so that scores() can re-centre every micro-batch on the global mean
         self._means: list = []
-        self._params = dict(model.named_parameters())
+        self._modules = dict(model.named_modules())
         self._committed: list = []  # recordings whose backward has begun
         self._recording = None  # forward()'s recording, for backward()
         self.closed = False
@@ -640,7 +640,7 @@ class AttributionRun:
         """``[n_up, d]``: every upstream node's mean contribution over the batch's non-padding tokens."""
         out = []
         for g, mean in zip(self.graph.upstream_groups, shifts):
-            w = None if g.writer is None else g.writer.heads_weight(self._params[g.writer.weight].detach())
+            w = None if g.writer is None else g.writer.heads_weight(current_weight(self._modules, g.writer.weight))
             out.append(ops.heads_to_residual(mean[None], w)[:, 0])
         return torch.cat(out)
 
@@ -687,6 +687,13 @@ def _mlp_residuals(graph: ComputationGraph) -> dict[int, tuple]:
     after.update({g.layer - 1: g.tap for g in graph.downstream_groups if g.kind == "logits"})
     return {k: (after[g.layer], before[g.layer]) for k, g in enumerate(graph.upstream_groups)
             if g.kind == "mlp" and g.writer is None and g.layer in after and g.layer in before}
+
+
+def current_weight(modules: dict, name: str) -> torch.Tensor:
+    """The parameter ``name`` as its module holds it now, detached and whole (FSDP2: the unsharded tensor inside
+    the module's forward/backward, else an all-gather of the shard)."""
+    module, attr = name.rsplit(".", 1)
+    return full(getattr(modules[module], attr)).detach()
 
 
 def scoring_dtype(param: torch.Tensor) -> torch.dtype:

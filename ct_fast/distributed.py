@@ -11,8 +11,11 @@ collective whose partner never comes, and a NaN on one rank refuses the step on 
 
 ``DataParallel.of(model)`` picks the process group: a ``DistributedDataParallel`` wrapper's (its own
 gradient reduction is switched off while circuit-tuning: tunable weights get no ``.grad``, and ct_fast
-reduces the compact gradients instead), else the default group when one is initialised with more than one
-rank, else None (single process).
+reduces the compact gradients instead); an FSDP2 ``fully_shard`` model's mesh (parameters are DTensors
+sharded on dim 0: the masked linears and the scorer read the unsharded tensors FSDP2 gathers for each
+module's forward and backward — an earlier layer's writer weights are all-gathered for scoring — and the
+optimizer updates the selected rows of the local shard, its state sized by the shard); else the default
+group when one is initialised with more than one rank; else None (single process).
 """
 
 from __future__ import annotations
@@ -27,6 +30,30 @@ from torch import nn
 from .errors import CTFastError
 
 BUCKET_BYTES = 64 << 20  # compact gradients are all-reduced in flat fp32 buckets of at most this size
+
+
+def is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a sharded DTensor is all-gathered (a collective: every rank must call it in the same
+    order), anything else returned as is."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t`` (a DTensor's local shard, writes through), or ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_rows(p: torch.Tensor) -> tuple[int, int]:
+    """``(first, stop)``: the dim-0 rows of ``p`` this rank holds (FSDP2 Shard(0): chunks of ceil(n / world))."""
+    if not is_dtensor(p):
+        return 0, p.shape[0] if p.dim() else 1
+    n, world, rank = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
+    chunk = -(-n // world)
+    return min(n, rank * chunk), min(n, (rank + 1) * chunk)
 
 
 def _crc(value) -> int:
@@ -48,15 +75,21 @@ class DataParallel:
 
     @staticmethod
     def of(model: nn.Module):
-        """``(inner module, DistributedDataParallel wrapper or None, process group or None)`` for ``model``."""
+        """``(inner module, DistributedDataParallel wrapper or None, process group or None, sharded)`` for
+        ``model``; ``sharded``: its parameters are FSDP2 DTensors sharded on dim 0 over the group."""
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            return model.module, model, model.process_group
-        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-            raise CTFastError("the model's parameters are DTensors (FSDP2 fully_shard / tensor parallel): sharded "
-                              "circuit-tuning is not supported yet — wrap the model in DistributedDataParallel")
+            return model.module, model, model.process_group, False
+        sharded = [p for p in model.parameters() if is_dtensor(p)]
+        if sharded:
+            meshes = {(p.device_mesh.ndim, tuple(p.device_mesh.mesh.flatten().tolist())) for p in sharded}
+            placements = {tuple(type(x).__name__ + str(getattr(x, "dim", "")) for x in p.placements) for p in sharded}
+            if len(meshes) > 1 or next(iter(meshes))[0] != 1 or placements != {("Shard0",)}:
+                raise CTFastError(f"the model's DTensor parameters are placed {sorted(placements)} on {len(meshes)} "
+                                  "mesh(es); circuit-tuning supports FSDP2 fully_shard on one 1-D mesh (Shard(0))")
+            return model, None, sharded[0].device_mesh.get_group(), True
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return model, None, dist.group.WORLD
-        return model, None, None
+            return model, None, dist.group.WORLD, False
+        return model, None, None, False
 
     # ---- collectives ----
     def _all_reduce(self, t: torch.Tensor, what: str, op=dist.ReduceOp.SUM):

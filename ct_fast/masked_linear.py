@@ -103,8 +103,9 @@ class MaskedLinears:
         def forward(module, x):
             if not torch.is_grad_enabled() or module is not owner.modules[name]:  # no_grad, or a deepcopy
                 return type(module).forward(module, x)
-            # the parameters enter detached: no autograd edge reaches them (their dW is ours to compute)
-            weight, bias, device = owner.weight[name].detach(), owner.bias[name], x.device.type
+            # the parameters enter detached: no autograd edge reaches them (their dW is ours to compute); read from
+            # the module, which under FSDP2 holds the unsharded tensors during its forward and backward
+            weight, bias, device = module.weight.detach(), module.bias, x.device.type
             bias = None if bias is None else bias.detach()
             if torch.is_autocast_enabled(device):  # as autocast runs linear: operands in its dtype, saved so
                 dtype = torch.get_autocast_dtype(device)

@@ -36,6 +36,7 @@ from torch import nn
 
 from . import ops
 from .circuit import Circuit, ParamSelection
+from .distributed import is_dtensor, local, shard_rows
 from .errors import CTFastError
 
 _SELECTED = torch.iinfo(torch.long).max  # slot priority of a row selected in the current step: never evicted
@@ -43,6 +44,8 @@ _FREE = -1  # slot priority of a free slot: taken first
 
 
 def _n_rows(p: torch.Tensor, dim: int) -> int:
+    """Rows of ``p`` along ``dim`` that this rank updates (an FSDP2 DTensor: its local shard's)."""
+    p = local(p)
     return p.shape[dim] if p.dim() else 1
 
 
@@ -231,7 +234,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                      last_used=torch.zeros(capacity, dtype=torch.long, device=dev),
                      step=torch.zeros(capacity + 1, dtype=torch.float32, device=dev))
         for k in self._moments:
-            state[k] = torch.zeros((capacity + 1, max(1, p.numel()) // n_rows), dtype=torch.float32, device=dev)
+            state[k] = torch.zeros((capacity + 1, max(1, local(p).numel()) // n_rows), dtype=torch.float32,
+                                   device=dev)
 
     def _prepare(self, p: torch.Tensor, group: dict, dim: int, index):
         """Give the selected rows slots (allocating the pool on first use); return ``(state, rows [k], slots [k])``."""
@@ -317,7 +321,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _row_shape(p, dim):
-        return tuple(s for i, s in enumerate(p.shape) if i != dim)
+        return tuple(s for i, s in enumerate(local(p).shape) if i != dim)
 
     @staticmethod
     def _as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -343,20 +347,51 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             if compact is None and p.grad.is_sparse:
                 raise CTFastError("sparse gradients are not supported by circuit optimizers")
             dim, index, count = sel
+            if is_dtensor(p):  # FSDP2: this rank updates the rows of its shard
+                index, count, compact = self._local_selection(p, dim, index, count, compact)
+                if count == 0:
+                    continue
             if "dim" in self.state[p] and self.state[p]["dim"] != dim:
                 self._relayout(p, group, self.state[p], dim)
             self._check_capacity(p, group, dim, count)
-            p2 = self._as_rows(p, dim)
+            p2 = self._as_rows(local(p), dim)
             if compact is not None:
                 g = compact.reshape(count, -1)
                 if g.shape != (count, p2.shape[1]):
                     raise CTFastError(f"compact gradient of shape {tuple(compact.shape)} does not match the "
                                       f"{count} selected rows of a parameter of shape {tuple(p.shape)}")
             else:
-                g = self._as_rows(p.grad, dim)
+                g = self._as_rows(local(p.grad), dim)
                 g = g if index is None else g.index_select(0, index)
             plan.append((p, dim, index, p2, g.float().contiguous()))
         return plan
+
+    def _local_selection(self, p, dim: int, index, count: int, compact):
+        """A dim-0-sharded parameter's selection on this rank: ``(index, count, compact)`` of the rows it holds.
+
+        Along dim 0 the selected rows inside the shard ``[first, stop)`` (and their compact gradient rows); along
+        dim 1 every selected column, each narrowed to the shard's rows. Host-side: the ranges are known."""
+        first, stop = shard_rows(p)
+        if dim == 1:
+            return index, count, None if compact is None else compact[:, first:stop]
+        sel = None if self._selection is None else self._selection.get(p)
+        ranges = ((0, p.shape[0]),) if sel is None else sel.ranges
+        rows, spans, offset = [], [], 0
+        for a, b in ranges:
+            lo, hi = max(a, first), min(b, stop)
+            if lo < hi:
+                rows.append((lo - first, hi - first))
+                spans.append((offset + lo - a, offset + hi - a))
+            offset += b - a
+        count = sum(b - a for a, b in rows)
+        full = rows == [(0, stop - first)]
+        device = local(p).device
+        index = None if full else ParamSelection(0, stop - first, tuple(rows)).index(device)
+        if compact is not None:
+            pick = torch.cat([torch.arange(a, b, device=compact.device) for a, b in spans]) if spans else \
+                torch.zeros(0, dtype=torch.long, device=compact.device)
+            compact = compact.index_select(0, pick)
+        return index, count, compact
 
     def _collect(self, group: dict, plan: list[tuple]) -> dict:
         """The multi-tensor lists of one validated group: slots assigned, states gathered."""

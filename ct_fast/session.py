@@ -111,7 +111,7 @@ class TuningSession:
                                   "'deferred', 'lagged' or 'auto' here, or ct_fast.CircuitTuner for two_pass")
         if top_n is None and schedule is None:
             raise CTFastError("circuit-tuning needs top_n (edges per circuit) or a schedule")
-        model, self.ddp, group = DataParallel.of(model)  # hooks go on the module a DDP wrapper holds
+        model, self.ddp, group, self.sharded = DataParallel.of(model)  # hooks go on the module a DDP wrapper holds
         self.model, self.optimizer = model, optimizer
         self.graph = graph or ComputationGraph.from_model(model, mlp_head_dim=mlp_head_dim)
         self.schedule = schedule or (top_n if isinstance(top_n, TopNSchedule) else TopNSchedule(int(top_n)))
@@ -151,7 +151,7 @@ class TuningSession:
                 "refresh_every": refresh_every, "memory_mode": memory_mode, "ablation": ablation,
                 "selection": selection, "threshold": threshold, "token_budget": token_budget,
                 "trained": [tuple(p.shape) for p in self.params]})
-            if self.ddp is None:
+            if self.ddp is None and not self.sharded:
                 self.dp.broadcast_parameters(model)
 
     # ---- attachment ----

@@ -1,5 +1,6 @@
 """Data-parallel circuit-tuning on torch.distributed (gloo, 2 spawned processes, tiny models): 2 ranks equal
-1 rank on the concatenated batch (drop-in with a DDP wrapper and with the bare module, CircuitTuner on DDP),
+1 rank on the concatenated batch (drop-in with a DDP wrapper, the bare module and FSDP2 fully_shard;
+CircuitTuner on DDP and FSDP2; FSDP2 ranks keep only their shard's optimizer state),
 circuits and parameters equal across ranks, a resume after the processes end equals an uninterrupted run,
 and mismatches or a NaN on one rank raise on every rank instead of hanging."""
 
@@ -67,6 +68,19 @@ def _scenarios(rank, out: pathlib.Path, phase: str):
         save("tuner_ddp", circuits=[[e[:2] for e in r.circuit.edges] for r in results], params=model.state_dict(),
              loss=[r.loss for r in results])
 
+        # FSDP2: parameters sharded on dim 0 (DTensors); masked dW and the optimizer act on local shards
+        model = _fully_shard(tiny_model("llama"))
+        opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)
+        circuits = _dropin_steps(model, opt, rank, range(STEPS))
+        save("dropin_fsdp", circuits=circuits, params=_full_state(model), state_bytes=opt.state_bytes())
+
+        model = _fully_shard(tiny_model("qwen2"))
+        tuner = CircuitTuner(model, CircuitSGD(model.parameters(), lr=0.1, momentum=0.9), top_n=25,
+                             memory_mode="two_pass")
+        results = [tuner.step(_shard(_global_batch(s), rank)) for s in range(STEPS)]
+        save("tuner_fsdp", circuits=[[e[:2] for e in r.circuit.edges] for r in results], params=_full_state(model),
+             loss=[r.loss for r in results])
+
         # failures: every rank raises, none hangs, nothing changes
         errors = {}
         model = tiny_model("llama")
@@ -105,6 +119,20 @@ def _scenarios(rank, out: pathlib.Path, phase: str):
         opt = CircuitAdamW(ddp.parameters(), lr=1e-2, model=ddp, top_n=25)
         opt.load_state_dict(saved["opt"])
         save("resumed", circuits=_dropin_steps(ddp, opt, rank, range(1, STEPS)), params=model.state_dict())
+
+
+def _fully_shard(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def _full_state(model):
+    from ct_fast.distributed import full
+
+    return {k: full(v).detach().clone() for k, v in model.state_dict().items()}
 
 
 def _worker(rank, init_file, out, phase):
@@ -155,7 +183,7 @@ def _same_across_ranks(results):
         assert torch.equal(a["params"][k], b["params"][k]), k
 
 
-@pytest.mark.parametrize("name", ["dropin_ddp", "dropin_module"])
+@pytest.mark.parametrize("name", ["dropin_ddp", "dropin_module", "dropin_fsdp"])
 def test_two_ranks_equal_one_rank_on_the_concatenated_batch(runs, name):
     results = _load(runs, name)
     _same_across_ranks(results)
@@ -163,13 +191,16 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(runs, name):
     assert results[0]["circuits"] == circuits
     for k, v in params.items():
         assert_close(results[0]["params"][k], v, name=k)
+    if name == "dropin_fsdp":  # each rank keeps the optimizer state of its shard only
+        assert all(r["state_bytes"] < 0.75 * opt.state_bytes() for r in results)
     if name == "dropin_ddp":  # only the circuit's compact gradients (and the step fingerprint) are all-reduced
         grad_bytes = 4 * sum(g.numel() for g in opt.last_step.grads.values())
         assert grad_bytes < results[0]["bytes"] <= 1.2 * grad_bytes + 4096
 
 
-def test_tuner_on_ddp_equals_one_rank(runs):
-    results = _load(runs, "tuner_ddp")
+@pytest.mark.parametrize("name", ["tuner_ddp", "tuner_fsdp"])
+def test_tuner_equals_one_rank(runs, name):
+    results = _load(runs, name)
     _same_across_ranks(results)
     model = tiny_model("qwen2")
     tuner = CircuitTuner(model, CircuitSGD(model.parameters(), lr=0.1, momentum=0.9), top_n=25, memory_mode="two_pass")

@@ -77,7 +77,9 @@ def norm_vjp_(norm: nn.Module, x: torch.Tensor, cot: torch.Tensor) -> torch.Tens
     else:
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         x_hat = xf * rstd
-    gamma = norm.weight.detach().float() if norm.weight is not None else torch.ones_like(xf[0])
+    w = norm.weight
+    w = w.full_tensor() if hasattr(w, "full_tensor") else w  # an FSDP2 shard outside its module's backward
+    gamma = w.detach().float() if w is not None else torch.ones_like(xf[0])
     d = xf.shape[-1]
     # reductions without [n, c, d] temporaries: mean(g * x_hat) and mean(g) for g = cot * gamma
     proj = torch.einsum("ncd,cd->nc", cot, x_hat * gamma).div_(d).unsqueeze(-1)
