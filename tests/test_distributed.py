@@ -1,7 +1,8 @@
 """Data-parallel circuit-tuning on torch.distributed (gloo, 2 spawned processes, tiny models): 2 ranks equal
 1 rank on the concatenated batch (drop-in with a DDP wrapper, the bare module and FSDP2 fully_shard;
 CircuitTuner on DDP and FSDP2; FSDP2 ranks keep only their shard's optimizer state),
-circuits and parameters equal across ranks, a resume after the processes end equals an uninterrupted run,
+circuits and parameters equal across ranks, a resume after the processes end equals an uninterrupted run
+(DDP: rank 0's checkpoint; FSDP2: torch.distributed.checkpoint for the model, a file per rank for the optimizer),
 and mismatches or a NaN on one rank raise on every rank instead of hanging."""
 
 import datetime
@@ -71,7 +72,12 @@ def _scenarios(rank, out: pathlib.Path, phase: str):
         # FSDP2: parameters sharded on dim 0 (DTensors); masked dW and the optimizer act on local shards
         model = _fully_shard(tiny_model("llama"))
         opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)
-        circuits = _dropin_steps(model, opt, rank, range(STEPS))
+        circuits = _dropin_steps(model, opt, rank, range(1))
+        import torch.distributed.checkpoint as dcp  # sharded model state; each rank saves its optimizer shard
+
+        dcp.save(model.state_dict(), checkpoint_id=str(out / "fsdp_model"))
+        torch.save(opt.state_dict(), out / f"fsdp_opt_{rank}.pt")
+        circuits += _dropin_steps(model, opt, rank, range(1, STEPS))
         save("dropin_fsdp", circuits=circuits, params=_full_state(model), state_bytes=opt.state_bytes())
 
         model = _fully_shard(tiny_model("qwen2"))
@@ -119,6 +125,16 @@ def _scenarios(rank, out: pathlib.Path, phase: str):
         opt = CircuitAdamW(ddp.parameters(), lr=1e-2, model=ddp, top_n=25)
         opt.load_state_dict(saved["opt"])
         save("resumed", circuits=_dropin_steps(ddp, opt, rank, range(1, STEPS)), params=model.state_dict())
+
+        import torch.distributed.checkpoint as dcp
+
+        model = _fully_shard(tiny_model("llama", seed=3))
+        state = model.state_dict()
+        dcp.load(state, checkpoint_id=str(out / "fsdp_model"))
+        model.load_state_dict(state)
+        opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)
+        opt.load_state_dict(torch.load(out / f"fsdp_opt_{rank}.pt", weights_only=True))
+        save("resumed_fsdp", circuits=_dropin_steps(model, opt, rank, range(1, STEPS)), params=_full_state(model))
 
 
 def _fully_shard(model):
@@ -220,8 +236,10 @@ def test_failures_raise_on_every_rank(runs):
         assert "backward_ran" in errors["no_backward"]
 
 
-def test_resume_after_the_processes_end_equals_an_uninterrupted_run(runs):
-    resumed, full = _load(runs, "resumed"), _load(runs, "dropin_ddp")
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_resume_after_the_processes_end_equals_an_uninterrupted_run(runs, name):
+    resumed = _load(runs, "resumed" if name == "ddp" else "resumed_fsdp")
+    full = _load(runs, f"dropin_{name}")
     _same_across_ranks(resumed)
     assert resumed[0]["circuits"] == full[0]["circuits"][1:]
     for k, v in full[0]["params"].items():
