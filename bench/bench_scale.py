@@ -28,14 +28,15 @@ from ct_fast.app.step_bench import _persistent_bytes, choose_top_n, make_batches
 METHODS = ("full", "deferred", "two_pass", "lagged", "circuit_refresh10")
 
 
-def build(layers: int, checkpointing: bool, seed: int = 0):
+def build(layers: int, checkpointing: bool, seed: int = 0, device="cpu", dtype=torch.float32, d_model: int = 512):
     import transformers as tf
 
     tf.logging.set_verbosity_error()
     torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(num_hidden_layers=layers, hidden_size=512, num_attention_heads=8, num_key_value_heads=4,
-                         intermediate_size=1536, vocab_size=8192, max_position_embeddings=8192)
-    model = tf.AutoModelForCausalLM.from_config(cfg).train()  # no dropout in Llama; train() enables checkpointing
+    cfg = tf.LlamaConfig(num_hidden_layers=layers, hidden_size=d_model, num_attention_heads=8, num_key_value_heads=4,
+                         intermediate_size=3 * d_model, vocab_size=8192, max_position_embeddings=8192)
+    with torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).train()  # no dropout; train(): checkpointing
     if checkpointing:
         ct_fast.enable_activation_checkpointing(model)
     return model
@@ -64,19 +65,21 @@ class Step:
 
 
 def measure(method: str, layers: int, seq: int, checkpointing: bool, batch_time: int, batch_mem: int, steps: int,
-            top_n: int) -> dict:
-    model = build(layers, checkpointing)
+            top_n: int, device="cpu", dtype=torch.float32, d_model: int = 512) -> dict:
+    model = build(layers, checkpointing, device=device, dtype=dtype, d_model=d_model)
     step = Step(method, model, top_n)
     vocab = model.config.vocab_size
-    timed = make_batches(vocab, batch_time, seq, steps + 1, "cpu")
+    timed = make_batches(vocab, batch_time, seq, steps + 1, device)
     step(timed[0])  # warm-up (refresh10: this step discovers the circuit)
     times = []
     for b in timed[1:]:
+        harness.sync(device)
         t0 = time.perf_counter()
         step(b)
+        harness.sync(device)
         times.append(time.perf_counter() - t0)
-    mem_batch = make_batches(vocab, batch_mem, seq, 1, "cpu")[0]
-    transient = harness.peak_bytes(lambda: step(mem_batch))
+    mem_batch = make_batches(vocab, batch_mem, seq, 1, device)[0]
+    transient = harness.peak_bytes(lambda: step(mem_batch), device)
     persistent = _persistent_bytes(model, step) - sum(p.numel() * p.element_size() for p in model.parameters())
     rec = {"method": method, "layers": layers, "seq": seq, "checkpointing": checkpointing, "batch_time": batch_time,
            "batch_mem": batch_mem, "steps": steps, "median_ms": 1e3 * statistics.median(times),
@@ -147,28 +150,33 @@ def main(argv=None) -> dict:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--checkpointing", default="both", choices=["both", "on", "off"])
     ap.add_argument("--sync-layers", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--d-model", type=int, default=512, help="hidden size (MLP 3x, 8 heads / 4 KV heads)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     methods = [m for m in a.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     ckpts = {"both": [False, True], "on": [True], "off": [False]}[a.checkpointing]
-    probe = build(a.layers, False)
+    probe = build(a.layers, False, d_model=a.d_model)
     top_n = choose_top_n(probe, make_batches(probe.config.vocab_size, 2, 64, 1, "cpu")[0], 0.05)
     del probe
     records = []
     for seq in (int(s) for s in a.seqs.split(",")):
         for ckpt in ckpts:
             for method in methods:
-                rec = measure(method, a.layers, seq, ckpt, a.batch_time, a.batch_mem, a.steps, top_n)
+                rec = measure(method, a.layers, seq, ckpt, a.batch_time, a.batch_mem, a.steps, top_n, a.device, dtype,
+                              a.d_model)
                 rec["top_n"] = top_n
                 records.append(rec)
                 print(f"T={seq:5d} ckpt={ckpt!s:5} {method:>17}: {rec['median_ms']:8.0f} ms  "
                       f"{rec['extra_peak_mib']:7.0f} MiB  {rec.get('memory_mode', '')}", flush=True)
     data = {"results": ratios(records), "host_syncs": host_syncs(a.sync_layers)}
     print(table(data))
-    path = harness.write("cpu_scale", data["results"], a.out)
+    path = harness.write(f"{torch.device(a.device).type}_scale", data["results"], a.out)
     with open(path) as f:  # keep the sync counts beside the results
         import json
         saved = json.load(f)

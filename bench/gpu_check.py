@@ -1,0 +1,120 @@
+"""The one device check: build, test and benchmark everything on a GPU in one go (``bench/gpu_check.sh``).
+
+    bash bench/gpu_check.sh              # on the GPU machine: results in $OUT and bench/results/
+    bash bench/gpu_check.sh --rehearse   # every stage on the CPU at tiny shapes (the test suite runs this)
+
+Stages run in order; each has a time limit (the whole check fits in about 8 minutes on an H100), writes
+its log and JSON under ``$OUT`` and never stops the next one. On the GPU the results are also copied to
+``bench/results/gpu_<stage>_<name>.json`` for committing. The last screen is a summary table (also
+``$OUT/gpu_check.json``). A stage that only makes sense on a GPU is reported as skipped in the rehearsal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+BUDGET_S = 8 * 60
+
+
+def stages(rehearse: bool, out: str) -> list[dict]:
+    """``{name, cmd (None: skipped, with why), limit}`` per stage; commands write their JSON into ``out``."""
+    dev = "cpu" if rehearse else "cuda"
+    j = lambda name: os.path.join(out, f"{name}.json")  # noqa: E731
+    bench = lambda script, *args: [PY, os.path.join(ROOT, "bench", script), *args]  # noqa: E731
+    if rehearse:
+        tiny_ops = {"masked_adamw": ["--params", "2e5", "--d", "64"],
+                    "score_edges": ["--layers", "2", "--d-model", "32", "--heads", "4", "--batch", "2", "--seq", "8"],
+                    "masked_dw": ["--tokens", "32", "--d", "32"]}
+    else:
+        tiny_ops = {"masked_adamw": ["--params", "1e9", "--d", "4096"], "score_edges": [], "masked_dw": [
+            "--tokens", "8192", "--d", "4096"]}
+    return [
+        {"name": "build", "limit": 420, "why": "rehearsal: the installed package is used",
+         "cmd": None if rehearse else [PY, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", ROOT]},
+        {"name": "tests", "limit": 240,
+         "cmd": [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_gpu.py")]
+         + ([] if rehearse else [os.path.join(ROOT, "tests", "test_ops.py"), os.path.join(ROOT, "tests", "test_optim.py")]),
+         "env": {"CT_FAST_TEST_DEVICE": dev, **({"TRITON_INTERPRET": "1"} if rehearse else {})}},
+        *[{"name": f"op_{name}", "limit": 90, "cmd": bench(f"bench_{name}.py", "--device", dev, *args, "--out", j(f"op_{name}"))}
+          for name, args in tiny_ops.items()],
+        {"name": "step", "limit": 150, "cmd": [PY, "-m", "ct_fast", "bench", "--device", dev, "--out", j("step")]
+         + (["--models", "tiny", "--steps", "1", "--warmup", "1", "--methods", "full,circuit_refresh1,circuit_dropin,"
+             "circuit_refresh10"] if rehearse else ["--models", "llama-1B", "--dtype", "bf16", "--steps", "3"])},
+        {"name": "scale", "limit": 120, "cmd": bench("bench_scale.py", "--device", dev, "--out", j("scale"), *(
+            ["--seqs", "16", "--layers", "2", "--d-model", "64", "--batch-time", "1", "--batch-mem", "1", "--steps", "1",
+             "--checkpointing", "off", "--sync-layers", "2", "--methods", "full,deferred,two_pass"] if rehearse else
+            ["--seqs", "1024,4096", "--layers", "8", "--d-model", "2048", "--dtype", "bf16", "--batch-time", "2",
+             "--batch-mem", "2", "--steps", "2", "--sync-layers", "32"]))},
+        {"name": "dropin", "limit": 60, "cmd": bench("bench_dropin.py", "--device", dev, "--out", j("dropin"), *(
+            ["--model", "tiny", "--batch", "2", "--seq", "16", "--rounds", "1"] if rehearse else ["--rounds", "5"]))},
+        {"name": "distributed", "limit": 90, "cmd": bench("bench_distributed.py", "--worlds", "1", "--out",
+                                                           j("distributed"), *(
+            ["--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "1", "--backend", "gloo"] if rehearse else
+            ["--backend", "nccl", "--steps", "3"]))},
+        {"name": "big_step", "limit": 150, "cmd": bench("bench_big_step.py", "--device", dev, "--out", j("big_step"), *(
+            ["--model", "tiny", "--batch", "2", "--seq", "16", "--dtype", "fp32", "--state-capacity", "1"] if rehearse
+            else ["--model", "llama-8B", "--batch", "1", "--seq", "2048", "--dtype", "bf16", "--checkpointing",
+                  "--state-capacity", "0.25", "--mlp-head-dim", "128", "--mode", "two_pass"]))},
+    ]
+
+
+def run(rehearse: bool, out: str) -> list[dict]:
+    os.makedirs(out, exist_ok=True)
+    t_start = time.perf_counter()
+    summary = []
+    for st in stages(rehearse, out):
+        rec = {"stage": st["name"], "seconds": 0.0}
+        left = BUDGET_S - (time.perf_counter() - t_start) if not rehearse else st["limit"]
+        if st["cmd"] is None:
+            rec.update(status="skipped", detail=st["why"])
+        elif left < 20:
+            rec.update(status="skipped", detail="the time budget is spent")
+        else:
+            env = {**os.environ, **st.get("env", {})}
+            log_path = os.path.join(out, f"{st['name']}.log")
+            t0 = time.perf_counter()
+            with open(log_path, "w") as log:
+                try:
+                    proc = subprocess.run(st["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          timeout=min(st["limit"], left))
+                    rec["status"] = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+                except subprocess.TimeoutExpired:
+                    rec["status"] = f"timeout ({min(st['limit'], left):.0f} s)"
+            rec["seconds"] = round(time.perf_counter() - t0, 1)
+            with open(log_path) as log:
+                tail = log.read().strip().splitlines()
+            rec["detail"] = tail[-1][:160] if tail else ""
+        summary.append(rec)
+        print(f"[gpu_check] {rec['stage']:>12}: {rec['status']} ({rec['seconds']} s) {rec.get('detail', '')}",
+              flush=True)
+    from ct_fast.app import harness
+
+    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+        json.dump({"env": harness.env(), "rehearse": rehearse, "stages": summary}, f, indent=1)
+    if not rehearse:  # the GPU results, named for committing
+        for name in os.listdir(out):
+            if name.endswith(".json"):
+                shutil.copy(os.path.join(out, name), os.path.join(ROOT, "bench", "results", f"gpu_{name}"))
+    print("\n| stage | status | seconds | last line |\n| --- | --- | --- | --- |")
+    for r in summary:
+        print(f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('detail', '')[:90]} |")
+    return summary
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    rehearse = "--rehearse" in argv
+    out = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results", "gpu_check")
+    summary = run(rehearse, out)
+    return 0 if all(r["status"] in ("ok", "skipped") for r in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""A circuit-tuning step per backend on the device ``CT_FAST_TEST_DEVICE`` names (default ``cuda``: skipped
+without a GPU; ``bench/gpu_check.sh`` runs this file on one, and its ``--rehearse`` on the CPU): the fp32
+circuit equals the CPU torch circuit, parameters outside the circuit stay bit-identical, in fp32 and bf16."""
+
+import os
+
+import pytest
+import torch
+
+import ct_fast
+from ct_fast import CircuitAdamW, CircuitTuner, CTFastError
+from ct_fast.testing import random_batch, tiny_model
+
+DEVICE = os.environ.get("CT_FAST_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                reason="no GPU here: bench/gpu_check.sh runs these on one")
+BACKENDS = ("auto", "torch", "cpp", "triton", "cuda")
+
+
+def _step(model, batch, mode="deferred"):
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=25, memory_mode=mode)
+    return tuner.step(batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_circuit_step_per_backend(backend, dtype, monkeypatch):
+    if backend == "cuda" and DEVICE != "cuda" or backend == "cpp" and DEVICE == "cuda":
+        pytest.skip(f"the {backend} backend does not run on {DEVICE}")
+    if backend == "triton" and DEVICE == "cpu" and (dtype != torch.float32 or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("Triton on the CPU: fp32 under TRITON_INTERPRET=1 only")
+    batch = random_batch(37, seed=3)
+    want = _step(tiny_model("llama"), batch).circuit  # the CPU fp32 torch reference
+    monkeypatch.setenv("CT_FAST_BACKEND", backend)
+    model = tiny_model("llama", dtype=dtype).to(DEVICE)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        result = _step(model, {k: v.to(DEVICE) for k, v in batch.items()})
+    except CTFastError as e:
+        if str(e).startswith(f"CT_FAST_BACKEND={backend}"):
+            pytest.skip(str(e))  # the backend refuses this call (not built, dtype): the dispatcher says why
+        raise
+    masks = result.circuit.param_masks(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach()[~masks[n]], before[n][~masks[n]]), f"{n} changed outside the circuit"
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    if dtype == torch.float32:
+        assert [e[:2] for e in result.circuit.edges] == [e[:2] for e in want.edges]
+
+
+def test_dropin_and_memory_modes_on_the_device():
+    model = tiny_model("qwen2").to(DEVICE)
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)
+    for s in range(2):
+        model(**{k: v.to(DEVICE) for k, v in random_batch(37, seed=s).items()}).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.last_step.circuit is not None and all(p.grad is None for p in model.parameters())
+    opt.detach()
+    for mode in ("two_pass", "lagged"):
+        r = _step(tiny_model("llama").to(DEVICE), {k: v.to(DEVICE) for k, v in random_batch(37).items()}, mode)
+        assert r.memory_mode in (mode, "two_pass")
+    assert ct_fast.ops.requested_backend() in ("auto",) + BACKENDS

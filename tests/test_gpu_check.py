@@ -1,0 +1,29 @@
+"""``bench/gpu_check.sh --rehearse`` runs every stage of the GPU check on the CPU at tiny shapes, so the
+script a GPU session runs first cannot rot between GPU sessions."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(os.environ.get("CT_FAST_SKIP_REHEARSAL") == "1", reason="CT_FAST_SKIP_REHEARSAL=1")
+def test_gpu_check_rehearsal(tmp_path):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--rehearse"], cwd=ROOT,
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=900)
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    stages = {s["stage"]: s for s in summary["stages"]}
+    assert summary["rehearse"] and set(stages) >= {"build", "tests", "op_masked_adamw", "op_score_edges",
+                                                    "op_masked_dw", "step", "scale", "dropin", "distributed",
+                                                    "big_step"}
+    bad = {k: s for k, s in stages.items() if s["status"] not in ("ok", "skipped")}
+    assert not bad, f"stages failed: {bad}\n{proc.stdout[-3000:]}"
+    assert stages["build"]["status"] == "skipped"  # the only stage a rehearsal skips
+    for name, s in stages.items():
+        if name not in ("build", "tests"):
+            data = json.loads((tmp_path / f"{name}.json").read_text())
+            assert data["env"]["commit"] is not None or data["env"]["torch"]
+    assert proc.returncode == 0 and "| stage | status |" in proc.stdout
