@@ -140,19 +140,24 @@ class TuningSession:
         self.circuit_top_n = 0  # the top_n self.circuit was selected with
         self.corrupted = None  # the corrupted batch of the next recorded forward (CircuitTuner)
         self._open: list = []  # recordings of the forwards in progress (None: a forward not recorded)
-        self.dp = None if group is None else DataParallel(group, self.device)
+        self.dp = None
         self.nonfinite = False  # a driver saw a NaN/inf loss on this rank this step (the ranks refuse together)
         self._reset_step()
         self._detach = None
-        if self.dp is not None:  # the same graph and options everywhere, and rank 0's weights
-            s = self.schedule
-            self.dp.agree("circuit-tuning setup", {
-                "graph": self.graph.describe(), "top_n": [s.start, s.end, s.steps, s.kind], "metric": str(metric),
-                "refresh_every": refresh_every, "memory_mode": memory_mode, "ablation": ablation,
-                "selection": selection, "threshold": threshold, "token_budget": token_budget,
-                "trained": [tuple(p.shape) for p in self.params]})
-            if self.ddp is None and not self.sharded:
-                self.dp.broadcast_parameters(model)
+        if group is not None:
+            self._join(group)
+
+    def _join(self, group):
+        """Several ranks: check that all run the same graph and options, and start from rank 0's weights."""
+        self.dp = DataParallel(group, self.device)
+        s = self.schedule
+        self.dp.agree("circuit-tuning setup", {
+            "graph": self.graph.describe(), "top_n": [s.start, s.end, s.steps, s.kind], "metric": str(self.metric),
+            "refresh_every": self.refresh_every, "memory_mode": self.memory_mode, "ablation": self.ablation,
+            "selection": self.selection, "threshold": self.threshold, "token_budget": self.token_budget,
+            "trained": [tuple(p.shape) for p in self.params]})
+        if self.ddp is None and not self.sharded:
+            self.dp.broadcast_parameters(self.model)
 
     # ---- attachment ----
     def attach(self):
@@ -204,6 +209,10 @@ class TuningSession:
         """Decide how this step runs (once: the first forward of a step calls it with its own batch)."""
         if self.mode is not None:
             return
+        if self.dp is None and not self.sharded:  # a process group started after the optimizer was built (e.g. by
+            _, _, group, _ = DataParallel.of(self.model)  # the HF Trainer's arguments): join it at the first step
+            if group is not None:
+                self._join(group)
         self.timer = timer or PhaseTimer(self.device, self.profile)
         self.refresh = self.circuit is None or self.step_count % self.refresh_every == 0
         self.top_n = self.schedule(self.step_count)

@@ -101,3 +101,22 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     assert opt.tuning.step_count == STEPS
     for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_circuit_trainer_under_torchrun(tmp_path):
+    """Two processes (gloo): accelerate wraps the model in DDP; ranks end with equal parameters and circuits."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainer_ddp_script.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", script,
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [json.loads((tmp_path / f"log_{r}.json").read_text()) for r in range(2)]
+    assert [x["steps"] for x in logs] == [STEPS - 1, STEPS - 1] and logs[0]["world"] == 2
+    steps = [[(e["loss"], e["circuit_edges"]) for e in x["log"] if "circuit_edges" in e] for x in logs]
+    assert steps[0] == steps[1] and len(steps[0]) == STEPS - 1
+    a, b = (torch.load(tmp_path / f"params_{r}.pt") for r in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
