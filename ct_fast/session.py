@@ -202,7 +202,7 @@ class TuningSession:
         self._conclusion: Conclusion | None = None
         self._agreed = False
         self.nonfinite = False
-        if getattr(self, "dp", None) is not None:
+        if self.dp is not None:
             self.dp.comm_bytes = 0
 
     def begin_step(self, batches: list, timer: PhaseTimer | None = None):
