@@ -1,14 +1,15 @@
 """Triton kernels of ct_fast, installed as ``ct_fast.kernels``.
 
-Each kernel has its pure-torch reference in ``ct_fast.ops.reference`` (the oracle and fallback) and is
-reached through ``ct_fast.ops`` dispatch (``CT_FAST_BACKEND=triton``, or ``auto`` on a GPU without the
-CUDA build). On CPU they run only under ``TRITON_INTERPRET=1`` (tests use small fp32 shapes).
+Each kernel has its pure-torch reference in ``ct_fast.ops.reference`` / ``ct_fast.ops.library`` (the oracle and
+fallback) and is reached through ``ct_fast.ops`` dispatch (``CT_FAST_BACKEND=triton``, or ``auto`` on a GPU for
+the ops not in ``ct_fast.ops.AUTO_SKIP``). On CPU they run only under ``TRITON_INTERPRET=1`` (small test shapes).
 
 - ``score_edges``: fused attribution scoring (``score_edges.py``)
-- ``masked_adamw_``: AdamW on selected rows (``masked_adamw.py``)
+- ``masked_adamw_`` / ``masked_sgd_``: optimizers on selected rows; ``nonfinite_flag_``: their skip-flag check
+  (``masked_optim.py``)
 """
 
-from .masked_adamw import masked_adamw_
+from .masked_optim import masked_adamw_, masked_sgd_, nonfinite_flag_
 from .score_edges import score_edges
 
-__all__ = ["masked_adamw_", "score_edges"]
+__all__ = ["masked_adamw_", "masked_sgd_", "nonfinite_flag_", "score_edges"]

@@ -1,62 +1,230 @@
-"""Triton masked AdamW: the selected rows of one parameter, their compact fp32 states and gradients.
+"""Triton masked optimizers: AdamW and SGD on the selected rows of parameters, their compact fp32 states and
+gradients (layout: ``ct_fast.ops.library``).
 
-Per selected row r (program axis 0) and column block (axis 1), with ``p = param[rows[r], :]`` (any row and
-column strides), ``g = grads[r]``, ``m, v = exp_avg[slots[r]], exp_avg_sq[slots[r]]``::
+One program per selected row ``r`` of one parameter (one launch per parameter), walking the row's ``M`` columns
+in ``BLOCK`` steps, with ``p = param[rows[r], :]`` (any row and column strides), ``g = grads[r]`` and the state
+rows ``slots[r]``. AdamW::
 
-    p *= 1 - lr * wd;  m += (1 - b1) * (g - m);  v = b2 * v + (1 - b2) * g^2
-    p += -step_size[r] * m / (sqrt(v) / bc2_sqrt[r] + eps)
+    t = step[slot] + 1 (written back);  p *= 1 - lr * wd;  m += (1 - b1) * (g - m);  v = b2 * v + (1 - b2) * g^2
+    p += -(lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-``step_size = lr / (1 - b1^t)`` and ``bc2_sqrt = sqrt(1 - b2^t)`` are computed per row on the host in fp64 from
-the incremented step counts (as torch.optim.AdamW does in Python floats). Only selected rows are read or
-written. One launch per parameter (the CUDA kernel of ct_fast._C does all parameters in one launch).
+SGD: ``g += wd * p``; ``buf = g`` on a row's first step, else ``momentum * buf + (1 - dampening) * g``;
+``g = g + momentum * buf`` (nesterov) or ``buf``; ``p += -lr * g``.
+
+Hygiene, so that a masked step needs nothing from the host and can be captured in a CUDA graph:
+
+- the step count is bumped and the bias corrections computed inside the kernel, in fp64 from the row's integer
+  count (``b^t`` by repeated squaring), as the C++/CUDA kernels do with ``pow``; no per-row host math;
+- ``lr`` is a float argument or read from a one-element device tensor (``lr_tensor``);
+- ``found_inf`` (a one-element fp32 device tensor): a first pass over every selected gradient sets it to 1 on a
+  non-finite value; each update program reads it and writes nothing (parameter, states, step count) when it is
+  non-zero;
+- no descriptor table and no host-to-device copy: everything a launch needs is a kernel argument;
+- the fp32 math rounds as torch does (``sqrt_rn``, ``div_rn``), and bf16 parameters are stored rounded to
+  nearest-even by integer arithmetic (the interpreter's cast truncates; on a GPU the result is the same as the
+  hardware's round-to-nearest-even conversion).
 """
 
 import torch
 import triton
 import triton.language as tl
 
+FLT_MAX = 3.4028234663852886e38
+
 
 @triton.jit
-def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, rows_ptr, slots_ptr, step_size_ptr,
-                         bc2_sqrt_ptr, M, beta1, beta2, eps, decay,
+def _store_param(addr, x, mask, BF16: tl.constexpr):
+    """Store fp32 ``x`` to the parameter's dtype; bf16 rounds to nearest-even (NaN stays a quiet NaN)."""
+    if BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = bits + 0x7FFF + ((bits >> 16) & 1)
+        rounded = tl.where(x != x, bits | 0x400000, rounded)
+        tl.store(addr, (rounded >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(addr, x.to(addr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _pow_count(base, t):
+    """``base ** t`` in fp64 for an integer-valued count ``t`` in [0, 2^25) (fp32 counts are exact below 2^24)."""
+    n = t.to(tl.int32)
+    b = tl.cast(base, tl.float64)
+    acc = b * 0.0 + 1.0
+    for i in tl.static_range(25):
+        acc = tl.where(((n >> i) & 1) != 0, acc * b, acc)
+        b = b * b
+    return acc
+
+
+@triton.jit
+def _nonfinite_kernel(g_ptr, n, found_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    bad = ~(tl.abs(x) <= FLT_MAX)  # NaN compares false
+    hit = tl.max(bad.to(tl.int32), axis=0) > 0
+    tl.store(found_ptr, 1.0, mask=hit)
+
+
+@triton.jit
+def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, step_ptr, rows_ptr, slots_ptr, M,
+                         lr, lr_ptr, found_ptr, beta1, beta2, eps, weight_decay,
+                         LR_PTR: tl.constexpr,  # read lr from lr_ptr (a device tensor) instead of the float
+                         CHECK: tl.constexpr,  # skip everything while found_ptr[0] != 0
                          MAXIMIZE: tl.constexpr,  # negate the gradient (torch's maximize=True)
-                         BLOCK: tl.constexpr):  # columns per program
-    r = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < M
-    row = tl.load(rows_ptr + r)
-    slot = tl.load(slots_ptr + r)
-    step_size = tl.load(step_size_ptr + r)
-    bc2_sqrt = tl.load(bc2_sqrt_ptr + r)
-    g = tl.load(g_ptr + r * M + cols, mask=mask, other=0.0)
-    if MAXIMIZE:
-        g = -g
-    m = tl.load(m_ptr + slot * M + cols, mask=mask, other=0.0)
-    v = tl.load(v_ptr + slot * M + cols, mask=mask, other=0.0)
-    p_addr = p_ptr + row * stride_row + cols * stride_col
-    p = tl.load(p_addr, mask=mask, other=0.0).to(tl.float32) * decay
-    m = m + (1.0 - beta1) * (g - m)
-    v = v * beta2 + (1.0 - beta2) * g * g
-    p = p + (-step_size * m) / (tl.sqrt(v) / bc2_sqrt + eps)
-    tl.store(m_ptr + slot * M + cols, m, mask=mask)
-    tl.store(v_ptr + slot * M + cols, v, mask=mask)
-    tl.store(p_addr, p.to(p_ptr.dtype.element_ty), mask=mask)
+                         BF16: tl.constexpr,  # bf16 parameter: round to nearest-even by hand
+                         BLOCK: tl.constexpr):  # columns per iteration
+    r = tl.program_id(0).to(tl.int64)
+    row = tl.load(rows_ptr + r).to(tl.int64)
+    slot = tl.load(slots_ptr + r).to(tl.int64)
+    if LR_PTR:
+        lr_v = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr_v = lr
+    t = tl.load(step_ptr + slot) + 1.0
+    # bias corrections in fp64, rounded once to fp32 (as torch's Python-float math and the C++ kernels)
+    step_size = (tl.cast(lr_v, tl.float64) / (1.0 - _pow_count(beta1, t))).to(tl.float32)
+    bc2_sqrt = tl.sqrt(1.0 - _pow_count(beta2, t)).to(tl.float32)
+    decay = 1.0 - lr_v * weight_decay
+    n_cols = M
+    if CHECK:
+        go = tl.load(found_ptr) == 0.0
+        n_cols = tl.where(go, M, 0)  # a flagged step masks every column (scalar & block masks: see below)
+    p_row = p_ptr + row * stride_row
+    g_row = g_ptr + r * M
+    m_row = m_ptr + slot * M
+    v_row = v_ptr + slot * M
+    for c0 in range(0, M, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < n_cols  # not `mask & go`: the interpreter cannot AND a scalar into a block mask
+        g = tl.load(g_row + cols, mask=mask, other=0.0)
+        if MAXIMIZE:
+            g = -g
+        m = tl.load(m_row + cols, mask=mask, other=0.0)
+        v = tl.load(v_row + cols, mask=mask, other=0.0)
+        p_addr = p_row + cols.to(tl.int64) * stride_col
+        p = tl.load(p_addr, mask=mask, other=0.0).to(tl.float32) * decay
+        m = m + (1.0 - beta1) * (g - m)
+        v = v * beta2 + (1.0 - beta2) * g * g
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+        p = p + tl.div_rn(-step_size * m, denom)
+        tl.store(m_row + cols, m, mask=mask)
+        tl.store(v_row + cols, v, mask=mask)
+        _store_param(p_addr, p, mask, BF16)
+    if CHECK:
+        tl.store(step_ptr + slot, t, mask=go)
+    else:
+        tl.store(step_ptr + slot, t)
+
+
+@triton.jit
+def _masked_sgd_kernel(p_ptr, stride_row, stride_col, g_ptr, buf_ptr, step_ptr, rows_ptr, slots_ptr, M,
+                       lr, lr_ptr, found_ptr, momentum, dampening, weight_decay,
+                       LR_PTR: tl.constexpr, CHECK: tl.constexpr, MAXIMIZE: tl.constexpr, BF16: tl.constexpr,
+                       HAS_WD: tl.constexpr,  # weight_decay != 0
+                       MOMENTUM: tl.constexpr,  # a momentum buffer (momentum != 0)
+                       NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    row = tl.load(rows_ptr + r).to(tl.int64)
+    slot = tl.load(slots_ptr + r).to(tl.int64)
+    if LR_PTR:
+        lr_v = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr_v = lr
+    t = tl.load(step_ptr + slot) + 1.0
+    first = t == 1.0  # torch starts the buffer as the gradient
+    n_cols = M
+    if CHECK:
+        go = tl.load(found_ptr) == 0.0
+        n_cols = tl.where(go, M, 0)  # a flagged step masks every column (scalar & block masks: see below)
+    p_row = p_ptr + row * stride_row
+    g_row = g_ptr + r * M
+    b_row = buf_ptr + slot * M
+    for c0 in range(0, M, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        mask = cols < n_cols  # not `mask & go`: the interpreter cannot AND a scalar into a block mask
+        g = tl.load(g_row + cols, mask=mask, other=0.0)
+        if MAXIMIZE:
+            g = -g
+        p_addr = p_row + cols.to(tl.int64) * stride_col
+        p = tl.load(p_addr, mask=mask, other=0.0).to(tl.float32)
+        if HAS_WD:
+            g = g + weight_decay * p
+        if MOMENTUM:
+            b = tl.load(b_row + cols, mask=mask, other=0.0)
+            b = tl.where(first, g, b * momentum + (1.0 - dampening) * g)
+            tl.store(b_row + cols, b, mask=mask)
+            if NESTEROV:
+                g = g + momentum * b
+            else:
+                g = b
+        p = p + (-lr_v) * g
+        _store_param(p_addr, p, mask, BF16)
+    if CHECK:
+        tl.store(step_ptr + slot, t, mask=go)
+    else:
+        tl.store(step_ptr + slot, t)
+
+
+def _check(p, g, step, r, s):
+    if p.dim() != 2 or g.dtype != torch.float32 or not g.is_contiguous() or tuple(g.shape) != (r.numel(), p.shape[1]):
+        raise ValueError("masked optimizer: params must be [R, M] row views, grads contiguous fp32 [k, M]")
+    if step.dtype != torch.float32 or not step.is_contiguous() or r.numel() != s.numel():
+        raise ValueError("masked optimizer: steps must be contiguous fp32, rows/slots of equal length")
+
+
+def nonfinite_flag_(grads, found_inf):
+    """``found_inf[0] = 1`` if any element of ``grads`` (fp32) is non-finite; never clears it. No sync."""
+    for g in grads:
+        n = g.numel()
+        if n == 0:
+            continue
+        if not g.is_contiguous():
+            raise ValueError("nonfinite_flag_: gradients must be contiguous")
+        block = min(4096, triton.next_power_of_2(n))
+        _nonfinite_kernel[(triton.cdiv(n, block),)](g, n, found_inf, BLOCK=block)
+
+
+def _block(M):
+    return min(1024, triton.next_power_of_2(max(M, 1)))
 
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, rows, slots, lr, beta1, beta2, eps,
-                  weight_decay, maximize):
+                  weight_decay, maximize, lr_tensor=None, found_inf=None):
     """Launcher with the signature of ``torch.ops.ct_fast.masked_adamw_`` (no amsgrad)."""
     if max_exp_avg_sqs:
         raise ValueError("amsgrad runs on the torch backend")
+    if found_inf is not None:
+        nonfinite_flag_([g for g, r in zip(grads, rows) if r.numel()], found_inf)
     for p, g, m, v, step, r, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots):
         k, M = r.numel(), p.shape[1]
         if k == 0:
             continue
-        step.index_add_(0, s, torch.ones_like(s, dtype=step.dtype))
-        t = step.index_select(0, s).double()
-        step_size = (lr / (1 - beta1 ** t)).float()
-        bc2_sqrt = (1 - beta2 ** t).sqrt().float()
-        block = min(1024, triton.next_power_of_2(M))
-        _masked_adamw_kernel[(k, triton.cdiv(M, block))](
-            p, p.stride(0), p.stride(1), g, m, v, r, s, step_size, bc2_sqrt, M, beta1, beta2, eps,
-            1.0 - lr * weight_decay, MAXIMIZE=bool(maximize), BLOCK=block)
+        _check(p, g, step, r, s)
+        if not (m.is_contiguous() and v.is_contiguous()):
+            raise ValueError("masked_adamw_: optimizer states must be contiguous fp32 [capacity, M]")
+        _masked_adamw_kernel[(k,)](
+            p, p.stride(0), p.stride(1), g, m, v, step, r, s, M, float(lr),
+            lr_tensor if lr_tensor is not None else step, found_inf if found_inf is not None else step,
+            beta1, beta2, eps, weight_decay, LR_PTR=lr_tensor is not None, CHECK=found_inf is not None,
+            MAXIMIZE=bool(maximize), BF16=p.dtype == torch.bfloat16, BLOCK=_block(M))
+
+
+def masked_sgd_(params, grads, momentum_buffers, steps, rows, slots, lr, momentum, dampening, weight_decay,
+                nesterov, maximize, lr_tensor=None, found_inf=None):
+    """Launcher with the signature of ``torch.ops.ct_fast.masked_sgd_``."""
+    if found_inf is not None:
+        nonfinite_flag_([g for g, r in zip(grads, rows) if r.numel()], found_inf)
+    for i, (p, g, step, r, s) in enumerate(zip(params, grads, steps, rows, slots)):
+        k, M = r.numel(), p.shape[1]
+        if k == 0:
+            continue
+        _check(p, g, step, r, s)
+        buf = momentum_buffers[i] if momentum_buffers else None
+        if buf is not None and not buf.is_contiguous():
+            raise ValueError("masked_sgd_: momentum buffers must be contiguous fp32 [capacity, M]")
+        _masked_sgd_kernel[(k,)](
+            p, p.stride(0), p.stride(1), g, buf if buf is not None else g, step, r, s, M, float(lr),
+            lr_tensor if lr_tensor is not None else step, found_inf if found_inf is not None else step,
+            momentum, dampening, weight_decay, LR_PTR=lr_tensor is not None, CHECK=found_inf is not None,
+            MAXIMIZE=bool(maximize), BF16=p.dtype == torch.bfloat16, HAS_WD=weight_decay != 0,
+            MOMENTUM=buf is not None, NESTEROV=bool(nesterov), BLOCK=_block(M))

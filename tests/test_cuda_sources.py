@@ -1,13 +1,19 @@
 """The CUDA kernels compile with nvcc (they use raw pointers and a cudaStream_t only, so this works on a
-machine whose torch has no CUDA headers). Skipped when nvcc is absent."""
+machine whose torch has no CUDA headers). Skipped when nvcc is absent.
 
+``CT_FAST_CHECK_BINDING=1`` also syntax-checks the torch binding (csrc/cuda/binding.cpp) and the module with g++
+against this torch's headers and the CUDA toolkit's (about a minute on 2 cores, so opt-in)."""
+
+import os
 import pathlib
 import shutil
 import subprocess
+import sysconfig
 
 import pytest
 
-CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc" / "cuda"
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
@@ -16,3 +22,33 @@ def test_cuda_source_compiles(source, tmp_path):
     cmd = ["nvcc", "-std=c++17", "-arch=sm_90", "-c", str(CSRC / source), "-o", str(tmp_path / "k.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _cuda_include():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    proc = subprocess.run([nvcc, "-v", "-E", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True, text=True)
+    for line in proc.stderr.splitlines():
+        if line.startswith("#$ INCLUDES="):
+            return line.split("=", 1)[1].strip().strip('"').split()[0].removeprefix("-I").strip('"')
+    return None
+
+
+@pytest.mark.skipif(os.environ.get("CT_FAST_CHECK_BINDING") != "1", reason="opt-in: CT_FAST_CHECK_BINDING=1")
+@pytest.mark.parametrize("source", ["cuda/binding.cpp", "module.cpp"])
+def test_cuda_binding_syntax(source, tmp_path):
+    from torch.utils.cpp_extension import include_paths
+
+    cuda_inc = _cuda_include()
+    if cuda_inc is None or shutil.which("g++") is None:
+        pytest.skip("nvcc or g++ not found")
+    stub = tmp_path / "c10" / "cuda" / "impl"  # generated at torch's build time; absent from CPU wheels
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-DCT_FAST_WITH_CUDA", f"-I{tmp_path}",
+           *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_inc}",
+           "-isystem", f"{cuda_inc}/cccl", str(ROOT / "csrc" / source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert proc.returncode == 0 and not errors, "\n".join(errors)[-4000:] or proc.stderr[-4000:]

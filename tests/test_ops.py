@@ -108,6 +108,29 @@ def _views_like(tensors, views):
     return [t if v.stride() == t.stride() and v.shape == t.shape else t.t() for t, v in zip(tensors, views)]
 
 
+def _assert_param_close(got, want, name="param"):
+    """fp32: the fp32 tolerance. bf16/fp16: the reference rounds its fp32 result to nearest-even, and so must a
+    kernel: bit-equal but for rare one-ulp flips where the fp32 intermediates differ in their last bits (at most 1%
+    of the elements, never more than one ulp). Truncation would differ in about half the elements."""
+    if got.dtype == torch.float32:
+        return assert_close(got, want, name=name)
+    assert got.dtype == want.dtype
+    ulps = (got.cpu().view(torch.int16).int() - want.cpu().view(torch.int16).int()).abs()
+    flips = int((ulps != 0).sum())
+    assert int(ulps.max()) <= 1 and flips <= max(1, got.numel() // 100), \
+        f"{name}: {flips} of {got.numel()} {got.dtype} elements differ from the reference (max {int(ulps.max())} ulp)"
+
+
+def test_param_check_rejects_truncation():
+    """The bf16 check above catches a kernel that truncates instead of rounding to nearest-even."""
+    x = torch.randn(2112, generator=_gen(0)) * 3
+    rne = x.to(torch.bfloat16)
+    truncated = (x.view(torch.int32) >> 16).to(torch.int16).view(torch.bfloat16)
+    _assert_param_close(rne, rne)
+    with pytest.raises(AssertionError, match="differ from the reference"):
+        _assert_param_close(truncated, rne)
+
+
 @pytest.mark.parametrize("device,backend", _cases("masked_adamw_"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("maximize,wd", [(False, 0.0), (True, 0.1)])
@@ -120,7 +143,7 @@ def test_masked_adamw(device, backend, dtype, maximize, wd):
     library.masked_adamw_default(ref_views, grads, ref_m, ref_v, [], ref_steps, rows, slots, *args.values())
     ops.masked_adamw_(views, grads, m, v, [], steps, rows, slots, *args.values())
     for i in range(len(full)):
-        assert_close(full[i].float(), ref_full[i].float(), dtype=dtype, name=f"param {i}")
+        _assert_param_close(full[i], ref_full[i], name=f"param {i}")
         assert_close(m[i], ref_m[i], name=f"exp_avg {i}")
         assert_close(v[i], ref_v[i], name=f"exp_avg_sq {i}")
         assert torch.equal(steps[i], ref_steps[i])
@@ -131,9 +154,10 @@ def test_masked_adamw(device, backend, dtype, maximize, wd):
 
 
 @pytest.mark.parametrize("device,backend", _cases("masked_sgd_"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("momentum,nesterov,dampening", [(0.0, False, 0.0), (0.9, False, 0.1), (0.9, True, 0.0)])
-def test_masked_sgd(device, backend, momentum, nesterov, dampening):
-    full, views, grads, rows, slots, m, _, steps = _optimizer_case(7, torch.float32, device=device)
+def test_masked_sgd(device, backend, dtype, momentum, nesterov, dampening):
+    full, views, grads, rows, slots, m, _, steps = _optimizer_case(7, dtype, device=device)
     ref_full, ref_m, ref_steps = _clone(full), _clone(m), _clone(steps)
     ref_views = _views_like(ref_full, views)
     bufs, ref_bufs = (m, ref_m) if momentum else ([], [])
@@ -141,12 +165,12 @@ def test_masked_sgd(device, backend, momentum, nesterov, dampening):
     library.masked_sgd_default(ref_views, grads, ref_bufs, ref_steps, rows, slots, *args)
     ops.masked_sgd_(views, grads, bufs, steps, rows, slots, *args)
     for i in range(len(full)):
-        assert_close(full[i], ref_full[i], name=f"param {i}")
+        _assert_param_close(full[i], ref_full[i], name=f"param {i}")
         if momentum:
             assert_close(m[i], ref_m[i], name=f"buffer {i}")
         untouched = torch.ones(views[i].shape[0], dtype=torch.bool, device=views[i].device)
         untouched[rows[i]] = False
-        assert torch.equal(views[i][untouched], _optimizer_case(7, torch.float32, device=device)[1][i][untouched])
+        assert torch.equal(views[i][untouched], _optimizer_case(7, dtype, device=device)[1][i][untouched])
 
 
 def test_opcheck_every_op():
@@ -164,9 +188,15 @@ def test_opcheck_every_op():
                         False, False),
     }
     assert set(cases) == set(library.OPS)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     for name, args in cases.items():
-        torch.library.opcheck(getattr(torch.ops.ct_fast, name).default, args,
-                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        torch.library.opcheck(getattr(torch.ops.ct_fast, name).default, args, test_utils=utils)
+    for name in ("masked_adamw_", "masked_sgd_"):  # device lr and the skip flag (set here: a NaN gradient)
+        args = list(cases[name])
+        args[1] = [g.clone() for g in args[1]]
+        args[1][0][0, 0] = float("nan")
+        torch.library.opcheck(getattr(torch.ops.ct_fast, name).default, tuple(args),
+                              {"lr_tensor": torch.tensor(1e-2), "found_inf": torch.zeros(1)}, test_utils=utils)
 
 
 def test_explicit_backend_errors(monkeypatch):
@@ -227,8 +257,6 @@ def test_tuner_step_same_with_every_backend(backend, monkeypatch):
 def test_masked_updates_never_touch_unselected_lanes(op, device, backend, monkeypatch):
     """NaN-poison every unselected parameter row and state slot: after the op they are still NaN, bit for bit,
     and no NaN leaked into the selected rows."""
-    if op == "masked_sgd_" and backend == "triton":
-        monkeypatch.setenv("CT_FAST_BACKEND", "torch")  # no Triton SGD kernel
     full, views, grads, rows, slots, m, v, steps = _optimizer_case(11, torch.float32, device=device)
     for p, r, s, mm, vv in zip(views, rows, slots, m, v):
         keep_r = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
@@ -248,3 +276,118 @@ def test_masked_updates_never_touch_unselected_lanes(op, device, backend, monkey
         poisoned = torch.isnan(b)
         assert torch.isnan(a[poisoned]).all(), "an unselected lane was written"
         assert torch.isfinite(a[~poisoned]).all(), "NaN leaked into a selected lane"
+
+
+# ---- optimizer hygiene: device lr, the non-finite skip flag, no host sync, CUDA-graph capture -------------------
+
+def _opt_call(op, case, lr, found_inf=None):
+    full, views, grads, rows, slots, m, v, steps = case
+    if op == "masked_adamw_":
+        ops.masked_adamw_(views, grads, m, v, [], steps, rows, slots, lr, 0.9, 0.99, 1e-8, 0.1, False,
+                          found_inf=found_inf)
+    else:
+        ops.masked_sgd_(views, grads, m, steps, rows, slots, lr, 0.9, 0.1, 0.01, False, False, found_inf=found_inf)
+
+
+def _state(case):
+    full, _, _, _, _, m, v, steps = case
+    return [t.clone() for t in full + m + v + steps]
+
+
+def _assert_same(a, b, exact=True):
+    for x, y in zip(a, b):
+        if exact:
+            assert torch.equal(x, y)
+        else:
+            _assert_param_close(x, y) if x.dtype != torch.float32 else assert_close(x, y)
+
+
+OPT_CASES = [pytest.param(op, d, b, marks=p.marks, id=f"{op}-{p.id}") for op in ("masked_adamw_", "masked_sgd_")
+             for p in _cases(op) for d, b in [p.values]]
+
+
+@pytest.mark.parametrize("op,device,backend", OPT_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lr_tensor_equals_float_lr(op, device, backend, dtype):
+    """lr as a one-element device tensor (read by the kernel) gives the float-lr result: bit for bit in the
+    kernels (both are the same fp32 value), within the dtype's band in the torch path (fp64 vs fp32 lr)."""
+    a, b = _optimizer_case(13, dtype, device=device), _optimizer_case(13, dtype, device=device)
+    _opt_call(op, a, 1e-2)
+    _opt_call(op, b, torch.tensor([1e-2], device=device))
+    _assert_same(_state(a), _state(b), exact=backend != "torch")
+
+
+@pytest.mark.parametrize("op,device,backend", OPT_CASES)
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf", "preset", "finite"])
+def test_found_inf_skips_the_whole_step(op, device, backend, poison):
+    """A non-finite selected gradient (in any parameter) sets the flag and nothing is written — parameters, states,
+    step counts; a flag already set on entry also skips; finite gradients and a clear flag give the plain step and
+    leave the flag at 0."""
+    case = _optimizer_case(17, torch.float32, device=device)
+    grads = case[2]
+    if poison in ("nan", "inf", "-inf"):
+        grads[4][1, 2] = float(poison)  # the last parameter's second selected row
+    before = _state(case)
+    flag = torch.full((1,), 1.0 if poison == "preset" else 0.0, device=device)
+    _opt_call(op, case, torch.tensor(1e-2, device=device), found_inf=flag)
+    if poison == "finite":
+        plain = _optimizer_case(17, torch.float32, device=device)
+        _opt_call(op, plain, 1e-2)
+        _assert_same(_state(case), _state(plain), exact=False)
+        assert flag.item() == 0.0
+    else:
+        _assert_same(_state(case), before)
+        assert flag.item() == 1.0
+
+
+@pytest.mark.parametrize("device,backend", _cases("masked_adamw_"))
+def test_nonfinite_flag_over_groups(device, backend):
+    """Check every group's gradients first, then each group's update with the same flag: all groups or none."""
+    a, b = _optimizer_case(19, torch.float32, device=device), _optimizer_case(23, torch.float32, device=device)
+    b[2][0][0, 0] = float("nan")
+    flag = torch.zeros(1, device=device)
+    ops.nonfinite_flag_(a[2] + b[2], flag)
+    before = _state(a)
+    _opt_call("masked_adamw_", a, 1e-2, found_inf=flag)  # group a is finite, but the step is skipped
+    _assert_same(_state(a), before)
+    assert flag.item() == 1.0
+
+
+@pytest.mark.parametrize("op,device,backend", OPT_CASES)
+def test_masked_step_needs_no_host_value(op, device, backend):
+    """With lr and the flag as device tensors, a masked step reads nothing back from the device."""
+    from ct_fast.app import harness
+
+    case = _optimizer_case(29, torch.float32, device=device)
+    lr, flag = torch.tensor(1e-2, device=device), torch.zeros(1, device=device)
+    _opt_call(op, case, lr, found_inf=flag)  # warm-up (Triton compiles)
+    assert harness.count_host_syncs(lambda: _opt_call(op, case, lr, found_inf=flag))["total"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("op,device,backend", [c for c in OPT_CASES if c.values[1] == "cuda"])
+def test_masked_step_captures_in_a_cuda_graph(op, device, backend):
+    """A masked step with device lr and flag captured once and replayed equals the same steps run eagerly, including
+    a changed lr between replays and a replay skipped by a non-finite gradient."""
+    eager, static = _optimizer_case(31, torch.bfloat16, device=device), _optimizer_case(31, torch.bfloat16, device=device)
+    lr_e, lr_s = torch.tensor(1e-2, device=device), torch.tensor(1e-2, device=device)
+    flag_e, flag_s = torch.zeros(1, device=device), torch.zeros(1, device=device)
+    warm = _optimizer_case(31, torch.bfloat16, device=device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _opt_call(op, warm, lr_s, found_inf=torch.zeros(1, device=device))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _opt_call(op, static, lr_s, found_inf=flag_s)
+    for lr, poison in ((1e-2, False), (5e-3, False), (5e-3, True), (2e-3, False)):
+        for case, lr_t, flag in ((eager, lr_e, flag_e), (static, lr_s, flag_s)):
+            lr_t.fill_(lr)
+            flag.zero_()
+            case[2][1][0, 0] = float("nan") if poison else 0.5
+        _opt_call(op, eager, lr_e, found_inf=flag_e)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(flag_e, flag_s)
+        _assert_same(_state(static), _state(eager))

@@ -5,6 +5,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <limits>
+#include <optional>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -132,15 +135,47 @@ void for_all_rows(at::TensorList params, at::TensorList grads, at::TensorList st
   });
 }
 
+// lr from a one-element CPU tensor when given (the device-scalar form of the op), else the float.
+double lr_value(double lr, const std::optional<at::Tensor>& lr_tensor) {
+  if (!lr_tensor.has_value()) return lr;
+  TORCH_CHECK(lr_tensor->device().is_cpu() && lr_tensor->numel() == 1 && lr_tensor->scalar_type() == at::kFloat,
+              "ct_fast: lr_tensor must be a one-element float32 tensor on the parameters' device");
+  return static_cast<double>(*lr_tensor->data_ptr<float>());  // not item(): no aten op (a "sync" on a GPU)
+}
+
+// The skip flag: found_inf |= any selected gradient is non-finite; true when the update must write nothing.
+bool skip_update(at::TensorList grads, at::TensorList rows, const std::optional<at::Tensor>& found_inf) {
+  if (!found_inf.has_value()) return false;
+  const at::Tensor& flag = *found_inf;
+  TORCH_CHECK(flag.device().is_cpu() && flag.scalar_type() == at::kFloat && flag.numel() == 1,
+              "ct_fast: found_inf must be a one-element float32 tensor on the parameters' device");
+  std::atomic<bool> bad{false};
+  for (size_t i = 0; i < grads.size() && !bad.load(); ++i) {
+    if (rows[i].numel() == 0) continue;
+    TORCH_CHECK(grads[i].scalar_type() == at::kFloat && grads[i].is_contiguous(), "ct_fast: grads must be contiguous fp32");
+    const float* g = grads[i].data_ptr<float>();
+    at::parallel_for(0, grads[i].numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+      bool local = false;
+      for (int64_t j = begin; j < end; ++j) local |= !(std::fabs(g[j]) <= std::numeric_limits<float>::max());
+      if (local) bad.store(true);
+    });
+  }
+  float* f = flag.data_ptr<float>();
+  if (bad.load()) *f = 1.0f;
+  return *f != 0.0f;
+}
+
 }  // namespace
 
 void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
                       at::TensorList rows, at::TensorList slots, double lr, double beta1, double beta2, double eps,
-                      double weight_decay, bool maximize) {
+                      double weight_decay, bool maximize, const std::optional<at::Tensor>& lr_tensor,
+                      const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(max_exp_avg_sqs.empty(), "ct_fast: amsgrad runs on the torch backend");
-  const AdamWHyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2),
-                     static_cast<float>(eps), static_cast<float>(weight_decay), maximize};
+  if (skip_update(grads, rows, found_inf)) return;
+  const AdamWHyper h{static_cast<float>(lr_value(lr, lr_tensor)), static_cast<float>(beta1),
+                     static_cast<float>(beta2), static_cast<float>(eps), static_cast<float>(weight_decay), maximize};
   for_all_rows(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, [&](const RowsTensor& t, int64_t r) {
     dispatch_row(t, [&](auto* tag) { adamw_row<std::remove_pointer_t<decltype(tag)>>(t, r, h); });
   });
@@ -148,9 +183,11 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
 
 void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                     at::TensorList steps, at::TensorList rows, at::TensorList slots, double lr, double momentum,
-                    double dampening, double weight_decay, bool nesterov, bool maximize) {
-  const SGDHyper h{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(dampening),
-                   static_cast<float>(weight_decay), nesterov, maximize};
+                    double dampening, double weight_decay, bool nesterov, bool maximize,
+                    const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& found_inf) {
+  if (skip_update(grads, rows, found_inf)) return;
+  const SGDHyper h{static_cast<float>(lr_value(lr, lr_tensor)), static_cast<float>(momentum),
+                   static_cast<float>(dampening), static_cast<float>(weight_decay), nesterov, maximize};
   for_all_rows(params, grads, momentum_buffers, {}, steps, rows, slots, [&](const RowsTensor& t, int64_t r) {
     dispatch_row(t, [&](auto* tag) { sgd_row<std::remove_pointer_t<decltype(tag)>>(t, r, h); });
   });
@@ -217,7 +254,8 @@ at::Tensor score_edges_cpu(const at::Tensor& delta_in, const std::optional<at::T
   return S;
 }
 
-TORCH_LIBRARY_IMPL(ct_fast, CPU, m) {
+// Called from the module's init (csrc/module.cpp), not a static TORCH_LIBRARY_IMPL initialiser: see there.
+void register_cpu_kernels(torch::Library& m) {
   m.impl("score_edges", &score_edges_cpu);
   m.impl("masked_adamw_", &masked_adamw_cpu);
   m.impl("masked_sgd_", &masked_sgd_cpu);

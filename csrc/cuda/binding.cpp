@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <map>
+#include <optional>
 #include <vector>
 
 #include "kernels.h"
@@ -22,16 +23,18 @@ DType dtype_of(at::ScalarType t) {
   }
 }
 
-// Group the tensors by dtype, copy each group's descriptors to the device, launch once per group.
+// Group the tensors by dtype into packs of at most kMaxDescs descriptors (kernel parameters: no device table,
+// no host-to-device copy). With found_inf, every pack's gradients are checked first (all checks are queued before
+// any update on the stream, so a non-finite gradient anywhere skips every update of the call).
 template <typename Launch>
 void launch_groups(at::TensorList params, at::TensorList grads, at::TensorList state0, at::TensorList state1,
-                   at::TensorList steps, at::TensorList rows, at::TensorList slots, Launch launch) {
+                   at::TensorList steps, at::TensorList rows, at::TensorList slots,
+                   const std::optional<at::Tensor>& found_inf, Launch launch) {
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
-  std::map<int, std::vector<RowsDesc>> groups;
-  std::map<int, int64_t> totals;
   const auto device = params[0].device();
   auto on_device = [&](const at::Tensor& t) { return t.is_cuda() && t.device() == device; };
+  std::map<int, std::vector<RowsPack>> packs;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(on_device(p) && p.dim() == 2,
@@ -49,8 +52,13 @@ void launch_groups(at::TensorList params, at::TensorList grads, at::TensorList s
                 "ct_fast: grads must be contiguous fp32 [k, M]");
     const int64_t k = rows[i].numel();
     if (k == 0) continue;
-    const int key = static_cast<int>(dtype_of(p.scalar_type()));
-    RowsDesc d{};
+    auto& group = packs[static_cast<int>(dtype_of(p.scalar_type()))];
+    if (group.empty() || group.back().n == kMaxDescs) {
+      group.emplace_back();
+      std::memset(&group.back(), 0, sizeof(RowsPack));
+    }
+    RowsPack& pack = group.back();
+    RowsDesc& d = pack.d[pack.n++];
     d.param = p.data_ptr();
     d.stride_row = p.stride(0);
     d.stride_col = p.stride(1);
@@ -62,44 +70,64 @@ void launch_groups(at::TensorList params, at::TensorList grads, at::TensorList s
     d.slots = slots[i].data_ptr<int64_t>();
     d.k = k;
     d.M = p.size(1);
-    d.first = totals[key];
-    totals[key] += k;
-    groups[key].push_back(d);
+    d.first = pack.total_rows;
+    pack.total_rows += k;
   }
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  for (auto& kv : groups) {
-    const auto bytes = static_cast<int64_t>(kv.second.size() * sizeof(RowsDesc));
-    at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(host.data_ptr(), kv.second.data(), bytes);
-    at::Tensor dev = host.to(params[0].device(), /*non_blocking=*/true);
-    const cudaError_t err = launch(reinterpret_cast<const RowsDesc*>(dev.data_ptr()), static_cast<int>(kv.second.size()),
-                                   totals[kv.first], static_cast<DType>(kv.first), stream.stream());
-    TORCH_CHECK(err == cudaSuccess, "ct_fast: CUDA launch failed: ", cudaGetErrorString(err));
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  float* flag = nullptr;
+  if (found_inf.has_value()) {
+    TORCH_CHECK(on_device(*found_inf) && found_inf->scalar_type() == at::kFloat && found_inf->numel() == 1,
+                "ct_fast: found_inf must be a one-element float32 tensor on the parameters' device");
+    flag = found_inf->data_ptr<float>();
+    for (auto& kv : packs)
+      for (const RowsPack& pack : kv.second) {
+        const cudaError_t err = launch_nonfinite_check(pack, flag, stream);
+        TORCH_CHECK(err == cudaSuccess, "ct_fast: CUDA launch failed: ", cudaGetErrorString(err));
+      }
   }
+  for (auto& kv : packs)
+    for (const RowsPack& pack : kv.second) {
+      const cudaError_t err = launch(pack, static_cast<DType>(kv.first), flag, stream);
+      TORCH_CHECK(err == cudaSuccess, "ct_fast: CUDA launch failed: ", cudaGetErrorString(err));
+    }
+}
+
+const float* lr_pointer(const std::optional<at::Tensor>& lr_tensor, const at::Device& device) {
+  if (!lr_tensor.has_value()) return nullptr;
+  TORCH_CHECK(lr_tensor->is_cuda() && lr_tensor->device() == device && lr_tensor->scalar_type() == at::kFloat &&
+                  lr_tensor->numel() == 1,
+              "ct_fast: lr_tensor must be a one-element float32 tensor on the parameters' device");
+  return lr_tensor->data_ptr<float>();
 }
 
 }  // namespace
 
 void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList max_exp_avg_sqs, at::TensorList steps, at::TensorList rows, at::TensorList slots,
-                       double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+                       double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
+                       const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(max_exp_avg_sqs.empty(), "ct_fast: amsgrad runs on the torch backend");
+  if (params.empty()) return;
   AdamWHyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
                static_cast<float>(weight_decay), maximize};
-  launch_groups(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots,
-                [&](const RowsDesc* d, int n, int64_t total, DType t, cudaStream_t s) {
-                  return launch_masked_adamw(d, n, total, t, h, s);
+  const float* lr_ptr = lr_pointer(lr_tensor, params[0].device());
+  launch_groups(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, found_inf,
+                [&](const RowsPack& pack, DType t, const float* flag, cudaStream_t s) {
+                  return launch_masked_adamw(pack, t, h, DeviceScalars{lr_ptr, flag}, s);
                 });
 }
 
 void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, at::TensorList steps,
                      at::TensorList rows, at::TensorList slots, double lr, double momentum, double dampening,
-                     double weight_decay, bool nesterov, bool maximize) {
+                     double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& lr_tensor,
+                     const std::optional<at::Tensor>& found_inf) {
+  if (params.empty()) return;
   SGDHyper h{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(dampening),
              static_cast<float>(weight_decay), nesterov, maximize};
-  launch_groups(params, grads, momentum_buffers, {}, steps, rows, slots,
-                [&](const RowsDesc* d, int n, int64_t total, DType t, cudaStream_t s) {
-                  return launch_masked_sgd(d, n, total, t, h, s);
+  const float* lr_ptr = lr_pointer(lr_tensor, params[0].device());
+  launch_groups(params, grads, momentum_buffers, {}, steps, rows, slots, found_inf,
+                [&](const RowsPack& pack, DType t, const float* flag, cudaStream_t s) {
+                  return launch_masked_sgd(pack, t, h, DeviceScalars{lr_ptr, flag}, s);
                 });
 }
 
@@ -128,7 +156,8 @@ at::Tensor score_edges_cuda(const at::Tensor& delta_in, const std::optional<at::
   return S;
 }
 
-TORCH_LIBRARY_IMPL(ct_fast, CUDA, m) {
+// Called from the module's init (csrc/module.cpp), not a static TORCH_LIBRARY_IMPL initialiser: see there.
+void register_cuda_kernels(torch::Library& m) {
   m.impl("score_edges", &score_edges_cuda);
   m.impl("masked_adamw_", &masked_adamw_cuda);
   m.impl("masked_sgd_", &masked_sgd_cuda);

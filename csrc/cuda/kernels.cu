@@ -16,12 +16,12 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
-// The descriptor holding global row `g` (descs sorted by `first`).
-__device__ __forceinline__ int find_desc(const RowsDesc* descs, int n, int64_t g) {
-  int lo = 0, hi = n - 1;
+// The descriptor holding global row `g` (descs sorted by `first`); reads the __grid_constant__ pack in place.
+__device__ __forceinline__ int find_desc(const RowsPack& pack, int64_t g) {
+  int lo = 0, hi = pack.n - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (descs[mid].first <= g) lo = mid; else hi = mid - 1;
+    if (pack.d[mid].first <= g) lo = mid; else hi = mid - 1;
   }
   return lo;
 }
@@ -38,21 +38,29 @@ __device__ __forceinline__ float bump_step(const RowsDesc& t, int64_t slot) {
   return s_step;
 }
 
-// One block per selected row (grid-stride over all rows of all tensors): the step count and bias corrections
-// of the row, then its M elements. Reads and writes only the selected rows of param/grad/state.
+// The skip flag, read once per block (uniform: every thread of the block returns together).
+__device__ __forceinline__ bool skipped(const DeviceScalars& dev) {
+  return dev.found_inf != nullptr && *dev.found_inf != 0.0f;
+}
+
+// One block per selected row (grid-stride over all rows of the pack): the step count and bias corrections of the
+// row, then its M elements. Reads and writes only the selected rows of param/grad/state.
 template <typename T>
-__global__ void masked_adamw_kernel(const RowsDesc* __restrict__ descs, int n_desc, int64_t total_rows, AdamWHyper h) {
-  for (int64_t g = blockIdx.x; g < total_rows; g += gridDim.x) {
-    const RowsDesc& t = descs[find_desc(descs, n_desc, g)];
+__global__ void masked_adamw_kernel(const __grid_constant__ RowsPack pack, const AdamWHyper h,
+                                    const DeviceScalars dev) {
+  if (skipped(dev)) return;
+  const float lr = dev.lr ? *dev.lr : h.lr;
+  const float decay = 1.0f - lr * h.weight_decay, w1 = 1.0f - h.beta1, w2 = 1.0f - h.beta2;
+  for (int64_t g = blockIdx.x; g < pack.total_rows; g += gridDim.x) {
+    const RowsDesc& t = pack.d[find_desc(pack, g)];
     const int64_t r = g - t.first, slot = t.slots[r];
     const double st = bump_step(t, slot);
-    const float step_size = static_cast<float>(h.lr / (1.0 - pow(static_cast<double>(h.beta1), st)));
+    const float step_size = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), st)));
     const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), st)));
     T* prow = static_cast<T*>(t.param) + t.rows[r] * t.stride_row;
     const float* grow = t.grad + r * t.M;
     float* mrow = t.state0 + slot * t.M;
     float* vrow = t.state1 + slot * t.M;
-    const float decay = 1.0f - h.lr * h.weight_decay, w1 = 1.0f - h.beta1, w2 = 1.0f - h.beta2;
     for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x) {
       const float gj = h.maximize ? -grow[j] : grow[j];
       const float mj = mrow[j] + w1 * (gj - mrow[j]);
@@ -66,9 +74,11 @@ __global__ void masked_adamw_kernel(const RowsDesc* __restrict__ descs, int n_de
 }
 
 template <typename T>
-__global__ void masked_sgd_kernel(const RowsDesc* __restrict__ descs, int n_desc, int64_t total_rows, SGDHyper h) {
-  for (int64_t g = blockIdx.x; g < total_rows; g += gridDim.x) {
-    const RowsDesc& t = descs[find_desc(descs, n_desc, g)];
+__global__ void masked_sgd_kernel(const __grid_constant__ RowsPack pack, const SGDHyper h, const DeviceScalars dev) {
+  if (skipped(dev)) return;
+  const float lr = dev.lr ? *dev.lr : h.lr;
+  for (int64_t g = blockIdx.x; g < pack.total_rows; g += gridDim.x) {
+    const RowsDesc& t = pack.d[find_desc(pack, g)];
     const int64_t r = g - t.first, slot = t.slots[r];
     const bool first = bump_step(t, slot) == 1.0f;  // torch starts the buffer as the gradient
     T* prow = static_cast<T*>(t.param) + t.rows[r] * t.stride_row;
@@ -83,8 +93,20 @@ __global__ void masked_sgd_kernel(const RowsDesc* __restrict__ descs, int n_desc
         brow[j] = bj;
         gj = h.nesterov ? gj + h.momentum * bj : bj;
       }
-      prow[j * t.stride_col] = from_f<T>(pj + (-h.lr) * gj);
+      prow[j * t.stride_col] = from_f<T>(pj + (-lr) * gj);
     }
+  }
+}
+
+// found_inf = 1 when any packed gradient element is non-finite (NaN fails the comparison). A plain store: every
+// writer writes the same value.
+__global__ void nonfinite_check_kernel(const __grid_constant__ RowsPack pack, float* found_inf) {
+  for (int64_t g = blockIdx.x; g < pack.total_rows; g += gridDim.x) {
+    const RowsDesc& t = pack.d[find_desc(pack, g)];
+    const float* grow = t.grad + (g - t.first) * t.M;
+    bool bad = false;
+    for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x) bad |= !(fabsf(grow[j]) <= 3.402823466e38f);
+    if (__syncthreads_or(bad) && threadIdx.x == 0) *found_inf = 1.0f;
   }
 }
 
@@ -132,32 +154,45 @@ __global__ void score_edges_kernel(const float* __restrict__ delta, const float*
   for (int64_t n = threadIdx.x; n < n_d; n += blockDim.x) atomicAdd(S + u * n_d + n, acc[n]);
 }
 
+static_assert(sizeof(RowsPack) + sizeof(AdamWHyper) + sizeof(DeviceScalars) <= 4096 &&
+                  sizeof(RowsPack) + sizeof(SGDHyper) + sizeof(DeviceScalars) <= 4096,
+              "kernel parameters must fit the 4 KiB limit");
+
+unsigned rows_grid(int64_t total_rows) {
+  return static_cast<unsigned>(total_rows < 65535 * 8 ? total_rows : 65535 * 8);
+}
+
 template <typename H>
-cudaError_t launch_rows(const RowsDesc* descs, int n_desc, int64_t total_rows, DType dtype, H h, cudaStream_t stream,
-                        void (*f32)(const RowsDesc*, int, int64_t, H), void (*b16)(const RowsDesc*, int, int64_t, H),
-                        void (*f16)(const RowsDesc*, int, int64_t, H)) {
-  if (total_rows == 0) return cudaSuccess;
-  const unsigned grid = static_cast<unsigned>(total_rows < 65535 * 8 ? total_rows : 65535 * 8);
+cudaError_t launch_rows(const RowsPack& pack, DType dtype, H h, DeviceScalars dev, cudaStream_t stream,
+                        void (*f32)(RowsPack, H, DeviceScalars), void (*b16)(RowsPack, H, DeviceScalars),
+                        void (*f16)(RowsPack, H, DeviceScalars)) {
+  if (pack.total_rows == 0) return cudaSuccess;
+  const unsigned grid = rows_grid(pack.total_rows);
   switch (dtype) {
-    case DType::kFloat: f32<<<grid, 256, 0, stream>>>(descs, n_desc, total_rows, h); break;
-    case DType::kBFloat16: b16<<<grid, 256, 0, stream>>>(descs, n_desc, total_rows, h); break;
-    case DType::kHalf: f16<<<grid, 256, 0, stream>>>(descs, n_desc, total_rows, h); break;
+    case DType::kFloat: f32<<<grid, 256, 0, stream>>>(pack, h, dev); break;
+    case DType::kBFloat16: b16<<<grid, 256, 0, stream>>>(pack, h, dev); break;
+    case DType::kHalf: f16<<<grid, 256, 0, stream>>>(pack, h, dev); break;
   }
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t launch_masked_adamw(const RowsDesc* descs, int n_desc, int64_t total_rows, DType dtype, AdamWHyper h,
+cudaError_t launch_masked_adamw(const RowsPack& pack, DType dtype, AdamWHyper h, DeviceScalars dev,
                                 cudaStream_t stream) {
-  return launch_rows<AdamWHyper>(descs, n_desc, total_rows, dtype, h, stream, masked_adamw_kernel<float>,
-                                         masked_adamw_kernel<__nv_bfloat16>, masked_adamw_kernel<__half>);
+  return launch_rows<AdamWHyper>(pack, dtype, h, dev, stream, masked_adamw_kernel<float>,
+                                 masked_adamw_kernel<__nv_bfloat16>, masked_adamw_kernel<__half>);
 }
 
-cudaError_t launch_masked_sgd(const RowsDesc* descs, int n_desc, int64_t total_rows, DType dtype, SGDHyper h,
-                              cudaStream_t stream) {
-  return launch_rows<SGDHyper>(descs, n_desc, total_rows, dtype, h, stream, masked_sgd_kernel<float>,
-                                     masked_sgd_kernel<__nv_bfloat16>, masked_sgd_kernel<__half>);
+cudaError_t launch_masked_sgd(const RowsPack& pack, DType dtype, SGDHyper h, DeviceScalars dev, cudaStream_t stream) {
+  return launch_rows<SGDHyper>(pack, dtype, h, dev, stream, masked_sgd_kernel<float>,
+                               masked_sgd_kernel<__nv_bfloat16>, masked_sgd_kernel<__half>);
+}
+
+cudaError_t launch_nonfinite_check(const RowsPack& pack, float* found_inf, cudaStream_t stream) {
+  if (pack.total_rows == 0) return cudaSuccess;
+  nonfinite_check_kernel<<<rows_grid(pack.total_rows), 256, 0, stream>>>(pack, found_inf);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_score_edges(const float* delta, const float* W, const float* G, float* S, int64_t n_u, int64_t w,

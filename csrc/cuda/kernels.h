@@ -23,14 +23,30 @@ struct RowsDesc {
   int64_t first;           // index of this tensor's first row among all rows of the launch
 };
 
+// The descriptors of one launch, passed by value as a kernel parameter (__grid_constant__): no device-side table,
+// so no host-to-device copy per call and nothing for a CUDA graph to re-upload (apex's multi_tensor_apply style).
+// 36 * 96 bytes + the rest stays under the 4 KiB kernel-parameter limit of every architecture; more tensors are
+// split over several launches (all of one dtype per launch).
+constexpr int kMaxDescs = 36;
+struct RowsPack {
+  RowsDesc d[kMaxDescs];
+  int n;               // descriptors used
+  int64_t total_rows;  // sum of their k
+};
+
+// Device scalars of a masked update (null: not used). lr: read instead of the float lr. found_inf: the skip flag;
+// the update writes nothing while *found_inf != 0 (launch_nonfinite_check sets it first).
+struct DeviceScalars { const float* lr; const float* found_inf; };
+
 struct AdamWHyper { float lr, beta1, beta2, eps, weight_decay; bool maximize; };
 struct SGDHyper { float lr, momentum, dampening, weight_decay; bool nesterov, maximize; };
 
-// descs: device array of n_desc descriptors (all of one dtype); total_rows = sum of k.
-cudaError_t launch_masked_adamw(const RowsDesc* descs, int n_desc, int64_t total_rows, DType dtype, AdamWHyper h,
+// pack: all of one dtype.
+cudaError_t launch_masked_adamw(const RowsPack& pack, DType dtype, AdamWHyper h, DeviceScalars dev,
                                 cudaStream_t stream);
-cudaError_t launch_masked_sgd(const RowsDesc* descs, int n_desc, int64_t total_rows, DType dtype, SGDHyper h,
-                              cudaStream_t stream);
+cudaError_t launch_masked_sgd(const RowsPack& pack, DType dtype, SGDHyper h, DeviceScalars dev, cudaStream_t stream);
+// *found_inf = 1 if any element of the packed gradients ([k, M] each) is non-finite; never cleared here.
+cudaError_t launch_nonfinite_check(const RowsPack& pack, float* found_inf, cudaStream_t stream);
 
 // S[u, n] += sum_t (delta[t, u*w:(u+1)*w] @ W[u]) . G[n, t, :]   (W null: delta[t] is the single node, w = d)
 // delta [c, n_u*w], W [n_u, w, d], G [n_d, c, d], S [n_u, n_d]: contiguous fp32.

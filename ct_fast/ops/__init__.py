@@ -10,8 +10,12 @@
   accepts them (dtype, layout). A fallback is logged once per (op, reason).
 
 An explicitly requested backend that cannot run a call (not built, wrong device, unsupported dtype) raises
-``CTFastError`` with the reason; ops that the backend does not implement at all (``masked_weight_grad``
-is two GEMMs on gathered operands everywhere) run their torch implementation.
+``CTFastError`` with the reason; ops that the backend does not implement at all (``masked_weight_grad`` in
+C++/CUDA/Triton: GEMMs on gathered operands; ``masked_bias_grad`` everywhere) run their torch implementation.
+
+The optimizer ops take ``lr`` as a float or a one-element tensor on the parameters' device, and an optional
+``found_inf`` flag tensor (see ``ct_fast.ops.library``): with both, a masked step reads no host value and
+makes no host-to-device copy, so it can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ NATIVE_OPS = {"score_edges", "masked_adamw_", "masked_sgd_"}  # ops with C++/CUD
 #   GPT-2-small step, `ct-fast profile`);
 # - score_edges in CUDA / Triton: correct (CUDA compiled, Triton tested under the interpreter) but not yet timed on
 #   a GPU against the cuBLAS torch path; they join auto once bench/bench_score_edges.py shows them faster there.
-AUTO_SKIP = {("score_edges", "cpp"), ("score_edges", "cuda"), ("score_edges", "triton")}
-TRITON_OPS = {"score_edges", "masked_adamw_"}  # ops with Triton kernels in ct_fast.kernels
+# - masked_sgd_ in Triton: tested under the interpreter, not timed on a GPU (auto on a GPU takes the CUDA kernel
+#   when built, else the torch path).
+AUTO_SKIP = {("score_edges", "cpp"), ("score_edges", "cuda"), ("score_edges", "triton"), ("masked_sgd_", "triton")}
+TRITON_OPS = {"score_edges", "masked_adamw_", "masked_sgd_"}  # ops with Triton kernels in ct_fast.kernels
 FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 _native = None
 _native_error = None
@@ -56,9 +62,10 @@ def native():
         try:
             from .. import _C  # noqa: F401 - registers the native kernels with torch.ops.ct_fast
             _native = _C
-        except ImportError as e:
-            _native_error = (f"ct_fast._C is not built ({e}); build it with `pip install --no-build-isolation -e .` "
-                             "(CT_FAST_SKIP_NATIVE unset, ninja installed)")
+        except (ImportError, RuntimeError, OSError) as e:  # not built, or stale: kernel signatures do not match
+            _native_error = (f"ct_fast._C is not built or does not load ({e}); (re)build it with "
+                             "`pip install --no-build-isolation --no-deps -e .` (CT_FAST_SKIP_NATIVE unset, ninja "
+                             "installed)")
     return _native
 
 
@@ -153,32 +160,79 @@ def masked_bias_grad(grad_out, index) -> torch.Tensor:
     return _call("masked_bias_grad", b, grad_out, index)
 
 
+def _device_scalar(lr, device: torch.device):
+    """``(float lr, lr_tensor or None)``: a tensor on ``device`` stays there (fp32, 0-dim: the kernels read it, no
+    sync); a CPU tensor for GPU parameters is read on the host (no device wait); a number is a float."""
+    if not isinstance(lr, torch.Tensor):
+        return float(lr), None
+    if lr.numel() != 1:
+        raise CTFastError(f"lr must be a number or a one-element tensor, got a tensor of shape {tuple(lr.shape)}")
+    if lr.device != device:
+        if lr.device.type == "cpu":
+            return float(lr), None
+        raise CTFastError(f"lr is on {lr.device} but the parameters are on {device}")
+    return 0.0, lr.detach().reshape(()).to(torch.float32)
+
+
+def _check_flag(found_inf, device: torch.device):
+    if found_inf is not None and (found_inf.numel() != 1 or found_inf.dtype != torch.float32
+                                  or found_inf.device != device):
+        raise CTFastError(f"found_inf must be a one-element float32 tensor on {device}, got "
+                          f"{found_inf.dtype} {tuple(found_inf.shape)} on {found_inf.device}")
+
+
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, rows, slots, lr, beta1, beta2, eps,
-                  weight_decay, maximize):
-    """AdamW on the selected rows of many parameters in one call (layout: ``ct_fast.ops.library``)."""
+                  weight_decay, maximize, found_inf=None):
+    """AdamW on the selected rows of many parameters in one call (layout: ``ct_fast.ops.library``).
+
+    ``lr``: a float or a one-element tensor on the parameters' device (read by the kernel: no sync).
+    ``found_inf``: optional one-element fp32 tensor on that device, the skip flag: set to 1 when a selected
+    gradient is non-finite; while it is non-zero the step writes nothing (see ``ct_fast.ops.library``)."""
     if not params:
         return
+    device = params[0].device
+    lr_f, lr_t = _device_scalar(lr, device)
+    _check_flag(found_inf, device)
     if max_exp_avg_sqs:  # amsgrad: the reference only
         if requested_backend() not in ("auto", "torch"):
             raise CTFastError(f"CT_FAST_BACKEND={requested_backend()} cannot run masked_adamw_ with amsgrad: "
                               "amsgrad runs on the torch backend only")
         b = "torch"
     else:
-        b = choose_backend("masked_adamw_", params[0].device, {p.dtype for p in params})
+        b = choose_backend("masked_adamw_", device, {p.dtype for p in params})
     _call("masked_adamw_", b, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, rows, slots,
-          float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize))
+          lr_f, float(beta1), float(beta2), float(eps), float(weight_decay), bool(maximize), lr_t, found_inf)
 
 
 def masked_sgd_(params, grads, momentum_buffers, steps, rows, slots, lr, momentum, dampening, weight_decay, nesterov,
-                maximize):
-    """SGD (momentum) on the selected rows of many parameters in one call."""
+                maximize, found_inf=None):
+    """SGD (momentum) on the selected rows of many parameters in one call; ``lr`` and ``found_inf`` as for
+    ``masked_adamw_``."""
     if not params:
         return
-    b = choose_backend("masked_sgd_", params[0].device, {p.dtype for p in params})
-    _call("masked_sgd_", b, params, grads, momentum_buffers, steps, rows, slots, float(lr), float(momentum),
-          float(dampening), float(weight_decay), bool(nesterov), bool(maximize))
+    device = params[0].device
+    lr_f, lr_t = _device_scalar(lr, device)
+    _check_flag(found_inf, device)
+    b = choose_backend("masked_sgd_", device, {p.dtype for p in params})
+    _call("masked_sgd_", b, params, grads, momentum_buffers, steps, rows, slots, lr_f, float(momentum),
+          float(dampening), float(weight_decay), bool(nesterov), bool(maximize), lr_t, found_inf)
+
+
+def nonfinite_flag_(grads, found_inf: torch.Tensor) -> None:
+    """``found_inf |= any element of grads is non-finite``, on the device, no sync: run it over the gradients of
+    every parameter group first, then pass the same flag to each group's ``masked_adamw_`` / ``masked_sgd_`` to
+    skip the whole step (all groups or none)."""
+    if not grads:
+        return
+    device = grads[0].device
+    _check_flag(found_inf, device)
+    if requested_backend() in ("auto", "triton") and device.type == "cuda" and triton_available(device) is None:
+        from .. import kernels
+        kernels.nonfinite_flag_(grads, found_inf)
+    else:
+        library.nonfinite_flag_(grads, found_inf)
 
 
 __all__ = ["BACKENDS", "choose_backend", "heads_to_residual", "masked_adamw_", "masked_bias_grad",
-           "masked_sgd_", "masked_weight_grad", "native", "norm_vjp_", "reference", "requested_backend",
-           "score_edges"]
+           "masked_sgd_", "masked_weight_grad", "native", "nonfinite_flag_", "norm_vjp_", "reference",
+           "requested_backend", "score_edges"]

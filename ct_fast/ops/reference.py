@@ -104,7 +104,8 @@ def adamw_rows_(param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps
 
     param/grad/exp_avg/exp_avg_sq(/max_exp_avg_sq) ``[k, ...]`` fp32; step ``[k]`` fp32, already
     incremented: each row has its own step count (bias correction), so a row's trajectory is that of
-    the torch optimizer run over the steps in which it was selected.
+    the torch optimizer run over the steps in which it was selected. ``lr``: a float or a 0-dim tensor
+    (read on the device, no host sync).
     """
     if maximize:
         grad = -grad
@@ -126,7 +127,7 @@ def sgd_rows_(param, grad, momentum_buffer, step, *, lr, momentum, dampening, we
               maximize=False):
     """SGD (momentum, dampening, nesterov, L2 weight decay) on k selected rows, in place, as
     ``torch.optim.SGD`` per row. ``step [k]`` (already incremented) marks rows whose buffer starts now
-    (step == 1: buffer = gradient, as torch does on its first step)."""
+    (step == 1: buffer = gradient, as torch does on its first step). ``lr``: a float or a 0-dim tensor."""
     if maximize:
         grad = -grad
     if weight_decay != 0:
@@ -136,7 +137,10 @@ def sgd_rows_(param, grad, momentum_buffer, step, *, lr, momentum, dampening, we
         updated = momentum_buffer.mul(momentum).add_(grad, alpha=1 - dampening)
         momentum_buffer.copy_(torch.where(first, grad, updated))
         grad = grad.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
-    param.add_(grad, alpha=-lr)
+    if isinstance(lr, torch.Tensor):
+        param.sub_(grad * lr)  # p + (-lr) g, bit for bit
+    else:
+        param.add_(grad, alpha=-lr)
 
 
 # ---- masked weight gradient (the compact dW of circuit rows) ----------------------------------------
