@@ -5,11 +5,13 @@ fallback) and is reached through ``ct_fast.ops`` dispatch (``CT_FAST_BACKEND=tri
 the ops not in ``ct_fast.ops.AUTO_SKIP``). On CPU they run only under ``TRITON_INTERPRET=1`` (small test shapes).
 
 - ``score_edges``: fused attribution scoring (``score_edges.py``)
+- ``masked_weight_grad``: compact dW of selected features, one gathering GEMM (``masked_weight_grad.py``)
 - ``masked_adamw_`` / ``masked_sgd_``: optimizers on selected rows; ``nonfinite_flag_``: their skip-flag check
   (``masked_optim.py``)
 """
 
 from .masked_optim import masked_adamw_, masked_sgd_, nonfinite_flag_
+from .masked_weight_grad import masked_weight_grad
 from .score_edges import score_edges
 
-__all__ = ["masked_adamw_", "masked_sgd_", "nonfinite_flag_", "score_edges"]
+__all__ = ["masked_adamw_", "masked_sgd_", "masked_weight_grad", "nonfinite_flag_", "score_edges"]

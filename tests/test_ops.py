@@ -62,14 +62,95 @@ def test_score_edges(device, backend, n_u, w, n_d, c, d):
     assert ((got.double() - want).abs() <= tol).all()
 
 
+# (N tokens, in, out, selection): awkward sizes, k not a multiple of any block, N = 0, empty and full selections
+DW_SHAPES = [(1, 1, 1, "all"), (19, 7, 5, "some"), (37, 33, 21, "none"), (50, 40, 17, "strided"), (0, 5, 3, "some"),
+             (23, 6, 9, "empty")]
+
+
+def _dw_index(spec, n_features, g):
+    if spec == "none":
+        return None
+    if spec == "all":
+        return torch.arange(n_features)
+    if spec == "empty":
+        return torch.zeros(0, dtype=torch.long)
+    if spec == "strided":
+        return torch.arange(n_features - 1, -1, -3)  # descending, every third feature
+    return torch.randperm(n_features, generator=g)[:max(1, n_features // 2)]
+
+
+def _dw_check(got, x, go, index, out_features, dtype, fp32_result=True):
+    """fp32 result within fp32 accumulation error of the exact product of the (rounded) operands, and within the
+    dtype's band of the same-dtype torch reference. ``fp32_result=False``: the torch path, whose bf16/fp16 GEMM
+    rounds its output to that dtype (the band check only)."""
+    exact = ops.reference.masked_weight_grad(x.double(), go.double(), index, out_features)
+    magnitude = ops.reference.masked_weight_grad(x.double().abs(), go.double().abs(), index, out_features)
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    got = got.cpu().double()
+    assert torch.isfinite(got).all(), "an output element was not written"
+    if fp32_result or dtype == torch.float32:
+        assert ((got - exact).abs() <= 1e-5 * magnitude + 1e-30).all(), (got - exact).abs().max()
+    assert_close(got.float(), ops.reference.masked_weight_grad(x, go, index, out_features).float(), dtype=dtype)
+
+
 @pytest.mark.parametrize("device,backend", _cases("masked_weight_grad"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("out_features", [True, False])
-def test_masked_weight_grad_backends(device, backend, out_features):
-    g = _gen(3)
-    x, go = torch.randn(19, 7, generator=g), torch.randn(19, 5, generator=g)
-    index = torch.tensor([4, 0, 2]) if out_features else torch.tensor([6, 1])
-    assert_close(ops.masked_weight_grad(x.to(device), go.to(device), index.to(device), out_features),
-                 ops.reference.masked_weight_grad(x, go, index, out_features))
+@pytest.mark.parametrize("shape", DW_SHAPES, ids=lambda s: "-".join(map(str, s)))
+def test_masked_weight_grad(device, backend, dtype, out_features, shape):
+    n, n_in, n_out, spec = shape
+    g = _gen(n * 7 + n_in)
+    x, go = torch.randn(n, n_in, generator=g).to(dtype), torch.randn(n, n_out, generator=g).to(dtype)
+    index = _dw_index(spec, n_out if out_features else n_in, g)
+    got = ops.masked_weight_grad(x.to(device), go.to(device), None if index is None else index.to(device),
+                                 out_features)
+    _dw_check(got, x, go, index, out_features, dtype, fp32_result=backend != "torch")
+
+
+@pytest.mark.parametrize("device,backend", _cases("masked_weight_grad"))
+def test_masked_weight_grad_strided_inputs(device, backend):
+    """Transposed / sliced operands (what a reshape of a non-contiguous activation gives) and an int32 index."""
+    g = _gen(8)
+    x = torch.randn(13, 29, generator=g).t()[:, 2:11]  # [29, 9], column stride 29
+    go = torch.randn(29, 30, generator=g)[:, ::2]  # [29, 15], column stride 2
+    for out_features, idx in ((True, torch.tensor([14, 0, 7, 3], dtype=torch.int32)), (False, torch.tensor([8, 1]))):
+        got = ops.masked_weight_grad(x.to(device), go.to(device), idx.to(device), out_features)
+        _dw_check(got, x, go, idx.long(), out_features, torch.float32)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(ops.triton_available(torch.device("cpu")) is not None
+                    and not torch.cuda.is_available(), reason="Triton cannot run here")
+@pytest.mark.parametrize("splits", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_masked_weight_grad_writes_every_element(splits, dtype):
+    """NaN-poisoned output and split-N workspace: every element is written (by each split), none left NaN."""
+    from ct_fast import kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = _gen(splits)
+    n, n_in, n_out = 70, 21, 35
+    x, go = torch.randn(n, n_in, generator=g).to(dtype), torch.randn(n, n_out, generator=g).to(dtype)
+    index = torch.tensor([34, 0, 5, 6, 7, 20, 33, 1, 2, 3, 4, 8, 9, 10, 11, 12, 13, 30])  # k = 18: two row blocks
+    for out_features in (True, False):
+        idx = index if out_features else index[index < n_in]
+        other = n_in if out_features else n_out
+        out = torch.full((idx.numel(), other), float("nan"), device=device)
+        ws = torch.full((splits, idx.numel(), other), float("nan"), device=device) if splits > 1 else None
+        got = kernels.masked_weight_grad(x.to(device), go.to(device), idx.to(device), out_features, out=out,
+                                         workspace=ws, config=dict(splits=splits))
+        assert got.data_ptr() == out.data_ptr()
+        if ws is not None:
+            assert not torch.isnan(ws).any(), "a split left part of its partial unwritten"
+        _dw_check(got, x, go, idx, out_features, dtype)
+
+
+def test_masked_weight_grad_kernel_stays_out_of_auto(monkeypatch):
+    """The Triton dW joins auto only once committed GPU results show it faster than gather + cuBLAS."""
+    monkeypatch.delenv("CT_FAST_BACKEND", raising=False)
+    assert ("masked_weight_grad", "triton") in ops.AUTO_SKIP and "masked_weight_grad" in ops.TRITON_OPS
+    assert ops.choose_backend("masked_weight_grad", torch.device("cuda"), (torch.bfloat16,)) == "torch"
+    assert ops.choose_backend("masked_weight_grad", torch.device("cpu"), (torch.bfloat16,)) == "torch"
 
 
 def _optimizer_case(seed, dtype, shapes=((7, 5), (5, 1), (3, 33), (1, 1), (9, 4)), col=(False, False, True, False, True),

@@ -11,7 +11,7 @@
 
 An explicitly requested backend that cannot run a call (not built, wrong device, unsupported dtype) raises
 ``CTFastError`` with the reason; ops that the backend does not implement at all (``masked_weight_grad`` in
-C++/CUDA/Triton: GEMMs on gathered operands; ``masked_bias_grad`` everywhere) run their torch implementation.
+C++/CUDA: GEMMs on gathered operands; ``masked_bias_grad`` everywhere) run their torch implementation.
 
 The optimizer ops take ``lr`` as a float or a one-element tensor on the parameters' device, and an optional
 ``found_inf`` flag tensor (see ``ct_fast.ops.library``): with both, a masked step reads no host value and
@@ -37,10 +37,14 @@ NATIVE_OPS = {"score_edges", "masked_adamw_", "masked_sgd_"}  # ops with C++/CUD
 #   GPT-2-small step, `ct-fast profile`);
 # - score_edges in CUDA / Triton: correct (CUDA compiled, Triton tested under the interpreter) but not yet timed on
 #   a GPU against the cuBLAS torch path; they join auto once bench/bench_score_edges.py shows them faster there.
+# - masked_weight_grad in Triton: one GEMM that gathers the selected features inside its loads (no index_select
+#   copies); tested under the interpreter, not yet timed on a GPU against gather + cuBLAS (the torch path). It
+#   joins auto once committed results of bench/bench_masked_dw.py show it faster there.
 # - masked_sgd_ in Triton: tested under the interpreter, not timed on a GPU (auto on a GPU takes the CUDA kernel
 #   when built, else the torch path).
-AUTO_SKIP = {("score_edges", "cpp"), ("score_edges", "cuda"), ("score_edges", "triton"), ("masked_sgd_", "triton")}
-TRITON_OPS = {"score_edges", "masked_adamw_", "masked_sgd_"}  # ops with Triton kernels in ct_fast.kernels
+AUTO_SKIP = {("score_edges", "cpp"), ("score_edges", "cuda"), ("score_edges", "triton"),
+             ("masked_weight_grad", "triton"), ("masked_sgd_", "triton")}
+TRITON_OPS = {"score_edges", "masked_adamw_", "masked_sgd_", "masked_weight_grad"}  # Triton kernels in ct_fast.kernels
 FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 _native = None
 _native_error = None
@@ -151,7 +155,7 @@ def score_edges(delta: torch.Tensor, up_weight, grad_down: torch.Tensor) -> torc
 
 def masked_weight_grad(x, grad_out, index, out_features: bool) -> torch.Tensor:
     """Compact weight gradient of selected features (see ``reference.masked_weight_grad``)."""
-    b = choose_backend("masked_weight_grad", x.device, (x.dtype,))
+    b = choose_backend("masked_weight_grad", x.device, (x.dtype, grad_out.dtype))
     return _call("masked_weight_grad", b, x, grad_out, index, out_features)
 
 
