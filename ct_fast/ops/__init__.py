@@ -230,7 +230,8 @@ def nonfinite_flag_(grads, found_inf: torch.Tensor) -> None:
         return
     device = grads[0].device
     _check_flag(found_inf, device)
-    if requested_backend() in ("auto", "triton") and device.type == "cuda" and triton_available(device) is None:
+    if (requested_backend() in ("auto", "triton") and device.type == "cuda" and triton_available(device) is None
+            and all(g.is_contiguous() for g in grads)):
         from .. import kernels
         kernels.nonfinite_flag_(grads, found_inf)
     else:
