@@ -52,6 +52,46 @@ def run(device="cpu", total=2e7, d=1024, fraction=0.05, dtype=torch.float32, bac
             "fraction_of_copy_bw": nbytes / masked / copy_bw}
 
 
+def run_op(device="cpu", total=2e7, d=1024, fraction=0.05, dtype=torch.float32, backend="torch"):
+    """``ops.masked_adamw_`` alone on prepared lists (no optimizer bookkeeping): float lr (today's call) vs device lr
+    plus the non-finite skip flag, and on a GPU the same step captured in a CUDA graph and replayed."""
+    os.environ["CT_FAST_BACKEND"] = backend
+    from ct_fast import ops
+
+    params = make_params(total, d, device, dtype)
+    rows = [torch.arange(max(1, int(fraction * p.shape[0])), device=device) for p in params]
+    grads = [torch.randn(r.numel(), p.shape[1], device=device) for p, r in zip(params, rows)]
+    m = [torch.zeros(r.numel() + 1, p.shape[1], device=device) for p, r in zip(params, rows)]
+    v = [torch.zeros_like(x) for x in m]
+    steps = [torch.zeros(r.numel() + 1, device=device) for r in rows]
+    lr, flag = torch.tensor(1e-4, device=device), torch.zeros(1, device=device)
+
+    def plain():
+        ops.masked_adamw_(params, grads, m, v, [], steps, rows, rows, 1e-4, 0.9, 0.999, 1e-8, 0.01, False)
+
+    def device_scalars():
+        ops.masked_adamw_(params, grads, m, v, [], steps, rows, rows, lr, 0.9, 0.999, 1e-8, 0.01, False,
+                          found_inf=flag)
+
+    rec = {"bench": "masked_adamw_op", "device": device, "dtype": str(dtype), "backend": backend,
+           "params": sum(p.numel() for p in params), "tensors": len(params), "fraction": fraction,
+           "eager_float_lr_ms": harness.median_time(plain, device) * 1e3,
+           "eager_device_lr_and_flag_ms": harness.median_time(device_scalars, device) * 1e3}
+    if torch.device(device).type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            device_scalars()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            device_scalars()
+        rec["graph_replay_ms"] = harness.median_time(graph.replay, device) * 1e3
+    else:
+        rec["graph_replay_ms"] = None  # CUDA graphs need a GPU
+    return rec
+
+
 def test_masked_adamw(benchmark):
     params = [p.requires_grad_() for p in make_params(2e5, 64, "cpu", torch.float32)]
     for p in params:
@@ -80,4 +120,13 @@ if __name__ == "__main__":
         recs.append(r)
         print(f"{b:>6}: masked {r['masked_ms']:.1f} ms vs dense {r['dense_ms']:.1f} ms ({r['ratio_to_dense']:.3f}x); "
               f"{r['achieved_gbps']:.1f} GB/s = {100 * r['fraction_of_copy_bw']:.0f}% of copy bandwidth")
+        try:
+            o = run_op(a.device, a.params, a.d, a.fraction, backend=b)
+        except Exception as e:
+            print(f"{b:>6}: op-level run skipped ({e})")
+            continue
+        recs.append(o)
+        graph = "n/a on CPU" if o["graph_replay_ms"] is None else f"{o['graph_replay_ms']:.2f} ms"
+        print(f"{b:>6}: op alone {o['eager_float_lr_ms']:.2f} ms (float lr), {o['eager_device_lr_and_flag_ms']:.2f} ms "
+              f"(device lr + skip flag), CUDA graph replay {graph}")
     print(harness.write(f"{a.device}_masked_adamw", recs, a.out))
