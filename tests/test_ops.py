@@ -254,6 +254,19 @@ def test_masked_sgd(device, backend, dtype, momentum, nesterov, dampening):
         assert torch.equal(views[i][untouched], _optimizer_case(7, dtype, device=device)[1][i][untouched])
 
 
+@pytest.mark.parametrize("device,backend", _cases("masked_sgd_"))
+def test_masked_sgd_without_momentum_ignores_buffers(device, backend):
+    """Buffers passed with momentum=0 (and dampening) are neither used nor written, as in torch."""
+    full, views, grads, rows, slots, m, _, steps = _optimizer_case(37, torch.float32, device=device)
+    ref_full, ref_steps, m0 = _clone(full), _clone(steps), _clone(m)
+    library.masked_sgd_default(_views_like(ref_full, views), grads, [], ref_steps, rows, slots, 0.1, 0.0, 0.5, 0.0,
+                               False, False)
+    ops.masked_sgd_(views, grads, m, steps, rows, slots, 0.1, 0.0, 0.5, 0.0, False, False)
+    for i in range(len(full)):
+        assert_close(full[i], ref_full[i], name=f"param {i}")
+        assert torch.equal(m[i], m0[i])
+
+
 def test_opcheck_every_op():
     g = _gen(0)
     full, views, grads, rows, slots, m, v, steps = _optimizer_case(9, torch.float32)
