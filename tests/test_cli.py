@@ -121,7 +121,7 @@ def test_discover_and_plot(model_dir, datasets, tmp_path, capsys):
 
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--methods", "circuit,full"]) == 0
+    assert main(["demo", "--world", "synthetic", "--quick", "--out", str(out), "--no-progress", "--methods", "circuit,full"]) == 0
     summary = json.load(open(out / "summary.json"))
     for m in ("circuit", "full"):
         r = summary["methods"][m]
@@ -132,7 +132,7 @@ def test_demo_quick(tmp_path):
     assert (out / "comparison.png").exists() and (out / "dynamics.png").exists()
     # the cached base model is reused by a second run
     mtime = os.path.getmtime(out / "base" / "config.json")
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--methods", "circuit"]) == 0
+    assert main(["demo", "--world", "synthetic", "--quick", "--out", str(out), "--no-progress", "--methods", "circuit"]) == 0
     assert os.path.getmtime(out / "base" / "config.json") == mtime
 
 
@@ -160,7 +160,7 @@ def test_user_errors(model_dir, datasets, tmp_path, capsys):
     assert "does not exist" in _err(capsys, ["plot", str(tmp_path / "never")])
     assert "save_every must be >= 1" in _err(capsys, ["tune", "--model", model_dir, "--data", datasets["text"],
                                                       "--save-every", "0", "--out", str(tmp_path / "r3")])
-    assert "tune_steps must be >= 1" in _err(capsys, ["demo", "--quick", "--tune-steps", "0", "--out",
+    assert "tune_steps must be >= 1" in _err(capsys, ["demo", "--world", "synthetic", "--quick", "--tune-steps", "0", "--out",
                                                       str(tmp_path / "d0"), "--no-progress"])
     if not torch.cuda.is_available():
         assert "CUDA is not available" in _err(capsys, ["tune", "--model", model_dir, "--data", datasets["text"],
@@ -200,11 +200,16 @@ def test_failed_starts_leave_no_run_directory(model_dir, datasets, tmp_path, cap
         err = _err(capsys, argv)
         assert message in err and err.count("\n") == 1, (extra, err)
         assert not out.exists(), extra
-    # --out inside a file (a directory that cannot be created) is refused before loading
+    # --out inside a file, or in a read-only directory, is refused before loading
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     assert "not a writable directory" in _err(capsys, ["tune", "--model", model_dir, "--data", datasets["text"],
                                                        "--out", str(blocker / "run"), "--no-progress"])
+    if os.geteuid() != 0:  # root writes anywhere
+        readonly = tmp_path / "readonly"
+        readonly.mkdir(mode=0o555)
+        assert "not a writable directory" in _err(capsys, ["tune", "--model", model_dir, "--data", datasets["text"],
+                                                           "--out", str(readonly / "run"), "--no-progress"])
 
 
 def test_bare_hub_name_fails_fast_offline(monkeypatch):
@@ -350,3 +355,20 @@ def test_no_progress_silences_transformers_bars(model_dir, datasets, tmp_path, c
     assert "Loading weights" not in captured.err and "%|" not in captured.err + captured.out
     load_model(model_dir, progress=False)
     assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_demo_and_discover_options_are_checked_before_loading(tmp_path, capsys, model_dir):
+    out = tmp_path / "d"
+    for argv, message in [
+        (["demo", "--world", "synthetic", "--model", "smollm2"], "--model belong to --world smollm2"),
+        (["demo", "--top-n", "0"], "top_n must be >= 1"),
+        (["demo", "--tune-lr", "-1"], "must be > 0"),
+        (["demo", "--sweep-top-n", "10,x"], "comma-separated integers"),
+        (["demo", "--methods", "circuit,sgd"], "unknown ['sgd']"),
+        (["demo", "--pretrain-steps", "5"], "belongs to --world synthetic"),
+        (["discover", "--model", model_dir], "either --data FILE.jsonl or --task sv"),
+        (["discover", "--model", model_dir, "--task", "sv", "--top-n", "0"], "--top-n must be >= 1"),
+    ]:
+        err = _err(capsys, argv + ["--out", str(out), "--no-progress"])
+        assert message in err and err.count("\n") == 1, (argv, err)
+        assert not out.exists(), argv

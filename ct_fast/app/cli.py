@@ -85,18 +85,43 @@ def cmd_profile(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    from .demo import DemoConfig, run_demo
+    from .demo import DemoConfig, SVDemoConfig, run_demo, run_sv_demo
 
-    cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    for key in ("tune_steps", "top_n", "tune_lr", "pretrain_steps", "threads", "seed"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = [m for m in methods if m not in ("circuit", "full", "lora")]
-    if bad:
+    if bad or not methods:
         raise CTFastError(f"--methods: unknown {bad}; choose from circuit, full, lora")
-    summary = run_demo(args.out, cfg, methods=methods, progress=not args.no_progress)
-    print(f"summary: {os.path.join(args.out, 'summary.json')} ({summary['seconds']:.0f} s)")
+    if args.world == "synthetic":
+        given = [f for f, v in (("--model", args.model), ("--tune-batch", args.tune_batch),
+                                ("--mlp-head-dim", args.mlp_head_dim), ("--sweep-top-n", args.sweep_top_n)) if v is not None]
+        if given:
+            raise CTFastError(f"{', '.join(given)} belong to --world smollm2")
+        cfg = DemoConfig.quick() if args.quick else DemoConfig()
+        keys = ("tune_steps", "top_n", "tune_lr", "pretrain_steps", "threads", "seed")
+    else:
+        if args.pretrain_steps is not None:
+            raise CTFastError("--pretrain-steps belongs to --world synthetic (the real model is not pre-trained here)")
+        cfg = SVDemoConfig.quick() if args.quick else SVDemoConfig()
+        keys = ("model", "tune_steps", "tune_batch", "top_n", "threads", "seed")
+        if args.tune_lr is not None:
+            cfg.lr_circuit = cfg.lr_full = cfg.lr_lora = args.tune_lr
+        if args.mlp_head_dim is not None:
+            if args.mlp_head_dim < 0:
+                raise CTFastError(f"--mlp-head-dim must be >= 0, got {args.mlp_head_dim}")
+            cfg.mlp_head_dim = args.mlp_head_dim or None
+        if args.sweep_top_n is not None:
+            try:
+                cfg.sweep_top_n = tuple(int(n) for n in args.sweep_top_n.split(",") if n.strip())
+            except ValueError:
+                raise CTFastError(f"--sweep-top-n: expected comma-separated integers, got {args.sweep_top_n!r}") from None
+    for key in keys:
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    cfg.check()
+    out = _out_dir(args.out, what="demo")
+    run = run_demo if args.world == "synthetic" else run_sv_demo
+    summary = run(out, cfg, methods=methods, progress=not args.no_progress)
+    print(f"summary: {os.path.join(out, 'summary.json')} ({summary['seconds']:.0f} s)")
     return summary
 
 
@@ -276,7 +301,7 @@ def cmd_discover(args) -> dict:
     from ..attribution import AttributionRun
     from .data import collate, encode, read_jsonl
     from ..models import load_model, load_tokenizer
-    from .plots import plot_circuit
+    from .plots import edge_table, node_label, plot_circuit, write_edge_table
 
     progress = not args.no_progress
     for name in ("top_n", "batch_size"):
@@ -284,14 +309,24 @@ def cmd_discover(args) -> dict:
             raise CTFastError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.num_examples < 0 or args.max_length < 2:
         raise CTFastError("--num-examples must be >= 0 and --max-length >= 2")
-    if not args.model or not args.data:
-        raise CTFastError("discover needs --model and --data")
+    if not args.model or bool(args.data) == bool(args.task):
+        raise CTFastError("discover needs --model and either --data FILE.jsonl or --task sv")
+    metric = args.metric
+    if args.task and "metric" not in getattr(args, "explicit", ()):
+        metric = "logit_diff"  # the task's own contrast: agreeing minus disagreeing verb
     _check_load_options(args.dtype, args.device)
     out = _out_dir(args.out, what="output")
-    records, fmt = read_jsonl(args.data)
-    _check_metric(args.metric, fmt)
+    if args.data:
+        records, fmt = read_jsonl(args.data)
+        _check_metric(metric, fmt)
     tok = load_tokenizer(args.model, progress=progress, log=_log)
-    examples = encode(records, fmt, tok, args.max_length, where=args.data)
+    if args.task:
+        from .sv import SVTask, encode_sv, sv_records
+
+        task_examples = SVTask("train", tokenizer=tok).examples(args.num_examples or 64, seed=0)
+        examples, records = encode_sv(task_examples, tok, target="agree"), sv_records(task_examples, "agree")
+    else:
+        examples = encode(records, fmt, tok, args.max_length, where=args.data)
     model, graph = load_model(args.model, dtype=args.dtype, device=args.device, mlp_head_dim=args.mlp_head_dim,
                               progress=progress, log=_log)
     if args.top_n > graph.n_edges:
@@ -305,20 +340,32 @@ def cmd_discover(args) -> dict:
     tokens = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
     for b, n_tok in zip(batches, tokens):
         b = {k: v.to(device) for k, v in b.items()}
-        _, value = run_attr.forward(b, metric=args.metric)
-        weight = n_tok / sum(tokens) if args.metric == "loss" else b["input_ids"].shape[0] / len(examples)
+        _, value = run_attr.forward(b, metric=metric)
+        weight = n_tok / sum(tokens) if metric == "loss" else b["input_ids"].shape[0] / len(examples)
         run_attr.backward(value, scale=weight)
     scores = run_attr.scores()
     circuit = scores.top_n(args.top_n, method=args.selection)
+    name = os.path.basename(str(args.model).rstrip("/"))
+    what = "subject-verb agreement circuit" if args.task else "circuit"
+    title = f"{what} of {name} ({metric}, {len(examples)} examples, untuned)"
     with new_run_dir(out) as run:
-        run.write_json("circuit.json", circuit.to_dict())
+        run.write_json("circuit.json", dict(circuit.to_dict(), title=title, metric=metric,
+                                            task=args.task, examples=len(examples)))
         with open(run.file("scores.pt"), "wb") as f:
             torch.save({"scores": scores.scores.cpu(), "upstream": graph.upstream_nodes,
                         "downstream": graph.downstream_nodes}, f)
-        plot_circuit(circuit.to_dict(), run.file("circuit.png"),
-                     f"circuit of {os.path.basename(str(args.model).rstrip('/'))}")
-    print(f"{len(circuit)} edges, {len(circuit.nodes)} nodes, {100 * circuit.fraction:.2f}% of parameters -> "
-          f"{run.file('circuit.json')}, {run.file('circuit.png')}")
+        if args.task:
+            with open(run.file("examples.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records[:len(examples)])
+        write_edge_table(circuit.to_dict(), run.file("edges.md"), run.file("edges.csv"), title)
+        plot_circuit(circuit.to_dict(), run.file("circuit.png"), title)
+    print(f"{len(circuit)} edges, {len(circuit.nodes)} nodes, {100 * circuit.fraction:.2f}% of parameters")
+    rows = edge_table(circuit.to_dict(), limit=10)
+    print(f"{'rank':>4}  {'from':<10} {'to':<10} {'into':<7} {'score':>10} {'share':>6}")
+    for r in rows:
+        print(f"{r['rank']:>4}  {node_label(r['source']):<10} {node_label(r['target']):<10} {r['input']:<7} "
+              f"{r['score']:>10.4g} {100 * r['share']:>5.1f}%")
+    print(f"-> {run.file('circuit.png')}, {run.file('edges.md')}, {run.file('circuit.json')}")
     return circuit.to_dict()
 
 
@@ -405,16 +452,32 @@ def build_parser() -> argparse.ArgumentParser:
         parsers[name] = sub.add_parser(name, formatter_class=HelpFormatter, **kw)
         return parsers[name]
 
-    d = add("demo", help="the paper's agreement experiment at small scale (offline, minutes)")
-    d.add_argument("--out", default="runs/demo", help="run directory")
+    d = add("demo", help="the paper's agreement experiment on SmolLM2 (or a synthetic world), offline, minutes")
+    d.add_argument("--world", default="smollm2", choices=["smollm2", "synthetic"],
+                   help="smollm2: the real pretrained model on English sentences; synthetic: a small model "
+                        "trained here on a procedural language")
+    d.add_argument("--out", default="runs/demo", help="run directory (re-running overwrites it)")
     d.add_argument("--methods", default="circuit,full,lora", help="comma-separated: circuit, full, lora")
-    d.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
-    d.add_argument("--tune-steps", type=int, default=None, help="tuning steps per method (default: the config's)")
-    d.add_argument("--top-n", type=int, default=None, help="edges in the circuit (default: the config's)")
-    d.add_argument("--tune-lr", type=float, default=None, help="learning rate of every method (default: the config's)")
+    d.add_argument("--quick", action="store_true", help="a smoke run (a few steps, tiny evaluation sets)")
+    d.add_argument("--model", default=None, help="smollm2 world: the model to tune, any --model of tune "
+                   "(default: smollm2)")
+    d.add_argument("--tune-steps", type=int, default=None,
+                   help="tuning steps per method (default: 30 smollm2, 150 synthetic)")
+    d.add_argument("--tune-batch", type=int, default=None, help="smollm2 world: examples per step (default: 16)")
+    d.add_argument("--top-n", type=int, default=None, help="edges in the circuit (default: 50 smollm2, 10 synthetic)")
+    d.add_argument("--tune-lr", type=float, default=None,
+                   help="one learning rate for every method (default: smollm2 circuit 1e-3, full 1e-4, LoRA 1e-3; "
+                        "synthetic 1e-3 for all)")
+    d.add_argument("--mlp-head-dim", type=int, default=None,
+                   help="smollm2 world: split MLPs into heads of this width, 0 for whole MLPs (default: 256)")
+    d.add_argument("--sweep-top-n", default=None, metavar="N,N,...",
+                   help="smollm2 world: also circuit-tune at these top-N and draw accuracy against general loss "
+                        "(tradeoff.png; each adds one circuit run) (default: none)")
     d.add_argument("--pretrain-steps", type=int, default=None,
                    help="pre-training steps of the synthetic model (default: the config's)")
-    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: all cores, fewer when other processes keep some busy; "
+                        "synthetic: torch's choice)")
     d.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars (ours and transformers')")
     d.set_defaults(func=cmd_demo)
@@ -448,10 +511,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=50, help="write a checkpoint every this many steps")
     t.set_defaults(func=cmd_tune)
 
-    c = add("discover", help="score the graph and write the circuit (no training)")
+    c = add("discover", help="score the graph and write the circuit, its picture and its top edges (no training)")
     _model_args(c, discover=True)
+    c.add_argument("--task", default=None, choices=["sv"],
+                   help="built-in data instead of --data: sv = English subject-verb agreement sentences (the "
+                        "agreeing verb as answer; --metric defaults to logit_diff) (default: none)")
     c.add_argument("--out", default="runs/discover", help="output directory")
-    c.add_argument("--num-examples", type=int, default=64, help="examples scored (0: all)")
+    c.add_argument("--num-examples", type=int, default=64, help="examples scored (0: all of --data)")
     c.set_defaults(func=cmd_discover)
 
     sub.add_parser("bench", help="time circuit-tuning against full, LoRA and the reference code (ct-fast bench -h)")

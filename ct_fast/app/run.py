@@ -46,9 +46,8 @@ def write_atomic(path: str, data: bytes | str):
     write fails, e.g. on a full disk)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else
-                                                                     {"encoding": "utf-8"})) as f:
-            f.write(data)
+        with open(tmp, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
