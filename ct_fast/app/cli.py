@@ -1,8 +1,10 @@
 """The ``ct-fast`` command line (also ``python -m ct_fast``).
 
-    ct-fast demo [--out DIR]                           the paper's agreement experiment, offline, minutes
-    ct-fast tune --model PATH --data FILE.jsonl ...    circuit-tune a model (or --resume RUN_DIR)
-    ct-fast discover --model PATH --data FILE.jsonl    score the graph, write the circuit and its picture
+    ct-fast demo [--out DIR --world smollm2|synthetic]  the paper's agreement experiment, offline, minutes
+    ct-fast tune --model PATH --data FILE.jsonl ...    circuit-tune a model (or --resume RUN_DIR [--steps N])
+    ct-fast discover --model smollm2 --task sv         score the graph, write the circuit, its picture and top edges
+
+``--model`` is a save_pretrained directory, a .gguf file, ``smollm2`` or a hub name (ct_fast.models).
     ct-fast plot RUN_DIR                               regenerate a run's pictures
     ct-fast profile [--layers 12 --d-model 768 ...]    time circuit-tuning steps on a random model
     ct-fast bench [--models gpt2-small ...]            circuit vs full / LoRA / reference steps
