@@ -29,6 +29,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .attribution import AttributionRun, ABLATIONS
@@ -209,9 +210,9 @@ class TuningSession:
         """Decide how this step runs (once: the first forward of a step calls it with its own batch)."""
         if self.mode is not None:
             return
-        if self.dp is None and not self.sharded:  # a process group started after the optimizer was built (e.g. by
-            _, _, group, _ = DataParallel.of(self.model)  # the HF Trainer's arguments): join it at the first step
-            if group is not None:
+        if self.dp is None and not self.sharded and dist.is_available() and dist.is_initialized():
+            _, _, group, _ = DataParallel.of(self.model)  # a process group started after the optimizer was built
+            if group is not None:  # (e.g. by the HF Trainer's arguments): join it at its first step
                 self._join(group)
         self.timer = timer or PhaseTimer(self.device, self.profile)
         self.refresh = self.circuit is None or self.step_count % self.refresh_every == 0
