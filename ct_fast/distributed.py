@@ -150,7 +150,8 @@ class DataParallel:
         return raw / self.world, batch_size  # each rank's metric is its own mean: the global one is their mean
 
     def reduce_grads(self, grads: dict):
-        """Average the compact gradients ``{param: [k, ...]}`` over the ranks, in place, in flat buckets."""
+        """Average the compact gradients ``{param: [k, ...]}`` over the ranks, in place, in flat buckets; every rank
+        passes the same parameters in the same order (the buckets are matched by position)."""
         tensors = list(grads.values())
         buckets, current, size = [], [], 0
         for t in tensors:

@@ -357,6 +357,9 @@ class TuningSession:
                 self.masked.finish(selection)
         grads = self.masked.take_grad_rows()
         if self.dp is not None:  # the same circuit on every rank: its compact gradients have one layout
+            # in parameter order: each rank fills ``grads`` in its own order (deferred mode keeps a linear's
+            # dense dW or its (x, grad_out) by the rank's token count)
+            grads = {p: grads[p] for p in self.params if p in grads}
             self.dp.reduce_grads(grads)
         norms = torch._foreach_norm([g for g in grads.values()]) if grads else []
         norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else self.anchor.new_zeros((), dtype=torch.float32)

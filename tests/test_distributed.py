@@ -32,6 +32,22 @@ def _shard(batch, rank):
     return {k: v[rank * PER_RANK:(rank + 1) * PER_RANK] for k, v in batch.items()}
 
 
+LENGTHS = [8, 4, 6, 6]  # padded batches: rank 0 holds 16 positions, rank 1 12, and each 10 label tokens
+
+
+def _padded_batch(step):
+    batch = _global_batch(step)
+    mask = (torch.arange(8)[None] < torch.tensor(LENGTHS)[:, None]).long()
+    return dict(batch, attention_mask=mask, labels=batch["labels"].masked_fill(mask == 0, -100))
+
+
+def _padded_shard(step, rank):
+    """This rank's slice of the padded global batch, trimmed to its own longest example (as a rank collates)."""
+    part = _shard(_padded_batch(step), rank)
+    width = int(part["attention_mask"].sum(1).max())
+    return {k: v[:, :width] for k, v in part.items()}
+
+
 def _dropin_steps(model, opt, rank, steps):
     circuits = []
     for step in steps:
@@ -68,6 +84,15 @@ def _scenarios(rank, out: pathlib.Path, phase: str):
         results = [tuner.step(_shard(_global_batch(s), rank)) for s in range(STEPS)]
         save("tuner_ddp", circuits=[[e[:2] for e in r.circuit.edges] for r in results], params=model.state_dict(),
              loss=[r.loss for r in results])
+
+        # deferred mode on ranks of different token counts: each keeps a linear's dense dW or its (x, grad_out)
+        # by its own count, yet the compact gradients are reduced in one (parameter) order
+        model = tiny_model("qwen2")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        tuner = CircuitTuner(ddp, CircuitAdamW(ddp.parameters(), lr=1e-2), top_n=40, memory_mode="deferred")
+        results = [tuner.step(_padded_shard(s, rank)) for s in range(STEPS)]
+        save("tuner_ddp_padded", circuits=[[e[:2] for e in r.circuit.edges] for r in results],
+             params=model.state_dict(), loss=[r.loss for r in results])
 
         # FSDP2: parameters sharded on dim 0 (DTensors); masked dW and the optimizer act on local shards
         model = _fully_shard(tiny_model("llama"))
@@ -223,6 +248,19 @@ def test_tuner_equals_one_rank(runs, name):
     want = [tuner.step(_global_batch(s)) for s in range(STEPS)]
     assert results[0]["circuits"] == [[e[:2] for e in r.circuit.edges] for r in want]
     mean_loss = [(a + b) / 2 for a, b in zip(results[0]["loss"], results[1]["loss"])]  # each rank: its own loss
+    assert mean_loss == pytest.approx([r.loss for r in want], rel=1e-5)
+    for k, v in model.state_dict().items():
+        assert_close(results[0]["params"][k], v, name=k)
+
+
+def test_deferred_ranks_of_different_lengths_equal_one_rank(runs):
+    results = _load(runs, "tuner_ddp_padded")
+    _same_across_ranks(results)
+    model = tiny_model("qwen2")
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=40, memory_mode="deferred")
+    want = [tuner.step(_padded_batch(s)) for s in range(STEPS)]
+    assert results[0]["circuits"] == [[e[:2] for e in r.circuit.edges] for r in want]
+    mean_loss = [(a + b) / 2 for a, b in zip(results[0]["loss"], results[1]["loss"])]
     assert mean_loss == pytest.approx([r.loss for r in want], rel=1e-5)
     for k, v in model.state_dict().items():
         assert_close(results[0]["params"][k], v, name=k)
