@@ -58,6 +58,9 @@ def stages(rehearse: bool, out: str) -> list[dict]:
                                                            j("distributed"), *(
             ["--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "1", "--backend", "gloo"] if rehearse else
             ["--backend", "nccl", "--steps", "3"]))},
+        {"name": "tune_torchrun", "limit": 120, "cmd": bench("bench_tune_torchrun.py", "--device", dev, "--out",
+                                                             j("tune_torchrun"), *(
+            [] if rehearse else ["--hidden", "1024", "--layers", "8", "--batch", "16", "--steps", "6", "--top-n", "200"]))},
         {"name": "big_step", "limit": 150, "cmd": bench("bench_big_step.py", "--device", dev, "--out", j("big_step"), *(
             ["--model", "tiny", "--batch", "2", "--seq", "16", "--dtype", "fp32", "--state-capacity", "1"] if rehearse
             else ["--model", "llama-8B", "--batch", "1", "--seq", "2048", "--dtype", "bf16", "--checkpointing",

@@ -2,6 +2,7 @@
 
     ct-fast demo [--out DIR --world smollm2|synthetic]  the paper's agreement experiment, offline, minutes
     ct-fast tune --model PATH --data FILE.jsonl ...    circuit-tune a model (or --resume RUN_DIR [--steps N])
+    torchrun --nproc-per-node N -m ct_fast tune ...    the same on N processes (--parallel ddp|fsdp)
     ct-fast discover --model smollm2 --task sv         score the graph, write the circuit, its picture and top edges
 
 ``--model`` is a save_pretrained directory, a .gguf file, ``smollm2`` or a hub name (ct_fast.models).
@@ -195,13 +196,14 @@ def new_run_dir(path: str):
         raise
 
 
-def save_model(model, tokenizer, path: str):
+def save_model(model, tokenizer, path: str, state_dict: dict | None = None):
     """``save_pretrained`` of model and tokenizer into ``path``, through a temporary directory and a rename (a
-    failed save, e.g. on a full disk, leaves neither a partial model nor the temporary directory)."""
+    failed save, e.g. on a full disk, leaves neither a partial model nor the temporary directory).
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's gathered full state)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
@@ -252,12 +254,11 @@ def _resume_conf(args) -> tuple[str, dict]:
 
 
 def cmd_tune(args) -> dict:
-    from .data import encode, read_jsonl
-    from ..models import load_model, load_tokenizer
-    from .plots import plot_run_dir
-    from .run import Method, RunDir, TrainConfig, train
+    """``ct-fast tune``: one process, or every rank of ``torchrun --nproc-per-node N -m ct_fast tune ...``
+    (ct_fast/app/launch.py: data split by rank, rank 0 writes the run directory)."""
+    from .launch import Launch
+    from .run import TrainConfig
 
-    progress = not args.no_progress
     if args.resume:
         out, conf = _resume_conf(args)
     else:
@@ -265,37 +266,68 @@ def cmd_tune(args) -> dict:
             raise CTFastError("tune needs --model and --data (or --resume RUN_DIR)")
         conf = {k: getattr(args, k) for k in TUNE_KEYS}
         conf.update(model=_model_ref(args.model), data=os.path.abspath(args.data), max_length=args.max_length,
-                    dtype=args.dtype, device=args.device)
+                    dtype=args.dtype, device=args.device, parallel=args.parallel)
     cfg = TrainConfig(**{k: conf[k] for k in TUNE_KEYS + ("schedule_steps",) if k in conf})
     cfg.check()
     if conf["max_length"] < 2:
         raise CTFastError(f"--max-length must be >= 2, got {conf['max_length']}")
     _check_load_options(conf["dtype"], conf["device"])
-    if not args.resume:
-        out = _out_dir(args.out or os.path.join("runs", "tune-" + time.strftime("%Y%m%d-%H%M%S")))
+    launch = Launch.start(conf["device"], conf.get("parallel") or "ddp")
+    try:
+        launch.check_batch_size(cfg.batch_size)
+        if not args.resume:
+            default = os.path.join("runs", "tune-" + time.strftime("%Y%m%d-%H%M%S"))
+            out = launch.on_main(lambda: _out_dir(args.out or default))  # rank 0's choice (and clock) for all
+        return _tune(args, launch, out, conf, cfg)
+    finally:
+        launch.close()
+
+
+def _tune(args, launch, out: str, conf: dict, cfg) -> dict:
+    from .data import encode, read_jsonl
+    from ..models import load_model, load_tokenizer, resolve_model
+    from .plots import plot_run_dir
+    from .run import Method, RunDir, train
+
+    progress = not args.no_progress and launch.main
+    say = _log if launch.main else None
     records, fmt = read_jsonl(conf["data"])
     _check_metric(conf["metric"], fmt)
-    tok = load_tokenizer(conf["model"], progress=progress, log=_log)
+    launch.on_main(lambda: resolve_model(conf["model"], log=say))  # a .gguf is converted (and cached) once
+    tok = load_tokenizer(conf["model"], progress=progress, log=say)
     examples = encode(records, fmt, tok, conf["max_length"], where=conf["data"])
-    model, graph = load_model(conf["model"], dtype=conf["dtype"], device=conf["device"], progress=progress, log=_log)
+    model, graph = load_model(conf["model"], dtype=conf["dtype"], device=launch.device(conf["device"]),
+                              progress=progress, log=say)
     if cfg.method == "circuit":
         largest = max(cfg.top_n, cfg.top_n_end or 0)
         if largest > graph.n_edges:
             raise CTFastError(f"top_n={largest} is larger than the {graph.n_edges} edges of the graph; choose "
                               f"--top-n <= {graph.n_edges}")
-    method = Method(model.train(), cfg, arch=graph.arch)
-    guard = contextlib.nullcontext(RunDir(out, create=False)) if args.resume else new_run_dir(out)
+    method = Method(model.train(), cfg, arch=graph.arch, launch=launch)
+    if not launch.main:  # the other ranks never write
+        guard = contextlib.nullcontext(RunDir(out, create=False))
+    else:
+        guard = contextlib.nullcontext(RunDir(out, create=False)) if args.resume else new_run_dir(out)
     with guard as run:
-        run.write_json("config.json", conf)
+        if launch.main:
+            run.write_json("config.json", conf)
         log = train(run, method, examples, tok.pad_token_id, resume=bool(args.resume), progress=progress)
-        save_model(method.final_model(), tok, run.file("model"))
+        state_dict = None
+        if launch.parallel == "fsdp":  # gathered (a collective): rank 0 receives the whole model on the CPU
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state_dict = get_model_state_dict(method.model, options=StateDictOptions(full_state_dict=True,
+                                                                                     cpu_offload=True))
         summary = {"steps": len(log), "final_loss": log[-1]["loss"], "format": fmt,
                    "mean_step_seconds": sum(r["step_time"] for r in log) / len(log),
                    "mean_tuned_fraction": sum(r["tuned_fraction"] for r in log) / len(log),
-                   "model_dir": run.file("model")}
-        run.write_json("summary.json", summary)
-        plot_run_dir(run.path)
-    print(f"tuned model: {run.file('model')}; log: {run.file('log.jsonl')}")
+                   "model_dir": run.file("model"), "processes": launch.world}
+        if launch.main:
+            save_model(method.final_model(), tok, run.file("model"), state_dict=state_dict)
+            run.write_json("summary.json", summary)
+            plot_run_dir(run.path)
+            print(f"tuned model: {run.file('model')}; log: {run.file('log.jsonl')}")
+        launch.barrier()  # no rank leaves (and tears the process group down) before the run is written
     return summary
 
 
@@ -511,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of the data order, LoRA's initialisation, token budget")
     t.add_argument("--circuit-every", type=int, default=10, help="save the circuit every this many steps")
     t.add_argument("--save-every", type=int, default=50, help="write a checkpoint every this many steps")
+    t.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun: replicate the model (DistributedDataParallel) or shard parameters and "
+                        "optimizer state across the processes (FSDP2 fully_shard)")
     t.set_defaults(func=cmd_tune)
 
     c = add("discover", help="score the graph and write the circuit, its picture and its top edges (no training)")

@@ -35,6 +35,7 @@ from .data import Example, batch_indices, collate
 from ..errors import CTFastError
 from ..optim import CircuitAdamW, CircuitSGD
 from ..tuner import CircuitTuner
+from .launch import Launch
 
 METHODS = ("circuit", "full", "lora")
 LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -96,19 +97,29 @@ class RunDir:
 
     def save_checkpoint(self, step: int, state: dict, keep: int = 2):
         """``checkpoints/step-N/state.pt`` written whole, then ``latest`` pointed at it; older ones pruned."""
-        os.makedirs(self.file("checkpoints"), exist_ok=True)
-        final = self.file("checkpoints", f"step-{step:06d}")
-        tmp = final + f".tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = self.begin_checkpoint(step)
         try:
-            os.makedirs(tmp)
             with open(os.path.join(tmp, "state.pt"), "wb") as f:  # a file object: write errors are OSErrors
                 torch.save(state, f)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            self.finish_checkpoint(step, tmp, keep)
         except BaseException:  # e.g. a full disk: no half-written checkpoint directory stays behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def begin_checkpoint(self, step: int) -> str:
+        """A fresh temporary directory for the files of the checkpoint of ``step`` (``finish_checkpoint`` makes it
+        ``checkpoints/step-N``)."""
+        os.makedirs(self.file("checkpoints"), exist_ok=True)
+        tmp = self.file("checkpoints", f"step-{step:06d}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        return tmp
+
+    def finish_checkpoint(self, step: int, tmp: str, keep: int = 2):
+        """Rename the complete ``tmp`` to ``checkpoints/step-N``, point ``latest`` at it, prune older ones."""
+        final = self.file("checkpoints", f"step-{step:06d}")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
         write_atomic(self.file("checkpoints", "latest"), os.path.basename(final))
         done = sorted(d for d in os.listdir(self.file("checkpoints")) if d.startswith("step-") and ".tmp" not in d)
         for old in done[:-keep]:
@@ -126,13 +137,14 @@ class RunDir:
         except (IndexError, ValueError):
             raise CTFastError(f"{latest}: unreadable checkpoint pointer {name!r}") from None
 
+    def checkpoint_path(self) -> str | None:
+        """The directory of the latest checkpoint, or None."""
+        step = self.checkpoint_step()
+        return None if step is None else self.file("checkpoints", f"step-{step:06d}")
+
     def load_checkpoint(self) -> dict | None:
-        latest = self.file("checkpoints", "latest")
-        if not os.path.exists(latest):
-            return None
-        with open(latest) as f:
-            name = f.read().strip()
-        return torch.load(self.file("checkpoints", name, "state.pt"), weights_only=False)
+        path = self.checkpoint_path()
+        return None if path is None else torch.load(os.path.join(path, "state.pt"), weights_only=False)
 
 
 @dataclass
@@ -197,16 +209,24 @@ class TrainConfig:
 
 
 class Method:
-    """A model with its optimizer (and tuner): ``step(batch) -> record`` for circuit, full or LoRA."""
+    """A model with its optimizer (and tuner): ``step(batch) -> record`` for circuit, full or LoRA.
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, arch: str):
-        self.cfg, self.tuner = cfg, None
+    ``launch`` (``ct_fast.app.launch``): the processes of the run; ``model`` is wrapped for them (``runner``:
+    the model itself, its DDP wrapper, or the FSDP2-sharded model) and ``step`` reports the loss and metric
+    averaged over the ranks."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, arch: str, launch: Launch | None = None):
+        self.cfg, self.tuner, self.launch = cfg, None, launch or Launch()
         self.base_params = sum(p.numel() for p in model.parameters())
         _seed(cfg.seed)  # LoRA initialises its adapters randomly: the same seed gives the same run
         if cfg.method == "lora":
+            if self.launch.parallel == "fsdp":
+                raise CTFastError("--method lora runs under --parallel ddp (LoRA adapters are small: sharding "
+                                  "them saves nothing)")
             model = _lora(model, cfg, arch)
         self.model = model
-        params = [p for p in model.parameters() if p.requires_grad]
+        self.runner = self.launch.wrap(model)
+        params = [p for p in self.runner.parameters() if p.requires_grad]
         if cfg.method == "circuit":
             cap = cfg.state_capacity
             self.optimizer = (CircuitAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, state_capacity=cap)
@@ -214,8 +234,8 @@ class Method:
                               CircuitSGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                          state_capacity=cap))
             schedule = top_n_schedule(cfg)
-            self.tuner = CircuitTuner(model, self.optimizer, top_n=schedule, metric=cfg.metric, ablation=cfg.ablation,
-                                      selection=cfg.selection, refresh_every=cfg.refresh_every,
+            self.tuner = CircuitTuner(self.runner, self.optimizer, top_n=schedule, metric=cfg.metric,
+                                      ablation=cfg.ablation, selection=cfg.selection, refresh_every=cfg.refresh_every,
                                       mlp_head_dim=cfg.mlp_head_dim, token_budget=cfg.token_budget,
                                       memory_mode=cfg.memory_mode)
         else:
@@ -227,36 +247,49 @@ class Method:
         t0 = time.perf_counter()
         if self.tuner is not None:
             r = self.tuner.step(batch)
-            return {"loss": r.loss, "metric": r.metric, "top_n": r.top_n, "circuit_edges": len(r.circuit),
-                    "circuit_nodes": len(r.circuit.nodes), "tuned_params": r.tuned_params,
-                    "tuned_fraction": r.circuit.fraction, "refreshed": r.refreshed, "memory_mode": r.memory_mode,
-                    "state_rows": self.optimizer.num_state_rows(), "state_pool_rows": self.optimizer.state_capacity_rows(),
-                    "timings": {k: round(v, 6) for k, v in r.timings.items()}, "step_time": r.timings["total"]}
-        out = self.model(**model_inputs(batch))
-        if not torch.isfinite(out.loss.detach()):
-            raise CTFastError(f"the training loss is {out.loss.item()}: lower the learning rate or check the data")
+            loss, metric = r.loss, r.metric
+            if self.launch.distributed:
+                loss, metric = self.launch.mean(torch.tensor([loss, metric])).tolist()
+            record = {"loss": loss, "metric": metric, "top_n": r.top_n, "circuit_edges": len(r.circuit),
+                      "circuit_nodes": len(r.circuit.nodes), "tuned_params": r.tuned_params,
+                      "tuned_fraction": r.circuit.fraction, "refreshed": r.refreshed, "memory_mode": r.memory_mode,
+                      "state_rows": self.optimizer.num_state_rows(),
+                      "state_pool_rows": self.optimizer.state_capacity_rows(),
+                      "timings": {k: round(v, 6) for k, v in r.timings.items()}, "step_time": r.timings["total"]}
+            if self.launch.distributed:
+                record["comm_bytes"] = self.optimizer.last_step.comm_bytes
+            return record
+        out = self.runner(**model_inputs(batch))
+        with torch.no_grad():
+            metric = evaluate_metric(self.cfg.metric, out, batch)
+        loss, metric = self.launch.mean(torch.stack([out.loss.detach().float(), metric.float()])).tolist()
+        if not math.isfinite(loss):  # the mean over the ranks: every rank refuses the step together
+            raise CTFastError(f"the training loss is {loss}: lower the learning rate or check the data")
         out.loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            metric = evaluate_metric(self.cfg.metric, out, batch).item()
-        return {"loss": out.loss.item(), "metric": metric, "tuned_params": self.trainable,
+        return {"loss": loss, "metric": metric, "tuned_params": self.trainable,
                 "tuned_fraction": self.trainable / self.base_params, "step_time": time.perf_counter() - t0}
 
+    def tuner_state(self) -> dict | None:
+        if self.tuner is None:
+            return None
+        c = self.tuner.circuit
+        return {"step_count": self.tuner.step_count, "circuit": None if c is None else c.to_dict()}
+
     def state(self) -> dict:
-        tuner = None
-        if self.tuner is not None:
-            c = self.tuner.circuit
-            tuner = {"step_count": self.tuner.step_count, "circuit": None if c is None else c.to_dict()}
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "tuner": tuner}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "tuner": self.tuner_state()}
+
+    def load_tuner_state(self, tuner: dict | None):
+        if self.tuner is not None and tuner is not None:
+            self.tuner.step_count = tuner["step_count"]
+            c = tuner["circuit"]
+            self.tuner.circuit = None if c is None else Circuit.from_dict(c, self.tuner.graph)
 
     def load_state(self, state: dict):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.tuner is not None and state["tuner"] is not None:
-            self.tuner.step_count = state["tuner"]["step_count"]
-            c = state["tuner"]["circuit"]
-            self.tuner.circuit = None if c is None else Circuit.from_dict(c, self.tuner.graph)
+        self.load_tuner_state(state["tuner"])
 
     def final_model(self) -> nn.Module:
         """The tuned model as a plain transformers model (LoRA merged)."""
@@ -312,41 +345,108 @@ def train(run: RunDir, method: Method, examples: list[Example], pad_id: int, eva
 
     ``evaluate(model) -> dict`` (optional) adds fields to the log every ``eval_every`` steps and at the end.
     With ``resume`` the latest checkpoint restores model, optimizer, tuner, RNG and data position.
-    ``checkpoints=False`` writes none (runs that are not resumed, such as the demo's).
+    ``checkpoints=False`` writes none (runs that are not resumed, such as the demo's). Under ``torchrun``
+    (``method.launch``) each rank steps on its slice of every global batch and only rank 0 writes; the log it
+    returns is complete on rank 0 (the other ranks return their own records).
     """
     from tqdm.auto import tqdm
 
-    cfg = method.cfg
+    cfg, launch = method.cfg, method.launch
     start = 0
-    state = run.load_checkpoint() if resume else None
-    if state is not None:
-        method.load_state(state["method"])
-        _set_rng_state(state["rng"])
-        start = state["step"]
-    else:  # a fresh run, or a resume before the first checkpoint: start over exactly
-        _seed(cfg.seed)
     if resume:
-        run.truncate_log(start)
+        start = load_checkpoint(run, method)
+        if launch.main:
+            run.truncate_log(start)
+    if not start:  # a fresh run, or a resume before the first checkpoint: start over exactly
+        _seed(cfg.seed)
     device = next(method.model.parameters()).device
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc=cfg.method,
-               dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (progress and launch.main),
+               desc=cfg.method, dynamic_ncols=True)
+    records = []
     for step in bar:
-        batch = collate([examples[i] for i in batch_indices(step, cfg.batch_size, len(examples), cfg.seed)], pad_id)
+        indices = launch.split(batch_indices(step, cfg.batch_size, len(examples), cfg.seed))
+        batch = collate([examples[i] for i in indices], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         record = {"step": step, "lr": method.optimizer.param_groups[0]["lr"], **method.step(batch)}
         last = step == cfg.steps - 1
         if evaluate is not None and ((eval_every and step % eval_every == 0) or last):
             record.update(evaluate(method.model))
-        run.append_log(record)
-        if method.tuner is not None and (step % cfg.circuit_every == 0 or last):
-            run.save_circuit(step, method.tuner.circuit)
+        records.append(record)
+        if launch.main:
+            run.append_log(record)
+            if method.tuner is not None and (step % cfg.circuit_every == 0 or last):
+                run.save_circuit(step, method.tuner.circuit)
         post = {"loss": f"{record['loss']:.3f}"}
         if "circuit_edges" in record:
             post["edges"], post["params"] = record["circuit_edges"], f"{100 * record['tuned_fraction']:.1f}%"
         bar.set_postfix(post)
         if checkpoints and ((step + 1) % cfg.save_every == 0 or last):
-            run.save_checkpoint(step + 1, {"step": step + 1, "method": method.state(), "rng": _rng_state()})
-    return run.read_log()
+            save_checkpoint(run, method, step + 1)
+    return run.read_log() if launch.main else records
+
+
+def save_checkpoint(run: RunDir, method: Method, step: int):
+    """The state after ``step`` steps: rank 0 writes ``state.pt`` (step, tuner, the RNG state of every rank and,
+    unless sharded, model and optimizer); with ``--parallel fsdp`` the model shards go through
+    ``torch.distributed.checkpoint`` (``model/``) and each rank writes its optimizer shard (``optimizer-rank-R.pt``:
+    the state of the rows its parameter shards hold)."""
+    launch = method.launch
+    rng = launch.gather(_rng_state())
+    meta = {"step": step, "rng": rng, "world": launch.world, "parallel": launch.parallel}
+    if launch.parallel != "fsdp":
+        if launch.main:
+            run.save_checkpoint(step, {**meta, "method": method.state()})
+        return
+    import torch.distributed.checkpoint as dcp
+
+    tmp = launch.on_main(lambda: run.begin_checkpoint(step))
+    dcp.save(method.model.state_dict(), checkpoint_id=os.path.join(tmp, "model"))
+    with open(os.path.join(tmp, f"optimizer-rank-{launch.rank}.pt"), "wb") as f:
+        torch.save(method.optimizer.state_dict(), f)
+    launch.barrier()
+    if launch.main:
+        with open(os.path.join(tmp, "state.pt"), "wb") as f:
+            torch.save({**meta, "method": {"tuner": method.tuner_state()}}, f)
+        run.finish_checkpoint(step, tmp)
+    launch.barrier()  # the next checkpoint's directory is created only after this one is complete
+
+
+def load_checkpoint(run: RunDir, method: Method) -> int:
+    """Restore the latest checkpoint into ``method`` and the RNG; the step to continue from (0 without one).
+    Every rank reads it; a run resumed on another number of processes gets rank ``r % old_world``'s RNG state
+    (its random draws, e.g. dropout, then differ from an uninterrupted run's); a sharded one needs the same number."""
+    launch = method.launch
+    path = run.checkpoint_path()
+    if path is None:
+        return 0
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    parallel, world = state.get("parallel"), state.get("world", 1)
+    if (parallel == "fsdp") != (launch.parallel == "fsdp") or (parallel == "fsdp" and world != launch.world):
+        raise CTFastError(f"{path} holds {'sharded' if parallel == 'fsdp' else 'replicated'} state of {world} "
+                          f"process(es); resume it with the same launch (--parallel fsdp and {world} processes)"
+                          if parallel == "fsdp" else
+                          f"{path} holds replicated state; resume it without --parallel fsdp")
+    if launch.parallel == "fsdp":
+        import torch.distributed.checkpoint as dcp
+
+        model_state = method.model.state_dict()
+        dcp.load(model_state, checkpoint_id=os.path.join(path, "model"))
+        method.model.load_state_dict(model_state)
+        method.optimizer.load_state_dict(torch.load(os.path.join(path, f"optimizer-rank-{launch.rank}.pt"),
+                                                    weights_only=False))
+        method.load_tuner_state(state["method"]["tuner"])
+    else:
+        method.load_state(state["method"])
+    rng = state["rng"]
+    if isinstance(rng, list):  # one per rank (older checkpoints: one dict)
+        if len(rng) != launch.world and launch.main:
+            import warnings
+
+            warnings.warn(f"{path} was written by {len(rng)} process(es), resumed on {launch.world}: the steps "
+                          "continue exactly, random draws (dropout) differ from an uninterrupted run")
+        rng = rng[launch.rank % len(rng)]
+    _set_rng_state(rng)
+    return state["step"]
 
 
 def config_dict(cfg: TrainConfig, **more) -> dict:
