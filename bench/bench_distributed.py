@@ -7,8 +7,10 @@ all-reduced per step.
 Each world size is a fresh set of spawned processes (gloo on CPU, one thread per process when the cores
 are shared; nccl on GPUs: one per rank). The global batch (``--batch`` x ``--seq``) is split over the ranks.
 Methods: ``ddp_full`` (DistributedDataParallel + torch.optim.AdamW; its all-reduced bytes are counted by a
-DDP communication hook) and ``circuit_dropin`` (DistributedDataParallel + ``CircuitAdamW(..., model=ddp,
-top_n=N)``, N for about 5% of the parameters; bytes from ``opt.last_step.comm_bytes``). Reports the ratio of
+DDP communication hook), ``circuit_dropin`` (DistributedDataParallel + ``CircuitAdamW(..., model=ddp,
+top_n=N)``, N for about 5% of the parameters; bytes from ``opt.last_step.comm_bytes``), and
+``tuner_reused_streamed`` / ``tuner_reused_blocking`` (``CircuitTuner`` reusing its first circuit: the compact
+gradients averaged while the backward runs, as by default, or after it). Reports the ratio of
 circuit bytes to (compact circuit gradient bytes + score matrix bytes) — the target is <= 1.2 — and to DDP's.
 Writes ``bench/results/<device>_distributed.json``.
 """
@@ -51,7 +53,7 @@ def _worker(rank, world, init, args, out):
     shard = args.batch // world
     data = [{k: v[rank * shard:(rank + 1) * shard] for k, v in b.items()} for b in data]
     records = {}
-    for method in ("ddp_full", "circuit_dropin"):
+    for method in ("ddp_full", "circuit_dropin", "tuner_reused_streamed", "tuner_reused_blocking"):
         model = build(args.model, device, torch.float32)
         model.load_state_dict(base.state_dict())
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -59,16 +61,24 @@ def _worker(rank, world, init, args, out):
         if method == "ddp_full":
             ddp.register_comm_hook(state, _counting_allreduce)
             opt = torch.optim.AdamW(ddp.parameters(), lr=1e-5)
-        else:
+        elif method == "circuit_dropin":
             opt = ct_fast.CircuitAdamW(ddp.parameters(), lr=1e-5, model=ddp, top_n=args.top_n)
+        else:  # the circuit of the first step, reused: its gradients averaged while the backward runs, or after it
+            opt = ct_fast.CircuitAdamW(ddp.parameters(), lr=1e-5)
+            tuner = ct_fast.CircuitTuner(ddp, opt, top_n=args.top_n, refresh_every=10 ** 6)
+            if method == "tuner_reused_blocking":
+                tuner.session.stream_grads = lambda: None
         times, comm = [], []
         for i, b in enumerate(data):
             state["bytes"] = 0
             harness.sync(device)
             t0 = time.perf_counter()
-            ddp(**b).loss.backward()
-            opt.step()
-            opt.zero_grad()
+            if method.startswith("tuner"):
+                tuner.step(b)
+            else:
+                ddp(**b).loss.backward()
+                opt.step()
+                opt.zero_grad()
             harness.sync(device)
             if i:  # the first step warms up
                 times.append(time.perf_counter() - t0)
@@ -79,8 +89,11 @@ def _worker(rank, world, init, args, out):
             rec["compact_grad_bytes"] = sum(g.numel() * g.element_size() for g in last.grads.values())
             rec["score_bytes"] = 4 * opt.tuning.graph.edge_mask.numel()  # the fp32 [n_up, n_down] score matrix
             rec["tuned_fraction"] = last.circuit.fraction
+        if method.startswith("tuner"):
+            rec["overlapped_bytes_per_step"] = opt.last_step.overlapped_bytes
         records[method] = rec
         del ddp, model, opt
+        tuner = None
     if rank == 0:
         torch.save(records, out)
     dist.destroy_process_group()
@@ -118,6 +131,9 @@ def main(argv=None):
               f"all-reduced; circuit_dropin {c['median_ms']:.0f} ms/step, {c['bytes_per_step'] / 2**20:.2f} MiB "
               f"({c['bytes_over_grad_and_scores']:.2f}x compact grads + scores, {100 * c['bytes_over_ddp_full']:.1f}% "
               f"of DDP's; circuit {100 * c['tuned_fraction']:.1f}% of params)")
+        s, b = rec["tuner_reused_streamed"], rec["tuner_reused_blocking"]
+        print(f"  reused circuit, tuner: gradients averaged during the backward {s['median_ms']:.0f} ms/step "
+              f"({s['overlapped_bytes_per_step'] / 2**20:.2f} MiB launched early), after it {b['median_ms']:.0f} ms/step")
     device = "cuda" if args.backend == "nccl" else "cpu"
     print(harness.write(f"{device}_distributed", results, args.out))
 

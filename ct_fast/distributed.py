@@ -30,6 +30,7 @@ from torch import nn
 from .errors import CTFastError
 
 BUCKET_BYTES = 64 << 20  # compact gradients are all-reduced in flat fp32 buckets of at most this size
+STREAM_BUCKET_BYTES = 16 << 20  # ... and while the backward runs, in smaller ones (earlier starts)
 
 
 def is_dtensor(t) -> bool:
@@ -149,6 +150,11 @@ class DataParallel:
             batch_size, raw = int(raw[-1]), raw[:-1].view(shape)
         return raw / self.world, batch_size  # each rank's metric is its own mean: the global one is their mean
 
+    def stream(self, sizes: dict) -> "GradStream":
+        """A ``GradStream`` for compact gradients of ``sizes`` ``{param: numel}`` (in the order the backward
+        should finish them: last layers first)."""
+        return GradStream(self, sizes)
+
     def reduce_grads(self, grads: dict):
         """Average the compact gradients ``{param: [k, ...]}`` over the ranks, in place, in flat buckets; every rank
         passes the same parameters in the same order (the buckets are matched by position)."""
@@ -170,3 +176,82 @@ class DataParallel:
             for t in bucket:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+
+class GradStream:
+    """Average compact gradients over the ranks while the backward runs (as ``DistributedDataParallel`` overlaps
+    its all-reduce with the backward).
+
+    The buckets are fixed up front from the selection (the same on every rank): bucket ``i`` is launched as an
+    asynchronous all-reduce once all its parameters' gradients are final (``ready``) and every earlier bucket is
+    launched, so every rank issues the same collectives in the same order. ``finish`` launches what is left
+    (a gradient a rank never produced counts as zeros there; ``missing`` — the number of such gradients over all
+    ranks, a 0-d tensor carried by the last bucket — lets the caller refuse the step on every rank), waits, and
+    writes the averages into ``grads``.
+    ``early_bytes``: bytes launched before ``finish`` (overlapped with the backward)."""
+
+    def __init__(self, dp: DataParallel, sizes: dict):
+        self.dp, self.sizes = dp, sizes
+        self.buckets, current, size = [], [], 0
+        for p, n in sizes.items():
+            if current and size + 4 * n > STREAM_BUCKET_BYTES:
+                self.buckets.append(current)
+                current, size = [], 0
+            current.append(p)
+            size += 4 * n
+        if current:
+            self.buckets.append(current)
+        self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.waiting = [{id(p) for p in b} for b in self.buckets]
+        self.launched: list = []  # (work, flat, bucket)
+        self.early_bytes = 0
+        self.missing = None
+
+    def ready(self, p: torch.Tensor, grads: dict):
+        """``grads[p]`` is final on this rank: launch every bucket that is now complete, in order."""
+        i = self.bucket_of.get(id(p))
+        if i is not None:
+            self.waiting[i].discard(id(p))
+            self._launch(grads, early=True)
+
+    def _launch(self, grads: dict, early: bool):
+        while len(self.launched) < len(self.buckets) and (not early or not self.waiting[len(self.launched)]):
+            bucket = self.buckets[len(self.launched)]
+            parts = [grads[p].reshape(-1).float() if p in grads else
+                     torch.zeros(self.sizes[p], dtype=torch.float32, device=self.dp.device) for p in bucket]
+            if len(self.launched) == len(self.buckets) - 1:  # the last bucket carries this rank's missing count
+                missing = sum(p not in grads for p in self.sizes)
+                parts.append(torch.full((1,), float(missing), dtype=torch.float32, device=self.dp.device))
+            flat = torch.cat(parts)
+            self.dp.comm_bytes += flat.numel() * 4
+            self.early_bytes += flat.numel() * 4 if early else 0
+            try:
+                work = dist.all_reduce(flat, group=self.dp.group, async_op=True)
+            except RuntimeError as e:
+                raise CTFastError(f"circuit gradients: not every rank joined the all-reduce ({e}); all ranks must "
+                                  "run the same steps with the same model and options") from e
+            self.launched.append((work, flat, bucket))
+
+    def finish(self, grads: dict) -> dict:
+        """Launch the buckets left, wait for all, and return ``{param: averaged compact gradient}`` (the
+        tensors of ``grads``, updated in place, in bucket order)."""
+        self._launch(grads, early=False)
+        out = {}
+        for work, flat, bucket in self.launched:
+            try:
+                work.wait()
+            except RuntimeError as e:
+                raise CTFastError(f"circuit gradients: the all-reduce failed ({e}); all ranks must run the same "
+                                  "steps with the same model and options") from e
+            if bucket is self.buckets[-1]:
+                self.missing = flat[-1].clone()
+            flat /= self.dp.world
+            offset = 0
+            for p in bucket:
+                n = self.sizes[p]
+                if p in grads:
+                    grads[p].copy_(flat[offset:offset + n].view_as(grads[p]))
+                    out[p] = grads[p]
+                offset += n
+        self.launched = []
+        return out

@@ -58,6 +58,9 @@ class MaskedLinears:
     ``selection``: ``{param: ParamSelection}`` for direct mode, ``None`` for deferred mode, or set
     ``active=False`` to make backwards record nothing (an attribution-only backward).
     ``grad_rows``: ``{param: compact fp32 gradient}`` accumulated over backwards (for ``set_grad_rows``).
+    ``stream``: in direct mode, called with each parameter whose compact gradient is final — every call its
+    module made since the model's last forward began (``calls``, reset by ``new_forward``) has had its
+    backward — so several ranks can start averaging it while the backward goes on.
     """
 
     def __init__(self, model: nn.Module, graph: ComputationGraph, anchor: torch.Tensor | None = None):
@@ -78,6 +81,8 @@ class MaskedLinears:
         self.dense: dict[str, list] = {}  # deferred: name -> [dW [out, in] fp32, db [out] fp32 or None]
         self.grad_rows: dict[torch.Tensor, torch.Tensor] = {}
         self.touched = False  # a backward reached a masked linear since the last clear()
+        self.calls: dict[str, int] = {}  # grad-enabled calls per module since the model's last forward began
+        self.stream = None
 
     def __enter__(self):
         for name, m in self.modules.items():
@@ -96,6 +101,12 @@ class MaskedLinears:
         self.dense.clear()
         self.grad_rows = {}
         self.touched = False
+        self.calls.clear()
+        self.stream = None
+
+    def new_forward(self):
+        """The model's forward begins: count this forward's module calls afresh."""
+        self.calls.clear()
 
     def _forward_of(self, name):
         owner = self
@@ -103,6 +114,7 @@ class MaskedLinears:
         def forward(module, x):
             if not torch.is_grad_enabled() or module is not owner.modules[name]:  # no_grad, or a deepcopy
                 return type(module).forward(module, x)
+            owner.calls[name] = owner.calls.get(name, 0) + 1
             # the parameters enter detached: no autograd edge reaches them (their dW is ours to compute); read from
             # the module, which under FSDP2 holds the unsharded tensors during its forward and backward
             weight, bias, device = module.weight.detach(), module.bias, x.device.type
@@ -124,6 +136,12 @@ class MaskedLinears:
             return
         if self.selection is not None:
             self._accumulate(name, x, grad_out, self.selection)
+            if self.stream is not None:
+                self.calls[name] = left = self.calls.get(name, 0) - 1
+                if left == 0:
+                    for p in (self.weight[name], self.bias[name]):
+                        if p is not None and p in self.grad_rows:
+                            self.stream(p)
         elif self._keep_dense(name, x):
             self._add_dense(name, x, grad_out)
         else:

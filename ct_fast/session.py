@@ -57,6 +57,7 @@ class Conclusion:
     top_n: int
     memory_mode: str
     comm_bytes: int = 0  # several ranks: bytes this rank all-reduced in this step
+    overlapped_bytes: int = 0  # ... of which launched while the backward ran (stream_grads)
 
 
 def _batch_of(args: tuple, kwargs: dict) -> dict:
@@ -202,6 +203,7 @@ class TuningSession:
         self._selected = False
         self._conclusion: Conclusion | None = None
         self._agreed = False
+        self._stream = None  # a GradStream while a backward averages the compact gradients (stream_grads)
         self.nonfinite = False
         if self.dp is not None:
             self.dp.comm_bytes = 0
@@ -267,6 +269,7 @@ class TuningSession:
             return None
         batch = _batch_of(args, kwargs)
         self.begin_step([batch])
+        self.masked.new_forward()
         recording = None
         if self.run is not None and not self.run.closed:
             corrupted, self.corrupted = self.corrupted, None
@@ -314,12 +317,33 @@ class TuningSession:
         self._agreed = True
         seen = self.dp.agree("circuit-tuning step", {
             "step": self.step_count, "mode": str(self.mode), "top_n": self.top_n, "backward_ran": int(self.pending),
-            "nonfinite": int(self.nonfinite)}, free=("nonfinite",))
-        if any(seen["nonfinite"]):
+            "nonfinite": int(self.nonfinite)}, free=("nonfinite", "backward_ran", "mode"))
+        if any(seen["nonfinite"]):  # (a rank that saw a non-finite loss skipped its backward)
             bad = [r for r, v in enumerate(seen["nonfinite"]) if v]
             self.abort()
             raise NonFiniteError(f"the training loss is non-finite on rank(s) {bad}: the step is refused on every "
                                  "rank and the model untouched — check labels, inputs and learning rate")
+        for key in ("backward_ran", "mode"):  # (a rank without a backward has no mode either)
+            if len(set(seen[key])) > 1:
+                self.abort()
+                raise CTFastError(f"circuit-tuning step: the ranks disagree on {key} = {seen[key]} (rank order); "
+                                  "every rank must run the same forwards and backwards and step in step")
+
+    def stream_grads(self):
+        """Several ranks with replicated weights (DDP or a bare module): average the circuit's compact gradients
+        while the next backward runs, bucket by bucket as layers finish (``distributed.GradStream``). Call it right
+        before the step's only training backward, once the circuit it trains is known (two_pass or outcome after
+        ``select``; lagged; reused). Every rank must call it at the same point: one small collective checks."""
+        m = self.masked
+        if self.dp is None or self.sharded or self._stream is not None or m.selection is None or not m.active:
+            return
+        sizes = {p: m.selection[p].count * (p.numel() // max(1, m.selection[p].size))
+                 for p in reversed(self.params) if p in m.selection}  # the backward finishes the last layers first
+        if not sizes:
+            return
+        self.dp.agree("gradient streaming", {"step": self.step_count, "mode": str(self.mode), "streaming": 1})
+        self._stream = stream = self.dp.stream(sizes)
+        m.stream = lambda p: stream.ready(p, m.grad_rows)
 
     def select(self):
         """Choose this refresh step's circuit from the scores of its backwards; later backwards score nothing.
@@ -344,6 +368,9 @@ class TuningSession:
         optimizer untouched). Idempotent within a step."""
         if self._conclusion is not None:
             return self._conclusion
+        stream, self._stream, self.masked.stream = self._stream, None, None
+        if stream is not None:  # its collectives all complete before the step's next ones
+            streamed = stream.finish(self.masked.grad_rows)
         self._agree_step()
         if self.mode is None or not self.pending:
             return None
@@ -356,19 +383,30 @@ class TuningSession:
             with self.timer.span("backward"):
                 self.masked.finish(selection)
         grads = self.masked.take_grad_rows()
-        if self.dp is not None:  # the same circuit on every rank: its compact gradients have one layout
+        if stream is not None:
+            grads = streamed
+        elif self.dp is not None:  # the same circuit on every rank: its compact gradients have one layout
             # in parameter order: each rank fills ``grads`` in its own order (deferred mode keeps a linear's
             # dense dW or its (x, grad_out) by the rank's token count)
             grads = {p: grads[p] for p in self.params if p in grads}
             self.dp.reduce_grads(grads)
         norms = torch._foreach_norm([g for g in grads.values()]) if grads else []
         norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else self.anchor.new_zeros((), dtype=torch.float32)
-        if not bool(torch.isfinite(norm)):  # one host sync per step
+        if stream is None:
+            finite, complete = bool(torch.isfinite(norm)), True  # one host sync per step
+        else:  # the same sync also reads how many gradients the ranks missed
+            finite, complete = torch.stack([torch.isfinite(norm), stream.missing == 0]).tolist()
+        if not finite:
             self.abort()
             raise NonFiniteError("the circuit's gradient is non-finite (a NaN/inf loss?): the step is refused and "
                                  "the model untouched — check labels, inputs and learning rate")
+        if not complete:
+            self.abort()
+            raise CTFastError("a rank's backward produced no gradient for some circuit parameters (a different "
+                              "model or inputs?): the step is refused on every rank, the model untouched")
         self._conclusion = Conclusion(applied, selection, grads, norm, self.refresh, top_n, self.mode,
-                                      0 if self.dp is None else self.dp.comm_bytes)
+                                      0 if self.dp is None else self.dp.comm_bytes,
+                                      0 if stream is None else stream.early_bytes)
         return self._conclusion
 
     def finish_step(self):

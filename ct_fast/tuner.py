@@ -174,6 +174,7 @@ class CircuitTuner:
                 loss, metric, retained = self._passes(batches, corrupted, w_loss, w_metric, timer, score=True)
                 session.select()
                 if retained is not None:  # one micro-batch: the training backward over the graph kept
+                    session.stream_grads()
                     with timer.span("backward"):
                         retained.backward()
                 else:
@@ -197,6 +198,8 @@ class CircuitTuner:
         Returns the (weighted) loss and metric."""
         session = self.session
         retain = score and session.mode == "two_pass" and len(batches) == 1
+        if not score and len(batches) == 1:  # several ranks: average the gradients while the backward runs
+            session.stream_grads()
         loss = metric = 0.0
         retained = None
         for b, c, wl, wm in zip(batches, corrupted, w_loss, w_metric):

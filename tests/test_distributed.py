@@ -94,6 +94,35 @@ def _scenarios(rank, out: pathlib.Path, phase: str):
         save("tuner_ddp_padded", circuits=[[e[:2] for e in r.circuit.edges] for r in results],
              params=model.state_dict(), loss=[r.loss for r in results])
 
+        # lagged and reused steps know their circuit before the backward: the compact gradients are averaged
+        # while it runs (GradStream); then a NaN on rank 1 refuses the step on both ranks, neither hangs
+        model = tiny_model("qwen2")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        tuner = CircuitTuner(ddp, CircuitAdamW(ddp.parameters(), lr=1e-2), top_n=30, memory_mode="lagged",
+                             refresh_every=2)
+        results, overlapped = [], []
+        for s in range(3):
+            results.append(tuner.step(_padded_shard(s, rank)))
+            overlapped.append(tuner.optimizer.last_step.overlapped_bytes)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        bad = _padded_shard(3, rank)
+        if rank == 1:
+            bad["input_ids"] = bad["input_ids"].clone()
+            with torch.no_grad():
+                model.get_input_embeddings().weight[bad["input_ids"][0, 0]] = float("nan")
+        try:
+            tuner.step(bad)
+            nan_error = None
+        except NonFiniteError as e:
+            nan_error = str(e)
+        if rank == 1:
+            with torch.no_grad():
+                model.get_input_embeddings().weight.copy_(before["model.embed_tokens.weight"])
+        save("tuner_ddp_streamed", circuits=[[e[:2] for e in r.circuit.edges] for r in results],
+             params=before, loss=[r.loss for r in results], modes=[r.memory_mode for r in results],
+             overlapped=overlapped, nan_error=nan_error,
+             untouched=all(torch.equal(v, before[k]) for k, v in model.state_dict().items()))
+
         # FSDP2: parameters sharded on dim 0 (DTensors); masked dW and the optimizer act on local shards
         model = _fully_shard(tiny_model("llama"))
         opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)
@@ -264,6 +293,24 @@ def test_deferred_ranks_of_different_lengths_equal_one_rank(runs):
     assert mean_loss == pytest.approx([r.loss for r in want], rel=1e-5)
     for k, v in model.state_dict().items():
         assert_close(results[0]["params"][k], v, name=k)
+
+
+def test_lagged_and_reused_steps_stream_gradients_and_equal_one_rank(runs):
+    results = _load(runs, "tuner_ddp_streamed")
+    _same_across_ranks(results)
+    model = tiny_model("qwen2")
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=30, memory_mode="lagged",
+                         refresh_every=2)
+    want = [tuner.step(_padded_batch(s)) for s in range(3)]
+    assert results[0]["modes"] == [r.memory_mode for r in want] == ["two_pass", "reused", "lagged"]
+    assert results[0]["circuits"] == [[e[:2] for e in r.circuit.edges] for r in want]
+    mean_loss = [(a + b) / 2 for a, b in zip(results[0]["loss"], results[1]["loss"])]
+    assert mean_loss == pytest.approx([r.loss for r in want], rel=1e-5)
+    for k, v in model.state_dict().items():
+        assert_close(results[0]["params"][k], v, name=k)
+    for r in results:  # every step's gradients were launched while its backward ran
+        assert all(b > 0 for b in r["overlapped"])
+        assert "rank(s) [1]" in r["nan_error"] and r["untouched"]
 
 
 def test_failures_raise_on_every_rank(runs):
