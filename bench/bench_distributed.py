@@ -10,7 +10,8 @@ Methods: ``ddp_full`` (DistributedDataParallel + torch.optim.AdamW; its all-redu
 DDP communication hook), ``circuit_dropin`` (DistributedDataParallel + ``CircuitAdamW(..., model=ddp,
 top_n=N)``, N for about 5% of the parameters; bytes from ``opt.last_step.comm_bytes``), and
 ``tuner_reused_streamed`` / ``tuner_reused_blocking`` (``CircuitTuner`` reusing its first circuit: the compact
-gradients averaged while the backward runs, as by default, or after it). Reports the ratio of
+gradients averaged while the backward runs — the default on GPUs — or after it), and ``fsdp_dropin`` (the drop-in
+optimizer on an FSDP2 ``fully_shard`` model: per-rank parameter and optimizer-state bytes against DDP's). Reports the ratio of
 circuit bytes to (compact circuit gradient bytes + score matrix bytes) — the target is <= 1.2 — and to DDP's.
 Writes ``bench/results/<device>_distributed.json``.
 """
@@ -53,21 +54,25 @@ def _worker(rank, world, init, args, out):
     shard = args.batch // world
     data = [{k: v[rank * shard:(rank + 1) * shard] for k, v in b.items()} for b in data]
     records = {}
-    for method in ("ddp_full", "circuit_dropin", "tuner_reused_streamed", "tuner_reused_blocking"):
+    for method in ("ddp_full", "circuit_dropin", "tuner_reused_streamed", "tuner_reused_blocking", "fsdp_dropin"):
         model = build(args.model, device, torch.float32)
         model.load_state_dict(base.state_dict())
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        if method == "fsdp_dropin":  # parameters and optimizer state sharded: per-rank bytes fall with the world
+            from ct_fast.app.launch import Launch
+
+            ddp = Launch(world, rank, parallel="fsdp").wrap(model)
+        else:
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
         state = {"bytes": 0}
         if method == "ddp_full":
             ddp.register_comm_hook(state, _counting_allreduce)
             opt = torch.optim.AdamW(ddp.parameters(), lr=1e-5)
-        elif method == "circuit_dropin":
+        elif method in ("circuit_dropin", "fsdp_dropin"):
             opt = ct_fast.CircuitAdamW(ddp.parameters(), lr=1e-5, model=ddp, top_n=args.top_n)
         else:  # the circuit of the first step, reused: its gradients averaged while the backward runs, or after it
             opt = ct_fast.CircuitAdamW(ddp.parameters(), lr=1e-5)
-            tuner = ct_fast.CircuitTuner(ddp, opt, top_n=args.top_n, refresh_every=10 ** 6)
-            if method == "tuner_reused_blocking":
-                tuner.session.stream_grads = lambda: None
+            tuner = ct_fast.CircuitTuner(ddp, opt, top_n=args.top_n, refresh_every=10 ** 6,
+                                         overlap_comm=method == "tuner_reused_streamed")
         times, comm = [], []
         for i, b in enumerate(data):
             state["bytes"] = 0
@@ -91,6 +96,11 @@ def _worker(rank, world, init, args, out):
             rec["tuned_fraction"] = last.circuit.fraction
         if method.startswith("tuner"):
             rec["overlapped_bytes_per_step"] = opt.last_step.overlapped_bytes
+        if method in ("circuit_dropin", "fsdp_dropin"):  # this rank's share (rank 0's; FSDP2 shards are even)
+            from ct_fast.distributed import local
+
+            rec["param_bytes_per_rank"] = sum(local(p).numel() * p.element_size() for p in model.parameters())
+            rec["state_bytes_per_rank"] = opt.state_bytes()
         records[method] = rec
         del ddp, model, opt
         tuner = None
@@ -134,6 +144,10 @@ def main(argv=None):
         s, b = rec["tuner_reused_streamed"], rec["tuner_reused_blocking"]
         print(f"  reused circuit, tuner: gradients averaged during the backward {s['median_ms']:.0f} ms/step "
               f"({s['overlapped_bytes_per_step'] / 2**20:.2f} MiB launched early), after it {b['median_ms']:.0f} ms/step")
+        f = rec["fsdp_dropin"]
+        print(f"  per rank: DDP {c['param_bytes_per_rank'] / 2**20:.0f} MiB parameters + {c['state_bytes_per_rank'] / 2**20:.0f} "
+              f"MiB optimizer state; FSDP2 {f['param_bytes_per_rank'] / 2**20:.0f} + {f['state_bytes_per_rank'] / 2**20:.0f} MiB "
+              f"({f['median_ms']:.0f} ms/step)")
     device = "cuda" if args.backend == "nccl" else "cpu"
     print(harness.write(f"{device}_distributed", results, args.out))
 

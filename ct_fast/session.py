@@ -94,7 +94,7 @@ class TuningSession:
                  selection="edges", refresh_every: int = 1, schedule: TopNSchedule | None = None, pool: bool = False,
                  threshold: float = 0.0, graph: ComputationGraph | None = None, mlp_head_dim: int | None = None,
                  token_budget: int | None = None, memory_mode: str = "auto", profile: bool = False,
-                 rerun: bool = False):
+                 rerun: bool = False, overlap_comm: bool | None = None):
         if memory_mode not in MEMORY_MODES:
             raise CTFastError(f"memory_mode={memory_mode!r} is not one of {MEMORY_MODES}")
         if not isinstance(refresh_every, int) or refresh_every < 1:
@@ -125,6 +125,9 @@ class TuningSession:
         self.selection, self.threshold, self.refresh_every = selection, threshold, refresh_every
         self.token_budget, self.memory_mode, self.profile, self.rerun = token_budget, memory_mode, profile, rerun
         self.device = next(model.parameters()).device
+        # stream_grads on: measured no gain on CPU (gloo shares the cores with the backward); on GPUs NCCL runs
+        # on its own stream
+        self.overlap_comm = self.device.type == "cuda" if overlap_comm is None else bool(overlap_comm)
         owned = set(self.graph.tunable_params)
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         # trained: what some node owns, the optimizer holds and requires grad; frozen: what no circuit contains
@@ -157,7 +160,7 @@ class TuningSession:
             "graph": self.graph.describe(), "top_n": [s.start, s.end, s.steps, s.kind], "metric": str(self.metric),
             "refresh_every": self.refresh_every, "memory_mode": self.memory_mode, "ablation": self.ablation,
             "selection": self.selection, "threshold": self.threshold, "token_budget": self.token_budget,
-            "trained": [tuple(p.shape) for p in self.params]})
+            "overlap_comm": int(self.overlap_comm), "trained": [tuple(p.shape) for p in self.params]})
         if self.ddp is None and not self.sharded:
             self.dp.broadcast_parameters(self.model)
 
@@ -333,9 +336,11 @@ class TuningSession:
         """Several ranks with replicated weights (DDP or a bare module): average the circuit's compact gradients
         while the next backward runs, bucket by bucket as layers finish (``distributed.GradStream``). Call it right
         before the step's only training backward, once the circuit it trains is known (two_pass or outcome after
-        ``select``; lagged; reused). Every rank must call it at the same point: one small collective checks."""
+        ``select``; lagged; reused). Every rank must call it at the same point: one small collective checks.
+        Off unless ``overlap_comm`` (default: on CUDA devices)."""
         m = self.masked
-        if self.dp is None or self.sharded or self._stream is not None or m.selection is None or not m.active:
+        if (self.dp is None or self.sharded or not self.overlap_comm or self._stream is not None or m.selection is None
+                or not m.active):
             return
         sizes = {p: m.selection[p].count * (p.numel() // max(1, m.selection[p].size))
                  for p in reversed(self.params) if p in m.selection}  # the backward finishes the last layers first

@@ -83,7 +83,9 @@ class CircuitTuner:
     ``refresh_every=k``: re-discover the circuit every k steps and reuse it in between;
     ``token_budget``: score at most this many positions per batch (a rescaled random subset) to bound the
     attribution cost on long inputs; ``memory_mode``: see the module docstring; ``profile``: time phases
-    on a GPU too (CUDA events, one synchronisation per step; on CPU phases are always timed, for free).
+    on a GPU too (CUDA events, one synchronisation per step; on CPU phases are always timed, for free);
+    ``overlap_comm``: with several ranks, all-reduce the circuit's compact gradients while the training backward
+    runs when the circuit is already known (default: on CUDA devices; on the CPU it measured no gain).
 
     It is a loop over the machinery of the drop-in optimizers (``ct_fast.session``): it attaches the
     optimizer to the model (as ``CircuitAdamW(..., model=model, top_n=N)`` does), runs the forwards and
@@ -94,7 +96,7 @@ class CircuitTuner:
                  positions=None, selection="edges", refresh_every: int = 1, schedule: TopNSchedule | None = None,
                  pool: bool = False, threshold: float = 0.0, graph: ComputationGraph | None = None,
                  mlp_head_dim: int | None = None, token_budget: int | None = None, memory_mode: str = "auto",
-                 profile: bool = False):
+                 profile: bool = False, overlap_comm: bool | None = None):
         if not isinstance(optimizer, _CircuitOptimizer):
             raise CTFastError(f"CircuitTuner needs a ct_fast.CircuitAdamW or CircuitSGD, got {type(optimizer).__name__}")
         if optimizer.tuning is not None:
@@ -105,7 +107,7 @@ class CircuitTuner:
             model, optimizer, schedule or top_n, metric=metric, ablation=ablation, positions=positions,
             selection=selection, refresh_every=refresh_every, pool=pool, threshold=threshold, graph=graph,
             mlp_head_dim=mlp_head_dim, token_budget=token_budget, memory_mode=memory_mode, profile=profile,
-            rerun=True)
+            rerun=True, overlap_comm=overlap_comm)
         self.graph, self.schedule, self.params = self.session.graph, self.session.schedule, self.session.params
         self.metric, self.device, self.memory_mode = metric, self.session.device, memory_mode
         self.refresh_every, self.token_budget, self.ablation = refresh_every, token_budget, ablation

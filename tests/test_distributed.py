@@ -99,7 +99,7 @@ def _scenarios(rank, out: pathlib.Path, phase: str):
         model = tiny_model("qwen2")
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         tuner = CircuitTuner(ddp, CircuitAdamW(ddp.parameters(), lr=1e-2), top_n=30, memory_mode="lagged",
-                             refresh_every=2)
+                             refresh_every=2, overlap_comm=True)  # (on by default on GPUs only)
         results, overlapped = [], []
         for s in range(3):
             results.append(tuner.step(_padded_shard(s, rank)))
@@ -268,46 +268,38 @@ def test_two_ranks_equal_one_rank_on_the_concatenated_batch(runs, name):
         assert grad_bytes < results[0]["bytes"] <= 1.2 * grad_bytes + 4096
 
 
-@pytest.mark.parametrize("name", ["tuner_ddp", "tuner_fsdp"])
-def test_tuner_equals_one_rank(runs, name):
-    results = _load(runs, name)
+def _tuner_equals_one_rank(results, model, tuner, batches):
+    """Both ranks' tuner steps against ``tuner`` on the whole batches: circuits, mean loss, parameters."""
     _same_across_ranks(results)
-    model = tiny_model("qwen2")
-    tuner = CircuitTuner(model, CircuitSGD(model.parameters(), lr=0.1, momentum=0.9), top_n=25, memory_mode="two_pass")
-    want = [tuner.step(_global_batch(s)) for s in range(STEPS)]
+    want = [tuner.step(b) for b in batches]
     assert results[0]["circuits"] == [[e[:2] for e in r.circuit.edges] for r in want]
     mean_loss = [(a + b) / 2 for a, b in zip(results[0]["loss"], results[1]["loss"])]  # each rank: its own loss
     assert mean_loss == pytest.approx([r.loss for r in want], rel=1e-5)
     for k, v in model.state_dict().items():
         assert_close(results[0]["params"][k], v, name=k)
+    return want
+
+
+@pytest.mark.parametrize("name", ["tuner_ddp", "tuner_fsdp"])
+def test_tuner_equals_one_rank(runs, name):
+    model = tiny_model("qwen2")
+    tuner = CircuitTuner(model, CircuitSGD(model.parameters(), lr=0.1, momentum=0.9), top_n=25, memory_mode="two_pass")
+    _tuner_equals_one_rank(_load(runs, name), model, tuner, [_global_batch(s) for s in range(STEPS)])
 
 
 def test_deferred_ranks_of_different_lengths_equal_one_rank(runs):
-    results = _load(runs, "tuner_ddp_padded")
-    _same_across_ranks(results)
     model = tiny_model("qwen2")
     tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=40, memory_mode="deferred")
-    want = [tuner.step(_padded_batch(s)) for s in range(STEPS)]
-    assert results[0]["circuits"] == [[e[:2] for e in r.circuit.edges] for r in want]
-    mean_loss = [(a + b) / 2 for a, b in zip(results[0]["loss"], results[1]["loss"])]
-    assert mean_loss == pytest.approx([r.loss for r in want], rel=1e-5)
-    for k, v in model.state_dict().items():
-        assert_close(results[0]["params"][k], v, name=k)
+    _tuner_equals_one_rank(_load(runs, "tuner_ddp_padded"), model, tuner, [_padded_batch(s) for s in range(STEPS)])
 
 
 def test_lagged_and_reused_steps_stream_gradients_and_equal_one_rank(runs):
     results = _load(runs, "tuner_ddp_streamed")
-    _same_across_ranks(results)
     model = tiny_model("qwen2")
     tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=30, memory_mode="lagged",
                          refresh_every=2)
-    want = [tuner.step(_padded_batch(s)) for s in range(3)]
+    want = _tuner_equals_one_rank(results, model, tuner, [_padded_batch(s) for s in range(3)])
     assert results[0]["modes"] == [r.memory_mode for r in want] == ["two_pass", "reused", "lagged"]
-    assert results[0]["circuits"] == [[e[:2] for e in r.circuit.edges] for r in want]
-    mean_loss = [(a + b) / 2 for a, b in zip(results[0]["loss"], results[1]["loss"])]
-    assert mean_loss == pytest.approx([r.loss for r in want], rel=1e-5)
-    for k, v in model.state_dict().items():
-        assert_close(results[0]["params"][k], v, name=k)
     for r in results:  # every step's gradients were launched while its backward ran
         assert all(b > 0 for b in r["overlapped"])
         assert "rank(s) [1]" in r["nan_error"] and r["untouched"]

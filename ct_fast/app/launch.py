@@ -145,12 +145,12 @@ class Launch:
             return nn.parallel.DistributedDataParallel(model, device_ids=ids)
         from torch.distributed.fsdp import fully_shard
 
-        for layer in _decoder_layers(model):
+        for layer in decoder_layers(model):
             fully_shard(layer)
         return fully_shard(model)
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a supported causal LM (``model.model.layers`` or GPT-2's ``transformer.h``)."""
     inner = getattr(model, "model", None) or getattr(model, "transformer", None)
     layers = getattr(inner, "layers", None) or getattr(inner, "h", None)
