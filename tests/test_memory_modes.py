@@ -143,3 +143,19 @@ def test_bounded_state_over_many_tuner_steps():
     assert len(set(rows)) > 1
     matrices = [(p, s) for p, s in opt.state.items() if p.dim() == 2]
     assert matrices and all(s["owner"].numel() < p.shape[s["dim"]] for p, s in matrices)
+
+
+def test_a_pool_no_node_fits_is_refused_before_training():
+    """A fractional capacity that cannot hold even one node's rows (an MLP node owns its parameters whole) is
+    refused when circuit-tuning starts, naming the fixes, instead of at the first step that selects the node."""
+    model = tiny_model("llama")  # MLP width 40; 2 KV heads of 6 rows
+    with pytest.raises(CTFastError, match=r"node 'mlp.0' alone selects 40 of them.*mlp_head_dim"):
+        CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.5), top_n=3)
+    with pytest.raises(CTFastError, match="mlp_head_dim"):  # the drop-in optimizer too
+        CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.5, model=model, top_n=3)
+    with pytest.raises(CTFastError, match=r"k_proj.*node 'attn.0.0.k' alone selects 6 .* >= 0.5 \(a fraction\)"):
+        CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.25), top_n=3,
+                     mlp_head_dim=10)
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.5), top_n=3,
+                         mlp_head_dim=10)  # MLP heads of 10 units and KV heads of 6 rows fit
+    tuner.step(random_batch(37))
