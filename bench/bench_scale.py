@@ -25,7 +25,8 @@ import ct_fast
 from ct_fast.app import harness
 from ct_fast.app.step_bench import _persistent_bytes, choose_top_n, make_batches
 
-METHODS = ("full", "deferred", "two_pass", "lagged", "circuit_refresh10")
+METHODS = ("full", "deferred", "two_pass", "lagged", "circuit_refresh10", "deferred_fused", "two_pass_fused")
+DEFAULT_METHODS = METHODS[:5]  # "*_fused": the same mode with CircuitTuner(fused_loss=True) (no logits)
 
 
 def build(layers: int, checkpointing: bool, seed: int = 0, device="cpu", dtype=torch.float32, d_model: int = 512):
@@ -50,9 +51,10 @@ class Step:
         if method == "full":
             self.opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
         else:
-            mode = "auto" if method == "circuit_refresh10" else method
+            mode = "auto" if method == "circuit_refresh10" else method.removesuffix("_fused")
             self.tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=lr), top_n=top_n,
-                                              memory_mode=mode, refresh_every=10 if method == "circuit_refresh10" else 1)
+                                              memory_mode=mode, refresh_every=10 if method == "circuit_refresh10" else 1,
+                                              fused_loss=method.endswith("_fused"))
         self.last = None
 
     def __call__(self, batch):
@@ -147,7 +149,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-time", type=int, default=2)
     ap.add_argument("--batch-mem", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"of {', '.join(METHODS)}")
     ap.add_argument("--checkpointing", default="both", choices=["both", "on", "off"])
     ap.add_argument("--sync-layers", type=int, default=32)
     ap.add_argument("--device", default="cpu")

@@ -41,6 +41,7 @@ from torch import nn
 from .attribution import evaluate_metric, model_inputs
 from .circuit import Circuit, TopNSchedule
 from .errors import CTFastError, NonFiniteError
+from .fused_loss import causal_lm_loss
 from .graph import ComputationGraph
 from .optim import _CircuitOptimizer
 from .profiling import PhaseTimer
@@ -85,7 +86,10 @@ class CircuitTuner:
     attribution cost on long inputs; ``memory_mode``: see the module docstring; ``profile``: time phases
     on a GPU too (CUDA events, one synchronisation per step; on CPU phases are always timed, for free);
     ``overlap_comm``: with several ranks, all-reduce the circuit's compact gradients while the training backward
-    runs when the circuit is already known (default: on CUDA devices; on the CPU it measured no gain).
+    runs when the circuit is already known (default: on CUDA devices; on the CPU it measured no gain);
+    ``fused_loss``: with ``metric="loss"``, compute the loss without the ``[B, T, vocab]`` logits
+    (``ct_fast.fused_loss``: the unembedding and cross-entropy in token chunks; equal to the model's loss up to
+    rounding).
 
     It is a loop over the machinery of the drop-in optimizers (``ct_fast.session``): it attaches the
     optimizer to the model (as ``CircuitAdamW(..., model=model, top_n=N)`` does), runs the forwards and
@@ -96,7 +100,7 @@ class CircuitTuner:
                  positions=None, selection="edges", refresh_every: int = 1, schedule: TopNSchedule | None = None,
                  pool: bool = False, threshold: float = 0.0, graph: ComputationGraph | None = None,
                  mlp_head_dim: int | None = None, token_budget: int | None = None, memory_mode: str = "auto",
-                 profile: bool = False, overlap_comm: bool | None = None):
+                 profile: bool = False, overlap_comm: bool | None = None, fused_loss: bool = False):
         if not isinstance(optimizer, _CircuitOptimizer):
             raise CTFastError(f"CircuitTuner needs a ct_fast.CircuitAdamW or CircuitSGD, got {type(optimizer).__name__}")
         if optimizer.tuning is not None:
@@ -111,6 +115,10 @@ class CircuitTuner:
         self.graph, self.schedule, self.params = self.session.graph, self.session.schedule, self.session.params
         self.metric, self.device, self.memory_mode = metric, self.session.device, memory_mode
         self.refresh_every, self.token_budget, self.ablation = refresh_every, token_budget, ablation
+        if fused_loss and metric != "loss":
+            raise CTFastError(f"fused_loss computes the training loss without logits; metric={metric!r} needs them: "
+                              "use metric='loss' or fused_loss=False")
+        self.fused_loss = bool(fused_loss)
 
     @property
     def circuit(self) -> Circuit | None:
@@ -216,7 +224,8 @@ class CircuitTuner:
                 continue
             with timer.span("forward"):
                 session.corrupted = c
-                out = self.model(**model_inputs(b))
+                inputs = model_inputs(b)
+                out = causal_lm_loss(self.model, inputs) if self.fused_loss else self.model(**inputs)
                 with torch.set_grad_enabled(score):
                     value = evaluate_metric(self.metric, out, b)
             try:

@@ -372,3 +372,17 @@ def test_demo_and_discover_options_are_checked_before_loading(tmp_path, capsys, 
         err = _err(capsys, argv + ["--out", str(out), "--no-progress"])
         assert message in err and err.count("\n") == 1, (argv, err)
         assert not out.exists(), argv
+
+
+def test_fused_loss_run_matches_the_plain_run(model_dir, datasets, tmp_path, capsys):
+    """--fused-loss (no logits) gives the same circuits and, to rounding, the same losses; it refuses what
+    needs logits."""
+    assert _tune(model_dir, datasets["completion"], tmp_path / "plain", "--steps", "2") == 0
+    assert _tune(model_dir, datasets["completion"], tmp_path / "fused", "--steps", "2", "--fused-loss") == 0
+    a = [json.loads(line) for line in open(tmp_path / "plain" / "log.jsonl")]
+    b = [json.loads(line) for line in open(tmp_path / "fused" / "log.jsonl")]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert [r["circuit_edges"] for r in b] == [r["circuit_edges"] for r in a]
+    assert json.load(open(tmp_path / "fused" / "config.json"))["fused_loss"] is True
+    assert _tune(model_dir, datasets["contrastive"], tmp_path / "ld", "--fused-loss", "--metric", "logit_diff") == 2
+    assert "--metric logit_diff" in capsys.readouterr().err

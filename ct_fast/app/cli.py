@@ -219,7 +219,7 @@ def save_model(model, tokenizer, path: str, state_dict: dict | None = None):
 
 TUNE_KEYS = ("method", "steps", "batch_size", "lr", "optimizer", "weight_decay", "top_n", "top_n_end",
              "top_n_schedule", "refresh_every", "ablation", "metric", "selection", "mlp_head_dim", "token_budget", "memory_mode",
-             "state_capacity", "lora_r", "seed", "circuit_every", "save_every")
+             "state_capacity", "fused_loss", "lora_r", "seed", "circuit_every", "save_every")
 RESUME_OPTIONS = {"resume", "no_progress", "steps"}  # what --resume accepts besides the saved settings
 
 
@@ -539,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--state-capacity", type=_capacity, default=None,
                    help="optimizer-state pool per parameter: a fraction in (0, 1] of its rows or a row count "
                         "(default: every row)")
+    t.add_argument("--fused-loss", action="store_true",
+                   help="compute the loss without the [batch, tokens, vocab] logits (chunked unembedding + "
+                        "cross-entropy; --method circuit or full)")
     t.add_argument("--lora-r", type=int, default=32, help="LoRA rank (--method lora)")
     t.add_argument("--seed", type=int, default=0, help="seed of the data order, LoRA's initialisation, token budget")
     t.add_argument("--circuit-every", type=int, default=10, help="save the circuit every this many steps")

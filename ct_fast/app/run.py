@@ -33,6 +33,7 @@ from ..attribution import evaluate_metric, model_inputs
 from ..circuit import Circuit, TopNSchedule
 from .data import Example, batch_indices, collate
 from ..errors import CTFastError
+from ..fused_loss import causal_lm_loss
 from ..optim import CircuitAdamW, CircuitSGD
 from ..tuner import CircuitTuner
 from .launch import Launch
@@ -170,6 +171,7 @@ class TrainConfig:
     token_budget: int | None = None
     memory_mode: str = "auto"
     state_capacity: float | int | None = None
+    fused_loss: bool = False
     lora_r: int = 32
     seed: int = 0
     circuit_every: int = 10
@@ -203,6 +205,11 @@ class TrainConfig:
         cap = self.state_capacity
         if cap is not None and (cap <= 0 or (isinstance(cap, float) and cap > 1)):
             raise CTFastError(f"state_capacity must be a fraction in (0, 1] or a row count >= 1, got {cap}")
+        if self.fused_loss and self.method == "lora":
+            raise CTFastError("--fused-loss runs with --method circuit or full (LoRA's wrapper hides the base model)")
+        if self.fused_loss and self.metric != "loss":
+            raise CTFastError(f"--fused-loss computes the training loss without logits; --metric {self.metric} "
+                              "needs them: use --metric loss or drop --fused-loss")
         if self.method == "circuit" and self.ablation == "corrupted":
             raise CTFastError("ablation 'corrupted' needs paired corrupted inputs; the command line supports "
                               "'mean' and 'zero' (use the Python API for corrupted runs)")
@@ -237,7 +244,7 @@ class Method:
             self.tuner = CircuitTuner(self.runner, self.optimizer, top_n=schedule, metric=cfg.metric,
                                       ablation=cfg.ablation, selection=cfg.selection, refresh_every=cfg.refresh_every,
                                       mlp_head_dim=cfg.mlp_head_dim, token_budget=cfg.token_budget,
-                                      memory_mode=cfg.memory_mode)
+                                      memory_mode=cfg.memory_mode, fused_loss=cfg.fused_loss)
         else:
             self.optimizer = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adamw"
                               else torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay))
@@ -259,7 +266,8 @@ class Method:
             if self.launch.distributed:
                 record["comm_bytes"] = self.optimizer.last_step.comm_bytes
             return record
-        out = self.runner(**model_inputs(batch))
+        out = (causal_lm_loss(self.runner, model_inputs(batch)) if self.cfg.fused_loss
+               else self.runner(**model_inputs(batch)))
         with torch.no_grad():
             metric = evaluate_metric(self.cfg.metric, out, batch)
         loss, metric = self.launch.mean(torch.stack([out.loss.detach().float(), metric.float()])).tolist()
