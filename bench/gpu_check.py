@@ -49,9 +49,11 @@ def stages(rehearse: bool, out: str) -> list[dict]:
              "circuit_refresh10"] if rehearse else ["--models", "llama-1B", "--dtype", "bf16", "--steps", "3"])},
         {"name": "scale", "limit": 120, "cmd": bench("bench_scale.py", "--device", dev, "--out", j("scale"), *(
             ["--seqs", "16", "--layers", "2", "--d-model", "64", "--batch-time", "1", "--batch-mem", "1", "--steps", "1",
-             "--checkpointing", "off", "--sync-layers", "2", "--methods", "full,deferred,two_pass"] if rehearse else
+             "--checkpointing", "off", "--sync-layers", "2", "--methods", "full,deferred,two_pass,two_pass_fused"]
+            if rehearse else
             ["--seqs", "1024,4096", "--layers", "8", "--d-model", "2048", "--dtype", "bf16", "--batch-time", "2",
-             "--batch-mem", "2", "--steps", "2", "--sync-layers", "32"]))},
+             "--batch-mem", "2", "--steps", "2", "--sync-layers", "32", "--methods",
+             "full,deferred,two_pass,lagged,circuit_refresh10,deferred_fused,two_pass_fused"]))},
         {"name": "dropin", "limit": 60, "cmd": bench("bench_dropin.py", "--device", dev, "--out", j("dropin"), *(
             ["--model", "tiny", "--batch", "2", "--seq", "16", "--rounds", "1"] if rehearse else ["--rounds", "5"]))},
         {"name": "distributed", "limit": 90, "cmd": bench("bench_distributed.py", "--worlds", "1", "--out",
