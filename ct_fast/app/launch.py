@@ -65,6 +65,9 @@ class Launch:
             if not dist.is_available():
                 raise CTFastError("torchrun started this process, but this torch build has no torch.distributed")
             local_rank = int(os.environ["LOCAL_RANK"])
+            if device is not None and str(device).startswith("cuda:"):
+                raise CTFastError(f"--device {device} names one GPU for every process; under torchrun pass --device "
+                                  "cuda (each rank takes cuda:LOCAL_RANK)")
             cuda = device is not None and str(device).startswith("cuda")
             if cuda:
                 torch.cuda.set_device(local_rank)
