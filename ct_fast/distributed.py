@@ -57,6 +57,19 @@ def shard_rows(p: torch.Tensor) -> tuple[int, int]:
     return min(n, rank * chunk), min(n, (rank + 1) * chunk)
 
 
+def _buckets(items: list, numels: list[int], limit: int) -> list[list]:
+    """``items`` in order, grouped into consecutive buckets of at most ``limit`` fp32 bytes (one item may exceed
+    it alone)."""
+    buckets, current, size = [], [], 0
+    for item, n in zip(items, numels):
+        if current and size + 4 * n > limit:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += 4 * n
+    return buckets + [current] if current else buckets
+
+
 def _crc(value) -> int:
     return zlib.crc32(json.dumps(value, sort_keys=True, default=str).encode()) & 0x7FFFFFFF
 
@@ -159,16 +172,7 @@ class DataParallel:
         """Average the compact gradients ``{param: [k, ...]}`` over the ranks, in place, in flat buckets; every rank
         passes the same parameters in the same order (the buckets are matched by position)."""
         tensors = list(grads.values())
-        buckets, current, size = [], [], 0
-        for t in tensors:
-            if current and size + t.numel() * 4 > BUCKET_BYTES:
-                buckets.append(current)
-                current, size = [], 0
-            current.append(t)
-            size += t.numel() * 4
-        if current:
-            buckets.append(current)
-        for bucket in buckets:
+        for bucket in _buckets(tensors, [t.numel() for t in tensors], BUCKET_BYTES):
             flat = torch.cat([t.reshape(-1).float() for t in bucket])
             self._all_reduce(flat, "circuit gradients")
             flat /= self.world
@@ -192,15 +196,7 @@ class GradStream:
 
     def __init__(self, dp: DataParallel, sizes: dict):
         self.dp, self.sizes = dp, sizes
-        self.buckets, current, size = [], [], 0
-        for p, n in sizes.items():
-            if current and size + 4 * n > STREAM_BUCKET_BYTES:
-                self.buckets.append(current)
-                current, size = [], 0
-            current.append(p)
-            size += 4 * n
-        if current:
-            self.buckets.append(current)
+        self.buckets = _buckets(list(sizes), list(sizes.values()), STREAM_BUCKET_BYTES)
         self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
         self.waiting = [{id(p) for p in b} for b in self.buckets]
         self.launched: list = []  # (work, flat, bucket)

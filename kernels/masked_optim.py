@@ -66,13 +66,9 @@ def _nonfinite_kernel(g_ptr, n, found_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, step_ptr, rows_ptr, slots_ptr, M,
-                         lr, lr_ptr, found_ptr, beta1, beta2, eps, weight_decay,
-                         LR_PTR: tl.constexpr,  # read lr from lr_ptr (a device tensor) instead of the float
-                         CHECK: tl.constexpr,  # skip everything while found_ptr[0] != 0
-                         MAXIMIZE: tl.constexpr,  # negate the gradient (torch's maximize=True)
-                         BF16: tl.constexpr,  # bf16 parameter: round to nearest-even by hand
-                         BLOCK: tl.constexpr):  # columns per iteration
+def _row_start(rows_ptr, slots_ptr, step_ptr, lr, lr_ptr, found_ptr, M, LR_PTR: tl.constexpr, CHECK: tl.constexpr):
+    """This program's selected row: ``(r, row, slot, lr, t = step[slot] + 1, columns to write)``; while
+    ``found_ptr[0] != 0`` (``CHECK``) no column is written."""
     r = tl.program_id(0).to(tl.int64)
     row = tl.load(rows_ptr + r).to(tl.int64)
     slot = tl.load(slots_ptr + r).to(tl.int64)
@@ -81,21 +77,44 @@ def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, ste
     else:
         lr_v = lr
     t = tl.load(step_ptr + slot) + 1.0
+    n_cols = M
+    if CHECK:
+        # a flagged step masks every column (scalar & block masks: the interpreter cannot AND a scalar into a
+        # block mask)
+        n_cols = tl.where(tl.load(found_ptr) == 0.0, M, 0)
+    return r, row, slot, lr_v, t, n_cols
+
+
+@triton.jit
+def _row_end(step_ptr, slot, t, found_ptr, CHECK: tl.constexpr):
+    """Write the row's step count back (not while ``found_ptr[0] != 0``)."""
+    if CHECK:
+        tl.store(step_ptr + slot, t, mask=tl.load(found_ptr) == 0.0)
+    else:
+        tl.store(step_ptr + slot, t)
+
+
+@triton.jit
+def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, step_ptr, rows_ptr, slots_ptr, M,
+                         lr, lr_ptr, found_ptr, beta1, beta2, eps, weight_decay,
+                         LR_PTR: tl.constexpr,  # read lr from lr_ptr (a device tensor) instead of the float
+                         CHECK: tl.constexpr,  # skip everything while found_ptr[0] != 0
+                         MAXIMIZE: tl.constexpr,  # negate the gradient (torch's maximize=True)
+                         BF16: tl.constexpr,  # bf16 parameter: round to nearest-even by hand
+                         BLOCK: tl.constexpr):  # columns per iteration
+    r, row, slot, lr_v, t, n_cols = _row_start(rows_ptr, slots_ptr, step_ptr, lr, lr_ptr, found_ptr, M, LR_PTR,
+                                               CHECK)
     # bias corrections in fp64, rounded once to fp32 (as torch's Python-float math and the C++ kernels)
     step_size = (tl.cast(lr_v, tl.float64) / (1.0 - _pow_count(beta1, t))).to(tl.float32)
     bc2_sqrt = tl.sqrt(1.0 - _pow_count(beta2, t)).to(tl.float32)
     decay = 1.0 - lr_v * weight_decay
-    n_cols = M
-    if CHECK:
-        go = tl.load(found_ptr) == 0.0
-        n_cols = tl.where(go, M, 0)  # a flagged step masks every column (scalar & block masks: see below)
     p_row = p_ptr + row * stride_row
     g_row = g_ptr + r * M
     m_row = m_ptr + slot * M
     v_row = v_ptr + slot * M
     for c0 in range(0, M, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        mask = cols < n_cols  # not `mask & go`: the interpreter cannot AND a scalar into a block mask
+        mask = cols < n_cols
         g = tl.load(g_row + cols, mask=mask, other=0.0)
         if MAXIMIZE:
             g = -g
@@ -110,10 +129,7 @@ def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, ste
         tl.store(m_row + cols, m, mask=mask)
         tl.store(v_row + cols, v, mask=mask)
         _store_param(p_addr, p, mask, BF16)
-    if CHECK:
-        tl.store(step_ptr + slot, t, mask=go)
-    else:
-        tl.store(step_ptr + slot, t)
+    _row_end(step_ptr, slot, t, found_ptr, CHECK)
 
 
 @triton.jit
@@ -123,25 +139,15 @@ def _masked_sgd_kernel(p_ptr, stride_row, stride_col, g_ptr, buf_ptr, step_ptr, 
                        HAS_WD: tl.constexpr,  # weight_decay != 0
                        MOMENTUM: tl.constexpr,  # a momentum buffer (momentum != 0)
                        NESTEROV: tl.constexpr, BLOCK: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)
-    row = tl.load(rows_ptr + r).to(tl.int64)
-    slot = tl.load(slots_ptr + r).to(tl.int64)
-    if LR_PTR:
-        lr_v = tl.load(lr_ptr).to(tl.float32)
-    else:
-        lr_v = lr
-    t = tl.load(step_ptr + slot) + 1.0
+    r, row, slot, lr_v, t, n_cols = _row_start(rows_ptr, slots_ptr, step_ptr, lr, lr_ptr, found_ptr, M, LR_PTR,
+                                               CHECK)
     first = t == 1.0  # torch starts the buffer as the gradient
-    n_cols = M
-    if CHECK:
-        go = tl.load(found_ptr) == 0.0
-        n_cols = tl.where(go, M, 0)  # a flagged step masks every column (scalar & block masks: see below)
     p_row = p_ptr + row * stride_row
     g_row = g_ptr + r * M
     b_row = buf_ptr + slot * M
     for c0 in range(0, M, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        mask = cols < n_cols  # not `mask & go`: the interpreter cannot AND a scalar into a block mask
+        mask = cols < n_cols
         g = tl.load(g_row + cols, mask=mask, other=0.0)
         if MAXIMIZE:
             g = -g
@@ -159,10 +165,7 @@ def _masked_sgd_kernel(p_ptr, stride_row, stride_col, g_ptr, buf_ptr, step_ptr, 
                 g = b
         p = p + (-lr_v) * g
         _store_param(p_addr, p, mask, BF16)
-    if CHECK:
-        tl.store(step_ptr + slot, t, mask=go)
-    else:
-        tl.store(step_ptr + slot, t)
+    _row_end(step_ptr, slot, t, found_ptr, CHECK)
 
 
 def _check(p, g, step, r, s):

@@ -242,6 +242,11 @@ def run_demo(out_dir: str, cfg: DemoConfig | None = None, methods=("circuit", "f
         log(f"{name:>8}: disagreement accuracy {result['target_accuracy_after']:.3f}, general loss "
             f"{result['general_loss_before']:.3f} -> {result['general_loss_after']:.3f}, "
             f"{100 * result['tuned_param_fraction']:.2f}% of parameters per step, {seconds:.0f} s")
+    return _finish(root, out_dir, summary, t0, log)
+
+
+def _finish(root, out_dir: str, summary: dict, t0: float, log) -> dict:
+    """Write a demo's summary (with its tuned model directories and duration) and its pictures."""
     summary["model_dirs"] = {m: r["model_dir"] for m, r in summary["methods"].items()}
     summary["seconds"] = time.perf_counter() - t0
     root.write_json("summary.json", summary)
@@ -462,10 +467,5 @@ def run_sv_demo(out_dir: str, cfg: SVDemoConfig | None = None, methods=("circuit
             log(f"  sweep top_n={n}: held-out disagreement accuracy {r['target_accuracy_after']:.3f}, general loss "
                 f"{r['general_loss_after']:.3f}, {100 * r['tuned_param_fraction']:.2f}% of parameters per step")
         summary["tradeoff"] = points
-        summary["model_dirs"] = {m: r["model_dir"] for m, r in summary["methods"].items()}
-        summary["seconds"] = time.perf_counter() - t0
-        root.write_json("summary.json", summary)
-        from .plots import plot_run_dir
-        for path in plot_run_dir(out_dir):
-            log(f"wrote {path}")
+        _finish(root, out_dir, summary, t0, log)
     return summary

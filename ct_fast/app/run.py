@@ -430,9 +430,8 @@ def load_checkpoint(run: RunDir, method: Method) -> int:
     state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
     parallel, world = state.get("parallel"), state.get("world", 1)
     if (parallel == "fsdp") != (launch.parallel == "fsdp") or (parallel == "fsdp" and world != launch.world):
-        raise CTFastError(f"{path} holds {'sharded' if parallel == 'fsdp' else 'replicated'} state of {world} "
-                          f"process(es); resume it with the same launch (--parallel fsdp and {world} processes)"
-                          if parallel == "fsdp" else
+        raise CTFastError(f"{path} holds sharded state of {world} process(es); resume it with the same launch "
+                          f"(--parallel fsdp and {world} processes)" if parallel == "fsdp" else
                           f"{path} holds replicated state; resume it without --parallel fsdp")
     if launch.parallel == "fsdp":
         import torch.distributed.checkpoint as dcp
