@@ -49,6 +49,23 @@ class ParamSelection:
             return torch.zeros(0, dtype=torch.long, device=device)
         return torch.cat([torch.arange(a, b, device=device) for a, b in self.ranges])
 
+    def positions_of(self, sub: "ParamSelection") -> "ParamSelection":
+        """Where the rows of ``sub`` (a subset of this selection) sit in this selection's compact order (row k
+        of a compact ``[count, ...]`` tensor is this selection's k-th row): a selection of ``count`` rows."""
+        starts, offset = [], 0  # (start, stop, offset of start in the compact order) of each range
+        for a, b in self.ranges:
+            starts.append((a, b, offset))
+            offset += b - a
+        out, i = [], 0
+        for sa, sb in sub.ranges:
+            while i < len(starts) and starts[i][1] <= sa:
+                i += 1
+            if i == len(starts) or not starts[i][0] <= sa < sb <= starts[i][1]:
+                raise AssertionError(f"rows {sa}:{sb} are not inside the selection {self.ranges}")
+            a, _, off = starts[i]
+            out.append((off + sa - a, off + sb - a))
+        return _merge(0, self.count, out)
+
     def mask(self, shape, device=None) -> torch.Tensor:
         """Element mask of the parameter: bool ``shape``, True on the selected rows."""
         rows = torch.zeros(self.size, dtype=torch.bool, device=device)
@@ -129,15 +146,7 @@ class Circuit:
 
     def param_selections(self, graph: ComputationGraph | None = None) -> dict[str, ParamSelection]:
         """Per parameter name, the rows/columns that belong to the circuit's nodes."""
-        g = self._graph(graph)
-        spans: dict[str, list] = {}
-        dims: dict[str, int] = {}
-        for s in g.param_slices(self.upstream, self.downstream):
-            if dims.setdefault(s.param, s.dim) != s.dim:
-                raise CTFastError(f"{s.param} is sliced along two axes; the graph adapter is inconsistent")
-            spans.setdefault(s.param, []).append((s.start, s.stop))
-        return {p: _merge(dims[p], g.param_shapes[p][dims[p]] if g.param_shapes[p] else 1, sp)
-                for p, sp in spans.items()}
+        return node_selections(self._graph(graph), self.upstream, self.downstream)
 
     def param_masks(self, model: nn.Module, graph: ComputationGraph | None = None) -> dict[str, torch.Tensor]:
         """Bool mask per named parameter of ``model`` (all of them), True exactly on circuit slices."""
@@ -192,6 +201,21 @@ class Circuit:
     def load(cls, path, graph: ComputationGraph | None = None) -> "Circuit":
         with open(path) as f:
             return cls.from_json(f.read(), graph)
+
+
+def node_selections(graph: ComputationGraph, upstream, downstream, params=None) -> dict[str, ParamSelection]:
+    """Per parameter name (all, or those in ``params``), the rows/columns of the given upstream and downstream
+    nodes (each node owns its role's slices: a writer's columns, a reader's rows)."""
+    spans: dict[str, list] = {}
+    dims: dict[str, int] = {}
+    for s in graph.param_slices(upstream, downstream):
+        if params is not None and s.param not in params:
+            continue
+        if dims.setdefault(s.param, s.dim) != s.dim:
+            raise CTFastError(f"{s.param} is sliced along two axes; the graph adapter is inconsistent")
+        spans.setdefault(s.param, []).append((s.start, s.stop))
+    return {p: _merge(dims[p], graph.param_shapes[p][dims[p]] if graph.param_shapes[p] else 1, sp)
+            for p, sp in spans.items()}
 
 
 def selections_by_param(model: nn.Module, selections: dict[str, ParamSelection]) -> dict:

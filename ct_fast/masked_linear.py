@@ -11,7 +11,9 @@ in the selection's row order — frozen blocks cost neither FLOPs nor bytes. Two
 - *deferred* (faithful process mode, where one backward both scores edges and trains): per linear, the
   backward keeps whichever is smaller — ``(input, grad_output)``, or the dense fp32 weight gradient (the
   smaller one once a batch has more tokens than about ``in * out / (in + out)``) — and
-  ``finish(selection)`` turns it into the compact gradients of the selection afterwards.
+  ``finish(selection)`` turns it into the compact gradients of the selection afterwards. With a
+  ``pruner`` (``ct_fast.pruning``: one backward, one process) a linear keeps ``(input, grad_output)`` only
+  until ``resolve`` names its candidate rows, then computes the gradient of those rows alone.
 
 Each function also takes a scalar ``anchor`` so ``torch.autograd.grad(loss, [anchor])`` runs exactly the
 backward through all of them without touching frozen parameters (embeddings, norms, unembedding).
@@ -79,6 +81,9 @@ class MaskedLinears:
         self.active = True
         self.saved: dict[str, list] = {}  # deferred: name -> [(x, grad_out), ...]
         self.dense: dict[str, list] = {}  # deferred: name -> [dW [out, in] fp32, db [out] fp32 or None]
+        self.pruner = None  # deferred: a CandidatePruner deciding candidate rows during the backward
+        self.candidates: dict[str, dict] = {}  # deferred + pruner: name -> {param: ParamSelection} candidate rows
+        self.candidate_rows: dict[torch.Tensor, torch.Tensor] = {}  # ... and their compact fp32 gradients
         self.grad_rows: dict[torch.Tensor, torch.Tensor] = {}
         self.touched = False  # a backward reached a masked linear since the last clear()
         self.calls: dict[str, int] = {}  # grad-enabled calls per module since the model's last forward began
@@ -99,6 +104,9 @@ class MaskedLinears:
         """Drop what backwards recorded (kept pairs, dense and compact gradients)."""
         self.saved.clear()
         self.dense.clear()
+        self.pruner = None
+        self.candidates.clear()
+        self.candidate_rows = {}
         self.grad_rows = {}
         self.touched = False
         self.calls.clear()
@@ -142,10 +150,20 @@ class MaskedLinears:
                     for p in (self.weight[name], self.bias[name]):
                         if p is not None and p in self.grad_rows:
                             self.stream(p)
-        elif self._keep_dense(name, x):
+        elif name in self.candidates:
+            self._accumulate(name, x, grad_out, self.candidates[name], self.candidate_rows)
+        elif self.pruner is None and self._keep_dense(name, x):
             self._add_dense(name, x, grad_out)
-        else:
+        else:  # (with a pruner: until its nodes are decided)
             self.saved.setdefault(name, []).append((x, grad_out))
+
+    def resolve(self, name: str, candidates: dict):
+        """Deferred mode with a pruner: only ``candidates`` (``{param: ParamSelection}``) of linear ``name`` can be
+        in this step's circuit. Their gradient is computed from what was kept (and, from now on, in the backward);
+        the rest is never computed."""
+        self.candidates[name] = candidates
+        for x, grad_out in self.saved.pop(name, ()):
+            self._accumulate(name, x, grad_out, candidates, self.candidate_rows)
 
     @staticmethod
     def _kept_bytes(w: torch.Tensor, tokens: int, element_size: int) -> tuple[int, int]:
@@ -179,6 +197,17 @@ class MaskedLinears:
 
     def finish(self, selection: dict):
         """Deferred mode: compute the compact gradients of ``selection`` from what the backward kept."""
+        for name, candidates in self.candidates.items():
+            for p in (self.weight[name], self.bias[name]):
+                sel = selection.get(p)
+                if sel is None or not sel.count:
+                    continue
+                if p not in candidates:
+                    raise AssertionError(f"pruning dropped {name}'s gradient, but the circuit selects its rows")
+                rows = candidates[p].positions_of(sel)  # (raises if the circuit selects a row pruning dropped)
+                g = self.candidate_rows.get(p)
+                if g is not None:  # (None: the linear had no backward)
+                    self._add(p, g if rows.full else g.index_select(0, rows.index(g.device)))
         for name, pairs in self.saved.items():
             for x, grad_out in pairs:
                 self._accumulate(name, x, grad_out, selection)
@@ -192,6 +221,8 @@ class MaskedLinears:
                 self._add(self.bias[name], db if bias[0] is None else db.index_select(0, bias[0]))
         self.saved.clear()
         self.dense.clear()
+        self.candidates.clear()
+        self.candidate_rows = {}
 
     def _targets(self, name: str, selection: dict, device) -> tuple:
         """What ``selection`` asks of linear ``name``: ``((index, out_features) or None, (index,) or None)`` for
@@ -204,17 +235,18 @@ class MaskedLinears:
         bias = None if sel_b is None else (None if sel_b.full else sel_b.index(device),)
         return weight, bias
 
-    def _accumulate(self, name, x, grad_out, selection):
+    def _accumulate(self, name, x, grad_out, selection, into: dict | None = None):
         x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
         weight, bias = self._targets(name, selection, x.device)
         if weight is not None:
-            self._add(self.weight[name], ops.masked_weight_grad(x2, g2, *weight))
+            self._add(self.weight[name], ops.masked_weight_grad(x2, g2, *weight), into)
         if bias is not None:
-            self._add(self.bias[name], ops.masked_bias_grad(g2, bias[0]))
+            self._add(self.bias[name], ops.masked_bias_grad(g2, bias[0]), into)
 
-    def _add(self, p, g):
-        prev = self.grad_rows.get(p)
-        self.grad_rows[p] = g if prev is None else prev.add_(g)
+    def _add(self, p, g, into: dict | None = None):
+        into = self.grad_rows if into is None else into
+        prev = into.get(p)
+        into[p] = g if prev is None else prev.add_(g)
 
     def take_grad_rows(self) -> dict:
         out, self.grad_rows = self.grad_rows, {}

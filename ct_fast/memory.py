@@ -288,7 +288,7 @@ class _Engine:
     scored layer, None for the buffers) and ``compact`` (serial -> weight elements)."""
 
     def __init__(self, model: nn.Module, graph: ComputationGraph, tracker: LiveStorages):
-        from .attribution import _mlp_residuals, layer_plans
+        from .attribution import SCORE_SPAN, _mlp_residuals, layer_plans
         from .capture import Capture
 
         stored = {g.capture for g in graph.upstream_groups} | {(g.norm, "input") for g in graph.downstream_groups
@@ -299,8 +299,8 @@ class _Engine:
             stored |= {key for pair in derived.values() for key in pair}
         taps = {g.tap for g in graph.downstream_groups}
         self.capture = Capture(model, store=stored, taps=taps, on_grad=self._on_grad)
-        self.plans, self.tracker = layer_plans(graph), tracker
-        self.layer_of_tap = {g.tap: g.layer for g in graph.downstream_groups}
+        self.plans, self.tracker = layer_plans(graph, SCORE_SPAN), tracker
+        self.layer_of_tap = {tap: plan.layer for plan in self.plans.values() for tap in plan.tap_keys}
         self.pending: dict[int, dict] = {}
         self.kept: list = []  # compact gradients
         self.kept_buffers: list = []  # scoring buffers
@@ -460,10 +460,10 @@ class _ScoringSizes:
     else fp32)."""
 
     def __init__(self, graph: ComputationGraph, score_bytes: int):
-        from .attribution import layer_plans
+        from .attribution import SCORE_SPAN, layer_plans
 
         self.d, self.score_bytes, self.layers = graph.d_model, score_bytes, {}
-        for layer, plan in layer_plans(graph).items():
+        for layer, plan in layer_plans(graph, SCORE_SPAN).items():
             ups = [graph.upstream_groups[k] for k, _ in plan.ups]
             width = max(g.writer.n * g.writer.width if g.writer else graph.d_model for g in ups)
             self.layers[layer] = (plan.n_nodes, sum(len(g.names) for g in ups), max(len(g.names) for g in ups), width)

@@ -16,7 +16,9 @@ from their scores (refresh steps) and returns its rows' gradients, the optimizer
 ``finish_step()``. Forwards under ``torch.no_grad()`` pass straight through (evaluation, generation).
 
 Memory modes of a refresh step (``memory_mode``): ``deferred`` (one backward; each linear keeps the smaller of
-``(x, grad_out)`` and its dense fp32 dW until selection), ``lagged`` (one backward computing the dW of the
+``(x, grad_out)`` and its dense fp32 dW until selection — or, when the driver runs one backward per step
+(``CircuitTuner`` on one micro-batch, one process), only the rows that can still enter the circuit:
+``ct_fast.pruning``), ``lagged`` (one backward computing the dW of the
 previous circuit), ``two_pass`` (a scoring backward, then a second, masked one — only a driver that can run
 the forward again does it: ``CircuitTuner``), ``auto`` (deferred unless what it keeps exceeds a quarter of the
 free device memory). Between refreshes (``reused``) the known circuit's dW is computed directly.
@@ -40,6 +42,7 @@ from .errors import CTFastError, NonFiniteError
 from .graph import ComputationGraph
 from .masked_linear import MaskedLinears
 from .profiling import PhaseTimer
+from .pruning import CandidatePruner
 
 MEMORY_MODES = ("auto", "deferred", "two_pass", "lagged")
 
@@ -143,6 +146,7 @@ class TuningSession:
         self.anchor = torch.zeros((), device=self.device, dtype=next(model.parameters()).dtype, requires_grad=True)
         self.masked = MaskedLinears(model, self.graph, anchor=self.anchor)
         self._auto_modes: dict = {}  # batch shape -> the mode "auto" chose for it
+        self.prune = True  # deferred steps of one backward: skip the dW of nodes that cannot be selected
         self.step_count = 0
         self.circuit: Circuit | None = None
         self.circuit_top_n = 0  # the top_n self.circuit was selected with
@@ -243,8 +247,9 @@ class TuningSession:
         if self.dp is not None:
             self.dp.comm_bytes = 0
 
-    def begin_step(self, batches: list, timer: PhaseTimer | None = None):
-        """Decide how this step runs (once: the first forward of a step calls it with its own batch)."""
+    def begin_step(self, batches: list, timer: PhaseTimer | None = None, one_backward: bool = False):
+        """Decide how this step runs (once: the first forward of a step calls it with its own batch).
+        ``one_backward``: the driver runs exactly one backward in this step (deferred mode may then prune)."""
         if self.mode is not None:
             return
         if self.dp is None and not self.sharded and dist.is_available() and dist.is_initialized():
@@ -270,6 +275,10 @@ class TuningSession:
         if self.refresh:
             self.run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool,
                                       self.token_budget, budget_seed=self.step_count, timer=self.timer)
+        if (mode == "deferred" and one_backward and self.prune and self.selection == "edges" and self.dp is None
+                and not self.sharded):  # each edge's score is final once scored: exact
+            m.pruner = CandidatePruner(self.graph, self.run, m, self.top_n, self.threshold)
+            self.run.on_layer_scored = m.pruner.on_scored
         self.mode = mode
 
     def _choose_mode(self, batches: list) -> str:

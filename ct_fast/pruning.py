@@ -1,0 +1,112 @@
+"""Exact candidate pruning: the weight gradients a faithful one-backward step can skip.
+
+In ``deferred`` mode the circuit (the top-N edges) is chosen only after the backward, so every linear used to
+keep its dense fp32 dW (or its ``(x, grad_out)``) until selection: the whole weight gradient of full
+fine-tuning, for a circuit of a few percent. But a node's own edges are final long before the end:
+
+- a downstream node's edges are all scored when its layer is scored (every earlier writer is held from the
+  forward);
+- an upstream node's, when the last layer that reads it is scored;
+- and the N-th largest score among the edges scored so far is a lower bound ``tau`` of the final N-th largest
+  (scoring more edges can only raise it).
+
+So a node whose best edge scores below ``tau`` (or not above ``threshold``) is in no circuit the rest of the
+backward can produce. ``CandidatePruner`` follows the scored layers (``EdgeScorer``'s ``on_scored``) and, as
+soon as every node owning rows of a linear is decided, hands ``MaskedLinears.resolve`` that linear's
+*candidate* rows: from then on the linear's weight gradient is computed for those rows only, in the backward,
+and selection later picks the circuit's rows out of them (``ParamSelection.positions_of``). A linear whose
+nodes are not decided yet keeps its ``(x, grad_out)`` until they are — at most about one layer later.
+
+Exact (the same circuit and rows as without pruning) when an edge's score is final once scored: one backward
+(one micro-batch), one process, selection by ``"edges"``. Costs one host read of the decided nodes' flags per
+scored layer (``layers + 1`` small syncs per step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attribution import SCORE_SPAN, AttributionRun, LayerPlan, layer_plans
+from .circuit import node_selections
+from .graph import ComputationGraph
+from .masked_linear import MaskedLinears
+
+
+class CandidatePruner:
+    """Decides, layer by layer during a deferred backward, which nodes may still enter the top-``top_n`` circuit
+    and tells ``masked`` the candidate rows of every linear whose nodes are all decided (see module docstring).
+
+    ``run``: the step's ``AttributionRun`` (its ``raw`` signed sums and ``batch_size``, as ``scores()`` reads
+    them); ``threshold``: selection keeps only edges scoring above it.
+    """
+
+    def __init__(self, graph: ComputationGraph, run: AttributionRun, masked: MaskedLinears, top_n: int,
+                 threshold: float = 0.0):
+        self.graph, self.run, self.masked, self.top_n, self.threshold = graph, run, masked, top_n, threshold
+        self.mask = graph.edge_mask.to(run.raw.device)
+        self.best = run.raw.new_zeros(0)  # the largest scores seen so far (at most top_n of them)
+        self.scored_edges = 0
+        plans = layer_plans(graph, SCORE_SPAN)
+        self.readers_left = [0] * len(graph.upstream_groups)
+        for plan in plans.values():
+            for k, _ in plan.ups:
+                self.readers_left[k] += 1
+        # per linear module: its owning nodes ("up"/"down", name); per node: the linears it owns rows of
+        self.owners: dict[str, set] = {}
+        self.linears_of: dict[tuple, list] = {}
+        roles = (("up", graph.upstream_params), ("down", graph.downstream_params))
+        for role, params in roles:
+            for node, slices in params.items():
+                for s in slices:
+                    module = s.param.rsplit(".", 1)[0]
+                    if module in masked.modules:
+                        self.owners.setdefault(module, set()).add((role, node))
+                        self.linears_of.setdefault((role, node), set()).add(module)
+        self.undecided = {m: len(nodes) for m, nodes in self.owners.items()}
+        self.candidates: set = set()  # decided nodes that may be in the circuit
+        for k, g in enumerate(graph.upstream_groups):  # a writer no layer reads has no edge: never a candidate
+            if self.readers_left[k] == 0:
+                self._decided([("up", name) for name in g.names], [False] * len(g.names))
+
+    def on_scored(self, plan: LayerPlan):
+        """``plan``'s layer has been scored: decide its nodes and the writers it was the last reader of."""
+        g, raw = self.graph, self.run.raw
+        cols = slice(plan.col0, plan.col0 + plan.n_nodes)
+        batch = max(1, self.run.batch_size)
+        scores = (raw[:, cols] / batch).abs() * self.mask[:, cols]  # bit for bit what scores() will compute
+        self.scored_edges += int(g.edge_mask[:, cols].sum())
+        n = self.top_n
+        if n > 0:
+            pool = torch.cat([self.best, scores.flatten()])
+            self.best = pool.topk(min(n, pool.numel())).values
+        # edges scored so far >= n: their n-th largest bounds the final one from below (non-edges add zeros, which
+        # only lower it); fewer: any scored edge may still make it
+        tau = self.best[n - 1] if 0 < n <= self.scored_edges else raw.new_full((), 0.0 if n else float("inf"))
+        nodes = [("down", name) for name in g.downstream_nodes[cols]]
+        best = [scores.amax(0)]
+        for k, _ in plan.ups:
+            self.readers_left[k] -= 1
+            if self.readers_left[k] == 0:  # every edge out of this writer group is scored now
+                ug = g.upstream_groups[k]
+                rows = slice(ug.first, ug.first + len(ug.names))
+                best.append(((raw[rows] / batch).abs() * self.mask[rows]).amax(1))
+                nodes += [("up", name) for name in ug.names]
+        best = torch.cat(best)
+        self._decided(nodes, ((best >= tau) & (best > self.threshold)).tolist())  # the one host sync
+
+    def _decided(self, nodes: list, flags: list):
+        for node, keep in zip(nodes, flags):
+            if keep:
+                self.candidates.add(node)
+            for module in self.linears_of.get(node, ()):
+                self.undecided[module] -= 1
+                if self.undecided[module] == 0:
+                    self._resolve(module)
+
+    def _resolve(self, module: str):
+        keep = [node for node in self.owners[module] if node in self.candidates]
+        names = {p for p in (f"{module}.weight", f"{module}.bias")}
+        by_name = node_selections(self.graph, [n for r, n in keep if r == "up"], [n for r, n in keep if r == "down"],
+                                  params=names)
+        params = {"weight": self.masked.weight[module], "bias": self.masked.bias[module]}
+        self.masked.resolve(module, {params[name.rsplit(".", 1)[1]]: sel for name, sel in by_name.items()})

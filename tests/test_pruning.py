@@ -1,0 +1,96 @@
+"""Exact candidate pruning (ct_fast.pruning): a deferred step of one backward computes the weight gradient of the
+rows that can still enter the circuit only, and selects and updates exactly what it did without pruning."""
+
+import pytest
+import torch
+
+from ct_fast import CircuitAdamW, CircuitTuner, ComputationGraph
+from ct_fast.circuit import ParamSelection
+from ct_fast.masked_linear import MaskedLinears
+from ct_fast.testing import assert_close, random_batch, tiny_model
+
+
+def _batches(n=3, batch=3, seq=7):
+    return [random_batch(37, batch=batch, seq=seq, seed=s) for s in range(n)]
+
+
+@pytest.fixture
+def pruned_rows(monkeypatch):
+    """Per finished deferred step: (candidate rows, all rows) over the linears the pruner resolved."""
+    seen = []
+    finish = MaskedLinears.finish
+
+    def recording(self, selection):
+        cand = total = 0
+        for name, candidates in self.candidates.items():
+            w = self.weight[name]
+            total += w.numel()
+            sel = candidates.get(w)
+            cand += 0 if sel is None else sel.count * (w.numel() // sel.size)
+        seen.append((cand, total, self.pruner is not None))
+        return finish(self, selection)
+
+    monkeypatch.setattr(MaskedLinears, "finish", recording)
+    return seen
+
+
+def _run(model, batches, prune: bool, **kw):
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), memory_mode="deferred", **kw)
+    tuner.session.prune = prune
+    return [tuner.step(b) for b in batches]
+
+
+@pytest.mark.parametrize("top_n,threshold,mlp_head_dim", [(1, 0.0, None), (25, 0.0, None), (25, 0.0, 8),
+                                                           ("all", 0.0, None), (40, 1e-3, 8)])
+def test_pruned_deferred_equals_unpruned(arch, top_n, threshold, mlp_head_dim, pruned_rows):
+    """Same circuits, same updates (fp32-close: the candidate rows' GEMM sums as the dense one), and the rows of
+    no circuit bit-identical to the initial model; the pruner resolved every linear and skipped rows."""
+    a, b, init = tiny_model(arch), tiny_model(arch), tiny_model(arch)
+    if top_n == "all":
+        top_n = ComputationGraph.from_model(a).n_edges
+    kw = dict(top_n=top_n, threshold=threshold, mlp_head_dim=mlp_head_dim)
+    ra, rb = _run(a, _batches(), True, **kw), _run(b, _batches(), False, **kw)
+    for x, y in zip(ra, rb):
+        assert [e[:2] for e in x.circuit.edges] == [e[:2] for e in y.circuit.edges]
+        assert x.loss == y.loss
+    touched = {}
+    for r in ra:
+        for name, mask in r.circuit.param_masks(a).items():
+            touched[name] = touched.get(name, torch.zeros_like(mask)) | mask
+    for (name, p), q, p0 in zip(a.named_parameters(), b.parameters(), init.parameters()):
+        assert_close(p, q, name=name)
+        assert torch.equal(p[~touched[name]], p0[~touched[name]]), name
+    pruned = pruned_rows[:3]  # the pruned run came first
+    assert all(on for _, _, on in pruned) and not any(on for _, _, on in pruned_rows[3:])
+    for (cand, total, _), r in zip(pruned, ra):
+        assert (cand > 0) == (r.tuned_params > 0)
+        assert cand < total or threshold == 0 and top_n == len(r.circuit), pruned
+
+
+def test_top_n_zero_computes_no_weight_gradient(pruned_rows):
+    model = tiny_model("llama")
+    before = [p.detach().clone() for p in model.parameters()]
+    _run(model, _batches(1), True, top_n=0)
+    assert pruned_rows[0][0] == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("case", ["micro_batches", "nodes"])
+def test_pruning_only_where_exact(case, pruned_rows):
+    """Several micro-batches (scores change until the last) or selection by nodes (ranked by row and column sums):
+    no pruner, and the step equals two_pass as before."""
+    model = tiny_model("llama")
+    batches = _batches(2)
+    if case == "micro_batches":
+        batches = [[{k: v[:1] for k, v in b.items()}, {k: v[1:] for k, v in b.items()}] for b in batches]
+    _run(model, batches, True, top_n=25, selection="nodes" if case == "nodes" else "edges")
+    assert pruned_rows and not any(on for _, _, on in pruned_rows)
+
+
+def test_positions_of():
+    cand = ParamSelection(0, 20, ((2, 5), (8, 12), (15, 16)))
+    assert cand.positions_of(ParamSelection(0, 20, ((3, 5), (9, 11), (15, 16)))).ranges == ((1, 3), (4, 6), (7, 8))
+    assert cand.positions_of(cand).full
+    for outside in [((5, 6),), ((4, 9),), ((16, 17),)]:
+        with pytest.raises(AssertionError, match="not inside"):
+            cand.positions_of(ParamSelection(0, 20, outside))
