@@ -189,7 +189,8 @@ class LayerPlan:
     filled by one or more taps (a split MLP head reads through gate and up: their gradients are summed
     before the norm backward). ``norms``: ``(norm, a, b)`` G rows that one norm's backward maps to the
     residual. ``ups``: ``(k, a)`` — upstream group k is read by G rows ``a:`` (a suffix: nodes are in
-    residual order, so a writer is seen by a tail of the span's readers). ``layer``: the span's first layer.
+    residual order, so a writer is seen by a tail of the span's readers). ``layer``: the span's first layer;
+    ``edges``: the graph edges into its nodes.
     """
 
     layer: int
@@ -199,6 +200,7 @@ class LayerPlan:
     norms: list
     ups: list
     taps: int
+    edges: int
 
     @property
     def tap_keys(self) -> set:
@@ -243,7 +245,8 @@ def layer_plans(graph: ComputationGraph, span: int = 1) -> dict[int, LayerPlan]:
                     raise AssertionError("a writer must be seen by a suffix of a layer's readers")
                 ups.append((k, a))
         taps = len({g.tap for g in groups})  # GPT-2's q, k and v share one tap (the fused c_attn output)
-        plans[layer] = LayerPlan(layer, col0, n_nodes, blocks, [tuple(x) for x in norms], ups, taps)
+        edges = int(graph.edge_mask[:, col0:col0 + n_nodes].sum())
+        plans[layer] = LayerPlan(layer, col0, n_nodes, blocks, [tuple(x) for x in norms], ups, taps, edges)
     cache[span] = plans
     return plans
 
@@ -462,6 +465,7 @@ class AttributionRun:
         self.score_dtype = score_dtype or scoring_dtype(next(model.parameters()))
         self.timer = timer
         self.on_layer_scored = None  # called with each LayerPlan once scored (ct_fast.pruning.CandidatePruner)
+        self.max_backwards: int | None = None  # refuse a backward beyond this many (its driver promised so)
         # mean ablation over several micro-batches: per micro-batch (node means [n_up, d], tokens, budget factor,
         # gradient sums [n_down, d]) so that scores() can re-centre every micro-batch on the global mean
         self._means: list = []
@@ -531,6 +535,12 @@ class AttributionRun:
 
     def _commit(self, recording: "Recording"):
         """A recorded forward's backward has begun: count its examples and tokens, keep its scorer to flush."""
+        if self.max_backwards is not None and len(self._committed) >= self.max_backwards:
+            raise CTFastError(
+                f"backwards_per_step={self.max_backwards}, but backward {len(self._committed) + 1} began before the "
+                "optimizer's step() (gradient accumulation?): the weight gradients this step already pruned cannot "
+                "serve it, so the step is refused. Pass backwards_per_step=None (or your number of backwards per "
+                "step) when building the optimizer")
         self.batch_size += recording.rows.batch_size
         if self.ablation == "mean":
             self._means.append([recording.means, int(recording.valid.sum()), recording.factor,

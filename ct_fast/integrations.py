@@ -6,7 +6,8 @@ forwards pass through), saves and resumes (the optimizer's state_dict carries th
 the circuit). What it cannot do alone is clip: it clips the ``.grad`` of ``model.parameters()`` through
 accelerate, and circuit-tuning gives tunable weights no ``.grad`` — so it would clip nothing and log
 ``grad_norm`` 0.0. ``CircuitTrainer`` routes that clipping (and the logged ``grad_norm``) to the circuit's
-gradient (``optimizer.clip_grad_norm_``) and logs the circuit of each step; under ``torchrun`` it switches off
+gradient (``optimizer.clip_grad_norm_``), logs the circuit of each step and tells the optimizer how many
+backwards each step runs (``backwards_per_step``: without accumulation deferred steps prune); under ``torchrun`` it switches off
 the DDP wrapper's own gradient reduction (circuit-tuning reduces the circuit's compact gradients itself).
 
 Example::
@@ -49,10 +50,14 @@ class CircuitTrainer(Trainer):
         self.accelerator.clip_grad_norm_ = clip_grad_norm_  # this trainer's own accelerator only
 
     def training_step(self, model, *args, **kwargs):
-        if circuit_optimizer(self.optimizer) is not None and isinstance(model, nn.parallel.DistributedDataParallel):
-            # several processes: DDP's reduction expects every .grad, which circuit-tuning never makes; the
-            # optimizer all-reduces the circuit's compact gradients itself (ct_fast.distributed)
-            model.require_backward_grad_sync = False
+        opt = circuit_optimizer(self.optimizer)
+        if opt is not None:
+            if opt.tuning.backwards_per_step is None:  # one backward per micro-batch (1: deferred steps prune)
+                opt.tuning.backwards_per_step = self.args.gradient_accumulation_steps
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                # several processes: DDP's reduction expects every .grad, which circuit-tuning never makes; the
+                # optimizer all-reduces the circuit's compact gradients itself (ct_fast.distributed)
+                model.require_backward_grad_sync = False
         return super().training_step(model, *args, **kwargs)
 
     def log(self, logs: dict, *args, **kwargs):

@@ -104,7 +104,6 @@ class MaskedLinears:
         """Drop what backwards recorded (kept pairs, dense and compact gradients)."""
         self.saved.clear()
         self.dense.clear()
-        self.pruner = None
         self.candidates.clear()
         self.candidate_rows = {}
         self.grad_rows = {}

@@ -44,27 +44,30 @@ class CandidatePruner:
                  threshold: float = 0.0):
         self.graph, self.run, self.masked, self.top_n, self.threshold = graph, run, masked, top_n, threshold
         self.mask = graph.edge_mask.to(run.raw.device)
-        self.best = run.raw.new_zeros(0)  # the largest scores seen so far (at most top_n of them)
-        self.scored_edges = 0
-        plans = layer_plans(graph, SCORE_SPAN)
-        self.readers_left = [0] * len(graph.upstream_groups)
-        for plan in plans.values():
-            for k, _ in plan.ups:
-                self.readers_left[k] += 1
+        self.plans = layer_plans(graph, SCORE_SPAN)
         # per linear module: its owning nodes ("up"/"down", name); per node: the linears it owns rows of
         self.owners: dict[str, set] = {}
-        self.linears_of: dict[tuple, list] = {}
-        roles = (("up", graph.upstream_params), ("down", graph.downstream_params))
-        for role, params in roles:
+        self.linears_of: dict[tuple, set] = {}
+        for role, params in (("up", graph.upstream_params), ("down", graph.downstream_params)):
             for node, slices in params.items():
                 for s in slices:
                     module = s.param.rsplit(".", 1)[0]
                     if module in masked.modules:
                         self.owners.setdefault(module, set()).add((role, node))
                         self.linears_of.setdefault((role, node), set()).add(module)
+        self.reset()
+
+    def reset(self):
+        """Forget what was decided (the run's scores were reset: ``zero_grad``)."""
+        self.best = self.run.raw.new_zeros(0)  # the largest scores seen so far (at most top_n of them)
+        self.scored_edges = 0
+        self.readers_left = [0] * len(self.graph.upstream_groups)
+        for plan in self.plans.values():
+            for k, _ in plan.ups:
+                self.readers_left[k] += 1
         self.undecided = {m: len(nodes) for m, nodes in self.owners.items()}
         self.candidates: set = set()  # decided nodes that may be in the circuit
-        for k, g in enumerate(graph.upstream_groups):  # a writer no layer reads has no edge: never a candidate
+        for k, g in enumerate(self.graph.upstream_groups):  # a writer no layer reads has no edge: never selected
             if self.readers_left[k] == 0:
                 self._decided([("up", name) for name in g.names], [False] * len(g.names))
 
@@ -74,7 +77,7 @@ class CandidatePruner:
         cols = slice(plan.col0, plan.col0 + plan.n_nodes)
         batch = max(1, self.run.batch_size)
         scores = (raw[:, cols] / batch).abs() * self.mask[:, cols]  # bit for bit what scores() will compute
-        self.scored_edges += int(g.edge_mask[:, cols].sum())
+        self.scored_edges += plan.edges
         n = self.top_n
         if n > 0:
             pool = torch.cat([self.best, scores.flatten()])

@@ -91,14 +91,17 @@ class TuningSession:
 
     Options as ``CircuitTuner``'s. ``rerun``: the driver can run a step's forwards again (``CircuitTuner``),
     so ``two_pass`` is available; a plain training loop cannot (``auto`` then falls back to ``lagged`` when
-    ``deferred`` would not fit, with a warning).
+    ``deferred`` would not fit, with a warning). ``backwards_per_step``: how many backwards your loop runs
+    before each ``step()`` (a further one is refused with an error); with 1 (no gradient accumulation) a
+    deferred step computes only the weight gradients its circuit can need (``ct_fast.pruning``) — faster.
+    ``CircuitTrainer`` sets it from ``gradient_accumulation_steps``.
     """
 
     def __init__(self, model: nn.Module, optimizer, top_n, metric="loss", ablation="mean", positions=None,
                  selection="edges", refresh_every: int = 1, schedule: TopNSchedule | None = None, pool: bool = False,
                  threshold: float = 0.0, graph: ComputationGraph | None = None, mlp_head_dim: int | None = None,
                  token_budget: int | None = None, memory_mode: str = "auto", profile: bool = False,
-                 rerun: bool = False, overlap_comm: bool | None = None):
+                 rerun: bool = False, overlap_comm: bool | None = None, backwards_per_step: int | None = None):
         if memory_mode not in MEMORY_MODES:
             raise CTFastError(f"memory_mode={memory_mode!r} is not one of {MEMORY_MODES}")
         if not isinstance(refresh_every, int) or refresh_every < 1:
@@ -115,6 +118,9 @@ class TuningSession:
             if memory_mode == "two_pass":
                 raise CTFastError("memory_mode='two_pass' runs each forward twice, which your loop does not: use "
                                   "'deferred', 'lagged' or 'auto' here, or ct_fast.CircuitTuner for two_pass")
+        if backwards_per_step is not None and (isinstance(backwards_per_step, bool) or not isinstance(
+                backwards_per_step, int) or backwards_per_step < 1):
+            raise CTFastError(f"backwards_per_step must be None or an int >= 1, got {backwards_per_step!r}")
         if top_n is None and schedule is None:
             raise CTFastError("circuit-tuning needs top_n (edges per circuit) or a schedule")
         model, self.ddp, group, self.sharded = DataParallel.of(model)  # hooks go on the module a DDP wrapper holds
@@ -128,6 +134,7 @@ class TuningSession:
         self.metric, self.ablation, self.positions, self.pool = metric, ablation, positions, pool
         self.selection, self.threshold, self.refresh_every = selection, threshold, refresh_every
         self.token_budget, self.memory_mode, self.profile, self.rerun = token_budget, memory_mode, profile, rerun
+        self.backwards_per_step = backwards_per_step  # promised by the loop (1: deferred steps may prune)
         self.device = next(model.parameters()).device
         # stream_grads on: measured no gain on CPU (gloo shares the cores with the backward); on GPUs NCCL runs
         # on its own stream
@@ -237,6 +244,7 @@ class TuningSession:
         self.refresh = False
         self.top_n = self.schedule(self.step_count)
         self.run: AttributionRun | None = None
+        self.masked.pruner = None
         self.timer: PhaseTimer | None = None
         self._previous: tuple = (self.circuit, self.circuit_top_n)  # what lagged applies
         self._selected = False
@@ -275,10 +283,13 @@ class TuningSession:
         if self.refresh:
             self.run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool,
                                       self.token_budget, budget_seed=self.step_count, timer=self.timer)
-        if (mode == "deferred" and one_backward and self.prune and self.selection == "edges" and self.dp is None
-                and not self.sharded):  # each edge's score is final once scored: exact
-            m.pruner = CandidatePruner(self.graph, self.run, m, self.top_n, self.threshold)
-            self.run.on_layer_scored = m.pruner.on_scored
+        if self.run is not None and self.backwards_per_step is not None:
+            self.run.max_backwards = self.backwards_per_step
+        if (mode == "deferred" and (one_backward or self.backwards_per_step == 1) and self.prune
+                and self.selection == "edges" and self.dp is None and not self.sharded):
+            m.pruner = CandidatePruner(self.graph, self.run, m, self.top_n, self.threshold)  # exact here: each
+            self.run.on_layer_scored = m.pruner.on_scored                               # score is final once made
+            self.run.max_backwards = 1
         self.mode = mode
 
     def _choose_mode(self, batches: list) -> str:
@@ -469,6 +480,8 @@ class TuningSession:
         self.anchor.grad = None
         if self.run is not None and not self._selected:
             self.run.reset()
+            if self.masked.pruner is not None:
+                self.masked.pruner.reset()
         self._conclusion = None
 
     def abort(self):

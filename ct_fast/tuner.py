@@ -6,7 +6,9 @@ circuit is known only after the backward that scores it, while the weight gradie
 ``(x, grad_out)`` during that backward; ``memory_mode`` chooses how to bridge the two:
 
 - ``"deferred"``: one backward; each linear keeps the smaller of ``(x, grad_out)`` and its dense fp32
-  weight gradient until selection, then the circuit's rows are taken from it (fastest: one backward);
+  weight gradient until selection, then the circuit's rows are taken from it (fastest: one backward). A
+  step on one micro-batch (one process) computes only the rows that can still be selected, decided layer
+  by layer during the backward (``ct_fast.pruning``);
 - ``"two_pass"``: an attribution backward that computes no weight gradient (the graph retained), then a
   second backward with the masked weight gradient of the circuit only (least memory; works with
   activation checkpointing; with several micro-batches the second pass re-runs each forward instead);

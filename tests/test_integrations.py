@@ -91,6 +91,7 @@ def test_trainer_equals_the_plain_loop(tmp_path, trainer_cls, max_grad_norm):
         assert [entry["grad_norm"] for entry in logs] == pytest.approx(norms, rel=1e-4)
         assert all(entry["circuit_edges"] == 25 and 0 < entry["tuned_fraction"] < 1 for entry in logs)
         assert max(norms) > max_grad_norm  # clipping was active
+        assert opt.tuning.backwards_per_step == ACCUMULATE  # told the optimizer (1 would let deferred steps prune)
     assert all(p.grad is None for p in model.parameters())
 
 

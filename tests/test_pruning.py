@@ -4,7 +4,7 @@ rows that can still enter the circuit only, and selects and updates exactly what
 import pytest
 import torch
 
-from ct_fast import CircuitAdamW, CircuitTuner, ComputationGraph
+from ct_fast import CircuitAdamW, CircuitTuner, ComputationGraph, CTFastError
 from ct_fast.circuit import ParamSelection
 from ct_fast.masked_linear import MaskedLinears
 from ct_fast.testing import assert_close, random_batch, tiny_model
@@ -94,3 +94,53 @@ def test_positions_of():
     for outside in [((5, 6),), ((4, 9),), ((16, 17),)]:
         with pytest.raises(AssertionError, match="not inside"):
             cand.positions_of(ParamSelection(0, 20, outside))
+
+
+def _loop(model, opt, steps):
+    for micro in steps:
+        for b in micro if isinstance(micro, list) else [micro]:
+            model(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+        opt.step()
+        yield opt.last_step
+        opt.zero_grad()
+
+
+def test_dropin_with_one_backward_per_step_prunes_and_equals_the_tuner(pruned_rows):
+    a, b = tiny_model("qwen3"), tiny_model("qwen3")
+    batches = _batches(3)
+    want = _run(a, batches, True, top_n=25)
+    opt = CircuitAdamW(b.parameters(), lr=1e-2, model=b, top_n=25, memory_mode="deferred", backwards_per_step=1)
+    got = list(_loop(b, opt, batches))
+    for x, y in zip(want, got):
+        assert [e[:2] for e in x.circuit.edges] == [e[:2] for e in y.circuit.edges]
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close(q, p)
+    assert len(pruned_rows) == 6 and all(on and cand > 0 for cand, _, on in pruned_rows)
+
+
+def test_zero_grad_between_backwards_restarts_the_pruner():
+    """backward, zero_grad, backward, step (backwards_per_step=1): the step is the second backward's alone."""
+    a, b = tiny_model("llama"), tiny_model("llama")
+    first, second = _batches(2)
+    want = _run(a, [second], True, top_n=25)
+    opt = CircuitAdamW(b.parameters(), lr=1e-2, model=b, top_n=25, memory_mode="deferred", backwards_per_step=1)
+    inputs = lambda x: {k: x[k] for k in ("input_ids", "attention_mask", "labels")}  # noqa: E731
+    b(**inputs(first)).loss.backward()
+    opt.zero_grad()
+    b(**inputs(second)).loss.backward()
+    opt.step()
+    assert [e[:2] for e in opt.last_step.circuit.edges] == [e[:2] for e in want[0].circuit.edges]
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close(q, p)
+
+
+def test_a_second_backward_is_refused_with_the_fix():
+    model = tiny_model("llama")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25, memory_mode="deferred",
+                       backwards_per_step=1)
+    with pytest.raises(CTFastError, match="backwards_per_step=1, but backward 2 began"):
+        list(_loop(model, opt, [_batches(2)]))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with pytest.raises(CTFastError, match="backwards_per_step must be None or an int"):
+        CircuitAdamW(model.parameters(), model=tiny_model("llama"), top_n=25, backwards_per_step=0)
