@@ -96,6 +96,7 @@ class MemoryPlan:
     activation_checkpointing: bool
     modes: dict = field(default_factory=dict)
     assumptions: tuple = ASSUMPTIONS
+    fused_loss: bool = False  # every mode (full fine-tuning too) computes the loss without the logits
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -360,14 +361,17 @@ class _Forward:
     is what only the capture kept alive."""
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, linears: dict, tracker: LiveStorages,
-                 engine: _Engine | None = None):
+                 engine: _Engine | None = None, fused_loss: bool = False):
+        from .fused_loss import causal_lm_loss
+
         self.linear_inputs: dict[str, int] = {}
         hooks = [m.register_forward_pre_hook(self._recorder(name, tracker)) for name, m in linears.items()]
         if engine is not None:
             hooks += [m.register_forward_hook(engine.linear_hook(m.weight.numel())) for m in linears.values()]
         try:
             with tracker, (engine.capture if engine is not None else _nothing()):
-                self.out = model(input_ids=ids, labels=ids)
+                batch = {"input_ids": ids, "labels": ids}
+                self.out = causal_lm_loss(model, batch) if fused_loss else model(**batch)
                 self.mark = len(tracker.events)
                 if engine is not None:
                     engine.capture.stored.clear()
@@ -403,25 +407,28 @@ class StepTrace:
     compact: dict  # placeholder serial -> elements of the weight
 
 
-def trace_step(model: nn.Module, graph: ComputationGraph, batch: int, seq: int, circuit: bool = True) -> StepTrace:
+def trace_step(model: nn.Module, graph: ComputationGraph, batch: int, seq: int, circuit: bool = True,
+               fused_loss: bool = False) -> StepTrace:
     """Run and log one step of a meta ``model`` at ``batch x seq`` (``circuit=False``: full fine-tuning
-    only). The cyclic garbage collector is paused so that every run frees at the same events."""
+    only; ``fused_loss``: the loss of ``ct_fast.causal_lm_loss``, no logits). The cyclic garbage collector is
+    paused so that every run frees at the same events."""
     gc.disable()
     try:
-        return _trace_step(model, graph, batch, seq, circuit)
+        return _trace_step(model, graph, batch, seq, circuit, fused_loss)
     finally:
         gc.enable()
 
 
-def _trace_step(model: nn.Module, graph: ComputationGraph, batch: int, seq: int, circuit: bool) -> StepTrace:
+def _trace_step(model: nn.Module, graph: ComputationGraph, batch: int, seq: int, circuit: bool,
+                fused_loss: bool) -> StepTrace:
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     linears = {n: m for n, m in model.named_modules() if f"{n}.weight" in graph.tunable_params}
     tracker, marks = LiveStorages(), [0, 0, 0, 0]
     engine = _Engine(model, graph, tracker)
     with _meta_friendly():
         if circuit:
-            marks = _trace_circuit_backwards(model, ids, linears, tracker, engine)
-        fwd = _Forward(model, ids, linears, tracker)
+            marks = _trace_circuit_backwards(model, ids, linears, tracker, engine, fused_loss)
+        fwd = _Forward(model, ids, linears, tracker, fused_loss=fused_loss)
         loss, full_activations = fwd.out.loss, fwd.activations
         with tracker:
             del fwd  # the logits go before the backward, as in ``model(**batch).loss.backward()``
@@ -433,10 +440,11 @@ def _trace_step(model: nn.Module, graph: ComputationGraph, batch: int, seq: int,
                      grads, engine.linear_inputs, engine.scoring, engine.compact)
 
 
-def _trace_circuit_backwards(model, ids, linears: dict, tracker: LiveStorages, engine: _Engine) -> list:
+def _trace_circuit_backwards(model, ids, linears: dict, tracker: LiveStorages, engine: _Engine,
+                             fused_loss: bool = False) -> list:
     """Log a forward with the circuit engine and its two activation-only backwards (``StepTrace``): both
     differentiate to the capture's anchor, so they run down to the first tap, as the engine's does."""
-    fwd = _Forward(model, ids, linears, tracker, engine)
+    fwd = _Forward(model, ids, linears, tracker, engine, fused_loss)
     marks = [fwd.mark, len(tracker.events)]
     engine.activations, engine.linear_inputs = fwd.activations, fwd.linear_inputs
     anchor = engine.capture.anchor
@@ -698,17 +706,18 @@ def _check(batch, seq, dtype, modes, top_fraction, state_capacity, optimizer):
         raise CTFastError(f"unknown memory modes {unknown}; choose from {', '.join(MODES)}")
 
 
-_TRACED: dict = {}  # (config, dtype, seq, checkpointing, optimizer, circuit) -> what _traced returns
+_TRACED: dict = {}  # (config, dtype, seq, checkpointing, optimizer, circuit, fused) -> what _traced returns
 
 
-def _traced(config, dtype: torch.dtype, seq: int, checkpointing: bool, optimizer: str, circuit: bool):
+def _traced(config, dtype: torch.dtype, seq: int, checkpointing: bool, optimizer: str, circuit: bool,
+            fused_loss: bool = False):
     """``(model, graph, shapes, StepModel, full-FT optimizer bytes)`` of a meta model at ``seq`` tokens, traced
     at batches 2 and 3; cached, so that plans at other batches (a sweep, the largest-batch search) replay."""
-    key = (config.to_json_string(), str(dtype), seq, checkpointing, optimizer, circuit)
+    key = (config.to_json_string(), str(dtype), seq, checkpointing, optimizer, circuit, fused_loss)
     if key not in _TRACED:
         model = meta_model(config, dtype, checkpointing)
         graph = ComputationGraph.from_model(model)
-        traces = [trace_step(model, graph, b, seq, circuit) for b in (2, 3)]
+        traces = [trace_step(model, graph, b, seq, circuit, fused_loss) for b in (2, 3)]
         score_bytes = dtype.itemsize if dtype in (torch.bfloat16, torch.float16) else 4
         if len(_TRACED) >= 8:
             _TRACED.clear()
@@ -719,7 +728,8 @@ def _traced(config, dtype: torch.dtype, seq: int, checkpointing: bool, optimizer
 
 def memory_plan(model_or_config, batch: int, seq: int, dtype="bf16", device_memory=None,
                 modes=MODES, top_fraction: float = 0.05, state_capacity=None,
-                activation_checkpointing: bool = False, optimizer: str = "adamw") -> MemoryPlan:
+                activation_checkpointing: bool = False, optimizer: str = "adamw", fused_loss: bool = False
+                ) -> MemoryPlan:
     """Predict the peak memory of one training step at ``batch x seq`` tokens, for full fine-tuning and
     each circuit memory mode, without allocating any weight (meta device; ~20 s for an 8B model on 2 cores).
 
@@ -730,14 +740,15 @@ def memory_plan(model_or_config, batch: int, seq: int, dtype="bf16", device_memo
     compact gradients); ``state_capacity``: the circuit optimizer's (``CircuitAdamW(state_capacity=...)``:
     None = a state slot for every row, the default; a fraction or rows per parameter), planned for the
     steady state where every tunable parameter has been selected. ``optimizer``: ``"adamw"`` or ``"sgd"``
-    (with momentum), for full fine-tuning (torch) and the circuit modes alike.
+    (with momentum), for full fine-tuning (torch) and the circuit modes alike. ``fused_loss``: every step,
+    full fine-tuning's too, computes its loss with ``ct_fast.causal_lm_loss`` (no ``[B, T, vocab]`` logits).
     """
     _check(batch, seq, dtype, modes, top_fraction, state_capacity, optimizer)
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     memory = parse_bytes(device_memory) if isinstance(device_memory, str) else device_memory
     label, config = load_config(model_or_config)
     model, graph, shapes, step, opt = _traced(config, torch_dtype, seq, activation_checkpointing, optimizer,
-                                              bool(modes))
+                                              bool(modes), fused_loss)
     pool = circuit_state_bytes(model, graph, optimizer, state_capacity) if modes else 0
     profile_at = functools.lru_cache(maxsize=None)(lambda b: step.profile(b, top_fraction))
 
@@ -758,4 +769,5 @@ def memory_plan(model_or_config, batch: int, seq: int, dtype="bf16", device_memo
     return MemoryPlan(label, batch, seq, str(torch_dtype).replace("torch.", ""), memory, shapes.params,
                       shapes.tunable_params, shapes.param_bytes, shapes.param_bytes,
                       profile_at(batch)["activations"],
-                      top_fraction, state_capacity, optimizer, activation_checkpointing, plans)
+                      top_fraction, state_capacity, optimizer, activation_checkpointing, plans,
+                      fused_loss=fused_loss)

@@ -108,7 +108,7 @@ class CandidatePruner:
 
     def _resolve(self, module: str):
         keep = [node for node in self.owners[module] if node in self.candidates]
-        names = {p for p in (f"{module}.weight", f"{module}.bias")}
+        names = {f"{module}.weight", f"{module}.bias"}
         by_name = node_selections(self.graph, [n for r, n in keep if r == "up"], [n for r, n in keep if r == "down"],
                                   params=names)
         params = {"weight": self.masked.weight[module], "bias": self.masked.bias[module]}

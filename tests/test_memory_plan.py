@@ -126,3 +126,44 @@ def test_llama_8b_full_finetuning_needs_more_than_80gb():
     assert plan.param_bytes == 2 * plan.params and 7.5e9 < plan.params < 8.5e9
     assert full.breakdown["optimizer_state"] >= 2 * plan.param_bytes
     assert full.peak_bytes > 80e9 and not full.fits and full.max_batch == 0
+
+
+@pytest.mark.parametrize("mode", ["full", "deferred", "two_pass"])
+def test_fused_loss_plan_matches_a_real_fused_step(mode):
+    """``fused_loss=True``: the plan of a step whose loss is ``causal_lm_loss`` (no logits) within 15% of a real
+    one (full fine-tuning with torch AdamW, or a fused tuner step), and below the plain plan."""
+    import ct_fast
+    from ct_fast.app.step_bench import make_batches
+    from ct_fast.memory import allocate_pools
+
+    model = build("tiny", "cpu", torch.float32)
+    batches = make_batches(TINY.vocab_size, B, T, 2, "cpu")
+    if mode == "full":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+
+        def step(b):
+            ct_fast.causal_lm_loss(model, b).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step(batches[0])
+        held_state = lambda: sum(v.nbytes for s in opt.state.values() for v in s.values())  # noqa: E731
+        top_fraction = 0.05
+    else:
+        opt = ct_fast.CircuitAdamW(model.parameters(), lr=1e-5)
+        tuner = ct_fast.CircuitTuner(model, opt, top_n=30, memory_mode=mode, fused_loss=True)
+        step = tuner.step
+        result = step(batches[0])
+        allocate_pools(opt, model, tuner.graph)
+        held_state = opt.state_bytes
+        top_fraction = result.circuit.num_params / memory_plan(TINY, B, T, dtype="fp32").tunable_params
+    tracker = LiveStorages()
+    with tracker:
+        step(batches[1])
+    measured = sum(p.nbytes for p in model.parameters()) + held_state() + replay_peak(
+        tracker.events, tracker.size, {})["transients"]
+    fused = memory_plan(TINY, B, T, dtype="fp32", top_fraction=top_fraction, fused_loss=True)
+    assert fused.fused_loss and measured == pytest.approx(fused.modes[mode].peak_bytes, rel=0.15)
+    # with a 4096-token vocabulary the logits dominate the peak: the fused plan is well below the plain one
+    wide = TINY.__class__(**{**TINY.to_dict(), "vocab_size": 4096})
+    peaks = [memory_plan(wide, 8, 64, dtype="fp32", fused_loss=f).modes[mode].peak_bytes for f in (True, False)]
+    assert peaks[0] < 0.8 * peaks[1]

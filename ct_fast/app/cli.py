@@ -431,10 +431,12 @@ def cmd_plan(args) -> dict:
         capacity = int(capacity)
     plan = memory_plan(args.model, args.batch, args.seq, dtype=args.dtype, device_memory=memory,
                        top_fraction=args.top_fraction, state_capacity=capacity,
-                       activation_checkpointing=args.checkpointing, optimizer=args.optimizer)
+                       activation_checkpointing=args.checkpointing, optimizer=args.optimizer,
+                       fused_loss=args.fused_loss)
     print(f"{plan.model}: {plan.params / 1e9:.2f} B parameters ({plan.tunable_params / 1e9:.2f} B tunable), "
           f"{plan.dtype}, batch {plan.batch} x {plan.seq} tokens"
-          f"{', activation checkpointing' if plan.activation_checkpointing else ''}")
+          f"{', activation checkpointing' if plan.activation_checkpointing else ''}"
+          f"{', fused loss' if plan.fused_loss else ''}")
     print(plan.table())
     if args.json:
         with open(args.json, "w") as f:
@@ -594,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--memory", default=None,
                     help="device memory, e.g. 80GB or 80GiB: fits and largest batch (default: not checked)")
     pn.add_argument("--checkpointing", action="store_true", help="with activation checkpointing")
+    pn.add_argument("--fused-loss", action="store_true",
+                    help="every step (full fine-tuning too) computes the loss without the [B, T, vocab] logits "
+                         "(tune --fused-loss)")
     pn.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer")
     pn.add_argument("--top-fraction", type=float, default=0.05, help="share of tunable parameters in a circuit")
     pn.add_argument("--state-capacity", type=float, default=None,
