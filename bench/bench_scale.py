@@ -6,7 +6,8 @@ on a Llama-3-8B topology (32 layers, tiny widths).
     python bench/bench_scale.py --seqs 128 --layers 2 --out /tmp/scale.json   # seconds
 
 The model is an 8-layer Llama (d_model 512, 8 heads / 4 KV heads, MLP 1536, vocab 8192, random weights, fp32).
-Time: median of ``--steps`` steps at ``--batch-time`` (after one warm-up step). Memory: one further step at
+Time: median of ``--steps`` steps at ``--batch-time`` (after one warm-up step), the methods of one (T,
+checkpointing) interleaved step by step so that the machine's slow spells hit them alike. Memory: one further step at
 ``--batch-mem`` under the live-tensor tracker, plus what is held between steps (gradients, optimizer state):
 the extra peak over the built model. Circuits hold ~5% of the parameters. Writes bench/results/cpu_scale.json;
 ``python bench/report.py`` renders it into README.md.
@@ -66,32 +67,43 @@ class Step:
         self.opt.zero_grad(set_to_none=True)
 
 
-def measure(method: str, layers: int, seq: int, checkpointing: bool, batch_time: int, batch_mem: int, steps: int,
-            top_n: int, device="cpu", dtype=torch.float32, d_model: int = 512) -> dict:
-    model = build(layers, checkpointing, device=device, dtype=dtype, d_model=d_model)
-    step = Step(method, model, top_n)
-    vocab = model.config.vocab_size
+def measure(methods: list, layers: int, seq: int, checkpointing: bool, batch_time: int, batch_mem: int, steps: int,
+            top_n: int, device="cpu", dtype=torch.float32, d_model: int = 512) -> list[dict]:
+    """Every method at one (seq, checkpointing): its own model and step; one warm-up step each, then ``steps``
+    rounds timing one step of every method in turn (round-robin: a slow spell of the machine hits all methods
+    alike), then each method's peak memory at ``batch_mem``."""
+    runs = {}
+    for method in methods:
+        model = build(layers, checkpointing, device=device, dtype=dtype, d_model=d_model)
+        runs[method] = (model, Step(method, model, top_n))
+    vocab = runs[methods[0]][0].config.vocab_size
     timed = make_batches(vocab, batch_time, seq, steps + 1, device)
-    step(timed[0])  # warm-up (refresh10: this step discovers the circuit)
-    times = []
+    times = {m: [] for m in methods}
+    for _, step in runs.values():
+        step(timed[0])  # warm-up (refresh10: this step discovers the circuit)
     for b in timed[1:]:
-        harness.sync(device)
-        t0 = time.perf_counter()
-        step(b)
-        harness.sync(device)
-        times.append(time.perf_counter() - t0)
+        for method, (_, step) in runs.items():
+            harness.sync(device)
+            t0 = time.perf_counter()
+            step(b)
+            harness.sync(device)
+            times[method].append(time.perf_counter() - t0)
     mem_batch = make_batches(vocab, batch_mem, seq, 1, device)[0]
-    transient = harness.peak_bytes(lambda: step(mem_batch), device)
-    persistent = _persistent_bytes(model, step) - sum(p.numel() * p.element_size() for p in model.parameters())
-    rec = {"method": method, "layers": layers, "seq": seq, "checkpointing": checkpointing, "batch_time": batch_time,
-           "batch_mem": batch_mem, "steps": steps, "median_ms": 1e3 * statistics.median(times),
-           "extra_peak_mib": (persistent + transient) / 2**20}
-    if step.last is not None:
-        rec.update(memory_mode=step.last.memory_mode, tuned_param_fraction=step.last.circuit.fraction,
-                   state_rows=step.tuner.optimizer.num_state_rows())
-    del step, model
-    gc.collect()
-    return rec
+    records = []
+    for method in methods:
+        model, step = runs.pop(method)
+        transient = harness.peak_bytes(lambda: step(mem_batch), device)
+        persistent = _persistent_bytes(model, step) - sum(p.numel() * p.element_size() for p in model.parameters())
+        rec = {"method": method, "layers": layers, "seq": seq, "checkpointing": checkpointing,
+               "batch_time": batch_time, "batch_mem": batch_mem, "steps": steps,
+               "median_ms": 1e3 * statistics.median(times[method]), "extra_peak_mib": (persistent + transient) / 2**20}
+        if step.last is not None:
+            rec.update(memory_mode=step.last.memory_mode, tuned_param_fraction=step.last.circuit.fraction,
+                       state_rows=step.tuner.optimizer.num_state_rows())
+        records.append(rec)
+        del step, model
+        gc.collect()
+    return records
 
 
 def host_syncs(layers: int = 32) -> dict:
@@ -169,12 +181,11 @@ def main(argv=None) -> dict:
     records = []
     for seq in (int(s) for s in a.seqs.split(",")):
         for ckpt in ckpts:
-            for method in methods:
-                rec = measure(method, a.layers, seq, ckpt, a.batch_time, a.batch_mem, a.steps, top_n, a.device, dtype,
-                              a.d_model)
+            for rec in measure(methods, a.layers, seq, ckpt, a.batch_time, a.batch_mem, a.steps, top_n, a.device,
+                               dtype, a.d_model):
                 rec["top_n"] = top_n
                 records.append(rec)
-                print(f"T={seq:5d} ckpt={ckpt!s:5} {method:>17}: {rec['median_ms']:8.0f} ms  "
+                print(f"T={seq:5d} ckpt={ckpt!s:5} {rec['method']:>17}: {rec['median_ms']:8.0f} ms  "
                       f"{rec['extra_peak_mib']:7.0f} MiB  {rec.get('memory_mode', '')}", flush=True)
     data = {"results": ratios(records), "host_syncs": host_syncs(a.sync_layers)}
     print(table(data))
