@@ -15,12 +15,26 @@ one, -100 ignored, the mean over the label tokens), in the same dtypes.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from .errors import CTFastError
 
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32)
+_TRACE_CHUNKS: list = [None]  # the memory plan's meta trace: compute this many chunks only (see traced_chunks)
+
+
+@contextlib.contextmanager
+def traced_chunks(n: int = 1):
+    """Only for the memory plan's meta-device trace: every chunk allocates alike, so computing the first ``n``
+    keeps the allocation log the same at every batch size (the loss is then wrong; its sizes are right)."""
+    _TRACE_CHUNKS[0] = n
+    try:
+        yield
+    finally:
+        _TRACE_CHUNKS[0] = None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -33,7 +47,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
-        for a in range(0, n, chunk):
+        starts = range(0, n, chunk)
+        for a in starts if _TRACE_CHUNKS[0] is None else starts[:_TRACE_CHUNKS[0]]:
             h, t, v = hidden[a:a + chunk], targets[a:a + chunk], valid[a:a + chunk]
             logits = h @ weight.t()  # as the model's lm_head, then upcast as the HF loss does
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))

@@ -362,7 +362,7 @@ class _Forward:
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, linears: dict, tracker: LiveStorages,
                  engine: _Engine | None = None, fused_loss: bool = False):
-        from .fused_loss import causal_lm_loss
+        from .fused_loss import causal_lm_loss, traced_chunks
 
         self.linear_inputs: dict[str, int] = {}
         hooks = [m.register_forward_pre_hook(self._recorder(name, tracker)) for name, m in linears.items()]
@@ -371,7 +371,11 @@ class _Forward:
         try:
             with tracker, (engine.capture if engine is not None else _nothing()):
                 batch = {"input_ids": ids, "labels": ids}
-                self.out = causal_lm_loss(model, batch) if fused_loss else model(**batch)
+                if fused_loss:
+                    with traced_chunks(1):  # (the log must not depend on how many chunks the batch makes)
+                        self.out = causal_lm_loss(model, batch)
+                else:
+                    self.out = model(**batch)
                 self.mark = len(tracker.events)
                 if engine is not None:
                     engine.capture.stored.clear()

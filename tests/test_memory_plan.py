@@ -167,3 +167,13 @@ def test_fused_loss_plan_matches_a_real_fused_step(mode):
     wide = TINY.__class__(**{**TINY.to_dict(), "vocab_size": 4096})
     peaks = [memory_plan(wide, 8, 64, dtype="fp32", fused_loss=f).modes[mode].peak_bytes for f in (True, False)]
     assert peaks[0] < 0.8 * peaks[1]
+
+
+def test_fused_loss_plan_when_batches_make_different_chunk_counts():
+    """A 65536-token vocabulary chunks 128 tokens at a time: batches 2 and 3 of 64 tokens make 1 and 2 chunks, and
+    the trace still fits one model of the batch (it traces one chunk, whose logits are counted)."""
+    wide = TINY.__class__(**{**TINY.to_dict(), "vocab_size": 65536})
+    plan = memory_plan(wide, 4, 64, dtype="fp32", fused_loss=True)
+    plain = memory_plan(wide, 4, 64, dtype="fp32")
+    assert plan.modes["full"].breakdown["transients"] >= 128 * 65536 * 4  # one chunk's fp32 logits
+    assert plan.modes["full"].peak_bytes < plain.modes["full"].peak_bytes
