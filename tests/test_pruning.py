@@ -144,3 +144,17 @@ def test_a_second_backward_is_refused_with_the_fix():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     with pytest.raises(CTFastError, match="backwards_per_step must be None or an int"):
         CircuitAdamW(model.parameters(), model=tiny_model("llama"), top_n=25, backwards_per_step=0)
+
+
+def test_pruning_with_activation_checkpointing(pruned_rows):
+    """Checkpointed layers recompute their linears' inputs in the backward; the pruned step is the same."""
+    from ct_fast import enable_activation_checkpointing
+
+    a, b = tiny_model("llama"), tiny_model("llama")
+    enable_activation_checkpointing(b)
+    ra, rb = _run(a, _batches(2), True, top_n=25), _run(b, _batches(2), True, top_n=25)
+    for x, y in zip(ra, rb):
+        assert [e[:2] for e in x.circuit.edges] == [e[:2] for e in y.circuit.edges]
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert_close(q, p)
+    assert all(on and cand > 0 for cand, _, on in pruned_rows)
