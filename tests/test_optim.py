@@ -522,3 +522,26 @@ def test_steady_state_step_does_not_synchronise(ours, kw, backend, monkeypatch):
             native = any(e.startswith("ct_fast::masked_") for e in events)  # the op dispatched to a kernel
             assert native == (backend == "default" and ops.native() is not None)
     assert opt.num_state_rows() == 4
+
+
+def test_lr_as_a_tensor_follows_a_scheduler():
+    """``lr=torch.tensor(...)`` (torch's capturable convention: the kernels read it on the device, no host value
+    per step) trains as a float lr does, and LR schedulers update it in place."""
+    from ct_fast.testing import random_batch, tiny_model
+
+    runs = []
+    for lr in (1e-2, torch.tensor(1e-2)):
+        model = tiny_model("llama")
+        opt = CircuitAdamW(model.parameters(), lr=lr, model=model, top_n=25)
+        sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.5, total_iters=3)
+        for s in range(3):
+            b = random_batch(37, seed=s)
+            model(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        runs.append((model, opt))
+    (a, _), (b, opt) = runs
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and float(opt.param_groups[0]["lr"]) == pytest.approx(5e-3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
