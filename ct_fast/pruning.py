@@ -37,15 +37,18 @@ class CandidatePruner:
     """Decides, layer by layer during a deferred backward, which nodes may still enter the top-``top_n`` circuit
     and tells ``masked`` the candidate rows of every linear whose nodes are all decided (see module docstring).
 
-    ``run``: the step's ``AttributionRun`` (its ``raw`` signed sums and ``batch_size``, as ``scores()`` reads
-    them); ``threshold``: selection keeps only edges scoring above it.
+    Built once per session (what depends on the graph alone); ``start(run, top_n)`` follows one step's
+    ``AttributionRun`` (its ``raw`` signed sums and ``batch_size``, as ``scores()`` reads them).
+    ``threshold``: selection keeps only edges scoring above it.
     """
 
-    def __init__(self, graph: ComputationGraph, run: AttributionRun, masked: MaskedLinears, top_n: int,
-                 threshold: float = 0.0):
-        self.graph, self.run, self.masked, self.top_n, self.threshold = graph, run, masked, top_n, threshold
-        self.mask = graph.edge_mask.to(run.raw.device)
+    def __init__(self, graph: ComputationGraph, masked: MaskedLinears, threshold: float = 0.0):
+        self.graph, self.masked, self.threshold = graph, masked, threshold
         self.plans = layer_plans(graph, SCORE_SPAN)
+        self.readers = [0] * len(graph.upstream_groups)  # per upstream group: the plans that read it
+        for plan in self.plans.values():
+            for k, _ in plan.ups:
+                self.readers[k] += 1
         # per linear module: its owning nodes ("up"/"down", name); per node: the linears it owns rows of
         self.owners: dict[str, set] = {}
         self.linears_of: dict[tuple, set] = {}
@@ -56,16 +59,20 @@ class CandidatePruner:
                     if module in masked.modules:
                         self.owners.setdefault(module, set()).add((role, node))
                         self.linears_of.setdefault((role, node), set()).add(module)
+        self.run: AttributionRun | None = None
+        self.top_n, self.mask = 0, graph.edge_mask
+
+    def start(self, run: AttributionRun, top_n: int):
+        """Follow a new step: its attribution ``run`` and circuit size ``top_n``."""
+        self.run, self.top_n = run, top_n
+        self.mask = self.mask.to(run.raw.device)
         self.reset()
 
     def reset(self):
-        """Forget what was decided (the run's scores were reset: ``zero_grad``)."""
+        """Forget what was decided (a new step, or the run's scores were reset: ``zero_grad``)."""
         self.best = self.run.raw.new_zeros(0)  # the largest scores seen so far (at most top_n of them)
         self.scored_edges = 0
-        self.readers_left = [0] * len(self.graph.upstream_groups)
-        for plan in self.plans.values():
-            for k, _ in plan.ups:
-                self.readers_left[k] += 1
+        self.readers_left = list(self.readers)
         self.undecided = {m: len(nodes) for m, nodes in self.owners.items()}
         self.candidates: set = set()  # decided nodes that may be in the circuit
         for k, g in enumerate(self.graph.upstream_groups):  # a writer no layer reads has no edge: never selected

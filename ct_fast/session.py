@@ -154,6 +154,7 @@ class TuningSession:
         self.masked = MaskedLinears(model, self.graph, anchor=self.anchor)
         self._auto_modes: dict = {}  # batch shape -> the mode "auto" chose for it
         self.prune = True  # deferred steps of one backward: skip the dW of nodes that cannot be selected
+        self._pruner: CandidatePruner | None = None  # built at the first step that prunes
         self.step_count = 0
         self.circuit: Circuit | None = None
         self.circuit_top_n = 0  # the top_n self.circuit was selected with
@@ -255,9 +256,10 @@ class TuningSession:
         if self.dp is not None:
             self.dp.comm_bytes = 0
 
-    def begin_step(self, batches: list, timer: PhaseTimer | None = None, one_backward: bool = False):
+    def begin_step(self, batches: list, timer: PhaseTimer | None = None, backwards: int | None = None):
         """Decide how this step runs (once: the first forward of a step calls it with its own batch).
-        ``one_backward``: the driver runs exactly one backward in this step (deferred mode may then prune)."""
+        ``backwards``: how many backwards the driver runs in this step at most (default: the loop's promise,
+        ``backwards_per_step``); a further one is refused, and with 1 deferred mode may prune."""
         if self.mode is not None:
             return
         if self.dp is None and not self.sharded and dist.is_available() and dist.is_initialized():
@@ -283,13 +285,16 @@ class TuningSession:
         if self.refresh:
             self.run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool,
                                       self.token_budget, budget_seed=self.step_count, timer=self.timer)
-        if self.run is not None and self.backwards_per_step is not None:
-            self.run.max_backwards = self.backwards_per_step
-        if (mode == "deferred" and (one_backward or self.backwards_per_step == 1) and self.prune
-                and self.selection == "edges" and self.dp is None and not self.sharded):
-            m.pruner = CandidatePruner(self.graph, self.run, m, self.top_n, self.threshold)  # exact here: each
-            self.run.on_layer_scored = m.pruner.on_scored                               # score is final once made
-            self.run.max_backwards = 1
+        backwards = self.backwards_per_step if backwards is None else backwards
+        if self.run is not None:
+            self.run.max_backwards = backwards
+        if (mode == "deferred" and backwards == 1 and self.prune and self.selection == "edges" and self.dp is None
+                and not self.sharded):
+            if self._pruner is None:  # exact here: each score is final once made
+                self._pruner = CandidatePruner(self.graph, m, self.threshold)
+            self._pruner.start(self.run, self.top_n)
+            m.pruner = self._pruner
+            self.run.on_layer_scored = m.pruner.on_scored
         self.mode = mode
 
     def _choose_mode(self, batches: list) -> str:

@@ -180,7 +180,7 @@ class CircuitTuner:
 
     def _step(self, batches, corrupted, w_loss, w_metric, timer, t_start) -> StepResult:
         session = self.session
-        session.begin_step(batches, timer, one_backward=len(batches) == 1)
+        session.begin_step(batches, timer, backwards=len(batches))
         try:
             if session.mode in ("two_pass", "outcome"):  # a scoring pass, then a training pass on the circuit
                 loss, metric, retained = self._passes(batches, corrupted, w_loss, w_metric, timer, score=True)
