@@ -644,15 +644,11 @@ def circuit_state_bytes(model: nn.Module, graph: ComputationGraph, optimizer: st
 
 
 def allocate_pools(opt, model: nn.Module, graph: ComputationGraph):
-    """Give every tunable parameter that circuit optimizer ``opt`` holds its row pool, as after enough steps
-    that each has been selected once (parameters that have one keep it)."""
+    """Allocate the row pools of circuit optimizer ``opt`` for every tunable parameter it holds, as the tuning
+    session sizes them (pools already allocated are kept)."""
     dims = {s.param: s.dim for slices in (*graph.upstream_params.values(), *graph.downstream_params.values())
             for s in slices}
-    group_of = {p: g for g in opt.param_groups for p in g["params"]}
-    for name, p in model.named_parameters():
-        if name in dims and p in group_of and "owner" not in opt.state[p]:
-            n_rows = p.shape[dims[name]] if p.dim() else 1
-            opt._allocate(p, opt.state[p], dims[name], opt._pool_size(p, group_of[p], n_rows))
+    opt.reserve_state({p: dims[name] for name, p in model.named_parameters() if name in dims}, allocate=True)
 
 
 def _phases(mode: str, s: _Shapes, step: dict, parts: dict, optimizer: tuple[int, int]) -> list[dict]:

@@ -3,10 +3,11 @@
 Without a circuit ``CircuitAdamW``/``CircuitSGD`` are ``torch.optim.AdamW``/``SGD``. After
 ``set_circuit(circuit, model)`` a step reads and writes only the circuit's rows (or columns) of each
 parameter, its gradient and its state; everything else stays bit-identical and its state does not move.
-State is block-sparse: per parameter, a preallocated pool of row slots (``state_capacity`` rows, by default
-all of them) holds moments and a step count for rows that have been in some circuit, so a row's trajectory
-equals the torch optimizer's run on that row alone over the steps in which it was selected (since it last
-took a slot: when the pool is full, the rows idle longest lose their state).
+State is block-sparse: a preallocated pool of row slots holds moments and a step count for rows that have been
+in some circuit, so a row's trajectory equals the torch optimizer's run on that row alone over the steps in
+which it was selected (since it last took a slot: when the pool is full, the rows idle longest lose their
+state). Parameters of a param group whose rows have the same width share one pool (``ct_fast.state_pool``),
+sized by ``state_capacity`` (by default a slot for every row).
 
 With ``model=`` and ``top_n=`` they circuit-tune inside an ordinary training loop (``ct_fast.session``): the
 model's forwards and backwards score edges and produce the compact gradients of circuit rows, and ``step()``
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import defaultdict
 
 import torch
 from torch import nn
@@ -38,9 +40,7 @@ from . import ops
 from .circuit import Circuit, ParamSelection
 from .distributed import is_dtensor, local, shard_rows
 from .errors import CTFastError
-
-_SELECTED = torch.iinfo(torch.long).max  # slot priority of a row selected in the current step: never evicted
-_FREE = -1  # slot priority of a free slot: taken first
+from .state_pool import RowPool, pool_size
 
 
 def _n_rows(p: torch.Tensor, dim: int) -> int:
@@ -58,31 +58,17 @@ def check_state_capacity(capacity):
     if isinstance(capacity, numbers.Real) and not isinstance(capacity, numbers.Integral) and 0 < capacity <= 1:
         return float(capacity)
     raise CTFastError(f"state_capacity={capacity!r}: expected None (every row can hold state), a float in (0, 1] "
-                      "(a fraction of each parameter's rows) or an int >= 1 (rows per parameter)")
-
-
-def pool_size(capacity, n_rows: int) -> int:
-    """Slots of a parameter with ``n_rows`` rows on its sliced axis under ``state_capacity=capacity``."""
-    if capacity is None:
-        return n_rows
-    if isinstance(capacity, float):  # round first: 0.3 * 10 is 3.0000000000000004
-        capacity = max(1, math.ceil(round(capacity * n_rows, 6)))
-    return min(n_rows, capacity)
+                      "(a fraction of each parameter's rows) or an int >= 1 (rows per parameter, pooled)")
 
 
 class _CircuitOptimizer(torch.optim.Optimizer):
     """Shared machinery: the current selection per parameter and the pooled row state.
 
-    Per parameter, state holds ``dim`` (the sliced axis) and a pool of ``capacity`` slots, allocated once
-    (zeros) on the parameter's first selection and never grown:
-
-    - ``slot [n_rows]`` long: each row's slot, -1 = none;
-    - ``owner [capacity]`` long: the row holding each slot, -1 = free;
-    - ``last_used [capacity]`` long: the optimizer step at which the slot's row was last selected;
-    - ``step [capacity + 1]`` fp32 and the moment tensors ``[capacity + 1, width]`` fp32 (width: the other
-      dims); the extra last row is scratch: it absorbs the no-op writes of ``_assign`` (content meaningless).
-
-    ``capacity`` comes from the parameter group's ``state_capacity`` when the pool is allocated.
+    ``state[p]`` holds ``dim`` (the sliced axis); the moments and step counts live in ``RowPool``s
+    (``ct_fast.state_pool``), one per (param group, row width, device), shared by the parameters whose rows
+    have that width. A parameter joins its pool when it is first selected or registered (``reserve_state``);
+    a pool is allocated at the first step that selects one of its members and grows only when a parameter
+    joins later (the tuning session registers them all up front, so its pools are allocated once).
     """
 
     _moments: tuple[str, ...] = ()
@@ -92,6 +78,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         self._selection: dict[torch.Tensor, ParamSelection] | None = None  # None: dense
         self._grad_rows: dict[torch.Tensor, torch.Tensor] = {}
         self._clock = 0  # optimizer steps taken: the time stamps of last_used
+        self._pools: dict[tuple, RowPool] = {}  # (group index, row width, device) -> the rows' shared state
+        self._pool_of: dict[torch.Tensor, tuple] = {}  # parameter -> the key of its pool
         self.tuning = None  # the attached TuningSession (model=)
         self.last_step = None  # the Conclusion the last circuit-tuning step applied
         if model is not None:
@@ -206,118 +194,143 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             return None
         return sel.dim, None if sel.full else sel.index(p.device), sel.count
 
-    # ---- pooled state ----
+    # ---- pooled state (ct_fast.state_pool) ----
+    def _group_index(self) -> dict:
+        return {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+
     @staticmethod
-    def _pool_size(p: torch.Tensor, group: dict, n_rows: int) -> int:
-        """Pool slots of ``p``: the group's ``state_capacity``, except that 1-D parameters (biases: a row is one
-        element, and a shared output bias is selected whole with any of its heads) always get a full pool."""
-        return pool_size(None if p.dim() <= 1 else group["state_capacity"], n_rows)
-
-    def _check_capacity(self, p: torch.Tensor, group: dict, dim: int, count: int):
-        """Raise if ``count`` selected rows do not fit the parameter's pool (host-side, no state touched)."""
-        state = self.state[p]
+    def _entry(p: torch.Tensor, group: dict, dim: int) -> tuple:
+        """``(p, dim, n_rows, budget)``: what ``p`` brings into its pool. 1-D parameters (biases: a row is one
+        element, and a shared output bias is selected whole with any of its heads) bring a slot per row."""
         n_rows = _n_rows(p, dim)
-        cap = state["owner"].numel() if "owner" in state else self._pool_size(p, group, n_rows)
-        if count > cap:
-            what = "a dense step (no circuit) updates all" if self._selection is None else "the circuit selects"
-            raise CTFastError(f"{what} {count} of the {n_rows} rows (axis {dim}) of a parameter of shape "
-                              f"{tuple(p.shape)}, but its optimizer-state pool holds {cap} rows "
+        return p, dim, n_rows, pool_size(None if p.dim() <= 1 else group["state_capacity"], n_rows)
+
+    @staticmethod
+    def _pool_key(p: torch.Tensor, gi: int, dim: int) -> tuple:
+        """Pools are shared per (param group, row width, device)."""
+        q = local(p)
+        return gi, max(1, q.numel()) // _n_rows(p, dim), str(q.device)
+
+    def _pool(self, key: tuple) -> RowPool:
+        if key not in self._pools:
+            self._pools[key] = RowPool(key[1], self._moments, torch.device(key[2]))
+        return self._pools[key]
+
+    def _join(self, gi: int, entries) -> None:
+        """Make each ``(p, dim, n_rows, budget)`` entry a member of its pool (one growth per pool)."""
+        by_key: dict[tuple, list] = {}
+        for e in entries:
+            if e[0] not in self._pool_of:
+                by_key.setdefault(self._pool_key(e[0], gi, e[1]), []).append(e)
+        for key, es in by_key.items():
+            self._pool(key).join(es)
+            for p, dim, *_ in es:
+                self._pool_of[p] = key
+                self.state[p]["dim"] = dim
+
+    def reserve_state(self, dims: dict, allocate: bool = False) -> None:
+        """Register parameters (``{param: sliced axis}``) in their pools before their first selection, so that
+        each pool is allocated once, at its final size (the tuning session registers every tunable parameter).
+        Parameters the optimizer does not hold, or that already have state, are skipped. ``allocate``: allocate
+        the pools now rather than at the first step that selects a member (the memory plan measures them)."""
+        gi_of = self._group_index()
+        for gi, group in enumerate(self.param_groups):
+            self._join(gi, [self._entry(p, group, dim) for p, dim in dims.items()
+                            if gi_of.get(p) == gi and p not in self._pool_of])
+        if allocate:
+            for pool in self._pools.values():
+                pool.allocate()
+
+    def param_state(self, p: torch.Tensor) -> dict:
+        """``p``'s state seen per parameter: ``dim``, ``slot [n_rows]`` (its rows' slots, -1: none; a view of the
+        pool's slot table) and the pool's ``step``/moment tensors those slots index (shared with the other
+        members of its pool). Empty if ``p`` has no allocated state."""
+        key = self._pool_of.get(p)
+        pool = None if key is None else self._pools[key]
+        if pool is None or not pool.allocated:
+            return {}
+        return {"dim": pool.members[p].dim, "slot": pool.slots_of(p),
+                **{k: pool.t[k] for k in ("step",) + self._moments}}
+
+    def pool_capacity(self, p: torch.Tensor) -> int:
+        """Slots of the pool ``p`` belongs to (0 if it belongs to none yet)."""
+        key = self._pool_of.get(p)
+        return 0 if key is None else self._pools[key].capacity
+
+    def _check_capacity(self, gi: int, group: dict, plan: list[tuple]):
+        """Raise if the rows a step selects in some pool exceed its slots (host-side, no state touched)."""
+        need: dict[tuple, list] = {}
+        for p, dim, _, _, g in plan:
+            need.setdefault(self._pool_key(p, gi, dim), []).append((p, dim, g.shape[0]))
+        for key, entries in need.items():
+            pool = self._pools.get(key)
+            members = pool.members if pool is not None else {}
+            new = [self._entry(p, group, dim) for p, dim, _ in entries if p not in members]
+            cap = (pool.capacity if pool is not None else 0) + sum(e[3] for e in new)
+            total = sum(c for *_, c in entries)
+            if total <= cap:
+                continue
+            rows = sum(m.n_rows for m in members.values()) + sum(e[2] for e in new)
+            what = "a dense step (no circuit) updates" if self._selection is None else "the circuit selects"
+            detail = ", ".join(f"{c} of the {_n_rows(p, d)} rows (axis {d}) of a parameter of shape {tuple(p.shape)}"
+                               for p, d, c in entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise CTFastError(f"{what} {total} rows of width {key[1]} in param group {gi} ({detail}), but the "
+                              f"optimizer-state pool these parameters share holds {cap} rows "
                               f"(state_capacity={group['state_capacity']!r}); raise state_capacity to at least "
-                              f"{count} rows or {math.ceil(1000 * count / n_rows) / 1000:g} (or None), or select "
-                              "fewer rows")
+                              f"{math.ceil(1000 * total / rows) / 1000:g} (or None), or select fewer rows")
 
-    def _allocate(self, p: torch.Tensor, state: dict, dim: int, capacity: int):
-        """The empty pool: every row without a slot, every slot free, zero moments and steps."""
-        n_rows, dev = _n_rows(p, dim), p.device
-        state.update(dim=dim, slot=torch.full((n_rows,), -1, dtype=torch.long, device=dev),
-                     owner=torch.full((capacity,), -1, dtype=torch.long, device=dev),
-                     last_used=torch.zeros(capacity, dtype=torch.long, device=dev),
-                     step=torch.zeros(capacity + 1, dtype=torch.float32, device=dev))
-        for k in self._moments:
-            state[k] = torch.zeros((capacity + 1, max(1, local(p).numel()) // n_rows), dtype=torch.float32,
-                                   device=dev)
-
-    def _prepare(self, p: torch.Tensor, group: dict, dim: int, index):
-        """Give the selected rows slots (allocating the pool on first use); return ``(state, rows [k], slots [k])``."""
-        state = self.state[p]
-        n_rows = _n_rows(p, dim)
-        if "owner" not in state:
-            self._allocate(p, state, dim, self._pool_size(p, group, n_rows))
-        rows = torch.arange(n_rows, device=p.device) if index is None else index
-        return state, rows, self._assign(state, rows)
-
-    def _assign(self, state: dict, rows: torch.Tensor) -> torch.Tensor:
-        """Slots ``[k]`` of the selected ``rows [k]`` (distinct, k <= capacity), with device ops only (no sync).
-
-        Rows that hold a slot keep it; the k-th row without one takes the k-th slot in order of priority:
-        free slots first, then the least recently used, never one whose row is selected now (k <= capacity
-        guarantees enough others). Its previous owner loses the slot; the slot restarts at zero moments, step 0
-        (written only to new slots: kept rows write to the scratch row instead, so no kept row is read).
-        """
-        slot, owner, last_used = state["slot"], state["owner"], state["last_used"]
-        cap = owner.numel()
-        held = slot.index_select(0, rows)  # [k], -1: missing
-        missing = held < 0
-        selected = torch.zeros(cap + 1, dtype=torch.bool, device=rows.device)  # entry cap: a sink for missing rows
-        selected.index_fill_(0, torch.where(missing, cap, held), True)
-        priority = torch.where(selected[:cap], _SELECTED, torch.where(owner < 0, _FREE, last_used))
-        candidates = torch.argsort(priority, stable=True)
-        rank = (missing.cumsum(0) - 1).clamp_(min=0)  # the k-th missing row takes candidate k
-        slots = torch.where(missing, candidates.index_select(0, rank), held)
-        evicted = owner.index_select(0, slots)  # previous owners (-1: free; the row itself if it kept its slot)
-        # unlink evicted rows; entries that evict nobody point at a selected row, relinked just below
-        slot.index_fill_(0, torch.where(missing & (evicted >= 0), evicted, rows), -1)
-        slot.index_copy_(0, rows, slots)
-        owner.index_copy_(0, slots, rows)
-        last_used.index_fill_(0, slots, self._clock)
-        if cap < slot.numel():  # a full-size pool never evicts: its new rows take never-used (zero) slots
-            fresh = torch.where(missing, slots, cap)  # cap: the scratch row
-            for k in ("step",) + self._moments:
-                state[k].index_fill_(0, fresh, 0.0)
-        return slots
-
-    def _relayout(self, p: torch.Tensor, group: dict, state: dict, dim: int):
-        """Move a dense state (every row holding its own slot, one shared step count — e.g. after dense steps)
-        to rows along ``dim`` (lossless); a partial row state cannot change axis and raises."""
-        old = state["dim"]
+    def _relayout(self, p: torch.Tensor, gi: int, group: dict, dim: int):
+        """Move a dense state (every row holding a slot, one shared step count — e.g. after dense steps) to rows
+        along ``dim`` (lossless); a partial row state cannot change axis and raises."""
+        old_pool = self._pools[self._pool_of[p]]
+        old = old_pool.members[p].dim
         n_old, n_new = _n_rows(p, old), _n_rows(p, dim)
-        steps = state["step"][:-1]  # without the scratch entry
-        dense = (steps.numel() == n_old and bool((state["slot"] == torch.arange(n_old, device=p.device)).all())
-                 and bool((steps == steps[0]).all()))
-        if not dense:
+        slots = old_pool.slots_of(p)
+        steps = old_pool.t["step"].index_select(0, slots.clamp(min=0))
+        if not (bool((slots >= 0).all()) and bool((steps == steps[0]).all())):
             raise CTFastError(f"a parameter of shape {tuple(p.shape)} was selected along axis {dim} after axis {old}; "
                               "a parameter's circuit slices must keep one axis")
-        cap = self._pool_size(p, group, n_new)
-        if cap < n_new:
+        entry = self._entry(p, group, dim)
+        if entry[3] < n_new:
             raise CTFastError(f"moving the dense state of a parameter of shape {tuple(p.shape)} to axis {dim} needs "
-                              f"{n_new} rows of state, but state_capacity={group['state_capacity']!r} gives {cap}; "
-                              "raise state_capacity")
+                              f"{n_new} rows of state, but state_capacity={group['state_capacity']!r} gives "
+                              f"{entry[3]}; raise state_capacity")
         moved_shape = (n_old,) + self._row_shape(p, old)
-        moved = {k: state[k][:n_old].view(moved_shape).movedim(0, old).movedim(dim, 0).reshape(n_new, -1)
-                 for k in self._moments}
-        self._allocate(p, state, dim, cap)
+        moved = {k: old_pool.t[k].index_select(0, slots).view(moved_shape).movedim(0, old).movedim(dim, 0)
+                 .reshape(n_new, -1) for k in self._moments}
+        old_pool.leave(p)
+        del self._pool_of[p]
+        self._join(gi, [entry])
+        pool = self._pools[self._pool_of[p]]
+        pool.allocate()
+        new = pool.assign(pool.global_rows(p, torch.arange(n_new, device=slots.device)), self._clock)
+        pool.t["step"].index_fill_(0, new, steps[0])
         for k, v in moved.items():
-            state[k][:n_new].copy_(v)
-        state["slot"].copy_(torch.arange(n_new, device=p.device))
-        state["owner"].copy_(state["slot"])
-        state["last_used"].fill_(self._clock)
-        state["step"].copy_(steps[0])
+            pool.t[k].index_copy_(0, new, v)
 
-    def _upgrade(self, p: torch.Tensor, group: dict, state: dict):
-        """A state saved before pools existed (slots 0..m-1 appended as rows entered) as a pool of the group's
-        capacity, the same rows keeping the same slots."""
-        slot, m = state["slot"], state["step"].numel()
-        cap = self._pool_size(p, group, slot.numel())
-        if m > cap:
-            raise CTFastError(f"the saved optimizer state of a parameter of shape {tuple(p.shape)} holds {m} rows, "
-                              f"more than state_capacity={group['state_capacity']!r} allows ({cap}); "
-                              "load it with a larger state_capacity")
-        rows = (slot >= 0).nonzero().flatten()
-        state["owner"] = torch.full((cap,), -1, dtype=torch.long, device=slot.device).index_copy_(
-            0, slot[rows], rows)
-        state["last_used"] = torch.zeros(cap, dtype=torch.long, device=slot.device)
-        for k in ("step",) + self._moments:  # free slots and the scratch row: zeros
-            state[k] = torch.cat([state[k], state[k].new_zeros((cap + 1 - m,) + state[k].shape[1:])])
+    def _import_rows(self, pending: list[tuple]):
+        """Load per-parameter states of the earlier layouts (a pool per parameter, or rows appended as they
+        entered; also torch states converted by ``state_interchange``) into the shared pools, the same rows
+        keeping the same state and time stamps."""
+        gi_of = self._group_index()
+        for p, saved in pending:
+            self._join(gi_of[p], [self._entry(p, self.param_groups[gi_of[p]], int(saved["dim"]))])
+        for p, saved in pending:
+            pool = self._pools[self._pool_of[p]]
+            pool.allocate()
+            slot = saved["slot"].to(pool.device, torch.long)
+            rows = (slot >= 0).nonzero().flatten()
+            old = slot.index_select(0, rows)
+            last = saved["last_used"].to(pool.device).index_select(0, old) if "last_used" in saved else \
+                torch.zeros_like(rows)
+            try:
+                pool.place(p, rows, {k: saved[k].to(pool.device).index_select(0, old)
+                                     for k in ("step",) + self._moments}, last)
+            except ValueError as e:
+                group = self.param_groups[gi_of[p]]
+                raise CTFastError(f"load_state_dict: the saved optimizer state of a parameter of shape "
+                                  f"{tuple(p.shape)} does not fit its pool ({e}) under state_capacity="
+                                  f"{group['state_capacity']!r}; load it with a larger state_capacity") from None
 
     @staticmethod
     def _row_shape(p, dim):
@@ -335,7 +348,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                               f"along axis {dim}; circuit optimizers need row/column slices of 1-D/2-D or "
                               "contiguous parameters") from None
 
-    def _plan(self, group: dict) -> list[tuple]:
+    def _plan(self, gi: int, group: dict) -> list[tuple]:
         """Validate one parameter group without touching its state (but for a lossless re-layout):
         ``(p, dim, index, params as rows [R, M], compact fp32 grads [k, M])`` per parameter to update."""
         plan = []
@@ -351,9 +364,17 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                 index, count, compact = self._local_selection(p, dim, index, count, compact)
                 if count == 0:
                     continue
-            if "dim" in self.state[p] and self.state[p]["dim"] != dim:
-                self._relayout(p, group, self.state[p], dim)
-            self._check_capacity(p, group, dim, count)
+            key = self._pool_of.get(p)
+            if key is not None and index is None and compact is None and not is_dtensor(p):
+                # every element selected: take them along the axis the state already uses
+                dim = self._pools[key].members[p].dim
+                count = _n_rows(p, dim)
+            if key is not None and self._pools[key].members[p].dim != dim:
+                if self._pools[key].allocated:
+                    self._relayout(p, gi, group, dim)
+                else:  # registered on another axis, never selected: nothing to move
+                    self._pools[key].leave(p)
+                    del self._pool_of[p]
             p2 = self._as_rows(local(p), dim)
             if compact is not None:
                 g = compact.reshape(count, -1)
@@ -364,6 +385,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                 g = self._as_rows(local(p.grad), dim)
                 g = g if index is None else g.index_select(0, index)
             plan.append((p, dim, index, p2, g.float().contiguous()))
+        self._check_capacity(gi, group, plan)
         return plan
 
     def _local_selection(self, p, dim: int, index, count: int, compact):
@@ -393,19 +415,25 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             compact = compact.index_select(0, pick)
         return index, count, compact
 
-    def _collect(self, group: dict, plan: list[tuple]) -> dict:
-        """The multi-tensor lists of one validated group: slots assigned, states gathered."""
-        out = {"params": [], "grads": [], "rows": [], "slots": [], "steps": []}
-        out.update({k: [] for k in self._moments})
-        for p, dim, index, p2, g in plan:
-            state, rows, slots = self._prepare(p, group, dim, index)
-            out["params"].append(p2)
-            out["grads"].append(g)
-            out["rows"].append(rows)
-            out["slots"].append(slots)
-            out["steps"].append(state["step"])
-            for k in self._moments:
-                out[k].append(state[k])
+    def _collect(self, gi: int, group: dict, plan: list[tuple]) -> dict:
+        """The multi-tensor lists of one validated group: slots assigned (one ``assign`` per pool), state
+        tensors listed per parameter (parameters of one pool list the same tensors, at disjoint slots)."""
+        self._join(gi, [self._entry(p, group, dim) for p, dim, *_ in plan])
+        rows = [torch.arange(_n_rows(p, dim), device=p2.device) if index is None else index
+                for p, dim, index, p2, _ in plan]
+        by_pool: dict[tuple, list[int]] = {}
+        for i, (p, *_) in enumerate(plan):
+            by_pool.setdefault(self._pool_of[p], []).append(i)
+        slots = [None] * len(plan)
+        for key, members in by_pool.items():
+            pool = self._pools[key]
+            pool.allocate()
+            wanted = torch.cat([pool.global_rows(plan[i][0], rows[i]) for i in members])
+            for i, s in zip(members, pool.assign(wanted, self._clock).split([rows[i].numel() for i in members])):
+                slots[i] = s
+        out = {"params": [e[3] for e in plan], "grads": [e[4] for e in plan], "rows": rows, "slots": slots,
+               "steps": [self._pools[self._pool_of[e[0]]].t["step"] for e in plan]}
+        out.update({k: [self._pools[self._pool_of[e[0]]].t[k] for e in plan] for k in self._moments})
         return out
 
     def _apply(self, lists: dict, group: dict):
@@ -435,20 +463,30 @@ class _CircuitOptimizer(torch.optim.Optimizer):
     def _update(self):
         """Apply ``p.grad`` / the compact gradients to the current selection (every row when dense)."""
         try:  # validate every group before any state or parameter is written
-            plans = [(group, self._plan(group)) for group in self.param_groups]
+            plans = [(gi, group, self._plan(gi, group)) for gi, group in enumerate(self.param_groups)]
         finally:
             self._grad_rows = {}
         self._clock += 1
-        for group, plan in plans:
+        for gi, group, plan in plans:
             if plan:
-                self._apply(self._collect(group, plan), group)
+                self._apply(self._collect(gi, group, plan), group)
 
-    # ---- state_dict: keep the pool's dtypes; carry the current circuit and the clock ----
+    # ---- state_dict: the pools (their tensors, not copies), the current circuit and the clock ----
     def state_dict(self):
         sd = super().state_dict()
+        ids = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        pools, state = [], {}
+        for pool in self._pools.values():
+            if pool.members:
+                j = len(pools)
+                pools.append(pool.state_dict(ids))
+                # per parameter: its axis and pool; "step" (the pool's, shared) lets a torch optimizer load it,
+                # so that install_torch_guard can refuse its step with a clear error
+                extra = {"step": pool.t["step"]} if pool.allocated else {}
+                state.update({ids[p]: {"dim": m.dim, "pool": j, **extra} for p, m in pool.members.items()})
+        sd["state"], sd["pools"] = state, pools
         sd["clock"] = self._clock
         if self._selection is not None:
-            ids = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
             sd["circuit"] = {ids[p]: [s.dim, s.size, [list(r) for r in s.ranges]] for p, s in self._selection.items()}
         if self.tuning is not None:
             sd["tuning"] = self.tuning.state_dict()
@@ -460,42 +498,50 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         circuit = state_dict.pop("circuit", None)
         clock = state_dict.pop("clock", 0)
         tuning = state_dict.pop("tuning", None)
+        pools = state_dict.pop("pools", [])
         if tuning is not None and self.tuning is not None:
             self.tuning.load_state_dict(tuning)
-        super().load_state_dict(state_dict)
-        groups = {p: g for g in self.param_groups for p in g["params"]}
-        params = list(groups)
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        # members of pools pass as their axis only: torch would cast the shared tensors once per parameter
+        super().load_state_dict({**state_dict, "state": {pid: {"dim": s["dim"]} if "pool" in s else s
+                                                         for pid, s in state_dict["state"].items()}})
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(saved_ids, params))
         for g in self.param_groups:  # saved before state_capacity existed
             g["state_capacity"] = check_state_capacity(g.get("state_capacity", self.defaults["state_capacity"]))
-        for i, saved in state_dict["state"].items():  # torch casts state to the param dtype: undo that
-            p = params[int(i)]
-            self.state[p] = {k: v.to(p.device, copy=True) if isinstance(v, torch.Tensor) else v
-                             for k, v in saved.items()}
-            if "slot" in self.state[p] and "owner" not in self.state[p]:
-                self._upgrade(p, groups[p], self.state[p])
+        gi_of = self._group_index()
+        self._pools, self._pool_of = {}, {}
+        self.state = defaultdict(dict)
+        for saved in pools:
+            members = [by_id[m[0]] for m in saved["members"]]
+            device = local(members[0]).device
+            pool = RowPool.from_state_dict(saved, by_id, self._moments, device)
+            key = self._pool_key(members[0], gi_of[members[0]], saved["members"][0][1])
+            self._pools[key] = pool
+            for p, m in pool.members.items():
+                self._pool_of[p] = key
+                self.state[p]["dim"] = m.dim
+        # per-parameter states of the earlier layouts (and torch's, converted): into the shared pools
+        self._import_rows([(by_id[pid], s) for pid, s in state_dict["state"].items() if "slot" in s])
         self._clock = clock
         if circuit is None:
             self._selection = None
         else:
-            self._selection = {params[int(i)]: ParamSelection(d, n, tuple(tuple(r) for r in rs))
+            self._selection = {by_id[i]: ParamSelection(d, n, tuple(tuple(r) for r in rs))
                                for i, (d, n, rs) in circuit.items()}
 
     # ---- footprint (for logs and benchmarks: these synchronise) ----
-    def _pools(self):
-        return [s for s in self.state.values() if "owner" in s]
-
     def num_state_rows(self) -> int:
-        """Rows currently holding state, over all parameters (the block-sparse footprint in use)."""
-        return sum(int((s["owner"] >= 0).sum()) for s in self._pools())
+        """Rows currently holding state, over all pools (the block-sparse footprint in use)."""
+        return sum(pool.held_rows() for pool in self._pools.values())
 
     def state_capacity_rows(self) -> int:
-        """Rows of the allocated pools, over all parameters (fixed once each parameter has been selected)."""
-        return sum(s["owner"].numel() for s in self._pools())
+        """Slots of the allocated pools (fixed once every parameter has been selected or registered)."""
+        return sum(pool.capacity for pool in self._pools.values() if pool.allocated)
 
     def state_bytes(self) -> int:
-        """Bytes of all state tensors (pools, moments, index tensors)."""
-        return sum(v.numel() * v.element_size() for s in self.state.values() for v in s.values()
-                   if isinstance(v, torch.Tensor))
+        """Bytes of all state tensors (moments, step counts, slot tables)."""
+        return sum(pool.nbytes() for pool in self._pools.values())
 
 
 class CircuitAdamW(_CircuitOptimizer):
@@ -503,14 +549,15 @@ class CircuitAdamW(_CircuitOptimizer):
 
     Moments are fp32 whatever the parameter dtype (bf16/fp16 parameters get fp32 math).
 
-    ``state_capacity`` bounds the state: per parameter, a pool of ``ceil(f * n_rows)`` rows for a float
-    ``f`` in (0, 1], ``min(n, n_rows)`` rows for an int ``n``, all rows for None (the default; a param group
-    may set its own). The pool is allocated on the parameter's first selection and never grows. A step whose
-    selection exceeds a pool raises ``CTFastError`` before anything is written; dense steps (no circuit) need
-    the full pool. When new rows need slots and none is free, the rows idle longest (not selected in this
-    step) are evicted: an evicted row loses its moments and step count and restarts from zero — as a fresh
-    torch optimizer on that row — when it is selected again. Rows outside the circuit keep their state frozen
-    while they hold a slot.
+    ``state_capacity`` bounds the state: each parameter brings ``ceil(f * n_rows)`` slots for a float ``f`` in
+    (0, 1], ``min(n, n_rows)`` for an int ``n``, one per row for None (the default; a param group may set its
+    own), into the pool it shares with the parameters of its group whose rows have the same width — so a
+    circuit may concentrate on a few parameters (a whole-MLP node selects every row of gate/up) as long as the
+    pool's total fits (``ct_fast.state_pool``). A step whose selection exceeds a pool raises ``CTFastError``
+    before anything is written; dense steps (no circuit) need full pools. When new rows need slots and none is
+    free, the rows idle longest (not selected in this step) are evicted: an evicted row loses its moments and
+    step count and restarts from zero — as a fresh torch optimizer on that row — when it is selected again.
+    Rows outside the circuit keep their state frozen while they hold a slot.
 
     ``model=``, ``top_n=`` and the options of ``CircuitTuner`` (``ablation``, ``positions``, ``selection``,
     ``refresh_every``, ``schedule``, ``token_budget``, ``memory_mode``...) circuit-tune inside your own loop

@@ -148,8 +148,7 @@ class TuningSession:
                               "projections); build it from model.parameters()")
         self._trained = {id(p) for p in self.params}
         self._owned = owned
-        if not self.sharded:
-            self._check_state_pools(model)
+        self._reserve_state_pools(model)
         self.anchor = torch.zeros((), device=self.device, dtype=next(model.parameters()).dtype, requires_grad=True)
         self.masked = MaskedLinears(model, self.graph, anchor=self.anchor)
         self._auto_modes: dict = {}  # batch shape -> the mode "auto" chose for it
@@ -167,34 +166,34 @@ class TuningSession:
         if group is not None:
             self._join(group)
 
-    def _check_state_pools(self, model: nn.Module):
-        """Refuse now, not at the first step that selects it, a node whose rows alone overflow its parameter's
-        optimizer-state pool (a fractional ``state_capacity`` with nodes that own whole parameters: an MLP node
-        without ``mlp_head_dim``)."""
-        groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        trained = {n: p for n, p in model.named_parameters() if id(p) in self._trained}
+    def _reserve_state_pools(self, model: nn.Module):
+        """Register every trained parameter in its optimizer-state pool now (so each pool is allocated once, at
+        its final size), and refuse a node whose rows alone overflow a pool, so that no circuit containing it
+        could step (a small fractional ``state_capacity`` with nodes that own whole parameters)."""
         g = self.graph
+        trained = {n: p for n, p in model.named_parameters() if id(p) in self._trained}
+        dims = {trained[s.param]: s.dim for slices in (*g.upstream_params.values(), *g.downstream_params.values())
+                for s in slices if s.param in trained}
+        self.optimizer.reserve_state(dims)
+        if self.sharded:  # a node's rows are split over the ranks' shards: each step checks its own
+            return
+        key_of = self.optimizer._pool_of
         for node, slices in [*g.upstream_params.items(), *g.downstream_params.items()]:
-            rows: dict[str, list] = {}
+            rows: dict[tuple, int] = {}
             for s in slices:
-                rows.setdefault(s.param, [s.dim, 0])[1] += s.stop - s.start
-            for name, (dim, count) in rows.items():
-                p = trained.get(name)
-                if p is None or p.dim() <= 1:  # biases always get a full pool
-                    continue
-                state = self.optimizer.state.get(p, {})
-                n_rows = p.shape[dim]
-                kept = "owner" in state and state.get("dim") == dim  # (a pool on another axis is re-laid out)
-                pool = state["owner"].numel() if kept else self.optimizer._pool_size(p, groups[id(p)], n_rows)
-                if count > pool:
-                    cap = groups[id(p)]["state_capacity"]
-                    whole_mlp = node.startswith("mlp.") and node.count(".") == 1
+                p = trained.get(s.param)
+                if p is not None and p in key_of:
+                    rows[key_of[p]] = rows.get(key_of[p], 0) + s.stop - s.start
+            for key, count in rows.items():
+                pool = self.optimizer._pools[key]
+                if count > pool.capacity:
+                    cap = self.optimizer.param_groups[key[0]]["state_capacity"]
+                    n_rows = sum(m.n_rows for m in pool.members.values())
                     raise CTFastError(
-                        f"state_capacity={cap!r} gives {name} ({n_rows} rows on axis {dim}) a pool of {pool} rows, "
-                        f"but node {node!r} alone selects {count} of them, so no circuit containing it could step. "
-                        + ("Split MLP nodes into heads (mlp_head_dim=..., e.g. 64 or 128), or pass " if whole_mlp
-                           else "Pass ") + f"state_capacity >= {math.ceil(1000 * count / n_rows) / 1000:g} (a "
-                        f"fraction) or >= {count} (rows per parameter), or None")
+                        f"state_capacity={cap!r} gives the {len(pool.members)} parameters with rows of width {key[1]} "
+                        f"a shared optimizer-state pool of {pool.capacity} rows, but node {node!r} alone selects "
+                        f"{count} of them, so no circuit containing it could step; pass state_capacity >= "
+                        f"{math.ceil(1000 * count / n_rows) / 1000:g} (a fraction) or None")
 
     def _join(self, group):
         """Several ranks: check that all run the same graph and options, and start from rank 0's weights."""

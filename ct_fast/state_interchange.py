@@ -19,6 +19,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .errors import CTFastError
+from .state_pool import per_parameter_states, pool_size
 
 _TORCH_KEYS = {"AdamW": ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), "SGD": ("momentum_buffer",)}
 
@@ -33,8 +34,9 @@ def _saved_kind(group: dict) -> str | None:
 
 
 def _is_pooled(state) -> bool:
-    """Whether a per-parameter state is in ct_fast's pooled-row layout (pre-pool states have dim/slot only)."""
-    return isinstance(state, dict) and "slot" in state and ("owner" in state or "dim" in state)
+    """Whether a per-parameter state is in ct_fast's layout: a member of a shared pool (``dim``/``pool``), or a
+    per-parameter pool of the earlier layouts (``slot`` with ``owner``, or with ``dim`` before pools)."""
+    return isinstance(state, dict) and ("pool" in state or "slot" in state and ("owner" in state or "dim" in state))
 
 
 def _n_rows(shape, dim: int = 0) -> int:
@@ -101,7 +103,7 @@ def _check_groups(optimizer, saved_groups: list):
 
 def _convert_one(optimizer, p: torch.Tensor, pid, group: dict, saved: dict) -> dict | None:
     """One torch-format per-parameter state as a dense pool along axis 0 (None: nothing to keep)."""
-    from .optim import CircuitAdamW, pool_size
+    from .optim import CircuitAdamW
 
     adamw = isinstance(optimizer, CircuitAdamW)
     kind = "AdamW" if adamw else "SGD"
@@ -174,7 +176,8 @@ def convert_torch_state(optimizer, state_dict: dict) -> dict:
                           f"got keys {sorted(state_dict)}")
     ids = _id_map(optimizer, saved_groups)
     _check_groups(optimizer, saved_groups)
-    torch_format = {pid: s for pid, s in state_dict["state"].items() if isinstance(s, dict) and s and "slot" not in s}
+    torch_format = {pid: s for pid, s in state_dict["state"].items()
+                    if isinstance(s, dict) and s and not _is_pooled(s)}
     if not torch_format and all("state_capacity" in g for g in saved_groups):
         return state_dict
     from .optim import check_state_capacity
@@ -234,9 +237,10 @@ def _guard(optimizer, args, kwargs):
         name = (f"torch.optim.{cls.__qualname__}" if cls.__module__.startswith("torch.optim")
                 else f"{cls.__module__}.{cls.__qualname__}")
         p, s = pooled[0]
-        target = "CircuitAdamW" if "exp_avg" in s else "CircuitSGD"
+        sgd = "momentum_buffer" in s or isinstance(optimizer, torch.optim.SGD)
+        target = "CircuitSGD" if sgd and "exp_avg" not in s else "CircuitAdamW"
         shape = tuple(p.shape) if isinstance(p, torch.Tensor) else p
-        raise CTFastError(f"this {name} holds a ct_fast circuit-optimizer state (pooled rows: slot/owner) for "
+        raise CTFastError(f"this {name} holds a ct_fast circuit-optimizer state (pooled rows) for "
                           f"{len(pooled)} parameter(s), e.g. one of shape {shape}; a torch optimizer would "
                           f"ignore or misread it, so the step was refused (parameters untouched). Load that "
                           f"state_dict into ct_fast.{target}(...) instead, or convert it first with "
@@ -277,7 +281,7 @@ def to_torch_state(state_dict: dict, params) -> dict:
                           "pass the parameters the circuit optimizer was built with, in the same order")
     by_id = dict(zip(ids, flat))
     state = {}
-    for pid, s in state_dict["state"].items():
+    for pid, s in per_parameter_states(state_dict)["state"].items():
         if not _is_pooled(s):
             state[pid] = s
             continue

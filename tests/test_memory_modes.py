@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ct_fast
-from ct_fast import CircuitAdamW, CircuitSGD, CircuitTuner, CTFastError, enable_activation_checkpointing
+from ct_fast import CircuitAdamW, CircuitSGD, CircuitTuner, CTFastError, ParamSelection, enable_activation_checkpointing
 from ct_fast.masked_linear import MaskedLinears
 from ct_fast.testing import assert_close, random_batch, tiny_model
 
@@ -129,33 +129,45 @@ def test_outcome_metric_ignores_the_memory_mode(batch):
 
 def test_bounded_state_over_many_tuner_steps():
     """A capacity bounds the optimizer state of a tuner whose circuits change every step; shared 1-D biases
-    (selected whole with any of their heads) get full pools, so GPT-2 circuits of heads fit."""
+    (selected whole with any of their heads) get a slot per row, so GPT-2 circuits of heads fit."""
     model = tiny_model("gpt2")
     opt = CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.75)
     tuner = CircuitTuner(model, opt, top_n=2, mlp_head_dim=8)
-    rows, pools = [], {}
+    rows, storage = [], None
     for s in range(12):
         tuner.step(random_batch(37, seed=s))
         rows.append(opt.num_state_rows())
         assert rows[-1] <= opt.state_capacity_rows()
-        for p, state in opt.state.items():  # a parameter's pool is allocated once and never grows
-            assert pools.setdefault(p, state["owner"].numel()) == state["owner"].numel()
+        now = {key: pool.t["step"].data_ptr() for key, pool in opt._pools.items()}
+        assert storage in (None, now)  # every pool allocated at the first step, never grown
+        storage = now
     assert len(set(rows)) > 1
-    matrices = [(p, s) for p, s in opt.state.items() if p.dim() == 2]
-    assert matrices and all(s["owner"].numel() < p.shape[s["dim"]] for p, s in matrices)
+    matrices = [pool for pool in opt._pools.values() if any(p.dim() == 2 for p in pool.members)]
+    assert matrices and all(pool.capacity < pool.rows for pool in matrices)
 
 
-def test_a_pool_no_node_fits_is_refused_before_training():
-    """A fractional capacity that cannot hold even one node's rows (an MLP node owns its parameters whole) is
-    refused when circuit-tuning starts, naming the fixes, instead of at the first step that selects the node."""
-    model = tiny_model("llama")  # MLP width 40; 2 KV heads of 6 rows
-    with pytest.raises(CTFastError, match=r"node 'mlp.0' alone selects 40 of them.*mlp_head_dim"):
-        CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.5), top_n=3)
-    with pytest.raises(CTFastError, match="mlp_head_dim"):  # the drop-in optimizer too
-        CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.5, model=model, top_n=3)
-    with pytest.raises(CTFastError, match=r"k_proj.*node 'attn.0.0.k' alone selects 6 .* >= 0.5 \(a fraction\)"):
-        CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.25), top_n=3,
-                     mlp_head_dim=10)
-    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.5), top_n=3,
-                         mlp_head_dim=10)  # MLP heads of 10 units and KV heads of 6 rows fit
-    tuner.step(random_batch(37))
+def test_whole_mlp_nodes_share_the_pool_and_a_pool_no_node_fits_is_refused():
+    """An MLP node owns its parameters whole; with rows of one width pooled (gate/up rows, down columns, q/k/v
+    rows, o columns: all d_model long) a fractional capacity still holds it. A capacity that cannot hold even
+    one node's rows is refused when circuit-tuning starts, naming the fix, instead of at the first step that
+    selects the node."""
+    model = tiny_model("llama")  # d_model 24, MLP width 40 (gate + up: 80 rows), 2 layers: 384 rows of width 24
+    with pytest.raises(CTFastError, match=r"pool of 50 rows, but node 'mlp.0' alone selects 80 of them.*"
+                                          r"state_capacity >= 0.209 \(a fraction\)"):
+        CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.125), top_n=3)
+    with pytest.raises(CTFastError, match="alone selects"):  # the drop-in optimizer too
+        CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.125, model=model, top_n=3)
+    opt = CircuitAdamW(model.parameters(), lr=1e-3, state_capacity=0.5)
+    CircuitTuner(model, opt, top_n=3)  # registers every tunable parameter in its pool: 192 slots of width 24
+    mlp = model.model.layers[0].mlp
+    every = ((0, 40),)  # node mlp.0 in both roles: all gate/up rows, all down columns (120 rows of width 24)
+    whole = {mlp.gate_proj.weight: ParamSelection(0, 40, every), mlp.up_proj.weight: ParamSelection(0, 40, every),
+             mlp.down_proj.weight: ParamSelection(1, 40, every)}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.set_circuit(whole)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"model.layers.0.mlp.{k}_proj.weight" for k in ("gate", "up", "down")}
+    assert opt.num_state_rows() == 120 and opt.state_capacity_rows() == 192

@@ -152,7 +152,7 @@ def test_bf16_params_get_fp32_math():
     for a, b in zip(p16, ref):
         assert a.dtype == torch.bfloat16
         assert_close(a.float(), b, dtype=torch.bfloat16)
-    assert all(s["exp_avg"].dtype == torch.float32 for s in o16.state.values())
+    assert all(pool.t["exp_avg"].dtype == torch.float32 for pool in o16._pools.values())
 
 
 def test_lr_scheduler_compatible():
@@ -195,18 +195,27 @@ def test_dense_state_moves_to_a_column_selection():
 # ---- bounded state pools (state_capacity) ------------------------------------------------------------
 
 class _PoolModel:
-    """Python model of one parameter's slot pool: rows keep their slots; new rows take free slots (lowest
-    index first), then the least recently used (ties: lowest index), never one selected in the same step."""
+    """Python model of one shared slot pool: members join in order (their rows become consecutive global rows,
+    their budgets append free slots); rows keep their slots; new rows take free slots (lowest index first),
+    then the slot whose row was selected least recently (ties: the lower global row), never one selected in the
+    same step."""
 
-    def __init__(self, capacity):
-        self.owner, self.last, self.steps = [-1] * capacity, [0] * capacity, [0] * capacity
+    def __init__(self):
+        self.owner, self.last, self.steps, self.base, self.rows = [], [], [], {}, 0
+
+    def join(self, member, n_rows, budget):
+        if member not in self.base:
+            self.base[member], self.rows = self.rows, self.rows + n_rows
+            self.owner, self.last, self.steps = self.owner + [-1] * budget, self.last + [0] * budget, \
+                self.steps + [0] * budget
 
     def select(self, rows, now) -> list:
-        """Select ``rows`` (sorted) at optimizer step ``now``; returns the rows that (re)start from zero."""
+        """Select global ``rows`` (in the step's order) at optimizer step ``now``; returns those that (re)start
+        from zero."""
         slot_of = {r: s for s, r in enumerate(self.owner) if r >= 0}
         kept = {slot_of[r] for r in rows if r in slot_of}
         order = sorted((s for s in range(len(self.owner)) if s not in kept),
-                       key=lambda s: (0, 0, s) if self.owner[s] < 0 else (1, self.last[s], s))
+                       key=lambda s: (0, s, 0) if self.owner[s] < 0 else (1, self.last[s], self.owner[s]))
         fresh = [r for r in rows if r not in slot_of]
         for r, s in zip(fresh, order):
             self.owner[s], self.steps[s], slot_of[r] = r, 0, s
@@ -216,9 +225,11 @@ class _PoolModel:
         return fresh
 
 
-# (shape, sliced axis) of the small parameters of the pool tests, and their pool sizes at state_capacity=0.5
-_POOL_PARAMS = [((6, 4), 0), ((4, 5), 1), ((7, 1), 0)]  # 1-D parameters always get full pools
-_POOL_CAPS = [3, 3, 4]
+# (shape, sliced axis) of the small parameters of the pool tests: the first two have rows of width 4 and share
+# a pool (3 + 3 slots at state_capacity=0.5); the third is alone (4 slots)
+_POOL_PARAMS = [((6, 4), 0), ((4, 5), 1), ((7, 1), 0)]
+_BUDGETS = [3, 3, 4]
+_POOL_OF = [0, 0, 1]  # the pool of each parameter
 
 
 def _pool_params(seed=0):
@@ -226,20 +237,45 @@ def _pool_params(seed=0):
     return [torch.randn(s, generator=g).requires_grad_() for s, _ in _POOL_PARAMS]
 
 
-def _random_masks(params, caps, gen):
-    """{param index: bool mask} selecting 1..cap random rows along each parameter's axis; some left out."""
-    masks = {}
-    for i, (p, (_, dim), cap) in enumerate(zip(params, _POOL_PARAMS, caps)):
-        if torch.rand((), generator=gen) < 0.2:
+def _reserve(opt, params):
+    opt.reserve_state({p: dim for p, (_, dim) in zip(params, _POOL_PARAMS)})
+
+
+def _random_masks(params, gen):
+    """{param index: bool mask} of random rows along each parameter's axis, some parameters left out; the rows
+    of one pool never exceed its slots, but one parameter may take more than it brought."""
+    masks, free = {}, [sum(b for b, k in zip(_BUDGETS, _POOL_OF) if k == pool) for pool in (0, 1)]
+    for i, (p, (_, dim)) in enumerate(zip(params, _POOL_PARAMS)):
+        n, pool = p.shape[dim], _POOL_OF[i]
+        if torch.rand((), generator=gen) < 0.2 or free[pool] == 0:
             continue
-        n = p.shape[dim]
-        k = int(torch.randint(1, cap + 1, (), generator=gen))
+        k = int(torch.randint(1, min(n, free[pool]) + 1, (), generator=gen))
+        free[pool] -= k
         rows = torch.zeros(n, dtype=torch.bool)
         rows[torch.randperm(n, generator=gen)[:k]] = True
         view = [1] * p.dim()
         view[dim] = n
         masks[i] = rows.view(view).expand(p.shape).clone()
     return masks
+
+
+def _select_in_models(models, params, masks, now) -> dict:
+    """Apply one step's masks to the pool models; ``{(param index, row): True}`` for rows that restart."""
+    fresh = {}
+    for pool, model in enumerate(models):
+        mine = [i for i in sorted(masks) if _POOL_OF[i] == pool]
+        wanted = [model.base[i] + r for i in mine for r in _rows_of_mask(masks[i], _POOL_PARAMS[i][1])]
+        for g in model.select(wanted, now):
+            i = max(j for j in mine if model.base[j] <= g)
+            fresh[i, g - model.base[i]] = True
+    return fresh
+
+
+def _pool_models(params):
+    models = [_PoolModel(), _PoolModel()]
+    for i, (p, (_, dim)) in enumerate(zip(params, _POOL_PARAMS)):
+        models[_POOL_OF[i]].join(i, p.shape[dim], _BUDGETS[i])
+    return models
 
 
 def _rows_of_mask(mask, dim):
@@ -251,90 +287,104 @@ def _row_selection(n, rows):
 
 
 def _assert_same_state(sd_a, sd_b):
-    """Two optimizer state_dicts hold bit-identical state, clock and groups."""
+    """Two optimizer state_dicts hold bit-identical state, pools, clock and groups."""
     assert sd_a["state"].keys() == sd_b["state"].keys()
     for i, state in sd_a["state"].items():
         assert state.keys() == sd_b["state"][i].keys()
         for k, v in state.items():
             assert torch.equal(v, sd_b["state"][i][k]) if isinstance(v, torch.Tensor) else v == sd_b["state"][i][k]
+    assert len(sd_a["pools"]) == len(sd_b["pools"])
+    for a, b in zip(sd_a["pools"], sd_b["pools"]):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            assert torch.equal(v, b[k]) if isinstance(v, torch.Tensor) else v == b[k], k
     assert sd_a["clock"] == sd_b["clock"] and sd_a["param_groups"] == sd_b["param_groups"]
 
 
-def _check_pool(state, model):
+def _check_pool(pool, model):
     """The optimizer's pool equals the Python model: owners, step counts, time stamps, slot <-> owner links."""
-    owner = state["owner"].tolist()
+    owner = pool.t["owner"].tolist()
     assert owner == model.owner
-    assert state["step"][:-1].tolist() == model.steps  # the last entry is scratch
-    assert [t for t, o in zip(state["last_used"].tolist(), owner) if o >= 0] == \
+    assert pool.t["step"][:-1].tolist() == model.steps  # the last entry is scratch
+    assert [t for t, o in zip(pool.t["last_used"].tolist(), owner) if o >= 0] == \
         [t for t, o in zip(model.last, owner) if o >= 0]
-    expected_slot = [-1] * state["slot"].numel()
+    expected_slot = [-1] * model.rows
     for s, r in enumerate(owner):
         if r >= 0:
             expected_slot[r] = s
-    assert state["slot"].tolist() == expected_slot
+    assert pool.t["slot"].tolist() == expected_slot
+
+
+def _pools_of(opt, params):
+    return [opt._pools[opt._pool_of[params[0]]], opt._pools[opt._pool_of[params[2]]]]
 
 
 @pytest.mark.parametrize("ours,kw", [(CircuitAdamW, dict(lr=1e-2)), (CircuitSGD, dict(lr=0.05, momentum=0.9))],
                          ids=["adamw", "sgd"])
 def test_bounded_pool_never_grows(ours, kw):
     """200 steps of random circuits: the pools are allocated once, keep their storage and size, never hold
-    more rows than their capacity, and evict exactly as the LRU model says."""
+    more rows than their capacity, share their slots among their parameters (one parameter may hold more
+    than it brought), and evict exactly as the LRU model says."""
     params = _pool_params()
     opt = ours([{"params": params[:2]}, {"params": params[2:], "state_capacity": 4}], state_capacity=0.5, **kw)
-    models = [_PoolModel(c) for c in _POOL_CAPS]
+    _reserve(opt, params)
+    models = _pool_models(params)
     gen = torch.Generator().manual_seed(7)
-    storage = None
+    storage, over_budget = None, 0
     for step in range(200):
-        masks = _random_masks(params, _POOL_CAPS, gen)
+        masks = _random_masks(params, gen)
         opt.set_circuit({params[i]: m for i, m in masks.items()})
         for p, g in zip(params, _grads(params, step)):
             p.grad = g
         opt.step()
-        for i, (p, (_, dim), model) in enumerate(zip(params, _POOL_PARAMS, models)):
-            if i in masks:
-                model.select(_rows_of_mask(masks[i], dim), step + 1)
-            if p in opt.state:
-                _check_pool(opt.state[p], model)
+        _select_in_models(models, params, masks, step + 1)
+        pools = _pools_of(opt, params)
+        for pool, model in zip(pools, models):
+            if pool.allocated:
+                _check_pool(pool, model)
+        over_budget += int((opt.param_state(params[0]).get("slot", torch.zeros(0)) >= 0).sum()) > _BUDGETS[0]
         assert opt.num_state_rows() <= opt.state_capacity_rows()
-        if len(opt.state) == len(params):
-            now = {id(p): [v.data_ptr() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
-                   for p in params}
+        if all(pool.allocated for pool in pools):
+            now = [v.data_ptr() for pool in pools for v in pool.t.values()]
             assert storage in (None, now)  # the same tensors, never reallocated
             if storage is None:
                 storage, rows, nbytes = now, opt.state_capacity_rows(), opt.state_bytes()
             assert (opt.state_capacity_rows(), opt.state_bytes()) == (rows, nbytes)
-    assert storage is not None and rows == sum(_POOL_CAPS)
-    assert opt.num_state_rows() == sum(_POOL_CAPS)  # 200 steps fill every pool
+    assert storage is not None and rows == sum(_BUDGETS)
+    assert opt.num_state_rows() == sum(_BUDGETS)  # 200 steps fill every pool
+    assert over_budget > 5  # the first parameter often held more slots than it brought
 
 
 @pytest.mark.parametrize("ours,theirs,kw", _pairs(), ids=lambda x: getattr(x, "__name__", str(x)))
 def test_evicted_rows_restart_and_kept_rows_continue(ours, theirs, kw):
     """Every row follows a torch optimizer run on that row alone, which restarts from scratch whenever the row
-    re-enters after losing its slot; rows not selected are bit-identical."""
+    re-enters after losing its slot (to a row of its own or of another parameter of its pool); rows not
+    selected are bit-identical."""
     params = _pool_params(seed=1)
     start = [p.detach().clone() for p in params]
     opt = ours(params, state_capacity=0.5, **kw)
-    models = [_PoolModel(c) for c in _POOL_CAPS]
+    _reserve(opt, params)
+    models = _pool_models(params)
     gen = torch.Generator().manual_seed(3)
     solo, restarts = {}, 0
     for step in range(30):
-        masks = _random_masks(params, _POOL_CAPS, gen)
+        masks = _random_masks(params, gen)
         opt.set_circuit({params[i]: m for i, m in masks.items()})
         grads = _grads(params, step)
         for p, g in zip(params, grads):
             p.grad = g.clone()
         before = [p.detach().clone() for p in params]
         opt.step()
-        for i, (p, g, (_, dim), model) in enumerate(zip(params, grads, _POOL_PARAMS, models)):
+        fresh = _select_in_models(models, params, masks, step + 1)
+        restarts += sum(key in solo for key in fresh)
+        for i, (p, g, (_, dim)) in enumerate(zip(params, grads, _POOL_PARAMS)):
             rows = _rows_of_mask(masks[i], dim) if i in masks else []
-            fresh = model.select(rows, step + 1) if rows else []
-            restarts += sum((i, r) in solo for r in fresh)
             for r in range(p.shape[dim]):
                 now = p.detach().movedim(dim, 0)[r]
                 if r not in rows:
                     assert torch.equal(now, before[i].movedim(dim, 0)[r]), (i, r, step)
                     continue
-                if r in fresh:  # a fresh optimizer from the row's current value
+                if (i, r) in fresh:  # a fresh optimizer from the row's current value
                     q = before[i].movedim(dim, 0)[r].clone().requires_grad_()
                     solo[i, r] = (q, theirs([q], foreach=False, **kw))
                 q, o = solo[i, r]
@@ -355,7 +405,8 @@ def test_lru_evicts_the_row_idle_longest():
         opt.set_circuit({p: mask})
         p.grad = torch.ones(4, 3)
         opt.step()
-        slot, step = opt.state[p]["slot"], opt.state[p]["step"]
+        state = opt.param_state(p)
+        slot, step = state["slot"], state["step"]
         return {r: int(step[slot[r]]) for r in range(4) if slot[r] >= 0}  # row -> its step count
 
     assert select(0) == {0: 1}
@@ -369,6 +420,53 @@ def test_lru_evicts_the_row_idle_longest():
     assert opt.state_bytes() == (4 + 2 + 2) * 8 + 3 * 4 + 2 * 3 * 3 * 4
 
 
+def test_parameters_of_one_width_share_a_pool():
+    """Rows of one width share the slots of their param group: a whole parameter fits a pool of fractional
+    capacity when the others leave room, rows of another width or group never take those slots, and a row
+    evicted by another parameter restarts."""
+    a, b = torch.randn(8, 4, requires_grad=True), torch.randn(4, 8, requires_grad=True)  # rows / columns of 4
+    c, d = torch.randn(8, 3, requires_grad=True), torch.randn(8, 4, requires_grad=True)  # other width / group
+    opt = CircuitAdamW([{"params": [a, b, c]}, {"params": [d]}], lr=1e-2, state_capacity=0.5)
+    opt.reserve_state({a: 0, b: 1, c: 0, d: 0})
+    assert [opt.pool_capacity(p) for p in (a, b, c, d)] == [8, 8, 4, 4]
+    opt.set_circuit({a: ParamSelection(0, 8, ((0, 8),)), c: ParamSelection(0, 8, ((0, 4),)),
+                     d: ParamSelection(0, 8, ((0, 4),))})  # all of a: 8 rows in a pool of 4 + 4
+    for p in (a, b, c, d):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert int((opt.param_state(a)["slot"] >= 0).sum()) == 8 and opt.num_state_rows() == 16
+    opt.set_circuit({b: ParamSelection(1, 8, ((0, 3),))})  # b's columns evict a's rows idle longest: 0, 1, 2
+    opt.step()
+    assert (opt.param_state(a)["slot"] >= 0).tolist() == [False] * 3 + [True] * 5
+    with pytest.raises(CTFastError, match=r"the circuit selects 9 rows of width 4 in param group 0 .* pool these "
+                                          r"parameters share holds 8 rows \(state_capacity=0.5\); raise "
+                                          r"state_capacity to at least 0.563"):
+        opt.set_circuit({a: ParamSelection(0, 8, ((0, 8),)), b: ParamSelection(1, 8, ((0, 1),))})
+        opt.step()
+
+
+def test_a_parameter_joining_later_grows_its_pool_once():
+    """A hand-set circuit that brings a new parameter of a known width into an allocated pool grows the pool
+    once, keeping every held row's state: the run equals one whose pool was reserved up front."""
+    def run(reserve):
+        a, b = _pool_params(seed=9)[:2]  # rows of width 4: a by rows, b by columns
+        opt = CircuitAdamW([a, b], lr=1e-2, state_capacity=0.5)
+        if reserve:
+            opt.reserve_state({a: 0, b: 1})
+        for step, sel in enumerate([{a: _row_selection(6, (0, 2))}, {a: _row_selection(6, (2, 3)),
+                                    b: ParamSelection(1, 5, ((1, 4),))}, {a: _row_selection(6, (0, 3))}]):
+            opt.set_circuit(sel)
+            for p, g in zip((a, b), _grads((a, b), step)):
+                p.grad = g
+            opt.step()
+            if step == 0:
+                assert opt.state_capacity_rows() == (6 if reserve else 3)
+        assert opt.state_capacity_rows() == 6 and opt.num_state_rows() == 6
+        return a, b
+
+    assert all(torch.equal(x, y) for x, y in zip(run(False), run(True)))
+
+
 def test_full_capacity_equals_unbounded():
     """state_capacity None, 1.0 and an int >= the rows give the same pools and bit-identical trajectories."""
     runs = []
@@ -380,7 +478,8 @@ def test_full_capacity_equals_unbounded():
             for p, g in zip(params, _grads(params, step)):
                 p.grad = g
             opt.step()
-        assert [opt.state[p]["owner"].numel() for p in params if p in opt.state] == [7, 5, 3, 1]
+        # rows of width 5 (7), 11 (3) and 1 (the 5 + 1 of the vector and the scalar; the 1-element one unselected)
+        assert sorted(pool.capacity for pool in opt._pools.values()) == [3, 6, 7]
         runs.append(params)
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
@@ -393,7 +492,7 @@ def test_state_capacity_validation_and_sizes():
             CircuitAdamW(params, state_capacity=bad)
     with pytest.raises(CTFastError, match="state_capacity"):
         CircuitSGD([{"params": params[:1], "state_capacity": 2.0}], lr=0.1)
-    from ct_fast.optim import pool_size
+    from ct_fast.state_pool import pool_size
     assert [pool_size(0.3, 10), pool_size(0.25, 7), pool_size(0.01, 5), pool_size(3, 2), pool_size(None, 4)] == \
         [3, 2, 1, 2, 4]
 
@@ -409,15 +508,15 @@ def test_selection_over_capacity_raises_and_writes_nothing():
         opt.step()
     before = copy.deepcopy((a, b, opt.state_dict()))
     opt.set_circuit({a: _row_selection(6, (4, 5)), b: _row_selection(8, (1, 3, 5))})  # a evicts; b has 2 slots
-    with pytest.raises(CTFastError, match=r"selects 3 of the 8 rows .* shape \(8, 3\).* pool holds 2 rows "
-                                          r"\(state_capacity=0.25\); raise state_capacity to at least 3 rows"):
+    with pytest.raises(CTFastError, match=r"selects 3 rows of width 3 in param group 1 \(3 of the 8 rows \(axis 0\) "
+                                          r"of a parameter of shape \(8, 3\)\), but .* holds 2 rows "
+                                          r"\(state_capacity=0.25\); raise state_capacity to at least 0.375"):
         opt.step()
     assert torch.equal(a, before[0]) and torch.equal(b, before[1])
     _assert_same_state(opt.state_dict(), before[2])
     opt.set_circuit(None)  # dense steps need every row of a pool
-    with pytest.raises(CTFastError, match=r"a dense step \(no circuit\) updates all 6 of the 6 rows"):
+    with pytest.raises(CTFastError, match=r"a dense step \(no circuit\) updates 6 rows of width 4 in param group 0"):
         opt.step()
-
 
 
 def test_dense_state_moves_axis_only_into_a_full_pool():
@@ -431,6 +530,7 @@ def test_dense_state_moves_axis_only_into_a_full_pool():
     with pytest.raises(CTFastError, match="to axis 1 needs 8 rows of state, but state_capacity=5 gives 5"):
         opt.step()
 
+
 @pytest.mark.parametrize("ours,kw", [(CircuitAdamW, dict(lr=1e-2, weight_decay=0.05)),
                                      (CircuitSGD, dict(lr=0.05, momentum=0.9, nesterov=True))], ids=["adamw", "sgd"])
 def test_state_dict_round_trip_with_capacity(ours, kw):
@@ -439,6 +539,7 @@ def test_state_dict_round_trip_with_capacity(ours, kw):
     def run(split):
         params = _pool_params(seed=5)
         opt = ours(params, state_capacity=0.5, **kw)
+        _reserve(opt, params)
         gen = torch.Generator().manual_seed(11)
         for step in range(40):
             if split and step == 25:
@@ -447,7 +548,7 @@ def test_state_dict_round_trip_with_capacity(ours, kw):
                 opt = ours(params, state_capacity=None, **kw)
                 opt.load_state_dict(sd)
                 assert opt.param_groups[0]["state_capacity"] == 0.5
-            opt.set_circuit({params[i]: m for i, m in _random_masks(params, _POOL_CAPS, gen).items()})
+            opt.set_circuit({params[i]: m for i, m in _random_masks(params, gen).items()})
             for p, g in zip(params, _grads(params, step)):
                 p.grad = g
             opt.step()
@@ -458,27 +559,51 @@ def test_state_dict_round_trip_with_capacity(ours, kw):
     _assert_same_state(oa.state_dict(), ob.state_dict())
 
 
-def test_loads_state_saved_before_pools():
-    """A state_dict of the earlier layout (rows appended as they entered, no owner/last_used) loads into a pool
-    and continues bit-identically."""
+def _per_parameter_layout(sd, pools: bool) -> dict:
+    """``sd`` in an earlier layout: a pool per parameter (``pools``), or rows appended as they entered (no
+    owner/last_used, no clock, no state_capacity)."""
+    from ct_fast.state_pool import per_parameter_states
+    moments = [k for k in ("exp_avg", "exp_avg_sq", "momentum_buffer") if k in sd["pools"][0]]
+    owners = {}
+    for saved in sd["pools"]:
+        for pid, _, base, n_rows, _ in saved["members"]:
+            owners[pid] = (saved["owner"], saved["last_used"], base)
+    state = {}
+    for pid, s in per_parameter_states(sd)["state"].items():
+        held = (s["slot"] >= 0).nonzero().flatten()
+        old = s["slot"][held]
+        slot = torch.full_like(s["slot"], -1)
+        slot[held] = torch.arange(held.numel())
+        new = {"dim": s["dim"], "slot": slot, "step": s["step"][old]}
+        new.update({k: s[k][old] for k in moments})
+        if pools:
+            new["owner"], new["last_used"] = held.clone(), owners[pid][1][old]
+        state[pid] = new
+    out = {**sd, "state": state}
+    del out["pools"]
+    if not pools:
+        del out["clock"]
+        out["param_groups"] = [{k: v for k, v in g.items() if k != "state_capacity"} for g in sd["param_groups"]]
+    return out
+
+
+@pytest.mark.parametrize("pools", [False, True], ids=["appended_rows", "pool_per_parameter"])
+def test_loads_state_of_earlier_layouts(pools):
+    """A state_dict of an earlier layout loads into the shared pools and continues bit-identically (with a
+    bounded pool per parameter: evicting the same rows, their time stamps kept)."""
     def run(legacy):
-        params = _params(seed=4)
-        opt = CircuitAdamW(params, lr=1e-2)
-        for step in range(6):
-            if legacy and step == 3:
-                sd = copy.deepcopy(opt.state_dict())
-                for state in sd["state"].values():  # unbounded pools hand out slots 0..m-1 in order of entry
-                    m = int((state.pop("owner") >= 0).sum())
-                    del state["last_used"]
-                    for k in ("step", "exp_avg", "exp_avg_sq"):
-                        state[k] = state[k][:m]
-                del sd["clock"]
-                for g in sd["param_groups"]:
-                    del g["state_capacity"]
+        params = _pool_params(seed=4)
+        cap = 0.5 if pools else None
+        opt = CircuitAdamW(params, lr=1e-2, state_capacity=cap)
+        _reserve(opt, params)
+        gen = torch.Generator().manual_seed(2)
+        for step in range(12):
+            if legacy and step == 6:
+                sd = _per_parameter_layout(copy.deepcopy(opt.state_dict()), pools)
                 params = [p.detach().clone().requires_grad_() for p in params]
-                opt = CircuitAdamW(params, lr=1e-2)
+                opt = CircuitAdamW(params, lr=1e-2, state_capacity=cap)
                 opt.load_state_dict(sd)
-            opt.set_circuit(_circuit(params, step))
+            opt.set_circuit({params[i]: m for i, m in _random_masks(params, gen).items()})
             for p, g in zip(params, _grads(params, step)):
                 p.grad = g
             opt.step()

@@ -539,8 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--memory-mode", default="auto", choices=["auto", "deferred", "two_pass", "lagged"],
                    help="how a faithful step bridges scoring and the weight gradient (see README)")
     t.add_argument("--state-capacity", type=_capacity, default=None,
-                   help="optimizer-state pool per parameter: a fraction in (0, 1] of its rows or a row count "
-                        "(default: every row)")
+                   help="optimizer state each parameter brings into the pool it shares with the parameters of "
+                        "the same row width: a fraction in (0, 1] of its rows or a row count (default: every row)")
     t.add_argument("--fused-loss", action="store_true",
                    help="compute the loss without the [batch, tokens, vocab] logits (chunked unembedding + "
                         "cross-entropy; --method circuit or full)")
@@ -602,8 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     pn.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer")
     pn.add_argument("--top-fraction", type=float, default=0.05, help="share of tunable parameters in a circuit")
     pn.add_argument("--state-capacity", type=float, default=None,
-                    help="circuit optimizer state pool per parameter: a fraction of its rows, or rows "
-                         "(default: every row)")
+                    help="circuit optimizer state: the fraction of each parameter's rows its shared pool "
+                         "holds (default: every row)")
     pn.add_argument("--json", default=None, metavar="FILE", help="write the plan as JSON here (default: none)")
     pn.set_defaults(func=cmd_plan)
     p.subcommands = parsers

@@ -123,6 +123,9 @@ def _persistent_bytes(model, method: "_Method") -> int:
     for state in opt.state.values():
         for v in state.values():
             add(v)
+    for pool in getattr(opt, "_pools", {}).values():  # circuit optimizers: the shared row pools
+        for v in pool.t.values():
+            add(v)
     return total
 
 
