@@ -72,6 +72,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
     """
 
     _moments: tuple[str, ...] = ()
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler hands over grad_scale/found_inf (see _skip_flag)
+    skip_nonfinite = False
 
     def __init__(self, params, defaults, model: nn.Module | None = None, top_n=None, tuning: dict | None = None):
         super().__init__(params, defaults)
@@ -82,6 +84,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         self._pool_of: dict[torch.Tensor, tuple] = {}  # parameter -> the key of its pool
         self.tuning = None  # the attached TuningSession (model=)
         self.last_step = None  # the Conclusion the last circuit-tuning step applied
+        self.step_skipped: torch.Tensor | None = None  # [1] fp32 on the device, 1: the last step wrote nothing
         if model is not None:
             self.attach(model, top_n, **(tuning or {}))
         elif top_n is not None or tuning:
@@ -205,11 +208,16 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         n_rows = _n_rows(p, dim)
         return p, dim, n_rows, pool_size(None if p.dim() <= 1 else group["state_capacity"], n_rows)
 
-    @staticmethod
-    def _pool_key(p: torch.Tensor, gi: int, dim: int) -> tuple:
-        """Pools are shared per (param group, row width, device)."""
-        q = local(p)
-        return gi, max(1, q.numel()) // _n_rows(p, dim), str(q.device)
+    def _pool_key(self, p: torch.Tensor, gi: int, dim: int) -> tuple:
+        """``(group index, row width, device[, position in the group])``. A parameter that brings a slot for every
+        row (``state_capacity=None``, biases) has a pool of its own, allocated when it is first selected: it
+        gains nothing from sharing. The others share one pool per group, width and device."""
+        q, group = local(p), self.param_groups[gi]
+        n_rows = _n_rows(p, dim)
+        key = (gi, max(1, q.numel()) // n_rows, str(q.device))
+        if self._entry(p, group, dim)[3] >= n_rows:
+            key += (next(j for j, x in enumerate(group["params"]) if x is p),)
+        return key
 
     def _pool(self, key: tuple) -> RowPool:
         if key not in self._pools:
@@ -257,23 +265,33 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         key = self._pool_of.get(p)
         return 0 if key is None else self._pools[key].capacity
 
-    def _check_capacity(self, gi: int, group: dict, plan: list[tuple]):
-        """Raise if the rows a step selects in some pool exceed its slots (host-side, no state touched)."""
-        need: dict[tuple, list] = {}
-        for p, dim, _, _, g in plan:
-            need.setdefault(self._pool_key(p, gi, dim), []).append((p, dim, g.shape[0]))
-        for key, entries in need.items():
+    def pool_demand(self, gi: int, entries) -> dict:
+        """``{pool key: (rows wanted, slots, rows of its members)}`` for ``(param, dim, count)`` entries of param
+        group ``gi`` (count rows of each selected along dim), a parameter not yet in the pool of that axis
+        counted as joining it. Host-side; nothing changes."""
+        group, need = self.param_groups[gi], {}
+        for p, dim, count in entries:
+            need.setdefault(self._pool_key(p, gi, dim), []).append((p, dim, count))
+        out = {}
+        for key, es in need.items():
             pool = self._pools.get(key)
             members = pool.members if pool is not None else {}
-            new = [self._entry(p, group, dim) for p, dim, _ in entries if p not in members]
-            cap = (pool.capacity if pool is not None else 0) + sum(e[3] for e in new)
-            total = sum(c for *_, c in entries)
+            new = {p: self._entry(p, group, dim) for p, dim, _ in es if p not in members}
+            out[key] = (sum(c for *_, c in es), (pool.capacity if pool is not None else 0) +
+                        sum(e[3] for e in new.values()),
+                        sum(m.n_rows for m in members.values()) + sum(e[2] for e in new.values()))
+        return out
+
+    def _check_capacity(self, gi: int, group: dict, plan: list[tuple]):
+        """Raise if the rows a step selects in some pool exceed its slots (host-side, no state touched)."""
+        entries = [(p, dim, g.shape[0]) for p, dim, _, _, g in plan]
+        for key, (total, cap, rows) in self.pool_demand(gi, entries).items():
             if total <= cap:
                 continue
-            rows = sum(m.n_rows for m in members.values()) + sum(e[2] for e in new)
+            mine = [(p, d, c) for p, d, c in entries if self._pool_key(p, gi, d) == key]
             what = "a dense step (no circuit) updates" if self._selection is None else "the circuit selects"
             detail = ", ".join(f"{c} of the {_n_rows(p, d)} rows (axis {d}) of a parameter of shape {tuple(p.shape)}"
-                               for p, d, c in entries[:3]) + (", ..." if len(entries) > 3 else "")
+                               for p, d, c in mine[:3]) + (", ..." if len(mine) > 3 else "")
             raise CTFastError(f"{what} {total} rows of width {key[1]} in param group {gi} ({detail}), but the "
                               f"optimizer-state pool these parameters share holds {cap} rows "
                               f"(state_capacity={group['state_capacity']!r}); raise state_capacity to at least "
@@ -415,7 +433,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             compact = compact.index_select(0, pick)
         return index, count, compact
 
-    def _collect(self, gi: int, group: dict, plan: list[tuple]) -> dict:
+    def _collect(self, gi: int, group: dict, plan: list[tuple], skip: torch.Tensor | None = None) -> dict:
         """The multi-tensor lists of one validated group: slots assigned (one ``assign`` per pool), state
         tensors listed per parameter (parameters of one pool list the same tensors, at disjoint slots)."""
         self._join(gi, [self._entry(p, group, dim) for p, dim, *_ in plan])
@@ -429,14 +447,15 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             pool = self._pools[key]
             pool.allocate()
             wanted = torch.cat([pool.global_rows(plan[i][0], rows[i]) for i in members])
-            for i, s in zip(members, pool.assign(wanted, self._clock).split([rows[i].numel() for i in members])):
+            assigned = pool.assign(wanted, self._clock, skip)
+            for i, s in zip(members, assigned.split([rows[i].numel() for i in members])):
                 slots[i] = s
         out = {"params": [e[3] for e in plan], "grads": [e[4] for e in plan], "rows": rows, "slots": slots,
                "steps": [self._pools[self._pool_of[e[0]]].t["step"] for e in plan]}
         out.update({k: [self._pools[self._pool_of[e[0]]].t[k] for e in plan] for k in self._moments})
         return out
 
-    def _apply(self, lists: dict, group: dict):
+    def _apply(self, lists: dict, group: dict, found_inf: torch.Tensor | None = None):
         raise NotImplementedError
 
     @torch.no_grad()
@@ -466,10 +485,48 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             plans = [(gi, group, self._plan(gi, group)) for gi, group in enumerate(self.param_groups)]
         finally:
             self._grad_rows = {}
+        flag = self._skip_flag(plans)
         self._clock += 1
         for gi, group, plan in plans:
             if plan:
-                self._apply(self._collect(gi, group, plan), group)
+                self._apply(self._collect(gi, group, plan, None if flag is None else flag > 0), group, flag)
+        self.step_skipped = flag
+
+    def _skip_flag(self, plans: list) -> torch.Tensor | None:
+        """The device-side skip flag of this step (``[1]`` fp32, 1: skip), or None when nothing asks for one.
+
+        With ``torch.amp.GradScaler`` (``_step_supports_amp_scaling``: it sets ``grad_scale`` and ``found_inf`` on
+        the optimizer before ``step()``), the gradients are unscaled here (out of place) and the scaler's flag is
+        kept; with ``skip_nonfinite`` or a scaler, any non-finite gradient the step applies sets it. Where it is
+        set the step writes nothing — parameters, moments, step counts, slots — decided on the device (no host
+        read), so a masked step stays capturable in a CUDA graph."""
+        scale, given = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if scale is None and given is None and not self.skip_nonfinite:
+            return None
+        if self.tuning is not None:
+            if scale is None and given is None:
+                return None  # circuit-tuning refuses non-finite steps itself (NonFiniteError), before this
+            raise CTFastError("torch.amp.GradScaler with a circuit-tuning optimizer (model=): the tuning session "
+                              "refuses a non-finite step (NonFiniteError) instead of skipping it, so fp16 loss scaling "
+                              "cannot adapt; train in bf16 (no scaler needed), or use the optimizer without model=")
+        entries = [e for _, _, plan in plans for e in plan]
+        if not entries:
+            return None
+        device = entries[0][4].device
+        if any(e[4].device != device for e in entries):
+            raise CTFastError("skipping non-finite steps on the device needs every parameter on one device; got "
+                              f"{sorted({str(e[4].device) for e in entries})}")
+        flag = torch.zeros(1, dtype=torch.float32, device=device)
+        if given is not None:
+            flag.copy_((given.detach().reshape(-1)[:1] != 0).to(device, torch.float32))
+        if scale is not None:  # unscale out of place: p.grad keeps the scaled values, as with torch's fused AdamW
+            inv = scale.detach().double().reciprocal().float().to(device)
+            unscaled = torch._foreach_mul([e[4] for e in entries], inv)
+            it = iter(unscaled)
+            for _, _, plan in plans:
+                plan[:] = [(*e[:4], next(it)) for e in plan]
+        ops.nonfinite_flag_([e[4] for _, _, plan in plans for e in plan], flag)
+        return flag
 
     # ---- state_dict: the pools (their tensors, not copies), the current circuit and the clock ----
     def state_dict(self):
@@ -559,14 +616,22 @@ class CircuitAdamW(_CircuitOptimizer):
     step count and restarts from zero — as a fresh torch optimizer on that row — when it is selected again.
     Rows outside the circuit keep their state frozen while they hold a slot.
 
+    ``skip_nonfinite=True``: a step whose applied gradient holds an inf/NaN writes nothing (parameters, moments,
+    step counts, slots), decided on the device without a host read; ``opt.step_skipped`` (``[1]`` fp32, 1:
+    skipped) tells afterwards. ``torch.amp.GradScaler`` works the same way without the flag: ``scaler.step(opt)``
+    hands over its scale and overflow flag, the step unscales on the device and skips overflows (fp16 training;
+    not with ``model=``, whose session refuses non-finite steps with ``NonFiniteError``).
+
     ``model=``, ``top_n=`` and the options of ``CircuitTuner`` (``ablation``, ``positions``, ``selection``,
     ``refresh_every``, ``schedule``, ``token_budget``, ``memory_mode``...) circuit-tune inside your own loop
     (module docstring); without ``model=`` this is ``torch.optim.AdamW``.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
-                 maximize=False, state_capacity=None, *, model: nn.Module | None = None, top_n=None, **tuning):
+                 maximize=False, state_capacity=None, *, skip_nonfinite: bool = False, model: nn.Module | None = None,
+                 top_n=None, **tuning):
         state_capacity = check_state_capacity(state_capacity)
+        self.skip_nonfinite = bool(skip_nonfinite)
         if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise CTFastError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
                               f"weight_decay={weight_decay}")
@@ -575,11 +640,12 @@ class CircuitAdamW(_CircuitOptimizer):
                                       amsgrad=amsgrad, maximize=maximize, state_capacity=state_capacity),
                          model, top_n, tuning)
 
-    def _apply(self, lists: dict, group: dict):
+    def _apply(self, lists: dict, group: dict, found_inf: torch.Tensor | None = None):
         b1, b2 = group["betas"]
         ops.masked_adamw_(lists["params"], lists["grads"], lists["exp_avg"], lists["exp_avg_sq"],
                           lists.get("max_exp_avg_sq", []), lists["steps"], lists["rows"], lists["slots"],
-                          group["lr"], b1, b2, group["eps"], group["weight_decay"], group["maximize"])
+                          group["lr"], b1, b2, group["eps"], group["weight_decay"], group["maximize"],
+                          found_inf=found_inf)
 
 
 class CircuitSGD(_CircuitOptimizer):
@@ -590,8 +656,10 @@ class CircuitSGD(_CircuitOptimizer):
     """
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 maximize=False, state_capacity=None, *, model: nn.Module | None = None, top_n=None, **tuning):
+                 maximize=False, state_capacity=None, *, skip_nonfinite: bool = False, model: nn.Module | None = None,
+                 top_n=None, **tuning):
         state_capacity = check_state_capacity(state_capacity)
+        self.skip_nonfinite = bool(skip_nonfinite)
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise CTFastError(f"invalid SGD hyper-parameters lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -601,7 +669,7 @@ class CircuitSGD(_CircuitOptimizer):
                                       nesterov=nesterov, maximize=maximize, state_capacity=state_capacity),
                          model, top_n, tuning)
 
-    def _apply(self, lists: dict, group: dict):
+    def _apply(self, lists: dict, group: dict, found_inf: torch.Tensor | None = None):
         ops.masked_sgd_(lists["params"], lists["grads"], lists.get("momentum_buffer", []), lists["steps"],
                         lists["rows"], lists["slots"], group["lr"], group["momentum"], group["dampening"],
-                        group["weight_decay"], group["nesterov"], group["maximize"])
+                        group["weight_decay"], group["nesterov"], group["maximize"], found_inf=found_inf)

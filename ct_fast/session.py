@@ -177,23 +177,22 @@ class TuningSession:
         self.optimizer.reserve_state(dims)
         if self.sharded:  # a node's rows are split over the ranks' shards: each step checks its own
             return
-        key_of = self.optimizer._pool_of
+        gi_of = {p: gi for gi, grp in enumerate(self.optimizer.param_groups) for p in grp["params"]}
         for node, slices in [*g.upstream_params.items(), *g.downstream_params.items()]:
-            rows: dict[tuple, int] = {}
+            entries: dict[int, list] = {}
             for s in slices:
                 p = trained.get(s.param)
-                if p is not None and p in key_of:
-                    rows[key_of[p]] = rows.get(key_of[p], 0) + s.stop - s.start
-            for key, count in rows.items():
-                pool = self.optimizer._pools[key]
-                if count > pool.capacity:
-                    cap = self.optimizer.param_groups[key[0]]["state_capacity"]
-                    n_rows = sum(m.n_rows for m in pool.members.values())
-                    raise CTFastError(
-                        f"state_capacity={cap!r} gives the {len(pool.members)} parameters with rows of width {key[1]} "
-                        f"a shared optimizer-state pool of {pool.capacity} rows, but node {node!r} alone selects "
-                        f"{count} of them, so no circuit containing it could step; pass state_capacity >= "
-                        f"{math.ceil(1000 * count / n_rows) / 1000:g} (a fraction) or None")
+                if p is not None:
+                    entries.setdefault(gi_of[p], []).append((p, s.dim, s.stop - s.start))
+            for gi, es in entries.items():
+                for key, (count, slots, n_rows) in self.optimizer.pool_demand(gi, es).items():
+                    if count > slots:
+                        cap = self.optimizer.param_groups[gi]["state_capacity"]
+                        raise CTFastError(
+                            f"state_capacity={cap!r} gives the parameters with rows of width {key[1]} a shared "
+                            f"optimizer-state pool of {slots} rows, but node {node!r} alone selects {count} of "
+                            "them, so no circuit containing it could step; pass state_capacity >= "
+                            f"{math.ceil(1000 * count / n_rows) / 1000:g} (a fraction) or None")
 
     def _join(self, group):
         """Several ranks: check that all run the same graph and options, and start from rank 0's weights."""

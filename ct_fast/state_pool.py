@@ -6,7 +6,8 @@ slots. All parameters of one param group whose sliced rows have the same width s
 rows of q/k/v/gate/up and the columns of o/down are all ``d_model`` long, so their state is one pool, and a circuit
 may put most of its rows into a few parameters (a whole-MLP node selects every row of gate/up) as long as the
 group's total fits. Each member brings ``budget`` slots (``state_capacity`` of its own rows); the pool's
-capacity is their sum.
+capacity is their sum. (A parameter that brings a slot for every row has a pool of its own: see
+``_CircuitOptimizer._pool_key``.)
 
 Layout (tensors on the parameters' device, allocated at the first step that selects a member):
 
@@ -124,15 +125,18 @@ class RowPool:
         return self.t["slot"][m.base:m.base + m.n_rows]
 
     # ---- slots ----
-    def assign(self, rows: torch.Tensor, clock: int) -> torch.Tensor:
+    def assign(self, rows: torch.Tensor, clock: int, skip: torch.Tensor | None = None) -> torch.Tensor:
         """Slots ``[k]`` of the selected global ``rows [k]`` (distinct, k <= capacity), device ops only (no sync).
 
         Rows that hold a slot keep it; the k-th row without one takes the k-th slot in order of priority: free
         slots first, then the one whose row is idle longest (ties: the lower global row), never one whose row is
         selected now. The previous owner loses the slot, which restarts at zero moments and step 0 (written to new
-        slots only: kept rows write the scratch row, so no kept row is read)."""
+        slots only: kept rows write the scratch row, so no kept row is read). ``skip`` (a one-element bool tensor
+        on the device): where true, nothing changes (the step is skipped; the slots returned are then unused)."""
         slot, owner, last_used = self.t["slot"], self.t["owner"], self.t["last_used"]
         cap = owner.numel()
+        if skip is not None:
+            before = (slot.clone(), owner.clone(), last_used.clone())
         held = slot.index_select(0, rows)  # [k], -1: missing
         missing = held < 0
         selected = torch.zeros(cap + 1, dtype=torch.bool, device=rows.device)  # entry cap: a sink for missing rows
@@ -148,10 +152,18 @@ class RowPool:
         slot.index_copy_(0, rows, slots)
         owner.index_copy_(0, slots, rows)
         last_used.index_fill_(0, slots, clock)
+        if skip is not None:
+            for now, old in zip((slot, owner, last_used), before):
+                now.copy_(torch.where(skip, old, now))
         if cap < slot.numel():  # a pool with a slot per row never evicts: its new rows take zero slots
             fresh = torch.where(missing, slots, cap)  # cap: the scratch row
             for k in ("step",) + self.moments:
-                self.t[k].index_fill_(0, fresh, 0.0)
+                if skip is None:
+                    self.t[k].index_fill_(0, fresh, 0.0)
+                else:  # evicted state stays if the step is skipped
+                    x = self.t[k]
+                    kept = x.index_select(0, fresh)
+                    x.index_copy_(0, fresh, torch.where(skip.reshape((1,) * kept.dim()), kept, 0.0))
         return slots
 
     def place(self, p: torch.Tensor, rows: torch.Tensor, values: dict, last_used: torch.Tensor) -> None:

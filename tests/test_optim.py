@@ -478,8 +478,8 @@ def test_full_capacity_equals_unbounded():
             for p, g in zip(params, _grads(params, step)):
                 p.grad = g
             opt.step()
-        # rows of width 5 (7), 11 (3) and 1 (the 5 + 1 of the vector and the scalar; the 1-element one unselected)
-        assert sorted(pool.capacity for pool in opt._pools.values()) == [3, 6, 7]
+        # every row brings a slot: a pool per selected parameter (the 1-element vector is never selected)
+        assert sorted(pool.capacity for pool in opt._pools.values()) == [1, 3, 5, 7]
         runs.append(params)
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
@@ -670,3 +670,99 @@ def test_lr_as_a_tensor_follows_a_scheduler():
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and float(opt.param_groups[0]["lr"]) == pytest.approx(5e-3)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+# ---- device-side skip flag (skip_nonfinite, torch.amp.GradScaler) ------------------------------------
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], {k: {n: t.clone() for n, t in pool.t.items()}
+                                                   for k, pool in opt._pools.items()}
+
+
+@pytest.mark.parametrize("ours,kw", [(CircuitAdamW, dict(lr=1e-2)), (CircuitSGD, dict(lr=0.05, momentum=0.9))],
+                         ids=["adamw", "sgd"])
+def test_skip_nonfinite_step_writes_nothing(ours, kw):
+    """A step whose applied gradient holds a NaN writes nothing — parameters, moments, step counts, and the slots
+    it would have evicted — and the run continues exactly as one that never took that step."""
+    def run(bad_step):
+        params = _pool_params(seed=2)
+        opt = ours(params, state_capacity=0.5, skip_nonfinite=True, **kw)
+        _reserve(opt, params)
+        gen = torch.Generator().manual_seed(5)
+        skipped = []
+        for step in range(12):
+            masks = _random_masks(params, gen)
+            if bad_step is None and step == 6:
+                continue  # the reference never sees the bad step
+            opt.set_circuit({params[i]: m for i, m in masks.items()})
+            grads = _grads(params, step)
+            if step == bad_step:
+                i = min(masks)
+                grads[i][masks[i]] = float("nan")  # a selected entry
+                before = _snapshot(opt, params)
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            skipped.append(0.0 if opt.step_skipped is None else float(opt.step_skipped))  # None: nothing applied
+            if step == bad_step:
+                after = _snapshot(opt, params)
+                assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+                assert before[1].keys() == after[1].keys()
+                for k in before[1]:
+                    assert all(torch.equal(before[1][k][n], after[1][k][n]) for n in before[1][k]), (k,)
+        return params, skipped
+
+    (pa, sa), (pb, sb) = run(6), run(None)
+    assert sa == [0.0] * 6 + [1.0] + [0.0] * 5 and sb == [0.0] * 11
+    assert all(torch.equal(a, b) for a, b in zip(pa, pb))
+
+
+def test_skip_flag_steps_do_not_synchronise():
+    """With skip_nonfinite the flag is decided on the device: a steady-state step issues no host sync."""
+    params = [torch.randn(6, 4, requires_grad=True), torch.randn(4, 6, requires_grad=True)]
+    opt = CircuitAdamW(params, lr=1e-2, state_capacity=2, skip_nonfinite=True)
+    for step in range(3):
+        rows = ((2 * step % 6, 2 * step % 6 + 2),)
+        opt.set_circuit({params[0]: ParamSelection(0, 6, rows), params[1]: ParamSelection(1, 6, rows)})
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        events = _profiled_events(opt.step)
+        if step:
+            assert not events & SYNC_EVENTS, events & SYNC_EVENTS
+
+
+@pytest.mark.parametrize("circuit", [False, True], ids=["dense", "circuit"])
+def test_grad_scaler_skips_and_unscales_like_torch(circuit):
+    """``torch.amp.GradScaler`` hands CircuitAdamW its scale and flag (``_step_supports_amp_scaling``): the step
+    unscales on the device and skips overflow steps without a host read, and the run (parameters, scale) equals
+    torch.optim.AdamW under its own scaler."""
+    a, b = _params(seed=3)[:3], _params(seed=3)[:3]
+    ours, ref = CircuitAdamW(a, lr=1e-2), torch.optim.AdamW(b, lr=1e-2, foreach=False)
+    sa, sb = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    sel = {a[0]: ParamSelection(0, 7, ((1, 4),)), a[2]: ParamSelection(1, 11, ((3, 9),))}
+    for step in range(6):
+        grads = _grads(a, step)
+        if step in (2, 3):
+            grads[0][1, 1] = float("inf")  # an overflow in a selected row
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = sa.scale(g.clone()), sb.scale(g.clone())
+        if circuit:
+            ours.set_circuit(sel)
+            for p, q in zip(a, b):  # the reference: the same rows (torch updates rows with a zero grad too)
+                q.grad = q.grad.clone()
+        sa.step(ours)
+        sa.update()
+        if not circuit:
+            sb.step(ref)
+            sb.update()
+    assert sa.get_scale() == 2.0 ** 8  # halved at each of the two overflow steps
+    if not circuit:
+        assert sb.get_scale() == sa.get_scale()
+        for p, q in zip(a, b):
+            assert_close(p, q, name="param")
+    else:  # rows outside the circuit never moved; the circuit's rows took the 4 finite steps
+        start = _params(seed=3)[:3]
+        assert torch.equal(a[1], start[1]) and torch.equal(a[0][[0, 4, 5, 6]], start[0][[0, 4, 5, 6]])
+        assert not torch.equal(a[0][1:4], start[0][1:4])
+        s = ours.param_state(a[0])
+        assert s["step"][s["slot"][1:4]].tolist() == [4.0, 4.0, 4.0]
