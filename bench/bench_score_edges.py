@@ -1,7 +1,9 @@
 """Fused attribution scoring (ct_fast.attribute) vs a materialising EAP implementation that keeps
 per-node activation and gradient buffers (as the public EAP tools do: here the package's brute-force
 oracle, which gives every downstream node its own residual copy) — equal results, time and peak memory.
-``python bench/bench_score_edges.py [--device cuda] [--layers 4 --d-model 256 --heads 8 --batch 8 --seq 64]``"""
+Then ``ops.score_edges`` alone on one Llama-1B-shaped block (tiny on CPU) per backend and dtype (fp32, bf16):
+the fused Triton/CUDA kernels against the torch path. ``python bench/bench_score_edges.py [--device cuda]
+[--layers 4 --d-model 256 --heads 8 --batch 8 --seq 64]``"""
 
 import argparse
 import os
@@ -44,6 +46,46 @@ def run(device="cpu", layers=4, d_model=256, heads=8, batch=8, seq=64, vocab=100
             "memory_ratio": m_mat / max(1, m_ours), "speed_ratio": t_mat / t_ours}
 
 
+# one layer's scoring block of a Llama-3.2-1B-shaped model: 32 heads of 64 of an earlier layer against the 49
+# nodes of a later one (32 q, 8 k, 8 v heads and the MLP), 2048 tokens of d_model 2048
+OP_SHAPE = {"n_u": 32, "w": 64, "n_d": 49, "c": 2048, "d": 2048}
+OP_SHAPE_TINY = {"n_u": 4, "w": 16, "n_d": 5, "c": 32, "d": 32}
+
+
+def run_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> list[dict]:
+    """``ops.score_edges`` alone on one block, every backend that runs here (fused kernels vs the torch path):
+    time (device events on GPU) and the error against the fp64 oracle relative to the largest score."""
+    from ct_fast import ops
+
+    shape = shape or (OP_SHAPE if torch.device(device).type == "cuda" else OP_SHAPE_TINY)
+    n_u, w, n_d, c, d = (shape[k] for k in ("n_u", "w", "n_d", "c", "d"))
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(c, n_u * w, generator=g).to(device, dtype)
+    W = (torch.randn(n_u, w, d, generator=g) / w ** 0.5).to(device, dtype)
+    G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
+    want = ops.reference.score_edges(delta.double(), W.double(), G.double())
+    flops = 2 * n_u * c * w * d + 2 * n_u * n_d * c * d  # the projection of each head, then the dots
+    if backends is None:
+        backends = ["torch", "cuda", "triton"] if torch.device(device).type == "cuda" else ["torch", "cpp", "triton"]
+    recs, base = [], None
+    for b in backends:
+        rec = {"bench": "score_edges_op", "device": device, "dtype": str(dtype), **shape, "backend": b}
+        os.environ["CT_FAST_BACKEND"] = b
+        try:
+            got = ops.score_edges(delta, W, G)
+            ms = harness.median_time(lambda: ops.score_edges(delta, W, G), device, warmup=1, reps=5) * 1e3
+        except Exception as e:  # a backend not built or not available here
+            recs.append({**rec, "skipped": f"{type(e).__name__}: {e}"[:200]})
+            continue
+        finally:
+            os.environ.pop("CT_FAST_BACKEND", None)
+        base = ms if b == "torch" else base
+        recs.append({**rec, "ms": ms, "tflops": flops / ms / 1e9,
+                     "max_rel_err": ((got.double() - want).abs().max() / want.abs().max()).item(),
+                     "time_vs_torch": None if base is None else ms / base})
+    return recs
+
+
 def test_attribute(benchmark):
     model, b = model_and_batch(2, 64, 4, 2, 16, 100, "cpu")
     graph = ct_fast.ComputationGraph.from_model(model)
@@ -64,4 +106,11 @@ if __name__ == "__main__":
     print(f"fused {r['fused_ms']:.0f} ms, {r['fused_peak_mib']:.1f} MiB | materialising {r['materialising_ms']:.0f} ms, "
           f"{r['materialising_peak_mib']:.1f} MiB | memory {r['memory_ratio']:.1f}x less, {r['speed_ratio']:.1f}x faster,"
           f" max rel diff {r['max_rel_diff']:.1e}")
-    print(harness.write(f"{a.device}_score_edges", [r], a.out))
+    recs = [r]
+    for dtype in (torch.float32, torch.bfloat16):
+        for o in run_ops(a.device, dtype):
+            recs.append(o)
+            print(f"op {o['dtype']:>14} {o['backend']:>6}: " + (f"skipped ({o['skipped']})" if "skipped" in o else
+                  f"{o['ms']:.3f} ms, {o['tflops']:.2f} TFLOP/s, {o['time_vs_torch']:.2f}x torch's time, "
+                  f"max rel err {o['max_rel_err']:.1e}"))
+    print(harness.write(f"{a.device}_score_edges", recs, a.out))

@@ -1,11 +1,21 @@
-"""Triton fused attribution scoring: ``S[u, n] += sum_t (delta[t, u] @ W[u]) . G[n, t]``.
+"""Triton fused attribution scoring: ``S[u, n] += sum_t (delta[t, u] @ W[u]) . G[n, t]``, on tensor cores.
 
-Program (u, block of downstream nodes, token split): for each token block (BT) and d_model block (BK) the
-node's residual contribution ``a = delta[t-block, u*w:(u+1)*w] @ W[u][:, k-block]`` ([BT, BK], a tensor-core
-dot) is formed in registers and dotted with the downstream gradients ``G[n-block, t-block, k-block]``; per-node
-activations are never written to memory. Accumulation in fp32 from fp32/bf16/fp16 inputs; token splits
-combine with atomic adds. ``W=None``: ``delta[t]`` already is the single node's contribution (w = d).
+Program (block of BU upstream nodes, block of BN downstream nodes, token split). Per token block (BT) and
+d_model block (BK):
+
+1. the upstream nodes' residual contributions ``a[u] = delta[t-block, u*w:(u+1)*w] @ W[u][:, k-block]`` — one
+   batched dot ``[BU, BT, BW] x [BU, BW, BK]`` kept in registers (``W=None``: ``delta`` already is the single
+   node's contribution, w = d);
+2. their products with the downstream gradients, as a second dot over the flattened (token, d) block:
+   ``acc[BU, BN] += a.reshape(BU, BT*BK) @ G[n-block, t-block, k-block].reshape(BT*BK, BN)``.
+
+Neither the per-node contributions ``[n_u, tokens, d]`` nor any product is written to memory. Operands stay in
+the input dtype — bf16/fp16 on tensor cores (the contribution rounded to it between the two dots, as the torch
+path rounds its contribution block), fp32 as IEEE fp32 dots — and accumulation is fp32. Token splits combine
+with atomic adds.
 """
+
+import os
 
 import torch
 import triton
@@ -14,55 +24,79 @@ import triton.language as tl
 
 @triton.jit
 def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, tokens_per_split,
-                        HAS_W: tl.constexpr,  # False: delta rows already are residual vectors (w == d)
-                        BW: tl.constexpr,  # head width block (>= w, power of two, >= 16)
-                        BN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    u = tl.program_id(0)
+                        HAS_W: tl.constexpr,  # False: delta rows already are residual vectors (w == d, n_u == 1)
+                        OP: tl.constexpr,  # the operand dtype: the contribution is rounded to it between the dots
+                        FP32_DOTS: tl.constexpr,  # dots on fp32 operands, IEEE (fp32 inputs; bf16 when interpreted)
+                        BU: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    u_offs = tl.program_id(0) * BU + tl.arange(0, BU)
     n_offs = tl.program_id(1) * BN + tl.arange(0, BN)
     t_begin = tl.program_id(2) * tokens_per_split
     t_end = tl.minimum(t_begin + tokens_per_split, c)
-    acc = tl.zeros((BN,), dtype=tl.float32)
+    u_mask, n_mask = u_offs < n_u, n_offs < n_d
     i_offs = tl.arange(0, BW)
+    acc = tl.zeros((BU, BN), dtype=tl.float32)
     for t0 in range(t_begin, t_end, BT):
         t_offs = t0 + tl.arange(0, BT)
         t_mask = t_offs < t_end
-        if HAS_W:
-            z = tl.load(delta_ptr + t_offs[:, None] * (n_u * w) + u * w + i_offs[None, :],
-                        mask=t_mask[:, None] & (i_offs[None, :] < w), other=0.0).to(tl.float32)
+        if HAS_W:  # [BU, BT, BW]: each upstream node's head activations
+            z = tl.load(delta_ptr + t_offs[None, :, None] * (n_u * w) + u_offs[:, None, None] * w
+                        + i_offs[None, None, :],
+                        mask=u_mask[:, None, None] & t_mask[None, :, None] & (i_offs[None, None, :] < w), other=0.0)
         for k0 in range(0, d, BK):
             k_offs = k0 + tl.arange(0, BK)
             k_mask = k_offs < d
             if HAS_W:
-                wt = tl.load(w_ptr + u * w * d + i_offs[:, None] * d + k_offs[None, :],
-                             mask=(i_offs[:, None] < w) & k_mask[None, :], other=0.0).to(tl.float32)
-                a = tl.dot(z, wt, input_precision="ieee")  # [BT, BK]; full fp32, not TF32
+                wt = tl.load(w_ptr + u_offs[:, None, None] * (w * d) + i_offs[None, :, None] * d
+                             + k_offs[None, None, :],
+                             mask=u_mask[:, None, None] & (i_offs[None, :, None] < w) & k_mask[None, None, :],
+                             other=0.0)
+                if FP32_DOTS:
+                    a = tl.dot(z.to(tl.float32), wt.to(tl.float32), input_precision="ieee")  # [BU, BT, BK]
+                else:
+                    a = tl.dot(z, wt)  # tensor cores, fp32 accumulation
             else:
-                a = tl.load(delta_ptr + t_offs[:, None] * d + k_offs[None, :],
-                            mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            gt = tl.load(g_ptr + n_offs[:, None, None] * (c * d) + t_offs[None, :, None] * d + k_offs[None, None, :],
-                         mask=(n_offs[:, None, None] < n_d) & t_mask[None, :, None] & k_mask[None, None, :],
-                         other=0.0).to(tl.float32)
-            acc += tl.sum(tl.sum(gt * a[None, :, :], axis=2), axis=1)
-    tl.atomic_add(s_ptr + u * n_d + n_offs, acc, mask=n_offs < n_d)
+                a = tl.load(delta_ptr + u_offs[:, None, None] * 0 + t_offs[None, :, None] * d + k_offs[None, None, :],
+                            mask=(u_offs[:, None, None] == 0) & t_mask[None, :, None] & k_mask[None, None, :],
+                            other=0.0)
+            gt = tl.load(g_ptr + n_offs[None, None, :] * (c * d) + t_offs[:, None, None] * d + k_offs[None, :, None],
+                         mask=t_mask[:, None, None] & k_mask[None, :, None] & n_mask[None, None, :], other=0.0)
+            a2 = tl.reshape(a.to(OP), (BU, BT * BK))
+            g2 = tl.reshape(gt, (BT * BK, BN))
+            if FP32_DOTS:
+                acc += tl.dot(a2.to(tl.float32), g2.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(a2, g2)
+    tl.atomic_add(s_ptr + u_offs[:, None] * n_d + n_offs[None, :], acc, mask=u_mask[:, None] & n_mask[None, :])
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def score_edges(delta, up_weight, grad_down):
-    """Launcher with the signature of ``torch.ops.ct_fast.score_edges``: fp32 ``[n_u, n_d]``."""
-    delta, grad_down = delta.contiguous(), grad_down.contiguous()
+    """Launcher with the signature of ``torch.ops.ct_fast.score_edges``: fp32 ``[n_u, n_d]``.
+
+    Operands in ``grad_down``'s dtype (fp32, bf16 or fp16; ``delta``/``up_weight`` are cast to it, as the torch
+    path does), fp32 accumulation. Under ``TRITON_INTERPRET=1`` bf16 dots run on fp32 copies of the (bf16) operands:
+    the interpreter's bf16 ``tl.dot`` reads the raw bits as integers (a 16x16 check: 1e10 for values of order 1),
+    and the exact products of bf16 values with fp32 accumulation are what tensor cores compute."""
+    dt = grad_down.dtype
+    delta, grad_down = delta.to(dt).contiguous(), grad_down.contiguous()
     n_d, c, d = grad_down.shape
     if up_weight is None:
         n_u, w = 1, d
     else:
-        up_weight = up_weight.contiguous()
+        up_weight = up_weight.to(dt).contiguous()
         n_u, w = up_weight.shape[0], up_weight.shape[1]
     S = torch.zeros(n_u, n_d, dtype=torch.float32, device=delta.device)
     if n_u == 0 or n_d == 0 or c == 0:
         return S
-    BN, BT, BK = 16, 16, 32
+    BU, BN, BT, BK = 16, 16, 16, 32  # tl.dot needs every dimension >= 16
     splits = max(1, min(triton.cdiv(c, BT), 64))
     per_split = triton.cdiv(triton.cdiv(c, splits), BT) * BT
-    grid = (n_u, triton.cdiv(n_d, BN), triton.cdiv(c, per_split))
+    grid = (triton.cdiv(n_u, BU), triton.cdiv(n_d, BN), triton.cdiv(c, per_split))
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     _score_edges_kernel[grid](delta, up_weight if up_weight is not None else delta, grad_down, S, n_u, w, n_d, c, d,
-                              per_split, HAS_W=up_weight is not None, BW=max(16, triton.next_power_of_2(w)),
-                              BN=BN, BT=BT, BK=BK)
+                              per_split, HAS_W=up_weight is not None, OP=_TL_DTYPES[dt],
+                              FP32_DOTS=dt == torch.float32 or (interpreted and dt == torch.bfloat16),
+                              BU=BU, BW=max(16, triton.next_power_of_2(w)), BN=BN, BT=BT, BK=BK)
     return S

@@ -114,10 +114,16 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
-def test_bf16_scoring_policy(arch):
+def test_bf16_scoring_policy(arch, backend, monkeypatch):
     """bf16 scoring operands (the GPU policy for bf16 models, forced here on CPU) stay within the bf16 band of
-    the fp64 oracle and keep the top circuit; the default on CPU is the exact fp32 path."""
+    the fp64 oracle and keep the top circuit, on the torch path and the fused Triton kernel (tensor-core dots;
+    the interpreter here); the default on CPU is the exact fp32 path."""
+    if backend == "triton":
+        if ct_fast.ops.triton_available(torch.device("cpu")) is not None:
+            pytest.skip(ct_fast.ops.triton_available(torch.device("cpu")))
+        monkeypatch.setenv("CT_FAST_BACKEND", "triton")
     model = tiny_model(arch)
     batch = random_batch(37, batch=4, seq=16)
     g = ComputationGraph.from_model(model)

@@ -62,6 +62,30 @@ def test_score_edges(device, backend, n_u, w, n_d, c, d):
     assert ((got.double() - want).abs() <= tol).all()
 
 
+HALF_UNIT = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # unit roundoff
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("device,backend", _cases("score_edges"))
+@pytest.mark.parametrize("n_u,w,n_d,c,d", SCORE_SHAPES + [(5, 64, 20, 70, 128)], ids=lambda s: str(s))
+def test_score_edges_half_operands(device, backend, n_u, w, n_d, c, d, dtype):
+    """bf16/fp16 operands, fp32 accumulation (tensor cores on a GPU): within the half-precision band of the fp64
+    oracle — at most twice the torch path's error plus one unit roundoff of the absolute sum — and fp32 out."""
+    g = _gen(n_u * 100 + n_d + 7)
+    W = None if w is None else torch.randn(n_u, w, d, generator=g)
+    delta = torch.randn(c, d if w is None else n_u * w, generator=g)
+    G = torch.randn(n_d, c, d, generator=g)
+    want = ops.reference.score_edges(delta.double(), None if W is None else W.double(), G.double())
+    half = [t if t is None else t.to(dtype) for t in (delta, W, G)]
+    out = torch.full((n_u, n_d), float("nan"))
+    out.copy_(ops.score_edges(*[t if t is None else t.to(device) for t in half]).cpu())
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    ref = ops.reference.score_edges(*half).double()  # the torch path: same operands and roundings
+    magnitude = ops.reference.score_edges(delta.abs().double(), None if W is None else W.abs().double(),
+                                          G.abs().double())
+    assert ((out.double() - want).abs() <= 2 * (ref - want).abs() + HALF_UNIT[dtype] * magnitude).all()
+
+
 # (N tokens, in, out, selection): awkward sizes, k not a multiple of any block, N = 0, empty and full selections
 DW_SHAPES = [(1, 1, 1, "all"), (19, 7, 5, "some"), (37, 33, 21, "none"), (50, 40, 17, "strided"), (0, 5, 3, "some"),
              (23, 6, 9, "empty")]

@@ -35,8 +35,9 @@ NATIVE_OPS = {"score_edges", "masked_adamw_", "masked_sgd_"}  # ops with C++/CUD
 # auto skips these (op, backend) pairs (explicitly requesting the backend still runs them):
 # - score_edges in C++: measured 4x slower than the MKL-GEMM torch path on the 2-core CPU (6.4 s vs 1.6 s per
 #   GPT-2-small step, `ct-fast profile`);
-# - score_edges in CUDA / Triton: correct (CUDA compiled, Triton tested under the interpreter) but not yet timed on
-#   a GPU against the cuBLAS torch path; they join auto once bench/bench_score_edges.py shows them faster there.
+# - score_edges in CUDA / Triton: correct (CUDA compiled; Triton, with tensor-core dots for bf16/fp16, tested
+#   under the interpreter in fp32/bf16/fp16) but not yet timed on a GPU against the cuBLAS torch path; they join
+#   auto once bench/bench_score_edges.py (its per-backend op rows) shows them faster there.
 # - masked_weight_grad in Triton: one GEMM that gathers the selected features inside its loads (no index_select
 #   copies); tested under the interpreter, not yet timed on a GPU against gather + cuBLAS (the torch path). It
 #   joins auto once committed results of bench/bench_masked_dw.py show it faster there.
