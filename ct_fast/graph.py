@@ -182,7 +182,12 @@ class ComputationGraph:
     @property
     def tunable_params(self) -> set[str]:
         """Names of the parameters that some node owns (what a circuit can ever update)."""
-        return {s.param for slices in (*self.upstream_params.values(), *self.downstream_params.values())
+        return set(self.param_dims)
+
+    @property
+    def param_dims(self) -> dict[str, int]:
+        """``{parameter name: the axis its nodes slice}`` of every tunable parameter."""
+        return {s.param: s.dim for slices in (*self.upstream_params.values(), *self.downstream_params.values())
                 for s in slices}
 
     @property

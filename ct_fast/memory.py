@@ -646,8 +646,7 @@ def circuit_state_bytes(model: nn.Module, graph: ComputationGraph, optimizer: st
 def allocate_pools(opt, model: nn.Module, graph: ComputationGraph):
     """Allocate the row pools of circuit optimizer ``opt`` for every tunable parameter it holds, as the tuning
     session sizes them (pools already allocated are kept)."""
-    dims = {s.param: s.dim for slices in (*graph.upstream_params.values(), *graph.downstream_params.values())
-            for s in slices}
+    dims = graph.param_dims
     opt.reserve_state({p: dims[name] for name, p in model.named_parameters() if name in dims}, allocate=True)
 
 

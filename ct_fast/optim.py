@@ -154,6 +154,9 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             if model is None:
                 raise CTFastError("set_circuit(circuit) needs the model: set_circuit(circuit, model)")
             graph = circuit.graph
+            if graph is not None:  # every parameter its circuits can select joins its pool now: allocated once
+                dims = graph.param_dims
+                self.reserve_state({p: dims[n] for n, p in model.named_parameters() if n in dims})
             circuit = circuit.param_selections(graph) if graph is not None else {
                 k: ParamSelection.from_mask(m) for k, m in circuit.param_masks(model).items() if m.any()}
         by_name = dict(model.named_parameters()) if model is not None else {}

@@ -172,9 +172,7 @@ class TuningSession:
         could step (a small fractional ``state_capacity`` with nodes that own whole parameters)."""
         g = self.graph
         trained = {n: p for n, p in model.named_parameters() if id(p) in self._trained}
-        dims = {trained[s.param]: s.dim for slices in (*g.upstream_params.values(), *g.downstream_params.values())
-                for s in slices if s.param in trained}
-        self.optimizer.reserve_state(dims)
+        self.optimizer.reserve_state({trained[n]: dim for n, dim in g.param_dims.items() if n in trained})
         if self.sharded:  # a node's rows are split over the ranks' shards: each step checks its own
             return
         gi_of = {p: gi for gi, grp in enumerate(self.optimizer.param_groups) for p in grp["params"]}

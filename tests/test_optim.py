@@ -766,3 +766,31 @@ def test_grad_scaler_skips_and_unscales_like_torch(circuit):
         assert not torch.equal(a[0][1:4], start[0][1:4])
         s = ours.param_state(a[0])
         assert s["step"][s["slot"][1:4]].tolist() == [4.0, 4.0, 4.0]
+
+
+def test_set_circuit_reserves_every_tunable_parameter():
+    """A Circuit of a graph registers every parameter its circuits can select, so a drifting hand-set circuit
+    allocates each shared pool once; only the circuit's rows move."""
+    from ct_fast import attribute
+    from ct_fast.testing import random_batch, tiny_model
+
+    model = tiny_model("llama")
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, state_capacity=0.5)
+    storage = None
+    for seed in range(3):
+        batch = random_batch(37, seed=seed)
+        circuit = attribute(model, batch).top_n(6)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.set_circuit(circuit, model)
+        if storage is None:  # registered before the first step: every tunable parameter has its pool's slots
+            names = circuit.graph.tunable_params
+            assert all(opt.pool_capacity(p) > 0 for n, p in model.named_parameters() if n in names)
+        model.zero_grad()
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+        opt.step()
+        now = {k: pool.t["step"].data_ptr() for k, pool in opt._pools.items() if len(k) == 3}
+        assert storage in (None, now)
+        storage = now
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        selected = {s.param for s in circuit.graph.param_slices(circuit.upstream, circuit.downstream)}
+        assert moved and moved <= selected
