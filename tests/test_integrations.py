@@ -51,9 +51,9 @@ def _record_micro_batches(model):
     return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def _train(tmp_path, trainer_cls, max_grad_norm, resume=None):
+def _train(tmp_path, trainer_cls, max_grad_norm, resume=None, state_capacity=None):
     model = tiny_model("llama")
-    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25, state_capacity=state_capacity)
     seen, handle = _record_micro_batches(model)
     trainer = trainer_cls(model=model, args=_args(tmp_path, max_grad_norm), train_dataset=_Tokens(16, 0),
                           eval_dataset=_Tokens(4, 1), optimizers=(opt, None))
@@ -95,11 +95,15 @@ def test_trainer_equals_the_plain_loop(tmp_path, trainer_cls, max_grad_norm):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_resume_from_checkpoint_continues_exactly(tmp_path):
-    full, _, _, _ = _train(tmp_path / "full", CircuitTrainer, 0.05)
+@pytest.mark.parametrize("state_capacity", [None, 0.8], ids=["own_pools", "shared_pools"])
+def test_resume_from_checkpoint_continues_exactly(tmp_path, state_capacity):
+    full, _, _, _ = _train(tmp_path / "full", CircuitTrainer, 0.05, state_capacity=state_capacity)
     resumed, opt, _, _ = _train(tmp_path / "full", CircuitTrainer, 0.05,
-                                resume=str(tmp_path / "full" / "checkpoint-2"))
+                                resume=str(tmp_path / "full" / "checkpoint-2"), state_capacity=state_capacity)
     assert opt.tuning.step_count == STEPS
+    if state_capacity is not None:  # the bounded pools came back from the checkpoint, shared and in use
+        assert 0 < opt.num_state_rows() <= opt.state_capacity_rows()
+        assert any(len(pool.members) > 1 for pool in opt._pools.values())
     for (n, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), n
 
