@@ -66,7 +66,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     ``state[p]`` holds ``dim`` (the sliced axis); the moments and step counts live in ``RowPool``s
     (``ct_fast.state_pool``), one per (param group, row width, device), shared by the parameters whose rows
-    have that width. A parameter joins its pool when it is first selected or registered (``reserve_state``);
+    have that width (a parameter that brings a slot for every row has one of its own). A parameter joins its pool when it is first selected or registered (``reserve_state``);
     a pool is allocated at the first step that selects one of its members and grows only when a parameter
     joins later (the tuning session registers them all up front, so its pools are allocated once).
     """
@@ -140,6 +140,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["state_capacity"] = check_state_capacity(group["state_capacity"])
+        where = self.__dict__.setdefault("_where", {})  # param -> (group index, position): called from __init__ too
+        where.update((p, (len(self.param_groups) - 1, j)) for j, p in enumerate(group["params"]))
 
     # ---- circuit ----
     def set_circuit(self, circuit=None, model: nn.Module | None = None):
@@ -202,7 +204,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     # ---- pooled state (ct_fast.state_pool) ----
     def _group_index(self) -> dict:
-        return {p: gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        """``{param: index of its param group}``."""
+        return {p: gi for p, (gi, _) in self._where.items()}
 
     @staticmethod
     def _entry(p: torch.Tensor, group: dict, dim: int) -> tuple:
@@ -219,7 +222,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         n_rows = _n_rows(p, dim)
         key = (gi, max(1, q.numel()) // n_rows, str(q.device))
         if self._entry(p, group, dim)[3] >= n_rows:
-            key += (next(j for j, x in enumerate(group["params"]) if x is p),)
+            key += (self._where[p][1],)
         return key
 
     def _pool(self, key: tuple) -> RowPool:
