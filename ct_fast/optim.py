@@ -79,7 +79,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._selection: dict[torch.Tensor, ParamSelection] | None = None  # None: dense
         self._grad_rows: dict[torch.Tensor, torch.Tensor] = {}
-        self._clock = 0  # optimizer steps taken: the time stamps of last_used
+        self._clock = 0  # optimizer steps taken (the time stamps of last_used), as of the last load or eager step
+        self._clock_t: torch.Tensor | None = None  # the same count on the device: what the pools stamp
         self._pools: dict[tuple, RowPool] = {}  # (group index, row width, device) -> the rows' shared state
         self._pool_of: dict[torch.Tensor, tuple] = {}  # parameter -> the key of its pool
         self.tuning = None  # the attached TuningSession (model=)
@@ -200,12 +201,38 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         sel = self._selection.get(p)
         if sel is None:
             return None
-        return sel.dim, None if sel.full else sel.index(p.device), sel.count
+        if sel.full:
+            return sel.dim, None, sel.count
+        index = self._indices.get(p)
+        if index is None:  # built once per selection: a fixed circuit's steps launch no index kernels
+            index = self._indices[p] = sel.index(p.device)
+        return sel.dim, index, sel.count
+
+    @property
+    def _selection(self) -> dict | None:
+        """The current selection ``{param: ParamSelection}`` (None: dense); setting it drops the cached indices."""
+        return self.__dict__.get("_current_selection")
+
+    @_selection.setter
+    def _selection(self, selection: dict | None):
+        self.__dict__["_current_selection"] = selection
+        self._indices = {}
 
     # ---- pooled state (ct_fast.state_pool) ----
     def _group_index(self) -> dict:
         """``{param: index of its param group}``."""
         return {p: gi for p, (gi, _) in self._where.items()}
+
+    def _clock_on(self, device: torch.device) -> torch.Tensor:
+        """The step count as a 0-dim device tensor (created at the first step, then advanced on the device: the
+        value the pools stamp stays right when a captured step is replayed)."""
+        if self._clock_t is None:
+            self._clock_t = torch.tensor(self._clock, dtype=torch.long, device=device)
+        return self._clock_t if self._clock_t.device == device else self._clock_t.to(device)
+
+    def clock(self) -> int:
+        """Optimizer steps taken (reads the device count: synchronises)."""
+        return self._clock if self._clock_t is None else int(self._clock_t)
 
     @staticmethod
     def _entry(p: torch.Tensor, group: dict, dim: int) -> tuple:
@@ -327,7 +354,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         self._join(gi, [entry])
         pool = self._pools[self._pool_of[p]]
         pool.allocate()
-        new = pool.assign(pool.global_rows(p, torch.arange(n_new, device=slots.device)), self._clock)
+        new = pool.assign(pool.global_rows(p, torch.arange(n_new, device=slots.device)), self._clock_on(pool.device))
         pool.t["step"].index_fill_(0, new, steps[0])
         for k, v in moved.items():
             pool.t[k].index_copy_(0, new, v)
@@ -453,7 +480,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             pool = self._pools[key]
             pool.allocate()
             wanted = torch.cat([pool.global_rows(plan[i][0], rows[i]) for i in members])
-            assigned = pool.assign(wanted, self._clock, skip)
+            assigned = pool.assign(wanted, self._clock_on(pool.device), skip)
             for i, s in zip(members, assigned.split([rows[i].numel() for i in members])):
                 slots[i] = s
         out = {"params": [e[3] for e in plan], "grads": [e[4] for e in plan], "rows": rows, "slots": slots,
@@ -493,6 +520,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             self._grad_rows = {}
         flag = self._skip_flag(plans)
         self._clock += 1
+        if self._clock_t is not None:
+            self._clock_t.add_(1)
         for gi, group, plan in plans:
             if plan:
                 self._apply(self._collect(gi, group, plan, None if flag is None else flag > 0), group, flag)
@@ -548,7 +577,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                 extra = {"step": pool.t["step"]} if pool.allocated else {}
                 state.update({ids[p]: {"dim": m.dim, "pool": j, **extra} for p, m in pool.members.items()})
         sd["state"], sd["pools"] = state, pools
-        sd["clock"] = self._clock
+        sd["clock"] = self.clock()
         if self._selection is not None:
             sd["circuit"] = {ids[p]: [s.dim, s.size, [list(r) for r in s.ranges]] for p, s in self._selection.items()}
         if self.tuning is not None:
@@ -586,7 +615,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                 self.state[p]["dim"] = m.dim
         # per-parameter states of the earlier layouts (and torch's, converted): into the shared pools
         self._import_rows([(by_id[pid], s) for pid, s in state_dict["state"].items() if "slot" in s])
-        self._clock = clock
+        self._clock, self._clock_t = clock, None
         if circuit is None:
             self._selection = None
         else:

@@ -125,14 +125,15 @@ class RowPool:
         return self.t["slot"][m.base:m.base + m.n_rows]
 
     # ---- slots ----
-    def assign(self, rows: torch.Tensor, clock: int, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def assign(self, rows: torch.Tensor, clock, skip: torch.Tensor | None = None) -> torch.Tensor:
         """Slots ``[k]`` of the selected global ``rows [k]`` (distinct, k <= capacity), device ops only (no sync).
 
         Rows that hold a slot keep it; the k-th row without one takes the k-th slot in order of priority: free
         slots first, then the one whose row is idle longest (ties: the lower global row), never one whose row is
         selected now. The previous owner loses the slot, which restarts at zero moments and step 0 (written to new
         slots only: kept rows write the scratch row, so no kept row is read). ``skip`` (a one-element bool tensor
-        on the device): where true, nothing changes (the step is skipped; the slots returned are then unused)."""
+        on the device): where true, nothing changes (the step is skipped; the slots returned are then unused).
+        ``clock``: the step's time stamp, an int or a 0-dim long tensor on the device."""
         slot, owner, last_used = self.t["slot"], self.t["owner"], self.t["last_used"]
         cap = owner.numel()
         if skip is not None:
@@ -151,7 +152,10 @@ class RowPool:
         slot.index_fill_(0, torch.where(missing & (evicted >= 0), evicted, rows), -1)
         slot.index_copy_(0, rows, slots)
         owner.index_copy_(0, slots, rows)
-        last_used.index_fill_(0, slots, clock)
+        if isinstance(clock, torch.Tensor):  # (index_fill_ would read a tensor value on the host)
+            last_used.index_copy_(0, slots, clock.expand(slots.numel()).contiguous())
+        else:
+            last_used.index_fill_(0, slots, clock)
         if skip is not None:
             for now, old in zip((slot, owner, last_used), before):
                 now.copy_(torch.where(skip, old, now))

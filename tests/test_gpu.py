@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ct_fast
-from ct_fast import CircuitAdamW, CircuitTuner, CTFastError
+from ct_fast import CircuitAdamW, CircuitTuner, CTFastError, ParamSelection
 from ct_fast.testing import random_batch, tiny_model
 
 DEVICE = os.environ.get("CT_FAST_TEST_DEVICE", "cuda")
@@ -61,3 +61,51 @@ def test_dropin_and_memory_modes_on_the_device():
         r = _step(tiny_model("llama").to(DEVICE), {k: v.to(DEVICE) for k, v in random_batch(37).items()}, mode)
         assert r.memory_mode in (mode, "two_pass")
     assert ct_fast.ops.requested_backend() in ("auto",) + BACKENDS
+
+
+def test_fixed_circuit_step_captured_in_a_cuda_graph():
+    """A fixed circuit's optimizer step — bounded shared pool, lr as a device tensor, the skip flag on — captured
+    in a CUDA graph and replayed equals the eager steps, a NaN step skipped on the device included (no host
+    value decides anything: the step count, slots and evictions live on the device)."""
+    if DEVICE != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 32, generator=gen), torch.randn(32, 64, generator=gen)]
+    grads = [[torch.randn(64, 32, generator=gen), torch.randn(32, 64, generator=gen)] for _ in range(5)]
+    grads[3][0][5, 0] = float("nan")  # a selected row: that step writes nothing
+
+    def make():
+        params = [x.to(DEVICE).requires_grad_() for x in start]
+        opt = CircuitAdamW(params, lr=torch.tensor(1e-2, device=DEVICE), state_capacity=0.25, skip_nonfinite=True)
+        opt.set_circuit({params[0]: ParamSelection(0, 64, ((3, 11), (40, 46))),  # 30 rows of a shared pool of 32
+                         params[1]: ParamSelection(1, 64, ((0, 16),))})
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        return params, opt
+
+    def load(params, g):
+        for p, x in zip(params, g):
+            p.grad.copy_(x)
+
+    eager, e_opt = make()
+    for g in grads:
+        load(eager, g)
+        e_opt.step()
+    cap, c_opt = make()
+    load(cap, grads[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the warm-up step allocates the pools and builds the indices
+        c_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        c_opt.step()
+    skipped = []
+    for g in grads[1:]:
+        load(cap, g)
+        graph.replay()
+        skipped.append(float(c_opt.step_skipped))
+    assert skipped == [0.0, 0.0, 1.0, 0.0]
+    assert all(torch.equal(a, b) for a, b in zip(cap, eager))
+    assert c_opt.clock() == e_opt.clock() == 5 and c_opt.num_state_rows() == e_opt.num_state_rows()
