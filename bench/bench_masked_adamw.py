@@ -1,5 +1,5 @@
 """Masked AdamW over a circuit of a model's parameters vs dense ``torch.optim.AdamW(fused=True)``, and the achieved bandwidth on the bytes the masked update must touch vs measured copy
-bandwidth. ``python bench/bench_masked_adamw.py [--device cuda] [--params 8e9] [--fraction 0.05]``."""
+bandwidth; the same step with a bounded shared state pool that evicts every step. ``python bench/bench_masked_adamw.py [--device cuda] [--params 8e9] [--fraction 0.05]``."""
 
 import argparse
 import os
@@ -92,6 +92,34 @@ def run_op(device="cpu", total=2e7, d=1024, fraction=0.05, dtype=torch.float32, 
     return rec
 
 
+def run_evicting(device="cpu", total=2e7, d=1024, fraction=0.05, backend=None):
+    """The same step with a bounded shared pool (``state_capacity`` 1.2x the circuit) and two alternating circuits,
+    so that every step evicts: the cost of the slot assignment (one argsort per pool) on top of the update."""
+    if backend:
+        os.environ["CT_FAST_BACKEND"] = backend
+    params = [p.requires_grad_() for p in make_params(total, d, device, torch.float32)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = CircuitAdamW(params, lr=1e-4, state_capacity=1.2 * fraction)
+    k_of = {id(p): max(1, int(fraction * p.shape[0])) for p in params}
+    circuits = [{p: ParamSelection(0, p.shape[0], ((j * k_of[id(p)], (j + 1) * k_of[id(p)]),)) for p in params}
+                for j in (0, 1)]
+    turn = [0]
+
+    def step():
+        opt.set_circuit(circuits[turn[0] % 2])
+        turn[0] += 1
+        opt.step()
+
+    step(), step()  # both circuits allocated and evicting
+    ms = harness.median_time(step, device) * 1e3
+    from ct_fast import ops
+    return {"bench": "masked_adamw_evicting", "device": device, "params": sum(p.numel() for p in params),
+            "fraction": fraction, "state_capacity": 1.2 * fraction, "pools": len(opt._pools),
+            "backend": ops.choose_backend("masked_adamw_", torch.device(device), (torch.float32,)),
+            "evicting_ms": ms}
+
+
 def test_masked_adamw(benchmark):
     params = [p.requires_grad_() for p in make_params(2e5, 64, "cpu", torch.float32)]
     for p in params:
@@ -120,6 +148,10 @@ if __name__ == "__main__":
         recs.append(r)
         print(f"{b:>6}: masked {r['masked_ms']:.1f} ms vs dense {r['dense_ms']:.1f} ms ({r['ratio_to_dense']:.3f}x); "
               f"{r['achieved_gbps']:.1f} GB/s = {100 * r['fraction_of_copy_bw']:.0f}% of copy bandwidth")
+        e = run_evicting(a.device, a.params, a.d, a.fraction, backend=b)
+        recs.append(e)
+        print(f"{b:>6}: with a bounded shared pool evicting every step {e['evicting_ms']:.1f} ms "
+              f"({e['pools']} pools, state_capacity {e['state_capacity']:.2f})")
         try:
             o = run_op(a.device, a.params, a.d, a.fraction, backend=b)
         except Exception as e:
