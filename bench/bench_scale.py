@@ -47,13 +47,14 @@ def build(layers: int, checkpointing: bool, seed: int = 0, device="cpu", dtype=t
 class Step:
     """One training step of ``method`` on ``model`` (full fine-tuning or a circuit tuner)."""
 
-    def __init__(self, method: str, model, top_n: int, lr: float = 1e-5):
+    def __init__(self, method: str, model, top_n: int, lr: float = 1e-5, state_capacity=None):
         self.model, self.tuner, self.opt = model, None, None
         if method == "full":
             self.opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
         else:
             mode = "auto" if method == "circuit_refresh10" else method.removesuffix("_fused")
-            self.tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=lr), top_n=top_n,
+            opt = ct_fast.CircuitAdamW(model.parameters(), lr=lr, state_capacity=state_capacity)
+            self.tuner = ct_fast.CircuitTuner(model, opt, top_n=top_n,
                                               memory_mode=mode, refresh_every=10 if method == "circuit_refresh10" else 1,
                                               fused_loss=method.endswith("_fused"))
         self.last = None
@@ -68,14 +69,14 @@ class Step:
 
 
 def measure(methods: list, layers: int, seq: int, checkpointing: bool, batch_time: int, batch_mem: int, steps: int,
-            top_n: int, device="cpu", dtype=torch.float32, d_model: int = 512) -> list[dict]:
+            top_n: int, device="cpu", dtype=torch.float32, d_model: int = 512, state_capacity=None) -> list[dict]:
     """Every method at one (seq, checkpointing): its own model and step; one warm-up step each, then ``steps``
     rounds timing one step of every method in turn (round-robin: a slow spell of the machine hits all methods
     alike), then each method's peak memory at ``batch_mem``."""
     runs = {}
     for method in methods:
         model = build(layers, checkpointing, device=device, dtype=dtype, d_model=d_model)
-        runs[method] = (model, Step(method, model, top_n))
+        runs[method] = (model, Step(method, model, top_n, state_capacity=state_capacity))
     vocab = runs[methods[0]][0].config.vocab_size
     timed = make_batches(vocab, batch_time, seq, steps + 1, device)
     times = {m: [] for m in methods}
@@ -96,7 +97,8 @@ def measure(methods: list, layers: int, seq: int, checkpointing: bool, batch_tim
         persistent = _persistent_bytes(model, step) - sum(p.numel() * p.element_size() for p in model.parameters())
         rec = {"method": method, "layers": layers, "seq": seq, "checkpointing": checkpointing,
                "batch_time": batch_time, "batch_mem": batch_mem, "steps": steps,
-               "median_ms": 1e3 * statistics.median(times[method]), "extra_peak_mib": (persistent + transient) / 2**20}
+               "median_ms": 1e3 * statistics.median(times[method]), "extra_peak_mib": (persistent + transient) / 2**20,
+               "state_capacity": None if method == "full" else state_capacity}
         if step.last is not None:
             rec.update(memory_mode=step.last.memory_mode, tuned_param_fraction=step.last.circuit.fraction,
                        state_rows=step.tuner.optimizer.num_state_rows())
@@ -167,6 +169,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--d-model", type=int, default=512, help="hidden size (MLP 3x, 8 heads / 4 KV heads)")
+    ap.add_argument("--state-capacity", type=float, default=None,
+                    help="circuit optimizers' state_capacity (a fraction of the rows; default: every row)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -182,7 +186,7 @@ def main(argv=None) -> dict:
     for seq in (int(s) for s in a.seqs.split(",")):
         for ckpt in ckpts:
             for rec in measure(methods, a.layers, seq, ckpt, a.batch_time, a.batch_mem, a.steps, top_n, a.device,
-                               dtype, a.d_model):
+                               dtype, a.d_model, a.state_capacity):
                 rec["top_n"] = top_n
                 records.append(rec)
                 print(f"T={seq:5d} ckpt={ckpt!s:5} {rec['method']:>17}: {rec['median_ms']:8.0f} ms  "
