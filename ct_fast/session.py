@@ -186,11 +186,14 @@ class TuningSession:
                 for key, (count, slots, n_rows) in self.optimizer.pool_demand(gi, es).items():
                     if count > slots:
                         cap = self.optimizer.param_groups[gi]["state_capacity"]
+                        whole_mlp = node.startswith("mlp.") and node.count(".") == 1
                         raise CTFastError(
                             f"state_capacity={cap!r} gives the parameters with rows of width {key[1]} a shared "
                             f"optimizer-state pool of {slots} rows, but node {node!r} alone selects {count} of "
-                            "them, so no circuit containing it could step; pass state_capacity >= "
-                            f"{math.ceil(1000 * count / n_rows) / 1000:g} (a fraction) or None")
+                            "them, so no circuit containing it could step; "
+                            + ("split MLP nodes into heads (mlp_head_dim=..., e.g. 64 or 128), or " if whole_mlp
+                               else "") + f"pass state_capacity >= {math.ceil(1000 * count / n_rows) / 1000:g} "
+                            "(a fraction) or None")
 
     def _join(self, group):
         """Several ranks: check that all run the same graph and options, and start from rank 0's weights."""
