@@ -67,7 +67,7 @@ def run_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> lis
     flops = 2 * n_u * c * w * d + 2 * n_u * n_d * c * d  # the projection of each head, then the dots
     if backends is None:
         backends = ["torch", "cuda", "triton"] if torch.device(device).type == "cuda" else ["torch", "cpp", "triton"]
-    recs, base = [], None
+    recs, base, requested = [], None, os.environ.get("CT_FAST_BACKEND")
     for b in backends:
         rec = {"bench": "score_edges_op", "device": device, "dtype": str(dtype), **shape, "backend": b}
         os.environ["CT_FAST_BACKEND"] = b
@@ -77,8 +77,11 @@ def run_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> lis
         except Exception as e:  # a backend not built or not available here
             recs.append({**rec, "skipped": f"{type(e).__name__}: {e}"[:200]})
             continue
-        finally:
-            os.environ.pop("CT_FAST_BACKEND", None)
+        finally:  # the caller's choice back
+            if requested is None:
+                os.environ.pop("CT_FAST_BACKEND", None)
+            else:
+                os.environ["CT_FAST_BACKEND"] = requested
         base = ms if b == "torch" else base
         recs.append({**rec, "ms": ms, "tflops": flops / ms / 1e9,
                      "max_rel_err": ((got.double() - want).abs().max() / want.abs().max()).item(),

@@ -79,8 +79,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._selection: dict[torch.Tensor, ParamSelection] | None = None  # None: dense
         self._grad_rows: dict[torch.Tensor, torch.Tensor] = {}
-        self._clock = 0  # optimizer steps taken (the time stamps of last_used), as of the last load or eager step
-        self._clock_t: torch.Tensor | None = None  # the same count on the device: what the pools stamp
+        self._clock = 0  # optimizer steps taken (the time stamps of last_used), until the count moves to the device
+        self._clock_t: torch.Tensor | None = None  # from the first slot assignment on: the count, on the device
         self._pools: dict[tuple, RowPool] = {}  # (group index, row width, device) -> the rows' shared state
         self._pool_of: dict[torch.Tensor, tuple] = {}  # parameter -> the key of its pool
         self.tuning = None  # the attached TuningSession (model=)
@@ -219,10 +219,6 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         self._indices = {}
 
     # ---- pooled state (ct_fast.state_pool) ----
-    def _group_index(self) -> dict:
-        """``{param: index of its param group}``."""
-        return {p: gi for p, (gi, _) in self._where.items()}
-
     def _clock_on(self, device: torch.device) -> torch.Tensor:
         """The step count as a 0-dim device tensor (created at the first step, then advanced on the device: the
         value the pools stamp stays right when a captured step is replayed)."""
@@ -269,15 +265,22 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                 self._pool_of[p] = key
                 self.state[p]["dim"] = dim
 
+    def _leave(self, p: torch.Tensor) -> None:
+        """``p`` leaves its pool (it is about to join the pool of another axis)."""
+        self._pools[self._pool_of.pop(p)].leave(p)
+
     def reserve_state(self, dims: dict, allocate: bool = False) -> None:
         """Register parameters (``{param: sliced axis}``) in their pools before their first selection, so that
         each pool is allocated once, at its final size (the tuning session registers every tunable parameter).
         Parameters the optimizer does not hold, or that already have state, are skipped. ``allocate``: allocate
         the pools now rather than at the first step that selects a member (the memory plan measures them)."""
-        gi_of = self._group_index()
-        for gi, group in enumerate(self.param_groups):
-            self._join(gi, [self._entry(p, group, dim) for p, dim in dims.items()
-                            if gi_of.get(p) == gi and p not in self._pool_of])
+        by_group: dict[int, list] = {}
+        for p, dim in dims.items():
+            if p in self._where and p not in self._pool_of:
+                gi = self._where[p][0]
+                by_group.setdefault(gi, []).append(self._entry(p, self.param_groups[gi], dim))
+        for gi, entries in by_group.items():
+            self._join(gi, entries)
         if allocate:
             for pool in self._pools.values():
                 pool.allocate()
@@ -349,8 +352,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         moved_shape = (n_old,) + self._row_shape(p, old)
         moved = {k: old_pool.t[k].index_select(0, slots).view(moved_shape).movedim(0, old).movedim(dim, 0)
                  .reshape(n_new, -1) for k in self._moments}
-        old_pool.leave(p)
-        del self._pool_of[p]
+        self._leave(p)
         self._join(gi, [entry])
         pool = self._pools[self._pool_of[p]]
         pool.allocate()
@@ -363,9 +365,9 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         """Load per-parameter states of the earlier layouts (a pool per parameter, or rows appended as they
         entered; also torch states converted by ``state_interchange``) into the shared pools, the same rows
         keeping the same state and time stamps."""
-        gi_of = self._group_index()
         for p, saved in pending:
-            self._join(gi_of[p], [self._entry(p, self.param_groups[gi_of[p]], int(saved["dim"]))])
+            gi = self._where[p][0]
+            self._join(gi, [self._entry(p, self.param_groups[gi], int(saved["dim"]))])
         for p, saved in pending:
             pool = self._pools[self._pool_of[p]]
             pool.allocate()
@@ -378,7 +380,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                 pool.place(p, rows, {k: saved[k].to(pool.device).index_select(0, old)
                                      for k in ("step",) + self._moments}, last)
             except ValueError as e:
-                group = self.param_groups[gi_of[p]]
+                group = self.param_groups[self._where[p][0]]
                 raise CTFastError(f"load_state_dict: the saved optimizer state of a parameter of shape "
                                   f"{tuple(p.shape)} does not fit its pool ({e}) under state_capacity="
                                   f"{group['state_capacity']!r}; load it with a larger state_capacity") from None
@@ -424,8 +426,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                 if self._pools[key].allocated:
                     self._relayout(p, gi, group, dim)
                 else:  # registered on another axis, never selected: nothing to move
-                    self._pools[key].leave(p)
-                    del self._pool_of[p]
+                    self._leave(p)
             p2 = self._as_rows(local(p), dim)
             if compact is not None:
                 g = compact.reshape(count, -1)
@@ -469,7 +470,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
     def _collect(self, gi: int, group: dict, plan: list[tuple], skip: torch.Tensor | None = None) -> dict:
         """The multi-tensor lists of one validated group: slots assigned (one ``assign`` per pool), state
         tensors listed per parameter (parameters of one pool list the same tensors, at disjoint slots)."""
-        self._join(gi, [self._entry(p, group, dim) for p, dim, *_ in plan])
+        self._join(gi, [self._entry(p, group, dim) for p, dim, *_ in plan if p not in self._pool_of])
         rows = [torch.arange(_n_rows(p, dim), device=p2.device) if index is None else index
                 for p, dim, index, p2, _ in plan]
         by_pool: dict[tuple, list[int]] = {}
@@ -519,8 +520,9 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         finally:
             self._grad_rows = {}
         flag = self._skip_flag(plans)
-        self._clock += 1
-        if self._clock_t is not None:
+        if self._clock_t is None:
+            self._clock += 1
+        else:
             self._clock_t.add_(1)
         for gi, group, plan in plans:
             if plan:
@@ -601,14 +603,13 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         by_id = dict(zip(saved_ids, params))
         for g in self.param_groups:  # saved before state_capacity existed
             g["state_capacity"] = check_state_capacity(g.get("state_capacity", self.defaults["state_capacity"]))
-        gi_of = self._group_index()
         self._pools, self._pool_of = {}, {}
         self.state = defaultdict(dict)
         for saved in pools:
             members = [by_id[m[0]] for m in saved["members"]]
             device = local(members[0]).device
             pool = RowPool.from_state_dict(saved, by_id, self._moments, device)
-            key = self._pool_key(members[0], gi_of[members[0]], saved["members"][0][1])
+            key = self._pool_key(members[0], self._where[members[0]][0], saved["members"][0][1])
             self._pools[key] = pool
             for p, m in pool.members.items():
                 self._pool_of[p] = key
