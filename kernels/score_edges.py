@@ -11,8 +11,9 @@ d_model block (BK):
 
 Neither the per-node contributions ``[n_u, tokens, d]`` nor any product is written to memory. Operands stay in
 the input dtype — bf16/fp16 on tensor cores (the contribution rounded to it between the two dots, as the torch
-path rounds its contribution block), fp32 as IEEE fp32 dots — and accumulation is fp32. Token splits combine
-with atomic adds.
+path rounds its contribution block), fp32 as IEEE fp32 dots — and accumulation is fp32. Each token split writes
+its own ``[n_u, n_d]`` partial, summed afterwards in a fixed order: no atomics, so the scores (and the circuit
+they select) are the same bits on every run.
 """
 
 import os
@@ -36,7 +37,7 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
     i_offs = tl.arange(0, BW)
     acc = tl.zeros((BU, BN), dtype=tl.float32)
     for t0 in range(t_begin, t_end, BT):
-        t_offs = t0 + tl.arange(0, BT)
+        t_offs = (t0 + tl.arange(0, BT)).to(tl.int64)  # 64-bit offsets: G may hold over 2^31 elements
         t_mask = t_offs < t_end
         if HAS_W:  # [BU, BT, BW]: each upstream node's head activations
             z = tl.load(delta_ptr + t_offs[None, :, None] * (n_u * w) + u_offs[:, None, None] * w
@@ -58,7 +59,8 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
                 a = tl.load(delta_ptr + u_offs[:, None, None] * 0 + t_offs[None, :, None] * d + k_offs[None, None, :],
                             mask=(u_offs[:, None, None] == 0) & t_mask[None, :, None] & k_mask[None, None, :],
                             other=0.0)
-            gt = tl.load(g_ptr + n_offs[None, None, :] * (c * d) + t_offs[:, None, None] * d + k_offs[None, :, None],
+            gt = tl.load(g_ptr + n_offs[None, None, :].to(tl.int64) * c * d + t_offs[:, None, None] * d
+                         + k_offs[None, :, None],
                          mask=t_mask[:, None, None] & k_mask[None, :, None] & n_mask[None, None, :], other=0.0)
             a2 = tl.reshape(a.to(OP), (BU, BT * BK))
             g2 = tl.reshape(gt, (BT * BK, BN))
@@ -66,7 +68,8 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
                 acc += tl.dot(a2.to(tl.float32), g2.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(a2, g2)
-    tl.atomic_add(s_ptr + u_offs[:, None] * n_d + n_offs[None, :], acc, mask=u_mask[:, None] & n_mask[None, :])
+    s_ptr += tl.program_id(2).to(tl.int64) * n_u * n_d  # this split's partial
+    tl.store(s_ptr + u_offs[:, None] * n_d + n_offs[None, :], acc, mask=u_mask[:, None] & n_mask[None, :])
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -87,16 +90,16 @@ def score_edges(delta, up_weight, grad_down):
     else:
         up_weight = up_weight.to(dt).contiguous()
         n_u, w = up_weight.shape[0], up_weight.shape[1]
-    S = torch.zeros(n_u, n_d, dtype=torch.float32, device=delta.device)
     if n_u == 0 or n_d == 0 or c == 0:
-        return S
+        return torch.zeros(n_u, n_d, dtype=torch.float32, device=delta.device)
     BU, BN, BT, BK = 16, 16, 16, 32  # tl.dot needs every dimension >= 16
     splits = max(1, min(triton.cdiv(c, BT), 64))
     per_split = triton.cdiv(triton.cdiv(c, splits), BT) * BT
     grid = (triton.cdiv(n_u, BU), triton.cdiv(n_d, BN), triton.cdiv(c, per_split))
+    partials = torch.empty(grid[2], n_u, n_d, dtype=torch.float32, device=delta.device)  # every element written
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    _score_edges_kernel[grid](delta, up_weight if up_weight is not None else delta, grad_down, S, n_u, w, n_d, c, d,
-                              per_split, HAS_W=up_weight is not None, OP=_TL_DTYPES[dt],
+    _score_edges_kernel[grid](delta, up_weight if up_weight is not None else delta, grad_down, partials,
+                              n_u, w, n_d, c, d, per_split, HAS_W=up_weight is not None, OP=_TL_DTYPES[dt],
                               FP32_DOTS=dt == torch.float32 or (interpreted and dt == torch.bfloat16),
                               BU=BU, BW=max(16, triton.next_power_of_2(w)), BN=BN, BT=BT, BK=BK)
-    return S
+    return partials.sum(0)

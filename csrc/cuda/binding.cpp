@@ -148,12 +148,14 @@ at::Tensor score_edges_cuda(const at::Tensor& delta_in, const std::optional<at::
   }
   TORCH_CHECK(delta.dim() == 2 && delta.size(0) == G.size(1) && delta.size(1) == n_u * w,
               "ct_fast: delta must be [c, n_u * w]");
-  at::Tensor S = at::zeros({n_u, G.size(0)}, delta.options());
+  if (n_u == 0 || G.size(0) == 0 || G.size(1) == 0) return at::zeros({n_u, G.size(0)}, delta.options());
+  // one partial per token chunk, summed in a fixed order: deterministic, unlike atomic adds
+  at::Tensor P = at::empty({score_edges_chunks(G.size(1)), n_u, G.size(0)}, delta.options());
   const cudaError_t err = launch_score_edges(delta.data_ptr<float>(), W.defined() ? W.data_ptr<float>() : nullptr,
-                                             G.data_ptr<float>(), S.data_ptr<float>(), n_u, w, G.size(0), G.size(1),
+                                             G.data_ptr<float>(), P.data_ptr<float>(), n_u, w, G.size(0), G.size(1),
                                              G.size(2), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "ct_fast: CUDA launch failed: ", cudaGetErrorString(err));
-  return S;
+  return P.sum(0);
 }
 
 // Called from the module's init (csrc/module.cpp), not a static TORCH_LIBRARY_IMPL initialiser: see there.

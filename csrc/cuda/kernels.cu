@@ -112,13 +112,15 @@ __global__ void nonfinite_check_kernel(const __grid_constant__ RowsPack pack, fl
 
 // Block (u, token chunk): per token, the node's residual vector a = delta[t, u] @ W[u] is built in shared memory
 // (d floats) and every warp dots it with a strided subset of the downstream nodes' G[n, t]; per-node sums stay
-// in shared memory over the chunk and land in S with one atomic each. Dynamic shared memory: (d + n_d) floats.
+// in shared memory over the chunk and are stored into the chunk's own partial P[chunk, u, :] (no atomics: the
+// caller sums the partials in a fixed order, so scores are the same bits on every run). Dynamic shared memory:
+// (d + n_d) floats.
 constexpr int kScoreThreads = 256;
 constexpr int64_t kScoreTokens = 32;    // tokens per block, raised so the grid's y extent stays <= 65535
 constexpr int64_t kMaxGridY = 65535;
 
 __global__ void score_edges_kernel(const float* __restrict__ delta, const float* __restrict__ W,
-                                   const float* __restrict__ G, float* __restrict__ S, int64_t n_u, int64_t w,
+                                   const float* __restrict__ G, float* __restrict__ P, int64_t n_u, int64_t w,
                                    int64_t n_d, int64_t c, int64_t d, int64_t tokens_per_block) {
   extern __shared__ float smem[];
   float* a = smem;        // [d]
@@ -151,7 +153,8 @@ __global__ void score_edges_kernel(const float* __restrict__ delta, const float*
     }
   }
   __syncthreads();
-  for (int64_t n = threadIdx.x; n < n_d; n += blockDim.x) atomicAdd(S + u * n_d + n, acc[n]);
+  float* partial = P + (static_cast<int64_t>(blockIdx.y) * n_u + u) * n_d;
+  for (int64_t n = threadIdx.x; n < n_d; n += blockDim.x) partial[n] = acc[n];
 }
 
 static_assert(sizeof(RowsPack) + sizeof(AdamWHyper) + sizeof(DeviceScalars) <= 4096 &&
@@ -195,20 +198,26 @@ cudaError_t launch_nonfinite_check(const RowsPack& pack, float* found_inf, cudaS
   return cudaGetLastError();
 }
 
-cudaError_t launch_score_edges(const float* delta, const float* W, const float* G, float* S, int64_t n_u, int64_t w,
+int64_t score_edges_chunks(int64_t c) {
+  int64_t per_block = kScoreTokens;
+  if ((c + per_block - 1) / per_block > kMaxGridY) per_block = (c + kMaxGridY - 1) / kMaxGridY;
+  return (c + per_block - 1) / per_block;
+}
+
+cudaError_t launch_score_edges(const float* delta, const float* W, const float* G, float* P, int64_t n_u, int64_t w,
                                int64_t n_d, int64_t c, int64_t d, cudaStream_t stream) {
   if (n_u == 0 || n_d == 0 || c == 0) return cudaSuccess;
   if (n_u > 2147483647) return cudaErrorInvalidValue;
-  int64_t per_block = kScoreTokens;
-  if ((c + per_block - 1) / per_block > kMaxGridY) per_block = (c + kMaxGridY - 1) / kMaxGridY;
-  const dim3 grid(static_cast<unsigned>(n_u), static_cast<unsigned>((c + per_block - 1) / per_block));
+  const int64_t chunks = score_edges_chunks(c);
+  const int64_t per_block = (c + chunks - 1) / chunks;
+  const dim3 grid(static_cast<unsigned>(n_u), static_cast<unsigned>(chunks));
   const size_t smem = static_cast<size_t>(d + n_d) * sizeof(float);
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(score_edges_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  score_edges_kernel<<<grid, kScoreThreads, smem, stream>>>(delta, W, G, S, n_u, w, n_d, c, d, per_block);
+  score_edges_kernel<<<grid, kScoreThreads, smem, stream>>>(delta, W, G, P, n_u, w, n_d, c, d, per_block);
   return cudaGetLastError();
 }
 

@@ -50,7 +50,9 @@ cudaError_t launch_nonfinite_check(const RowsPack& pack, float* found_inf, cudaS
 
 // S[u, n] += sum_t (delta[t, u*w:(u+1)*w] @ W[u]) . G[n, t, :]   (W null: delta[t] is the single node, w = d)
 // delta [c, n_u*w], W [n_u, w, d], G [n_d, c, d], S [n_u, n_d]: contiguous fp32.
-cudaError_t launch_score_edges(const float* delta, const float* W, const float* G, float* S, int64_t n_u, int64_t w,
+// Token chunks of score_edges: P (fp32, [chunks, n_u, n_d], every element written) holds one partial per chunk.
+int64_t score_edges_chunks(int64_t c);
+cudaError_t launch_score_edges(const float* delta, const float* W, const float* G, float* P, int64_t n_u, int64_t w,
                                int64_t n_d, int64_t c, int64_t d, cudaStream_t stream);
 
 }  // namespace ct_fast
