@@ -110,7 +110,21 @@ def run(rehearse: bool, out: str) -> list[dict]:
     print("\n| stage | status | seconds | last line |\n| --- | --- | --- | --- |")
     for r in summary:
         print(f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('detail', '')[:90]} |")
+    print(f"auto's kernel choices from these timings (commit bench/results/gpu_op_*.json, then run python "
+          f"bench/report.py): {json.dumps(measured_choices(out))}")
     return summary
+
+
+def measured_choices(out: str) -> dict:
+    """What ``ct_fast.ops.measured.derive`` makes of this run's op benchmarks (empty on CPU: GPU records only)."""
+    from ct_fast.ops import measured
+
+    records = []
+    for name in sorted(os.listdir(out)):
+        if name.startswith("op_") and name.endswith(".json"):
+            with open(os.path.join(out, name)) as f:
+                records += json.load(f).get("results", [])
+    return measured.derive(records)
 
 
 def main(argv=None):

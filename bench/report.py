@@ -1,6 +1,7 @@
-"""Render committed results into README.md between markers: the step results (bench/results/step_*.json)
-between ``<!-- bench:step -->`` markers and the scale results (bench/results/cpu_scale.json) between
-``<!-- bench:scale -->`` markers: ``python bench/report.py`` (tests check the README matches)."""
+"""Render committed results: into README.md between markers, the step results (bench/results/step_*.json and
+gpu_step.json) between ``<!-- bench:step -->`` markers and the scale results (bench/results/*_scale.json) between
+``<!-- bench:scale -->`` markers; and ``auto``'s kernel choices on a GPU (ct_fast/ops/gpu_choices.json) from the
+GPU op benchmarks (bench/results/gpu_op_*.json). ``python bench/report.py`` (tests check both match)."""
 
 import glob
 import json
@@ -19,10 +20,14 @@ def _header(path: str, env: dict) -> str:
     return f"`{os.path.relpath(path, ROOT)}` — {where}, torch {env.get('torch')}, commit {env.get('commit')}"
 
 
-def _render(pattern: str, table, empty: str) -> str:
-    """Every committed results file matching ``pattern``, headed by its machine and commit, as ``table(data)``."""
+def _results(*patterns: str) -> list[str]:
+    return sorted(p for pattern in patterns for p in glob.glob(os.path.join(ROOT, "bench", "results", pattern)))
+
+
+def _render(patterns, table, empty: str) -> str:
+    """Every committed results file matching ``patterns``, headed by its machine and commit, as ``table(data)``."""
     parts = []
-    for path in sorted(glob.glob(os.path.join(ROOT, "bench", "results", pattern))):
+    for path in _results(*patterns):
         with open(path) as f:
             data = json.load(f)
         parts.append(f"{_header(path, data['env'])}:\n\n{table(data)}")
@@ -32,13 +37,13 @@ def _render(pattern: str, table, empty: str) -> str:
 def rendered_step() -> str:
     from ct_fast.app.step_bench import table
 
-    return _render("step_*.json", lambda data: table(data["results"]), "(no results yet: run `ct-fast bench`)")
+    return _render(("step_*.json", "gpu_step.json"), lambda data: table(data["results"]), "(no results yet: run `ct-fast bench`)")
 
 
 def rendered_scale() -> str:
     from bench_scale import table
 
-    return _render("*_scale.json", table, "(no results yet: run `python bench/bench_scale.py`)")
+    return _render(("*_scale.json",), table, "(no results yet: run `python bench/bench_scale.py`)")
 
 
 BLOCKS = {"step": rendered_step, "scale": rendered_scale}
@@ -54,9 +59,28 @@ def update(text: str) -> str:
     return text
 
 
+def gpu_choices() -> dict:
+    """The content of ct_fast/ops/gpu_choices.json: ``measured.derive`` over the committed GPU op results."""
+    from ct_fast.ops import measured
+
+    paths = _results("gpu_op_*.json")
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records += json.load(f)["results"]
+    return {"about": "auto's kernel choices on a GPU, derived from bench/results/gpu_op_*.json by "
+                     "ct_fast/ops/measured.py (python bench/report.py regenerates this file)",
+            "sources": [os.path.basename(p) for p in paths], "choices": measured.derive(records)}
+
+
 if __name__ == "__main__":
     with open(README) as f:
         text = f.read()
     with open(README, "w") as f:
         f.write(update(text))
-    print("README.md updated")
+    from ct_fast.ops import measured
+
+    with open(measured.PATH, "w") as f:
+        json.dump(gpu_choices(), f, indent=4)
+        f.write("\n")
+    print(f"README.md and {os.path.relpath(measured.PATH, ROOT)} updated")

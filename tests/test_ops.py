@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ct_fast import CTFastError, ops
-from ct_fast.ops import library
+from ct_fast.ops import library, measured
 from ct_fast.testing import assert_close, devices
 
 
@@ -184,6 +184,7 @@ def test_triton_masked_weight_grad_writes_every_element(splits, dtype):
 def test_masked_weight_grad_kernel_stays_out_of_auto(monkeypatch):
     """The Triton dW joins auto only once committed GPU results show it faster than gather + cuBLAS."""
     monkeypatch.delenv("CT_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(measured, "_table", {})  # no GPU results: the defaults
     assert ("masked_weight_grad", "triton") in ops.AUTO_SKIP and "masked_weight_grad" in ops.TRITON_OPS
     assert ops.choose_backend("masked_weight_grad", torch.device("cuda"), (torch.bfloat16,)) == "torch"
     assert ops.choose_backend("masked_weight_grad", torch.device("cpu"), (torch.bfloat16,)) == "torch"
@@ -349,6 +350,70 @@ def test_auto_prefers_native_on_cpu(monkeypatch):
     assert ops.choose_backend("masked_adamw_", torch.device("cpu"), (torch.float32,)) == expected
     assert ops.choose_backend("masked_weight_grad", torch.device("cpu"), (torch.float32,)) == "torch"
     assert ops.choose_backend("masked_adamw_", torch.device("cpu"), (torch.int64,)) == "torch"
+
+
+def _op_record(bench, backend, ms, dtype="torch.bfloat16", err=1e-3, **case):
+    time_key, err_key = {"score_edges_op": ("ms", "max_rel_err"), "masked_dw": ("masked_ms", "max_rel_err_vs_torch"),
+                         "masked_adamw": ("masked_ms", None)}[bench]
+    rec = {"bench": bench, "device": "cuda", "dtype": dtype, "backend": backend, time_key: ms, **case}
+    return {**rec, err_key: err} if err_key else rec
+
+
+def test_gpu_choices_are_derived_from_timings():
+    """A kernel joins auto on a GPU only where it beat the torch path in every measured case, within the dtype's
+    error band; faster kernels first; a measured (op, dtype) where none did runs torch alone."""
+    a, b = {"n_u": 32, "w": 64, "n_d": 49, "c": 2048, "d": 2048}, {"n_u": 8, "w": 64, "n_d": 9, "c": 512, "d": 512}
+    records = [_op_record("score_edges_op", "torch", 10.0, **a), _op_record("score_edges_op", "torch", 2.0, **b),
+               _op_record("score_edges_op", "triton", 4.0, **a), _op_record("score_edges_op", "triton", 1.0, **b),
+               _op_record("score_edges_op", "cuda", 3.0, **a),
+               _op_record("score_edges_op", "cuda", 2.5, **b),  # slower than torch in case b
+               _op_record("score_edges_op", "torch", 5.0, dtype="torch.float32", **a),
+               _op_record("score_edges_op", "triton", 4.0, dtype="torch.float32", err=3e-4, **a),  # outside fp32's band
+               _op_record("score_edges_op", "cuda", 4.5, dtype="torch.float32", err=float("nan"), **a),
+               {**_op_record("score_edges_op", "triton", 1.0, dtype="torch.float16", **a), "skipped": "not built"},
+               _op_record("masked_dw", "torch", 1.0, tokens=8192, selection="blocks"),
+               _op_record("masked_dw", "triton", 0.5, tokens=8192, selection="blocks"),
+               _op_record("masked_dw", "triton", 0.4, tokens=8192, selection="strided"),  # no baseline for this case
+               _op_record("masked_adamw", "torch", 9.0, dtype="torch.float32", params=1e9),
+               _op_record("masked_adamw", "cuda", 1.0, dtype="torch.float32", params=1e9),
+               _op_record("masked_adamw", "triton", 2.0, dtype="torch.float32", params=1e9),
+               {**_op_record("masked_adamw", "cuda", 0.1, dtype="torch.float32", params=1e9), "device": "cpu"}]
+    assert measured.derive(records) == {
+        "score_edges": {"torch.bfloat16": ["triton", "torch"], "torch.float32": ["torch"]},
+        "masked_adamw_": {"torch.float32": ["cuda", "triton", "torch"]}}
+    assert measured.derive(records[:12]) == {  # masked dW: triton wins its one measured case
+        "score_edges": {"torch.bfloat16": ["triton", "torch"], "torch.float32": ["torch"]},
+        "masked_weight_grad": {"torch.bfloat16": ["triton", "torch"]}}
+
+
+def test_auto_on_a_gpu_follows_the_measured_order(monkeypatch):
+    monkeypatch.delenv("CT_FAST_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(measured, "_table", {"score_edges": {"torch.bfloat16": ["triton", "torch"],
+                                                             "torch.float32": ["torch"]},
+                                             "masked_adamw_": {"torch.float32": ["torch"]}})
+    triton_ok = ops.triton_available(cuda) is None
+    assert ops.choose_backend("score_edges", cuda, (torch.bfloat16,)) == ("triton" if triton_ok else "torch")
+    assert ops.choose_backend("score_edges", cuda, (torch.float32,)) == "torch"  # measured: no kernel beat torch
+    assert ops.choose_backend("score_edges", cuda, (torch.float32, torch.bfloat16)) == "torch"  # mixed: defaults
+    assert ops.choose_backend("masked_adamw_", cuda, {torch.float32}) == "torch"  # a kernel measured out of auto
+    assert ops.choose_backend("score_edges", torch.device("cpu"), (torch.bfloat16,)) == "torch"  # CPU: unchanged
+    monkeypatch.setattr(measured, "_table", {})
+    assert ops.choose_backend("score_edges", cuda, (torch.bfloat16,)) == "torch"  # not measured: AUTO_SKIP
+    assert ops.choose_backend("masked_adamw_", cuda, {torch.float32}) == ("triton" if triton_ok else "torch")
+
+
+def test_committed_gpu_choices_match_the_committed_results():
+    """``ct_fast/ops/gpu_choices.json`` is what ``measured.derive`` makes of ``bench/results/gpu_op_*.json``
+    (``python bench/report.py`` regenerates it after a GPU run)."""
+    import json
+    import pathlib
+
+    results = sorted((pathlib.Path(__file__).resolve().parents[1] / "bench" / "results").glob("gpu_op_*.json"))
+    records = [r for p in results for r in json.loads(p.read_text())["results"]]
+    committed = json.loads(pathlib.Path(measured.PATH).read_text())
+    assert committed["choices"] == measured.derive(records), "stale: run python bench/report.py"
+    assert committed["sources"] == [p.name for p in results]
 
 
 def test_native_build_is_present_in_ci():

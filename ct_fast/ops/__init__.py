@@ -7,7 +7,9 @@
 - ``triton``: the Triton kernels of ``ct_fast.kernels`` (GPU; on CPU only under ``TRITON_INTERPRET=1``);
 - ``torch``: the pure-torch reference (``ct_fast.ops.reference``), the oracle of every test;
 - ``auto``: per call, the first of cuda > triton > cpp > torch that has the op for the tensors' device and
-  accepts them (dtype, layout). A fallback is logged once per (op, reason).
+  accepts them (dtype, layout). A fallback is logged once per (op, reason). On a GPU, an (op, dtype) with
+  committed GPU timings runs the measured order instead (``ct_fast.ops.measured``: a kernel joins only where
+  it beat the torch path).
 
 An explicitly requested backend that cannot run a call (not built, wrong device, unsupported dtype) raises
 ``CTFastError`` with the reason; ops that the backend does not implement at all (``masked_weight_grad`` in
@@ -26,7 +28,7 @@ import os
 import torch
 
 from ..errors import CTFastError
-from . import library, reference
+from . import library, measured, reference
 from .reference import adamw_rows_, heads_to_residual, norm_vjp_, sgd_rows_  # noqa: F401
 
 log = logging.getLogger("ct_fast")
@@ -43,6 +45,7 @@ NATIVE_OPS = {"score_edges", "masked_adamw_", "masked_sgd_"}  # ops with C++/CUD
 #   joins auto once committed results of bench/bench_masked_dw.py show it faster there.
 # - masked_sgd_ in Triton: tested under the interpreter, not timed on a GPU (auto on a GPU takes the CUDA kernel
 #   when built, else the torch path).
+# On a GPU, committed timings override these defaults per (op, dtype): see ct_fast.ops.measured.
 AUTO_SKIP = {("score_edges", "cpp"), ("score_edges", "cuda"), ("score_edges", "triton"),
              ("masked_weight_grad", "triton"), ("masked_sgd_", "triton")}
 TRITON_OPS = {"score_edges", "masked_adamw_", "masked_sgd_", "masked_weight_grad"}  # Triton kernels in ct_fast.kernels
@@ -125,8 +128,13 @@ def choose_backend(op: str, device: torch.device, dtypes=()) -> str:
         if why:
             raise CTFastError(f"CT_FAST_BACKEND={req} cannot run {op}: {why}")
         return req
-    order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")
-    for b in (b for b in order if (op, b) not in AUTO_SKIP):
+    measured_order = measured.gpu_order(op, dtypes) if device.type == "cuda" else None
+    if measured_order is not None:
+        candidates = measured_order
+    else:
+        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")
+        candidates = [b for b in order if (op, b) not in AUTO_SKIP]
+    for b in candidates:
         why = _reason(b, op, device, dtypes)
         if why is None:
             return b

@@ -1,0 +1,85 @@
+"""``auto``'s kernel choices on a GPU, from committed measurements.
+
+A kernel joins ``auto`` on a GPU only when committed GPU timings show it faster than the torch path. The op
+benchmarks that ``bench/gpu_check.sh`` runs on a GPU (``bench/results/gpu_op_*.json``) are reduced by
+``derive`` to a table, committed as ``gpu_choices.json`` beside this file (``python bench/report.py``
+regenerates it; a test checks it matches the committed results):
+
+    {"score_edges": {"torch.bfloat16": ["triton", "torch"], "torch.float32": ["torch"]}, ...}
+
+Per (op, dtype) the backends, fastest first, that beat the torch path in every measured case with an error
+within the dtype's band, then ``torch``. An (op, dtype) the table names runs the first of its list that can run
+the call; one it does not name keeps the default order (``ops.AUTO_SKIP``). So a measurement can also take a
+kernel out of ``auto`` (an entry with ``torch`` alone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_choices.json")
+
+# bench record -> (op, time field, error field or None, the fields that name one measured case)
+BENCHES = {
+    "score_edges_op": ("score_edges", "ms", "max_rel_err", ("n_u", "w", "n_d", "c", "d")),
+    "masked_dw": ("masked_weight_grad", "masked_ms", "max_rel_err_vs_torch", ("tokens", "d", "d_ff", "fraction",
+                                                                             "selection")),
+    "masked_adamw": ("masked_adamw_", "masked_ms", None, ("params", "fraction")),
+}
+# largest error (relative to the largest value) a kernel may show to join auto: fp32 exact up to summation
+# order; half-precision operands within their band (the torch path itself is ~1e-3 there)
+ERROR_BAND = {"torch.float32": 1e-4, "torch.bfloat16": 2e-2, "torch.float16": 1e-2}
+
+_table: dict | None = None
+
+
+def derive(records: list[dict]) -> dict:
+    """``{op: {dtype: [backends fastest first..., "torch"]}}`` from GPU op-benchmark records (see module doc)."""
+    cases: dict = defaultdict(lambda: defaultdict(dict))  # (op, dtype) -> case -> backend -> record
+    for r in records:
+        spec = BENCHES.get(r.get("bench"))
+        if spec is None or not str(r.get("device", "")).startswith("cuda") or "skipped" in r:
+            continue
+        op, t_key, _, case_keys = spec
+        if r.get(t_key) is None:
+            continue
+        cases[(r["bench"], r["dtype"])][tuple(r.get(k) for k in case_keys)][r["backend"]] = r
+    table: dict = {}
+    for (bench, dtype), by_case in sorted(cases.items()):
+        op, t_key, e_key, _ = BENCHES[bench]
+        if not all("torch" in per for per in by_case.values()):
+            continue  # no baseline in some case: nothing to compare with
+        band = ERROR_BAND.get(dtype, 0.0)
+        totals = {}
+        for b in {b for per in by_case.values() for b in per} - {"torch"}:
+            runs = [per.get(b) for per in by_case.values()]
+            if any(r is None or r[t_key] >= per["torch"][t_key] for r, per in zip(runs, by_case.values())):
+                continue  # missing somewhere, or not faster everywhere
+            if e_key is not None and any(not (r.get(e_key, float("inf")) <= band) for r in runs):
+                continue  # outside the dtype's error band (NaN included)
+            totals[b] = sum(r[t_key] for r in runs)
+        table.setdefault(op, {})[dtype] = sorted(totals, key=totals.get) + ["torch"]
+    return table
+
+
+def load() -> dict:
+    """The committed table (empty when no GPU results are committed), read once."""
+    global _table
+    if _table is None:
+        try:
+            with open(PATH) as f:
+                _table = json.load(f).get("choices", {})
+        except FileNotFoundError:
+            _table = {}
+    return _table
+
+
+def gpu_order(op: str, dtypes) -> list[str] | None:
+    """The measured backend order for ``op`` on a GPU with operands of ``dtypes``, or None: not measured, or
+    the dtypes' orders differ (mixed operands were not measured)."""
+    orders = {tuple(load().get(op, {}).get(str(d)) or ()) for d in dtypes}
+    if len(orders) != 1:
+        return None
+    return list(orders.pop()) or None
