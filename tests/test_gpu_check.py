@@ -4,6 +4,7 @@ script a GPU session runs first cannot rot between GPU sessions."""
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.skipif(os.environ.get("CT_FAST_SKIP_REHEARSAL") == "1", reason="CT_FAST_SKIP_REHEARSAL=1")
 def test_gpu_check_rehearsal(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--rehearse"], cwd=ROOT,
-                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=900)
+                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     stages = {s["stage"]: s for s in summary["stages"]}
     assert summary["rehearse"] and set(stages) >= {"build", "tests", "op_masked_adamw", "op_score_edges",
