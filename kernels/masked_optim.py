@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a kernel may read a global only as a constexpr
 
 
 @triton.jit

@@ -44,11 +44,10 @@ def _masked_weight_grad_kernel(a_ptr, b_ptr, idx_ptr, c_ptr, N, K, NB, tokens_pe
     a_cols = feat * stride_aa  # [BLOCK_M] element offsets of the selected columns of A
     b_cols = rn.to(tl.int64) * stride_bb
     t_begin = pid_s * tokens_per_split
-    t_end = tl.minimum(t_begin + tokens_per_split, N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t0 in range(t_begin, t_end, BLOCK_K):
-        rk = t0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < t_end
+    for t0 in range(0, tokens_per_split, BLOCK_K):  # tokens_per_split: a multiple of BLOCK_K
+        rk = t_begin + t0 + tl.arange(0, BLOCK_K)
+        k_mask = rk < N
         rk64 = rk.to(tl.int64)
         a = tl.load(a_ptr + rk64[:, None] * stride_an + a_cols[None, :], mask=k_mask[:, None] & m_mask[None, :],
                     other=0.0)  # [BLOCK_K, BLOCK_M]

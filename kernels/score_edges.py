@@ -32,13 +32,12 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
     u_offs = tl.program_id(0) * BU + tl.arange(0, BU)
     n_offs = tl.program_id(1) * BN + tl.arange(0, BN)
     t_begin = tl.program_id(2) * tokens_per_split
-    t_end = tl.minimum(t_begin + tokens_per_split, c)
     u_mask, n_mask = u_offs < n_u, n_offs < n_d
     i_offs = tl.arange(0, BW)
     acc = tl.zeros((BU, BN), dtype=tl.float32)
-    for t0 in range(t_begin, t_end, BT):
-        t_offs = (t0 + tl.arange(0, BT)).to(tl.int64)  # 64-bit offsets: G may hold over 2^31 elements
-        t_mask = t_offs < t_end
+    for t0 in range(0, tokens_per_split, BT):  # tokens_per_split: a multiple of BT
+        t_offs = (t_begin + t0 + tl.arange(0, BT)).to(tl.int64)  # 64-bit offsets: G may hold over 2^31 elements
+        t_mask = t_offs < c
         if HAS_W:  # [BU, BT, BW]: each upstream node's head activations
             z = tl.load(delta_ptr + t_offs[None, :, None] * (n_u * w) + u_offs[:, None, None] * w
                         + i_offs[None, None, :],
@@ -75,6 +74,15 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def tile_config(dtype: torch.dtype) -> dict:
+    """Tiles and pipeline depth per operand dtype (``tl.dot`` needs every dimension >= 16). fp32 operands stage
+    twice the bytes: smaller d_model blocks and no pipelining keep a block's shared memory within an H100's 227 KiB
+    (``bench/triton_sm90.py`` compiles both for sm_90 and reads it: 128 KiB fp32, 96 KiB bf16/fp16)."""
+    if dtype == torch.float32:
+        return dict(BU=16, BN=16, BT=16, BK=16, num_stages=1)
+    return dict(BU=16, BN=16, BT=16, BK=32, num_stages=3)
+
+
 def score_edges(delta, up_weight, grad_down):
     """Launcher with the signature of ``torch.ops.ct_fast.score_edges``: fp32 ``[n_u, n_d]``.
 
@@ -92,7 +100,8 @@ def score_edges(delta, up_weight, grad_down):
         n_u, w = up_weight.shape[0], up_weight.shape[1]
     if n_u == 0 or n_d == 0 or c == 0:
         return torch.zeros(n_u, n_d, dtype=torch.float32, device=delta.device)
-    BU, BN, BT, BK = 16, 16, 16, 32  # tl.dot needs every dimension >= 16
+    cfg = tile_config(dt)
+    BU, BN, BT = cfg["BU"], cfg["BN"], cfg["BT"]
     splits = max(1, min(triton.cdiv(c, BT), 64))
     per_split = triton.cdiv(triton.cdiv(c, splits), BT) * BT
     grid = (triton.cdiv(n_u, BU), triton.cdiv(n_d, BN), triton.cdiv(c, per_split))
@@ -101,5 +110,6 @@ def score_edges(delta, up_weight, grad_down):
     _score_edges_kernel[grid](delta, up_weight if up_weight is not None else delta, grad_down, partials,
                               n_u, w, n_d, c, d, per_split, HAS_W=up_weight is not None, OP=_TL_DTYPES[dt],
                               FP32_DOTS=dt == torch.float32 or (interpreted and dt == torch.bfloat16),
-                              BU=BU, BW=max(16, triton.next_power_of_2(w)), BN=BN, BT=BT, BK=BK)
+                              BU=BU, BW=max(16, triton.next_power_of_2(w)), BN=BN, BT=BT, BK=cfg["BK"],
+                              num_stages=cfg["num_stages"])
     return partials.sum(0)

@@ -1,0 +1,160 @@
+"""Compile every Triton kernel for Hopper (sm_90) ahead of time, on any machine: no GPU needed.
+
+Triton's compiler and the ptxas it ships build each kernel's cubin with the constexpr configurations its
+launcher passes on a GPU; ``cuobjdump --dump-resource-usage`` (also shipped with Triton) then reads registers,
+spill (local memory) bytes and shared memory per kernel. The interpreter tests run the kernels' Python; this
+checks what only the real compiler sees (dot shapes and operand types, layouts, shared memory, register
+pressure), at no device time.
+
+    python bench/triton_sm90.py [--out results.json] [--jobs 2]   # a table; exit 1 if a kernel fails to compile
+
+Run without ``TRITON_INTERPRET`` (the script clears it before Triton is imported; tests/test_triton_sm90.py
+runs it in a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are defined: real JIT functions, not interpreted
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+H100_SMEM = 227 * 1024  # the most shared memory one block may use on an H100
+PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
+OPT_TYPES = {"g_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "buf_ptr": "*fp32", "step_ptr": "*fp32",
+             "rows_ptr": "*i64", "slots_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "found_ptr": "*fp32",
+             "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "momentum": "fp32",
+             "dampening": "fp32"}
+
+
+def _module(name):
+    return importlib.import_module(f"ct_fast.kernels.{name}")  # the module (the package re-exports launchers)
+
+
+def cases() -> list[dict]:
+    """``{name, kernel, types, constexprs, num_warps, num_stages}``: the configurations the launchers use on a GPU."""
+    se, rg, mw, mo = (_module(m) for m in ("score_edges", "residual_grads", "masked_weight_grad", "masked_optim"))
+    out = []
+    for dt, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        cfg = se.tile_config(tdt)
+        for has_w in (True, False):
+            p = PTR[dt]
+            out.append(dict(name=f"score_edges {dt} {'heads' if has_w else 'residual'}", kernel=se._score_edges_kernel,
+                            types={"delta_ptr": p, "w_ptr": p, "g_ptr": p, "s_ptr": "*fp32"},
+                            constexprs=dict(HAS_W=has_w, OP=TL[dt], FP32_DOTS=dt == "fp32", BU=cfg["BU"], BW=64,
+                                            BN=cfg["BN"], BT=cfg["BT"], BK=cfg["BK"]),
+                            num_stages=cfg["num_stages"]))
+    for dt, has_w, two, norm in (("bf16", True, False, 1), ("bf16", True, True, 1), ("fp32", True, False, 2),
+                                 ("bf16", False, False, 2), ("fp16", True, True, 0), ("fp32", True, True, 1)):
+        p = PTR[dt]
+        out.append(dict(name=f"residual_grads {dt} w={has_w} two={two} norm={norm}", kernel=rg._residual_grads_kernel,
+                        types={"out_ptr": p, "x_ptr": p, "gamma_ptr": "*fp32", "mean_ptr": "*fp32",
+                               "rstd_ptr": "*fp32", "r0_ptr": p, "w0_ptr": p, "r1_ptr": p, "w1_ptr": p},
+                        constexprs=dict(HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=norm != 0,
+                                        FP32_DOTS=dt == "fp32", BI=64, **rg.TILES)))
+    sms = mw._num_sms
+    mw._num_sms = lambda device: 132  # an H100's, as the launcher would read it there
+    try:
+        for dt, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            cfg = mw.default_config(torch.device("cuda"), tdt, 512, 4096, 8192)
+            for has_index in (True, False):
+                p = PTR[dt]
+                out.append(dict(name=f"masked_weight_grad {dt} index={has_index}", kernel=mw._masked_weight_grad_kernel,
+                                types={"a_ptr": p, "b_ptr": p, "idx_ptr": "*i64", "c_ptr": "*fp32"},
+                                constexprs=dict(HAS_INDEX=has_index, DOT_DTYPE=TL[dt],
+                                                PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=cfg["block_m"],
+                                                BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"]),
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    finally:
+        mw._num_sms = sms
+    for dt in ("fp32", "bf16"):
+        for dev in (True, False):
+            flags = dict(LR_PTR=dev, CHECK=dev, MAXIMIZE=False, BF16=dt == "bf16", BLOCK=1024)
+            tag = f"{dt} {'lr tensor + flag' if dev else 'float lr'}"
+            out.append(dict(name=f"masked_adamw_ {tag}", kernel=mo._masked_adamw_kernel,
+                            types={"p_ptr": PTR[dt], **OPT_TYPES}, constexprs=flags))
+            out.append(dict(name=f"masked_sgd_ {tag}", kernel=mo._masked_sgd_kernel,
+                            types={"p_ptr": PTR[dt], **OPT_TYPES},
+                            constexprs=dict(flags, HAS_WD=True, MOMENTUM=True, NESTEROV=dev)))
+    out.append(dict(name="nonfinite_flag_", kernel=mo._nonfinite_kernel,
+                    types={"g_ptr": "*fp32", "found_ptr": "*fp32"}, constexprs=dict(BLOCK=4096)))
+    return out
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers, local memory (spills / stack) and shared memory of a cubin, read by Triton's cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", text)
+    return {} if m is None else dict(zip(("registers", "stack", "static_shared", "local"), map(int, m.groups())))
+
+
+def compile_case(case: dict) -> dict:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = case["kernel"]
+    names = inspect.signature(kernel.fn).parameters
+    signature = {n: "constexpr" if n in case["constexprs"] else case["types"].get(n, "i32") for n in names}
+    rec = {"name": case["name"], "num_warps": case.get("num_warps", 4), "num_stages": case.get("num_stages", 3)}
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=case["constexprs"]),
+                                  target=GPUTarget("cuda", 90, 64),
+                                  options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"]})
+    except Exception as e:  # noqa: BLE001 - report every failure, go on with the next kernel
+        return {**rec, "ok": False, "error": f"{type(e).__name__}: {e}"[-2000:]}
+    shared = compiled.metadata.shared
+    return {**rec, "ok": shared <= H100_SMEM, "shared_bytes": shared, **_resources(compiled.asm["cubin"]),
+            **({} if shared <= H100_SMEM else {"error": f"{shared} bytes of shared memory > {H100_SMEM}"})}
+
+
+def _compile_index(i: int) -> dict:
+    return compile_case(cases()[i])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiler processes")
+    a = ap.parse_args(argv)
+    n = len(cases())
+    if a.jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            recs = list(pool.map(_compile_index, range(n)))
+    else:
+        recs = [_compile_index(i) for i in range(n)]
+    print(f"Triton {triton.__version__}, sm_90\n\n| kernel | ok | regs | local B | shared B |\n| --- | --- | --- | --- | --- |")
+    for r in recs:
+        print(f"| {r['name']} | {'yes' if r['ok'] else 'NO'} | {r.get('registers', '?')} | {r.get('local', '?')} | "
+              f"{r.get('shared_bytes', '?')} |")
+    for r in recs:
+        if not r["ok"]:
+            print(f"\n{r['name']}: {r['error']}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"triton": triton.__version__, "target": "sm_90", "kernels": recs}, f, indent=1)
+    return 0 if all(r["ok"] for r in recs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
