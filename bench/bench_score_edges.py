@@ -2,10 +2,12 @@
 per-node activation and gradient buffers (as the public EAP tools do: here the package's brute-force
 oracle, which gives every downstream node its own residual copy) — equal results, time and peak memory.
 Then ``ops.score_edges`` alone on one Llama-1B-shaped block (tiny on CPU) per backend and dtype (fp32, bf16):
-the fused Triton/CUDA kernels against the torch path. ``python bench/bench_score_edges.py [--device cuda]
+the fused Triton/CUDA kernels against the torch path; and ``ops.residual_grads`` (a layer's query heads, its MLP
+in 128-wide nodes) the same way. ``python bench/bench_score_edges.py [--device cuda]
 [--layers 4 --d-model 256 --heads 8 --batch 8 --seq 64]``"""
 
 import argparse
+import copy
 import os
 import sys
 
@@ -52,6 +54,35 @@ OP_SHAPE = {"n_u": 32, "w": 64, "n_d": 49, "c": 2048, "d": 2048}
 OP_SHAPE_TINY = {"n_u": 4, "w": 16, "n_d": 5, "c": 32, "d": 32}
 
 
+def _per_backend(bench, device, dtype, case, backends, call, want, flops) -> list[dict]:
+    """One record per backend: ``call()`` timed with ``CT_FAST_BACKEND`` set to it (device events on GPU), its
+    error against ``want`` relative to the largest value, and its time over the torch path's (the first)."""
+    recs, base, requested = [], None, os.environ.get("CT_FAST_BACKEND")
+    for b in backends:
+        rec = {"bench": bench, "device": device, "dtype": str(dtype), **case, "backend": b}
+        os.environ["CT_FAST_BACKEND"] = b
+        try:
+            got = call()
+            ms = harness.median_time(call, device, warmup=1, reps=5) * 1e3
+        except Exception as e:  # a backend not built or not available here
+            recs.append({**rec, "skipped": f"{type(e).__name__}: {e}"[:200]})
+            continue
+        finally:  # the caller's choice back
+            if requested is None:
+                os.environ.pop("CT_FAST_BACKEND", None)
+            else:
+                os.environ["CT_FAST_BACKEND"] = requested
+        base = ms if b == "torch" else base
+        recs.append({**rec, "ms": ms, "tflops": flops / ms / 1e9,
+                     "max_rel_err": ((got.double() - want).abs().max() / want.abs().max()).item(),
+                     "time_vs_torch": None if base is None else ms / base})
+    return recs
+
+
+def _backends(device):
+    return ["torch", "cuda", "triton"] if torch.device(device).type == "cuda" else ["torch", "cpp", "triton"]
+
+
 def run_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> list[dict]:
     """``ops.score_edges`` alone on one block, every backend that runs here (fused kernels vs the torch path):
     time (device events on GPU) and the error against the fp64 oracle relative to the largest score."""
@@ -65,27 +96,40 @@ def run_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> lis
     G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
     want = ops.reference.score_edges(delta.double(), W.double(), G.double())
     flops = 2 * n_u * c * w * d + 2 * n_u * n_d * c * d  # the projection of each head, then the dots
-    if backends is None:
-        backends = ["torch", "cuda", "triton"] if torch.device(device).type == "cuda" else ["torch", "cpp", "triton"]
-    recs, base, requested = [], None, os.environ.get("CT_FAST_BACKEND")
-    for b in backends:
-        rec = {"bench": "score_edges_op", "device": device, "dtype": str(dtype), **shape, "backend": b}
-        os.environ["CT_FAST_BACKEND"] = b
-        try:
-            got = ops.score_edges(delta, W, G)
-            ms = harness.median_time(lambda: ops.score_edges(delta, W, G), device, warmup=1, reps=5) * 1e3
-        except Exception as e:  # a backend not built or not available here
-            recs.append({**rec, "skipped": f"{type(e).__name__}: {e}"[:200]})
-            continue
-        finally:  # the caller's choice back
-            if requested is None:
-                os.environ.pop("CT_FAST_BACKEND", None)
-            else:
-                os.environ["CT_FAST_BACKEND"] = requested
-        base = ms if b == "torch" else base
-        recs.append({**rec, "ms": ms, "tflops": flops / ms / 1e9,
-                     "max_rel_err": ((got.double() - want).abs().max() / want.abs().max()).item(),
-                     "time_vs_torch": None if base is None else ms / base})
+    return _per_backend("score_edges_op", device, dtype, shape, backends or _backends(device),
+                        lambda: ops.score_edges(delta, W, G), want, flops)
+
+
+# the residual gradients of a Llama-3.2-1B-shaped layer's 32 query heads (one projection, RMSNorm) and of its MLP
+# cut into 64 nodes of 128 (gate and up), 2048 tokens of d_model 2048
+RESID_SHAPES = [{"n": 32, "w": 64, "terms": 1, "c": 2048, "d": 2048}, {"n": 64, "w": 128, "terms": 2, "c": 2048,
+                                                                         "d": 2048}]
+RESID_SHAPES_TINY = [{"n": 4, "w": 16, "terms": 1, "c": 32, "d": 48}, {"n": 2, "w": 24, "terms": 2, "c": 20, "d": 40}]
+
+
+def run_residual_ops(device="cpu", dtype=torch.float32, shapes=None, backends=None) -> list[dict]:
+    """``ops.residual_grads`` per backend on each shape: the fused Triton kernel (one pass, written once in
+    ``dtype``) against the torch composite (bmm into an fp32 block, the norm backward in place, a cast)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from ct_fast import ops
+
+    recs = []
+    for shape in shapes or (RESID_SHAPES if torch.device(device).type == "cuda" else RESID_SHAPES_TINY):
+        n, w, k, c, d = (shape[x] for x in ("n", "w", "terms", "c", "d"))
+        g = torch.Generator().manual_seed(1)
+        norm = LlamaRMSNorm(d).to(device)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
+        x = torch.randn(c, d, generator=g).to(device, dtype)
+        terms = [(torch.randn(c, n * w, generator=g).to(device, dtype),
+                  (torch.randn(n, w, d, generator=g) / w ** 0.5).to(device, dtype)) for _ in range(k)]
+        want = ops.reference.residual_grads([(r.double(), W.double()) for r, W in terms],
+                                            torch.empty(n, c, d, dtype=torch.float64, device=device),
+                                            copy.deepcopy(norm).double(), x.double())
+        out = torch.empty(n, c, d, dtype=dtype, device=device)
+        recs += _per_backend("residual_grads_op", device, dtype, shape, ["torch", "triton"],
+                             lambda: ops.residual_grads(terms, out, norm, x), want, 2 * k * n * c * w * d)
     return recs
 
 
@@ -111,9 +155,10 @@ if __name__ == "__main__":
           f" max rel diff {r['max_rel_diff']:.1e}")
     recs = [r]
     for dtype in (torch.float32, torch.bfloat16):
-        for o in run_ops(a.device, dtype):
+        for o in run_ops(a.device, dtype) + run_residual_ops(a.device, dtype):
             recs.append(o)
-            print(f"op {o['dtype']:>14} {o['backend']:>6}: " + (f"skipped ({o['skipped']})" if "skipped" in o else
-                  f"{o['ms']:.3f} ms, {o['tflops']:.2f} TFLOP/s, {o['time_vs_torch']:.2f}x torch's time, "
-                  f"max rel err {o['max_rel_err']:.1e}"))
+            print(f"{o['bench']} {o['dtype']:>14} {o['backend']:>6}: " + (
+                f"skipped ({o['skipped']})" if "skipped" in o else
+                f"{o['ms']:.3f} ms, {o['tflops']:.2f} TFLOP/s, {o['time_vs_torch']:.2f}x torch's time, "
+                f"max rel err {o['max_rel_err']:.1e}"))
     print(harness.write(f"{a.device}_score_edges", recs, a.out))

@@ -346,7 +346,7 @@ class EdgeScorer:
                 pooled.append(self.rows.pool_rows(G, start))
             else:
                 self._accumulate(plan, G, start, stop)
-                self.grad_sum[cols] += G.sum(1)
+                self.grad_sum[cols] += G.sum(1, dtype=torch.float32)
         if self.rows.pool:
             G = torch.stack(pooled).sum(0)
             self._accumulate(plan, G, 0, G.shape[1])
@@ -362,13 +362,18 @@ class EdgeScorer:
             self._buffers.clear()
 
     def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int) -> torch.Tensor:
-        """``[n_nodes, c, d]`` fp32: d metric / d x_d of the layer's nodes for scored rows ``start..stop``.
+        """``[n_nodes, c, d]``: d metric / d x_d of the layer's nodes for scored rows ``start..stop``.
 
-        Each block's normed-input gradients (summed over its taps) are written into one buffer, then each
-        norm's backward runs in place on its (contiguous) rows."""
-        G = self._buffer("G", (plan.n_nodes, stop - start, self.graph.d_model), torch.float32)
+        fp32: each block's normed-input gradients (summed over its taps) are written into one buffer, then each
+        norm's backward runs in place on its (contiguous) rows. With the fused kernel (``residual_grads`` on
+        Triton, not with pooled positions) each block is built through its norm in one pass, in the scoring
+        dtype: no fp32 block exists."""
+        sdt, shape = self.score_dtype, (plan.n_nodes, stop - start, self.graph.d_model)
+        fused = not self.rows.pool and ops.choose_backend("residual_grads", self.raw.device, (sdt,)) == "triton"
+        G = self._buffer("G", shape, sdt if fused else torch.float32)
+        stats: dict = {}
         for off, n, groups in plan.blocks:
-            out, written = G[off:off + n], False
+            out, terms = G[off:off + n], []
             for g in groups:
                 rows = grads.get(g.tap)
                 if rows is None:
@@ -377,13 +382,22 @@ class EdgeScorer:
                 w = down_weight[g.index]
                 if w is not None:
                     rows = rows[:, g.reader.offset:g.reader.offset + w.shape[0] * w.shape[1]]
-                ops.heads_to_residual(rows, w, out=out, accumulate=written, dtype=self.score_dtype)
-                written = True
-            if not written:
+                terms.append((rows, w))
+            if not terms:
                 out.zero_()
-        for norm, a, b in plan.norms:
-            if norm is not None:
-                ops.norm_vjp_(self.norms[norm], self.resid[norm][start:stop], G[a:b])
+            elif fused:
+                norm = groups[0].norm
+                module, x = (self.norms[norm], self.resid[norm][start:stop]) if norm else (None, None)
+                if norm and norm not in stats and ops.reference.norm_kind(module) != "generic":
+                    stats[norm] = ops.reference.norm_stats(module, x)  # once per norm and chunk
+                ops.residual_grads(terms, out, module, x, stats.get(norm))
+            else:
+                for i, (rows, w) in enumerate(terms):
+                    ops.heads_to_residual(rows, w, out=out, accumulate=i > 0, dtype=sdt)
+        if not fused:
+            for norm, a, b in plan.norms:
+                if norm is not None:
+                    ops.norm_vjp_(self.norms[norm], self.resid[norm][start:stop], G[a:b])
         return G
 
     def _accumulate(self, plan: LayerPlan, G: torch.Tensor, start: int, stop: int):

@@ -5,6 +5,8 @@ fallback) and is reached through ``ct_fast.ops`` dispatch (``CT_FAST_BACKEND=tri
 the ops not in ``ct_fast.ops.AUTO_SKIP``). On CPU they run only under ``TRITON_INTERPRET=1`` (small test shapes).
 
 - ``score_edges``: fused attribution scoring (``score_edges.py``)
+- ``residual_grads``: the downstream nodes' residual gradients through their norm, in one pass
+  (``residual_grads.py``)
 - ``masked_weight_grad``: compact dW of selected features, one gathering GEMM (``masked_weight_grad.py``)
 - ``masked_adamw_`` / ``masked_sgd_``: optimizers on selected rows; ``nonfinite_flag_``: their skip-flag check
   (``masked_optim.py``)
@@ -12,6 +14,7 @@ the ops not in ``ct_fast.ops.AUTO_SKIP``). On CPU they run only under ``TRITON_I
 
 from .masked_optim import masked_adamw_, masked_sgd_, nonfinite_flag_
 from .masked_weight_grad import masked_weight_grad
+from .residual_grads import residual_grads
 from .score_edges import score_edges
 
-__all__ = ["masked_adamw_", "masked_sgd_", "masked_weight_grad", "nonfinite_flag_", "score_edges"]
+__all__ = ["masked_adamw_", "masked_sgd_", "masked_weight_grad", "nonfinite_flag_", "residual_grads", "score_edges"]

@@ -98,6 +98,72 @@ def test_score_edges_half_operands(device, backend, n_u, w, n_d, c, d, dtype):
     assert ((out.double() - want).abs() <= 2 * (ref - want).abs() + HALF_UNIT[dtype] * magnitude).all()
 
 
+# (nodes, head width or None, tokens, d_model, projections feeding the nodes, norm): widths over one block of the
+# kernel (100 > 64), d_model not a multiple of its blocks, no weight (the node reads the residual itself)
+RESID_SHAPES = [(3, 5, 13, 24, 1, "rmsnorm"), (2, 7, 33, 40, 2, "layernorm"), (1, None, 17, 20, 1, "layernorm_plain"),
+                (4, 16, 9, 70, 1, "none"), (2, 100, 5, 30, 2, "rmsnorm"), (2, 3, 6, 8, 1, "generic")]
+
+
+class _ScaledTanhNorm(torch.nn.Module):  # a per-token "norm" with no closed-form kernel: the composite path
+    def forward(self, x):
+        return torch.tanh(x) * 1.5
+
+
+def _norm(kind, d, g):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    if kind == "none":
+        return None
+    if kind == "generic":
+        return _ScaledTanhNorm()
+    norm = LlamaRMSNorm(d, eps=1e-5) if kind == "rmsnorm" else torch.nn.LayerNorm(d, elementwise_affine=kind == "layernorm")
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device,backend", _cases("residual_grads"))
+@pytest.mark.parametrize("n,w,c,d,n_terms,kind", RESID_SHAPES, ids=lambda s: str(s))
+def test_residual_grads(device, backend, n, w, c, d, n_terms, kind, dtype):
+    """Each node's gradient in residual space through its norm, against an fp64 autograd oracle: rows as a column
+    slice of a wider tap (row stride), weights as strided views (a Conv1D layout), the output NaN-poisoned."""
+    import copy
+
+    g = _gen(n * 1000 + c + d)
+    norm = _norm(kind, d, g)
+    x = torch.randn(c, d, generator=g) * 2 + 0.5
+    terms, oracle_dy = [], torch.zeros(n, c, d, dtype=torch.float64)
+    for _ in range(n_terms):
+        if w is None:
+            rows, weight = torch.randn(c, d + 3, generator=g)[:, 1:1 + d], None
+            oracle_dy += rows.double()
+        else:
+            rows = torch.randn(c, n * w + 5, generator=g)[:, 2:2 + n * w]
+            weight = torch.randn(d, n * w, generator=g).t().reshape(n, w, d) if n_terms == 1 else \
+                torch.randn(n, w, d, generator=g)
+            oracle_dy += torch.einsum("cnw,nwd->ncd", rows.double().reshape(c, n, w), weight.double())
+        terms.append((rows.to(device, dtype), None if weight is None else weight.to(device, dtype)))
+    if norm is None:
+        want = oracle_dy
+    else:
+        _, vjp = torch.func.vjp(copy.deepcopy(norm).double(), x.double())
+        want = torch.func.vmap(vjp)(oracle_dy)[0]
+    out = torch.full((n, c, d), float("nan"), dtype=dtype, device=device)
+    got = ops.residual_grads(terms, out, None if norm is None else norm.to(device), x.to(device, dtype))
+    assert got is out and torch.isfinite(out).all(), "a lane of the output was left unwritten"
+    err = (out.double().cpu() - want).abs().max()
+    scale = want.abs().max()
+    if dtype == torch.float32:
+        assert err <= 1e-5 * scale, (err, scale)
+    else:  # half-precision operands: within twice the torch path's error plus one bf16 rounding of the result
+        torch_path = ops.reference.residual_grads(terms, torch.empty_like(out), None if norm is None else
+                                                  norm.to(device), x.to(device, dtype))
+        ref_err = (torch_path.double().cpu() - want).abs().max()
+        assert err <= 2 * ref_err + 2.0 ** -8 * scale, (err, ref_err, scale)
+
+
 # (N tokens, in, out, selection): awkward sizes, k not a multiple of any block, N = 0, empty and full selections
 DW_SHAPES = [(1, 1, 1, "all"), (19, 7, 5, "some"), (37, 33, 21, "none"), (50, 40, 17, "strided"), (0, 5, 3, "some"),
              (23, 6, 9, "empty")]

@@ -46,10 +46,14 @@ NATIVE_OPS = {"score_edges", "masked_adamw_", "masked_sgd_"}  # ops with C++/CUD
 # - masked_sgd_ in Triton: tested under the interpreter, not timed on a GPU (auto on a GPU takes the CUDA kernel
 #   when built, else the torch path).
 # On a GPU, committed timings override these defaults per (op, dtype): see ct_fast.ops.measured.
+# - residual_grads in Triton: the residual gradients through the norm in one pass, written once in the scoring
+#   dtype; tested under the interpreter, not yet timed on a GPU against bmm + the fp32 norm backward.
 AUTO_SKIP = {("score_edges", "cpp"), ("score_edges", "cuda"), ("score_edges", "triton"),
-             ("masked_weight_grad", "triton"), ("masked_sgd_", "triton")}
-TRITON_OPS = {"score_edges", "masked_adamw_", "masked_sgd_", "masked_weight_grad"}  # Triton kernels in ct_fast.kernels
+             ("masked_weight_grad", "triton"), ("masked_sgd_", "triton"), ("residual_grads", "triton")}
+TRITON_OPS = {"score_edges", "masked_adamw_", "masked_sgd_", "masked_weight_grad",  # kernels in ct_fast.kernels
+              "residual_grads"}
 FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+RESIDUAL_KERNEL_WIDTH = 512  # widest head the Triton residual_grads takes (it re-reads the rows per d_model block)
 _native = None
 _native_error = None
 _logged: set = set()
@@ -160,6 +164,23 @@ def score_edges(delta: torch.Tensor, up_weight, grad_down: torch.Tensor) -> torc
     """Signed edge scores of one block (see ``reference.score_edges``), fp32 ``[n_u, n_d]``."""
     b = choose_backend("score_edges", delta.device, (delta.dtype, grad_down.dtype))
     return _call("score_edges", b, delta, up_weight, grad_down)
+
+
+def residual_grads(terms, out: torch.Tensor, norm=None, x=None, stats=None) -> torch.Tensor:
+    """Residual-space gradients of one block of downstream nodes through their norm, into ``out [n, c, d]`` (see
+    ``reference.residual_grads``). The Triton kernel builds them in one pass and writes ``out`` once in its dtype
+    (no fp32 block); it covers one or two projections per block, head-sized widths (<= ``RESIDUAL_KERNEL_WIDTH``:
+    a whole MLP node is one wide GEMM, cuBLAS's job) and LayerNorm/RMSNorm/no norm; other cases run the torch
+    composite. ``stats``: the norm's ``reference.norm_stats`` at ``x``, when the caller has them."""
+    b = choose_backend("residual_grads", out.device, (out.dtype,))
+    kind = "none" if norm is None else reference.norm_kind(norm)
+    wide = any(w is not None and w.shape[1] > RESIDUAL_KERNEL_WIDTH for _, w in terms)
+    if b != "triton" or kind == "generic" or not 1 <= len(terms) <= 2 or wide:
+        return reference.residual_grads(terms, out, norm, x)
+    from .. import kernels
+
+    mean, rstd, gamma = (stats or reference.norm_stats(norm, x)) if norm is not None else (None, None, None)
+    return kernels.residual_grads(terms, out, x, (mean, rstd), gamma, kind)
 
 
 def masked_weight_grad(x, grad_out, index, out_features: bool) -> torch.Tensor:

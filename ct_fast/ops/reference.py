@@ -55,6 +55,36 @@ def norm_kind(norm: nn.Module) -> str:
     return "generic"
 
 
+def norm_stats(norm: nn.Module, x: torch.Tensor):
+    """``(mean [c] or None, rstd [c], gamma [d] or None)`` fp32 of a LayerNorm (mean) or RMSNorm (no mean) at
+    ``x [c, d]``, as the module computes them (fp32 statistics)."""
+    xf = x.float()
+    if norm_kind(norm) == "layernorm":
+        var, mean = torch.var_mean(xf, -1, correction=0)
+        rstd = torch.rsqrt(var + norm.eps)
+    else:
+        mean, rstd = None, torch.rsqrt(xf.pow(2).mean(-1) + norm.variance_epsilon)
+    w = norm.weight
+    w = w.full_tensor() if hasattr(w, "full_tensor") else w  # an FSDP2 shard outside its module's backward
+    return mean, rstd, (w.detach().float() if w is not None else None)
+
+
+def residual_grads(terms, out: torch.Tensor, norm: nn.Module | None = None, x: torch.Tensor | None = None):
+    """Residual-space gradients of one block of downstream nodes, through their norm, into ``out``.
+
+    ``terms``: one or more ``(rows [c, n * w], heads_weight [n, w, d] or None)`` feeding the same ``n`` nodes
+    (an MLP's gate and up), ``out [n, c, d]`` in any float dtype, ``norm``/``x [c, d]``: the norm the nodes read
+    through and its input (None: no norm). ``out[j] = norm_vjp(x, sum_g rows_g[:, j] @ W_g[j])``: the products in
+    the weights' dtype (fp32: exact), the sum and the norm backward in fp32, one rounding to ``out``'s dtype.
+    """
+    buf = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    for i, (rows, weight) in enumerate(terms):
+        heads_to_residual(rows, weight, out=buf, accumulate=i > 0, dtype=None if weight is None else weight.dtype)
+    if norm is not None:
+        norm_vjp_(norm, x, buf)
+    return out if buf is out else out.copy_(buf)
+
+
 def norm_vjp_(norm: nn.Module, x: torch.Tensor, cot: torch.Tensor) -> torch.Tensor:
     """Backward of a per-token norm module at ``x`` for a batch of cotangents, in place when it can.
 
@@ -70,16 +100,10 @@ def norm_vjp_(norm: nn.Module, x: torch.Tensor, cot: torch.Tensor) -> torch.Tens
         _, vjp = torch.func.vjp(norm.forward, x)  # .forward: bypass the hooks of a running Capture
         return cot.copy_(torch.func.vmap(vjp)(cot.to(x.dtype))[0])
     xf = x.float()
-    if kind == "layernorm":
-        var, mean = torch.var_mean(xf, -1, correction=0, keepdim=True)
-        rstd = torch.rsqrt(var + norm.eps)
-        x_hat = (xf - mean) * rstd
-    else:
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-        x_hat = xf * rstd
-    w = norm.weight
-    w = w.full_tensor() if hasattr(w, "full_tensor") else w  # an FSDP2 shard outside its module's backward
-    gamma = w.detach().float() if w is not None else torch.ones_like(xf[0])
+    mean, rstd, gamma = norm_stats(norm, x)
+    rstd = rstd.unsqueeze(-1)
+    x_hat = (xf - mean.unsqueeze(-1)) * rstd if mean is not None else xf * rstd
+    gamma = gamma if gamma is not None else torch.ones_like(xf[0])
     d = xf.shape[-1]
     # reductions without [n, c, d] temporaries: mean(g * x_hat) and mean(g) for g = cot * gamma
     proj = torch.einsum("ncd,cd->nc", cot, x_hat * gamma).div_(d).unsqueeze(-1)

@@ -1,0 +1,148 @@
+"""Triton fused residual gradients: each downstream node's gradient in residual space, through its norm, written
+once in the scoring dtype.
+
+``out[j, t] = norm_vjp(x[t], sum_g rows_g[t, j*w_g:(j+1)*w_g] @ W_g[j])`` for the nodes ``j`` of one block (one
+or two projections feeding the same nodes, e.g. an MLP's gate and up), with the norm's backward at ``x[t]``:
+
+    g = dy * gamma,   x_hat = (x - mean) * rstd
+    dx = rstd * (g - x_hat * mean(g * x_hat) - mean(g))      (RMSNorm: mean = 0 and no mean(g) term)
+
+Program (node j, block of BT tokens), two passes over d_model in BK blocks: the first builds ``dy`` (tensor-core
+dots over the head width, fp32 accumulation) and reduces ``mean(g * x_hat)`` and ``mean(g)``; the second builds
+``dy`` again and stores ``dx`` in ``out``'s dtype. The unfused path (``heads_to_residual`` into an fp32 block,
+the norm backward in place, a cast to the scoring dtype) moves about 30 bytes per output element through memory;
+this writes 2 (bf16) and re-reads only the small head rows and weights, for twice the projection's FLOPs.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dy_block(dy, rows_ptr, row_stride, w_ptr, ws_n, ws_i, ws_k, j, t_offs, t_mask, k_offs, k_mask, w,
+              HAS_W: tl.constexpr, FP32_DOTS: tl.constexpr, BI: tl.constexpr):
+    """``dy[BT, BK] += rows[t, j*w : (j+1)*w] @ W[j][:, k-block]`` (``HAS_W=False``: ``+= rows[t, k-block]``)."""
+    if HAS_W:
+        for i0 in range(0, w, BI):
+            i_offs = i0 + tl.arange(0, BI)
+            i_mask = i_offs < w
+            z = tl.load(rows_ptr + t_offs[:, None] * row_stride + j * w + i_offs[None, :],
+                        mask=t_mask[:, None] & i_mask[None, :], other=0.0)
+            wt = tl.load(w_ptr + j * ws_n + i_offs[:, None] * ws_i + k_offs[None, :] * ws_k,
+                         mask=i_mask[:, None] & k_mask[None, :], other=0.0)
+            z = z.to(wt.dtype)  # the rows rounded to the weights' (operand) dtype
+            if FP32_DOTS:
+                dy += tl.dot(z.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+            else:
+                dy += tl.dot(z, wt)  # tensor cores, fp32 accumulation
+    else:
+        dy += tl.load(rows_ptr + t_offs[:, None] * row_stride + k_offs[None, :],
+                      mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+    return dy
+
+
+@triton.jit
+def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_ptr,
+                           r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, width0,
+                           r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, c, d,
+                           HAS_W: tl.constexpr, TWO: tl.constexpr,  # a second projection feeds the same nodes
+                           NORM: tl.constexpr,  # 0: none, 1: RMSNorm, 2: LayerNorm
+                           HAS_GAMMA: tl.constexpr, FP32_DOTS: tl.constexpr,
+                           BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr):
+    j = tl.program_id(0)
+    t_offs = (tl.program_id(1) * BT + tl.arange(0, BT)).to(tl.int64)
+    t_mask = t_offs < c
+    if NORM != 0:
+        rstd = tl.load(rstd_ptr + t_offs, mask=t_mask, other=0.0)
+        if NORM == 2:
+            mean = tl.load(mean_ptr + t_offs, mask=t_mask, other=0.0)
+        else:
+            mean = tl.zeros((BT,), tl.float32)
+        s_gx = tl.zeros((BT,), tl.float32)  # sum_k g * x_hat
+        s_g = tl.zeros((BT,), tl.float32)  # sum_k g (LayerNorm)
+        for k0 in range(0, d, BK):
+            k_offs = k0 + tl.arange(0, BK)
+            k_mask = k_offs < d
+            dy = tl.zeros((BT, BK), tl.float32)
+            dy = _dy_block(dy, r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, j, t_offs, t_mask, k_offs, k_mask,
+                           width0, HAS_W, FP32_DOTS, BI)
+            if TWO:
+                dy = _dy_block(dy, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, j, t_offs, t_mask, k_offs, k_mask,
+                               width1, HAS_W, FP32_DOTS, BI)
+            if HAS_GAMMA:
+                dy *= tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)[None, :]
+            x = tl.load(x_ptr + t_offs[:, None] * x_stride + k_offs[None, :], mask=t_mask[:, None] & k_mask[None, :],
+                        other=0.0).to(tl.float32)
+            x_hat = (x - mean[:, None]) * rstd[:, None]
+            s_gx += tl.sum(dy * x_hat, axis=1)
+            s_g += tl.sum(dy, axis=1)
+        s_gx = s_gx / d
+        s_g = s_g / d
+    out_ptr += j.to(tl.int64) * c * d
+    for k0 in range(0, d, BK):
+        k_offs = k0 + tl.arange(0, BK)
+        k_mask = k_offs < d
+        dy = tl.zeros((BT, BK), tl.float32)
+        dy = _dy_block(dy, r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, j, t_offs, t_mask, k_offs, k_mask,
+                       width0, HAS_W, FP32_DOTS, BI)
+        if TWO:
+            dy = _dy_block(dy, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, j, t_offs, t_mask, k_offs, k_mask,
+                           width1, HAS_W, FP32_DOTS, BI)
+        if NORM != 0:
+            if HAS_GAMMA:
+                dy *= tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)[None, :]
+            x = tl.load(x_ptr + t_offs[:, None] * x_stride + k_offs[None, :], mask=t_mask[:, None] & k_mask[None, :],
+                        other=0.0).to(tl.float32)
+            x_hat = (x - mean[:, None]) * rstd[:, None]
+            dy = rstd[:, None] * (dy - x_hat * s_gx[:, None])
+            if NORM == 2:
+                dy -= rstd[:, None] * s_g[:, None]
+        tl.store(out_ptr + t_offs[:, None] * d + k_offs[None, :], dy.to(out_ptr.dtype.element_ty),
+                 mask=t_mask[:, None] & k_mask[None, :])
+
+
+TILES = dict(BT=32, BK=64)  # tokens and d_model columns per block; head-width blocks BI <= 64
+
+
+def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none"):
+    """Launcher: see ``ct_fast.ops.reference.residual_grads`` (same arguments; ``stats = (mean or None, rstd)``,
+    fp32 ``[c]``, computed by the caller). Dots run in the dtype of the first weight (bf16/fp16 on tensor cores,
+    fp32 IEEE); under ``TRITON_INTERPRET`` half-precision dots run on fp32 copies of the operands (the interpreter's
+    bf16 ``tl.dot`` is wrong), the same exact products."""
+    n, c, d = out.shape
+    if n == 0 or c == 0:
+        return out
+    if not 1 <= len(terms) <= 2:
+        raise ValueError(f"the Triton residual_grads takes one or two projections per block, got {len(terms)}")
+    has_w = terms[0][1] is not None
+    packed = []
+    for rows, weight in terms:
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        if has_w:
+            packed.append((rows, rows.stride(0), weight, *weight.stride(), weight.shape[1]))
+        else:
+            packed.append((rows, rows.stride(0), rows, 0, 0, 0, d))
+    two = len(packed) == 2
+    if not two:
+        packed.append(packed[0])
+    op_dtype = terms[0][1].dtype if has_w else torch.float32
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    norm = {"none": 0, "rmsnorm": 1, "layernorm": 2}[kind]
+    if norm:
+        mean, rstd = stats
+        x = x if x.stride(-1) == 1 else x.contiguous()
+    else:
+        mean = rstd = x = out
+    max_w = max(p[-1] for p in packed) if has_w else 16
+    BI = min(64, max(16, triton.next_power_of_2(max_w)))
+    BT, BK = TILES["BT"], TILES["BK"]
+    grid = (n, triton.cdiv(c, BT))
+    _residual_grads_kernel[grid](out, x, x.stride(0) if norm else 0, gamma if gamma is not None else out,
+                                 mean if mean is not None else rstd, rstd, *packed[0], *packed[1], c, d,
+                                 HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=gamma is not None and norm != 0,
+                                 FP32_DOTS=op_dtype == torch.float32 or interpreted, BT=BT, BK=BK, BI=BI)
+    return out
