@@ -334,9 +334,10 @@ def evaluate_sv(model, probes: list[Example], general: list[Example], pad_id: in
     correct, diff, n = 0, 0.0, 0
     for i in range(0, len(probes), batch):
         b = collate(probes[i:i + batch], pad_id)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                       logits_to_keep=b["target_pos"][:, None]).logits[:, 0]
-        rows = torch.arange(len(logits))
+        rows = torch.arange(len(b["input_ids"]))
+        hidden = model.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        # the unembedding of the target positions only (per-row logits_to_keep is not in every transformers 5)
+        logits = model.get_output_embeddings()(hidden[rows, b["target_pos"]])
         d = logits[rows, b["answer"]] - logits[rows, b["wrong_answer"]]
         correct += int((d > 0).sum())
         diff += float(d.sum())
