@@ -38,15 +38,18 @@ def stages(rehearse: bool, out: str) -> list[dict]:
     return [
         {"name": "build", "limit": 420, "why": "rehearsal: the installed package is used",
          "cmd": None if rehearse else [PY, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", ROOT]},
-        {"name": "tests", "limit": 240,
-         "cmd": [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_gpu.py")]
-         + (["-k", "not triton"] if rehearse else [os.path.join(ROOT, "tests", "test_ops.py"), os.path.join(ROOT, "tests", "test_optim.py")]),
-         "env": {"CT_FAST_TEST_DEVICE": dev, **({"TRITON_INTERPRET": "1"} if rehearse else {})}},
+        # the op timings first: they decide auto's kernels (and carry their own error against the reference)
         *[{"name": f"op_{name}", "limit": 90, "cmd": bench(f"bench_{name}.py", "--device", dev, *args, "--out", j(f"op_{name}"))}
           for name, args in tiny_ops.items()],
         {"name": "step", "limit": 150, "cmd": [PY, "-m", "ct_fast", "bench", "--device", dev, "--out", j("step")]
          + (["--models", "tiny", "--steps", "1", "--warmup", "1", "--methods", "full,circuit_refresh1,circuit_dropin,"
              "circuit_refresh10"] if rehearse else ["--models", "llama-1B", "--dtype", "bf16", "--steps", "3"])},
+        # every op on CUDA against its reference, tuner steps per backend, CUDA-graph capture (the CPU cases of
+        # test_ops are the CPU suite's: deselected here)
+        {"name": "tests", "limit": 180,
+         "cmd": [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_gpu.py")]
+         + (["-k", "not triton"] if rehearse else [os.path.join(ROOT, "tests", "test_ops.py"), "-k", "cuda or test_gpu"]),
+         "env": {"CT_FAST_TEST_DEVICE": dev, **({"TRITON_INTERPRET": "1"} if rehearse else {})}},
         {"name": "scale", "limit": 120, "cmd": bench("bench_scale.py", "--device", dev, "--out", j("scale"), *(
             ["--seqs", "16", "--layers", "2", "--d-model", "64", "--batch-time", "1", "--batch-mem", "1", "--steps", "1",
              "--checkpointing", "off", "--sync-layers", "2", "--methods", "full,deferred,two_pass,two_pass_fused"]
@@ -54,6 +57,10 @@ def stages(rehearse: bool, out: str) -> list[dict]:
             ["--seqs", "1024,4096", "--layers", "8", "--d-model", "2048", "--dtype", "bf16", "--batch-time", "2",
              "--batch-mem", "2", "--steps", "2", "--sync-layers", "32", "--methods",
              "full,deferred,two_pass,lagged,circuit_refresh10,deferred_fused,two_pass_fused"]))},
+        {"name": "big_step", "limit": 150, "cmd": bench("bench_big_step.py", "--device", dev, "--out", j("big_step"), *(
+            ["--model", "tiny", "--batch", "2", "--seq", "16", "--dtype", "fp32", "--state-capacity", "1"] if rehearse
+            else ["--model", "llama-8B", "--batch", "1", "--seq", "2048", "--dtype", "bf16", "--checkpointing",
+                  "--state-capacity", "0.25", "--mlp-head-dim", "128", "--mode", "two_pass"]))},
         {"name": "dropin", "limit": 60, "cmd": bench("bench_dropin.py", "--device", dev, "--out", j("dropin"), *(
             ["--model", "tiny", "--batch", "2", "--seq", "16", "--rounds", "1"] if rehearse else ["--rounds", "5"]))},
         {"name": "distributed", "limit": 90, "cmd": bench("bench_distributed.py", "--worlds", "1", "--out",
@@ -63,10 +70,6 @@ def stages(rehearse: bool, out: str) -> list[dict]:
         {"name": "tune_torchrun", "limit": 120, "cmd": bench("bench_tune_torchrun.py", "--device", dev, "--out",
                                                              j("tune_torchrun"), *(
             [] if rehearse else ["--hidden", "1024", "--layers", "8", "--batch", "16", "--steps", "6", "--top-n", "200"]))},
-        {"name": "big_step", "limit": 150, "cmd": bench("bench_big_step.py", "--device", dev, "--out", j("big_step"), *(
-            ["--model", "tiny", "--batch", "2", "--seq", "16", "--dtype", "fp32", "--state-capacity", "1"] if rehearse
-            else ["--model", "llama-8B", "--batch", "1", "--seq", "2048", "--dtype", "bf16", "--checkpointing",
-                  "--state-capacity", "0.25", "--mlp-head-dim", "128", "--mode", "two_pass"]))},
     ]
 
 
