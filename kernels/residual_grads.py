@@ -45,6 +45,32 @@ def _dy_block(dy, rows_ptr, row_stride, w_ptr, ws_n, ws_i, ws_k, j, t_offs, t_ma
 
 
 @triton.jit
+def _g_block(k0, j, t_offs, t_mask, x_ptr, x_stride, gamma_ptr, mean, rstd,
+             r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, width0,
+             r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, d,
+             HAS_W: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr, HAS_GAMMA: tl.constexpr,
+             FP32_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr):
+    """``(g, x_hat, k_offs, k_mask)`` of d_model block ``k0`` for the program's tokens: ``g = dy * gamma`` and the
+    normalised input (``NORM == 0``: ``g = dy``, ``x_hat`` unused)."""
+    k_offs = k0 + tl.arange(0, BK)
+    k_mask = k_offs < d
+    dy = tl.zeros((BT, BK), tl.float32)
+    dy = _dy_block(dy, r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, j, t_offs, t_mask, k_offs, k_mask, width0,
+                   HAS_W, FP32_DOTS, BI)
+    if TWO:
+        dy = _dy_block(dy, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, j, t_offs, t_mask, k_offs, k_mask, width1,
+                       HAS_W, FP32_DOTS, BI)
+    x_hat = dy
+    if NORM != 0:
+        if HAS_GAMMA:
+            dy *= tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)[None, :]
+        x = tl.load(x_ptr + t_offs[:, None] * x_stride + k_offs[None, :], mask=t_mask[:, None] & k_mask[None, :],
+                    other=0.0).to(tl.float32)
+        x_hat = (x - mean[:, None]) * rstd[:, None]
+    return dy, x_hat, k_offs, k_mask
+
+
+@triton.jit
 def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_ptr,
                            r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, width0,
                            r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, c, d,
@@ -55,52 +81,34 @@ def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_p
     j = tl.program_id(0)
     t_offs = (tl.program_id(1) * BT + tl.arange(0, BT)).to(tl.int64)
     t_mask = t_offs < c
-    if NORM != 0:
+    rstd = tl.zeros((BT,), tl.float32)
+    mean = tl.zeros((BT,), tl.float32)
+    s_gx = tl.zeros((BT,), tl.float32)  # mean_k g * x_hat
+    s_g = tl.zeros((BT,), tl.float32)  # mean_k g (LayerNorm)
+    if NORM != 0:  # pass 1: the norm's two per-token reductions
         rstd = tl.load(rstd_ptr + t_offs, mask=t_mask, other=0.0)
         if NORM == 2:
             mean = tl.load(mean_ptr + t_offs, mask=t_mask, other=0.0)
-        else:
-            mean = tl.zeros((BT,), tl.float32)
-        s_gx = tl.zeros((BT,), tl.float32)  # sum_k g * x_hat
-        s_g = tl.zeros((BT,), tl.float32)  # sum_k g (LayerNorm)
         for k0 in range(0, d, BK):
-            k_offs = k0 + tl.arange(0, BK)
-            k_mask = k_offs < d
-            dy = tl.zeros((BT, BK), tl.float32)
-            dy = _dy_block(dy, r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, j, t_offs, t_mask, k_offs, k_mask,
-                           width0, HAS_W, FP32_DOTS, BI)
-            if TWO:
-                dy = _dy_block(dy, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, j, t_offs, t_mask, k_offs, k_mask,
-                               width1, HAS_W, FP32_DOTS, BI)
-            if HAS_GAMMA:
-                dy *= tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)[None, :]
-            x = tl.load(x_ptr + t_offs[:, None] * x_stride + k_offs[None, :], mask=t_mask[:, None] & k_mask[None, :],
-                        other=0.0).to(tl.float32)
-            x_hat = (x - mean[:, None]) * rstd[:, None]
-            s_gx += tl.sum(dy * x_hat, axis=1)
-            s_g += tl.sum(dy, axis=1)
+            g, x_hat, k_offs, k_mask = _g_block(
+                k0, j, t_offs, t_mask, x_ptr, x_stride, gamma_ptr, mean, rstd, r0_ptr, r0_stride, w0_ptr, w0_n,
+                w0_i, w0_k, width0, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, d,
+                HAS_W, TWO, NORM, HAS_GAMMA, FP32_DOTS, BT, BK, BI)
+            s_gx += tl.sum(g * x_hat, axis=1)
+            s_g += tl.sum(g, axis=1)
         s_gx = s_gx / d
         s_g = s_g / d
     out_ptr += j.to(tl.int64) * c * d
-    for k0 in range(0, d, BK):
-        k_offs = k0 + tl.arange(0, BK)
-        k_mask = k_offs < d
-        dy = tl.zeros((BT, BK), tl.float32)
-        dy = _dy_block(dy, r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, j, t_offs, t_mask, k_offs, k_mask,
-                       width0, HAS_W, FP32_DOTS, BI)
-        if TWO:
-            dy = _dy_block(dy, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, j, t_offs, t_mask, k_offs, k_mask,
-                           width1, HAS_W, FP32_DOTS, BI)
+    for k0 in range(0, d, BK):  # pass 2: the gradient again, through the norm, stored once
+        g, x_hat, k_offs, k_mask = _g_block(
+            k0, j, t_offs, t_mask, x_ptr, x_stride, gamma_ptr, mean, rstd, r0_ptr, r0_stride, w0_ptr, w0_n,
+            w0_i, w0_k, width0, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, d,
+            HAS_W, TWO, NORM, HAS_GAMMA, FP32_DOTS, BT, BK, BI)
         if NORM != 0:
-            if HAS_GAMMA:
-                dy *= tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)[None, :]
-            x = tl.load(x_ptr + t_offs[:, None] * x_stride + k_offs[None, :], mask=t_mask[:, None] & k_mask[None, :],
-                        other=0.0).to(tl.float32)
-            x_hat = (x - mean[:, None]) * rstd[:, None]
-            dy = rstd[:, None] * (dy - x_hat * s_gx[:, None])
+            g = rstd[:, None] * (g - x_hat * s_gx[:, None])
             if NORM == 2:
-                dy -= rstd[:, None] * s_g[:, None]
-        tl.store(out_ptr + t_offs[:, None] * d + k_offs[None, :], dy.to(out_ptr.dtype.element_ty),
+                g -= rstd[:, None] * s_g[:, None]
+        tl.store(out_ptr + t_offs[:, None] * d + k_offs[None, :], g.to(out_ptr.dtype.element_ty),
                  mask=t_mask[:, None] & k_mask[None, :])
 
 
