@@ -6,6 +6,7 @@ against this torch's headers and the CUDA toolkit's (about a minute on 2 cores, 
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -19,9 +20,12 @@ CSRC = ROOT / "csrc" / "cuda"
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 @pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
 def test_cuda_source_compiles(source, tmp_path):
-    cmd = ["nvcc", "-std=c++17", "-arch=sm_90", "-c", str(CSRC / source), "-o", str(tmp_path / "k.o")]
+    """sm_90, with ptxas's resource report: no kernel spills registers to local memory."""
+    cmd = ["nvcc", "-std=c++17", "-arch=sm_90", "-Xptxas", "-v", "-c", str(CSRC / source), "-o", str(tmp_path / "k.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    counts = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stderr)
+    assert counts and all(a == b == "0" for a, b in counts), proc.stderr[-4000:]
 
 
 def _cuda_include():
