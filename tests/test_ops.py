@@ -67,7 +67,7 @@ def test_score_edges_is_deterministic(device, backend):
     """The same inputs give the same bits (many token splits, several node blocks): the kernels sum their
     per-split partials in a fixed order instead of atomic adds, so a circuit never depends on the run."""
     g = _gen(5)
-    n_u, w, n_d, c, d = 18, 8, 20, 300, 40
+    n_u, w, n_d, c, d = 18, 8, 20, 100, 24
     args = (torch.randn(c, n_u * w, generator=g).to(device), torch.randn(n_u, w, d, generator=g).to(device),
             torch.randn(n_d, c, d, generator=g).to(device))
     first = ops.score_edges(*args)
