@@ -2,6 +2,7 @@
 
     bash bench/gpu_check.sh              # on the GPU machine: results in $OUT and bench/results/
     bash bench/gpu_check.sh --rehearse   # every stage on the CPU at tiny shapes (the test suite runs this)
+    bash bench/gpu_check.sh --only op_score_edges,step   # some stages again (same machine: the build stays)
 
 Stages run in order; each has a time limit (the whole check fits in about 8 minutes on an H100), writes
 its log and JSON under ``$OUT`` and never stops the next one. On the GPU the results are also copied to
@@ -73,11 +74,13 @@ def stages(rehearse: bool, out: str) -> list[dict]:
     ]
 
 
-def run(rehearse: bool, out: str) -> list[dict]:
+def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     t_start = time.perf_counter()
     summary = []
     for st in stages(rehearse, out):
+        if only is not None and st["name"] not in only:
+            continue
         rec = {"stage": st["name"], "seconds": 0.0}
         left = BUDGET_S - (time.perf_counter() - t_start) if not rehearse else st["limit"]
         if st["cmd"] is None:
@@ -133,8 +136,15 @@ def measured_choices(out: str) -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     rehearse = "--rehearse" in argv
+    only = None
+    if "--only" in argv:  # a second call in the same lease: rerun some stages (the build stays installed)
+        only = set(argv[argv.index("--only") + 1].split(","))
+        unknown = only - {st["name"] for st in stages(rehearse, "")}
+        if unknown:
+            raise SystemExit(f"--only: no stage named {sorted(unknown)}; stages: "
+                             f"{', '.join(st['name'] for st in stages(rehearse, ''))}")
     out = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results", "gpu_check")
-    summary = run(rehearse, out)
+    summary = run(rehearse, out, only)
     return 0 if all(r["status"] in ("ok", "skipped") for r in summary) else 1
 
 

@@ -28,3 +28,14 @@ def test_gpu_check_rehearsal(tmp_path):
             data = json.loads((tmp_path / f"{name}.json").read_text())
             assert data["env"]["commit"] is not None or data["env"]["torch"]
     assert proc.returncode == 0 and "| stage | status |" in proc.stdout
+
+
+def test_gpu_check_reruns_named_stages(tmp_path):
+    """``--only`` reruns some stages (a second call in the same GPU lease); an unknown name lists the stages."""
+    cmd = ["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--rehearse", "--only"]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    bad = subprocess.run(cmd + ["op_nothing"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "no stage named ['op_nothing']" in bad.stderr and "op_masked_dw" in bad.stderr
+    proc = subprocess.run(cmd + ["build,op_masked_dw"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    stages = [s["stage"] for s in json.loads((tmp_path / "gpu_check.json").read_text())["stages"]]
+    assert proc.returncode == 0 and stages == ["build", "op_masked_dw"], proc.stdout[-2000:]
