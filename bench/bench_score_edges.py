@@ -133,6 +133,55 @@ def run_residual_ops(device="cpu", dtype=torch.float32, shapes=None, backends=No
     return recs
 
 
+# tile variants of the Triton kernels (all compile for sm_90 within an H100's shared memory: bench/triton_sm90.py);
+# the first is the launcher's default. The GPU check times them so that the defaults follow measurements.
+SCORE_TILES = [{}, {"BK": 64, "num_stages": 2}, {"num_warps": 8}, {"BK": 16, "num_stages": 4}]
+RESID_TILES = [{}, {"BT": 64, "num_warps": 8}, {"BT": 128, "num_warps": 8}, {"BT": 16, "BK": 128}]
+
+
+def run_tiles(device="cpu", dtype=torch.bfloat16) -> list[dict]:
+    """The Triton ``score_edges`` and ``residual_grads`` kernels per tile variant on the op shapes (tiny on CPU):
+    time, error against the fp64 oracle, time over the default tiles."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from ct_fast import kernels, ops
+
+    gpu = torch.device(device).type == "cuda"
+    g = torch.Generator().manual_seed(2)
+    shape = OP_SHAPE if gpu else OP_SHAPE_TINY
+    n_u, w, n_d, c, d = (shape[k] for k in ("n_u", "w", "n_d", "c", "d"))
+    delta = torch.randn(c, n_u * w, generator=g).to(device, dtype)
+    W = (torch.randn(n_u, w, d, generator=g) / w ** 0.5).to(device, dtype)
+    G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
+    rs = (RESID_SHAPES if gpu else RESID_SHAPES_TINY)[0]
+    norm = LlamaRMSNorm(rs["d"]).to(device)
+    x = torch.randn(rs["c"], rs["d"], generator=g).to(device, dtype)
+    terms = [(torch.randn(rs["c"], rs["n"] * rs["w"], generator=g).to(device, dtype),
+              (torch.randn(rs["n"], rs["w"], rs["d"], generator=g) / rs["w"] ** 0.5).to(device, dtype))]
+    out = torch.empty(rs["n"], rs["c"], rs["d"], dtype=dtype, device=device)
+    mean, rstd, gamma = ops.reference.norm_stats(norm, x)
+    cases = [("score_edges", shape, cfg, lambda cfg: kernels.score_edges(delta, W, G, config=cfg),
+              ops.reference.score_edges(delta.double(), W.double(), G.double())) for cfg in SCORE_TILES]
+    cases += [("residual_grads", rs, cfg, lambda cfg: kernels.residual_grads(terms, out, x, (mean, rstd), gamma,
+                                                                             "rmsnorm", config=cfg),
+               ops.reference.residual_grads([(r.double(), w_.double()) for r, w_ in terms],
+                                            torch.empty(out.shape, dtype=torch.float64, device=device),
+                                            copy.deepcopy(norm).double(), x.double())) for cfg in RESID_TILES]
+    recs, base = [], {}
+    for kernel, case, cfg, call, want in cases:
+        rec = {"bench": "tiles", "device": device, "dtype": str(dtype), "kernel": kernel, **case, "config": cfg}
+        try:
+            got = call(cfg)
+            ms = harness.median_time(lambda: call(cfg), device, warmup=1, reps=5) * 1e3
+        except Exception as e:  # a variant that does not launch here (resources)
+            recs.append({**rec, "skipped": f"{type(e).__name__}: {e}"[:200]})
+            continue
+        base.setdefault(kernel, ms)
+        recs.append({**rec, "ms": ms, "time_vs_default": ms / base[kernel],
+                     "max_rel_err": ((got.double() - want).abs().max() / want.abs().max()).item()})
+    return recs
+
+
 def test_attribute(benchmark):
     model, b = model_and_batch(2, 64, 4, 2, 16, 100, "cpu")
     graph = ct_fast.ComputationGraph.from_model(model)
@@ -147,8 +196,17 @@ if __name__ == "__main__":
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--tiles", action="store_true", help="only time the Triton kernels' tile variants")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.tiles:
+        recs = run_tiles(a.device)
+        for o in recs:
+            print(f"{o['kernel']:>14} {str(o['config']):>36}: " + (
+                f"skipped ({o['skipped']})" if "skipped" in o else
+                f"{o['ms']:.3f} ms, {o['time_vs_default']:.2f}x the default's time, max rel err {o['max_rel_err']:.1e}"))
+        print(harness.write(f"{a.device}_tiles", recs, a.out))
+        sys.exit(0)
     r = run(a.device, a.layers, a.d_model, a.heads, a.batch, a.seq)
     print(f"fused {r['fused_ms']:.0f} ms, {r['fused_peak_mib']:.1f} MiB | materialising {r['materialising_ms']:.0f} ms, "
           f"{r['materialising_peak_mib']:.1f} MiB | memory {r['memory_ratio']:.1f}x less, {r['speed_ratio']:.1f}x faster,"

@@ -51,6 +51,10 @@ def stages(rehearse: bool, out: str) -> list[dict]:
          "cmd": [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_gpu.py")]
          + (["-k", "not triton"] if rehearse else [os.path.join(ROOT, "tests", "test_ops.py"), "-k", "cuda or test_gpu"]),
          "env": {"CT_FAST_TEST_DEVICE": dev, **({"TRITON_INTERPRET": "1"} if rehearse else {})}},
+        # tile variants of the Triton scoring kernels: the data to set their defaults by
+        {"name": "tiles", "limit": 90, "cmd": bench("bench_score_edges.py", "--device", dev, "--tiles", "--out",
+                                                    j("tiles")),
+         "env": {"TRITON_INTERPRET": "1"} if rehearse else {}},
         {"name": "scale", "limit": 120, "cmd": bench("bench_scale.py", "--device", dev, "--out", j("scale"), *(
             ["--seqs", "16", "--layers", "2", "--d-model", "64", "--batch-time", "1", "--batch-mem", "1", "--steps", "1",
              "--checkpointing", "off", "--sync-layers", "2", "--methods", "full,deferred,two_pass,two_pass_fused"]

@@ -115,7 +115,7 @@ def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_p
 TILES = dict(BT=32, BK=64)  # tokens and d_model columns per block; head-width blocks BI <= 64
 
 
-def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none"):
+def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none", config=None):
     """Launcher: see ``ct_fast.ops.reference.residual_grads`` (same arguments; ``stats = (mean or None, rstd)``,
     fp32 ``[c]``, computed by the caller). Dots run in the dtype of the first weight (bf16/fp16 on tensor cores,
     fp32 IEEE); under ``TRITON_INTERPRET`` half-precision dots run on fp32 copies of the operands (the interpreter's
@@ -147,10 +147,12 @@ def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none"):
         mean = rstd = x = out
     max_w = max(p[-1] for p in packed) if has_w else 16
     BI = min(64, max(16, triton.next_power_of_2(max_w)))
-    BT, BK = TILES["BT"], TILES["BK"]
+    cfg = {**TILES, **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
+    BT, BK = cfg["BT"], cfg["BK"]
     grid = (n, triton.cdiv(c, BT))
     _residual_grads_kernel[grid](out, x, x.stride(0) if norm else 0, gamma if gamma is not None else out,
                                  mean if mean is not None else rstd, rstd, *packed[0], *packed[1], c, d,
                                  HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=gamma is not None and norm != 0,
-                                 FP32_DOTS=op_dtype == torch.float32 or interpreted, BT=BT, BK=BK, BI=BI)
+                                 FP32_DOTS=op_dtype == torch.float32 or interpreted, BT=BT, BK=BK, BI=BI,
+                                 num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return out

@@ -83,7 +83,7 @@ def tile_config(dtype: torch.dtype) -> dict:
     return dict(BU=16, BN=16, BT=16, BK=32, num_stages=3)
 
 
-def score_edges(delta, up_weight, grad_down):
+def score_edges(delta, up_weight, grad_down, config=None):
     """Launcher with the signature of ``torch.ops.ct_fast.score_edges``: fp32 ``[n_u, n_d]``.
 
     Operands in ``grad_down``'s dtype (fp32, bf16 or fp16; ``delta``/``up_weight`` are cast to it, as the torch
@@ -100,7 +100,7 @@ def score_edges(delta, up_weight, grad_down):
         n_u, w = up_weight.shape[0], up_weight.shape[1]
     if n_u == 0 or n_d == 0 or c == 0:
         return torch.zeros(n_u, n_d, dtype=torch.float32, device=delta.device)
-    cfg = tile_config(dt)
+    cfg = {**tile_config(dt), **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
     BU, BN, BT = cfg["BU"], cfg["BN"], cfg["BT"]
     splits = max(1, min(triton.cdiv(c, BT), 64))
     per_split = triton.cdiv(triton.cdiv(c, splits), BT) * BT
@@ -111,5 +111,5 @@ def score_edges(delta, up_weight, grad_down):
                               n_u, w, n_d, c, d, per_split, HAS_W=up_weight is not None, OP=_TL_DTYPES[dt],
                               FP32_DOTS=dt == torch.float32 or (interpreted and dt == torch.bfloat16),
                               BU=BU, BW=max(16, triton.next_power_of_2(w)), BN=BN, BT=BT, BK=cfg["BK"],
-                              num_stages=cfg["num_stages"])
+                              num_stages=cfg["num_stages"], num_warps=cfg.get("num_warps", 4))
     return partials.sum(0)

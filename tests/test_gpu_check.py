@@ -19,7 +19,7 @@ def test_gpu_check_rehearsal(tmp_path):
     stages = {s["stage"]: s for s in summary["stages"]}
     assert summary["rehearse"] and set(stages) >= {"build", "tests", "op_masked_adamw", "op_score_edges",
                                                     "op_masked_dw", "step", "scale", "dropin", "distributed",
-                                                    "tune_torchrun", "big_step"}
+                                                    "tune_torchrun", "big_step", "tiles"}
     bad = {k: s for k, s in stages.items() if s["status"] not in ("ok", "skipped")}
     assert not bad, f"stages failed: {bad}\n{proc.stdout[-3000:]}"
     assert stages["build"]["status"] == "skipped"  # the only stage a rehearsal skips
