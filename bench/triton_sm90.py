@@ -2,7 +2,7 @@
 
 Triton's compiler and the ptxas it ships build each kernel's cubin with the constexpr configurations its
 launcher passes on a GPU; ``cuobjdump --dump-resource-usage`` (also shipped with Triton) then reads registers,
-spill (local memory) bytes and shared memory per kernel. The interpreter tests run the kernels' Python; this
+stack frame and spill bytes (both local memory: a large stack is a slow kernel) and shared memory per kernel. The interpreter tests run the kernels' Python; this
 checks what only the real compiler sees (dot shapes and operand types, layouts, shared memory, register
 pressure), at no device time.
 
@@ -63,7 +63,8 @@ def cases() -> list[dict]:
                         types={"out_ptr": p, "x_ptr": p, "gamma_ptr": "*fp32", "mean_ptr": "*fp32",
                                "rstd_ptr": "*fp32", "r0_ptr": p, "w0_ptr": p, "r1_ptr": p, "w1_ptr": p},
                         constexprs=dict(HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=norm != 0,
-                                        FP32_DOTS=dt == "fp32", BI=64, **rg.TILES)))
+                                        FP32_DOTS=dt == "fp32", BI=64, BT=rg.TILES["BT"], BK=rg.TILES["BK"]),
+                        num_warps=rg.TILES["num_warps"]))
     sms = mw._num_sms
     mw._num_sms = lambda device: 132  # an H100's, as the launcher would read it there
     try:
@@ -143,10 +144,11 @@ def main(argv=None):
             recs = list(pool.map(_compile_index, range(n)))
     else:
         recs = [_compile_index(i) for i in range(n)]
-    print(f"Triton {triton.__version__}, sm_90\n\n| kernel | ok | regs | local B | shared B |\n| --- | --- | --- | --- | --- |")
+    print(f"Triton {triton.__version__}, sm_90\n\n| kernel | ok | regs | stack B | local B | shared B |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for r in recs:
-        print(f"| {r['name']} | {'yes' if r['ok'] else 'NO'} | {r.get('registers', '?')} | {r.get('local', '?')} | "
-              f"{r.get('shared_bytes', '?')} |")
+        print(f"| {r['name']} | {'yes' if r['ok'] else 'NO'} | {r.get('registers', '?')} | {r.get('stack', '?')} | "
+              f"{r.get('local', '?')} | {r.get('shared_bytes', '?')} |")
     for r in recs:
         if not r["ok"]:
             print(f"\n{r['name']}: {r['error']}")

@@ -112,7 +112,9 @@ def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_p
                  mask=t_mask[:, None] & k_mask[None, :])
 
 
-TILES = dict(BT=32, BK=64)  # tokens and d_model columns per block; head-width blocks BI <= 64
+# tokens and d_model columns per block (head-width blocks BI <= 64), warps: on sm_90, BT = 64 with 8 warps is the
+# smallest token block whose dots lower to wgmma (BT = 32: mma.sync) with no stack frame (bench/triton_sm90.py)
+TILES = dict(BT=64, BK=64, num_warps=8)
 
 
 def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none", config=None):
