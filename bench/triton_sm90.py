@@ -2,7 +2,8 @@
 
 Triton's compiler and the ptxas it ships build each kernel's cubin with the constexpr configurations its
 launcher passes on a GPU; ``cuobjdump --dump-resource-usage`` (also shipped with Triton) then reads registers,
-stack frame and spill bytes (both local memory: a large stack is a slow kernel) and shared memory per kernel. The interpreter tests run the kernels' Python; this
+stack frame and spill bytes (both local memory: a large stack is a slow kernel) and shared memory per kernel, and
+the PTX says which tensor-core instructions the dots became (``wgmma`` on Hopper, or the older ``mma.sync``). The interpreter tests run the kernels' Python; this
 checks what only the real compiler sees (dot shapes and operand types, layouts, shared memory, register
 pressure), at no device time.
 
@@ -122,7 +123,10 @@ def compile_case(case: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - report every failure, go on with the next kernel
         return {**rec, "ok": False, "error": f"{type(e).__name__}: {e}"[-2000:]}
     shared = compiled.metadata.shared
-    return {**rec, "ok": shared <= H100_SMEM, "shared_bytes": shared, **_resources(compiled.asm["cubin"]),
+    mma = sorted({"wgmma" if m.startswith("wgmma") else m
+                  for m in re.findall(r"\b(wgmma\.mma_async|mma\.sync)", compiled.asm["ptx"])})
+    return {**rec, "ok": shared <= H100_SMEM, "shared_bytes": shared, "tensor_cores": "+".join(mma) or "none",
+            **_resources(compiled.asm["cubin"]),
             **({} if shared <= H100_SMEM else {"error": f"{shared} bytes of shared memory > {H100_SMEM}"})}
 
 
@@ -144,17 +148,20 @@ def main(argv=None):
             recs = list(pool.map(_compile_index, range(n)))
     else:
         recs = [_compile_index(i) for i in range(n)]
-    print(f"Triton {triton.__version__}, sm_90\n\n| kernel | ok | regs | stack B | local B | shared B |\n"
-          "| --- | --- | --- | --- | --- | --- |")
+    print(f"Triton {triton.__version__}, sm_90\n\n| kernel | ok | tensor cores | regs | stack B | local B | shared B |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for r in recs:
-        print(f"| {r['name']} | {'yes' if r['ok'] else 'NO'} | {r.get('registers', '?')} | {r.get('stack', '?')} | "
-              f"{r.get('local', '?')} | {r.get('shared_bytes', '?')} |")
+        print(f"| {r['name']} | {'yes' if r['ok'] else 'NO'} | {r.get('tensor_cores', '?')} | {r.get('registers', '?')} "
+              f"| {r.get('stack', '?')} | {r.get('local', '?')} | {r.get('shared_bytes', '?')} |")
     for r in recs:
         if not r["ok"]:
             print(f"\n{r['name']}: {r['error']}")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"triton": triton.__version__, "target": "sm_90", "kernels": recs}, f, indent=1)
+            from ct_fast.app import harness
+
+            json.dump({"env": harness.env(), "triton": triton.__version__, "target": "sm_90", "kernels": recs}, f,
+                      indent=1)
     return 0 if all(r["ok"] for r in recs) else 1
 
 
