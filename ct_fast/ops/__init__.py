@@ -45,9 +45,9 @@ NATIVE_OPS = {"score_edges", "masked_adamw_", "masked_sgd_"}  # ops with C++/CUD
 #   joins auto once committed results of bench/bench_masked_dw.py show it faster there.
 # - masked_sgd_ in Triton: tested under the interpreter, not timed on a GPU (auto on a GPU takes the CUDA kernel
 #   when built, else the torch path).
-# On a GPU, committed timings override these defaults per (op, dtype): see ct_fast.ops.measured.
 # - residual_grads in Triton: the residual gradients through the norm in one pass, written once in the scoring
 #   dtype; tested under the interpreter, not yet timed on a GPU against bmm + the fp32 norm backward.
+# On a GPU, committed timings override these defaults per (op, dtype): see ct_fast.ops.measured.
 AUTO_SKIP = {("score_edges", "cpp"), ("score_edges", "cuda"), ("score_edges", "triton"),
              ("masked_weight_grad", "triton"), ("masked_sgd_", "triton"), ("residual_grads", "triton")}
 TRITON_OPS = {"score_edges", "masked_adamw_", "masked_sgd_", "masked_weight_grad",  # kernels in ct_fast.kernels
