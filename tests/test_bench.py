@@ -33,3 +33,13 @@ def test_readme_table_is_generated_from_results():
 
     text = (ROOT / "README.md").read_text()
     assert report.update(text) == text, "README's bench table is stale: run `python bench/report.py`"
+
+
+def test_results_name_the_commit_given_by_ct_fast_commit(monkeypatch):
+    """A copy of the tree without .git (a GPU machine) is told its commit; otherwise git says it."""
+    from ct_fast.app import harness
+
+    monkeypatch.setenv("CT_FAST_COMMIT", "0123abc")
+    assert harness.env()["commit"] == "0123abc"
+    monkeypatch.delenv("CT_FAST_COMMIT")
+    assert harness.env()["commit"] != "0123abc"
