@@ -54,33 +54,52 @@ OP_SHAPE = {"n_u": 32, "w": 64, "n_d": 49, "c": 2048, "d": 2048}
 OP_SHAPE_TINY = {"n_u": 4, "w": 16, "n_d": 5, "c": 32, "d": 32}
 
 
+def _timed(rec: dict, call, want, device) -> dict:
+    """``rec`` with ``call()``'s median time (device events on GPU) and its error against ``want`` relative to the
+    largest value — or with ``skipped`` and why, when the call does not run here (not built, resources)."""
+    try:
+        got = call()
+        ms = harness.median_time(call, device, warmup=1, reps=5) * 1e3
+    except Exception as e:  # noqa: BLE001 - recorded, the next variant runs
+        return {**rec, "skipped": f"{type(e).__name__}: {e}"[:200]}
+    return {**rec, "ms": ms, "max_rel_err": ((got.double() - want).abs().max() / want.abs().max()).item()}
+
+
 def _per_backend(bench, device, dtype, case, backends, call, want, flops) -> list[dict]:
-    """One record per backend: ``call()`` timed with ``CT_FAST_BACKEND`` set to it (device events on GPU), its
-    error against ``want`` relative to the largest value, and its time over the torch path's (the first)."""
+    """One ``_timed`` record per backend (``CT_FAST_BACKEND`` set to it), with TFLOP/s and the time over the
+    torch path's (the first)."""
     recs, base, requested = [], None, os.environ.get("CT_FAST_BACKEND")
     for b in backends:
-        rec = {"bench": bench, "device": device, "dtype": str(dtype), **case, "backend": b}
         os.environ["CT_FAST_BACKEND"] = b
         try:
-            got = call()
-            ms = harness.median_time(call, device, warmup=1, reps=5) * 1e3
-        except Exception as e:  # a backend not built or not available here
-            recs.append({**rec, "skipped": f"{type(e).__name__}: {e}"[:200]})
-            continue
+            rec = _timed({"bench": bench, "device": device, "dtype": str(dtype), **case, "backend": b}, call, want,
+                         device)
         finally:  # the caller's choice back
             if requested is None:
                 os.environ.pop("CT_FAST_BACKEND", None)
             else:
                 os.environ["CT_FAST_BACKEND"] = requested
-        base = ms if b == "torch" else base
-        recs.append({**rec, "ms": ms, "tflops": flops / ms / 1e9,
-                     "max_rel_err": ((got.double() - want).abs().max() / want.abs().max()).item(),
-                     "time_vs_torch": None if base is None else ms / base})
+        if "ms" in rec:
+            base = rec["ms"] if b == "torch" else base
+            rec.update(tflops=flops / rec["ms"] / 1e9, time_vs_torch=None if base is None else rec["ms"] / base)
+        recs.append(rec)
     return recs
 
 
 def _backends(device):
     return ["torch", "cuda", "triton"] if torch.device(device).type == "cuda" else ["torch", "cpp", "triton"]
+
+
+def _score_inputs(device, dtype, shape) -> tuple:
+    """``(delta, W, G)`` of one scoring block of ``shape`` and the fp64 oracle's scores."""
+    from ct_fast import ops
+
+    n_u, w, n_d, c, d = (shape[k] for k in ("n_u", "w", "n_d", "c", "d"))
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(c, n_u * w, generator=g).to(device, dtype)
+    W = (torch.randn(n_u, w, d, generator=g) / w ** 0.5).to(device, dtype)
+    G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
+    return (delta, W, G), ops.reference.score_edges(delta.double(), W.double(), G.double())
 
 
 def run_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> list[dict]:
@@ -89,15 +108,11 @@ def run_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> lis
     from ct_fast import ops
 
     shape = shape or (OP_SHAPE if torch.device(device).type == "cuda" else OP_SHAPE_TINY)
+    args, want = _score_inputs(device, dtype, shape)
     n_u, w, n_d, c, d = (shape[k] for k in ("n_u", "w", "n_d", "c", "d"))
-    g = torch.Generator().manual_seed(0)
-    delta = torch.randn(c, n_u * w, generator=g).to(device, dtype)
-    W = (torch.randn(n_u, w, d, generator=g) / w ** 0.5).to(device, dtype)
-    G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
-    want = ops.reference.score_edges(delta.double(), W.double(), G.double())
     flops = 2 * n_u * c * w * d + 2 * n_u * n_d * c * d  # the projection of each head, then the dots
     return _per_backend("score_edges_op", device, dtype, shape, backends or _backends(device),
-                        lambda: ops.score_edges(delta, W, G), want, flops)
+                        lambda: ops.score_edges(*args), want, flops)
 
 
 # the residual gradients of a Llama-3.2-1B-shaped layer's 32 query heads (one projection, RMSNorm) and of its MLP
@@ -107,29 +122,38 @@ RESID_SHAPES = [{"n": 32, "w": 64, "terms": 1, "c": 2048, "d": 2048}, {"n": 64, 
 RESID_SHAPES_TINY = [{"n": 4, "w": 16, "terms": 1, "c": 32, "d": 48}, {"n": 2, "w": 24, "terms": 2, "c": 20, "d": 40}]
 
 
-def run_residual_ops(device="cpu", dtype=torch.float32, shapes=None, backends=None) -> list[dict]:
-    """``ops.residual_grads`` per backend on each shape: the fused Triton kernel (one pass, written once in
-    ``dtype``) against the torch composite (bmm into an fp32 block, the norm backward in place, a cast)."""
+def _resid_inputs(device, dtype, shape) -> tuple:
+    """``(terms, out, norm, x)`` of one residual-gradient block of ``shape`` (RMSNorm) and the fp64 oracle's
+    gradients."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from ct_fast import ops
 
+    n, w, k, c, d = (shape[x] for x in ("n", "w", "terms", "c", "d"))
+    g = torch.Generator().manual_seed(1)
+    norm = LlamaRMSNorm(d).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
+    x = torch.randn(c, d, generator=g).to(device, dtype)
+    terms = [(torch.randn(c, n * w, generator=g).to(device, dtype),
+              (torch.randn(n, w, d, generator=g) / w ** 0.5).to(device, dtype)) for _ in range(k)]
+    want = ops.reference.residual_grads([(r.double(), W.double()) for r, W in terms],
+                                        torch.empty(n, c, d, dtype=torch.float64, device=device),
+                                        copy.deepcopy(norm).double(), x.double())
+    return (terms, torch.empty(n, c, d, dtype=dtype, device=device), norm, x), want
+
+
+def run_residual_ops(device="cpu", dtype=torch.float32, shapes=None, backends=None) -> list[dict]:
+    """``ops.residual_grads`` per backend on each shape: the fused Triton kernel (one pass, written once in
+    ``dtype``) against the torch composite (bmm into an fp32 block, the norm backward in place, a cast)."""
+    from ct_fast import ops
+
     recs = []
     for shape in shapes or (RESID_SHAPES if torch.device(device).type == "cuda" else RESID_SHAPES_TINY):
-        n, w, k, c, d = (shape[x] for x in ("n", "w", "terms", "c", "d"))
-        g = torch.Generator().manual_seed(1)
-        norm = LlamaRMSNorm(d).to(device)
-        with torch.no_grad():
-            norm.weight.copy_(1 + 0.1 * torch.randn(d, generator=g))
-        x = torch.randn(c, d, generator=g).to(device, dtype)
-        terms = [(torch.randn(c, n * w, generator=g).to(device, dtype),
-                  (torch.randn(n, w, d, generator=g) / w ** 0.5).to(device, dtype)) for _ in range(k)]
-        want = ops.reference.residual_grads([(r.double(), W.double()) for r, W in terms],
-                                            torch.empty(n, c, d, dtype=torch.float64, device=device),
-                                            copy.deepcopy(norm).double(), x.double())
-        out = torch.empty(n, c, d, dtype=dtype, device=device)
-        recs += _per_backend("residual_grads_op", device, dtype, shape, ["torch", "triton"],
-                             lambda: ops.residual_grads(terms, out, norm, x), want, 2 * k * n * c * w * d)
+        args, want = _resid_inputs(device, dtype, shape)
+        flops = 2 * shape["terms"] * shape["n"] * shape["c"] * shape["w"] * shape["d"]
+        recs += _per_backend("residual_grads_op", device, dtype, shape, backends or ["torch", "triton"],
+                             lambda: ops.residual_grads(*args), want, flops)
     return recs
 
 
@@ -143,43 +167,26 @@ RESID_TILES = [{}, {"BT": 32, "num_warps": 4}, {"BT": 128}, {"BT": 64, "BK": 128
 def run_tiles(device="cpu", dtype=torch.bfloat16) -> list[dict]:
     """The Triton ``score_edges`` and ``residual_grads`` kernels per tile variant on the op shapes (tiny on CPU):
     time, error against the fp64 oracle, time over the default tiles."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
     from ct_fast import kernels, ops
 
     gpu = torch.device(device).type == "cuda"
-    g = torch.Generator().manual_seed(2)
-    shape = OP_SHAPE if gpu else OP_SHAPE_TINY
-    n_u, w, n_d, c, d = (shape[k] for k in ("n_u", "w", "n_d", "c", "d"))
-    delta = torch.randn(c, n_u * w, generator=g).to(device, dtype)
-    W = (torch.randn(n_u, w, d, generator=g) / w ** 0.5).to(device, dtype)
-    G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
-    rs = (RESID_SHAPES if gpu else RESID_SHAPES_TINY)[0]
-    norm = LlamaRMSNorm(rs["d"]).to(device)
-    x = torch.randn(rs["c"], rs["d"], generator=g).to(device, dtype)
-    terms = [(torch.randn(rs["c"], rs["n"] * rs["w"], generator=g).to(device, dtype),
-              (torch.randn(rs["n"], rs["w"], rs["d"], generator=g) / rs["w"] ** 0.5).to(device, dtype))]
-    out = torch.empty(rs["n"], rs["c"], rs["d"], dtype=dtype, device=device)
+    shape, rs = (OP_SHAPE, RESID_SHAPES[0]) if gpu else (OP_SHAPE_TINY, RESID_SHAPES_TINY[0])
+    score_args, score_want = _score_inputs(device, dtype, shape)
+    (terms, out, norm, x), resid_want = _resid_inputs(device, dtype, rs)
     mean, rstd, gamma = ops.reference.norm_stats(norm, x)
-    cases = [("score_edges", shape, cfg, lambda cfg: kernels.score_edges(delta, W, G, config=cfg),
-              ops.reference.score_edges(delta.double(), W.double(), G.double())) for cfg in SCORE_TILES]
-    cases += [("residual_grads", rs, cfg, lambda cfg: kernels.residual_grads(terms, out, x, (mean, rstd), gamma,
-                                                                             "rmsnorm", config=cfg),
-               ops.reference.residual_grads([(r.double(), w_.double()) for r, w_ in terms],
-                                            torch.empty(out.shape, dtype=torch.float64, device=device),
-                                            copy.deepcopy(norm).double(), x.double())) for cfg in RESID_TILES]
+    variants = [("score_edges", shape, cfg, score_want) for cfg in SCORE_TILES]
+    variants += [("residual_grads", rs, cfg, resid_want) for cfg in RESID_TILES]
+    calls = {"score_edges": lambda cfg: kernels.score_edges(*score_args, config=cfg),
+             "residual_grads": lambda cfg: kernels.residual_grads(terms, out, x, (mean, rstd), gamma, "rmsnorm",
+                                                                  config=cfg)}
     recs, base = [], {}
-    for kernel, case, cfg, call, want in cases:
-        rec = {"bench": "tiles", "device": device, "dtype": str(dtype), "kernel": kernel, **case, "config": cfg}
-        try:
-            got = call(cfg)
-            ms = harness.median_time(lambda: call(cfg), device, warmup=1, reps=5) * 1e3
-        except Exception as e:  # a variant that does not launch here (resources)
-            recs.append({**rec, "skipped": f"{type(e).__name__}: {e}"[:200]})
-            continue
-        base.setdefault(kernel, ms)
-        recs.append({**rec, "ms": ms, "time_vs_default": ms / base[kernel],
-                     "max_rel_err": ((got.double() - want).abs().max() / want.abs().max()).item()})
+    for kernel, case, cfg, want in variants:
+        rec = _timed({"bench": "tiles", "device": device, "dtype": str(dtype), "kernel": kernel, **case,
+                      "config": cfg}, lambda: calls[kernel](cfg), want, device)
+        if "ms" in rec:
+            base.setdefault(kernel, rec["ms"])
+            rec["time_vs_default"] = rec["ms"] / base[kernel]
+        recs.append(rec)
     return recs
 
 

@@ -83,7 +83,7 @@ def cases() -> list[dict]:
         mw._num_sms = sms
     for dt in ("fp32", "bf16"):
         for dev in (True, False):
-            flags = dict(LR_PTR=dev, CHECK=dev, MAXIMIZE=False, BF16=dt == "bf16", BLOCK=1024)
+            flags = dict(LR_PTR=dev, CHECK=dev, MAXIMIZE=False, BF16=dt == "bf16", BLOCK=mo._block(1 << 20))
             tag = f"{dt} {'lr tensor + flag' if dev else 'float lr'}"
             out.append(dict(name=f"masked_adamw_ {tag}", kernel=mo._masked_adamw_kernel,
                             types={"p_ptr": PTR[dt], **OPT_TYPES}, constexprs=flags))
