@@ -56,7 +56,7 @@ def cases() -> list[dict]:
                             types={"delta_ptr": p, "w_ptr": p, "g_ptr": p, "s_ptr": "*fp32"},
                             constexprs=dict(HAS_W=has_w, OP=TL[dt], FP32_DOTS=dt == "fp32", BU=cfg["BU"], BW=64,
                                             BN=cfg["BN"], BT=cfg["BT"], BK=cfg["BK"]),
-                            num_stages=cfg["num_stages"]))
+                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     for dt, has_w, two, norm in (("bf16", True, False, 1), ("bf16", True, True, 1), ("fp32", True, False, 2),
                                  ("bf16", False, False, 2), ("fp16", True, True, 0), ("fp32", True, True, 1)):
         p = PTR[dt]

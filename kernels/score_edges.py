@@ -6,8 +6,9 @@ d_model block (BK):
 1. the upstream nodes' residual contributions ``a[u] = delta[t-block, u*w:(u+1)*w] @ W[u][:, k-block]`` — one
    batched dot ``[BU, BT, BW] x [BU, BW, BK]`` kept in registers (``W=None``: ``delta`` already is the single
    node's contribution, w = d);
-2. their products with the downstream gradients, as a second dot over the flattened (token, d) block:
-   ``acc[BU, BN] += a.reshape(BU, BT*BK) @ G[n-block, t-block, k-block].reshape(BT*BK, BN)``.
+2. their products with the downstream gradients, as a second dot over the flattened (token, d) block, transposed
+   so that its M dimension is the (up to 64) downstream nodes — a Hopper ``wgmma`` needs M >= 64:
+   ``acc[BN, BU] += G[n-block, t-block, k-block] (loaded as [BN, BT*BK]) @ a.reshape(BU, BT*BK).T``.
 
 Neither the per-node contributions ``[n_u, tokens, d]`` nor any product is written to memory. Operands stay in
 the input dtype — bf16/fp16 on tensor cores (the contribution rounded to it between the two dots, as the torch
@@ -34,10 +35,12 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
     t_begin = tl.program_id(2) * tokens_per_split
     u_mask, n_mask = u_offs < n_u, n_offs < n_d
     i_offs = tl.arange(0, BW)
-    acc = tl.zeros((BU, BN), dtype=tl.float32)
+    acc = tl.zeros((BN, BU), dtype=tl.float32)  # transposed: M = downstream nodes, so the second dot is a wgmma
+    j = tl.arange(0, BT * BK)  # the flattened (token, d_model) index of one tile
     for t0 in range(0, tokens_per_split, BT):  # tokens_per_split: a multiple of BT
         t_offs = (t_begin + t0 + tl.arange(0, BT)).to(tl.int64)  # 64-bit offsets: G may hold over 2^31 elements
         t_mask = t_offs < c
+        j_t = t_begin + t0 + j // BK
         if HAS_W:  # [BU, BT, BW]: each upstream node's head activations
             z = tl.load(delta_ptr + t_offs[None, :, None] * (n_u * w) + u_offs[:, None, None] * w
                         + i_offs[None, None, :],
@@ -58,29 +61,33 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
                 a = tl.load(delta_ptr + u_offs[:, None, None] * 0 + t_offs[None, :, None] * d + k_offs[None, None, :],
                             mask=(u_offs[:, None, None] == 0) & t_mask[None, :, None] & k_mask[None, None, :],
                             other=0.0)
-            gt = tl.load(g_ptr + n_offs[None, None, :].to(tl.int64) * c * d + t_offs[:, None, None] * d
-                         + k_offs[None, :, None],
-                         mask=t_mask[:, None, None] & k_mask[None, :, None] & n_mask[None, None, :], other=0.0)
-            a2 = tl.reshape(a.to(OP), (BU, BT * BK))
-            g2 = tl.reshape(gt, (BT * BK, BN))
+            # [BN, BT*BK], loaded flat: reshaping a 3-D tile costs a register-layout conversion (spills on sm_90)
+            j_k = k0 + j % BK
+            g2 = tl.load(g_ptr + n_offs[:, None].to(tl.int64) * c * d + j_t[None, :].to(tl.int64) * d + j_k[None, :],
+                         mask=n_mask[:, None] & (j_t < c)[None, :] & (j_k < d)[None, :], other=0.0)
+            a2 = tl.trans(tl.reshape(a.to(OP), (BU, BT * BK)))  # [BT*BK, BU], token-major as g2's columns
             if FP32_DOTS:
-                acc += tl.dot(a2.to(tl.float32), g2.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(g2.to(tl.float32), a2.to(tl.float32), input_precision="ieee")
             else:
-                acc += tl.dot(a2, g2)
+                acc += tl.dot(g2, a2)
     s_ptr += tl.program_id(2).to(tl.int64) * n_u * n_d  # this split's partial
-    tl.store(s_ptr + u_offs[:, None] * n_d + n_offs[None, :], acc, mask=u_mask[:, None] & n_mask[None, :])
+    tl.store(s_ptr + u_offs[None, :] * n_d + n_offs[:, None], acc, mask=u_mask[None, :] & n_mask[:, None])
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def tile_config(dtype: torch.dtype) -> dict:
-    """Tiles and pipeline depth per operand dtype (``tl.dot`` needs every dimension >= 16). fp32 operands stage
-    twice the bytes: smaller d_model blocks and no pipelining keep a block's shared memory within an H100's 227 KiB
-    (``bench/triton_sm90.py`` compiles both for sm_90 and reads it: 128 KiB fp32, 96 KiB bf16/fp16)."""
+    """Tiles, warps and pipeline depth per operand dtype (``tl.dot`` needs every dimension >= 16); ``BN`` is an upper
+    bound (the launcher takes the smallest power of two >= 16 covering the downstream nodes). 64 downstream nodes per
+    program cover one layer of a 1B-8B Llama (49 nodes), so each contribution is produced once per layer read (16-node
+    blocks did it 4x over), and 8 warps hold the tiles with the least spilling. What ``bench/triton_sm90.py`` reads from the sm_90 cubins
+    (Triton 3.9): bf16 — second dot on ``wgmma``, first (per-head, batched) on ``mma.sync``, a 992-byte stack frame
+    (6.5 KB with the untransposed product and 16-node blocks), 72 KiB shared; fp32 — 144 KiB shared (smaller d_model
+    blocks and no pipelining keep it within an H100's 227 KiB)."""
     if dtype == torch.float32:
-        return dict(BU=16, BN=16, BT=16, BK=16, num_stages=1)
-    return dict(BU=16, BN=16, BT=16, BK=32, num_stages=3)
+        return dict(BU=16, BN=64, BT=16, BK=16, num_warps=8, num_stages=1)
+    return dict(BU=16, BN=64, BT=16, BK=16, num_warps=8, num_stages=3)
 
 
 def score_edges(delta, up_weight, grad_down, config=None):
@@ -101,7 +108,8 @@ def score_edges(delta, up_weight, grad_down, config=None):
     if n_u == 0 or n_d == 0 or c == 0:
         return torch.zeros(n_u, n_d, dtype=torch.float32, device=delta.device)
     cfg = {**tile_config(dt), **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
-    BU, BN, BT = cfg["BU"], cfg["BN"], cfg["BT"]
+    BU, BT = cfg["BU"], cfg["BT"]
+    BN = min(cfg["BN"], max(16, triton.next_power_of_2(n_d)))  # no work on absent downstream rows
     splits = max(1, min(triton.cdiv(c, BT), 64))
     per_split = triton.cdiv(triton.cdiv(c, splits), BT) * BT
     grid = (triton.cdiv(n_u, BU), triton.cdiv(n_d, BN), triton.cdiv(c, per_split))
@@ -111,5 +119,5 @@ def score_edges(delta, up_weight, grad_down, config=None):
                               n_u, w, n_d, c, d, per_split, HAS_W=up_weight is not None, OP=_TL_DTYPES[dt],
                               FP32_DOTS=dt == torch.float32 or (interpreted and dt == torch.bfloat16),
                               BU=BU, BW=max(16, triton.next_power_of_2(w)), BN=BN, BT=BT, BK=cfg["BK"],
-                              num_stages=cfg["num_stages"], num_warps=cfg.get("num_warps", 4))
+                              num_stages=cfg["num_stages"], num_warps=cfg["num_warps"])
     return partials.sum(0)

@@ -41,7 +41,8 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-SCORE_SHAPES = [(1, 1, 1, 1, 1), (3, 5, 7, 13, 11), (4, 16, 9, 33, 24), (1, None, 6, 17, 10), (2, 8, 1, 2, 64)]
+SCORE_SHAPES = [(1, 1, 1, 1, 1), (3, 5, 7, 13, 11), (4, 16, 9, 33, 24), (1, None, 6, 17, 10), (2, 8, 1, 2, 64),
+                (3, 16, 70, 9, 20)]  # 70 downstream nodes: two blocks of 64
 
 
 @pytest.mark.parametrize("device,backend", _cases("score_edges"))
