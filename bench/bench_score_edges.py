@@ -160,7 +160,7 @@ def run_residual_ops(device="cpu", dtype=torch.float32, shapes=None, backends=No
 # tile variants of the Triton kernels (all compile for sm_90 within an H100's shared memory: bench/triton_sm90.py);
 # the first is the launcher's default. The GPU check times them so that the defaults follow measurements.
 SCORE_TILES = [{}, {"BN": 16, "num_warps": 4},  # 16-node blocks: each contribution computed 4x at the llama-1B shape
-               {"BU": 32}, {"BK": 32}, {"num_warps": 4}]
+               {"BU": 32, "num_stages": 2}, {"num_stages": 2}, {"num_warps": 4}]
 RESID_TILES = [{}, {"BT": 32, "num_warps": 4}, {"BT": 128}, {"BT": 64, "BK": 128}]
 
 

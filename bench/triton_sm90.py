@@ -5,7 +5,10 @@ launcher passes on a GPU; ``cuobjdump --dump-resource-usage`` (also shipped with
 stack frame and spill bytes (both local memory: a large stack is a slow kernel) and shared memory per kernel, and
 the PTX says which tensor-core instructions the dots became (``wgmma`` on Hopper, or the older ``mma.sync``). The interpreter tests run the kernels' Python; this
 checks what only the real compiler sees (dot shapes and operand types, layouts, shared memory, register
-pressure), at no device time.
+pressure), at no device time. Each case names the integer arguments of a llama-1B-shaped launch (``args``) and
+is specialised as Triton's JIT specialises a real launch: an integer equal to 1 (a unit stride) becomes a
+constant, integers divisible by 16 and the (16-byte aligned) pointers carry the divisibility hint that lets loads
+vectorise; integers not named stay generic.
 
     python bench/triton_sm90.py [--out results.json] [--jobs 2]   # a table; exit 1 if a kernel fails to compile
 
@@ -30,8 +33,10 @@ os.environ.pop("TRITON_INTERPRET", None)  # before the kernels are defined: real
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
 
 H100_SMEM = 227 * 1024  # the most shared memory one block may use on an H100
+TARGET = GPUTarget("cuda", 90, 64)
 PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 OPT_TYPES = {"g_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "buf_ptr": "*fp32", "step_ptr": "*fp32",
@@ -45,27 +50,40 @@ def _module(name):
 
 
 def cases() -> list[dict]:
-    """``{name, kernel, types, constexprs, num_warps, num_stages}``: the configurations the launchers use on a GPU."""
+    """``{name, kernel, types, constexprs, args, num_warps, num_stages}``: the configurations the launchers use on a
+    GPU; ``types`` of pointer and float arguments, ``args`` the values of integer ones."""
     se, rg, mw, mo = (_module(m) for m in ("score_edges", "residual_grads", "masked_weight_grad", "masked_optim"))
+    from bench_score_edges import RESID_TILES, SCORE_TILES  # the tile variants the GPU check times
+
     out = []
-    for dt, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        cfg = se.tile_config(tdt)
-        for has_w in (True, False):
-            p = PTR[dt]
-            out.append(dict(name=f"score_edges {dt} {'heads' if has_w else 'residual'}", kernel=se._score_edges_kernel,
-                            types={"delta_ptr": p, "w_ptr": p, "g_ptr": p, "s_ptr": "*fp32"},
-                            constexprs=dict(HAS_W=has_w, OP=TL[dt], FP32_DOTS=dt == "fp32", BU=cfg["BU"], BW=64,
-                                            BN=cfg["BN"], BT=cfg["BT"], BK=cfg["BK"]),
-                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-    for dt, has_w, two, norm in (("bf16", True, False, 1), ("bf16", True, True, 1), ("fp32", True, False, 2),
-                                 ("bf16", False, False, 2), ("fp16", True, True, 0), ("fp32", True, True, 1)):
-        p = PTR[dt]
-        out.append(dict(name=f"residual_grads {dt} w={has_w} two={two} norm={norm}", kernel=rg._residual_grads_kernel,
+    score = [(dt, tdt, has_w, {}) for dt, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                                  ("fp16", torch.float16)) for has_w in (True, False)]
+    score += [("bf16", torch.bfloat16, True, v) for v in SCORE_TILES if v]
+    for dt, tdt, has_w, variant in score:
+        cfg, p = {**se.tile_config(tdt), **variant}, PTR[dt]
+        out.append(dict(name=f"score_edges {dt} {'heads' if has_w else 'residual'}" + (f" {variant}" if variant else ""),
+                        kernel=se._score_edges_kernel, types={"delta_ptr": p, "w_ptr": p, "g_ptr": p, "s_ptr": "*fp32"},
+                        constexprs=dict(HAS_W=has_w, OP=TL[dt], FP32_DOTS=dt == "fp32", BU=cfg["BU"], BW=64,
+                                        BN=cfg["BN"], BT=cfg["BT"], BK=cfg["BK"]),
+                        args=dict(n_u=32, w=64, n_d=49, c=2048, d=2048, tokens_per_split=32) if has_w else
+                        dict(n_u=1, w=2048, n_d=49, c=2048, d=2048, tokens_per_split=32),
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    resid = [(dt, has_w, two, norm, {}) for dt, has_w, two, norm in (
+        ("bf16", True, False, 1), ("bf16", True, True, 1), ("fp32", True, False, 2), ("bf16", False, False, 2),
+        ("fp16", True, True, 0), ("fp32", True, True, 1))]
+    resid += [("bf16", True, False, 1, v) for v in RESID_TILES if v]
+    for dt, has_w, two, norm, variant in resid:
+        cfg, p = {**rg.TILES, **variant}, PTR[dt]
+        out.append(dict(name=f"residual_grads {dt} w={has_w} two={two} norm={norm}" + (f" {variant}" if variant else ""),
+                        kernel=rg._residual_grads_kernel,
                         types={"out_ptr": p, "x_ptr": p, "gamma_ptr": "*fp32", "mean_ptr": "*fp32",
                                "rstd_ptr": "*fp32", "r0_ptr": p, "w0_ptr": p, "r1_ptr": p, "w1_ptr": p},
                         constexprs=dict(HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=norm != 0,
-                                        FP32_DOTS=dt == "fp32", BI=64, BT=rg.TILES["BT"], BK=rg.TILES["BK"]),
-                        num_warps=rg.TILES["num_warps"]))
+                                        FP32_DOTS=dt == "fp32", BI=64, BT=cfg["BT"], BK=cfg["BK"]),
+                        args=dict(x_stride=2048, r0_stride=2048, r1_stride=2048, width0=64, width1=64, c=2048,
+                                  d=2048, **(dict(w0_n=64 * 2048, w0_i=2048, w0_k=1, w1_n=64 * 2048, w1_i=2048, w1_k=1)
+                                             if has_w else {})),
+                        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3)))
     sms = mw._num_sms
     mw._num_sms = lambda device: 132  # an H100's, as the launcher would read it there
     try:
@@ -78,6 +96,8 @@ def cases() -> list[dict]:
                                 constexprs=dict(HAS_INDEX=has_index, DOT_DTYPE=TL[dt],
                                                 PRECISION="ieee" if dt == "fp32" else "tf32", BLOCK_M=cfg["block_m"],
                                                 BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"]),
+                                args=dict(N=8192, K=512, NB=4096, tokens_per_split=8192, stride_an=4096, stride_aa=1,
+                                          stride_bn=4096, stride_bb=1, stride_cs=0, stride_cm=4096),
                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     finally:
         mw._num_sms = sms
@@ -85,13 +105,14 @@ def cases() -> list[dict]:
         for dev in (True, False):
             flags = dict(LR_PTR=dev, CHECK=dev, MAXIMIZE=False, BF16=dt == "bf16", BLOCK=mo._block(1 << 20))
             tag = f"{dt} {'lr tensor + flag' if dev else 'float lr'}"
+            rows = dict(stride_row=4096, stride_col=1, M=4096)  # a circuit row of a [*, 4096] weight
             out.append(dict(name=f"masked_adamw_ {tag}", kernel=mo._masked_adamw_kernel,
-                            types={"p_ptr": PTR[dt], **OPT_TYPES}, constexprs=flags))
+                            types={"p_ptr": PTR[dt], **OPT_TYPES}, constexprs=flags, args=rows))
             out.append(dict(name=f"masked_sgd_ {tag}", kernel=mo._masked_sgd_kernel,
-                            types={"p_ptr": PTR[dt], **OPT_TYPES},
+                            types={"p_ptr": PTR[dt], **OPT_TYPES}, args=rows,
                             constexprs=dict(flags, HAS_WD=True, MOMENTUM=True, NESTEROV=dev)))
     out.append(dict(name="nonfinite_flag_", kernel=mo._nonfinite_kernel,
-                    types={"g_ptr": "*fp32", "found_ptr": "*fp32"}, constexprs=dict(BLOCK=4096)))
+                    types={"g_ptr": "*fp32", "found_ptr": "*fp32"}, constexprs=dict(BLOCK=4096), args=dict(n=1 << 20)))
     return out
 
 
@@ -108,24 +129,49 @@ def _resources(cubin: bytes) -> dict:
     return {} if m is None else dict(zip(("registers", "stack", "static_shared", "local"), map(int, m.groups())))
 
 
+def specialise(case: dict) -> tuple[dict, dict, dict]:
+    """``(signature, constexprs, attrs)`` for ``ASTSource``, as the JIT derives them from a launch's arguments."""
+    from triton.backends.compiler import BaseBackend
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import native_specialize_impl
+
+    backend = make_backend(TARGET)
+    signature, constexprs, attrs = {}, dict(case["constexprs"]), {}
+    for i, name in enumerate(inspect.signature(case["kernel"].fn).parameters):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in case.get("args", {}):
+            kind, hint = native_specialize_impl(BaseBackend, case["args"][name], False, True, True)
+            if kind == "constexpr":  # an integer equal to 1
+                signature[name], constexprs[name] = "constexpr", hint
+            else:
+                signature[name] = kind
+                attrs[(i,)] = backend.parse_attr(hint)
+        else:
+            signature[name] = case["types"].get(name, "i32")
+            if signature[name].startswith("*"):  # torch's allocations are aligned far beyond 16 bytes
+                attrs[(i,)] = backend.parse_attr("D")
+    return signature, constexprs, attrs
+
+
 def compile_case(case: dict) -> dict:
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     kernel = case["kernel"]
-    names = inspect.signature(kernel.fn).parameters
-    signature = {n: "constexpr" if n in case["constexprs"] else case["types"].get(n, "i32") for n in names}
+    signature, constexprs, attrs = specialise(case)
     rec = {"name": case["name"], "num_warps": case.get("num_warps", 4), "num_stages": case.get("num_stages", 3)}
     try:
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=case["constexprs"]),
-                                  target=GPUTarget("cuda", 90, 64),
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                                  target=TARGET,
                                   options={"num_warps": rec["num_warps"], "num_stages": rec["num_stages"]})
     except Exception as e:  # noqa: BLE001 - report every failure, go on with the next kernel
         return {**rec, "ok": False, "error": f"{type(e).__name__}: {e}"[-2000:]}
     shared = compiled.metadata.shared
     mma = sorted({"wgmma" if m.startswith("wgmma") else m
                   for m in re.findall(r"\b(wgmma\.mma_async|mma\.sync)", compiled.asm["ptx"])})
+    v4 = len(re.findall(r"\bld\.global(?:\.\w+)*\.v4\.", compiled.asm["ptx"]))  # 128-bit loads (vectorised)
     return {**rec, "ok": shared <= H100_SMEM, "shared_bytes": shared, "tensor_cores": "+".join(mma) or "none",
+            "vector_loads": v4,
             **_resources(compiled.asm["cubin"]),
             **({} if shared <= H100_SMEM else {"error": f"{shared} bytes of shared memory > {H100_SMEM}"})}
 
@@ -148,10 +194,11 @@ def main(argv=None):
             recs = list(pool.map(_compile_index, range(n)))
     else:
         recs = [_compile_index(i) for i in range(n)]
-    print(f"Triton {triton.__version__}, sm_90\n\n| kernel | ok | tensor cores | regs | stack B | local B | shared B |\n"
-          "| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"Triton {triton.__version__}, sm_90\n\n| kernel | ok | tensor cores | 128-bit loads | regs | stack B | local B "
+          "| shared B |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in recs:
-        print(f"| {r['name']} | {'yes' if r['ok'] else 'NO'} | {r.get('tensor_cores', '?')} | {r.get('registers', '?')} "
+        print(f"| {r['name']} | {'yes' if r['ok'] else 'NO'} | {r.get('tensor_cores', '?')} | {r.get('vector_loads', '?')} "
+              f"| {r.get('registers', '?')} "
               f"| {r.get('stack', '?')} | {r.get('local', '?')} | {r.get('shared_bytes', '?')} |")
     for r in recs:
         if not r["ok"]:

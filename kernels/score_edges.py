@@ -61,7 +61,7 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
                 a = tl.load(delta_ptr + u_offs[:, None, None] * 0 + t_offs[None, :, None] * d + k_offs[None, None, :],
                             mask=(u_offs[:, None, None] == 0) & t_mask[None, :, None] & k_mask[None, None, :],
                             other=0.0)
-            # [BN, BT*BK], loaded flat: reshaping a 3-D tile costs a register-layout conversion (spills on sm_90)
+            # [BN, BT*BK], loaded flat (no reshape of a 3-D tile, which is a register-layout conversion)
             j_k = k0 + j % BK
             g2 = tl.load(g_ptr + n_offs[:, None].to(tl.int64) * c * d + j_t[None, :].to(tl.int64) * d + j_k[None, :],
                          mask=n_mask[:, None] & (j_t < c)[None, :] & (j_k < d)[None, :], other=0.0)
@@ -81,10 +81,10 @@ def tile_config(dtype: torch.dtype) -> dict:
     """Tiles, warps and pipeline depth per operand dtype (``tl.dot`` needs every dimension >= 16); ``BN`` is an upper
     bound (the launcher takes the smallest power of two >= 16 covering the downstream nodes). 64 downstream nodes per
     program cover one layer of a 1B-8B Llama (49 nodes), so each contribution is produced once per layer read (16-node
-    blocks did it 4x over), and 8 warps hold the tiles with the least spilling. What ``bench/triton_sm90.py`` reads from the sm_90 cubins
-    (Triton 3.9): bf16 — second dot on ``wgmma``, first (per-head, batched) on ``mma.sync``, a 992-byte stack frame
-    (6.5 KB with the untransposed product and 16-node blocks), 72 KiB shared; fp32 — 144 KiB shared (smaller d_model
-    blocks and no pipelining keep it within an H100's 227 KiB)."""
+    blocks did it 4x over). What ``bench/triton_sm90.py`` reads from the sm_90 cubins (Triton 3.6 and 3.9, launch
+    arguments specialised as the JIT does): bf16 — the second dot on ``wgmma``, the first (per-head, batched) on
+    ``mma.sync``, no stack frame, 200 KiB shared memory with 3 stages; fp32 — 144 KiB (smaller d_model blocks and no
+    pipelining keep it within an H100's 227 KiB)."""
     if dtype == torch.float32:
         return dict(BU=16, BN=64, BT=16, BK=16, num_warps=8, num_stages=1)
     return dict(BU=16, BN=64, BT=16, BK=16, num_warps=8, num_stages=3)

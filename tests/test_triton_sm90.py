@@ -28,3 +28,8 @@ def test_every_triton_kernel_compiles_for_sm90(tmp_path):
     assert names >= {"score_edges", "residual_grads", "masked_weight_grad", "masked_adamw_", "masked_sgd_",
                      "nonfinite_flag_"}
     assert all(k["local"] == 0 for k in report["kernels"] if "local" in k), "a kernel spills to local memory"
+    big = {k["name"]: k["stack"] for k in report["kernels"] if k.get("stack", 0) > 256}
+    assert not big, f"stack frames over 256 bytes (registers spilled to local memory): {big}"
+    scalar = [k["name"] for k in report["kernels"] if k["name"].split()[0] in ("masked_adamw_", "masked_sgd_")
+              and k["vector_loads"] == 0]
+    assert not scalar, f"bandwidth-bound optimizer kernels without 128-bit loads: {scalar}"
