@@ -129,12 +129,8 @@ def measured_choices(out: str) -> dict:
     """What ``ct_fast.ops.measured.derive`` makes of this run's op benchmarks (empty on CPU: GPU records only)."""
     from ct_fast.ops import measured
 
-    records = []
-    for name in sorted(os.listdir(out)):
-        if name.startswith("op_") and name.endswith(".json"):
-            with open(os.path.join(out, name)) as f:
-                records += json.load(f).get("results", [])
-    return measured.derive(records)
+    return measured.derive_files(os.path.join(out, n) for n in sorted(os.listdir(out))
+                                 if n.startswith("op_") and n.endswith(".json"))
 
 
 def main(argv=None):

@@ -64,13 +64,9 @@ def gpu_choices() -> dict:
     from ct_fast.ops import measured
 
     paths = _results("gpu_op_*.json")
-    records = []
-    for path in paths:
-        with open(path) as f:
-            records += json.load(f)["results"]
     return {"about": "auto's kernel choices on a GPU, derived from bench/results/gpu_op_*.json by "
                      "ct_fast/ops/measured.py (python bench/report.py regenerates this file)",
-            "sources": [os.path.basename(p) for p in paths], "choices": measured.derive(records)}
+            "sources": [os.path.basename(p) for p in paths], "choices": measured.derive_files(paths)}
 
 
 if __name__ == "__main__":

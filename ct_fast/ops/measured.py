@@ -65,6 +65,15 @@ def derive(records: list[dict]) -> dict:
     return table
 
 
+def derive_files(paths) -> dict:
+    """``derive`` over the records of the benchmark JSON files at ``paths`` (``harness.write``'s layout)."""
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records += json.load(f).get("results", [])
+    return derive(records)
+
+
 def load() -> dict:
     """The committed table (empty when no GPU results are committed), read once."""
     global _table
