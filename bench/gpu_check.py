@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 BUDGET_S = 8 * 60
+# the build's last line, and its exit status: a build that came out without the CUDA kernels fails the stage
+BUILT_WITH_CUDA = ("import sys, ct_fast._C as C; print('ct_fast._C built; CUDA kernels:', C.WITH_CUDA); "
+                   "sys.exit(0 if C.WITH_CUDA else 1)")
 
 
 def stages(rehearse: bool, out: str) -> list[dict]:
@@ -29,6 +33,7 @@ def stages(rehearse: bool, out: str) -> list[dict]:
     dev = "cpu" if rehearse else "cuda"
     j = lambda name: os.path.join(out, f"{name}.json")  # noqa: E731
     bench = lambda script, *args: [PY, os.path.join(ROOT, "bench", script), *args]  # noqa: E731
+    q = shlex.quote
     if rehearse:
         tiny_ops = {"masked_adamw": ["--params", "2e5", "--d", "64"],
                     "score_edges": ["--layers", "2", "--d-model", "32", "--heads", "4", "--batch", "2", "--seq", "8"],
@@ -38,7 +43,8 @@ def stages(rehearse: bool, out: str) -> list[dict]:
             "--tokens", "8192", "--d", "4096"]}
     return [
         {"name": "build", "limit": 420, "why": "rehearsal: the installed package is used",
-         "cmd": None if rehearse else [PY, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", ROOT]},
+         "cmd": None if rehearse else ["bash", "-c", f"{q(PY)} -m pip install --no-deps --no-build-isolation -e {q(ROOT)}"
+                                       f" && {q(PY)} -c {q(BUILT_WITH_CUDA)}"]},
         # the op timings first: they decide auto's kernels (and carry their own error against the reference)
         *[{"name": f"op_{name}", "limit": 90, "cmd": bench(f"bench_{name}.py", "--device", dev, *args, "--out", j(f"op_{name}"))}
           for name, args in tiny_ops.items()],

@@ -56,3 +56,40 @@ def test_cuda_binding_syntax(source, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert proc.returncode == 0 and not errors, "\n".join(errors)[-4000:] or proc.stderr[-4000:]
+
+
+def _setup_function(name):
+    """One function of setup.py, without running setup()."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    ns = {"os": os, "shutil": shutil}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), ns)
+    return ns[name]
+
+
+def test_setup_finds_the_toolkit_behind_an_nvcc_link_or_wrapper(tmp_path, monkeypatch):
+    """torch guesses the folder above ``nvcc``; setup.py looks for the headers, so an ``nvcc`` linked or wrapped
+    from outside the toolkit (``/usr/local/bin/nvcc``) still builds the CUDA kernels."""
+    cuda_toolkit = _setup_function("cuda_toolkit")
+    toolkit = tmp_path / "cuda-13.0"
+    for f in ("bin/nvcc", "include/cuda_runtime.h"):
+        (toolkit / f).parent.mkdir(parents=True, exist_ok=True)
+        (toolkit / f).write_text("")
+    (toolkit / "bin" / "nvcc").chmod(0o755)
+    linked, wrapped = tmp_path / "linked", tmp_path / "wrapped"
+    linked.mkdir(), wrapped.mkdir()
+    (linked / "nvcc").symlink_to(toolkit / "bin" / "nvcc")
+    (wrapped / "nvcc").write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    (wrapped / "nvcc").chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(linked))
+    assert cuda_toolkit() == str(toolkit)
+    monkeypatch.setenv("PATH", str(wrapped))  # the wrapper's folder has no headers: /usr/local/cuda, if it is one
+    usr_local = "/usr/local/cuda"
+    has = all(os.path.isfile(os.path.join(usr_local, *f)) for f in (("include", "cuda_runtime.h"), ("bin", "nvcc")))
+    assert cuda_toolkit() == (usr_local if has else None)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "given"))  # the user's choice stands
+    assert cuda_toolkit() == str(tmp_path / "given")
