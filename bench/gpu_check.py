@@ -4,14 +4,16 @@
     bash bench/gpu_check.sh --rehearse   # every stage on the CPU at tiny shapes (the test suite runs this)
     bash bench/gpu_check.sh --only op_score_edges,step   # some stages again (same machine: the build stays)
 
-Stages run in order; each has a time limit (the whole check fits in about 8 minutes on an H100), writes
+Stages run in order; each has a time limit (the whole check is budgeted at 8 minutes; stages past it are skipped), writes
 its log and JSON under ``$OUT`` and never stops the next one. On the GPU the results are also copied to
 ``bench/results/gpu_<stage>_<name>.json`` for committing. The last screen is a summary table (also
 ``$OUT/gpu_check.json``). A stage that only makes sense on a GPU is reported as skipped in the rehearsal.
+The GPU tests run on 8 pytest-xdist workers where xdist is installed (``CT_FAST_GPU_TEST_WORKERS=0``: one process).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -54,7 +56,8 @@ def stages(rehearse: bool, out: str) -> list[dict]:
         # every op on CUDA against its reference, tuner steps per backend, CUDA-graph capture (the CPU cases of
         # test_ops are the CPU suite's: deselected here)
         {"name": "tests", "limit": 180,
-         "cmd": [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, "tests", "test_gpu.py")]
+         "cmd": [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist_args(rehearse),
+                 os.path.join(ROOT, "tests", "test_gpu.py")]
          + (["-k", "not triton"] if rehearse else [os.path.join(ROOT, "tests", "test_ops.py"), "-k", "cuda or test_gpu"]),
          "env": {"CT_FAST_TEST_DEVICE": dev, **({"TRITON_INTERPRET": "1"} if rehearse else {})}},
         # tile variants of the Triton scoring kernels: the data to set their defaults by
@@ -82,6 +85,15 @@ def stages(rehearse: bool, out: str) -> list[dict]:
                                                              j("tune_torchrun"), *(
             [] if rehearse else ["--hidden", "1024", "--layers", "8", "--batch", "16", "--steps", "6", "--top-n", "200"]))},
     ]
+
+
+def xdist_args(rehearse: bool) -> list[str]:
+    """pytest-xdist workers for the GPU tests (the device image has xdist): Triton's JIT compiles, on the host's
+    CPUs, dominate that stage. ``CT_FAST_GPU_TEST_WORKERS`` sets how many (default 8; 0: one process)."""
+    n = int(os.environ.get("CT_FAST_GPU_TEST_WORKERS", "8"))
+    if rehearse or n <= 1 or importlib.util.find_spec("xdist") is None:
+        return []
+    return ["-n", str(n)]
 
 
 def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:

@@ -39,3 +39,22 @@ def test_gpu_check_reruns_named_stages(tmp_path):
     proc = subprocess.run(cmd + ["build,op_masked_dw"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     stages = [s["stage"] for s in json.loads((tmp_path / "gpu_check.json").read_text())["stages"]]
     assert proc.returncode == 0 and stages == ["build", "op_masked_dw"], proc.stdout[-2000:]
+
+
+def test_gpu_stage_commands(monkeypatch, tmp_path):
+    """The GPU run's commands (not rehearsed by the CPU): the build fails its stage when ``ct_fast._C`` comes out
+    without CUDA kernels; the GPU tests spread over pytest-xdist workers where xdist is, one process when asked."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import gpu_check
+
+    stages = {s["name"]: s for s in gpu_check.stages(False, str(tmp_path))}
+    build = stages["build"]["cmd"]
+    assert build[:2] == ["bash", "-c"] and "pip install --no-deps --no-build-isolation -e" in build[2]
+    assert build[2].endswith(gpu_check.shlex.quote(gpu_check.BUILT_WITH_CUDA))
+    has_xdist = importlib.util.find_spec("xdist") is not None
+    assert ("-n" in stages["tests"]["cmd"]) == has_xdist
+    monkeypatch.setenv("CT_FAST_GPU_TEST_WORKERS", "0")
+    stages = {s["name"]: s for s in gpu_check.stages(False, str(tmp_path))}
+    assert "-n" not in stages["tests"]["cmd"] and gpu_check.xdist_args(True) == []
