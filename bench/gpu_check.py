@@ -42,7 +42,7 @@ def stages(rehearse: bool, out: str) -> list[dict]:
                     "masked_dw": ["--tokens", "32", "--d", "32"]}
     else:
         tiny_ops = {"masked_adamw": ["--params", "1e9", "--d", "4096"], "score_edges": [], "masked_dw": [
-            "--tokens", "8192", "--d", "4096"]}
+            "--tokens", "8192", "--d", "4096", "--fraction", "0.05"]}
     return [
         {"name": "build", "limit": 420, "why": "rehearsal: the installed package is used",
          "cmd": None if rehearse else ["bash", "-c", f"{q(PY)} -m pip install --no-deps --no-build-isolation -e {q(ROOT)}"
@@ -127,10 +127,18 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
         summary.append(rec)
         print(f"[gpu_check] {rec['stage']:>12}: {rec['status']} ({rec['seconds']} s) {rec.get('detail', '')}",
               flush=True)
+    import targets  # bench/targets.py
+
     from ct_fast.app import harness
 
     with open(os.path.join(out, "gpu_check.json"), "w") as f:
         json.dump({"env": harness.env(), "rehearse": rehearse, "stages": summary}, f, indent=1)
+    try:  # the GPU targets, from this run's JSON; a reading error must not cost the run's summary
+        rows = targets.evaluate(out)
+    except Exception as e:  # noqa: BLE001
+        rows = [{"target": "reading the targets", "limit": "", "value": None, "where": "", "status": f"error: {e!r}"}]
+    with open(os.path.join(out, "targets.json"), "w") as f:
+        json.dump({"env": harness.env(), "rehearse": rehearse, "targets": rows}, f, indent=1)
     if not rehearse:  # the GPU results, named for committing
         for name in os.listdir(out):
             if name.endswith(".json"):
@@ -140,6 +148,7 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
         print(f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('detail', '')[:90]} |")
     print(f"auto's kernel choices from these timings (commit bench/results/gpu_op_*.json, then run python "
           f"bench/report.py): {json.dumps(measured_choices(out))}")
+    print("\n" + targets.table(rows))
     return summary
 
 

@@ -27,7 +27,9 @@ def test_gpu_check_rehearsal(tmp_path):
         if name not in ("build", "tests"):
             data = json.loads((tmp_path / f"{name}.json").read_text())
             assert data["env"]["commit"] is not None or data["env"]["torch"]
-    assert proc.returncode == 0 and "| stage | status |" in proc.stdout
+    assert proc.returncode == 0 and "| stage | status |" in proc.stdout and "| target | limit |" in proc.stdout
+    rows = json.loads((tmp_path / "targets.json").read_text())["targets"]
+    assert rows and all(r["status"] in ("CPU reading (not a target)", "no data") for r in rows)  # never "met" on CPU
 
 
 def test_gpu_check_reruns_named_stages(tmp_path):
@@ -58,3 +60,34 @@ def test_gpu_stage_commands(monkeypatch, tmp_path):
     monkeypatch.setenv("CT_FAST_GPU_TEST_WORKERS", "0")
     stages = {s["name"]: s for s in gpu_check.stages(False, str(tmp_path))}
     assert "-n" not in stages["tests"]["cmd"] and gpu_check.xdist_args(True) == []
+
+
+def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
+    """Each GPU target from one run's records: the best backend against the limit, met or missed."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import targets
+
+    def write(name, *recs):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"env": {}, "results": list(recs)}))
+
+    adamw = dict(bench="masked_adamw", device="cuda", dtype="torch.float32", params=1e9, fraction=0.05)
+    write("op_masked_adamw", {**adamw, "backend": "torch", "fraction_of_copy_bw": 0.3, "ratio_to_dense": 0.5},
+          {**adamw, "backend": "cuda", "fraction_of_copy_bw": 0.85, "ratio_to_dense": 0.08},
+          {**adamw, "backend": "triton", "skipped": "not built"})
+    op = dict(bench="score_edges_op", device="cuda", dtype="torch.bfloat16", n_u=32, w=64, n_d=49, c=2048, d=2048)
+    write("op_score_edges", {**op, "backend": "torch", "time_vs_torch": 1.0},
+          {**op, "backend": "triton", "time_vs_torch": 1.3}, {**op, "backend": "cuda", "time_vs_torch": 2.0},
+          dict(bench="score_edges", device="cuda", layers=4, d_model=256, tokens=512, memory_ratio=16.0))
+    write("step", *[dict(bench="step", device="cuda", model="llama-1B", dtype="bfloat16", batch=8, seq=64,
+                         method=m, mean_ms=t) for m, t in (("full", 100.0), ("circuit_refresh1", 140.0),
+                                                            ("circuit_refresh10", 95.0))])
+    rows = {r["target"]: r for r in targets.evaluate(str(tmp_path))}
+    got = {k: (r["status"], r["value"]) for k, r in rows.items()}
+    assert got["masked AdamW, 5% circuit: share of copy bandwidth"] == ("met", 0.85)
+    assert got["masked AdamW, 5% circuit: time / fused dense AdamW"] == ("met", 0.08)
+    assert got["score_edges kernel, bfloat16: time / torch path"] == ("missed", 1.3)  # the torch row is the baseline
+    assert got["attribution: materialising EAP's peak memory / ours"] == ("met", 16.0)
+    assert got["masked dW: time / dense dW"] == ("no data", None)
+    assert got["llama-1B bfloat16 step: faithful (refresh 1) / full fine-tuning"] == ("met", 1.4)
+    assert got["llama-1B bfloat16 step: refresh 10 / full fine-tuning"] == ("missed", 0.95)
+    assert "| score_edges kernel, bfloat16: time / torch path | <= 1 | 1.3 | triton," in targets.table(list(rows.values()))

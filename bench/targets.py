@@ -1,0 +1,91 @@
+"""The GPU targets of the device check, read off one run's JSON (every ratio from the same run, so the same GPU).
+
+    python bench/targets.py [DIR]   # DIR: a GPU check's output ($OUT; default bench/results/gpu_check)
+
+``bench/gpu_check.py`` prints this table last and writes it to ``targets.json``. Each target takes the best backend
+of the run (``auto`` follows the measured order, so the best measured backend is what a step would get); a reading
+taken on a CPU (the rehearsal) is shown but never counted as met.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def _load(out: str, name: str) -> list[dict]:
+    path = os.path.join(out, f"{name}.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [r for r in json.load(f).get("results", []) if "skipped" not in r]
+
+
+def _row(target: str, op: str, limit: float, recs: list[dict], key: str, best=min, where=lambda r: "") -> dict:
+    """The best of ``recs[key]`` against ``limit`` (``op``: ``<=`` or ``>=``)."""
+    recs = [r for r in recs if r.get(key) is not None]
+    if not recs:
+        return {"target": target, "limit": f"{op} {limit:g}", "value": None, "where": "", "status": "no data"}
+    r = best(recs, key=lambda r: r[key])
+    ok = r[key] <= limit if op == "<=" else r[key] >= limit
+    status = ("met" if ok else "missed") if r.get("device", "cuda") != "cpu" else "CPU reading (not a target)"
+    return {"target": target, "limit": f"{op} {limit:g}", "value": r[key], "where": where(r), "status": status}
+
+
+def _by(recs: list[dict], *keys) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in recs:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    return groups
+
+
+def _dt(r: dict) -> str:
+    return str(r.get("dtype", "")).replace("torch.", "")
+
+
+def evaluate(out: str) -> list[dict]:
+    """One row per target (and dtype / shape where the run has several): value, limit, status."""
+    rows = []
+    adamw = [r for r in _load(out, "op_masked_adamw") if r["bench"] == "masked_adamw"]
+    for (dtype,), recs in sorted(_by(adamw, "dtype").items()) or [((None,), [])]:
+        name = f"masked AdamW, {100 * recs[0]['fraction']:.0f}% circuit" if recs else "masked AdamW"
+        where = lambda r: f"{r['backend']}, {_dt(r)}, {r['params']:.2g} params"  # noqa: E731
+        rows.append(_row(f"{name}: share of copy bandwidth", ">=", 0.8, recs, "fraction_of_copy_bw", max, where))
+        rows.append(_row(f"{name}: time / fused dense AdamW", "<=", 0.1, recs, "ratio_to_dense", min, where))
+    scoring = _load(out, "op_score_edges")
+    ops = [r for r in scoring if r["bench"] == "score_edges_op" and r["backend"] != "torch"]
+    for (dtype,), recs in sorted(_by(ops, "dtype").items()) or [((None,), [])]:
+        rows.append(_row(f"score_edges kernel{', ' + _dt(recs[0]) if recs else ''}: time / torch path", "<=", 1.0, recs,
+                         "time_vs_torch", min, lambda r: f"{r['backend']}, {r['n_u']}x{r['w']} -> {r['n_d']} nodes, "
+                                                         f"{r['c']} tokens, d {r['d']}"))
+    engine = [r for r in scoring if r["bench"] == "score_edges"]
+    rows.append(_row("attribution: materialising EAP's peak memory / ours", ">=", 10, engine, "memory_ratio", max,
+                     lambda r: f"{r['layers']} layers, d_model {r['d_model']}, {r['tokens']} tokens"))
+    dw = [r for r in _load(out, "op_masked_dw") if r["bench"] == "masked_dw"]
+    for (dtype, sel, frac), recs in sorted(_by(dw, "dtype", "selection", "fraction").items()) or [((None,) * 3, [])]:
+        label = f"masked dW, {100 * frac:.0f}% rows ({sel}, {_dt(recs[0])})" if recs else "masked dW"
+        rows.append(_row(f"{label}: time / dense dW", "<=", 0.15, recs, "ratio_to_dense", min,
+                         lambda r: f"{r['backend']}, {r['tokens']} tokens, d {r['d']}"))
+    steps = [r for r in _load(out, "step") if r["bench"] == "step"]
+    for (model, dtype), recs in sorted(_by(steps, "model", "dtype").items()) or [((None, None), [])]:
+        full = next((r["mean_ms"] for r in recs if r["method"] == "full"), None)
+        for method, label, limit in (("circuit_refresh1", "faithful (refresh 1)", 1.5),
+                                     ("circuit_refresh10", "refresh 10", 0.9)):
+            mine = [{**r, "vs_full": r["mean_ms"] / full if full else None} for r in recs if r["method"] == method]
+            rows.append(_row(f"{model} {dtype} step: {label} / full fine-tuning" if recs else f"step: {label} / full",
+                             "<=", limit, mine, "vs_full", min, lambda r: f"batch {r['batch']} x {r['seq']}"))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| target | limit | measured | where | status |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        value = "—" if r["value"] is None else f"{r['value']:.3g}"
+        lines.append(f"| {r['target']} | {r['limit']} | {value} | {r['where']} | {r['status']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    print(table(evaluate(sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "bench", "results", "gpu_check"))))
