@@ -52,7 +52,8 @@ def stages(rehearse: bool, out: str) -> list[dict]:
           for name, args in tiny_ops.items()],
         {"name": "step", "limit": 150, "cmd": [PY, "-m", "ct_fast", "bench", "--device", dev, "--out", j("step")]
          + (["--models", "tiny", "--steps", "1", "--warmup", "1", "--methods", "full,circuit_refresh1,circuit_dropin,"
-             "circuit_refresh10"] if rehearse else ["--models", "llama-1B", "--dtype", "bf16", "--steps", "3"])},
+             "circuit_refresh10"] if rehearse else  # 4096 tokens a step: 512 would time launch overheads
+            ["--models", "llama-1B", "--dtype", "bf16", "--steps", "3", "--batch", "8", "--seq", "512"])},
         # every op on CUDA against its reference, tuner steps per backend, CUDA-graph capture (the CPU cases of
         # test_ops are the CPU suite's: deselected here)
         {"name": "tests", "limit": 180,

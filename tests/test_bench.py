@@ -27,6 +27,26 @@ def test_bench_tiny(tmp_path, capsys):
     assert "| tiny | circuit_refresh1 |" in capsys.readouterr().out
 
 
+def test_bench_goes_on_after_a_method_runs_out_of_memory(monkeypatch):
+    """One method too big for the device is recorded as skipped; the methods after it are still timed."""
+    import torch
+
+    import ct_fast.app.step_bench as sb
+
+    real = sb._Method.step
+
+    def step(self, batch):
+        if self.method == "reference":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real(self, batch)
+
+    monkeypatch.setattr(sb._Method, "step", step)
+    records = sb.run("tiny", ("full", "reference", "circuit_refresh10"), steps=1, progress=lambda _: None)
+    assert [r["method"] for r in records] == ["full", "reference", "circuit_refresh10"]
+    assert records[1]["skipped"] == "out of memory" and "mean_ms" in records[2]
+    assert "| tiny | reference |  | out of memory |" in sb.table(records)
+
+
 def test_readme_table_is_generated_from_results():
     sys.path.insert(0, str(ROOT / "bench"))
     import report

@@ -143,19 +143,15 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
         except ImportError as e:
             progress(f"{method}: skipped ({e})")
             continue
-        for b in data[:warmup]:
-            m.step(b)
-        if device != "cpu":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times, splits = [], []
-        for b in data[warmup:warmup + steps]:
-            t0 = time.perf_counter()
-            m.step(b)
-            harness.sync(device)
-            times.append(time.perf_counter() - t0)
-            if m.last is not None:
-                splits.append(m.last.timings)
+        try:
+            times, splits = _time_steps(m, data, warmup, steps, device)
+        except torch.OutOfMemoryError as e:  # one method too big for the device: the others still run
+            progress(f"{model_name} {method:>18}: out of memory ({str(e).splitlines()[0]})")
+            records.append({"bench": "step", "model": model_name, "method": method, "batch": batch, "seq": seq,
+                            "skipped": "out of memory"})
+            del m, model
+            _free(device)
+            continue
         if device != "cpu":
             peak = torch.cuda.max_memory_allocated()
         else:  # one more, untimed step under the live-tensor tracker
@@ -175,18 +171,43 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
         progress(f"{model_name} {method:>18}: {rec['mean_ms']:9.1f} ms/step, {rec['tokens_per_s']:8.0f} tok/s, "
                  f"{rec['peak_mem_gib']:.2f} GiB")
         del m, model
-        gc.collect()
-        if device != "cpu":
-            torch.cuda.empty_cache()
+        _free(device)
     return records
+
+
+def _time_steps(m: _Method, data, warmup: int, steps: int, device) -> tuple[list, list]:
+    """Wall time of each timed step (synchronised), and the tuner's phase split of each where there is one."""
+    for b in data[:warmup]:
+        m.step(b)
+    if device != "cpu":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, splits = [], []
+    for b in data[warmup:warmup + steps]:
+        t0 = time.perf_counter()
+        m.step(b)
+        harness.sync(device)
+        times.append(time.perf_counter() - t0)
+        if m.last is not None:
+            splits.append(m.last.timings)
+    return times, splits
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device != "cpu":
+        torch.cuda.empty_cache()
 
 
 def table(records: list[dict]) -> str:
     """Markdown table of step results, with ratios to ``full`` per model."""
     rows = ["| model | method | device | ms/step (mean) | vs full | tokens/s | peak GiB | attribution share |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    full = {(r["model"], r.get("device")): r["mean_ms"] for r in records if r["method"] == "full"}
+    full = {(r["model"], r.get("device")): r["mean_ms"] for r in records if r["method"] == "full" and "skipped" not in r}
     for r in records:
+        if "skipped" in r:
+            rows.append(f"| {r['model']} | {r['method']} | {r.get('device', '')} | {r['skipped']} | — | — | — | — |")
+            continue
         ref = full.get((r["model"], r.get("device")))
         ratio = f"{r['mean_ms'] / ref:.2f}x" if ref else "—"
         share = f"{100 * r['attribution_fraction']:.0f}%" if "attribution_fraction" in r else "—"
