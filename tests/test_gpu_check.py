@@ -91,3 +91,38 @@ def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
     assert got["llama-1B bfloat16 step: faithful (refresh 1) / full fine-tuning"] == ("met", 1.4)
     assert got["llama-1B bfloat16 step: refresh 10 / full fine-tuning"] == ("missed", 0.95)
     assert "| score_edges kernel, bfloat16: time / torch path | <= 1 | 1.3 | triton," in targets.table(list(rows.values()))
+
+
+def test_gpu_stage_arguments_parse(monkeypatch, tmp_path):
+    """Every GPU-only benchmark command line (never run by the rehearsal) is accepted by its script's parser: a
+    misspelt option would otherwise cost a stage of the first GPU run."""
+    import argparse
+    import runpy
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import gpu_check
+
+    real_parse = argparse.ArgumentParser.parse_args
+    parsed = {}
+
+    def parse_then_stop(self, args=None, namespace=None):
+        parsed["args"], parsed["prog"] = real_parse(self, args, namespace), self.prog  # exits 2 on a bad option
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    checked = []
+    for st in gpu_check.stages(False, str(tmp_path)):
+        cmd = st["cmd"]
+        if cmd[0] != gpu_check.PY or cmd[1:3] == ["-m", "pytest"]:
+            continue  # the build (pip) and the tests (pytest)
+        parsed.clear()
+        monkeypatch.setattr(sys, "argv", [cmd[1]] + cmd[2:] if cmd[1] != "-m" else [cmd[2]] + cmd[3:])
+        with pytest.raises(SystemExit) as stop:
+            if cmd[1] == "-m":
+                runpy.run_module(cmd[2], run_name="__main__")
+            else:
+                runpy.run_path(cmd[1], run_name="__main__")
+        assert stop.value.code == 0 and "args" in parsed, f"{st['name']}: {cmd}"
+        assert parsed["prog"] == ("ct-fast bench" if st["name"] == "step" else os.path.basename(cmd[1]))
+        checked.append(st["name"])
+    assert len(checked) == 10, checked
