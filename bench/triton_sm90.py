@@ -56,17 +56,22 @@ def cases() -> list[dict]:
     from bench_score_edges import RESID_TILES, SCORE_TILES  # the tile variants the GPU check times
 
     out = []
-    score = [(dt, tdt, has_w, {}) for dt, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16),
-                                                  ("fp16", torch.float16)) for has_w in (True, False)]
-    score += [("bf16", torch.bfloat16, True, v) for v in SCORE_TILES if v]
-    for dt, tdt, has_w, variant in score:
-        cfg, p = {**se.tile_config(tdt), **variant}, PTR[dt]
-        out.append(dict(name=f"score_edges {dt} {'heads' if has_w else 'residual'}" + (f" {variant}" if variant else ""),
+    score = [(dt, tdt, has_w, 64, {}) for dt, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                                      ("fp16", torch.float16)) for has_w in (True, False)]
+    score += [(dt, tdt, True, se.max_head_width(tdt), {}) for dt, tdt in (("fp32", torch.float32),
+                                                                           ("bf16", torch.bfloat16))
+              if se.max_head_width(tdt) > 64]  # the widest heads each dtype takes (Llama-3-8B's 128)
+    score += [("bf16", torch.bfloat16, True, 64, v) for v in SCORE_TILES if v]
+    for dt, tdt, has_w, width, variant in score:
+        cfg, p = {**se.tile_config(tdt, width), **variant}, PTR[dt]
+        out.append(dict(name=f"score_edges {dt} {'heads' if has_w else 'residual'}" + (f" w={width}" if width != 64
+                                                                                        else "")
+                        + (f" {variant}" if variant else ""),
                         kernel=se._score_edges_kernel, types={"delta_ptr": p, "w_ptr": p, "g_ptr": p, "s_ptr": "*fp32"},
-                        constexprs=dict(HAS_W=has_w, OP=TL[dt], FP32_DOTS=dt == "fp32", BU=cfg["BU"], BW=64,
-                                        BN=cfg["BN"], BT=cfg["BT"], BK=cfg["BK"]),
-                        args=dict(n_u=32, w=64, n_d=49, c=2048, d=2048, tokens_per_split=32) if has_w else
-                        dict(n_u=1, w=2048, n_d=49, c=2048, d=2048, tokens_per_split=32),
+                        constexprs=dict(HAS_W=has_w, OP=TL[dt], FP32_DOTS=dt == "fp32", BU=cfg["BU"],
+                                        BW=width if has_w else 16, BN=cfg["BN"], BT=cfg["BT"], BK=cfg["BK"]),
+                        args=dict(n_u=32, w=width, n_d=49, c=2048, d=2048 * width // 64, tokens_per_split=32)
+                        if has_w else dict(n_u=1, w=2048, n_d=49, c=2048, d=2048, tokens_per_split=32),
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     resid = [(dt, has_w, two, norm, {}) for dt, has_w, two, norm in (
         ("bf16", True, False, 1), ("bf16", True, True, 1), ("fp32", True, False, 2), ("bf16", False, False, 2),

@@ -160,12 +160,13 @@ def brute_force_scores(model: nn.Module, batch: dict, metric="loss", ablation: s
     """
     graph = graph or ComputationGraph.from_model(model)
     acts, base = edge_directions(model, graph, batch, ablation, corrupted_batch)
-    eps = {n: torch.zeros(batch["input_ids"].shape + (graph.d_model,), dtype=next(model.parameters()).dtype,
+    param = next(model.parameters())  # the model's device and dtype (a GPU benchmark runs this oracle there)
+    eps = {n: torch.zeros(batch["input_ids"].shape + (graph.d_model,), dtype=param.dtype, device=param.device,
                           requires_grad=True) for n in graph.downstream_nodes}
     value = metric_with_copies(model, graph, batch, metric, eps)
     grads = torch.autograd.grad(value, [eps[n] for n in graph.downstream_nodes], allow_unused=True)
     rows = TokenRows(resolve_positions(batch, positions), pool)
-    raw = torch.zeros(len(graph.upstream_nodes), len(graph.downstream_nodes), dtype=torch.float64)
+    raw = torch.zeros(len(graph.upstream_nodes), len(graph.downstream_nodes), dtype=torch.float64, device=param.device)
     for i, u in enumerate(graph.upstream_nodes):
         du = rows.compact(acts[u] - base[u]).double()
         for j, g in enumerate(grads):

@@ -77,7 +77,14 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def tile_config(dtype: torch.dtype) -> dict:
+def max_head_width(dtype: torch.dtype) -> int:
+    """The widest upstream head the kernel takes (the whole ``[BU, BT, BW]`` head tile is loaded at once): 128 for
+    bf16/fp16 (Llama-3-8B's heads; 2 pipeline stages keep it at 200 KiB of shared memory), 64 for fp32 (256 KiB at
+    128, over an H100's 227 KiB). ``ct_fast.ops.score_edges`` runs wider heads (an unsplit MLP) on the torch path."""
+    return 64 if dtype == torch.float32 else 128
+
+
+def tile_config(dtype: torch.dtype, head_width: int = 64) -> dict:
     """Tiles, warps and pipeline depth per operand dtype (``tl.dot`` needs every dimension >= 16); ``BN`` is an upper
     bound (the launcher takes the smallest power of two >= 16 covering the downstream nodes). 64 downstream nodes per
     program cover one layer of a 1B-8B Llama (49 nodes), so each contribution is produced once per layer read (16-node
@@ -87,7 +94,7 @@ def tile_config(dtype: torch.dtype) -> dict:
     pipelining keep it within an H100's 227 KiB)."""
     if dtype == torch.float32:
         return dict(BU=16, BN=64, BT=16, BK=16, num_warps=8, num_stages=1)
-    return dict(BU=16, BN=64, BT=16, BK=16, num_warps=8, num_stages=3)
+    return dict(BU=16, BN=64, BT=16, BK=16, num_warps=8, num_stages=3 if head_width <= 64 else 2)
 
 
 def score_edges(delta, up_weight, grad_down, config=None):
@@ -107,7 +114,11 @@ def score_edges(delta, up_weight, grad_down, config=None):
         n_u, w = up_weight.shape[0], up_weight.shape[1]
     if n_u == 0 or n_d == 0 or c == 0:
         return torch.zeros(n_u, n_d, dtype=torch.float32, device=delta.device)
-    cfg = {**tile_config(dt), **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
+    if up_weight is not None and w > max_head_width(dt):
+        raise ValueError(f"score_edges kernel: heads of width {w} > {max_head_width(dt)} for {dt} (the torch path "
+                         "runs them: ct_fast.ops.score_edges routes them there)")
+    BW = max(16, triton.next_power_of_2(w)) if up_weight is not None else 16  # no head tile without W
+    cfg = {**tile_config(dt, BW), **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
     BU, BT = cfg["BU"], cfg["BT"]
     BN = min(cfg["BN"], max(16, triton.next_power_of_2(n_d)))  # no work on absent downstream rows
     splits = max(1, min(triton.cdiv(c, BT), 64))
@@ -118,6 +129,6 @@ def score_edges(delta, up_weight, grad_down, config=None):
     _score_edges_kernel[grid](delta, up_weight if up_weight is not None else delta, grad_down, partials,
                               n_u, w, n_d, c, d, per_split, HAS_W=up_weight is not None, OP=_TL_DTYPES[dt],
                               FP32_DOTS=dt == torch.float32 or (interpreted and dt == torch.bfloat16),
-                              BU=BU, BW=max(16, triton.next_power_of_2(w)), BN=BN, BT=BT, BK=cfg["BK"],
+                              BU=BU, BW=BW, BN=BN, BT=BT, BK=cfg["BK"],
                               num_stages=cfg["num_stages"], num_warps=cfg["num_warps"])
     return partials.sum(0)

@@ -42,7 +42,8 @@ def _gen(seed):
 
 
 SCORE_SHAPES = [(1, 1, 1, 1, 1), (3, 5, 7, 13, 11), (4, 16, 9, 33, 24), (1, None, 6, 17, 10), (2, 8, 1, 2, 64),
-                (3, 16, 70, 9, 20)]  # 70 downstream nodes: two blocks of 64
+                (3, 16, 70, 9, 20),  # 70 downstream nodes: two blocks of 64
+                (2, 100, 3, 5, 16)]  # heads wider than the fp32 kernel takes (64): the op runs the torch path
 
 
 @pytest.mark.parametrize("device,backend", _cases("score_edges"))
@@ -80,7 +81,8 @@ HALF_UNIT = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}  # unit round
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("device,backend", _cases("score_edges"))
-@pytest.mark.parametrize("n_u,w,n_d,c,d", SCORE_SHAPES + [(5, 64, 20, 70, 128)], ids=lambda s: str(s))
+@pytest.mark.parametrize("n_u,w,n_d,c,d", SCORE_SHAPES + [(5, 64, 20, 70, 128), (2, 128, 3, 5, 16), (2, 200, 3, 5, 16)],
+                         ids=lambda s: str(s))  # 128: Llama-3-8B's heads, the widest the half kernel takes; 200: wider
 def test_score_edges_half_operands(device, backend, n_u, w, n_d, c, d, dtype):
     """bf16/fp16 operands, fp32 accumulation (tensor cores on a GPU): within the half-precision band of the fp64
     oracle — at most twice the torch path's error plus one unit roundoff of the absolute sum — and fp32 out."""
@@ -97,6 +99,22 @@ def test_score_edges_half_operands(device, backend, n_u, w, n_d, c, d, dtype):
     magnitude = ops.reference.score_edges(delta.abs().double(), None if W is None else W.abs().double(),
                                           G.abs().double())
     assert ((out.double() - want).abs() <= 2 * (ref - want).abs() + HALF_UNIT[dtype] * magnitude).all()
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(ops.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
+                    reason="Triton cannot run here")
+def test_score_edges_kernel_refuses_heads_wider_than_its_tile():
+    """The launcher names the limit (the op never sends such heads: it routes them to the torch path)."""
+    from ct_fast.kernels.score_edges import max_head_width, score_edges
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = _gen(5)
+    for dtype, w in ((torch.float32, 65), (torch.bfloat16, 129)):
+        assert max_head_width(dtype) == w - 1
+        delta, W, G = (torch.randn(*s, generator=g).to(device, dtype) for s in ((3, 2 * w), (2, w, 8), (1, 3, 8)))
+        with pytest.raises(ValueError, match=f"heads of width {w} > {w - 1}"):
+            score_edges(delta, W, G)
 
 
 # (nodes, head width or None, tokens, d_model, projections feeding the nodes, norm): widths over one block of the

@@ -161,8 +161,15 @@ def _call(op: str, backend: str, *args):
 # ---- public ops ------------------------------------------------------------------------------------
 
 def score_edges(delta: torch.Tensor, up_weight, grad_down: torch.Tensor) -> torch.Tensor:
-    """Signed edge scores of one block (see ``reference.score_edges``), fp32 ``[n_u, n_d]``."""
+    """Signed edge scores of one block (see ``reference.score_edges``), fp32 ``[n_u, n_d]``. The Triton kernel
+    takes heads up to ``kernels.score_edges.max_head_width`` (128 in bf16/fp16, 64 in fp32); wider ones (an
+    unsplit MLP) run the torch path."""
     b = choose_backend("score_edges", delta.device, (delta.dtype, grad_down.dtype))
+    if b == "triton" and up_weight is not None:
+        from ..kernels.score_edges import max_head_width
+
+        if up_weight.shape[1] > max_head_width(grad_down.dtype):
+            b = "torch"
     return _call("score_edges", b, delta, up_weight, grad_down)
 
 
