@@ -4,10 +4,14 @@
     bash bench/gpu_check.sh --rehearse   # every stage on the CPU at tiny shapes (the test suite runs this)
     bash bench/gpu_check.sh --only op_score_edges,step   # some stages again (same machine: the build stays)
 
-Stages run in order; each has a time limit (the whole check is budgeted at 8 minutes; stages past it are skipped), writes
-its log and JSON under ``$OUT`` and never stops the next one. On the GPU the results are also copied to
-``bench/results/gpu_<stage>_<name>.json`` for committing. The last screen is a summary table (also
-``$OUT/gpu_check.json``). A stage that only makes sense on a GPU is reported as skipped in the rehearsal.
+Stages run in order — build, tests, the op timings (they decide ``auto``), the step benchmark, the 8B step, then the
+rest — each under a time limit (the whole check is budgeted at 8 minutes; stages past it are skipped, and a timed-out
+stage's process group is killed); none stops the next. After every stage ``$OUT`` (default
+``bench/results/gpu_check``) holds two files: ``gpu_check.json`` (summary, the GPU targets of ``bench/targets.py``,
+auto's measured choices) and ``gpu_check.tar.gz`` (each stage's log and JSON) — the device returns at most 8 files, and
+a run killed at its limit still returns what it finished. ``python bench/report.py --import gpu_check.tar.gz`` files
+the JSON as ``bench/results/gpu_<stage>.json`` and regenerates the README tables and auto's choices. The last screen
+is the summary table and the targets. A stage that only makes sense on a GPU is reported as skipped in the rehearsal.
 The GPU tests run on 8 pytest-xdist workers where xdist is installed (``CT_FAST_GPU_TEST_WORKERS=0``: one process).
 """
 
@@ -18,8 +22,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,20 +54,28 @@ def stages(rehearse: bool, out: str) -> list[dict]:
         {"name": "build", "limit": 420, "why": "rehearsal: the installed package is used",
          "cmd": None if rehearse else ["bash", "-c", f"{q(PY)} -m pip install --no-deps --no-build-isolation -e {q(ROOT)}"
                                        f" && {q(PY)} -c {q(BUILT_WITH_CUDA)}"]},
-        # the op timings first: they decide auto's kernels (and carry their own error against the reference)
-        *[{"name": f"op_{name}", "limit": 90, "cmd": bench(f"bench_{name}.py", "--device", dev, *args, "--out", j(f"op_{name}"))}
-          for name, args in tiny_ops.items()],
-        {"name": "step", "limit": 150, "cmd": [PY, "-m", "ct_fast", "bench", "--device", dev, "--out", j("step")]
-         + (["--models", "tiny", "--steps", "1", "--warmup", "1", "--methods", "full,circuit_refresh1,circuit_dropin,"
-             "circuit_refresh10"] if rehearse else  # 4096 tokens a step: 512 would time launch overheads
-            ["--models", "llama-1B", "--dtype", "bf16", "--steps", "3", "--batch", "8", "--seq", "512"])},
-        # every op on CUDA against its reference, tuner steps per backend, CUDA-graph capture (the CPU cases of
-        # test_ops are the CPU suite's: deselected here)
-        {"name": "tests", "limit": 180,
+        # correctness first: every op on CUDA against its reference, tuner steps per backend, CUDA-graph capture (the CPU
+        # cases of test_ops are the CPU suite's: deselected here)
+        {"name": "tests", "limit": 150,
          "cmd": [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist_args(rehearse),
                  os.path.join(ROOT, "tests", "test_gpu.py")]
-         + (["-k", "not triton"] if rehearse else [os.path.join(ROOT, "tests", "test_ops.py"), "-k", "cuda or test_gpu"]),
+         + (["-k", "not triton"] if rehearse else
+            [os.path.join(ROOT, "tests", "test_ops.py"), "-k", "cuda or triton or test_gpu"]),
          "env": {"CT_FAST_TEST_DEVICE": dev, **({"TRITON_INTERPRET": "1"} if rehearse else {})}},
+        # the op timings: they decide auto's kernels (and carry their own error against the reference)
+        *[{"name": f"op_{name}", "limit": 75, "cmd": bench(f"bench_{name}.py", "--device", dev, *args, "--out", j(f"op_{name}"))}
+          for name, args in tiny_ops.items()],
+        # the targets' methods first (each method's record is written as it finishes); 4096 tokens a step (512
+        # would time launch overheads)
+        {"name": "step", "limit": 150, "cmd": [PY, "-m", "ct_fast", "bench", "--device", dev, "--out", j("step")]
+         + (["--models", "tiny", "--steps", "1", "--warmup", "1", "--methods", "full,circuit_refresh1,circuit_dropin,"
+             "circuit_refresh10"] if rehearse else
+            ["--models", "llama-1B", "--dtype", "bf16", "--steps", "3", "--batch", "8", "--seq", "512", "--methods",
+             "full,circuit_refresh1,circuit_refresh10,circuit_dropin,lora,reference"])},
+        {"name": "big_step", "limit": 150, "cmd": bench("bench_big_step.py", "--device", dev, "--out", j("big_step"), *(
+            ["--model", "tiny", "--batch", "2", "--seq", "16", "--dtype", "fp32", "--state-capacity", "1"] if rehearse
+            else ["--model", "llama-8B", "--batch", "1", "--seq", "2048", "--dtype", "bf16", "--checkpointing",
+                  "--state-capacity", "0.25", "--mlp-head-dim", "128", "--mode", "two_pass"]))},
         # tile variants of the Triton scoring kernels: the data to set their defaults by
         {"name": "tiles", "limit": 90, "cmd": bench("bench_score_edges.py", "--device", dev, "--tiles", "--out",
                                                     j("tiles")),
@@ -72,10 +87,6 @@ def stages(rehearse: bool, out: str) -> list[dict]:
             ["--seqs", "1024,4096", "--layers", "8", "--d-model", "2048", "--dtype", "bf16", "--batch-time", "2",
              "--batch-mem", "2", "--steps", "2", "--sync-layers", "32", "--methods",
              "full,deferred,two_pass,lagged,circuit_refresh10,deferred_fused,two_pass_fused"]))},
-        {"name": "big_step", "limit": 150, "cmd": bench("bench_big_step.py", "--device", dev, "--out", j("big_step"), *(
-            ["--model", "tiny", "--batch", "2", "--seq", "16", "--dtype", "fp32", "--state-capacity", "1"] if rehearse
-            else ["--model", "llama-8B", "--batch", "1", "--seq", "2048", "--dtype", "bf16", "--checkpointing",
-                  "--state-capacity", "0.25", "--mlp-head-dim", "128", "--mode", "two_pass"]))},
         {"name": "dropin", "limit": 60, "cmd": bench("bench_dropin.py", "--device", dev, "--out", j("dropin"), *(
             ["--model", "tiny", "--batch", "2", "--seq", "16", "--rounds", "1"] if rehearse else ["--rounds", "5"]))},
         {"name": "distributed", "limit": 90, "cmd": bench("bench_distributed.py", "--worlds", "1", "--out",
@@ -98,10 +109,14 @@ def xdist_args(rehearse: bool) -> list[str]:
 
 
 def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
+    """Run the stages; after each one ``out`` holds ``gpu_check.json`` (summary, targets, auto's choices) and
+    ``gpu_check.tar.gz`` (every stage's log and JSON): the device returns at most 8 files from ``$OUT``, and a run
+    killed at its limit still returns what it finished."""
     os.makedirs(out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="ct_fast_gpu_check_")  # the stages' logs and JSON
     t_start = time.perf_counter()
-    summary = []
-    for st in stages(rehearse, out):
+    summary, rows = [], []
+    for st in stages(rehearse, work):
         if only is not None and st["name"] not in only:
             continue
         rec = {"stage": st["name"], "seconds": 0.0}
@@ -111,46 +126,66 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
         elif left < 20:
             rec.update(status="skipped", detail="the time budget is spent")
         else:
-            env = {**os.environ, **st.get("env", {})}
-            log_path = os.path.join(out, f"{st['name']}.log")
-            t0 = time.perf_counter()
-            with open(log_path, "w") as log:
-                try:
-                    proc = subprocess.run(st["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          timeout=min(st["limit"], left))
-                    rec["status"] = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-                except subprocess.TimeoutExpired:
-                    rec["status"] = f"timeout ({min(st['limit'], left):.0f} s)"
-            rec["seconds"] = round(time.perf_counter() - t0, 1)
-            with open(log_path) as log:
-                tail = log.read().strip().splitlines()
-            rec["detail"] = tail[-1][:160] if tail else ""
+            rec.update(run_stage(st, min(st["limit"], left), os.path.join(work, f"{st['name']}.log")))
         summary.append(rec)
         print(f"[gpu_check] {rec['stage']:>12}: {rec['status']} ({rec['seconds']} s) {rec.get('detail', '')}",
               flush=True)
+        rows = publish(out, work, summary, rehearse)
+    if not rehearse:  # the GPU results, named for committing (a run on this machine; from a device: report.py --import)
+        for name in os.listdir(work):
+            if name.endswith(".json"):
+                shutil.copy(os.path.join(work, name), os.path.join(ROOT, "bench", "results", f"gpu_{name}"))
+    print("\n| stage | status | seconds | last line |\n| --- | --- | --- | --- |")
+    for r in summary:
+        print(f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('detail', '')[:90]} |")
+    print(f"auto's kernel choices from these timings (python bench/report.py --import gpu_check.tar.gz commits them): "
+          f"{json.dumps(measured_choices(work))}")
+    import targets
+
+    print("\n" + targets.table(rows))
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def run_stage(st: dict, limit: float, log_path: str) -> dict:
+    """One stage's command in its own process group (a timeout kills its workers and ranks too)."""
+    env = {**os.environ, **st.get("env", {})}
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(st["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=limit)
+            status = "ok" if code == 0 else f"failed (exit {code})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = f"timeout ({limit:.0f} s)"
+    with open(log_path) as log:
+        tail = log.read().strip().splitlines()
+    return {"status": status, "seconds": round(time.perf_counter() - t0, 1), "detail": tail[-1][:160] if tail else ""}
+
+
+def publish(out: str, work: str, summary: list[dict], rehearse: bool) -> list[dict]:
+    """``out/gpu_check.json`` and ``out/gpu_check.tar.gz`` as the run stands; returns the target rows."""
     import targets  # bench/targets.py
 
     from ct_fast.app import harness
 
-    with open(os.path.join(out, "gpu_check.json"), "w") as f:
-        json.dump({"env": harness.env(), "rehearse": rehearse, "stages": summary}, f, indent=1)
-    try:  # the GPU targets, from this run's JSON; a reading error must not cost the run's summary
-        rows = targets.evaluate(out)
+    try:  # a reading error must not cost the run's summary
+        rows = targets.evaluate(work)
+        choices = measured_choices(work)
     except Exception as e:  # noqa: BLE001
-        rows = [{"target": "reading the targets", "limit": "", "value": None, "where": "", "status": f"error: {e!r}"}]
-    with open(os.path.join(out, "targets.json"), "w") as f:
-        json.dump({"env": harness.env(), "rehearse": rehearse, "targets": rows}, f, indent=1)
-    if not rehearse:  # the GPU results, named for committing
-        for name in os.listdir(out):
-            if name.endswith(".json"):
-                shutil.copy(os.path.join(out, name), os.path.join(ROOT, "bench", "results", f"gpu_{name}"))
-    print("\n| stage | status | seconds | last line |\n| --- | --- | --- | --- |")
-    for r in summary:
-        print(f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('detail', '')[:90]} |")
-    print(f"auto's kernel choices from these timings (commit bench/results/gpu_op_*.json, then run python "
-          f"bench/report.py): {json.dumps(measured_choices(out))}")
-    print("\n" + targets.table(rows))
-    return summary
+        rows, choices = [{"target": "reading the targets", "limit": "", "value": None, "where": "",
+                          "status": f"error: {e!r}"}], {}
+    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+        json.dump({"env": harness.env(), "rehearse": rehearse, "stages": summary, "targets": rows,
+                   "auto_choices": choices}, f, indent=1)
+    with tarfile.open(os.path.join(out, "gpu_check.tar.gz.part"), "w:gz") as tar:
+        for name in sorted(os.listdir(work)):
+            tar.add(os.path.join(work, name), arcname=name)
+    os.replace(os.path.join(out, "gpu_check.tar.gz.part"), os.path.join(out, "gpu_check.tar.gz"))
+    return rows
 
 
 def measured_choices(out: str) -> dict:

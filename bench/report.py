@@ -1,7 +1,8 @@
 """Render committed results: into README.md between markers, the step results (bench/results/step_*.json and
 gpu_step.json) between ``<!-- bench:step -->`` markers and the scale results (bench/results/*_scale.json) between
 ``<!-- bench:scale -->`` markers; and ``auto``'s kernel choices on a GPU (ct_fast/ops/gpu_choices.json) from the
-GPU op benchmarks (bench/results/gpu_op_*.json). ``python bench/report.py`` (tests check both match)."""
+GPU op benchmarks (bench/results/gpu_op_*.json). ``python bench/report.py`` (tests check both match);
+``python bench/report.py --import gpu_check.tar.gz`` first files a GPU check's results (see bench/gpu_check.py)."""
 
 import glob
 import json
@@ -69,7 +70,29 @@ def gpu_choices() -> dict:
             "sources": [os.path.basename(p) for p in paths], "choices": measured.derive_files(paths)}
 
 
+def import_run(archive: str) -> list[str]:
+    """File a GPU check's ``gpu_check.tar.gz`` (what the device returns) as ``bench/results/gpu_<stage>.json``."""
+    import tarfile
+
+    written = []
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            name = os.path.basename(member.name)
+            if member.isfile() and name.endswith(".json"):
+                data = json.load(tar.extractfile(member))
+                if not (data.get("env") or {}).get("gpu"):
+                    raise SystemExit(f"{archive}: {name} was not measured on a GPU (a rehearsal?): nothing filed")
+                path = os.path.join(ROOT, "bench", "results", f"gpu_{name}")
+                with open(path, "w") as f:
+                    json.dump(data, f, indent=1)
+                written.append(os.path.relpath(path, ROOT))
+    return written
+
+
 if __name__ == "__main__":
+    if "--import" in sys.argv:  # python bench/report.py --import gpu_check.tar.gz
+        for path in import_run(sys.argv[sys.argv.index("--import") + 1]):
+            print(f"filed {path}")
     with open(README) as f:
         text = f.read()
     with open(README, "w") as f:

@@ -44,7 +44,7 @@ def test_bench_goes_on_after_a_method_runs_out_of_memory(monkeypatch):
     records = sb.run("tiny", ("full", "reference", "circuit_refresh10"), steps=1, progress=lambda _: None)
     assert [r["method"] for r in records] == ["full", "reference", "circuit_refresh10"]
     assert records[1]["skipped"] == "out of memory" and "mean_ms" in records[2]
-    assert "| tiny | reference |  | out of memory |" in sb.table(records)
+    assert "| tiny | reference | cpu | out of memory |" in sb.table(records)
 
 
 def test_readme_table_is_generated_from_results():

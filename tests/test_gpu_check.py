@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -16,6 +17,9 @@ def test_gpu_check_rehearsal(tmp_path):
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--rehearse"], cwd=ROOT,
                           env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=900)
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "gpu_check.tar.gz"]  # the device returns 8 files at most
+    with tarfile.open(tmp_path / "gpu_check.tar.gz") as tar:
+        archived = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
     stages = {s["stage"]: s for s in summary["stages"]}
     assert summary["rehearse"] and set(stages) >= {"build", "tests", "op_masked_adamw", "op_score_edges",
                                                     "op_masked_dw", "step", "scale", "dropin", "distributed",
@@ -24,12 +28,21 @@ def test_gpu_check_rehearsal(tmp_path):
     assert not bad, f"stages failed: {bad}\n{proc.stdout[-3000:]}"
     assert stages["build"]["status"] == "skipped"  # the only stage a rehearsal skips
     for name, s in stages.items():
+        if name != "build":
+            assert f"{name}.log" in archived
         if name not in ("build", "tests"):
-            data = json.loads((tmp_path / f"{name}.json").read_text())
+            data = json.loads(archived[f"{name}.json"])
             assert data["env"]["commit"] is not None or data["env"]["torch"]
     assert proc.returncode == 0 and "| stage | status |" in proc.stdout and "| target | limit |" in proc.stdout
-    rows = json.loads((tmp_path / "targets.json").read_text())["targets"]
+    rows = summary["targets"]
     assert rows and all(r["status"] in ("CPU reading (not a target)", "no data") for r in rows)  # never "met" on CPU
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import report
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit, match="not measured on a GPU"):  # a rehearsal's CPU numbers are never filed
+        report.import_run(str(tmp_path / "gpu_check.tar.gz"))
 
 
 def test_gpu_check_reruns_named_stages(tmp_path):
@@ -126,3 +139,23 @@ def test_gpu_stage_arguments_parse(monkeypatch, tmp_path):
         assert parsed["prog"] == ("ct-fast bench" if st["name"] == "step" else os.path.basename(cmd[1]))
         checked.append(st["name"])
     assert len(checked) == 10, checked
+
+
+def test_report_files_a_gpu_run(monkeypatch, tmp_path):
+    """``report.py --import`` files each stage's JSON of a GPU run's archive as ``bench/results/gpu_<stage>.json``."""
+    import io
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import report
+
+    data = json.dumps({"env": {"gpu": "NVIDIA H100 80GB HBM3", "commit": "abc1234"}, "results": []}).encode()
+    with tarfile.open(tmp_path / "gpu_check.tar.gz", "w:gz") as tar:
+        for name, blob in (("op_masked_dw.json", data), ("op_masked_dw.log", b"log")):
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    monkeypatch.setattr(report, "ROOT", str(tmp_path))
+    assert report.import_run(str(tmp_path / "gpu_check.tar.gz")) == [os.path.join("bench", "results",
+                                                                                  "gpu_op_masked_dw.json")]
+    assert json.loads((tmp_path / "bench" / "results" / "gpu_op_masked_dw.json").read_text())["env"]["commit"] == "abc1234"

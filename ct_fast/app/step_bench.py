@@ -130,7 +130,8 @@ def _persistent_bytes(model, method: "_Method") -> int:
 
 
 def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, batch=8, seq=64, steps=3, warmup=1,
-        target_fraction=0.05, progress=print) -> list[dict]:
+        target_fraction=0.05, progress=print, on_record=None) -> list[dict]:
+    """One record per method (``on_record(rec)`` as each finishes: a run stopped part-way keeps what it timed)."""
     base = build(model_name, device, dtype)
     arch = "gpt2" if model_name in ("tiny", "gpt2-small") else "llama"
     data = make_batches(base.config.vocab_size, batch, seq, warmup + steps + 1, device)
@@ -148,7 +149,9 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
         except torch.OutOfMemoryError as e:  # one method too big for the device: the others still run
             progress(f"{model_name} {method:>18}: out of memory ({str(e).splitlines()[0]})")
             records.append({"bench": "step", "model": model_name, "method": method, "batch": batch, "seq": seq,
-                            "skipped": "out of memory"})
+                            "device": str(device), "skipped": "out of memory"})
+            if on_record:
+                on_record(records[-1])
             del m, model
             _free(device)
             continue
@@ -160,7 +163,7 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
         rec = {"bench": "step", "model": model_name, "method": method, "dtype": str(dtype).replace("torch.", ""),
                "batch": batch, "seq": seq, "steps": steps, "median_ms": 1e3 * statistics.median(times),
                "mean_ms": 1e3 * statistics.mean(times), "tokens_per_s": batch * seq / statistics.mean(times),
-               "peak_mem_gib": peak / 2**30}
+               "peak_mem_gib": peak / 2**30, "device": str(device)}
         if splits:
             split = {k: 1e3 * statistics.mean(s[k] for s in splits) for k in splits[0]}
             rec.update(split_ms=split, attribution_fraction=split["attribution"] / split["total"], top_n=top_n,
@@ -168,6 +171,8 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
         if method == "reference":
             rec["top_n"] = top_n
         records.append(rec)
+        if on_record:
+            on_record(rec)
         progress(f"{model_name} {method:>18}: {rec['mean_ms']:9.1f} ms/step, {rec['tokens_per_s']:8.0f} tok/s, "
                  f"{rec['peak_mem_gib']:.2f} GiB")
         del m, model
@@ -239,10 +244,13 @@ def main(argv=None) -> list[dict]:
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     records = []
+
+    def save(rec):  # the file grows with each method: a run stopped part-way keeps what it timed
+        records.append(rec)
+        harness.write(f"step_{a.device}", records, a.out)
+
     for name in a.models.split(","):
-        for r in run(name, methods, a.device, dtype, a.batch, a.seq, a.steps, a.warmup, a.fraction):
-            r["device"] = a.device
-            records.append(r)
+        run(name, methods, a.device, dtype, a.batch, a.seq, a.steps, a.warmup, a.fraction, on_record=save)
     print(table(records))
     print(harness.write(f"step_{a.device}", records, a.out))
     return records
