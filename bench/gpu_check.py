@@ -30,6 +30,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, ROOT)  # this process reads ct_fast from the tree: the build installs it only for the stages it starts
 PY = sys.executable
 BUDGET_S = 8 * 60
 # the build's last line, and its exit status: a build that came out without the CUDA kernels fails the stage
@@ -207,6 +208,11 @@ def main(argv=None):
             raise SystemExit(f"--only: no stage named {sorted(unknown)}; stages: "
                              f"{', '.join(st['name'] for st in stages(rehearse, ''))}")
     out = os.environ.get("OUT") or os.path.join(ROOT, "bench", "results", "gpu_check")
+    from ct_fast.app import harness
+
+    if harness.env()["commit"] is None:
+        print("[gpu_check] no commit known (no .git here): the results will name none; pass CT_FAST_COMMIT=<hash>",
+              flush=True)
     summary = run(rehearse, out, only)
     return 0 if all(r["status"] in ("ok", "skipped") for r in summary) else 1
 
