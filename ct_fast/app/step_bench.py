@@ -147,7 +147,9 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
         try:
             times, splits = _time_steps(m, data, warmup, steps, device)
         except torch.OutOfMemoryError as e:  # one method too big for the device: the others still run
-            progress(f"{model_name} {method:>18}: out of memory ({str(e).splitlines()[0]})")
+            times, oom = None, str(e).splitlines()[0]
+        if times is None:  # freed outside the except block: its traceback holds the failed step's tensors
+            progress(f"{model_name} {method:>18}: out of memory ({oom})")
             records.append({"bench": "step", "model": model_name, "method": method, "batch": batch, "seq": seq,
                             "device": str(device), "skipped": "out of memory"})
             if on_record:
