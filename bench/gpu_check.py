@@ -119,7 +119,7 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="ct_fast_gpu_check_")  # the stages' logs and JSON
     t_start = time.perf_counter()
-    summary, rows = [], []
+    summary, rows, choices = [], [], {}
     for st in stages(rehearse, work):
         if only is not None and st["name"] not in only:
             continue
@@ -134,7 +134,7 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
         summary.append(rec)
         print(f"[gpu_check] {rec['stage']:>12}: {rec['status']} ({rec['seconds']} s) {rec.get('detail', '')}",
               flush=True)
-        rows = publish(out, work, summary, rehearse)
+        rows, choices = publish(out, work, summary, rehearse)
     if not rehearse:  # the GPU results, named for committing (a run on this machine; from a device: report.py --import)
         for name in os.listdir(work):
             if name.endswith(".json"):
@@ -143,7 +143,7 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
     for r in summary:
         print(f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('detail', '')[:90]} |")
     print(f"auto's kernel choices from these timings (python bench/report.py --import gpu_check.tar.gz commits them): "
-          f"{json.dumps(measured_choices(work))}")
+          f"{json.dumps(choices)}")
     import targets
 
     print("\n" + targets.table(rows))
@@ -170,8 +170,9 @@ def run_stage(st: dict, limit: float, log_path: str) -> dict:
     return {"status": status, "seconds": round(time.perf_counter() - t0, 1), "detail": tail[-1][:160] if tail else ""}
 
 
-def publish(out: str, work: str, summary: list[dict], rehearse: bool) -> list[dict]:
-    """``out/gpu_check.json`` and ``out/gpu_check.tar.gz`` as the run stands; returns the target rows."""
+def publish(out: str, work: str, summary: list[dict], rehearse: bool) -> tuple[list[dict], dict]:
+    """``out/gpu_check.json`` and ``out/gpu_check.tar.gz`` as the run stands; returns the target rows and auto's
+    measured choices."""
     import targets  # bench/targets.py
 
     from ct_fast.app import harness
@@ -189,7 +190,7 @@ def publish(out: str, work: str, summary: list[dict], rehearse: bool) -> list[di
         for name in sorted(os.listdir(work)):
             tar.add(os.path.join(work, name), arcname=name)
     os.replace(os.path.join(out, "gpu_check.tar.gz.part"), os.path.join(out, "gpu_check.tar.gz"))
-    return rows
+    return rows, choices
 
 
 def measured_choices(out: str) -> dict:
