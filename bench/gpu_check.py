@@ -33,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, ROOT)  # this process reads ct_fast from the tree: the build installs it only for the stages it starts
 PY = sys.executable
 BUDGET_S = 8 * 60
+BUDGET_SPENT = "the time budget is spent"
 # the build's last line, and its exit status: a build that came out without the CUDA kernels fails the stage
 BUILT_WITH_CUDA = ("import sys, ct_fast._C as C; print('ct_fast._C built; CUDA kernels:', C.WITH_CUDA); "
                    "sys.exit(0 if C.WITH_CUDA else 1)")
@@ -128,7 +129,7 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
         if st["cmd"] is None:
             rec.update(status="skipped", detail=st["why"])
         elif left < 20:
-            rec.update(status="skipped", detail="the time budget is spent")
+            rec.update(status="skipped", detail=BUDGET_SPENT)
         else:
             rec.update(run_stage(st, min(st["limit"], left), os.path.join(work, f"{st['name']}.log")))
         summary.append(rec)
@@ -147,6 +148,9 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
     import targets
 
     print("\n" + targets.table(rows))
+    unrun = [r["stage"] for r in summary if r["status"].startswith("timeout") or r.get("detail") == BUDGET_SPENT]
+    if unrun:  # the command for a second call in the same lease (the build stays installed there)
+        print(f"\nnot finished in this run: bash bench/gpu_check.sh --only {','.join(unrun)}")
     shutil.rmtree(work, ignore_errors=True)
     return summary
 

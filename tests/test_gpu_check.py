@@ -160,3 +160,14 @@ def test_report_files_a_gpu_run(monkeypatch, tmp_path):
     assert report.import_run(str(tmp_path / "gpu_check.tar.gz")) == [os.path.join("bench", "results",
                                                                                   "gpu_op_masked_dw.json")]
     assert json.loads((tmp_path / "bench" / "results" / "gpu_op_masked_dw.json").read_text())["env"]["commit"] == "abc1234"
+
+
+def test_stages_past_the_budget_are_named_for_a_second_call(monkeypatch, tmp_path, capsys):
+    """Stages the budget left out are skipped, and the last screen gives the ``--only`` command that runs them."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import gpu_check
+
+    monkeypatch.setattr(gpu_check, "BUDGET_S", 0)
+    summary = gpu_check.run(False, str(tmp_path), only={"build", "op_masked_dw", "step"})
+    assert [(r["stage"], r["status"]) for r in summary] == [(s, "skipped") for s in ("build", "op_masked_dw", "step")]
+    assert "not finished in this run: bash bench/gpu_check.sh --only build,op_masked_dw,step" in capsys.readouterr().out
