@@ -1,6 +1,6 @@
 """The one device check: build, test and benchmark everything on a GPU in one go (``bench/gpu_check.sh``).
 
-    bash bench/gpu_check.sh              # on the GPU machine: results in $OUT and bench/results/
+    bash bench/gpu_check.sh              # on the GPU machine: results in $OUT (then report.py --import)
     bash bench/gpu_check.sh --rehearse   # every stage on the CPU at tiny shapes (the test suite runs this)
     bash bench/gpu_check.sh --only op_score_edges,step   # some stages again (same machine: the build stays)
 
@@ -136,10 +136,6 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
         print(f"[gpu_check] {rec['stage']:>12}: {rec['status']} ({rec['seconds']} s) {rec.get('detail', '')}",
               flush=True)
         rows, choices = publish(out, work, summary, rehearse)
-    if not rehearse:  # the GPU results, named for committing (a run on this machine; from a device: report.py --import)
-        for name in os.listdir(work):
-            if name.endswith(".json"):
-                shutil.copy(os.path.join(work, name), os.path.join(ROOT, "bench", "results", f"gpu_{name}"))
     print("\n| stage | status | seconds | last line |\n| --- | --- | --- | --- |")
     for r in summary:
         print(f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('detail', '')[:90]} |")

@@ -74,18 +74,18 @@ def import_run(archive: str) -> list[str]:
     """File a GPU check's ``gpu_check.tar.gz`` (what the device returns) as ``bench/results/gpu_<stage>.json``."""
     import tarfile
 
-    written = []
     with tarfile.open(archive) as tar:
-        for member in tar.getmembers():
-            name = os.path.basename(member.name)
-            if member.isfile() and name.endswith(".json"):
-                data = json.load(tar.extractfile(member))
-                if not (data.get("env") or {}).get("gpu"):
-                    raise SystemExit(f"{archive}: {name} was not measured on a GPU (a rehearsal?): nothing filed")
-                path = os.path.join(ROOT, "bench", "results", f"gpu_{name}")
-                with open(path, "w") as f:
-                    json.dump(data, f, indent=1)
-                written.append(os.path.relpath(path, ROOT))
+        found = {os.path.basename(m.name): json.load(tar.extractfile(m)) for m in tar.getmembers()
+                 if m.isfile() and m.name.endswith(".json")}
+    for name, data in found.items():  # all checked before any is written
+        if not (data.get("env") or {}).get("gpu"):
+            raise SystemExit(f"{archive}: {name} was not measured on a GPU (a rehearsal?): nothing filed")
+    written = []
+    for name, data in found.items():
+        path = os.path.join(ROOT, "bench", "results", f"gpu_{name}")
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
+        written.append(os.path.relpath(path, ROOT))
     return written
 
 
