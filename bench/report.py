@@ -94,12 +94,12 @@ if __name__ == "__main__":
         for path in import_run(sys.argv[sys.argv.index("--import") + 1]):
             print(f"filed {path}")
     with open(README) as f:
-        text = f.read()
-    with open(README, "w") as f:
-        f.write(update(text))
+        text = update(f.read())  # rendered in full before the file is opened for writing: a failure leaves it as is
     from ct_fast.ops import measured
 
+    choices = json.dumps(gpu_choices(), indent=4) + "\n"
+    with open(README, "w") as f:
+        f.write(text)
     with open(measured.PATH, "w") as f:
-        json.dump(gpu_choices(), f, indent=4)
-        f.write("\n")
+        f.write(choices)
     print(f"README.md and {os.path.relpath(measured.PATH, ROOT)} updated")
