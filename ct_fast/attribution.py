@@ -31,12 +31,32 @@ from .profiling import PhaseTimer
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
 ABLATIONS = ("mean", "zero", "corrupted")
-CHUNK_ELEMENTS = 1 << 25  # elements of one [nodes, chunk, d_model] scoring block (128 MiB in fp32)
+CHUNK_ELEMENTS = 1 << 25  # elements of one [nodes, chunk, d_model] scoring block on CPU (128 MiB in fp32)
+# on a GPU (512 MiB bf16 / 1 GiB fp32 blocks): each token chunk costs ~4 launches per upstream group scored, so
+# short chunks make the scoring host-bound. A llama-1B refresh-1 step at 8 x 512 tokens on an H100 ran 44k
+# launches (128-row chunks; device busy 372 of 1920 ms, bench/results/profile_gpu_llama-1B.json)
+GPU_CHUNK_ELEMENTS = 1 << 28
 # layers scored together (counted from the last): each upstream contribution is then produced once per span, not
 # once per layer. 2 took the scoring of an 8-layer Llama (d 512, T 2048) from 2.0 to 1.4 s on CPU; 3 and more
 # gained little more while holding more layers' gradients
 SCORE_SPAN = 2
 MIN_CHUNK_ROWS = 128  # deep graphs: keep token chunks at least this long, batch fewer upstream groups instead
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Elements of one scoring block on ``device`` (``CHUNK_ELEMENTS``, ``GPU_CHUNK_ELEMENTS`` on CUDA)."""
+    return GPU_CHUNK_ELEMENTS if torch.device(device).type == "cuda" else CHUNK_ELEMENTS
+
+
+def scoring_chunk(nodes: int, seen: int, d: int, budget: int, fused: bool) -> int:
+    """Token rows per scoring chunk of a layer span with ``nodes`` downstream nodes reading ``seen`` upstream
+    nodes, within ``budget`` elements per block. The stacked gradients G ``[nodes, c, d]`` always exist; on
+    the torch path the contributions of the upstream groups scored together ``[<= seen, c, d]`` too (the
+    fused ``score_edges`` kernels make them on chip): there deep graphs keep ``MIN_CHUNK_ROWS`` rows and batch
+    fewer groups instead."""
+    if fused:
+        return max(1, budget // (nodes * d))
+    return max(1, budget // (max(nodes, seen) * d), min(MIN_CHUNK_ROWS, budget // (nodes * d)))
 
 
 def model_inputs(batch: dict) -> dict:
@@ -268,7 +288,8 @@ class EdgeScorer:
     def __init__(self, model: nn.Module, graph: ComputationGraph, rows: TokenRows, sources: list, shifts: list,
                  resid: dict, raw: torch.Tensor, factor: float = 1.0, score_dtype: torch.dtype = torch.float32,
                  timer: PhaseTimer | None = None, on_scored=None):
-        self.graph, self.rows, self.sources, self.shifts, self.resid, self.raw = graph, rows, sources, shifts, resid, raw
+        self.graph, self.rows, self.sources, self.resid, self.raw = graph, rows, sources, resid, raw
+        self.shifts = [None if s is None else s.to(score_dtype) for s in shifts]  # cast once, not per chunk
         self.factor, self.score_dtype, self.timer, self.on_scored = factor, score_dtype, timer, on_scored
         self.plans = layer_plans(graph, SCORE_SPAN)
         self.modules = modules = dict(model.named_modules())
@@ -282,6 +303,8 @@ class EdgeScorer:
         self.pending: dict[int, dict] = {}
         self.layers_left = len(self.plans)
         self._buffers: dict = {}
+        self.budget = chunk_elements(raw.device)
+        self.fused = ops.choose_backend("score_edges", raw.device, (score_dtype,)) != "torch"
         # sum over scored rows of each downstream node's gradient [n_down, d]: corrects per-micro-batch means
         self.grad_sum = raw.new_zeros(raw.shape[1], graph.d_model)
 
@@ -332,11 +355,8 @@ class EdgeScorer:
                 self.up_weight[k] = self._weight(self.graph.upstream_groups[k].writer, sdt)
         down_weight = {g.index: self._weight(g.reader, sdt) for _, _, gs in plan.blocks for g in gs}
         n_rows = next(iter(grads.values())).shape[0]
-        # bound the stacked gradients [n_nodes, chunk, d] and the contributions of the upstream groups scored
-        # together [nodes, chunk, d]: all groups the layer reads at once while chunks stay >= MIN_CHUNK_ROWS
         seen = sum(len(self.graph.upstream_groups[k].names) for k, _ in plan.ups)
-        chunk = CHUNK_ELEMENTS // (max(plan.n_nodes, seen) * self.graph.d_model)
-        chunk = max(1, chunk, min(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // (plan.n_nodes * self.graph.d_model)))
+        chunk = scoring_chunk(plan.n_nodes, seen, self.graph.d_model, self.budget, self.fused)
         cols = slice(plan.col0, plan.col0 + plan.n_nodes)
         pooled = []
         for start in range(0, n_rows, chunk):
@@ -408,8 +428,8 @@ class EdgeScorer:
         (``CT_FAST_BACKEND=cuda|triton``) take one group per call."""
         sdt = self.score_dtype
         Gs = G if sdt == torch.float32 else G.to(sdt)
-        fused = ops.choose_backend("score_edges", G.device, (sdt,)) != "torch"
-        per_batch = 1 if fused else max(1, CHUNK_ELEMENTS // (G.shape[1] * self.graph.d_model))  # nodes at once
+        fused = self.fused
+        per_batch = 1 if fused else max(1, self.budget // (G.shape[1] * self.graph.d_model))  # nodes at once
         batch, nodes = [], 0
         for k, a in plan.ups:  # consecutive groups read by the same G rows, up to per_batch nodes
             n = len(self.graph.upstream_groups[k].names)
@@ -427,7 +447,7 @@ class EdgeScorer:
         if self.shifts[k] is None:
             return rows
         sdt = self.score_dtype
-        return torch.sub(rows.to(sdt), self.shifts[k].to(sdt), out=self._buffer("delta", rows.shape, sdt))
+        return torch.sub(rows.to(sdt), self.shifts[k], out=self._buffer("delta", rows.shape, sdt))
 
     def _score_batch(self, plan: LayerPlan, batch: list, nodes: int, Gs: torch.Tensor, start: int, stop: int,
                      fused: bool):
@@ -677,7 +697,7 @@ class AttributionRun:
         """``[w]`` fp32 mean of ``a [B, T, w]`` over the valid tokens, in row chunks (no fp32 copy of ``a``)."""
         rows = a.reshape(-1, a.shape[-1])
         weight = valid.to(rows.device, torch.float32)
-        step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+        step = max(1, chunk_elements(rows.device) // rows.shape[1])
         total = sum(weight[i:i + step] @ rows[i:i + step].float() for i in range(0, rows.shape[0], step))
         return total / weight.sum()
 

@@ -464,40 +464,41 @@ def _trace_circuit_backwards(model, ids, linears: dict, tracker: LiveStorages, e
 
 
 class _ScoringSizes:
-    """Bytes ``EdgeScorer`` allocates, from its chunking rule: per layer, token chunks of ``c`` rows such that
-    the stacked gradients G [nodes, c, d] (fp32) and the contributions of the upstream groups scored together
-    A [nodes', c, d] stay within ``CHUNK_ELEMENTS``; G, A and the centred sources [c, width] are buffers kept
-    for the whole backward (grown to the largest layer); each layer adds ~4 fp32 [c, d] temporaries (norm
-    backward, casts). ``score_bytes``: element size of A and the sources (the model's on a GPU in bf16/fp16,
-    else fp32)."""
+    """Bytes ``EdgeScorer`` allocates on a GPU, from its chunking rule (``attribution.scoring_chunk``): per
+    layer, token chunks of ``c`` rows such that the stacked gradients G [nodes, c, d] (counted in fp32) and, on
+    the torch scoring path, the contributions of the upstream groups scored together A [nodes', c, d] stay
+    within ``GPU_CHUNK_ELEMENTS``; G, A and the centred sources [c, width] are buffers kept for the whole
+    backward (grown to the largest layer); each layer adds ~4 fp32 [c, d] temporaries (norm backward, casts).
+    ``score_bytes``: element size of A and the sources (the model's in bf16/fp16, else fp32); the fused
+    ``score_edges`` kernels (auto's GPU choice for that dtype) make no A."""
 
     def __init__(self, graph: ComputationGraph, score_bytes: int):
-        from .attribution import SCORE_SPAN, layer_plans
+        from .attribution import GPU_CHUNK_ELEMENTS, SCORE_SPAN, layer_plans
+        from .ops import measured
 
         self.d, self.score_bytes, self.layers = graph.d_model, score_bytes, {}
+        dtype = {2: torch.bfloat16, 4: torch.float32}.get(score_bytes, torch.float32)
+        self.budget = GPU_CHUNK_ELEMENTS
+        self.fused = (measured.gpu_order("score_edges", (dtype,)) or ("torch",))[0] != "torch"
         for layer, plan in layer_plans(graph, SCORE_SPAN).items():
             ups = [graph.upstream_groups[k] for k, _ in plan.ups]
             width = max(g.writer.n * g.writer.width if g.writer else graph.d_model for g in ups)
             self.layers[layer] = (plan.n_nodes, sum(len(g.names) for g in ups), max(len(g.names) for g in ups), width)
 
     def _chunk(self, nodes: int, seen: int, tokens: int) -> int:
-        from .attribution import CHUNK_ELEMENTS, MIN_CHUNK_ROWS
+        from .attribution import scoring_chunk
 
-        chunk = max(1, CHUNK_ELEMENTS // (max(nodes, seen) * self.d),
-                    min(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // (nodes * self.d)))
-        return min(chunk, tokens)
+        return min(scoring_chunk(nodes, seen, self.d, self.budget, self.fused), tokens)
 
     def bytes(self, layer: int | None, tokens: int) -> int:
         """The buffers (``layer=None``) or one layer's temporaries, at ``tokens`` scored rows."""
-        from .attribution import CHUNK_ELEMENTS
-
         if layer is not None:
             nodes, seen, _, _ = self.layers[layer]
             return 4 * 4 * self._chunk(nodes, seen, tokens) * self.d
         g = a = rows = 0
         for nodes, seen, widest, width in self.layers.values():
             c = self._chunk(nodes, seen, tokens)
-            together = min(seen, max(widest, CHUNK_ELEMENTS // (c * self.d)))
+            together = 0 if self.fused else min(seen, max(widest, self.budget // (c * self.d)))
             g, a, rows = max(g, 4 * nodes * c * self.d), max(a, together * c * self.d), max(rows, c * width)
         return g + self.score_bytes * (a + rows)
 
