@@ -471,7 +471,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         """The multi-tensor lists of one validated group: slots assigned (one ``assign`` per pool), state
         tensors listed per parameter (parameters of one pool list the same tensors, at disjoint slots)."""
         self._join(gi, [self._entry(p, group, dim) for p, dim, *_ in plan if p not in self._pool_of])
-        rows = [torch.arange(_n_rows(p, dim), device=p2.device) if index is None else index
+        rows = [self._all_rows(_n_rows(p, dim), p2.device) if index is None else index
                 for p, dim, index, p2, _ in plan]
         by_pool: dict[tuple, list[int]] = {}
         for i, (p, *_) in enumerate(plan):
@@ -480,14 +480,23 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         for key, members in by_pool.items():
             pool = self._pools[key]
             pool.allocate()
-            wanted = torch.cat([pool.global_rows(plan[i][0], rows[i]) for i in members])
+            wanted = [pool.global_rows(plan[i][0], rows[i]) for i in members]
+            wanted = wanted[0] if len(wanted) == 1 else torch.cat(wanted)
             assigned = pool.assign(wanted, self._clock_on(pool.device), skip)
-            for i, s in zip(members, assigned.split([rows[i].numel() for i in members])):
+            parts = [assigned] if len(members) == 1 else assigned.split([rows[i].numel() for i in members])
+            for i, s in zip(members, parts):
                 slots[i] = s
         out = {"params": [e[3] for e in plan], "grads": [e[4] for e in plan], "rows": rows, "slots": slots,
                "steps": [self._pools[self._pool_of[e[0]]].t["step"] for e in plan]}
         out.update({k: [self._pools[self._pool_of[e[0]]].t[k] for e in plan] for k in self._moments})
         return out
+
+    def _all_rows(self, n: int, device: torch.device) -> torch.Tensor:
+        """``arange(n)`` on ``device``, made once (read only: a whole parameter's rows, every step)."""
+        cache, key = self.__dict__.setdefault("_aranges", {}), (n, str(device))
+        if key not in cache:
+            cache[key] = torch.arange(n, device=device)
+        return cache[key]
 
     def _apply(self, lists: dict, group: dict, found_inf: torch.Tensor | None = None):
         raise NotImplementedError

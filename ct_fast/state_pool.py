@@ -22,6 +22,10 @@ When new rows need slots and none is free, the rows idle longest lose theirs (ti
 a row selected in the same step; an evicted row restarts from zero moments and step 0 when it returns. The
 choice depends on rows and time stamps only, not on slot numbers, so a state_dict may renumber slots and a
 resumed run still evicts exactly as the uninterrupted one.
+
+A pool with a slot for every row (``capacity == rows``: a parameter under ``state_capacity=None``, a bias)
+never evicts, and gives row ``r`` slot ``r`` (``own_slots``): its ``assign`` is three scatters, no search —
+a per-parameter pool's search cost ~20 launches a parameter, which made a masked step host-bound.
 """
 
 from __future__ import annotations
@@ -67,6 +71,11 @@ class RowPool:
     @property
     def allocated(self) -> bool:
         return bool(self.t)
+
+    @property
+    def own_slots(self) -> bool:
+        """A slot for every row: row ``r`` holds slot ``r`` whenever it holds one (never evicts)."""
+        return self.capacity >= self.rows
 
     # ---- membership ----
     def join(self, entries) -> None:
@@ -117,7 +126,8 @@ class RowPool:
             self.t[k] = torch.zeros((C + 1, self.width), dtype=torch.float32, device=dev)
 
     def global_rows(self, p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return rows + self.members[p].base
+        base = self.members[p].base
+        return rows + base if base else rows
 
     def slots_of(self, p: torch.Tensor) -> torch.Tensor:
         """``[n_rows]`` slots of ``p``'s rows (-1: none), a view of the slot table."""
@@ -134,6 +144,8 @@ class RowPool:
         slots only: kept rows write the scratch row, so no kept row is read). ``skip`` (a one-element bool tensor
         on the device): where true, nothing changes (the step is skipped; the slots returned are then unused).
         ``clock``: the step's time stamp, an int or a 0-dim long tensor on the device."""
+        if self.own_slots:
+            return self._assign_own(rows, clock, skip)
         slot, owner, last_used = self.t["slot"], self.t["owner"], self.t["last_used"]
         cap = owner.numel()
         if skip is not None:
@@ -170,14 +182,47 @@ class RowPool:
                     x.index_copy_(0, fresh, torch.where(skip.reshape((1,) * kept.dim()), kept, 0.0))
         return slots
 
+    def _assign_own(self, rows: torch.Tensor, clock, skip: torch.Tensor | None) -> torch.Tensor:
+        """``assign`` in a pool with a slot per row: each row's slot is itself. Its state was zero until first
+        selected (allocated zero, zeroed by ``leave``), as a fresh slot's; nothing is evicted."""
+        slot, owner, last_used = self.t["slot"], self.t["owner"], self.t["last_used"]
+        stamp = clock.expand(rows.numel()) if isinstance(clock, torch.Tensor) else \
+            torch.full((rows.numel(),), clock, dtype=torch.long, device=rows.device)
+        if skip is None:
+            for t, value in ((slot, rows), (owner, rows), (last_used, stamp)):
+                t.index_copy_(0, rows, value)
+        else:  # a skipped step changes nothing
+            for t, value in ((slot, rows), (owner, rows), (last_used, stamp)):
+                t.index_copy_(0, rows, torch.where(skip, t.index_select(0, rows), value))
+        return rows
+
+    def renumber_own(self) -> None:
+        """Give every held row of a slot-per-row pool its own slot (a state_dict of an earlier version may number
+        them otherwise); the state moves with its row. Load time only (host-side check)."""
+        slot = self.t["slot"]
+        rows = (slot >= 0).nonzero().flatten()
+        old = slot.index_select(0, rows)
+        if torch.equal(old, rows):
+            return
+        for k in ("last_used", "step") + self.moments:
+            moved = self.t[k].index_select(0, old)
+            self.t[k].zero_()
+            self.t[k].index_copy_(0, rows, moved)
+        self.t["owner"].fill_(-1)
+        self.t["owner"].index_copy_(0, rows, rows)
+        slot.index_copy_(0, rows, rows)
+
     def place(self, p: torch.Tensor, rows: torch.Tensor, values: dict, last_used: torch.Tensor) -> None:
-        """Load held rows of ``p`` (state_dict import): ``rows [m]`` get free slots and ``values`` (``step [m]``,
-        each moment ``[m, width]``) and time stamps ``last_used [m]``. Host-side checks; load time only."""
+        """Load held rows of ``p`` (state_dict import): ``rows [m]`` get free slots (their own in a slot-per-row
+        pool) and ``values`` (``step [m]``, each moment ``[m, width]``) and time stamps ``last_used [m]``.
+        Host-side checks; load time only."""
+        g = self.global_rows(p, rows)
         free = (self.t["owner"] < 0).nonzero().flatten()
         if free.numel() < rows.numel():
             raise ValueError(f"{rows.numel()} rows need state, {free.numel()} slots are free")
-        slots = free[:rows.numel()]
-        g = self.global_rows(p, rows)
+        if self.own_slots and bool((self.t["owner"].index_select(0, g) >= 0).any()):
+            raise ValueError("rows loaded twice")
+        slots = g if self.own_slots else free[:rows.numel()]
         self.t["slot"].index_copy_(0, g, slots)
         self.t["owner"].index_copy_(0, slots, g)
         self.t["last_used"].index_copy_(0, slots, last_used.to(self.device, torch.long))
@@ -209,6 +254,8 @@ class RowPool:
         if "slot" in saved:
             pool.t = {k: saved[k].to(pool.device, torch.long if k in _INDEX else torch.float32, copy=True)
                       for k in _INDEX + ("step",) + pool.moments}
+            if pool.own_slots:
+                pool.renumber_own()
         return pool
 
 

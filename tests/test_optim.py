@@ -794,3 +794,61 @@ def test_set_circuit_reserves_every_tunable_parameter():
         moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
         selected = {s.param for s in circuit.graph.param_slices(circuit.upstream, circuit.downstream)}
         assert moved and moved <= selected
+
+
+def _own_slot_run(params, steps, gen_seed=5, opt=None):
+    """``steps`` random-circuit steps of a CircuitAdamW with a slot for every row (state_capacity=None)."""
+    opt = opt or CircuitAdamW(params, lr=1e-2, weight_decay=0.1)
+    if not opt._pools:
+        _reserve(opt, params)
+    gen = torch.Generator().manual_seed(gen_seed)
+    for step in range(steps):
+        masks = _random_masks(params, gen)
+        opt.set_circuit({params[i]: m for i, m in masks.items()})
+        for p, g in zip(params, _grads(params, step + gen_seed)):
+            p.grad = g
+        opt.step()
+    return opt
+
+
+def test_slot_per_row_pools_give_each_row_its_own_slot():
+    """state_capacity=None: a selected row's slot is the row itself (no search); rows never selected hold none."""
+    params = _pool_params(seed=6)
+    opt = _own_slot_run(params, 3)
+    assert len(opt._pools) == 3 and all(pool.own_slots for pool in opt._pools.values())
+    held = []
+    for pool in opt._pools.values():
+        slot, owner = pool.t["slot"], pool.t["owner"]
+        held.append(slot >= 0)
+        assert torch.equal(slot, torch.where(held[-1], torch.arange(slot.numel()), -1)) and torch.equal(owner, slot)
+    held = torch.cat(held)
+    assert 0 < int(held.sum()) < held.numel()  # some rows selected, some never
+
+
+def test_loads_slot_per_row_pools_numbered_otherwise():
+    """A state_dict whose slot-per-row pools number their slots otherwise (earlier versions gave a new row the
+    lowest free slot) loads with each row's state moved to its own slot, and continues bit-identically."""
+    params = _pool_params(seed=7)
+    uninterrupted = _own_slot_run(params, 6)
+    sd = copy.deepcopy(uninterrupted.state_dict())
+    expected = _own_slot_run(params, 4, gen_seed=9, opt=uninterrupted)
+    gen = torch.Generator().manual_seed(0)
+    for saved in sd["pools"]:  # scramble: slot s -> perm[s] (the scratch row stays last)
+        cap = saved["capacity"]
+        perm = torch.randperm(cap, generator=gen)
+        held = saved["slot"] >= 0
+        saved["slot"][held] = perm[saved["slot"][held]]
+        for k in ("owner", "last_used"):
+            saved[k][perm] = saved[k].clone()
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            saved[k][perm] = saved[k][:cap].clone()
+    resumed_params = _pool_params(seed=7)  # the parameters at the save: the first 6 steps again
+    _own_slot_run(resumed_params, 6)
+    opt = CircuitAdamW(resumed_params, lr=1e-2, weight_decay=0.1)
+    opt.load_state_dict(sd)
+    for pool in opt._pools.values():
+        slot = pool.t["slot"]
+        assert torch.equal(slot, torch.where(slot >= 0, torch.arange(slot.numel()), -1))
+    _own_slot_run(resumed_params, 4, gen_seed=9, opt=opt)
+    assert all(torch.equal(a, b) for a, b in zip(params, resumed_params))
+    _assert_same_state(expected.state_dict(), opt.state_dict())
