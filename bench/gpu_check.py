@@ -5,7 +5,7 @@
     bash bench/gpu_check.sh --only op_score_edges,step   # some stages again (same machine: the build stays)
 
 Stages run in order — build, tests, the op timings (they decide ``auto``), the step benchmark, the 8B step, then the
-rest — each under a time limit (the whole check is budgeted at 8 minutes; stages past it are skipped, and a timed-out
+rest — each under a time limit (the whole check is budgeted at 9 minutes; stages past it are skipped, and a timed-out
 stage's process group is killed); none stops the next. After every stage ``$OUT`` (default
 ``bench/results/gpu_check``) holds two files: ``gpu_check.json`` (summary, the GPU targets of ``bench/targets.py``,
 auto's measured choices) and ``gpu_check.tar.gz`` (each stage's log and JSON) — the device returns at most 8 files, and
@@ -32,7 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, ROOT)  # this process reads ct_fast from the tree: the build installs it only for the stages it starts
 PY = sys.executable
-BUDGET_S = 8 * 60
+BUDGET_S = 9 * 60
 BUDGET_SPENT = "the time budget is spent"
 # the build's last line, and its exit status: a build that came out without the CUDA kernels fails the stage
 BUILT_WITH_CUDA = ("import sys, ct_fast._C as C; print('ct_fast._C built; CUDA kernels:', C.WITH_CUDA); "
@@ -81,6 +81,13 @@ def stages(rehearse: bool, out: str) -> list[dict]:
             ["--model", "tiny", "--batch", "2", "--seq", "16", "--dtype", "fp32", "--state-capacity", "1"] if rehearse
             else ["--model", "llama-8B", "--batch", "1", "--seq", "2048", "--dtype", "bf16", "--checkpointing",
                   "--state-capacity", "0.25", "--mlp-head-dim", "128", "--mode", "two_pass"]))},
+        # where a step's time goes (launches, device-busy vs wall, top kernels): the faithful step and the masked
+        # optimizer step of the targets
+        {"name": "profile", "limit": 90, "cmd": bench("profile_step.py", "--device", dev, "--out", j("profile"), *(
+            ["--model", "tiny", "--methods", "circuit_refresh1", "--optimizer-params", "2e5", "--optimizer-d", "64"]
+            if rehearse else
+            ["--model", "llama-1B", "--dtype", "bf16", "--batch", "8", "--seq", "512", "--methods",
+             "circuit_refresh1,full", "--optimizer-params", "1e9", "--optimizer-d", "4096"]))},
         # tile variants of the Triton scoring kernels: the data to set their defaults by
         {"name": "tiles", "limit": 90, "cmd": bench("bench_score_edges.py", "--device", dev, "--tiles", "--out",
                                                     j("tiles")),

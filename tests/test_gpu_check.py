@@ -139,7 +139,7 @@ def test_gpu_stage_arguments_parse(monkeypatch, tmp_path):
         assert stop.value.code == 0 and "args" in parsed, f"{st['name']}: {cmd}"
         assert parsed["prog"] == ("ct-fast bench" if st["name"] == "step" else os.path.basename(cmd[1]))
         checked.append(st["name"])
-    assert len(checked) == 10, checked
+    assert len(checked) == 11, checked
 
 
 def test_report_files_a_gpu_run(monkeypatch, tmp_path):
