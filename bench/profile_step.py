@@ -33,7 +33,10 @@ def _profiled(fn, device: str, rows: int = 25) -> dict:
         wall = time.perf_counter() - t0
     events = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    kernels = [e for e in events if cuda and getattr(e, "self_device_time_total", 0) > 0 and e.device_type.name == "CUDA"]
+    # ranges such as "Optimizer.step#CircuitAdamW.step" show up as device events too: not kernels
+    ranges = {e.name for e in prof.events() if getattr(e, "is_user_annotation", False)}
+    kernels = [e for e in events if cuda and getattr(e, "self_device_time_total", 0) > 0
+               and e.device_type.name == "CUDA" and e.key not in ranges]
     busy = sum(e.self_device_time_total for e in kernels) / 1e6 if cuda else None
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
                                                          "cudaLaunchKernelExC"))

@@ -34,7 +34,7 @@ ABLATIONS = ("mean", "zero", "corrupted")
 CHUNK_ELEMENTS = 1 << 25  # elements of one [nodes, chunk, d_model] scoring block on CPU (128 MiB in fp32)
 # on a GPU (512 MiB bf16 / 1 GiB fp32 blocks): each token chunk costs ~4 launches per upstream group scored, so
 # short chunks make the scoring host-bound. A llama-1B refresh-1 step at 8 x 512 tokens on an H100 ran 44k
-# launches (128-row chunks; device busy 372 of 1920 ms, bench/results/profile_gpu_llama-1B.json)
+# launches (128-row chunks; kernels busy ~350 of 1920 ms, bench/results/profile_gpu_llama-1B.json)
 GPU_CHUNK_ELEMENTS = 1 << 28
 # layers scored together (counted from the last): each upstream contribution is then produced once per span, not
 # once per layer. 2 took the scoring of an 8-layer Llama (d 512, T 2048) from 2.0 to 1.4 s on CPU; 3 and more
