@@ -275,9 +275,11 @@ class EdgeScorer:
     """Accumulates signed edge sums ``sum (a_u - a~_u) . g_d`` from the backward taps, layer by layer.
 
     ``sources[k]`` are the scored rows of upstream group k's compact tensor (a view of what the forward
-    produced whenever every token is scored) and ``shifts[k]`` its ablation (mean ablation: the ``[w]``
-    mean, subtracted chunk by chunk, so no centred copy exists); ``resid`` the rows of the residual each
-    norm reads. Gradients of one layer are buffered until all its taps have fired, scored against every
+    produced whenever every token is scored), scored as they are; with mean ablation ``node_means``
+    (``[n_up, d]``: each upstream node's mean contribution in residual space) centres them afterwards, once
+    per scored span: ``sum_t (a_t - m) . g_t = sum_t a_t . g_t - m . sum_t g_t``, and ``sum_t g_t`` is summed
+    anyway (``grad_sum``) — no centred copy and no subtraction per chunk and group. ``resid`` the rows of the
+    residual each norm reads. Gradients of one layer are buffered until all its taps have fired, scored against every
     earlier upstream group in token chunks, and dropped; a source, a residual and a cast weight are
     dropped as soon as the last layer that reads them is scored. The per-layer work (``layer_plans``) is
     fixed per graph: the scoring loop issues kernels only, no host synchronisation.
@@ -285,11 +287,12 @@ class EdgeScorer:
     called after each layer is scored (``ct_fast.pruning``).
     """
 
-    def __init__(self, model: nn.Module, graph: ComputationGraph, rows: TokenRows, sources: list, shifts: list,
-                 resid: dict, raw: torch.Tensor, factor: float = 1.0, score_dtype: torch.dtype = torch.float32,
-                 timer: PhaseTimer | None = None, on_scored=None):
+    def __init__(self, model: nn.Module, graph: ComputationGraph, rows: TokenRows, sources: list,
+                 node_means: torch.Tensor | None, resid: dict, raw: torch.Tensor, factor: float = 1.0,
+                 score_dtype: torch.dtype = torch.float32, timer: PhaseTimer | None = None, on_scored=None):
         self.graph, self.rows, self.sources, self.resid, self.raw = graph, rows, sources, resid, raw
-        self.shifts = [None if s is None else s.to(score_dtype) for s in shifts]  # cast once, not per chunk
+        self.node_means = node_means
+        self.edge_mask = graph.edge_mask.to(raw.device, torch.float32) if node_means is not None else None
         self.factor, self.score_dtype, self.timer, self.on_scored = factor, score_dtype, timer, on_scored
         self.plans = layer_plans(graph, SCORE_SPAN)
         self.modules = modules = dict(model.named_modules())
@@ -371,6 +374,9 @@ class EdgeScorer:
             G = torch.stack(pooled).sum(0)
             self._accumulate(plan, G, 0, G.shape[1])
             self.grad_sum[cols] += G.sum(1)
+        if self.node_means is not None:  # centre: raw[u, d] -= factor * m_u . sum_t g_d (on the span's edges)
+            self.raw[:, cols].addcmul_(self.node_means @ self.grad_sum[cols].t(), self.edge_mask[:, cols],
+                                       value=-self.factor)
         for norm, _, _ in plan.norms:
             self.resid.pop(norm, None)
         for k, _ in plan.ups:
@@ -441,13 +447,9 @@ class EdgeScorer:
         if batch:
             self._score_batch(plan, batch, nodes, Gs, start, stop, fused)
 
-    def _centred(self, k: int, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start..stop`` of upstream group k's source minus its ablation, in the scoring dtype."""
-        rows = self.sources[k][start:stop]
-        if self.shifts[k] is None:
-            return rows
-        sdt = self.score_dtype
-        return torch.sub(rows.to(sdt), self.shifts[k], out=self._buffer("delta", rows.shape, sdt))
+    def _source(self, k: int, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start..stop`` of upstream group k's source, in the scoring dtype (uncentred: see the class)."""
+        return self.sources[k][start:stop].to(self.score_dtype)
 
     def _score_batch(self, plan: LayerPlan, batch: list, nodes: int, Gs: torch.Tensor, start: int, stop: int,
                      fused: bool):
@@ -456,14 +458,14 @@ class EdgeScorer:
         groups = [self.graph.upstream_groups[k] for k, _ in batch]
         if fused:
             (k, _), ug = batch[0], groups[0]
-            block = ops.score_edges(self._centred(k, start, stop), self.up_weight[k], Gs[a:])
+            block = ops.score_edges(self._source(k, start, stop), self.up_weight[k], Gs[a:])
             self.raw[ug.first:ug.first + len(ug.names), cols].add_(block, alpha=self.factor)
             return
         A = self._buffer("contributions", (nodes, stop - start, self.graph.d_model), self.score_dtype)
         r = 0
         for (k, _), ug in zip(batch, groups):
             n = len(ug.names)
-            ops.heads_to_residual(self._centred(k, start, stop), self.up_weight[k], out=A[r:r + n])
+            ops.heads_to_residual(self._source(k, start, stop), self.up_weight[k], out=A[r:r + n])
             r += n
         S = (A.view(nodes, -1) @ Gs[a:].reshape(Gs.shape[0] - a, -1).t()).float()  # [nodes, n_read]
         r = 0
@@ -556,14 +558,17 @@ class AttributionRun:
                 continue
             shifts.append(self._mean(stored[key], valid) if self.ablation == "mean" else None)
             sources.append(rows.compact(stored[key] if baseline is None else stored[key] - baseline[key]))
+        node_means = None
         if self.ablation == "mean":
             recording.means = self._node_means(shifts)
             if rows.pool:  # pooled rows are per-example means: centre them now (they are small)
-                sources, shifts = [s - m for s, m in zip(sources, shifts)], [None] * len(shifts)
+                sources = [s - m for s, m in zip(sources, shifts)]
+            else:  # the scorer centres its sums once per span
+                node_means = recording.means
         resid = {k[0]: rows.select(stored[k]) for k in self.resid_keys}
         stored.clear()
         recording.baseline = None
-        recording.scorer = EdgeScorer(self.model, self.graph, rows, sources, shifts, resid, self.raw,
+        recording.scorer = EdgeScorer(self.model, self.graph, rows, sources, node_means, resid, self.raw,
                                       recording.factor, self.score_dtype, self.timer, self.on_layer_scored)
         cap.on_grad = recording.on_grad  # the taps call it through the capture
 

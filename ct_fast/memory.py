@@ -467,8 +467,9 @@ class _ScoringSizes:
     """Bytes ``EdgeScorer`` allocates on a GPU, from its chunking rule (``attribution.scoring_chunk``): per
     layer, token chunks of ``c`` rows such that the stacked gradients G [nodes, c, d] (counted in fp32) and, on
     the torch scoring path, the contributions of the upstream groups scored together A [nodes', c, d] stay
-    within ``GPU_CHUNK_ELEMENTS``; G, A and the centred sources [c, width] are buffers kept for the whole
-    backward (grown to the largest layer); each layer adds ~4 fp32 [c, d] temporaries (norm backward, casts).
+    within ``GPU_CHUNK_ELEMENTS``; G, A and the sources cast to the scoring dtype [c, width] are buffers kept
+    for the whole backward (grown to the largest layer); each layer adds ~4 fp32 [c, d] temporaries (norm
+    backward, casts).
     ``score_bytes``: element size of A and the sources (the model's in bf16/fp16, else fp32); the fused
     ``score_edges`` kernels (auto's GPU choice for that dtype) make no A."""
 
