@@ -361,10 +361,10 @@ class EdgeScorer:
         seen = sum(len(self.graph.upstream_groups[k].names) for k, _ in plan.ups)
         chunk = scoring_chunk(plan.n_nodes, seen, self.graph.d_model, self.budget, self.fused)
         cols = slice(plan.col0, plan.col0 + plan.n_nodes)
-        pooled = []
+        pooled, stats = [], {}  # stats: each norm's per-row statistics over all scored rows, made once per span
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
-            G = self._residual_grads(plan, grads, down_weight, start, stop)
+            G = self._residual_grads(plan, grads, down_weight, start, stop, stats)
             if self.rows.pool:
                 pooled.append(self.rows.pool_rows(G, start))
             else:
@@ -387,17 +387,18 @@ class EdgeScorer:
         if self.layers_left == 0:  # the backward has scored every layer: free the scratch buffers now
             self._buffers.clear()
 
-    def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int) -> torch.Tensor:
+    def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int,
+                        stats: dict) -> torch.Tensor:
         """``[n_nodes, c, d]``: d metric / d x_d of the layer's nodes for scored rows ``start..stop``.
 
         fp32: each block's normed-input gradients (summed over its taps) are written into one buffer, then each
         norm's backward runs in place on its (contiguous) rows. With the fused kernel (``residual_grads`` on
         Triton, not with pooled positions) each block is built through its norm in one pass, in the scoring
-        dtype: no fp32 block exists."""
+        dtype: no fp32 block exists; the norms' per-row statistics come from ``stats`` (``norm -> (mean, rstd,
+        gamma)`` over every scored row, filled on first use: row-wise, so a chunk's are a slice)."""
         sdt, shape = self.score_dtype, (plan.n_nodes, stop - start, self.graph.d_model)
         fused = not self.rows.pool and ops.choose_backend("residual_grads", self.raw.device, (sdt,)) == "triton"
         G = self._buffer("G", shape, sdt if fused else torch.float32)
-        stats: dict = {}
         for off, n, groups in plan.blocks:
             out, terms = G[off:off + n], []
             for g in groups:
@@ -414,9 +415,14 @@ class EdgeScorer:
             elif fused:
                 norm = groups[0].norm
                 module, x = (self.norms[norm], self.resid[norm][start:stop]) if norm else (None, None)
-                if norm and norm not in stats and ops.reference.norm_kind(module) != "generic":
-                    stats[norm] = ops.reference.norm_stats(module, x)  # once per norm and chunk
-                ops.residual_grads(terms, out, module, x, stats.get(norm))
+                if norm and norm not in stats:
+                    generic = ops.reference.norm_kind(module) == "generic"
+                    stats[norm] = None if generic else ops.reference.norm_stats(module, self.resid[norm])
+                chunk_stats = stats.get(norm)
+                if chunk_stats is not None:
+                    mean, rstd, gamma = chunk_stats
+                    chunk_stats = (None if mean is None else mean[start:stop], rstd[start:stop], gamma)
+                ops.residual_grads(terms, out, module, x, chunk_stats)
             else:
                 for i, (rows, w) in enumerate(terms):
                     ops.heads_to_residual(rows, w, out=out, accumulate=i > 0, dtype=sdt)

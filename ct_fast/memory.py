@@ -493,9 +493,9 @@ class _ScoringSizes:
 
     def bytes(self, layer: int | None, tokens: int) -> int:
         """The buffers (``layer=None``) or one layer's temporaries, at ``tokens`` scored rows."""
-        if layer is not None:
+        if layer is not None:  # with the fused kernels, a norm's statistics over every row (an fp32 copy) too
             nodes, seen, _, _ = self.layers[layer]
-            return 4 * 4 * self._chunk(nodes, seen, tokens) * self.d
+            return max(4 * 4 * self._chunk(nodes, seen, tokens) * self.d, 4 * tokens * self.d if self.fused else 0)
         g = a = rows = 0
         for nodes, seen, widest, width in self.layers.values():
             c = self._chunk(nodes, seen, tokens)

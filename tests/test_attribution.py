@@ -159,6 +159,22 @@ def test_no_per_node_activation_buffer_and_no_weight_grads(monkeypatch):
     assert_close(got.scores, attribute(model, batch, graph=g).scores)  # chunking changes nothing but rounding
 
 
+@pytest.mark.triton
+def test_fused_scoring_is_chunk_invariant(monkeypatch):
+    """The fused path (Triton scoring and residual kernels) in many token chunks — each chunk slicing the norms'
+    statistics made once per span, the ablation mean taken out once per span — equals one chunk."""
+    if ct_fast.ops.triton_available(torch.device("cpu")) is not None:
+        pytest.skip(ct_fast.ops.triton_available(torch.device("cpu")))
+    monkeypatch.setenv("CT_FAST_BACKEND", "triton")
+    model = tiny_model("llama", num_hidden_layers=3, vocab_size=16).to(torch.bfloat16)
+    batch = random_batch(16, batch=3, seq=20)
+    g = ComputationGraph.from_model(model)
+    whole = attribute(model, batch, graph=g).scores
+    monkeypatch.setattr(ct_fast.attribution, "CHUNK_ELEMENTS", 70 * g.d_model)  # a few rows per chunk
+    chunked = attribute(model, batch, graph=g).scores
+    assert ((whole - chunked).abs().sum() / whole.abs().sum()).item() < 1e-5
+
+
 def test_scoring_chunk_rule():
     """Token chunks: GPU blocks are larger than CPU ones; fused scoring (contributions made on chip) is bounded by
     the stacked gradients alone, the torch path also by the contributions of the groups scored together."""
