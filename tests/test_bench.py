@@ -63,3 +63,15 @@ def test_results_name_the_commit_given_by_ct_fast_commit(monkeypatch):
     assert harness.env()["commit"] == "0123abc"
     monkeypatch.delenv("CT_FAST_COMMIT")
     assert harness.env()["commit"] != "0123abc"
+
+
+def test_count_launches_runs(tmp_path):
+    """``bench/count_launches.py`` (it patches the scorer: run in its own process) counts a tiny attribution."""
+    import subprocess
+
+    out = tmp_path / "launches.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "count_launches.py"), "--batch", "1", "--seq", "16",
+                           "--d-model", "64", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text())["results"][0]
+    assert rec["ops"] > 100 and rec["top"] and "launches per attribution" in proc.stdout
