@@ -8,6 +8,7 @@ idle most of the wall time is bound by its host: launches, Python, synchronisati
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -73,8 +74,6 @@ def profile_methods(model: str, methods, device: str, dtype, batch: int, seq: in
     top_n = step_bench.choose_top_n(base, data[0], 0.05)
     out = {}
     for method in methods:
-        import copy
-
         m = step_bench._Method(method, copy.deepcopy(base), top_n, arch)
         m.step(data[0])  # warm-up: compiles, allocates state
         m.step(data[1])

@@ -279,8 +279,8 @@ class EdgeScorer:
     (``[n_up, d]``: each upstream node's mean contribution in residual space) centres them afterwards, once
     per scored span: ``sum_t (a_t - m) . g_t = sum_t a_t . g_t - m . sum_t g_t``, and ``sum_t g_t`` is summed
     anyway (``grad_sum``) — no centred copy and no subtraction per chunk and group. ``resid`` the rows of the
-    residual each norm reads. Gradients of one layer are buffered until all its taps have fired, scored against every
-    earlier upstream group in token chunks, and dropped; a source, a residual and a cast weight are
+    residual each norm reads. Gradients of one layer are buffered until all its taps have fired, scored against
+    every earlier upstream group in token chunks, and dropped; a source, a residual and a cast weight are
     dropped as soon as the last layer that reads them is scored. The per-layer work (``layer_plans``) is
     fixed per graph: the scoring loop issues kernels only, no host synchronisation.
     ``score_dtype``: fp32 (exact) or bf16/fp16 (tensor-core operands, fp32 accumulation). ``on_scored(plan)``:
@@ -307,7 +307,11 @@ class EdgeScorer:
         self.layers_left = len(self.plans)
         self._buffers: dict = {}
         self.budget = chunk_elements(raw.device)
+        # the kernels of this backward, chosen once: fused scoring (contributions made on chip), and the fused
+        # residual-gradient kernel (Triton; not with pooled positions)
         self.fused = ops.choose_backend("score_edges", raw.device, (score_dtype,)) != "torch"
+        self.fused_residual = not rows.pool and ops.choose_backend("residual_grads", raw.device,
+                                                                   (score_dtype,)) == "triton"
         # sum over scored rows of each downstream node's gradient [n_down, d]: corrects per-micro-batch means
         self.grad_sum = raw.new_zeros(raw.shape[1], graph.d_model)
 
@@ -396,8 +400,7 @@ class EdgeScorer:
         Triton, not with pooled positions) each block is built through its norm in one pass, in the scoring
         dtype: no fp32 block exists; the norms' per-row statistics come from ``stats`` (``norm -> (mean, rstd,
         gamma)`` over every scored row, filled on first use: row-wise, so a chunk's are a slice)."""
-        sdt, shape = self.score_dtype, (plan.n_nodes, stop - start, self.graph.d_model)
-        fused = not self.rows.pool and ops.choose_backend("residual_grads", self.raw.device, (sdt,)) == "triton"
+        sdt, shape, fused = self.score_dtype, (plan.n_nodes, stop - start, self.graph.d_model), self.fused_residual
         G = self._buffer("G", shape, sdt if fused else torch.float32)
         for off, n, groups in plan.blocks:
             out, terms = G[off:off + n], []
@@ -440,29 +443,27 @@ class EdgeScorer:
         (``CT_FAST_BACKEND=cuda|triton``) take one group per call."""
         sdt = self.score_dtype
         Gs = G if sdt == torch.float32 else G.to(sdt)
-        fused = self.fused
-        per_batch = 1 if fused else max(1, self.budget // (G.shape[1] * self.graph.d_model))  # nodes at once
+        per_batch = 1 if self.fused else max(1, self.budget // (G.shape[1] * self.graph.d_model))  # nodes at once
         batch, nodes = [], 0
         for k, a in plan.ups:  # consecutive groups read by the same G rows, up to per_batch nodes
             n = len(self.graph.upstream_groups[k].names)
             if batch and (batch[0][1] != a or nodes + n > per_batch):
-                self._score_batch(plan, batch, nodes, Gs, start, stop, fused)
+                self._score_batch(plan, batch, nodes, Gs, start, stop)
                 batch, nodes = [], 0
             batch.append((k, a))
             nodes += n
         if batch:
-            self._score_batch(plan, batch, nodes, Gs, start, stop, fused)
+            self._score_batch(plan, batch, nodes, Gs, start, stop)
 
     def _source(self, k: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop`` of upstream group k's source, in the scoring dtype (uncentred: see the class)."""
         return self.sources[k][start:stop].to(self.score_dtype)
 
-    def _score_batch(self, plan: LayerPlan, batch: list, nodes: int, Gs: torch.Tensor, start: int, stop: int,
-                     fused: bool):
+    def _score_batch(self, plan: LayerPlan, batch: list, nodes: int, Gs: torch.Tensor, start: int, stop: int):
         """Score upstream groups ``batch`` (all read by G rows ``a:``) against the layer's gradients."""
         a, cols = batch[0][1], slice(plan.col0 + batch[0][1], plan.col0 + plan.n_nodes)
         groups = [self.graph.upstream_groups[k] for k, _ in batch]
-        if fused:
+        if self.fused:
             (k, _), ug = batch[0], groups[0]
             block = ops.score_edges(self._source(k, start, stop), self.up_weight[k], Gs[a:])
             self.raw[ug.first:ug.first + len(ug.names), cols].add_(block, alpha=self.factor)

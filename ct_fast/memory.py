@@ -470,17 +470,16 @@ class _ScoringSizes:
     within ``GPU_CHUNK_ELEMENTS``; G, A and the sources cast to the scoring dtype [c, width] are buffers kept
     for the whole backward (grown to the largest layer); each layer adds ~4 fp32 [c, d] temporaries (norm
     backward, casts).
-    ``score_bytes``: element size of A and the sources (the model's in bf16/fp16, else fp32); the fused
-    ``score_edges`` kernels (auto's GPU choice for that dtype) make no A."""
+    ``score_dtype``: of A and the sources (the model's in bf16/fp16, else fp32); the fused ``score_edges``
+    kernels (auto's measured GPU choice for that dtype) make no A."""
 
-    def __init__(self, graph: ComputationGraph, score_bytes: int):
+    def __init__(self, graph: ComputationGraph, score_dtype: torch.dtype):
         from .attribution import GPU_CHUNK_ELEMENTS, SCORE_SPAN, layer_plans
         from .ops import measured
 
-        self.d, self.score_bytes, self.layers = graph.d_model, score_bytes, {}
-        dtype = {2: torch.bfloat16, 4: torch.float32}.get(score_bytes, torch.float32)
+        self.d, self.score_bytes, self.layers = graph.d_model, score_dtype.itemsize, {}
         self.budget = GPU_CHUNK_ELEMENTS
-        self.fused = (measured.gpu_order("score_edges", (dtype,)) or ("torch",))[0] != "torch"
+        self.fused = (measured.gpu_order("score_edges", (score_dtype,)) or ("torch",))[0] != "torch"
         for layer, plan in layer_plans(graph, SCORE_SPAN).items():
             ups = [graph.upstream_groups[k] for k, _ in plan.ups]
             width = max(g.writer.n * g.writer.width if g.writer else graph.d_model for g in ups)
@@ -719,11 +718,11 @@ def _traced(config, dtype: torch.dtype, seq: int, checkpointing: bool, optimizer
         model = meta_model(config, dtype, checkpointing)
         graph = ComputationGraph.from_model(model)
         traces = [trace_step(model, graph, b, seq, circuit, fused_loss) for b in (2, 3)]
-        score_bytes = dtype.itemsize if dtype in (torch.bfloat16, torch.float16) else 4
+        score_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
         if len(_TRACED) >= 8:
             _TRACED.clear()
         _TRACED[key] = (model, graph, _Shapes.of(model, graph),
-                        StepModel.fit(*traces, _ScoringSizes(graph, score_bytes)), optimizer_bytes(model, optimizer))
+                        StepModel.fit(*traces, _ScoringSizes(graph, score_dtype)), optimizer_bytes(model, optimizer))
     return _TRACED[key]
 
 
