@@ -5,8 +5,10 @@
   input), MLP activations or MLP output, and the residual stream read by each norm;
 - *tap* hooks that route a module's input or output through ``_Tap``, an identity autograd function
   whose backward hands the incoming gradient to a callback and passes it on unchanged. Every tap also
-  takes a scalar ``anchor`` that requires grad, so ``torch.autograd.grad(metric, anchor)`` runs exactly
-  the backward that reaches all taps and computes no weight gradient.
+  takes a scalar ``anchor`` that requires grad, so ``torch.autograd.grad(metric, anchor, allow_unused=True)``
+  runs exactly the backward that reaches all taps and computes no weight gradient. The anchor's own
+  gradient is never formed (the taps return none for it): the engine runs a node because of the graph's
+  edges, not the values sent along them, and a zero per tap would cost two launches each.
 
 Example::
 
@@ -31,13 +33,13 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, anchor, key, sink):
-        ctx.key, ctx.sink, ctx.anchor_dtype = key, sink, anchor.dtype
+        ctx.key, ctx.sink = key, sink
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
         ctx.sink(ctx.key, grad)
-        return grad, grad.new_zeros((), dtype=ctx.anchor_dtype), None, None
+        return grad, None, None, None  # the anchor only routes the backward here: no gradient (no launches)
 
 
 def _first_tensor(args, kwargs):

@@ -15,8 +15,9 @@ in the selection's row order — frozen blocks cost neither FLOPs nor bytes. Two
   ``pruner`` (``ct_fast.pruning``: one backward, one process) a linear keeps ``(input, grad_output)`` only
   until ``resolve`` names its candidate rows, then computes the gradient of those rows alone.
 
-Each function also takes a scalar ``anchor`` so ``torch.autograd.grad(loss, [anchor])`` runs exactly the
-backward through all of them without touching frozen parameters (embeddings, norms, unembedding).
+Each function also takes a scalar ``anchor`` so ``torch.autograd.grad(loss, [anchor], allow_unused=True)`` runs
+exactly the backward through all of them without touching frozen parameters (embeddings, norms, unembedding);
+the anchor itself gets no gradient (see ``ct_fast.capture``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class _MaskedLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, anchor, owner, name, conv1d):
-        ctx.owner, ctx.name, ctx.conv1d, ctx.anchor_dtype = owner, name, conv1d, anchor.dtype
+        ctx.owner, ctx.name, ctx.conv1d = owner, name, conv1d
         ctx.save_for_backward(x, weight)
         if conv1d:
             out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight) if bias is not None else x.reshape(
@@ -51,7 +52,7 @@ class _MaskedLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad_out @ weight if not ctx.conv1d else grad_out @ weight.t()
         ctx.owner._on_backward(ctx.name, x, grad_out)
-        return grad_x, None, None, grad_out.new_zeros((), dtype=ctx.anchor_dtype), None, None, None
+        return grad_x, None, None, None, None, None, None  # no anchor gradient: it only routes the backward
 
 
 class MaskedLinears:

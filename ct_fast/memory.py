@@ -453,11 +453,11 @@ def _trace_circuit_backwards(model, ids, linears: dict, tracker: LiveStorages, e
     engine.activations, engine.linear_inputs = fwd.activations, fwd.linear_inputs
     anchor = engine.capture.anchor
     with tracker:
-        torch.autograd.grad(fwd.out.loss, [anchor], retain_graph=True)
+        torch.autograd.grad(fwd.out.loss, [anchor], retain_graph=True, allow_unused=True)
         engine.end_backward()
         marks.append(len(tracker.events))
         engine.compacting = True
-        torch.autograd.grad(fwd.out.loss, [anchor])
+        torch.autograd.grad(fwd.out.loss, [anchor], allow_unused=True)
         engine.end_backward()
         del fwd
     return marks + [len(tracker.events)]
