@@ -439,19 +439,22 @@ class EdgeScorer:
         """``raw[u, cols] += factor * sum_c dA_u[c] . G[:, c]`` for every upstream group the layer reads.
 
         On the torch path the contributions of several upstream groups are written into one block and dotted
-        with G in one GEMM (G is read once per batch of groups, not once per group); the fused kernels
-        (``CT_FAST_BACKEND=cuda|triton``) take one group per call."""
+        with G in one GEMM (G is read once per batch of groups, not once per group); with the fused kernels every
+        run of consecutive groups read by the same G rows is one ``score_edges_into`` call (a kernel per group,
+        one reduction into ``raw``)."""
         sdt = self.score_dtype
         Gs = G if sdt == torch.float32 else G.to(sdt)
-        per_batch = 1 if self.fused else max(1, self.budget // (G.shape[1] * self.graph.d_model))  # nodes at once
-        batch, nodes = [], 0
+        per_batch = None if self.fused else max(1, self.budget // (G.shape[1] * self.graph.d_model))  # nodes at once
+        batch, nodes, end = [], 0, None
         for k, a in plan.ups:  # consecutive groups read by the same G rows, up to per_batch nodes
-            n = len(self.graph.upstream_groups[k].names)
-            if batch and (batch[0][1] != a or nodes + n > per_batch):
+            ug = self.graph.upstream_groups[k]
+            n = len(ug.names)
+            full = nodes + n > per_batch if per_batch else ug.first != end  # fused: raw rows must follow on
+            if batch and (batch[0][1] != a or full):
                 self._score_batch(plan, batch, nodes, Gs, start, stop)
                 batch, nodes = [], 0
             batch.append((k, a))
-            nodes += n
+            nodes, end = nodes + n, ug.first + n
         if batch:
             self._score_batch(plan, batch, nodes, Gs, start, stop)
 
@@ -463,10 +466,10 @@ class EdgeScorer:
         """Score upstream groups ``batch`` (all read by G rows ``a:``) against the layer's gradients."""
         a, cols = batch[0][1], slice(plan.col0 + batch[0][1], plan.col0 + plan.n_nodes)
         groups = [self.graph.upstream_groups[k] for k, _ in batch]
-        if self.fused:
-            (k, _), ug = batch[0], groups[0]
-            block = ops.score_edges(self._source(k, start, stop), self.up_weight[k], Gs[a:])
-            self.raw[ug.first:ug.first + len(ug.names), cols].add_(block, alpha=self.factor)
+        if self.fused:  # the groups' raw rows follow on (see _accumulate)
+            ops.score_edges_into(self.raw[groups[0].first:groups[0].first + nodes, cols],
+                                 [(self._source(k, start, stop), self.up_weight[k]) for k, _ in batch], Gs[a:],
+                                 alpha=self.factor)
             return
         A = self._buffer("contributions", (nodes, stop - start, self.graph.d_model), self.score_dtype)
         r = 0

@@ -4,7 +4,8 @@ Each kernel has its pure-torch reference in ``ct_fast.ops.reference`` / ``ct_fas
 fallback) and is reached through ``ct_fast.ops`` dispatch (``CT_FAST_BACKEND=triton``, or ``auto`` on a GPU for
 the ops not in ``ct_fast.ops.AUTO_SKIP``). On CPU they run only under ``TRITON_INTERPRET=1`` (small test shapes).
 
-- ``score_edges``: fused attribution scoring (``score_edges.py``)
+- ``score_edges`` / ``score_edges_into``: fused attribution scoring, one upstream group or several accumulated
+  into a block of the score matrix (``score_edges.py``)
 - ``residual_grads``: the downstream nodes' residual gradients through their norm, in one pass
   (``residual_grads.py``)
 - ``masked_weight_grad``: compact dW of selected features, one gathering GEMM (``masked_weight_grad.py``)
@@ -15,6 +16,7 @@ the ops not in ``ct_fast.ops.AUTO_SKIP``). On CPU they run only under ``TRITON_I
 from .masked_optim import masked_adamw_, masked_sgd_, nonfinite_flag_
 from .masked_weight_grad import masked_weight_grad
 from .residual_grads import residual_grads
-from .score_edges import score_edges
+from .score_edges import score_edges, score_edges_into
 
-__all__ = ["masked_adamw_", "masked_sgd_", "masked_weight_grad", "nonfinite_flag_", "residual_grads", "score_edges"]
+__all__ = ["masked_adamw_", "masked_sgd_", "masked_weight_grad", "nonfinite_flag_", "residual_grads", "score_edges",
+           "score_edges_into"]

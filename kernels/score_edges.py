@@ -25,7 +25,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, tokens_per_split,
+def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, tokens_per_split, split_stride,
                         HAS_W: tl.constexpr,  # False: delta rows already are residual vectors (w == d, n_u == 1)
                         OP: tl.constexpr,  # the operand dtype: the contribution is rounded to it between the dots
                         FP32_DOTS: tl.constexpr,  # dots on fp32 operands, IEEE (fp32 inputs; bf16 when interpreted)
@@ -70,8 +70,22 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
                 acc += tl.dot(g2.to(tl.float32), a2.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(g2, a2)
-    s_ptr += tl.program_id(2).to(tl.int64) * n_u * n_d  # this split's partial
+    s_ptr += tl.program_id(2).to(tl.int64) * split_stride  # this split's partial (rows [n_u] of it)
     tl.store(s_ptr + u_offs[None, :] * n_d + n_offs[:, None], acc, mask=u_mask[None, :] & n_mask[:, None])
+
+
+@triton.jit
+def _accumulate_partials_kernel(p_ptr, out_ptr, splits, n, n_cols, out_row_stride, out_col_stride, alpha,
+                                BLOCK: tl.constexpr):
+    """``out[i, j] += alpha * sum_s P[s, i, j]`` over the flat ``[n = rows * n_cols]`` index, splits summed in
+    order (the same bits every run); ``out`` any 2-D strides (a block of a larger score matrix)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        total += tl.load(p_ptr + s * n + offs, mask=mask, other=0.0)
+    where = out_ptr + (offs // n_cols) * out_row_stride + (offs % n_cols) * out_col_stride
+    tl.store(where, tl.load(where, mask=mask, other=0.0) + alpha * total, mask=mask)
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -97,6 +111,48 @@ def tile_config(dtype: torch.dtype, head_width: int = 64) -> dict:
     return dict(BU=16, BN=64, BT=16, BK=16, num_warps=8, num_stages=3 if head_width <= 64 else 2)
 
 
+def _prepare(delta, up_weight, dt):
+    """``(delta, W, n_u, w)`` in the operand dtype, contiguous; refuses heads wider than the tile."""
+    delta = delta.to(dt).contiguous()
+    if up_weight is None:
+        return delta, None, 1, None
+    up_weight = up_weight.to(dt).contiguous()
+    n_u, w = up_weight.shape[0], up_weight.shape[1]
+    if w > max_head_width(dt):
+        raise ValueError(f"score_edges kernel: heads of width {w} > {max_head_width(dt)} for {dt} (the torch path "
+                         "runs them: ct_fast.ops.score_edges routes them there)")
+    return delta, up_weight, n_u, w
+
+
+def _launch(delta, up_weight, n_u, w, grad_down, partials, splits, config):
+    """One scoring kernel: upstream group ``(delta, W)`` against ``grad_down``, its ``splits`` token-split
+    partials written into ``partials`` (``[splits, >= n_u, n_d]`` fp32 view: every element of its first n_u
+    rows written)."""
+    dt = grad_down.dtype
+    n_d, c, d = grad_down.shape
+    BW = max(16, triton.next_power_of_2(w)) if up_weight is not None else 16  # no head tile without W
+    cfg = {**tile_config(dt, BW), **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
+    BT = cfg["BT"]
+    BN = min(cfg["BN"], max(16, triton.next_power_of_2(n_d)))  # no work on absent downstream rows
+    per_split = triton.cdiv(triton.cdiv(c, splits), BT) * BT
+    if triton.cdiv(c, per_split) != splits:
+        raise ValueError(f"score_edges kernel: {splits} token splits of {c} tokens leave some empty (tile BT={BT})")
+    grid = (triton.cdiv(n_u, cfg["BU"]), triton.cdiv(n_d, BN), splits)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    _score_edges_kernel[grid](delta, up_weight if up_weight is not None else delta, grad_down, partials,
+                              n_u, w or d, n_d, c, d, per_split, partials.stride(0), HAS_W=up_weight is not None,
+                              OP=_TL_DTYPES[dt], FP32_DOTS=dt == torch.float32 or (interpreted and dt == torch.bfloat16),
+                              BU=cfg["BU"], BW=BW, BN=BN, BT=BT, BK=cfg["BK"],
+                              num_stages=cfg["num_stages"], num_warps=cfg["num_warps"])
+
+
+def token_splits(c: int, config=None) -> int:
+    """Token splits of a ``c``-row block (up to 64 programs along the tokens; each a multiple of the BT tile)."""
+    BT = {**tile_config(torch.bfloat16), **(config or {})}["BT"]
+    splits = max(1, min(triton.cdiv(c, BT), 64))
+    return triton.cdiv(c, triton.cdiv(triton.cdiv(c, splits), BT) * BT)
+
+
 def score_edges(delta, up_weight, grad_down, config=None):
     """Launcher with the signature of ``torch.ops.ct_fast.score_edges``: fp32 ``[n_u, n_d]``.
 
@@ -105,30 +161,39 @@ def score_edges(delta, up_weight, grad_down, config=None):
     the interpreter's bf16 ``tl.dot`` reads the raw bits as integers (a 16x16 check: 1e10 for values of order 1),
     and the exact products of bf16 values with fp32 accumulation are what tensor cores compute."""
     dt = grad_down.dtype
-    delta, grad_down = delta.to(dt).contiguous(), grad_down.contiguous()
+    delta, up_weight, n_u, w = _prepare(delta, up_weight, dt)
+    grad_down = grad_down.contiguous()
     n_d, c, d = grad_down.shape
-    if up_weight is None:
-        n_u, w = 1, d
-    else:
-        up_weight = up_weight.to(dt).contiguous()
-        n_u, w = up_weight.shape[0], up_weight.shape[1]
     if n_u == 0 or n_d == 0 or c == 0:
         return torch.zeros(n_u, n_d, dtype=torch.float32, device=delta.device)
-    if up_weight is not None and w > max_head_width(dt):
-        raise ValueError(f"score_edges kernel: heads of width {w} > {max_head_width(dt)} for {dt} (the torch path "
-                         "runs them: ct_fast.ops.score_edges routes them there)")
-    BW = max(16, triton.next_power_of_2(w)) if up_weight is not None else 16  # no head tile without W
-    cfg = {**tile_config(dt, BW), **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
-    BU, BT = cfg["BU"], cfg["BT"]
-    BN = min(cfg["BN"], max(16, triton.next_power_of_2(n_d)))  # no work on absent downstream rows
-    splits = max(1, min(triton.cdiv(c, BT), 64))
-    per_split = triton.cdiv(triton.cdiv(c, splits), BT) * BT
-    grid = (triton.cdiv(n_u, BU), triton.cdiv(n_d, BN), triton.cdiv(c, per_split))
-    partials = torch.empty(grid[2], n_u, n_d, dtype=torch.float32, device=delta.device)  # every element written
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    _score_edges_kernel[grid](delta, up_weight if up_weight is not None else delta, grad_down, partials,
-                              n_u, w, n_d, c, d, per_split, HAS_W=up_weight is not None, OP=_TL_DTYPES[dt],
-                              FP32_DOTS=dt == torch.float32 or (interpreted and dt == torch.bfloat16),
-                              BU=BU, BW=BW, BN=BN, BT=BT, BK=cfg["BK"],
-                              num_stages=cfg["num_stages"], num_warps=cfg["num_warps"])
+    splits = token_splits(c, config)
+    partials = torch.empty(splits, n_u, n_d, dtype=torch.float32, device=delta.device)  # every element written
+    _launch(delta, up_weight, n_u, w, grad_down, partials, splits, config)
     return partials.sum(0)
+
+
+def score_edges_into(out, sources, grad_down, alpha=1.0, config=None):
+    """``out += alpha * [score_edges(delta, W, grad_down) for (delta, W) in sources]`` stacked by rows: several
+    upstream groups against one gradient block in one kernel each, then one reduction kernel that sums every
+    group's token splits (fixed order) into ``out`` (fp32 ``[sum n_u, n_d]``, any strides; a block of the score
+    matrix). ``len(sources) + 1`` launches where separate calls take three each (kernel, split sum, add)."""
+    dt = grad_down.dtype
+    grad_down = grad_down.contiguous()
+    n_d, c, d = grad_down.shape
+    prepared = [_prepare(delta, up_weight, dt) for delta, up_weight in sources]
+    rows = sum(n_u for _, _, n_u, _ in prepared)
+    if out.shape != (rows, n_d) or out.dtype != torch.float32:
+        raise ValueError(f"score_edges_into: out is {tuple(out.shape)} {out.dtype}, the sources score "
+                         f"[{rows}, {n_d}] fp32")
+    if rows == 0 or n_d == 0 or c == 0:
+        return out
+    splits = token_splits(c, config)
+    partials = torch.empty(splits, rows, n_d, dtype=torch.float32, device=out.device)  # every element written
+    r = 0
+    for delta, up_weight, n_u, w in prepared:
+        _launch(delta, up_weight, n_u, w, grad_down, partials[:, r:r + n_u], splits, config)
+        r += n_u
+    n, BLOCK = rows * n_d, 1024
+    _accumulate_partials_kernel[(triton.cdiv(n, BLOCK),)](partials, out, splits, n, n_d, out.stride(0),
+                                                          out.stride(1), float(alpha), BLOCK=BLOCK)
+    return out

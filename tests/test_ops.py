@@ -101,6 +101,47 @@ def test_score_edges_half_operands(device, backend, n_u, w, n_d, c, d, dtype):
     assert ((out.double() - want).abs() <= 2 * (ref - want).abs() + HALF_UNIT[dtype] * magnitude).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device,backend", _cases("score_edges"))
+@pytest.mark.parametrize("c", [1, 37])
+def test_score_edges_into_accumulates_a_block(device, backend, c, dtype):
+    """Several upstream groups (heads of three widths, one too wide for the kernel, and a residual-vector group)
+    scored against one gradient block and added, scaled, into a strided block of a larger score matrix: the block
+    gets ``alpha x`` the per-group scores on top of what it held, every element outside it keeps its bits (NaN
+    poison), and the same inputs give the same bits."""
+    g = _gen(c + 3)
+    n_d, d = 5, 24
+    widths = [(3, 8), (2, 100), (1, None), (4, 16)]  # (heads, width); 100 > the fp32 kernel's 64: torch path
+    sources = []
+    for n, w in widths:
+        W = None if w is None else torch.randn(n, w, d, generator=g).to(device, dtype)
+        sources.append((torch.randn(c, d if w is None else n * w, generator=g).to(device, dtype), W))
+    G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
+    rows = sum(n for n, _ in widths)
+    start = torch.randn(rows, n_d, generator=g)
+    big = torch.full((rows + 3, n_d + 4), float("nan"), device=device)
+    block = big[2:2 + rows, 1:1 + n_d]  # strided: a block of a wider matrix
+    block.copy_(start)
+    ops.score_edges_into(block, sources, G, alpha=-0.75)
+    per_group = torch.cat([ops.reference.score_edges(*[None if t is None else t.double().cpu() for t in (dl, W)],
+                                                     G.double().cpu()) for dl, W in sources])
+    want = start.double() - 0.75 * per_group
+    magnitude = torch.cat([ops.reference.score_edges(dl.abs().double().cpu(), None if W is None else W.abs().double().cpu(),
+                                                     G.abs().double().cpu()) for dl, W in sources])
+    unit = 2.0 ** -20 if dtype == torch.float32 else HALF_UNIT[dtype]
+    got = big.cpu()
+    assert ((got[2:2 + rows, 1:1 + n_d].double() - want).abs() <= unit * (magnitude + start.abs().double())).all()
+    outside = torch.ones_like(got, dtype=torch.bool)
+    outside[2:2 + rows, 1:1 + n_d] = False
+    assert got[outside].isnan().all()
+    again = big.clone()
+    again[2:2 + rows, 1:1 + n_d].copy_(start)
+    ops.score_edges_into(again[2:2 + rows, 1:1 + n_d], sources, G, alpha=-0.75)
+    assert torch.equal(again[2:2 + rows, 1:1 + n_d], big[2:2 + rows, 1:1 + n_d])
+    with pytest.raises(CTFastError, match="score 10 rows, out has 9"):
+        ops.score_edges_into(block[:9], sources, G)
+
+
 @pytest.mark.triton
 @pytest.mark.skipif(ops.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
                     reason="Triton cannot run here")

@@ -173,6 +173,43 @@ def score_edges(delta: torch.Tensor, up_weight, grad_down: torch.Tensor) -> torc
     return _call("score_edges", b, delta, up_weight, grad_down)
 
 
+def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``out += alpha * score_edges(delta_i, W_i, grad_down)`` stacked by rows over ``sources`` (a list of
+    ``(delta_i, W_i)`` upstream groups, ``out`` fp32 ``[sum n_u_i, n_d]``, any strides). On Triton one scoring
+    kernel per group and one reduction into ``out`` (``len(sources) + 1`` launches, not 3 per group); groups
+    whose heads are too wide for the kernel, and the other backends, take ``score_edges`` + ``add_`` per group."""
+    rows = sum(1 if w is None else w.shape[0] for _, w in sources)
+    if rows != out.shape[0]:  # before anything is written
+        raise CTFastError(f"score_edges_into: the sources score {rows} rows, out has {out.shape[0]}")
+    b = choose_backend("score_edges", grad_down.device, (grad_down.dtype,))
+    fused, r = [], 0
+    if b == "triton":
+        from ..kernels.score_edges import max_head_width
+
+    for delta, up_weight in sources:
+        n = 1 if up_weight is None else up_weight.shape[0]
+        if b == "triton" and (up_weight is None or up_weight.shape[1] <= max_head_width(grad_down.dtype)):
+            fused.append((r, n, delta, up_weight))
+        else:
+            out[r:r + n].add_(_call("score_edges", "torch" if b == "triton" else b, delta, up_weight, grad_down),
+                              alpha=alpha)
+        r += n
+    if fused:  # runs of consecutive kernel-sized groups: one call (and one reduction) each
+        from .. import kernels
+
+        runs = [[fused[0]]]
+        for item in fused[1:]:
+            prev = runs[-1][-1]
+            if item[0] == prev[0] + prev[1]:
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+        for run in runs:
+            first, last = run[0][0], run[-1][0] + run[-1][1]
+            kernels.score_edges_into(out[first:last], [(d, w) for _, _, d, w in run], grad_down, alpha)
+    return out
+
+
 def residual_grads(terms, out: torch.Tensor, norm=None, x=None, stats=None) -> torch.Tensor:
     """Residual-space gradients of one block of downstream nodes through their norm, into ``out [n, c, d]`` (see
     ``reference.residual_grads``). The Triton kernel builds them in one pass and writes ``out`` once in its dtype
@@ -279,4 +316,4 @@ def nonfinite_flag_(grads, found_inf: torch.Tensor) -> None:
 
 __all__ = ["BACKENDS", "choose_backend", "heads_to_residual", "masked_adamw_", "masked_bias_grad",
            "masked_sgd_", "masked_weight_grad", "native", "nonfinite_flag_", "norm_vjp_", "reference",
-           "requested_backend", "score_edges"]
+           "requested_backend", "score_edges", "score_edges_into"]
