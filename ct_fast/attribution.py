@@ -60,10 +60,12 @@ def scoring_chunk(nodes: int, seen: int, d: int, budget: int, fused: bool) -> in
 
 
 def model_inputs(batch: dict) -> dict:
-    """The keys of ``batch`` that go to the model (task fields such as answer ids stay out)."""
+    """The keys of ``batch`` that go to the model (task fields such as answer ids stay out), and
+    ``use_cache=False``: a training forward needs no KV cache (HF builds one by default: a copy of every layer's
+    keys and values, two launches per layer, held as long as the output)."""
     if "input_ids" not in batch:
         raise CTFastError(f"the batch has no 'input_ids' (keys: {sorted(batch)}); pass a tokenized HF batch")
-    return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS and v is not None}
+    return {**{k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS and v is not None}, "use_cache": False}
 
 
 def valid_tokens(batch: dict) -> torch.Tensor:
@@ -560,14 +562,17 @@ class AttributionRun:
             return
         valid = recording.valid
         shifts, sources = [], []
+        if self.ablation == "mean":  # each source's mean (a derived one: the difference of its two tensors')
+            parts = [derived[i] if i in derived else (key,) for i, key in enumerate(self.up_keys)]
+            means = iter(self._token_means([stored[k] for keys in parts for k in keys], valid))
+            shifts = [next(means) - next(means) if len(keys) == 2 else next(means) for keys in parts]
         for i, key in enumerate(self.up_keys):
             if i in derived:
                 after, before = (stored[k] for k in derived[i])
                 sources.append(_Difference(rows.select(after), rows.select(before)))
-                shifts.append(self._mean(after, valid) - self._mean(before, valid) if self.ablation == "mean" else None)
                 continue
-            shifts.append(self._mean(stored[key], valid) if self.ablation == "mean" else None)
             sources.append(rows.compact(stored[key] if baseline is None else stored[key] - baseline[key]))
+        shifts = shifts or [None] * len(sources)
         node_means = None
         if self.ablation == "mean":
             recording.means = self._node_means(shifts)
@@ -623,7 +628,7 @@ class AttributionRun:
             self.model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"})
         if self.ablation == "mean":
             valid = valid_tokens(batch).reshape(-1)
-            means = self._node_means([self._mean(cap.stored[k], valid) for k in self.up_keys])
+            means = self._node_means(self._token_means([cap.stored[k] for k in self.up_keys], valid))
             self._means.append([means, int(valid.sum()), 1.0, self.raw.new_zeros(self.raw.shape[1], self.graph.d_model)])
         self.batch_size += pos.shape[0]
 
@@ -708,13 +713,28 @@ class AttributionRun:
         return cap.stored
 
     @staticmethod
-    def _mean(a: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """``[w]`` fp32 mean of ``a [B, T, w]`` over the valid tokens, in row chunks (no fp32 copy of ``a``)."""
-        rows = a.reshape(-1, a.shape[-1])
-        weight = valid.to(rows.device, torch.float32)
-        step = max(1, chunk_elements(rows.device) // rows.shape[1])
-        total = sum(weight[i:i + step] @ rows[i:i + step].float() for i in range(0, rows.shape[0], step))
-        return total / weight.sum()
+    def _token_means(tensors: list, valid: torch.Tensor) -> list:
+        """``[w]`` fp32 mean of each ``a [B, T, w]`` over the valid tokens: the padding rows zeroed (a 0/1 factor:
+        exact in any dtype), summed in fp32 inside the reduction (no fp32 copy), in row chunks — three launches a
+        tensor, the token count made once."""
+        if not tensors:
+            return []
+        device = tensors[0].device
+        flat = valid.reshape(-1, 1).to(device)
+        count = flat.sum(dtype=torch.float32)
+        keep = {}
+        out = []
+        for a in tensors:
+            rows = a.reshape(-1, a.shape[-1])
+            if rows.dtype not in keep:
+                keep[rows.dtype] = flat.to(rows.dtype)
+            step = max(1, chunk_elements(rows.device) // rows.shape[1])
+            total = None
+            for i in range(0, rows.shape[0], step):
+                part = (rows[i:i + step] * keep[rows.dtype][i:i + step]).sum(0, dtype=torch.float32)
+                total = part if total is None else total.add_(part)
+            out.append(total / count)
+        return out
 
     def _node_means(self, shifts: list) -> torch.Tensor:
         """``[n_up, d]``: every upstream node's mean contribution over the batch's non-padding tokens."""
