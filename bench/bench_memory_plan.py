@@ -65,7 +65,7 @@ class Trainer:
     def step(self, batch):
         if self.tuner is not None:
             return self.tuner.step(batch)
-        self.model(**batch).loss.backward()
+        self.model(**batch, use_cache=False).loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 

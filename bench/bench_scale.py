@@ -63,7 +63,7 @@ class Step:
         if self.tuner is not None:
             self.last = self.tuner.step(batch)
             return
-        self.model(**batch).loss.backward()
+        self.model(**batch, use_cache=False).loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 

@@ -370,7 +370,7 @@ class _Forward:
             hooks += [m.register_forward_hook(engine.linear_hook(m.weight.numel())) for m in linears.values()]
         try:
             with tracker, (engine.capture if engine is not None else _nothing()):
-                batch = {"input_ids": ids, "labels": ids}
+                batch = {"input_ids": ids, "labels": ids, "use_cache": False}  # as every step runs
                 if fused_loss:
                     with traced_chunks(1):  # (the log must not depend on how many chunks the batch makes)
                         self.out = causal_lm_loss(model, batch)

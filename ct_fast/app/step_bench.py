@@ -101,7 +101,7 @@ class _Method:
         elif self.method == "reference":
             self.ref.step(batch)
         else:
-            self.model(**batch).loss.backward()
+            self.model(**batch, use_cache=False).loss.backward()
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
 
