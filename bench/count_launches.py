@@ -1,10 +1,17 @@
-"""Kernel launches of one attribution (forward with capture + scoring backward) as a GPU would issue them, counted
-on the CPU: a named shape's topology (layers, heads, KV heads, tokens) at a small d_model, the GPU's scoring chunk
+"""Kernel launches and host syncs of one attribution (forward with capture + scoring backward), or of one whole
+circuit-tuning step (``--step MODE``: attribution, selection, masked weight gradients, optimizer), as a GPU would
+issue them, counted on the CPU: a named shape's topology (layers, heads, KV heads, tokens) at a small d_model, the GPU's scoring chunk
 budget scaled by d_model alike (so the token chunks are the GPU's), and ``auto``'s measured GPU kernel choices; a
 fused kernel (Triton ``score_edges``/``residual_grads``) counts as one launch. Ops are counted where they reach
 the device (``TorchDispatchMode``, views excluded), by the line that issued them.
 
     python bench/count_launches.py [--model llama-1B --batch 8 --seq 512 --d-model 256] [--out launches.json]
+    python bench/count_launches.py --step two_pass      # a faithful tuner step (the second of two: warm state)
+
+A host sync is an op whose result the host must wait for: ``.item()``/``bool()``/``float()`` of a tensor
+(``_local_scalar_dense``) and ops whose output shape depends on data (``nonzero``, boolean indexing,
+``masked_select``, ``unique``...). On a GPU each one drains the launch queue, so a host-bound step pays them
+in full.
 
 A host-bound step shows here without a GPU: the H100's llama-1B refresh-1 step ran 44k launches (its profile,
 bench/results/profile_gpu_llama-1B.json) where the same count with that commit's chunking and torch-path scoring
@@ -26,43 +33,72 @@ from ct_fast.models import shape_config
 from ct_fast.ops import measured
 
 _VIEWS = ("view", "as_strided", "slice", "select", "reshape", "unsqueeze", "transpose", "permute", "t.", "t(",
-          "alias", "detach", "expand", "_reshape_alias", "narrow", "squeeze", "empty", "_to_copy", "split", "unbind",
+          "alias", "detach", "expand", "_reshape_alias", "narrow", "squeeze", "empty", "split", "unbind",
           "_unsafe_view", "lift_fresh")
 
 
+_SYNCS = ("_local_scalar_dense", "nonzero", "masked_select", "_unique", "unique", "masked_scatter",
+          "repeat_interleave")
+
+
+def _is_sync(name: str, args) -> bool:
+    """Whether the op makes the host wait for the device (a value read, or a data-dependent output shape)."""
+    base = name.split(".")[0]
+    if base in _SYNCS:
+        return base != "repeat_interleave" or "output_size" not in name
+    if base in ("index", "index_put", "index_put_"):  # boolean-mask indexing: a nonzero inside
+        idx = args[1] if len(args) > 1 else ()
+        return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (idx or ()))
+    return False
+
+
 class _Count(TorchDispatchMode):
-    """Counts ``(op, issuing line)`` of every non-view op (the last ct_fast/transformers frame names the line)."""
+    """Counts ``(op, issuing line)`` of every non-view op, and of every host sync apart (the last
+    ct_fast/transformers frame names the line)."""
 
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
+        self.syncs: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)[len("aten."):]
-        if not name.startswith(_VIEWS):
+        sync = _is_sync(name, args)
+        if sync or not name.startswith(_VIEWS):
             frames = [f for f in traceback.extract_stack() if "/ct_fast/" in f.filename or "/transformers/" in f.filename]
             where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
-            self.counts[(name.split(".")[0], where)] += 1
+            (self.syncs if sync else self.counts)[(name.split(".")[0], where)] += 1
         return func(*args, **(kwargs or {}))
 
 
 def _as_on_gpu(dtype: torch.dtype, d_model: int, real_d: int) -> list[str]:
-    """Patch the scorer to chunk and dispatch as on a GPU; returns the ops stubbed as one launch."""
+    """Patch the scorer to chunk, cast and dispatch as on a GPU; returns the ops stubbed as their launches."""
     budget = attribution.GPU_CHUNK_ELEMENTS * d_model // real_d
     attribution.chunk_elements = lambda device: budget
+    attribution.scoring_dtype = lambda param: param.dtype  # a GPU scores bf16/fp16 models in their dtype
     fused = [op for op in ("score_edges", "residual_grads") if (measured.gpu_order(op, (dtype,)) or ["torch"])[0]
              == "triton"]
     choose = ops.choose_backend
     ops.choose_backend = lambda op, device, dtypes=(): "triton" if op in fused else choose(op, device, dtypes)
     if "score_edges" in fused:
         ops.score_edges = lambda delta, w, g: torch.zeros(1 if w is None else w.shape[0], g.shape[0])
+
+        def score_edges_into(out, sources, g, alpha=1.0):  # a kernel per group, one reduction
+            for _ in sources:
+                torch.zeros(1)
+            return out.add_(0.0)
+
+        ops.score_edges_into = score_edges_into
     if "residual_grads" in fused:
         ops.residual_grads = lambda terms, out, *rest: out.zero_()
     return fused
 
 
 def count(model_name: str = "llama-1B", batch: int = 8, seq: int = 512, d_model: int = 256, dtype="bf16",
-          top: int = 25) -> dict:
+          top: int = 25, step: str | None = None, fraction: float = 0.05) -> dict:
+    """One attribution's launches, or (``step``: a memory mode) those of a faithful tuner step on a circuit of
+    about ``fraction`` of the parameters, or (``step="full"``) of a full fine-tuning step; the step counted is
+    the second (optimizer state and caches warm)."""
     import transformers as tf
 
     tf.logging.set_verbosity_error()
@@ -78,11 +114,32 @@ def count(model_name: str = "llama-1B", batch: int = 8, seq: int = 512, d_model:
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype)
     ids = torch.randint(0, 512, (batch, seq))
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    run = lambda: ct_fast.attribute(model, data)  # noqa: E731
+    if step == "full":  # the baseline: full fine-tuning (multi-tensor AdamW; on a GPU the fused one is fewer)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+
+        def run():
+            model(**data, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        run()
+    elif step is not None:
+        from ct_fast.app.step_bench import choose_top_n
+
+        top_n = choose_top_n(model, data, fraction)
+        tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=1e-5), top_n=top_n,
+                                     memory_mode=step)
+        tuner.step(data)
+        run = lambda: tuner.step(data)  # noqa: E731
     with _Count() as counter:
-        ct_fast.attribute(model, data)
+        run()
     rows = [{"op": op, "where": where, "count": n} for (op, where), n in counter.counts.most_common(top)]
+    syncs = [{"op": op, "where": where, "count": n} for (op, where), n in counter.syncs.most_common(top)]
     return {"model": model_name, "batch": batch, "seq": seq, "d_model": d_model, "real_d_model": real_d,
-            "dtype": dtype, "fused_as_one_launch": fused, "ops": sum(counter.counts.values()), "top": rows}
+            "dtype": dtype, "what": "attribution" if step is None else "full fine-tuning step" if step == "full" else f"step ({step})",
+            "fused_as_one_launch": fused, "ops": sum(counter.counts.values()), "syncs": sum(counter.syncs.values()),
+            "top": rows, "top_syncs": syncs}
 
 
 def main(argv=None) -> dict:
@@ -92,13 +149,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--d-model", type=int, default=256, help="the small d_model the count runs at")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--step", default=None, choices=["auto", "deferred", "two_pass", "lagged", "full"],
+                    help="count a whole faithful tuner step in this memory mode, or a full fine-tuning step "
+                         "(default: one attribution)")
+    ap.add_argument("--fraction", type=float, default=0.05, help="--step: the circuit's share of the parameters")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    rec = count(a.model, a.batch, a.seq, a.d_model, a.dtype)
-    print(f"{a.model} ({a.batch} x {a.seq} tokens, {a.dtype}): ~{rec['ops']} launches per attribution "
-          f"(fused as one: {', '.join(rec['fused_as_one_launch']) or 'none'})")
+    rec = count(a.model, a.batch, a.seq, a.d_model, a.dtype, step=a.step, fraction=a.fraction)
+    print(f"{a.model} ({a.batch} x {a.seq} tokens, {a.dtype}): ~{rec['ops']} launches and {rec['syncs']} host syncs "
+          f"per {rec['what']} (fused as one: {', '.join(rec['fused_as_one_launch']) or 'none'})")
     for r in rec["top"]:
         print(f"{r['count']:7d}  {r['op']:24s} {r['where']}")
+    for r in rec["top_syncs"]:
+        print(f"{r['count']:7d}  sync {r['op']:19s} {r['where']}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"env": harness.env(), "results": [rec]}, f, indent=1)
