@@ -53,6 +53,8 @@ def evaluate(out: str) -> list[dict]:
         where = lambda r: f"{r['backend']}, {_dt(r)}, {r['params']:.2g} params"  # noqa: E731
         rows.append(_row(f"{name}: share of copy bandwidth", ">=", 0.8, recs, "fraction_of_copy_bw", max, where))
         rows.append(_row(f"{name}: time / fused dense AdamW", "<=", 0.1, recs, "ratio_to_dense", min, where))
+        rows.append(_row(f"{name}, whole step in a CUDA graph: time / fused dense AdamW", "<=", 0.1, recs,
+                         "graph_ratio_to_dense", min, where))
     scoring = _load(out, "op_score_edges")
     ops = [r for r in scoring if r["bench"] == "score_edges_op" and r["backend"] != "torch"]
     for (dtype,), recs in sorted(_by(ops, "dtype").items()) or [((None,), [])]:
