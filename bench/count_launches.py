@@ -94,6 +94,42 @@ def _as_on_gpu(dtype: torch.dtype, d_model: int, real_d: int) -> list[str]:
     return fused
 
 
+def scoring_flops(model_name: str = "llama-1B", batch: int = 8, seq: int = 512) -> dict:
+    """FLOPs of one attribution's scoring at the model's real size (a meta model's graph, every token scored),
+    next to a full fine-tuning step's ``6 x params x tokens`` plus its attention products (``12 B T^2 d`` a layer,
+    forward and backward, no causal saving):
+
+    - ``residual``: each downstream node's residual gradient, its head rows through its reader (``2 T w d``);
+    - ``contributions``: each upstream head's residual contribution ``z W_O`` (``2 T w d``), made again for
+      every downstream span that reads it (on chip, by the fused kernel);
+    - ``products``: every (upstream, downstream) pair's ``sum_t a . g`` (``2 T d``) — the GEMM of the score.
+
+    The arithmetic intensity (FLOPs per byte of G read) is bounded by the ~50 downstream nodes of one span:
+    these GEMMs are skinny, so their speed, not their count, sets the faithful step's cost on a GPU."""
+    from ct_fast.attribution import SCORE_SPAN, layer_plans
+    from ct_fast.graph import ComputationGraph
+    from ct_fast.memory import meta_model
+
+    cfg = shape_config(model_name)
+    model = meta_model(cfg, torch.bfloat16)
+    graph = ComputationGraph.from_model(model)
+    d, T = graph.d_model, batch * seq
+    residual = sum(2 * T * (g.reader.width if g.reader else 0) * d * len(g.names) for g in graph.downstream_groups)
+    contributions = products = 0
+    for plan in layer_plans(graph, SCORE_SPAN).values():
+        for k, a in plan.ups:
+            ug = graph.upstream_groups[k]
+            n = len(ug.names)
+            contributions += 2 * T * ug.writer.width * d * n if ug.writer else 0
+            products += 2 * T * d * n * (plan.n_nodes - a)
+    params = sum(p.numel() for p in model.parameters())
+    full = 6 * params * T + 12 * cfg.num_hidden_layers * batch * seq * seq * d
+    scoring = residual + contributions + products
+    return {"model": model_name, "tokens": T, "residual_flops": residual, "contribution_flops": contributions,
+            "product_flops": products, "scoring_flops": scoring, "full_step_flops": full,
+            "scoring_vs_full": scoring / full}
+
+
 def count(model_name: str = "llama-1B", batch: int = 8, seq: int = 512, d_model: int = 256, dtype="bf16",
           top: int = 25, step: str | None = None, fraction: float = 0.05) -> dict:
     """One attribution's launches, or (``step``: a memory mode) those of a faithful tuner step on a circuit of
@@ -153,8 +189,15 @@ def main(argv=None) -> dict:
                     help="count a whole faithful tuner step in this memory mode, or a full fine-tuning step "
                          "(default: one attribution)")
     ap.add_argument("--fraction", type=float, default=0.05, help="--step: the circuit's share of the parameters")
+    ap.add_argument("--flops", action="store_true", help="also the scoring FLOPs at the real size vs full FT's")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
+    if a.flops:
+        f = scoring_flops(a.model, a.batch, a.seq)
+        print(f"{a.model}, {f['tokens']} tokens: scoring {f['scoring_flops'] / 1e12:.2f} TFLOP (residual "
+              f"{f['residual_flops'] / 1e12:.2f}, contributions {f['contribution_flops'] / 1e12:.2f}, products "
+              f"{f['product_flops'] / 1e12:.2f}) = {f['scoring_vs_full']:.2f}x a full fine-tuning step's "
+              f"{f['full_step_flops'] / 1e12:.1f} TFLOP")
     rec = count(a.model, a.batch, a.seq, a.d_model, a.dtype, step=a.step, fraction=a.fraction)
     print(f"{a.model} ({a.batch} x {a.seq} tokens, {a.dtype}): ~{rec['ops']} launches and {rec['syncs']} host syncs "
           f"per {rec['what']} (fused as one: {', '.join(rec['fused_as_one_launch']) or 'none'})")

@@ -5,6 +5,8 @@ import json
 import pathlib
 import sys
 
+import torch
+
 from ct_fast.app.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -74,4 +76,26 @@ def test_count_launches_runs(tmp_path):
                            "--d-model", "64", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text())["results"][0]
-    assert rec["ops"] > 100 and rec["top"] and "launches per attribution" in proc.stdout
+    assert rec["ops"] > 100 and rec["top"] and "host syncs per attribution" in proc.stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "count_launches.py"), "--batch", "1", "--seq", "16",
+                           "--d-model", "64", "--step", "lagged", "--flops"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "host syncs per step (lagged)" in proc.stdout and "a full fine-tuning step's" in proc.stdout
+
+
+def test_scoring_flops_count_every_edge_once():
+    """The FLOP model of scoring: its products are ``2 T d`` per graph edge (every edge scored once, no pair
+    that is not an edge), and scoring stays a fraction of a full fine-tuning step's FLOPs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import count_launches
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    from ct_fast.graph import ComputationGraph
+    from ct_fast.memory import meta_model
+    from ct_fast.models import shape_config
+
+    f = count_launches.scoring_flops("llama-1B", 2, 64)
+    graph = ComputationGraph.from_model(meta_model(shape_config("llama-1B"), torch.bfloat16))
+    assert f["product_flops"] == 2 * 128 * graph.d_model * graph.n_edges
+    assert 0 < f["residual_flops"] < f["contribution_flops"] and 0.1 < f["scoring_vs_full"] < 0.5
