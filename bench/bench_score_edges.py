@@ -115,6 +115,37 @@ def run_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> lis
                         lambda: ops.score_edges(*args), want, flops)
 
 
+# one token chunk of the deepest layers' scoring in a Llama-3.2-1B-shaped model: the 49 nodes of a layer against
+# every earlier upstream group — 15 attention layers (32 heads of 64) and 16 vector groups (the embedding and the
+# MLP outputs) — 256 tokens of d_model 2048 (the torch path's block of contributions: 496 x 256 x 2048)
+LAYER_SHAPE = {"head_groups": 15, "heads": 32, "w": 64, "vector_groups": 16, "n_d": 49, "c": 256, "d": 2048}
+LAYER_SHAPE_TINY = {"head_groups": 3, "heads": 4, "w": 16, "vector_groups": 2, "n_d": 5, "c": 24, "d": 32}
+
+
+def run_layer_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> list[dict]:
+    """``ops.score_edges_into`` on one layer's chunk against many upstream groups — the scorer's real call: the
+    torch path makes every group's contributions into one block and runs one GEMM; Triton a kernel per group and
+    one reduction; cuda/cpp a kernel and an add per group. Time and error against the fp64 oracle."""
+    from ct_fast import ops
+
+    shape = shape or (LAYER_SHAPE if torch.device(device).type == "cuda" else LAYER_SHAPE_TINY)
+    hg, n, w, vg, n_d, c, d = (shape[k] for k in ("head_groups", "heads", "w", "vector_groups", "n_d", "c", "d"))
+    g = torch.Generator().manual_seed(0)
+    sources = [(torch.randn(c, n * w, generator=g).to(device, dtype),
+                (torch.randn(n, w, d, generator=g) / w ** 0.5).to(device, dtype)) for _ in range(hg)]
+    sources += [(torch.randn(c, d, generator=g).to(device, dtype), None) for _ in range(vg)]
+    G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
+    want = torch.cat([ops.reference.score_edges(x.double(), None if W is None else W.double(), G.double())
+                      for x, W in sources])
+    out = torch.zeros(hg * n + vg, n_d, device=device)
+    flops = 2 * hg * n * c * w * d + 2 * (hg * n + vg) * n_d * c * d
+
+    def call():
+        return ops.score_edges_into(out.zero_(), sources, G)
+
+    return _per_backend("score_edges_layer", device, dtype, shape, backends or _backends(device), call, want, flops)
+
+
 # the residual gradients of a Llama-3.2-1B-shaped layer's 32 query heads (one projection, RMSNorm) and of its MLP
 # cut into 64 nodes of 128 (gate and up), 2048 tokens of d_model 2048
 RESID_SHAPES = [{"n": 32, "w": 64, "terms": 1, "c": 2048, "d": 2048}, {"n": 64, "w": 128, "terms": 2, "c": 2048,
@@ -221,7 +252,7 @@ if __name__ == "__main__":
           f" max rel diff {r['max_rel_diff']:.1e}")
     recs = [r]
     for dtype in (torch.float32, torch.bfloat16):
-        for o in run_ops(a.device, dtype) + run_residual_ops(a.device, dtype):
+        for o in run_ops(a.device, dtype) + run_layer_ops(a.device, dtype) + run_residual_ops(a.device, dtype):
             recs.append(o)
             print(f"{o['bench']} {o['dtype']:>14} {o['backend']:>6}: " + (
                 f"skipped ({o['skipped']})" if "skipped" in o else

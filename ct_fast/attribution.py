@@ -451,8 +451,8 @@ class EdgeScorer:
         for k, a in plan.ups:  # consecutive groups read by the same G rows, up to per_batch nodes
             ug = self.graph.upstream_groups[k]
             n = len(ug.names)
-            full = nodes + n > per_batch if per_batch else ug.first != end  # fused: raw rows must follow on
-            if batch and (batch[0][1] != a or full):
+            full = per_batch is not None and nodes + n > per_batch
+            if batch and (batch[0][1] != a or full or ug.first != end):  # raw rows must follow on
                 self._score_batch(plan, batch, nodes, Gs, start, stop)
                 batch, nodes = [], 0
             batch.append((k, a))
@@ -465,26 +465,16 @@ class EdgeScorer:
         return self.sources[k][start:stop].to(self.score_dtype)
 
     def _score_batch(self, plan: LayerPlan, batch: list, nodes: int, Gs: torch.Tensor, start: int, stop: int):
-        """Score upstream groups ``batch`` (all read by G rows ``a:``) against the layer's gradients."""
+        """Score upstream groups ``batch`` (all read by G rows ``a:``, their raw rows following on) against the
+        layer's gradients: one ``score_edges_into`` call (on the torch path its contributions go to a scratch
+        buffer kept for the backward)."""
         a, cols = batch[0][1], slice(plan.col0 + batch[0][1], plan.col0 + plan.n_nodes)
-        groups = [self.graph.upstream_groups[k] for k, _ in batch]
-        if self.fused:  # the groups' raw rows follow on (see _accumulate)
-            ops.score_edges_into(self.raw[groups[0].first:groups[0].first + nodes, cols],
-                                 [(self._source(k, start, stop), self.up_weight[k]) for k, _ in batch], Gs[a:],
-                                 alpha=self.factor)
-            return
-        A = self._buffer("contributions", (nodes, stop - start, self.graph.d_model), self.score_dtype)
-        r = 0
-        for (k, _), ug in zip(batch, groups):
-            n = len(ug.names)
-            ops.heads_to_residual(self._source(k, start, stop), self.up_weight[k], out=A[r:r + n])
-            r += n
-        S = (A.view(nodes, -1) @ Gs[a:].reshape(Gs.shape[0] - a, -1).t()).float()  # [nodes, n_read]
-        r = 0
-        for ug in groups:
-            n = len(ug.names)
-            self.raw[ug.first:ug.first + n, cols].add_(S[r:r + n], alpha=self.factor)
-            r += n
+        first = self.graph.upstream_groups[batch[0][0]].first
+        workspace = None if self.fused else self._buffer("contributions", (nodes, stop - start, self.graph.d_model),
+                                                         self.score_dtype)
+        ops.score_edges_into(self.raw[first:first + nodes, cols],
+                             [(self._source(k, start, stop), self.up_weight[k]) for k, _ in batch], Gs[a:],
+                             alpha=self.factor, workspace=workspace)
 
 
 class AttributionRun:

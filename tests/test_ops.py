@@ -108,7 +108,8 @@ def test_score_edges_into_accumulates_a_block(device, backend, c, dtype):
     """Several upstream groups (heads of three widths, one too wide for the kernel, and a residual-vector group)
     scored against one gradient block and added, scaled, into a strided block of a larger score matrix: the block
     gets ``alpha x`` the per-group scores on top of what it held, every element outside it keeps its bits (NaN
-    poison), and the same inputs give the same bits."""
+    poison), and the same inputs give the same bits (a NaN-filled workspace for the torch path's contributions
+    included)."""
     g = _gen(c + 3)
     n_d, d = 5, 24
     widths = [(3, 8), (2, 100), (1, None), (4, 16)]  # (heads, width); 100 > the fp32 kernel's 64: torch path
@@ -136,7 +137,8 @@ def test_score_edges_into_accumulates_a_block(device, backend, c, dtype):
     assert got[outside].isnan().all()
     again = big.clone()
     again[2:2 + rows, 1:1 + n_d].copy_(start)
-    ops.score_edges_into(again[2:2 + rows, 1:1 + n_d], sources, G, alpha=-0.75)
+    workspace = torch.full((rows * c * d + 5,), float("nan"), dtype=dtype, device=device)  # the torch path's block
+    ops.score_edges_into(again[2:2 + rows, 1:1 + n_d], sources, G, alpha=-0.75, workspace=workspace)
     assert torch.equal(again[2:2 + rows, 1:1 + n_d], big[2:2 + rows, 1:1 + n_d])
     with pytest.raises(CTFastError, match="score 10 rows, out has 9"):
         ops.score_edges_into(block[:9], sources, G)

@@ -173,15 +173,32 @@ def score_edges(delta: torch.Tensor, up_weight, grad_down: torch.Tensor) -> torc
     return _call("score_edges", b, delta, up_weight, grad_down)
 
 
-def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha: float = 1.0,
+                     workspace: torch.Tensor | None = None) -> torch.Tensor:
     """``out += alpha * score_edges(delta_i, W_i, grad_down)`` stacked by rows over ``sources`` (a list of
-    ``(delta_i, W_i)`` upstream groups, ``out`` fp32 ``[sum n_u_i, n_d]``, any strides). On Triton one scoring
-    kernel per group and one reduction into ``out`` (``len(sources) + 1`` launches, not 3 per group); groups
-    whose heads are too wide for the kernel, and the other backends, take ``score_edges`` + ``add_`` per group."""
+    ``(delta_i, W_i)`` upstream groups, ``out`` fp32 ``[sum n_u_i, n_d]``, any strides): one layer's gradient
+    block scored against many upstream groups at once.
+
+    - Triton: a scoring kernel per group and one reduction into ``out`` (``len(sources) + 1`` launches);
+    - torch: every group's contributions written into one ``[sum n_u_i, c, d]`` block (``workspace``: a buffer of
+      at least that many elements in ``grad_down``'s dtype, else allocated), then one GEMM with ``grad_down`` —
+      G is read once for all the groups, not once per group;
+    - cpp/cuda, and heads too wide for the Triton kernel: ``score_edges`` + ``add_`` per group."""
     rows = sum(1 if w is None else w.shape[0] for _, w in sources)
     if rows != out.shape[0]:  # before anything is written
         raise CTFastError(f"score_edges_into: the sources score {rows} rows, out has {out.shape[0]}")
     b = choose_backend("score_edges", grad_down.device, (grad_down.dtype,))
+    if b == "torch":
+        n_d, c, d = grad_down.shape
+        size = rows * c * d
+        if workspace is None or workspace.numel() < size:
+            workspace = torch.empty(size, dtype=grad_down.dtype, device=grad_down.device)
+        A, r = workspace[:size].view(rows, c, d), 0
+        for delta, up_weight in sources:
+            n = 1 if up_weight is None else up_weight.shape[0]
+            heads_to_residual(delta, up_weight, out=A[r:r + n], dtype=grad_down.dtype)
+            r += n
+        return out.add_((A.view(rows, -1) @ grad_down.reshape(n_d, -1).t()).float(), alpha=alpha)
     fused, r = [], 0
     if b == "triton":
         from ..kernels.score_edges import max_head_width

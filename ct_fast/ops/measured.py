@@ -7,8 +7,9 @@ regenerates it; a test checks it matches the committed results):
 
     {"score_edges": {"torch.bfloat16": ["triton", "torch"], "torch.float32": ["torch"]}, ...}
 
-Per (op, dtype) the backends, fastest first, that beat the torch path in every measured case with an error
-within the dtype's band, then ``torch``. An (op, dtype) the table names runs the first of its list that can run
+Per (op, dtype) the backends, fastest first (by their time relative to the torch path, summed over the cases),
+that beat the torch path in every measured case of every benchmark of the op with an error within the dtype's
+band, then ``torch``. An (op, dtype) the table names runs the first of its list that can run
 the call; one it does not name keeps the default order (``ops.AUTO_SKIP``). So a measurement can also take a
 kernel out of ``auto`` (an entry with ``torch`` alone).
 """
@@ -24,6 +25,8 @@ PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_choices.jso
 # bench record -> (op, time field, error field or None, the fields that name one measured case)
 BENCHES = {
     "score_edges_op": ("score_edges", "ms", "max_rel_err", ("n_u", "w", "n_d", "c", "d")),
+    "score_edges_layer": ("score_edges", "ms", "max_rel_err", ("head_groups", "heads", "w", "vector_groups", "n_d",
+                                                               "c", "d")),
     "masked_dw": ("masked_weight_grad", "masked_ms", "max_rel_err_vs_torch", ("tokens", "d", "d_ff", "fraction",
                                                                              "selection")),
     "masked_adamw": ("masked_adamw_", "masked_ms", None, ("params", "fraction")),
@@ -38,7 +41,9 @@ _table: dict | None = None
 
 def derive(records: list[dict]) -> dict:
     """``{op: {dtype: [backends fastest first..., "torch"]}}`` from GPU op-benchmark records (see module doc)."""
-    cases: dict = defaultdict(lambda: defaultdict(dict))  # (op, dtype) -> case -> backend -> record
+    # (op, dtype) -> (bench, case) -> backend -> record: an op measured by several benches (score_edges: one block,
+    # and a layer's chunk against many groups) must win in every case of every one
+    cases: dict = defaultdict(lambda: defaultdict(dict))
     for r in records:
         spec = BENCHES.get(r.get("bench"))
         if spec is None or not str(r.get("device", "")).startswith("cuda") or "skipped" in r:
@@ -46,21 +51,20 @@ def derive(records: list[dict]) -> dict:
         op, t_key, _, case_keys = spec
         if r.get(t_key) is None:
             continue
-        cases[(r["bench"], r["dtype"])][tuple(r.get(k) for k in case_keys)][r["backend"]] = r
+        cases[(op, r["dtype"])][(r["bench"], tuple(r.get(k) for k in case_keys))][r["backend"]] = r
     table: dict = {}
-    for (bench, dtype), by_case in sorted(cases.items()):
-        op, t_key, e_key, _ = BENCHES[bench]
+    for (op, dtype), by_case in sorted(cases.items()):
         if not all("torch" in per for per in by_case.values()):
             continue  # no baseline in some case: nothing to compare with
         band = ERROR_BAND.get(dtype, 0.0)
         totals = {}
         for b in {b for per in by_case.values() for b in per} - {"torch"}:
-            runs = [per.get(b) for per in by_case.values()]
-            if any(r is None or r[t_key] >= per["torch"][t_key] for r, per in zip(runs, by_case.values())):
+            runs = [(per.get(b), per["torch"], BENCHES[bench]) for (bench, _), per in by_case.items()]
+            if any(r is None or r[t] >= base[t] for r, base, (_, t, _, _) in runs):
                 continue  # missing somewhere, or not faster everywhere
-            if e_key is not None and any(not (r.get(e_key, float("inf")) <= band) for r in runs):
+            if any(e is not None and not (r.get(e, float("inf")) <= band) for r, _, (_, _, e, _) in runs):
                 continue  # outside the dtype's error band (NaN included)
-            totals[b] = sum(r[t_key] for r in runs)
+            totals[b] = sum(r[t] / base[t] for r, base, (_, t, _, _) in runs)  # time relative to torch, summed
         table.setdefault(op, {})[dtype] = sorted(totals, key=totals.get) + ["torch"]
     return table
 
