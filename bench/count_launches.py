@@ -83,7 +83,7 @@ def _as_on_gpu(dtype: torch.dtype, d_model: int, real_d: int) -> list[str]:
     if "score_edges" in fused:
         ops.score_edges = lambda delta, w, g: torch.zeros(1 if w is None else w.shape[0], g.shape[0])
 
-        def score_edges_into(out, sources, g, alpha=1.0):  # a kernel per group, one reduction
+        def score_edges_into(out, sources, g, alpha=1.0, workspace=None):  # a kernel per group, one reduction
             for _ in sources:
                 torch.zeros(1)
             return out.add_(0.0)
