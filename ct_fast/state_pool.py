@@ -67,6 +67,7 @@ class RowPool:
         self.rows = 0  # R: global rows, members that left included
         self.capacity = 0  # C: the members' budgets, members that left included
         self.t: dict[str, torch.Tensor] = {}  # the tensors; empty until allocated
+        self._settled: torch.Tensor | None = None  # own slots: rows whose slot/owner entries stand (_assign_own)
 
     @property
     def allocated(self) -> bool:
@@ -84,6 +85,7 @@ class RowPool:
         entries = [e for e in entries if e[0] not in self.members]
         if not entries:
             return
+        self._settled = None
         R, C = self.rows, self.capacity
         for p, dim, n_rows, budget in entries:
             self.members[p] = Member(self.rows, n_rows, dim, budget)
@@ -102,6 +104,7 @@ class RowPool:
         """``p`` gives up its slots (zeroed, so a never-evicting pool still hands out zero state); in an allocated
         pool its rows' span and budget stay, unused (an unallocated one just forgets it)."""
         m = self.members.pop(p)
+        self._settled = None
         if not self.allocated:
             members, self.members, self.rows, self.capacity = self.members, {}, 0, 0
             self.join([(q, k.dim, k.n_rows, k.budget) for q, k in members.items()])
@@ -117,6 +120,7 @@ class RowPool:
         """The empty tensors, sized for every member registered so far (no-op once allocated)."""
         if self.allocated:
             return
+        self._settled = None
         R, C, dev = self.rows, self.capacity, self.device
         self.t = {"slot": torch.full((R,), -1, dtype=torch.long, device=dev),
                   "owner": torch.full((C,), -1, dtype=torch.long, device=dev),
@@ -184,21 +188,29 @@ class RowPool:
 
     def _assign_own(self, rows: torch.Tensor, clock, skip: torch.Tensor | None) -> torch.Tensor:
         """``assign`` in a pool with a slot per row: each row's slot is itself. Its state was zero until first
-        selected (allocated zero, zeroed by ``leave``), as a fresh slot's; nothing is evicted."""
+        selected (allocated zero, zeroed by ``leave``), as a fresh slot's; nothing is evicted.
+
+        The slot and owner entries of a row, once written, stay (until the pool changes: join, leave, load), so
+        when ``rows`` is the very tensor the previous unskipped call wrote (a fixed circuit's cached index) only
+        the time stamps are written: one launch instead of three."""
         slot, owner, last_used = self.t["slot"], self.t["owner"], self.t["last_used"]
         stamp = clock.expand(rows.numel()) if isinstance(clock, torch.Tensor) else \
             torch.full((rows.numel(),), clock, dtype=torch.long, device=rows.device)
         if skip is None:
-            for t, value in ((slot, rows), (owner, rows), (last_used, stamp)):
+            writes = ((slot, rows), (owner, rows), (last_used, stamp))
+            for t, value in writes[2:] if rows is self._settled else writes:
                 t.index_copy_(0, rows, value)
+            self._settled = rows  # held: the tensor cannot be freed and its id reused
         else:  # a skipped step changes nothing
             for t, value in ((slot, rows), (owner, rows), (last_used, stamp)):
                 t.index_copy_(0, rows, torch.where(skip, t.index_select(0, rows), value))
+            self._settled = None  # whether this step wrote them is known on the device only
         return rows
 
     def renumber_own(self) -> None:
         """Give every held row of a slot-per-row pool its own slot (a state_dict of an earlier version may number
         them otherwise); the state moves with its row. Load time only (host-side check)."""
+        self._settled = None
         slot = self.t["slot"]
         rows = (slot >= 0).nonzero().flatten()
         old = slot.index_select(0, rows)
@@ -216,6 +228,7 @@ class RowPool:
         """Load held rows of ``p`` (state_dict import): ``rows [m]`` get free slots (their own in a slot-per-row
         pool) and ``values`` (``step [m]``, each moment ``[m, width]``) and time stamps ``last_used [m]``.
         Host-side checks; load time only."""
+        self._settled = None
         g = self.global_rows(p, rows)
         free = (self.t["owner"] < 0).nonzero().flatten()
         if free.numel() < rows.numel():

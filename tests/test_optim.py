@@ -852,3 +852,58 @@ def test_loads_slot_per_row_pools_numbered_otherwise():
     _own_slot_run(resumed_params, 4, gen_seed=9, opt=opt)
     assert all(torch.equal(a, b) for a, b in zip(params, resumed_params))
     _assert_same_state(expected.state_dict(), opt.state_dict())
+
+
+def test_a_fixed_circuit_writes_only_time_stamps_and_matches_fresh_selections():
+    """Slot-per-row pools: steps on a fixed circuit (its cached row indices) write only the time stamps after the
+    first — one launch a parameter instead of three — and end with the same parameters and state as the same
+    steps with the circuit set anew every step (fresh indices: every entry written), through a circuit change, a
+    step skipped on the device (non-finite gradient under skip_nonfinite) and a checkpoint reload."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten.index_copy_.default
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(3)
+    circuits = []
+    while len(circuits) < 2:
+        masks = _random_masks(_pool_params(seed=8), gen)
+        if len(masks) >= 2:
+            circuits.append(masks)
+    runs = []
+    for fresh in (False, True):
+        params = _pool_params(seed=8)
+        opt = CircuitAdamW(params, lr=1e-2, weight_decay=0.1)
+        _reserve(opt, params)
+        copies = []
+        for step in range(9):
+            circuit = circuits[step >= 5]
+            if fresh or step in (0, 5, 7):
+                opt.set_circuit({params[i]: m.clone() for i, m in circuit.items()})
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g
+            opt.skip_nonfinite = step == 2
+            if step == 2:  # skipped on the device: the next step writes every entry again
+                next(params[i] for i in circuit).grad.view(-1)[0] = float("nan")
+            if step == 6:  # reload mid-run: the rebuilt pools know nothing of earlier writes
+                sd = copy.deepcopy(opt.state_dict())
+                opt = CircuitAdamW(params, lr=1e-2, weight_decay=0.1)
+                opt.load_state_dict(sd)
+                opt.set_circuit({params[i]: m.clone() for i, m in circuit.items()})
+            with Count() as count:
+                opt.step()
+            copies.append(count.n)
+        runs.append((params, opt, copies))
+    (params, opt, copies), (fresh_params, fresh_opt, fresh_copies) = runs
+    assert all(torch.equal(a, b) for a, b in zip(params, fresh_params))
+    _assert_same_state(opt.state_dict(), fresh_opt.state_dict())
+    for step in (1, 4, 8):  # a fixed circuit: time stamps only
+        assert copies[step] == fresh_copies[step] - 2 * len(circuits[step >= 5]), step
+    for step in (0, 2, 3, 5, 6, 7):  # first, skipped, after a skip, new circuit, reloaded, set again: everything
+        assert copies[step] == fresh_copies[step], step
