@@ -70,9 +70,14 @@ def cases() -> list[dict]:
                         kernel=se._score_edges_kernel, types={"delta_ptr": p, "w_ptr": p, "g_ptr": p, "s_ptr": "*fp32"},
                         constexprs=dict(HAS_W=has_w, OP=TL[dt], FP32_DOTS=dt == "fp32", BU=cfg["BU"],
                                         BW=width if has_w else 16, BN=cfg["BN"], BT=cfg["BT"], BK=cfg["BK"]),
-                        args=dict(n_u=32, w=width, n_d=49, c=2048, d=2048 * width // 64, tokens_per_split=32)
-                        if has_w else dict(n_u=1, w=2048, n_d=49, c=2048, d=2048, tokens_per_split=32),
+                        args=dict(n_u=32, w=width, n_d=49, c=2048, d=2048 * width // 64, tokens_per_split=32,
+                                  split_stride=496 * 49)  # a layer's run of 496 upstream nodes (score_edges_into)
+                        if has_w else dict(n_u=1, w=2048, n_d=49, c=2048, d=2048, tokens_per_split=32,
+                                           split_stride=496 * 49),
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    out.append(dict(name="score_edges split reduction", kernel=se._accumulate_partials_kernel,  # into a score block
+                    types={"p_ptr": "*fp32", "out_ptr": "*fp32", "alpha": "fp32"}, constexprs=dict(BLOCK=1024),
+                    args=dict(splits=64, n=496 * 49, n_cols=49, out_row_stride=1552, out_col_stride=1)))
     resid = [(dt, has_w, two, norm, {}) for dt, has_w, two, norm in (
         ("bf16", True, False, 1), ("bf16", True, True, 1), ("fp32", True, False, 2), ("bf16", False, False, 2),
         ("fp16", True, True, 0), ("fp32", True, True, 1))]
