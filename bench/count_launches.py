@@ -1,9 +1,10 @@
 """Kernel launches and host syncs of one attribution (forward with capture + scoring backward), or of one whole
 circuit-tuning step (``--step MODE``: attribution, selection, masked weight gradients, optimizer), as a GPU would
-issue them, counted on the CPU: a named shape's topology (layers, heads, KV heads, tokens) at a small d_model, the GPU's scoring chunk
-budget scaled by d_model alike (so the token chunks are the GPU's), and ``auto``'s measured GPU kernel choices; a
-fused kernel (Triton ``score_edges``/``residual_grads``) counts as one launch. Ops are counted where they reach
-the device (``TorchDispatchMode``, views excluded), by the line that issued them.
+issue them, counted on the CPU: a named shape's topology (layers, heads, KV heads, tokens) at a small d_model, the
+GPU's scoring chunk budget scaled by d_model alike (so the token chunks are the GPU's), and ``auto``'s measured GPU
+kernel choices (``--scoring torch|triton`` overrides the score kernel's); a fused Triton kernel counts as the
+launches it makes. Ops are counted where they reach the device (``TorchDispatchMode``, views excluded), by the line
+that issued them.
 
     python bench/count_launches.py [--model llama-1B --batch 8 --seq 512 --d-model 256] [--out launches.json]
     python bench/count_launches.py --step two_pass      # a faithful tuner step (the second of two: warm state)
@@ -71,13 +72,16 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _as_on_gpu(dtype: torch.dtype, d_model: int, real_d: int) -> list[str]:
-    """Patch the scorer to chunk, cast and dispatch as on a GPU; returns the ops stubbed as their launches."""
+def _as_on_gpu(dtype: torch.dtype, d_model: int, real_d: int, scoring: str = "measured") -> list[str]:
+    """Patch the scorer to chunk, cast and dispatch as on a GPU (``scoring``: the score kernel's backend, or the
+    measured choice); returns the ops stubbed as their launches."""
     budget = attribution.GPU_CHUNK_ELEMENTS * d_model // real_d
     attribution.chunk_elements = lambda device: budget
     attribution.scoring_dtype = lambda param: param.dtype  # a GPU scores bf16/fp16 models in their dtype
     fused = [op for op in ("score_edges", "residual_grads") if (measured.gpu_order(op, (dtype,)) or ["torch"])[0]
              == "triton"]
+    if scoring != "measured":
+        fused = [op for op in fused if op != "score_edges"] + (["score_edges"] if scoring == "triton" else [])
     choose = ops.choose_backend
     ops.choose_backend = lambda op, device, dtypes=(): "triton" if op in fused else choose(op, device, dtypes)
     if "score_edges" in fused:
@@ -131,7 +135,7 @@ def scoring_flops(model_name: str = "llama-1B", batch: int = 8, seq: int = 512) 
 
 
 def count(model_name: str = "llama-1B", batch: int = 8, seq: int = 512, d_model: int = 256, dtype="bf16",
-          top: int = 25, step: str | None = None, fraction: float = 0.05) -> dict:
+          top: int = 25, step: str | None = None, fraction: float = 0.05, scoring: str = "measured") -> dict:
     """One attribution's launches, or (``step``: a memory mode) those of a faithful tuner step on a circuit of
     about ``fraction`` of the parameters, or (``step="full"``) of a full fine-tuning step; the step counted is
     the second (optimizer state and caches warm)."""
@@ -142,7 +146,7 @@ def count(model_name: str = "llama-1B", batch: int = 8, seq: int = 512, d_model:
     heads = cfg.num_attention_heads if hasattr(cfg, "num_attention_heads") else cfg.n_head
     real_d = cfg.hidden_size
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    fused = _as_on_gpu(torch_dtype, d_model, real_d)
+    fused = _as_on_gpu(torch_dtype, d_model, real_d, scoring)
     cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size = d_model, 2 * d_model, 512
     if hasattr(cfg, "head_dim"):
         cfg.head_dim = d_model // heads
@@ -172,10 +176,10 @@ def count(model_name: str = "llama-1B", batch: int = 8, seq: int = 512, d_model:
         run()
     rows = [{"op": op, "where": where, "count": n} for (op, where), n in counter.counts.most_common(top)]
     syncs = [{"op": op, "where": where, "count": n} for (op, where), n in counter.syncs.most_common(top)]
+    what = "attribution" if step is None else "full fine-tuning step" if step == "full" else f"step ({step})"
     return {"model": model_name, "batch": batch, "seq": seq, "d_model": d_model, "real_d_model": real_d,
-            "dtype": dtype, "what": "attribution" if step is None else "full fine-tuning step" if step == "full" else f"step ({step})",
-            "fused_as_one_launch": fused, "ops": sum(counter.counts.values()), "syncs": sum(counter.syncs.values()),
-            "top": rows, "top_syncs": syncs}
+            "dtype": dtype, "what": what, "scoring": scoring, "fused_kernels": fused,
+            "ops": sum(counter.counts.values()), "syncs": sum(counter.syncs.values()), "top": rows, "top_syncs": syncs}
 
 
 def main(argv=None) -> dict:
@@ -189,6 +193,8 @@ def main(argv=None) -> dict:
                     help="count a whole faithful tuner step in this memory mode, or a full fine-tuning step "
                          "(default: one attribution)")
     ap.add_argument("--fraction", type=float, default=0.05, help="--step: the circuit's share of the parameters")
+    ap.add_argument("--scoring", default="measured", choices=["measured", "torch", "triton"],
+                    help="the score kernel's backend (default: auto's measured GPU choice for the dtype)")
     ap.add_argument("--flops", action="store_true", help="also the scoring FLOPs at the real size vs full FT's")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -198,9 +204,9 @@ def main(argv=None) -> dict:
               f"{f['residual_flops'] / 1e12:.2f}, contributions {f['contribution_flops'] / 1e12:.2f}, products "
               f"{f['product_flops'] / 1e12:.2f}) = {f['scoring_vs_full']:.2f}x a full fine-tuning step's "
               f"{f['full_step_flops'] / 1e12:.1f} TFLOP")
-    rec = count(a.model, a.batch, a.seq, a.d_model, a.dtype, step=a.step, fraction=a.fraction)
+    rec = count(a.model, a.batch, a.seq, a.d_model, a.dtype, step=a.step, fraction=a.fraction, scoring=a.scoring)
     print(f"{a.model} ({a.batch} x {a.seq} tokens, {a.dtype}): ~{rec['ops']} launches and {rec['syncs']} host syncs "
-          f"per {rec['what']} (fused as one: {', '.join(rec['fused_as_one_launch']) or 'none'})")
+          f"per {rec['what']} (fused kernels: {', '.join(rec['fused_kernels']) or 'none'})")
     for r in rec["top"]:
         print(f"{r['count']:7d}  {r['op']:24s} {r['where']}")
     for r in rec["top_syncs"]:
