@@ -723,6 +723,8 @@ class AttributionRun:
             for i in range(0, rows.shape[0], step):
                 part = (rows[i:i + step] * keep[rows.dtype][i:i + step]).sum(0, dtype=torch.float32)
                 total = part if total is None else total.add_(part)
+            if total is None:  # no rows at all
+                total = torch.zeros(rows.shape[1], dtype=torch.float32, device=rows.device)
             out.append(total / count)
         return out
 
