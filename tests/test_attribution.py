@@ -159,6 +159,25 @@ def test_no_per_node_activation_buffer_and_no_weight_grads(monkeypatch):
     assert_close(got.scores, attribute(model, batch, graph=g).scores)  # chunking changes nothing but rounding
 
 
+def test_training_forwards_build_no_kv_cache():
+    """Every forward ct_fast runs passes ``use_cache=False``: HF builds a KV cache by default even in training (a copy
+    of every layer's keys and values, held with the output), which no step reads; and a tuner step's backward
+    forms no gradient for the scalar that routes it through the taps (it only routes)."""
+    from ct_fast.attribution import model_inputs
+
+    model = tiny_model("llama", num_hidden_layers=2, vocab_size=16)
+    batch = random_batch(16, batch=2, seq=8)
+    assert model_inputs(batch)["use_cache"] is False
+    assert model(**model_inputs(batch)).past_key_values is None
+    tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=1e-3), top_n=5,
+                                 memory_mode="two_pass")
+    updates = []
+    hook = tuner.session.anchor.register_hook(lambda g: updates.append(g))
+    tuner.step(batch)
+    hook.remove()
+    assert all(g is None for g in updates) and tuner.session.anchor.grad is None  # (hooks may see None)
+
+
 @pytest.mark.triton
 def test_fused_scoring_is_chunk_invariant(monkeypatch):
     """The fused path (Triton scoring and residual kernels) in many token chunks — each chunk slicing the norms'
