@@ -551,7 +551,7 @@ class AttributionRun:
         if not stored:  # the forward did not run (it raised)
             return
         valid = recording.valid
-        shifts, sources = [], []
+        sources = []
         if self.ablation == "mean":  # each source's mean (a derived one: the difference of its two tensors')
             parts = [derived[i] if i in derived else (key,) for i, key in enumerate(self.up_keys)]
             means = iter(self._token_means([stored[k] for keys in parts for k in keys], valid))
@@ -562,7 +562,6 @@ class AttributionRun:
                 sources.append(_Difference(rows.select(after), rows.select(before)))
                 continue
             sources.append(rows.compact(stored[key] if baseline is None else stored[key] - baseline[key]))
-        shifts = shifts or [None] * len(sources)
         node_means = None
         if self.ablation == "mean":
             recording.means = self._node_means(shifts)

@@ -146,9 +146,9 @@ def _launch(delta, up_weight, n_u, w, grad_down, partials, splits, config):
                               num_stages=cfg["num_stages"], num_warps=cfg["num_warps"])
 
 
-def token_splits(c: int, config=None) -> int:
+def token_splits(c: int, dtype: torch.dtype, config=None) -> int:
     """Token splits of a ``c``-row block (up to 64 programs along the tokens; each a multiple of the BT tile)."""
-    BT = {**tile_config(torch.bfloat16), **(config or {})}["BT"]
+    BT = {**tile_config(dtype), **(config or {})}["BT"]
     splits = max(1, min(triton.cdiv(c, BT), 64))
     return triton.cdiv(c, triton.cdiv(triton.cdiv(c, splits), BT) * BT)
 
@@ -166,7 +166,7 @@ def score_edges(delta, up_weight, grad_down, config=None):
     n_d, c, d = grad_down.shape
     if n_u == 0 or n_d == 0 or c == 0:
         return torch.zeros(n_u, n_d, dtype=torch.float32, device=delta.device)
-    splits = token_splits(c, config)
+    splits = token_splits(c, dt, config)
     partials = torch.empty(splits, n_u, n_d, dtype=torch.float32, device=delta.device)  # every element written
     _launch(delta, up_weight, n_u, w, grad_down, partials, splits, config)
     return partials.sum(0)
@@ -187,7 +187,7 @@ def score_edges_into(out, sources, grad_down, alpha=1.0, config=None):
                          f"[{rows}, {n_d}] fp32")
     if rows == 0 or n_d == 0 or c == 0:
         return out
-    splits = token_splits(c, config)
+    splits = token_splits(c, dt, config)
     partials = torch.empty(splits, rows, n_d, dtype=torch.float32, device=out.device)  # every element written
     r = 0
     for delta, up_weight, n_u, w in prepared:

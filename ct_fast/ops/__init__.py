@@ -165,12 +165,16 @@ def score_edges(delta: torch.Tensor, up_weight, grad_down: torch.Tensor) -> torc
     takes heads up to ``kernels.score_edges.max_head_width`` (128 in bf16/fp16, 64 in fp32); wider ones (an
     unsplit MLP) run the torch path."""
     b = choose_backend("score_edges", delta.device, (delta.dtype, grad_down.dtype))
-    if b == "triton" and up_weight is not None:
-        from ..kernels.score_edges import max_head_width
-
-        if up_weight.shape[1] > max_head_width(grad_down.dtype):
-            b = "torch"
+    if b == "triton" and not _score_kernel_takes(up_weight, grad_down.dtype):
+        b = "torch"
     return _call("score_edges", b, delta, up_weight, grad_down)
+
+
+def _score_kernel_takes(up_weight, dtype: torch.dtype) -> bool:
+    """Whether the Triton scoring kernel takes this group's heads (``kernels.score_edges.max_head_width``)."""
+    from ..kernels.score_edges import max_head_width
+
+    return up_weight is None or up_weight.shape[1] <= max_head_width(dtype)
 
 
 def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha: float = 1.0,
@@ -201,12 +205,9 @@ def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha:
         # added in fp32 straight from the GEMM's output dtype (the same values as a .float() copy, one launch less)
         return out.add_(A.view(rows, -1) @ grad_down.reshape(n_d, -1).t(), alpha=alpha)
     fused, r = [], 0
-    if b == "triton":
-        from ..kernels.score_edges import max_head_width
-
     for delta, up_weight in sources:
         n = 1 if up_weight is None else up_weight.shape[0]
-        if b == "triton" and (up_weight is None or up_weight.shape[1] <= max_head_width(grad_down.dtype)):
+        if b == "triton" and _score_kernel_takes(up_weight, grad_down.dtype):
             fused.append((r, n, delta, up_weight))
         else:
             out[r:r + n].add_(_call("score_edges", "torch" if b == "triton" else b, delta, up_weight, grad_down),
