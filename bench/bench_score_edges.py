@@ -118,15 +118,20 @@ def run_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> lis
 # one token chunk of the deepest layers' scoring in a Llama-3.2-1B-shaped model: the 49 nodes of a layer against
 # every earlier upstream group — 15 attention layers (32 heads of 64) and 16 vector groups (the embedding and the
 # MLP outputs) — 256 tokens of d_model 2048 (the torch path's block of contributions: 496 x 256 x 2048)
-LAYER_SHAPE = {"head_groups": 15, "heads": 32, "w": 64, "vector_groups": 16, "n_d": 49, "c": 256, "d": 2048}
+# the last span (two layers, 98 nodes) of a Llama-3.2-1B-shaped model against its 15 attention and 16 residual-vector
+# upstream groups, 2048 tokens scored in the chunks each path takes in the scorer (torch: 264 rows, as its
+# contribution block is [496, c, d]; the fused kernel: 1337)
+LAYER_SHAPE = {"head_groups": 15, "heads": 32, "w": 64, "vector_groups": 16, "n_d": 98, "c": 2048, "d": 2048}
 LAYER_SHAPE_TINY = {"head_groups": 3, "heads": 4, "w": 16, "vector_groups": 2, "n_d": 5, "c": 24, "d": 32}
 
 
 def run_layer_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> list[dict]:
-    """``ops.score_edges_into`` on one layer's chunk against many upstream groups — the scorer's real call: the
-    torch path makes every group's contributions into one block and runs one GEMM; Triton a kernel per group and
-    one reduction; cuda/cpp a kernel and an add per group. Time and error against the fp64 oracle."""
+    """``ops.score_edges_into`` on one layer span's gradients against many upstream groups — the scorer's real
+    calls, in the token chunks the scorer takes for the backend (``attribution.scoring_chunk``): the torch path
+    makes every group's contributions into one block and runs one GEMM per chunk; Triton one launch for all the
+    head groups, one for all the vectors and one reduction per chunk. Time and error against the fp64 oracle."""
     from ct_fast import ops
+    from ct_fast.attribution import chunk_elements, scoring_chunk
 
     shape = shape or (LAYER_SHAPE if torch.device(device).type == "cuda" else LAYER_SHAPE_TINY)
     hg, n, w, vg, n_d, c, d = (shape[k] for k in ("head_groups", "heads", "w", "vector_groups", "n_d", "c", "d"))
@@ -137,12 +142,23 @@ def run_layer_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) 
     G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
     want = torch.cat([ops.reference.score_edges(x.double(), None if W is None else W.double(), G.double())
                       for x, W in sources])
-    out = torch.zeros(hg * n + vg, n_d, device=device)
-    flops = 2 * hg * n * c * w * d + 2 * (hg * n + vg) * n_d * c * d
+    rows = hg * n + vg
+    out = torch.zeros(rows, n_d, device=device)
+    flops = 2 * hg * n * c * w * d + 2 * rows * n_d * c * d
+    budget = chunk_elements(device) if torch.device(device).type == "cuda" else 4 * n_d * d  # tiny: 4-row chunks
 
     def call():
-        return ops.score_edges_into(out.zero_(), sources, G)
+        fused = ops.choose_backend("score_edges", G.device, (dtype,)) == "triton"
+        chunk = scoring_chunk(n_d, rows, d, budget, fused)
+        workspace = None if fused else torch.empty(rows * min(chunk, c) * d, dtype=dtype, device=device)
+        out.zero_()
+        for a in range(0, c, chunk):
+            ops.score_edges_into(out, [(x[a:a + chunk], W) for x, W in sources], G[:, a:a + chunk],
+                                 workspace=workspace)
+        return out
 
+    if backends is None and torch.device(device).type == "cuda":
+        backends = ["torch", "triton"]  # cuda: a kernel and an add per group (~100x the torch path's time)
     return _per_backend("score_edges_layer", device, dtype, shape, backends or _backends(device), call, want, flops)
 
 

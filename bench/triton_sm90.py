@@ -67,12 +67,14 @@ def cases() -> list[dict]:
         out.append(dict(name=f"score_edges {dt} {'heads' if has_w else 'residual'}" + (f" w={width}" if width != 64
                                                                                         else "")
                         + (f" {variant}" if variant else ""),
-                        kernel=se._score_edges_kernel, types={"delta_ptr": p, "w_ptr": p, "g_ptr": p, "s_ptr": "*fp32"},
-                        constexprs=dict(HAS_W=has_w, OP=TL[dt], FP32_DOTS=dt == "fp32", BU=cfg["BU"],
-                                        BW=width if has_w else 16, BN=cfg["BN"], BT=cfg["BT"], BK=cfg["BK"]),
-                        args=dict(n_u=32, w=width, n_d=49, c=2048, d=2048 * width // 64, tokens_per_split=32,
-                                  split_stride=496 * 49)  # a layer's run of 496 upstream nodes (score_edges_into)
-                        if has_w else dict(n_u=1, w=2048, n_d=49, c=2048, d=2048, tokens_per_split=32,
+                        kernel=se._score_edges_kernel, types={"table_ptr": "*i64", "g_ptr": p, "s_ptr": "*fp32"},
+                        constexprs=dict(HAS_W=has_w, OP=TL[dt], FP32_DOTS=dt == "fp32",
+                                        ALIGN=128 // TL[dt].primitive_bitwidth, BU=cfg["BU"], BW=width if has_w else 16, BN=cfg["BN"], BT=cfg["BT"],
+                                        BK=cfg["BK"]),
+                        # one grouped launch of a layer's run of 496 upstream nodes (score_edges_into)
+                        args=dict(n_vec=0, w=width, n_d=49, c=2048, d=2048 * width // 64, tokens_per_split=32,
+                                  split_stride=496 * 49)
+                        if has_w else dict(n_vec=16, w=2048, n_d=49, c=2048, d=2048, tokens_per_split=32,
                                            split_stride=496 * 49),
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     out.append(dict(name="score_edges split reduction", kernel=se._accumulate_partials_kernel,  # into a score block

@@ -25,25 +25,52 @@ import triton.language as tl
 
 
 @triton.jit
-def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, tokens_per_split, split_stride,
-                        HAS_W: tl.constexpr,  # False: delta rows already are residual vectors (w == d, n_u == 1)
+def _score_edges_kernel(table_ptr, g_ptr, s_ptr, n_vec, w, n_d, c, d, tokens_per_split, split_stride,
+                        HAS_W: tl.constexpr,  # heads (z @ W) or residual vectors (the rows themselves)
                         OP: tl.constexpr,  # the operand dtype: the contribution is rounded to it between the dots
                         FP32_DOTS: tl.constexpr,  # dots on fp32 operands, IEEE (fp32 inputs; bf16 when interpreted)
+                        ALIGN: tl.constexpr,  # elements every table address, row stride and d are multiples of
                         BU: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
-    u_offs = tl.program_id(0) * BU + tl.arange(0, BU)
+    """One launch scores many upstream groups (``table_ptr``, int64 rows built by ``_tables``):
+
+    - ``HAS_W``: program_id(0) is one block of up to BU heads of one group, its row ``[z offset, W offset,
+      heads in the group, first head of the block, score row of the group's head 0]`` (``z`` ``[c, n_u * w]``,
+      ``W`` ``[n_u, w, d]``, both contiguous; one head width ``w`` per launch);
+    - else: program_id(0) covers residual vectors ``pid * BU ...`` of ``n_vec``, a row ``[offset, score row]``
+      each (``[c, d]`` contiguous rows).
+
+    Offsets are in elements from ``g_ptr`` (any sign): a pointer made from G's keeps what the compiler knows of
+    its alignment (an address loaded as an integer would not), so the loads vectorise.
+
+    Programs of one (downstream block, token split) are adjacent in launch order: the groups' blocks running
+    together read the same G tiles (from L2 once one of them has)."""
+    pid = tl.program_id(0)
     n_offs = tl.program_id(1) * BN + tl.arange(0, BN)
     t_begin = tl.program_id(2) * tokens_per_split
-    u_mask, n_mask = u_offs < n_u, n_offs < n_d
+    n_mask = n_offs < n_d
     i_offs = tl.arange(0, BW)
+    if HAS_W:
+        row = table_ptr + pid * 5
+        z_ptr = g_ptr + tl.multiple_of(tl.load(row), ALIGN)  # element offsets from G: G's alignment carries over
+        w_ptr = g_ptr + tl.multiple_of(tl.load(row + 1), ALIGN)
+        n_u = tl.load(row + 2).to(tl.int32)
+        u_offs = tl.load(row + 3).to(tl.int32) + tl.arange(0, BU)
+        rows = tl.load(row + 4).to(tl.int32) + u_offs
+        z_stride = tl.multiple_of(n_u * w, ALIGN)  # z's row stride (elements)
+        u_mask = u_offs < n_u
+    else:
+        u_offs = pid * BU + tl.arange(0, BU)
+        u_mask = u_offs < n_vec
+        v_offs = tl.multiple_of(tl.load(table_ptr + u_offs * 2, mask=u_mask, other=0), ALIGN)
+        rows = tl.load(table_ptr + u_offs * 2 + 1, mask=u_mask, other=0).to(tl.int32)
     acc = tl.zeros((BN, BU), dtype=tl.float32)  # transposed: M = downstream nodes, so the second dot is a wgmma
     j = tl.arange(0, BT * BK)  # the flattened (token, d_model) index of one tile
     for t0 in range(0, tokens_per_split, BT):  # tokens_per_split: a multiple of BT
         t_offs = (t_begin + t0 + tl.arange(0, BT)).to(tl.int64)  # 64-bit offsets: G may hold over 2^31 elements
         t_mask = t_offs < c
         j_t = t_begin + t0 + j // BK
-        if HAS_W:  # [BU, BT, BW]: each upstream node's head activations
-            z = tl.load(delta_ptr + t_offs[None, :, None] * (n_u * w) + u_offs[:, None, None] * w
-                        + i_offs[None, None, :],
+        if HAS_W:  # [BU, BT, BW]: each upstream head's activations
+            z = tl.load(z_ptr + t_offs[None, :, None] * z_stride + u_offs[:, None, None] * w + i_offs[None, None, :],
                         mask=u_mask[:, None, None] & t_mask[None, :, None] & (i_offs[None, None, :] < w), other=0.0)
         for k0 in range(0, d, BK):
             k_offs = k0 + tl.arange(0, BK)
@@ -57,10 +84,9 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
                     a = tl.dot(z.to(tl.float32), wt.to(tl.float32), input_precision="ieee")  # [BU, BT, BK]
                 else:
                     a = tl.dot(z, wt)  # tensor cores, fp32 accumulation
-            else:
-                a = tl.load(delta_ptr + u_offs[:, None, None] * 0 + t_offs[None, :, None] * d + k_offs[None, None, :],
-                            mask=(u_offs[:, None, None] == 0) & t_mask[None, :, None] & k_mask[None, None, :],
-                            other=0.0)
+            else:  # [BU, BT, BK]: each vector's own rows
+                a = tl.load(g_ptr + v_offs[:, None, None] + t_offs[None, :, None] * d + k_offs[None, None, :],
+                            mask=u_mask[:, None, None] & t_mask[None, :, None] & k_mask[None, None, :], other=0.0)
             # [BN, BT*BK], loaded flat (no reshape of a 3-D tile, which is a register-layout conversion)
             j_k = k0 + j % BK
             g2 = tl.load(g_ptr + n_offs[:, None].to(tl.int64) * c * d + j_t[None, :].to(tl.int64) * d + j_k[None, :],
@@ -70,8 +96,8 @@ def _score_edges_kernel(delta_ptr, w_ptr, g_ptr, s_ptr, n_u, w, n_d, c, d, token
                 acc += tl.dot(g2.to(tl.float32), a2.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(g2, a2)
-    s_ptr += tl.program_id(2).to(tl.int64) * split_stride  # this split's partial (rows [n_u] of it)
-    tl.store(s_ptr + u_offs[None, :] * n_d + n_offs[:, None], acc, mask=u_mask[None, :] & n_mask[:, None])
+    s_ptr += tl.program_id(2).to(tl.int64) * split_stride  # this split's partial
+    tl.store(s_ptr + rows[None, :] * n_d + n_offs[:, None], acc, mask=u_mask[None, :] & n_mask[:, None])
 
 
 @triton.jit
@@ -124,26 +150,41 @@ def _prepare(delta, up_weight, dt):
     return delta, up_weight, n_u, w
 
 
-def _launch(delta, up_weight, n_u, w, grad_down, partials, splits, config):
-    """One scoring kernel: upstream group ``(delta, W)`` against ``grad_down``, its ``splits`` token-split
-    partials written into ``partials`` (``[splits, >= n_u, n_d]`` fp32 view: every element of its first n_u
-    rows written)."""
-    dt = grad_down.dtype
-    n_d, c, d = grad_down.shape
-    BW = max(16, triton.next_power_of_2(w)) if up_weight is not None else 16  # no head tile without W
-    cfg = {**tile_config(dt, BW), **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
-    BT = cfg["BT"]
-    BN = min(cfg["BN"], max(16, triton.next_power_of_2(n_d)))  # no work on absent downstream rows
-    per_split = triton.cdiv(triton.cdiv(c, splits), BT) * BT
-    if triton.cdiv(c, per_split) != splits:
-        raise ValueError(f"score_edges kernel: {splits} token splits of {c} tokens leave some empty (tile BT={BT})")
-    grid = (triton.cdiv(n_u, cfg["BU"]), triton.cdiv(n_d, BN), splits)
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    _score_edges_kernel[grid](delta, up_weight if up_weight is not None else delta, grad_down, partials,
-                              n_u, w or d, n_d, c, d, per_split, partials.stride(0), HAS_W=up_weight is not None,
-                              OP=_TL_DTYPES[dt], FP32_DOTS=dt == torch.float32 or (interpreted and dt == torch.bfloat16),
-                              BU=cfg["BU"], BW=BW, BN=BN, BT=BT, BK=cfg["BK"],
-                              num_stages=cfg["num_stages"], num_warps=cfg["num_warps"])
+def _tables(groups, vectors, base, BU):
+    """The launches' int64 tables in one tensor on ``base``'s device (one host-to-device copy, from pinned memory:
+    no sync): a ``[z, W, n_u, u0, row0]`` row per block of BU heads of each head group, then ``[v, row]`` per
+    residual vector, tensors as element offsets from ``base``. Returns ``(table, (first row, blocks) per head
+    width, where the vectors' rows start)``."""
+    size, at = base.element_size(), base.data_ptr()
+
+    def offset(t):
+        gap = t.data_ptr() - at
+        if gap % size:
+            raise ValueError("score_edges kernel: an operand's address is not a whole number of elements from G's")
+        return gap // size
+
+    flat, blocks = [], {}
+    for w, items in groups.items():
+        first = len(flat) // 5
+        for z, W, n_u, row0 in items:
+            for u0 in range(0, n_u, BU):
+                flat += [offset(z), offset(W), n_u, u0, row0]
+        blocks[w] = (first * 5, len(flat) // 5 - first)
+    vec_at = len(flat)
+    for v, row in vectors:
+        flat += [offset(v), row]
+    table = torch.tensor(flat, dtype=torch.int64)
+    if base.device.type == "cuda":
+        table = table.pin_memory().to(base.device, non_blocking=True)
+    return table, blocks, vec_at
+
+
+def _alignment(tensors, dt) -> int:
+    """Elements that every address and row stride of ``tensors`` are multiples of: 16 bytes' worth (the loads
+    vectorise), else 1."""
+    per16 = 16 // torch.empty((), dtype=dt).element_size()
+    ok = all(t.data_ptr() % 16 == 0 and all(s % per16 == 0 for s in t.stride()[:-1]) for t in tensors)
+    return per16 if ok else 1
 
 
 def token_splits(c: int, dtype: torch.dtype, config=None) -> int:
@@ -160,23 +201,18 @@ def score_edges(delta, up_weight, grad_down, config=None):
     path does), fp32 accumulation. Under ``TRITON_INTERPRET=1`` bf16 dots run on fp32 copies of the (bf16) operands:
     the interpreter's bf16 ``tl.dot`` reads the raw bits as integers (a 16x16 check: 1e10 for values of order 1),
     and the exact products of bf16 values with fp32 accumulation are what tensor cores compute."""
-    dt = grad_down.dtype
-    delta, up_weight, n_u, w = _prepare(delta, up_weight, dt)
-    grad_down = grad_down.contiguous()
-    n_d, c, d = grad_down.shape
-    if n_u == 0 or n_d == 0 or c == 0:
-        return torch.zeros(n_u, n_d, dtype=torch.float32, device=delta.device)
-    splits = token_splits(c, dt, config)
-    partials = torch.empty(splits, n_u, n_d, dtype=torch.float32, device=delta.device)  # every element written
-    _launch(delta, up_weight, n_u, w, grad_down, partials, splits, config)
-    return partials.sum(0)
+    n_u = 1 if up_weight is None else up_weight.shape[0]
+    out = torch.zeros(n_u, grad_down.shape[0], dtype=torch.float32, device=grad_down.device)
+    return score_edges_into(out, [(delta, up_weight)], grad_down, config=config)
 
 
 def score_edges_into(out, sources, grad_down, alpha=1.0, config=None):
-    """``out += alpha * [score_edges(delta, W, grad_down) for (delta, W) in sources]`` stacked by rows: several
-    upstream groups against one gradient block in one kernel each, then one reduction kernel that sums every
-    group's token splits (fixed order) into ``out`` (fp32 ``[sum n_u, n_d]``, any strides; a block of the score
-    matrix). ``len(sources) + 1`` launches where separate calls take three each (kernel, split sum, add)."""
+    """``out += alpha * [score_edges(delta, W, grad_down) for (delta, W) in sources]`` stacked by rows: one layer's
+    gradient block scored against many upstream groups — one kernel launch for all the head groups (per head
+    width), one for all the residual vectors, then one reduction that sums the token splits (fixed order: the
+    same bits every run) into ``out`` (fp32 ``[sum n_u, n_d]``, any strides; a block of the score matrix). The
+    groups' programs run side by side, so the G tiles they share are read from memory about once per launch,
+    not once per group."""
     dt = grad_down.dtype
     grad_down = grad_down.contiguous()
     n_d, c, d = grad_down.shape
@@ -187,12 +223,34 @@ def score_edges_into(out, sources, grad_down, alpha=1.0, config=None):
                          f"[{rows}, {n_d}] fp32")
     if rows == 0 or n_d == 0 or c == 0:
         return out
+    cfg = {**tile_config(dt), **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
+    groups, vectors, r = {}, [], 0
+    for delta, up_weight, n_u, w in prepared:
+        if up_weight is None:
+            vectors.append((delta, r))
+        else:
+            groups.setdefault(w, []).append((delta, up_weight, n_u, r))
+        r += n_u
+    table, blocks, vec_at = _tables(groups, vectors, grad_down, cfg["BU"])
     splits = token_splits(c, dt, config)
     partials = torch.empty(splits, rows, n_d, dtype=torch.float32, device=out.device)  # every element written
-    r = 0
-    for delta, up_weight, n_u, w in prepared:
-        _launch(delta, up_weight, n_u, w, grad_down, partials[:, r:r + n_u], splits, config)
-        r += n_u
+    BT = cfg["BT"]
+    BN = min(cfg["BN"], max(16, triton.next_power_of_2(n_d)))  # no work on absent downstream rows
+    per_split = triton.cdiv(triton.cdiv(c, splits), BT) * BT
+    align = _alignment([grad_down, *[t for x in prepared for t in x[:2] if t is not None]], dt)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    common = dict(OP=_TL_DTYPES[dt], FP32_DOTS=dt == torch.float32 or (interpreted and dt == torch.bfloat16),
+                  ALIGN=align, BU=cfg["BU"], BN=BN, BT=BT, BK=cfg["BK"], num_warps=cfg["num_warps"])
+    for w, (first, n_blocks) in blocks.items():
+        BW = max(16, triton.next_power_of_2(w))
+        stages = {**tile_config(dt, BW), **(config or {})}["num_stages"]
+        _score_edges_kernel[(n_blocks, triton.cdiv(n_d, BN), splits)](
+            table[first:], grad_down, partials, 0, w, n_d, c, d, per_split, partials.stride(0), HAS_W=True, BW=BW,
+            num_stages=stages, **common)
+    if vectors:
+        _score_edges_kernel[(triton.cdiv(len(vectors), cfg["BU"]), triton.cdiv(n_d, BN), splits)](
+            table[vec_at:], grad_down, partials, len(vectors), d, n_d, c, d, per_split, partials.stride(0),
+            HAS_W=False, BW=16, num_stages=cfg["num_stages"], **common)
     n, BLOCK = rows * n_d, 1024
     _accumulate_partials_kernel[(triton.cdiv(n, BLOCK),)](partials, out, splits, n, n_d, out.stride(0),
                                                           out.stride(1), float(alpha), BLOCK=BLOCK)

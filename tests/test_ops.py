@@ -147,6 +147,39 @@ def test_score_edges_into_accumulates_a_block(device, backend, c, dtype):
 @pytest.mark.triton
 @pytest.mark.skipif(ops.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
                     reason="Triton cannot run here")
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
+def test_score_edges_kernel_groups_many_sources_in_one_launch(monkeypatch, aligned):
+    """The grouped launch: 17 residual vectors (two blocks of 16 in one launch), a group of 20 heads (two blocks),
+    two widths (a launch each) interleaved with the vectors, 70 downstream nodes (two blocks), token splits; each
+    group's rows land at its own place. Every scratch buffer starts as NaN (an unwritten partial would show), and
+    ``aligned=False`` gives row strides that are no multiple of 16 bytes (the loads lose the alignment hint)."""
+    from ct_fast.kernels import score_edges_into
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan"))
+                        if k.get("dtype", torch.float32).is_floating_point else empty(*a, **k))
+    g = _gen(11)
+    d, c, n_d = (24, 37, 70) if aligned else (21, 37, 70)
+    layout = [(20, 8)] + [(1, None)] * 9 + [(3, 16 if aligned else 5)] + [(1, None)] * 8 + [(2, 8)]
+    sources = []
+    for n, w in layout:
+        W = None if w is None else torch.randn(n, w, d, generator=g).to(device)
+        sources.append((torch.randn(c, d if w is None else n * w, generator=g).to(device), W))
+    G = torch.randn(n_d, c, d, generator=g).to(device)
+    rows = sum(n for n, _ in layout)
+    start = torch.randn(rows, n_d, generator=g)
+    out = start.to(device, copy=True)
+    score_edges_into(out, sources, G, alpha=0.5)
+    per_group = torch.cat([ops.reference.score_edges(*[None if t is None else t.double().cpu() for t in (dl, W)],
+                                                     G.double().cpu()) for dl, W in sources])
+    magnitude = torch.cat([ops.reference.score_edges(dl.abs().double().cpu(), None if W is None else W.abs().double().cpu(),
+                                                     G.abs().double().cpu()) for dl, W in sources])
+    err = (out.cpu().double() - (start.double() + 0.5 * per_group)).abs()
+    assert (err <= 2.0 ** -20 * (magnitude + start.abs().double())).all()
+@pytest.mark.triton
+@pytest.mark.skipif(ops.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
+                    reason="Triton cannot run here")
 def test_score_edges_kernel_refuses_heads_wider_than_its_tile():
     """The launcher names the limit (the op never sends such heads: it routes them to the torch path)."""
     from ct_fast.kernels.score_edges import max_head_width, score_edges
