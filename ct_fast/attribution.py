@@ -59,6 +59,15 @@ def scoring_chunk(nodes: int, seen: int, d: int, budget: int, fused: bool) -> in
     return max(1, budget // (max(nodes, seen) * d), min(MIN_CHUNK_ROWS, budget // (nodes * d)))
 
 
+def scoring_chunks(nodes: int, seen: int, d: int, budget: int, fused: bool) -> tuple[int, int]:
+    """``(chunk, sub)``: token rows per chunk of the stacked gradients G, and per scoring call within it. G's chunk
+    is the fused path's on every path (the residual gradients and the per-chunk bookkeeping run on as few, long
+    chunks as the budget allows); the torch path scores it in sub-chunks its contribution block fits — a whole
+    number of them per chunk, so the scoring calls see the same token boundaries as with chunks of ``sub``."""
+    sub = scoring_chunk(nodes, seen, d, budget, fused)
+    return max(sub, scoring_chunk(nodes, seen, d, budget, True) // sub * sub), sub
+
+
 def model_inputs(batch: dict) -> dict:
     """The keys of ``batch`` that go to the model (task fields such as answer ids stay out), and
     ``use_cache=False``: a training forward needs no KV cache (HF builds one by default: a copy of every layer's
@@ -365,7 +374,7 @@ class EdgeScorer:
         down_weight = {g.index: self._weight(g.reader, sdt) for _, _, gs in plan.blocks for g in gs}
         n_rows = next(iter(grads.values())).shape[0]
         seen = sum(len(self.graph.upstream_groups[k].names) for k, _ in plan.ups)
-        chunk = scoring_chunk(plan.n_nodes, seen, self.graph.d_model, self.budget, self.fused)
+        chunk, sub = scoring_chunks(plan.n_nodes, seen, self.graph.d_model, self.budget, self.fused)
         cols = slice(plan.col0, plan.col0 + plan.n_nodes)
         pooled, stats = [], {}  # stats: each norm's per-row statistics over all scored rows, made once per span
         for start in range(0, n_rows, chunk):
@@ -374,7 +383,8 @@ class EdgeScorer:
             if self.rows.pool:
                 pooled.append(self.rows.pool_rows(G, start))
             else:
-                self._accumulate(plan, G, start, stop)
+                for a in range(start, stop, sub):
+                    self._accumulate(plan, G[:, a - start:min(stop, a + sub) - start], a, min(stop, a + sub))
                 self.grad_sum[cols] += G.sum(1, dtype=torch.float32)
         if self.rows.pool:
             G = torch.stack(pooled).sum(0)

@@ -464,12 +464,12 @@ def _trace_circuit_backwards(model, ids, linears: dict, tracker: LiveStorages, e
 
 
 class _ScoringSizes:
-    """Bytes ``EdgeScorer`` allocates on a GPU, from its chunking rule (``attribution.scoring_chunk``): per
-    layer, token chunks of ``c`` rows such that the stacked gradients G [nodes, c, d] (counted in fp32) and, on
-    the torch scoring path, the contributions of the upstream groups scored together A [nodes', c, d] stay
-    within ``GPU_CHUNK_ELEMENTS``; G, A and the sources cast to the scoring dtype [c, width] are buffers kept
-    for the whole backward (grown to the largest layer); each layer adds ~4 fp32 [c, d] temporaries (norm
-    backward, casts).
+    """Bytes ``EdgeScorer`` allocates on a GPU, from its chunking rule (``attribution.scoring_chunks``): per
+    layer, token chunks of ``c`` rows such that the stacked gradients G [nodes, c, d] (counted in fp32) stay
+    within ``GPU_CHUNK_ELEMENTS``, and on the torch scoring path sub-chunks of ``sub`` rows such that the
+    contributions of the upstream groups scored together A [nodes', sub, d] do too; G, A and the sources cast
+    to the scoring dtype [sub, width] are buffers kept for the whole backward (grown to the largest layer); each
+    layer adds ~4 fp32 [c, d] temporaries (norm backward, casts).
     ``score_dtype``: of A and the sources (the model's in bf16/fp16, else fp32); the fused ``score_edges``
     kernels (auto's measured GPU choice for that dtype) make no A."""
 
@@ -485,21 +485,22 @@ class _ScoringSizes:
             width = max(g.writer.n * g.writer.width if g.writer else graph.d_model for g in ups)
             self.layers[layer] = (plan.n_nodes, sum(len(g.names) for g in ups), max(len(g.names) for g in ups), width)
 
-    def _chunk(self, nodes: int, seen: int, tokens: int) -> int:
-        from .attribution import scoring_chunk
+    def _chunks(self, nodes: int, seen: int, tokens: int) -> tuple[int, int]:
+        """``(G's chunk, a scoring call's sub-chunk)`` rows at ``tokens`` scored rows."""
+        from .attribution import scoring_chunks
 
-        return min(scoring_chunk(nodes, seen, self.d, self.budget, self.fused), tokens)
+        return tuple(min(c, tokens) for c in scoring_chunks(nodes, seen, self.d, self.budget, self.fused))
 
     def bytes(self, layer: int | None, tokens: int) -> int:
         """The buffers (``layer=None``) or one layer's temporaries, at ``tokens`` scored rows."""
         if layer is not None:  # with the fused kernels, a norm's statistics over every row (an fp32 copy) too
             nodes, seen, _, _ = self.layers[layer]
-            return max(4 * 4 * self._chunk(nodes, seen, tokens) * self.d, 4 * tokens * self.d if self.fused else 0)
+            return max(4 * 4 * self._chunks(nodes, seen, tokens)[0] * self.d, 4 * tokens * self.d if self.fused else 0)
         g = a = rows = 0
         for nodes, seen, widest, width in self.layers.values():
-            c = self._chunk(nodes, seen, tokens)
-            together = 0 if self.fused else min(seen, max(widest, self.budget // (c * self.d)))
-            g, a, rows = max(g, 4 * nodes * c * self.d), max(a, together * c * self.d), max(rows, c * width)
+            c, sub = self._chunks(nodes, seen, tokens)
+            together = 0 if self.fused else min(seen, max(widest, self.budget // (sub * self.d)))
+            g, a, rows = max(g, 4 * nodes * c * self.d), max(a, together * sub * self.d), max(rows, sub * width)
         return g + self.score_bytes * (a + rows)
 
 

@@ -10,7 +10,9 @@ d_model block (BK):
    so that its M dimension is the (up to 64) downstream nodes — a Hopper ``wgmma`` needs M >= 64:
    ``acc[BN, BU] += G[n-block, t-block, k-block] (loaded as [BN, BT*BK]) @ a.reshape(BU, BT*BK).T``.
 
-Neither the per-node contributions ``[n_u, tokens, d]`` nor any product is written to memory. Operands stay in
+One launch covers many upstream groups (``score_edges_into``: all the head groups of one width, or all the
+residual vectors, read from a table), its programs ordered so that the groups running side by side read the same
+G tiles. Neither the per-node contributions ``[n_u, tokens, d]`` nor any product is written to memory. Operands stay in
 the input dtype — bf16/fp16 on tensor cores (the contribution rounded to it between the two dots, as the torch
 path rounds its contribution block), fp32 as IEEE fp32 dots — and accumulation is fp32. Each token split writes
 its own ``[n_u, n_d]`` partial, summed afterwards in a fixed order: no atomics, so the scores (and the circuit
@@ -182,7 +184,7 @@ def _tables(groups, vectors, base, BU):
 def _alignment(tensors, dt) -> int:
     """Elements that every address and row stride of ``tensors`` are multiples of: 16 bytes' worth (the loads
     vectorise), else 1."""
-    per16 = 16 // torch.empty((), dtype=dt).element_size()
+    per16 = 16 // dt.itemsize
     ok = all(t.data_ptr() % 16 == 0 and all(s % per16 == 0 for s in t.stride()[:-1]) for t in tensors)
     return per16 if ok else 1
 

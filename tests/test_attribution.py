@@ -198,7 +198,7 @@ def test_scoring_chunk_rule():
     """Token chunks: GPU blocks are larger than CPU ones; fused scoring (contributions made on chip) is bounded by
     the stacked gradients alone, the torch path also by the contributions of the groups scored together."""
     from ct_fast.attribution import (CHUNK_ELEMENTS, GPU_CHUNK_ELEMENTS, MIN_CHUNK_ROWS, chunk_elements,
-                                     scoring_chunk)
+                                     scoring_chunk, scoring_chunks)
 
     assert chunk_elements(torch.device("cpu")) == CHUNK_ELEMENTS < GPU_CHUNK_ELEMENTS == chunk_elements("cuda")
     # llama-1B: a span of 2 layers (2 x 49 nodes) reading 16 x 33 + 1 upstream nodes, d_model 2048
@@ -206,6 +206,10 @@ def test_scoring_chunk_rule():
     assert scoring_chunk(98, 529, 2048, GPU_CHUNK_ELEMENTS, fused=False) == GPU_CHUNK_ELEMENTS // (529 * 2048)
     assert scoring_chunk(98, 10 ** 5, 2048, CHUNK_ELEMENTS, fused=False) == MIN_CHUNK_ROWS
     assert scoring_chunk(10 ** 6, 10 ** 6, 4096, CHUNK_ELEMENTS, fused=True) == 1
+    # G's chunk is the fused one on both paths, a whole number of the torch path's scoring sub-chunks
+    assert scoring_chunks(98, 529, 2048, GPU_CHUNK_ELEMENTS, fused=True) == (1337, 1337)
+    assert scoring_chunks(98, 529, 2048, GPU_CHUNK_ELEMENTS, fused=False) == (5 * 247, 247)
+    assert scoring_chunks(98, 10 ** 5, 2048, CHUNK_ELEMENTS, fused=False) == (MIN_CHUNK_ROWS, MIN_CHUNK_ROWS)
 
 
 # ---- bad input ----

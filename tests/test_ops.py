@@ -173,7 +173,8 @@ def test_score_edges_kernel_groups_many_sources_in_one_launch(monkeypatch, align
     score_edges_into(out, sources, G, alpha=0.5)
     per_group = torch.cat([ops.reference.score_edges(*[None if t is None else t.double().cpu() for t in (dl, W)],
                                                      G.double().cpu()) for dl, W in sources])
-    magnitude = torch.cat([ops.reference.score_edges(dl.abs().double().cpu(), None if W is None else W.abs().double().cpu(),
+    magnitude = torch.cat([ops.reference.score_edges(dl.abs().double().cpu(),
+                                                     None if W is None else W.abs().double().cpu(),
                                                      G.abs().double().cpu()) for dl, W in sources])
     err = (out.cpu().double() - (start.double() + 0.5 * per_group)).abs()
     assert (err <= 2.0 ** -20 * (magnitude + start.abs().double())).all()
