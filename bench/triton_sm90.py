@@ -69,7 +69,7 @@ def cases() -> list[dict]:
                         + (f" {variant}" if variant else ""),
                         kernel=se._score_edges_kernel, types={"table_ptr": "*i64", "g_ptr": p, "s_ptr": "*fp32"},
                         constexprs=dict(HAS_W=has_w, OP=TL[dt], FP32_DOTS=dt == "fp32",
-                                        ALIGN=128 // TL[dt].primitive_bitwidth, BU=cfg["BU"],
+                                        ALIGN=128 // TL[dt].primitive_bitwidth, EVEN_U=True, BU=cfg["BU"],
                                         BW=width if has_w else 16, BN=cfg["BN"], BT=cfg["BT"], BK=cfg["BK"]),
                         # one grouped launch of a layer's run of 496 upstream nodes (score_edges_into)
                         args=dict(n_vec=0, w=width, n_d=49, c=2048, d=2048 * width // 64, tokens_per_split=32,

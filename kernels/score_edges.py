@@ -32,6 +32,7 @@ def _score_edges_kernel(table_ptr, g_ptr, s_ptr, n_vec, w, n_d, c, d, tokens_per
                         OP: tl.constexpr,  # the operand dtype: the contribution is rounded to it between the dots
                         FP32_DOTS: tl.constexpr,  # dots on fp32 operands, IEEE (fp32 inputs; bf16 when interpreted)
                         ALIGN: tl.constexpr,  # elements every table address, row stride and d are multiples of
+                        EVEN_U: tl.constexpr,  # every block holds BU heads/vectors: no upstream mask
                         BU: tl.constexpr, BW: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
     """One launch scores many upstream groups (``table_ptr``, int64 rows built by ``_tables``):
 
@@ -65,6 +66,8 @@ def _score_edges_kernel(table_ptr, g_ptr, s_ptr, n_vec, w, n_d, c, d, tokens_per
         u_mask = u_offs < n_vec
         v_offs = tl.multiple_of(tl.load(table_ptr + u_offs * 2, mask=u_mask, other=0), ALIGN)
         rows = tl.load(table_ptr + u_offs * 2 + 1, mask=u_mask, other=0).to(tl.int32)
+    if EVEN_U:  # a compile-time true mask: the loads share one predicate instead of one per head (sm_90: 173
+        u_mask = tl.full((BU,), 1, tl.int1)  # registers where the runtime mask took 208)
     acc = tl.zeros((BN, BU), dtype=tl.float32)  # transposed: M = downstream nodes, so the second dot is a wgmma
     j = tl.arange(0, BT * BK)  # the flattened (token, d_model) index of one tile
     for t0 in range(0, tokens_per_split, BT):  # tokens_per_split: a multiple of BT
@@ -246,13 +249,14 @@ def score_edges_into(out, sources, grad_down, alpha=1.0, config=None):
     for w, (first, n_blocks) in blocks.items():
         BW = max(16, triton.next_power_of_2(w))
         stages = {**tile_config(dt, BW), **(config or {})}["num_stages"]
+        even = all(n_u % cfg["BU"] == 0 for _, _, n_u, _ in groups[w])
         _score_edges_kernel[(n_blocks, triton.cdiv(n_d, BN), splits)](
             table[first:], grad_down, partials, 0, w, n_d, c, d, per_split, partials.stride(0), HAS_W=True, BW=BW,
-            num_stages=stages, **common)
+            EVEN_U=even, num_stages=stages, **common)
     if vectors:
         _score_edges_kernel[(triton.cdiv(len(vectors), cfg["BU"]), triton.cdiv(n_d, BN), splits)](
             table[vec_at:], grad_down, partials, len(vectors), d, n_d, c, d, per_split, partials.stride(0),
-            HAS_W=False, BW=16, num_stages=cfg["num_stages"], **common)
+            HAS_W=False, BW=16, EVEN_U=len(vectors) % cfg["BU"] == 0, num_stages=cfg["num_stages"], **common)
     n, BLOCK = rows * n_d, 1024
     _accumulate_partials_kernel[(triton.cdiv(n, BLOCK),)](partials, out, splits, n, n_d, out.stride(0),
                                                           out.stride(1), float(alpha), BLOCK=BLOCK)

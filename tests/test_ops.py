@@ -147,12 +147,13 @@ def test_score_edges_into_accumulates_a_block(device, backend, c, dtype):
 @pytest.mark.triton
 @pytest.mark.skipif(ops.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
                     reason="Triton cannot run here")
-@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "unaligned"])
-def test_score_edges_kernel_groups_many_sources_in_one_launch(monkeypatch, aligned):
+@pytest.mark.parametrize("layout", ["uneven", "unaligned", "even"])
+def test_score_edges_kernel_groups_many_sources_in_one_launch(monkeypatch, layout):
     """The grouped launch: 17 residual vectors (two blocks of 16 in one launch), a group of 20 heads (two blocks),
     two widths (a launch each) interleaved with the vectors, 70 downstream nodes (two blocks), token splits; each
-    group's rows land at its own place. Every scratch buffer starts as NaN (an unwritten partial would show), and
-    ``aligned=False`` gives row strides that are no multiple of 16 bytes (the loads lose the alignment hint)."""
+    group's rows land at its own place. Every scratch buffer starts as NaN (an unwritten partial would show);
+    ``unaligned`` gives row strides that are no multiple of 16 bytes (the loads lose the alignment hint), ``even``
+    only full blocks of 16 heads or vectors (the launches drop the upstream mask)."""
     from ct_fast.kernels import score_edges_into
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,14 +161,16 @@ def test_score_edges_kernel_groups_many_sources_in_one_launch(monkeypatch, align
     monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan"))
                         if k.get("dtype", torch.float32).is_floating_point else empty(*a, **k))
     g = _gen(11)
-    d, c, n_d = (24, 37, 70) if aligned else (21, 37, 70)
-    layout = [(20, 8)] + [(1, None)] * 9 + [(3, 16 if aligned else 5)] + [(1, None)] * 8 + [(2, 8)]
+    d, c, n_d = (21, 37, 70) if layout == "unaligned" else (24, 37, 70)
+    groups = {"uneven": [(20, 8)] + [(1, None)] * 9 + [(3, 16)] + [(1, None)] * 8 + [(2, 8)],
+              "unaligned": [(20, 8)] + [(1, None)] * 9 + [(3, 5)] + [(1, None)] * 8 + [(2, 8)],
+              "even": [(16, 8)] + [(1, None)] * 9 + [(32, 16)] + [(1, None)] * 7 + [(16, 8)]}[layout]
     sources = []
-    for n, w in layout:
+    for n, w in groups:
         W = None if w is None else torch.randn(n, w, d, generator=g).to(device)
         sources.append((torch.randn(c, d if w is None else n * w, generator=g).to(device), W))
     G = torch.randn(n_d, c, d, generator=g).to(device)
-    rows = sum(n for n, _ in layout)
+    rows = sum(n for n, _ in groups)
     start = torch.randn(rows, n_d, generator=g)
     out = start.to(device, copy=True)
     score_edges_into(out, sources, G, alpha=0.5)
