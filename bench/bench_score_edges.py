@@ -125,6 +125,21 @@ LAYER_SHAPE = {"head_groups": 15, "heads": 32, "w": 64, "vector_groups": 16, "n_
 LAYER_SHAPE_TINY = {"head_groups": 3, "heads": 4, "w": 16, "vector_groups": 2, "n_d": 5, "c": 24, "d": 32}
 
 
+def _layer_inputs(device, dtype, shape) -> tuple:
+    """``(sources, G, fp64 oracle scores, FLOPs)`` of one layer span's scoring call of ``shape``."""
+    from ct_fast import ops
+
+    hg, n, w, vg, n_d, c, d = (shape[k] for k in ("head_groups", "heads", "w", "vector_groups", "n_d", "c", "d"))
+    g = torch.Generator().manual_seed(0)
+    sources = [(torch.randn(c, n * w, generator=g).to(device, dtype),
+                (torch.randn(n, w, d, generator=g) / w ** 0.5).to(device, dtype)) for _ in range(hg)]
+    sources += [(torch.randn(c, d, generator=g).to(device, dtype), None) for _ in range(vg)]
+    G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
+    want = torch.cat([ops.reference.score_edges(x.double(), None if W is None else W.double(), G.double())
+                      for x, W in sources])
+    return sources, G, want, 2 * hg * n * c * w * d + 2 * (hg * n + vg) * n_d * c * d
+
+
 def run_layer_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) -> list[dict]:
     """``ops.score_edges_into`` on one layer span's gradients against many upstream groups — the scorer's real
     calls, in the token chunks the scorer takes for the backend (``attribution.scoring_chunk``): the torch path
@@ -134,17 +149,9 @@ def run_layer_ops(device="cpu", dtype=torch.float32, shape=None, backends=None) 
     from ct_fast.attribution import chunk_elements, scoring_chunk
 
     shape = shape or (LAYER_SHAPE if torch.device(device).type == "cuda" else LAYER_SHAPE_TINY)
-    hg, n, w, vg, n_d, c, d = (shape[k] for k in ("head_groups", "heads", "w", "vector_groups", "n_d", "c", "d"))
-    g = torch.Generator().manual_seed(0)
-    sources = [(torch.randn(c, n * w, generator=g).to(device, dtype),
-                (torch.randn(n, w, d, generator=g) / w ** 0.5).to(device, dtype)) for _ in range(hg)]
-    sources += [(torch.randn(c, d, generator=g).to(device, dtype), None) for _ in range(vg)]
-    G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
-    want = torch.cat([ops.reference.score_edges(x.double(), None if W is None else W.double(), G.double())
-                      for x, W in sources])
-    rows = hg * n + vg
+    sources, G, want, flops = _layer_inputs(device, dtype, shape)
+    rows, (n_d, c, d) = want.shape[0], G.shape
     out = torch.zeros(rows, n_d, device=device)
-    flops = 2 * hg * n * c * w * d + 2 * rows * n_d * c * d
     budget = chunk_elements(device) if torch.device(device).type == "cuda" else 4 * n_d * d  # tiny: 4-row chunks
 
     def call():
@@ -206,8 +213,10 @@ def run_residual_ops(device="cpu", dtype=torch.float32, shapes=None, backends=No
 
 # tile variants of the Triton kernels (all compile for sm_90 within an H100's shared memory: bench/triton_sm90.py);
 # the first is the launcher's default. The GPU check times them so that the defaults follow measurements.
-SCORE_TILES = [{}, {"BN": 16, "num_warps": 4},  # 16-node blocks: each contribution computed 4x at the llama-1B shape
-               {"BU": 32, "num_stages": 2}, {"num_stages": 2}, {"num_warps": 4}]
+# session 12 (H100, one block): 16-node blocks 2.5x the default's time, BU 32 1.6x, 2 stages 1.2x, 4 warps 1.08x;
+# now longer token tiles (each W tile used for 32 tokens, not 16) and wider d_model tiles (each z tile for 32 columns)
+SCORE_TILES = [{}, {"num_warps": 4}, {"BT": 32, "num_stages": 1}, {"BK": 32, "num_stages": 1},
+               {"BU": 32, "BT": 32, "num_stages": 1}]
 RESID_TILES = [{}, {"BT": 32, "num_warps": 4}, {"BT": 128}, {"BT": 64, "BK": 128}]
 
 
@@ -221,9 +230,16 @@ def run_tiles(device="cpu", dtype=torch.bfloat16) -> list[dict]:
     score_args, score_want = _score_inputs(device, dtype, shape)
     (terms, out, norm, x), resid_want = _resid_inputs(device, dtype, rs)
     mean, rstd, gamma = ops.reference.norm_stats(norm, x)
+    # the layer span's call in one chunk of the fused path's length (1337 rows at llama-1B)
+    layer = dict(LAYER_SHAPE, c=1337) if gpu else LAYER_SHAPE_TINY
+    layer_sources, layer_G, layer_want, _ = _layer_inputs(device, dtype, layer)
+    layer_out = torch.zeros(layer_want.shape, device=device)
     variants = [("score_edges", shape, cfg, score_want) for cfg in SCORE_TILES]
+    variants += [("score_edges_layer", layer, cfg, layer_want) for cfg in SCORE_TILES]
     variants += [("residual_grads", rs, cfg, resid_want) for cfg in RESID_TILES]
     calls = {"score_edges": lambda cfg: kernels.score_edges(*score_args, config=cfg),
+             "score_edges_layer": lambda cfg: kernels.score_edges_into(layer_out.zero_(), layer_sources, layer_G,
+                                                                       config=cfg),
              "residual_grads": lambda cfg: kernels.residual_grads(terms, out, x, (mean, rstd), gamma, "rmsnorm",
                                                                   config=cfg)}
     recs, base = [], {}

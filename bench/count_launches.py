@@ -8,6 +8,7 @@ that issued them.
 
     python bench/count_launches.py [--model llama-1B --batch 8 --seq 512 --d-model 256] [--out launches.json]
     python bench/count_launches.py --step two_pass      # a faithful tuner step (the second of two: warm state)
+    python bench/count_launches.py --step reused        # a step between refreshes (the circuit reused)
 
 A host sync is an op whose result the host must wait for: ``.item()``/``bool()``/``float()`` of a tensor
 (``_local_scalar_dense``) and ops whose output shape depends on data (``nonzero``, boolean indexing,
@@ -168,8 +169,9 @@ def count(model_name: str = "llama-1B", batch: int = 8, seq: int = 512, d_model:
         from ct_fast.app.step_bench import choose_top_n
 
         top_n = choose_top_n(model, data, fraction)
-        tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=1e-5), top_n=top_n,
-                                     memory_mode=step)
+        # "reused": a step between refreshes (circuit_refresh10's 9 in 10): the first step finds the circuit
+        reuse = dict(refresh_every=1000) if step == "reused" else dict(memory_mode=step)
+        tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=1e-5), top_n=top_n, **reuse)
         tuner.step(data)
         run = lambda: tuner.step(data)  # noqa: E731
     with _Count() as counter:
@@ -189,7 +191,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--d-model", type=int, default=256, help="the small d_model the count runs at")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    ap.add_argument("--step", default=None, choices=["auto", "deferred", "two_pass", "lagged", "full"],
+    ap.add_argument("--step", default=None, choices=["auto", "deferred", "two_pass", "lagged", "reused", "full"],
                     help="count a whole faithful tuner step in this memory mode, or a full fine-tuning step "
                          "(default: one attribution)")
     ap.add_argument("--fraction", type=float, default=0.05, help="--step: the circuit's share of the parameters")

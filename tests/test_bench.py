@@ -77,10 +77,19 @@ def test_count_launches_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text())["results"][0]
     assert rec["ops"] > 100 and rec["top"] and "host syncs per attribution" in proc.stdout
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "count_launches.py"), "--batch", "1", "--seq", "16",
-                           "--d-model", "64", "--step", "lagged", "--flops"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "host syncs per step (lagged)" in proc.stdout and "a full fine-tuning step's" in proc.stdout
+    steps, stdout = {}, {}
+    for step in ("lagged", "reused"):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "count_launches.py"), "--batch", "1", "--seq",
+                               "16", "--d-model", "64", "--step", step, "--out", str(out)]
+                              + (["--flops"] if step == "lagged" else []), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"host syncs per step ({step})" in proc.stdout
+        steps[step], stdout[step] = json.loads(out.read_text())["results"][0], proc.stdout
+    assert "a full fine-tuning step's" in stdout["lagged"]
+    # a step between refreshes scores nothing: fewer launches than a faithful step, none issued by the scorer
+    assert steps["reused"]["what"] == "step (reused)" and steps["reused"]["ops"] < steps["lagged"]["ops"]
+    assert any(r["where"].startswith("attribution.py") for r in steps["lagged"]["top"])
+    assert not any(r["where"].startswith("attribution.py") for r in steps["reused"]["top"])
 
 
 def test_scoring_flops_count_every_edge_once():
