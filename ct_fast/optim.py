@@ -208,6 +208,11 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             index = self._indices[p] = sel.index(p.device)
         return sel.dim, index, sel.count
 
+    def _single_range(self, p: torch.Tensor) -> tuple[int, int] | None:
+        """``(start, stop)`` when p's selection is one range of rows, else None."""
+        sel = (self._selection or {}).get(p)
+        return sel.ranges[0] if sel is not None and len(sel.ranges) == 1 else None
+
     @property
     def _selection(self) -> dict | None:
         """The current selection ``{param: ParamSelection}`` (None: dense); setting it drops the cached indices."""
@@ -435,7 +440,10 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                                       f"{count} selected rows of a parameter of shape {tuple(p.shape)}")
             else:
                 g = self._as_rows(local(p.grad), dim)
-                g = g if index is None else g.index_select(0, index)
+                if index is not None:
+                    block = None if is_dtensor(p) else self._single_range(p)
+                    # one range of rows (a head, a block of neurons): a view, not a gather kernel
+                    g = g.index_select(0, index) if block is None else g.narrow(0, block[0], block[1] - block[0])
             plan.append((p, dim, index, p2, g.float().contiguous()))
         self._check_capacity(gi, group, plan)
         return plan

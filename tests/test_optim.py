@@ -907,3 +907,22 @@ def test_a_fixed_circuit_writes_only_time_stamps_and_matches_fresh_selections():
         assert copies[step] == fresh_copies[step] - 2 * len(circuits[step >= 5]), step
     for step in (0, 2, 3, 5, 6, 7):  # first, skipped, after a skip, new circuit, reloaded, set again: everything
         assert copies[step] == fresh_copies[step], step
+
+
+def test_one_range_selections_read_dense_gradients_without_a_gather():
+    """A selection of one range of rows (a head, a block of neurons) takes its dense gradient's rows as a view;
+    several ranges gather them (one ``index_select`` a parameter). Same updates either way (the trajectory test
+    above checks the values)."""
+    from torch.profiler import profile
+
+    params = _pool_params(seed=2)
+    opt = CircuitAdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    counts = []
+    for ranges in (((1, 3),), ((0, 1), (2, 3))):
+        opt.set_circuit({p: ParamSelection(0, p.shape[0], ranges) for p in params})
+        with profile() as prof:
+            opt.step()
+        counts.append(sum(e.name == "aten::index_select" for e in prof.events()))
+    assert counts == [0, len(params)]
