@@ -181,6 +181,8 @@ def test_score_edges_kernel_groups_many_sources_in_one_launch(monkeypatch, layou
                                                      G.abs().double().cpu()) for dl, W in sources])
     err = (out.cpu().double() - (start.double() + 0.5 * per_group)).abs()
     assert (err <= 2.0 ** -20 * (magnitude + start.abs().double())).all()
+
+
 @pytest.mark.triton
 @pytest.mark.skipif(ops.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
                     reason="Triton cannot run here")
