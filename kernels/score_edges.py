@@ -158,7 +158,7 @@ def _prepare(delta, up_weight, dt):
 def _tables(groups, vectors, base, BU):
     """The launches' int64 tables in one tensor on ``base``'s device (one host-to-device copy, from pinned memory:
     no sync): a ``[z, W, n_u, u0, row0]`` row per block of BU heads of each head group, then ``[v, row]`` per
-    residual vector, tensors as element offsets from ``base``. Returns ``(table, (first row, blocks) per head
+    residual vector, tensors as element offsets from ``base``. Returns ``(table, (first element, blocks) per head
     width, where the vectors' rows start)``."""
     size, at = base.element_size(), base.data_ptr()
 
@@ -170,11 +170,11 @@ def _tables(groups, vectors, base, BU):
 
     flat, blocks = [], {}
     for w, items in groups.items():
-        first = len(flat) // 5
+        start = len(flat)
         for z, W, n_u, row0 in items:
             for u0 in range(0, n_u, BU):
                 flat += [offset(z), offset(W), n_u, u0, row0]
-        blocks[w] = (first * 5, len(flat) // 5 - first)
+        blocks[w] = (start, (len(flat) - start) // 5)
     vec_at = len(flat)
     for v, row in vectors:
         flat += [offset(v), row]
@@ -192,11 +192,11 @@ def _alignment(tensors, dt) -> int:
     return per16 if ok else 1
 
 
-def token_splits(c: int, dtype: torch.dtype, config=None) -> int:
-    """Token splits of a ``c``-row block (up to 64 programs along the tokens; each a multiple of the BT tile)."""
-    BT = {**tile_config(dtype), **(config or {})}["BT"]
-    splits = max(1, min(triton.cdiv(c, BT), 64))
-    return triton.cdiv(c, triton.cdiv(triton.cdiv(c, splits), BT) * BT)
+def token_splits(c: int, BT: int) -> tuple[int, int]:
+    """``(splits, tokens per split)`` of a ``c``-row block: up to 64 programs along the tokens, each a multiple
+    of the BT tile, none empty."""
+    per_split = triton.cdiv(triton.cdiv(c, max(1, min(triton.cdiv(c, BT), 64))), BT) * BT
+    return triton.cdiv(c, per_split), per_split
 
 
 def score_edges(delta, up_weight, grad_down, config=None):
@@ -237,11 +237,10 @@ def score_edges_into(out, sources, grad_down, alpha=1.0, config=None):
             groups.setdefault(w, []).append((delta, up_weight, n_u, r))
         r += n_u
     table, blocks, vec_at = _tables(groups, vectors, grad_down, cfg["BU"])
-    splits = token_splits(c, dt, config)
-    partials = torch.empty(splits, rows, n_d, dtype=torch.float32, device=out.device)  # every element written
     BT = cfg["BT"]
+    splits, per_split = token_splits(c, BT)
+    partials = torch.empty(splits, rows, n_d, dtype=torch.float32, device=out.device)  # every element written
     BN = min(cfg["BN"], max(16, triton.next_power_of_2(n_d)))  # no work on absent downstream rows
-    per_split = triton.cdiv(triton.cdiv(c, splits), BT) * BT
     align = _alignment([grad_down, *[t for x in prepared for t in x[:2] if t is not None]], dt)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     common = dict(OP=_TL_DTYPES[dt], FP32_DOTS=dt == torch.float32 or (interpreted and dt == torch.bfloat16),
