@@ -21,23 +21,49 @@ import triton
 import triton.language as tl
 
 
+MAX_UNROLLED = tl.constexpr(2)  # head-width blocks unrolled (Llama-3-8B's 128-wide heads: 2 blocks of 64)
+
+
 @triton.jit
-def _dy_block(dy, rows_ptr, row_stride, w_ptr, ws_n, ws_i, ws_k, j, t_offs, t_mask, k_offs, k_mask, w,
-              HAS_W: tl.constexpr, FP32_DOTS: tl.constexpr, BI: tl.constexpr):
-    """``dy[BT, BK] += rows[t, j*w : (j+1)*w] @ W[j][:, k-block]`` (``HAS_W=False``: ``+= rows[t, k-block]``)."""
-    if HAS_W:
+def _head_rows(rows_ptr, row_stride, j, w, i0, t_offs, t_mask, BI: tl.constexpr):
+    """``rows[t, j*w + i0 : j*w + i0 + BI]``: ``[BT, BI]`` of node j's head rows (zero past ``w``)."""
+    i_offs = i0 + tl.arange(0, BI)
+    return tl.load(rows_ptr + t_offs[:, None] * row_stride + j * w + i_offs[None, :],
+                   mask=t_mask[:, None] & (i_offs < w)[None, :], other=0.0)
+
+
+@triton.jit
+def _dot_block(dy, z, w_ptr, ws_i, ws_k, i0, k_offs, k_mask, w, FP32_DOTS: tl.constexpr, BI: tl.constexpr):
+    """``dy += z @ W[i0 : i0 + BI, k-block]`` for head rows ``z [BT, BI]`` and one node's weight at ``w_ptr``."""
+    i_offs = i0 + tl.arange(0, BI)
+    wt = tl.load(w_ptr + i_offs[:, None] * ws_i + k_offs[None, :] * ws_k, mask=(i_offs < w)[:, None] & k_mask[None, :],
+                 other=0.0)
+    z = z.to(wt.dtype)  # the rows rounded to the weights' (operand) dtype
+    if FP32_DOTS:
+        return dy + tl.dot(z.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+    return dy + tl.dot(z, wt)  # tensor cores, fp32 accumulation
+
+
+@triton.jit
+def _dy_block(dy, z, rows_ptr, row_stride, w_ptr, ws_n, ws_i, ws_k, j, t_offs, t_mask, k_offs, k_mask, w,
+              HAS_W: tl.constexpr, FP32_DOTS: tl.constexpr, BI: tl.constexpr, NI: tl.constexpr,
+              HOIST: tl.constexpr):
+    """``dy[BT, BK] += rows[t, j*w : (j+1)*w] @ W[j][:, k-block]`` (``HAS_W=False``: ``+= rows[t, k-block]``).
+
+    The head width is covered by ``NI`` blocks of ``BI``, unrolled at compile time up to ``MAX_UNROLLED``: the
+    d_model loop around this then stays the innermost loop, the one Triton software-pipelines (a runtime width loop
+    inside it was the pipelined one instead — a single iteration for head-sized widths, so every d_model block
+    waited out its loads). ``HOIST``: ``z`` is the program's head rows (one block), loaded once before the
+    loops."""
+    if HAS_W and NI <= MAX_UNROLLED:
+        for ii in tl.static_range(NI):
+            if not HOIST:
+                z = _head_rows(rows_ptr, row_stride, j, w, ii * BI, t_offs, t_mask, BI)
+            dy = _dot_block(dy, z, w_ptr + j * ws_n, ws_i, ws_k, ii * BI, k_offs, k_mask, w, FP32_DOTS, BI)
+    elif HAS_W:  # wide nodes (split-MLP blocks): a runtime loop (unrolled, their tiles outgrow shared memory)
         for i0 in range(0, w, BI):
-            i_offs = i0 + tl.arange(0, BI)
-            i_mask = i_offs < w
-            z = tl.load(rows_ptr + t_offs[:, None] * row_stride + j * w + i_offs[None, :],
-                        mask=t_mask[:, None] & i_mask[None, :], other=0.0)
-            wt = tl.load(w_ptr + j * ws_n + i_offs[:, None] * ws_i + k_offs[None, :] * ws_k,
-                         mask=i_mask[:, None] & k_mask[None, :], other=0.0)
-            z = z.to(wt.dtype)  # the rows rounded to the weights' (operand) dtype
-            if FP32_DOTS:
-                dy += tl.dot(z.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
-            else:
-                dy += tl.dot(z, wt)  # tensor cores, fp32 accumulation
+            zi = _head_rows(rows_ptr, row_stride, j, w, i0, t_offs, t_mask, BI)
+            dy = _dot_block(dy, zi, w_ptr + j * ws_n, ws_i, ws_k, i0, k_offs, k_mask, w, FP32_DOTS, BI)
     else:
         dy += tl.load(rows_ptr + t_offs[:, None] * row_stride + k_offs[None, :],
                       mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
@@ -46,20 +72,21 @@ def _dy_block(dy, rows_ptr, row_stride, w_ptr, ws_n, ws_i, ws_k, j, t_offs, t_ma
 
 @triton.jit
 def _g_block(k0, j, t_offs, t_mask, x_ptr, x_stride, gamma_ptr, mean, rstd,
-             r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, width0,
-             r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, d,
+             r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, width0, z0,
+             r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, z1, d,
              HAS_W: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr, HAS_GAMMA: tl.constexpr,
-             FP32_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr):
+             FP32_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, NI: tl.constexpr,
+             HOIST: tl.constexpr):
     """``(g, x_hat, k_offs, k_mask)`` of d_model block ``k0`` for the program's tokens: ``g = dy * gamma`` and the
     normalised input (``NORM == 0``: ``g = dy``, ``x_hat`` unused)."""
     k_offs = k0 + tl.arange(0, BK)
     k_mask = k_offs < d
     dy = tl.zeros((BT, BK), tl.float32)
-    dy = _dy_block(dy, r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, j, t_offs, t_mask, k_offs, k_mask, width0,
-                   HAS_W, FP32_DOTS, BI)
+    dy = _dy_block(dy, z0, r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, j, t_offs, t_mask, k_offs, k_mask, width0,
+                   HAS_W, FP32_DOTS, BI, NI, HOIST)
     if TWO:
-        dy = _dy_block(dy, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, j, t_offs, t_mask, k_offs, k_mask, width1,
-                       HAS_W, FP32_DOTS, BI)
+        dy = _dy_block(dy, z1, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, j, t_offs, t_mask, k_offs, k_mask,
+                       width1, HAS_W, FP32_DOTS, BI, NI, HOIST)
     x_hat = dy
     if NORM != 0:
         if HAS_GAMMA:
@@ -77,10 +104,17 @@ def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_p
                            HAS_W: tl.constexpr, TWO: tl.constexpr,  # a second projection feeds the same nodes
                            NORM: tl.constexpr,  # 0: none, 1: RMSNorm, 2: LayerNorm
                            HAS_GAMMA: tl.constexpr, FP32_DOTS: tl.constexpr,
-                           BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr):
+                           BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, NI: tl.constexpr,
+                           HOIST: tl.constexpr):  # the head rows held in registers (one width block)
     j = tl.program_id(0)
     t_offs = (tl.program_id(1) * BT + tl.arange(0, BT)).to(tl.int64)
     t_mask = t_offs < c
+    z0 = tl.zeros((BT, BI), tl.float32)
+    z1 = z0
+    if HOIST:
+        z0 = _head_rows(r0_ptr, r0_stride, j, width0, 0, t_offs, t_mask, BI)
+        if TWO:
+            z1 = _head_rows(r1_ptr, r1_stride, j, width1, 0, t_offs, t_mask, BI)
     rstd = tl.zeros((BT,), tl.float32)
     mean = tl.zeros((BT,), tl.float32)
     s_gx = tl.zeros((BT,), tl.float32)  # mean_k g * x_hat
@@ -92,8 +126,8 @@ def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_p
         for k0 in range(0, d, BK):
             g, x_hat, k_offs, k_mask = _g_block(
                 k0, j, t_offs, t_mask, x_ptr, x_stride, gamma_ptr, mean, rstd, r0_ptr, r0_stride, w0_ptr, w0_n,
-                w0_i, w0_k, width0, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, d,
-                HAS_W, TWO, NORM, HAS_GAMMA, FP32_DOTS, BT, BK, BI)
+                w0_i, w0_k, width0, z0, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, z1, d,
+                HAS_W, TWO, NORM, HAS_GAMMA, FP32_DOTS, BT, BK, BI, NI, HOIST)
             s_gx += tl.sum(g * x_hat, axis=1)
             s_g += tl.sum(g, axis=1)
         s_gx = s_gx / d
@@ -102,8 +136,8 @@ def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_p
     for k0 in range(0, d, BK):  # pass 2: the gradient again, through the norm, stored once
         g, x_hat, k_offs, k_mask = _g_block(
             k0, j, t_offs, t_mask, x_ptr, x_stride, gamma_ptr, mean, rstd, r0_ptr, r0_stride, w0_ptr, w0_n,
-            w0_i, w0_k, width0, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, d,
-            HAS_W, TWO, NORM, HAS_GAMMA, FP32_DOTS, BT, BK, BI)
+            w0_i, w0_k, width0, z0, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, z1, d,
+            HAS_W, TWO, NORM, HAS_GAMMA, FP32_DOTS, BT, BK, BI, NI, HOIST)
         if NORM != 0:
             g = rstd[:, None] * (g - x_hat * s_gx[:, None])
             if NORM == 2:
@@ -115,6 +149,14 @@ def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_p
 # tokens and d_model columns per block (head-width blocks BI <= 64), warps: on sm_90, BT = 64 with 8 warps is the
 # smallest token block whose dots lower to wgmma (BT = 32: mma.sync) with no stack frame (bench/triton_sm90.py)
 TILES = dict(BT=64, BK=64, num_warps=8)
+# fp32 (FMA dots): 32 d_model columns per block — 64, once the d_model loop is pipelined, took 255 registers and a
+# 320-byte stack frame on sm_90 (106 registers, no stack, at 32)
+TILES_FP32 = dict(BT=64, BK=32, num_warps=8)
+
+
+def tiles(dtype: torch.dtype) -> dict:
+    """The default tiles for operands of ``dtype``."""
+    return TILES_FP32 if dtype == torch.float32 else TILES
 
 
 def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none", config=None):
@@ -149,12 +191,14 @@ def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none", conf
         mean = rstd = x = out
     max_w = max(p[-1] for p in packed) if has_w else 16
     BI = min(64, max(16, triton.next_power_of_2(max_w)))
-    cfg = {**TILES, **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
+    NI = triton.cdiv(max_w, BI) if has_w else 1
+    cfg = {**tiles(op_dtype), **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
     BT, BK = cfg["BT"], cfg["BK"]
     grid = (n, triton.cdiv(c, BT))
     _residual_grads_kernel[grid](out, x, x.stride(0) if norm else 0, gamma if gamma is not None else out,
                                  mean if mean is not None else rstd, rstd, *packed[0], *packed[1], c, d,
                                  HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=gamma is not None and norm != 0,
-                                 FP32_DOTS=op_dtype == torch.float32 or interpreted, BT=BT, BK=BK, BI=BI,
+                                 FP32_DOTS=op_dtype == torch.float32 or interpreted, BT=BT, BK=BK, BI=BI, NI=NI,
+                                 HOIST=has_w and NI == 1,
                                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return out

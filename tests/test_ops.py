@@ -202,7 +202,8 @@ def test_score_edges_kernel_refuses_heads_wider_than_its_tile():
 # (nodes, head width or None, tokens, d_model, projections feeding the nodes, norm): widths over one block of the
 # kernel (100 > 64), d_model not a multiple of its blocks, no weight (the node reads the residual itself)
 RESID_SHAPES = [(3, 5, 13, 24, 1, "rmsnorm"), (2, 7, 33, 40, 2, "layernorm"), (1, None, 17, 20, 1, "layernorm_plain"),
-                (4, 16, 9, 70, 1, "none"), (2, 100, 5, 30, 2, "rmsnorm"), (2, 3, 6, 8, 1, "generic")]
+                (4, 16, 9, 70, 1, "none"), (2, 100, 5, 30, 2, "rmsnorm"), (2, 3, 6, 8, 1, "generic"),
+                (2, 150, 7, 20, 2, "rmsnorm")]  # widths: one block of 64 (held), two (unrolled), three (a loop)
 
 
 class _ScaledTanhNorm(torch.nn.Module):  # a per-token "norm" with no closed-form kernel: the composite path
