@@ -295,12 +295,16 @@ class EdgeScorer:
     dropped as soon as the last layer that reads them is scored. The per-layer work (``layer_plans``) is
     fixed per graph: the scoring loop issues kernels only, no host synchronisation.
     ``score_dtype``: fp32 (exact) or bf16/fp16 (tensor-core operands, fp32 accumulation). ``on_scored(plan)``:
-    called after each layer is scored (``ct_fast.pruning``).
+    called after each layer is scored (``ct_fast.pruning``). ``stack``: ``(rows [S, n_rows, d], {group: slot})``,
+    the residual-vector sources captured into one buffer (``AttributionRun._stack_keys``): on the torch path they
+    are scored straight from it (``_accumulate_stacked``), the other groups through the contributions block, each
+    span's sums gathered in a block whose rows put the stacked sources last (``_rows``), folded into ``raw`` once.
     """
 
     def __init__(self, model: nn.Module, graph: ComputationGraph, rows: TokenRows, sources: list,
                  node_means: torch.Tensor | None, resid: dict, raw: torch.Tensor, factor: float = 1.0,
-                 score_dtype: torch.dtype = torch.float32, timer: PhaseTimer | None = None, on_scored=None):
+                 score_dtype: torch.dtype = torch.float32, timer: PhaseTimer | None = None, on_scored=None,
+                 stack: tuple | None = None):
         self.graph, self.rows, self.sources, self.resid, self.raw = graph, rows, sources, resid, raw
         self.node_means = node_means
         self.edge_mask = graph.edge_mask.to(raw.device, torch.float32) if node_means is not None else None
@@ -325,6 +329,8 @@ class EdgeScorer:
                                                                    (score_dtype,)) == "triton"
         # sum over scored rows of each downstream node's gradient [n_down, d]: corrects per-micro-batch means
         self.grad_sum = raw.new_zeros(raw.shape[1], graph.d_model)
+        self.stack, self.slots = stack if stack is not None and not self.fused and not rows.pool else (None, {})
+        self._rows, self._fold = _stacked_order(graph, self.slots, raw.device)
 
     def on_grad(self, key, grad: torch.Tensor):
         """Tap callback: keep the scored rows of this gradient; score the layer once it is complete."""
@@ -373,9 +379,11 @@ class EdgeScorer:
                 self.up_weight[k] = self._weight(self.graph.upstream_groups[k].writer, sdt)
         down_weight = {g.index: self._weight(g.reader, sdt) for _, _, gs in plan.blocks for g in gs}
         n_rows = next(iter(grads.values())).shape[0]
-        seen = sum(len(self.graph.upstream_groups[k].names) for k, _ in plan.ups)
+        seen = sum(len(self.graph.upstream_groups[k].names) for k, _ in plan.ups if k not in self.slots)
         chunk, sub = scoring_chunks(plan.n_nodes, seen, self.graph.d_model, self.budget, self.fused)
         cols = slice(plan.col0, plan.col0 + plan.n_nodes)
+        if self.stack is not None:  # this span's sums, rows in the stacked order (see the class)
+            self._sums = self._buffer("sums", (self.raw.shape[0], plan.n_nodes), torch.float32).zero_()
         pooled, stats = [], {}  # stats: each norm's per-row statistics over all scored rows, made once per span
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
@@ -385,7 +393,11 @@ class EdgeScorer:
             else:
                 for a in range(start, stop, sub):
                     self._accumulate(plan, G[:, a - start:min(stop, a + sub) - start], a, min(stop, a + sub))
+                if self.stack is not None:
+                    self._accumulate_stacked(plan, G, start, stop)
                 self.grad_sum[cols] += G.sum(1, dtype=torch.float32)
+        if self.stack is not None:
+            self.raw[:, cols] += self._sums.index_select(0, self._fold)
         if self.rows.pool:
             G = torch.stack(pooled).sum(0)
             self._accumulate(plan, G, 0, G.shape[1])
@@ -402,6 +414,7 @@ class EdgeScorer:
         self.layers_left -= 1
         if self.layers_left == 0:  # the backward has scored every layer: free the scratch buffers now
             self._buffers.clear()
+            self.stack = None  # the stacked sources are freed together, with the last span (not source by source)
 
     def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int,
                         stats: dict) -> torch.Tensor:
@@ -459,16 +472,34 @@ class EdgeScorer:
         per_batch = None if self.fused else max(1, self.budget // (G.shape[1] * self.graph.d_model))  # nodes at once
         batch, nodes, end = [], 0, None
         for k, a in plan.ups:  # consecutive groups read by the same G rows, up to per_batch nodes
-            ug = self.graph.upstream_groups[k]
-            n = len(ug.names)
+            if k in self.slots:  # scored from the stack
+                continue
+            n = len(self.graph.upstream_groups[k].names)
             full = per_batch is not None and nodes + n > per_batch
-            if batch and (batch[0][1] != a or full or ug.first != end):  # raw rows must follow on
+            if batch and (batch[0][1] != a or full or self._rows[k] != end):  # score rows must follow on
                 self._score_batch(plan, batch, nodes, Gs, start, stop)
                 batch, nodes = [], 0
             batch.append((k, a))
-            nodes, end = nodes + n, ug.first + n
+            nodes, end = nodes + n, self._rows[k] + n
         if batch:
             self._score_batch(plan, batch, nodes, Gs, start, stop)
+
+    def _out(self, plan: LayerPlan, row: int, nodes: int, a: int) -> torch.Tensor:
+        """Where the sums of ``nodes`` upstream nodes from score row ``row`` (``_rows``) with the span's G rows ``a:``
+        go: ``raw``'s block, or with stacked sources the span's sums block."""
+        if self.stack is not None:
+            return self._sums[row:row + nodes, a:]
+        return self.raw[row:row + nodes, plan.col0 + a:plan.col0 + plan.n_nodes]
+
+    def _accumulate_stacked(self, plan: LayerPlan, G: torch.Tensor, start: int, stop: int):
+        """The stacked residual-vector sources against G (rows ``start..stop``): each run of consecutive slots read
+        by the same G rows is one GEMM straight from the stack buffer (a strided ``[n, c * d]`` matrix), its sums
+        added to consecutive rows of the span's block."""
+        sdt = self.score_dtype
+        G2 = (G if sdt == torch.float32 else G.to(sdt)).flatten(1)
+        for k, slot, n, a in _stacked_runs(plan, self.slots):
+            R = self.stack[slot:slot + n, start:stop].flatten(1).to(sdt)
+            self._out(plan, self._rows[k], n, a).add_(R @ G2[a:].t(), alpha=self.factor)
 
     def _source(self, k: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop`` of upstream group k's source, in the scoring dtype (uncentred: see the class)."""
@@ -478,11 +509,10 @@ class EdgeScorer:
         """Score upstream groups ``batch`` (all read by G rows ``a:``, their raw rows following on) against the
         layer's gradients: one ``score_edges_into`` call (on the torch path its contributions go to a scratch
         buffer kept for the backward)."""
-        a, cols = batch[0][1], slice(plan.col0 + batch[0][1], plan.col0 + plan.n_nodes)
-        first = self.graph.upstream_groups[batch[0][0]].first
+        a = batch[0][1]
         workspace = None if self.fused else self._buffer("contributions", (nodes, stop - start, self.graph.d_model),
                                                          self.score_dtype)
-        ops.score_edges_into(self.raw[first:first + nodes, cols],
+        ops.score_edges_into(self._out(plan, self._rows[batch[0][0]], nodes, a),
                              [(self._source(k, start, stop), self.up_weight[k]) for k, _ in batch], Gs[a:],
                              alpha=self.factor, workspace=workspace)
 
@@ -549,7 +579,8 @@ class AttributionRun:
                          ) else self.mlp_residuals
         store = {k for i, k in enumerate(self.up_keys) if i not in derived} | set(self.resid_keys)
         store |= {key for pair in derived.values() for key in pair}
-        capture = Capture(self.model, store=store, taps=self.tap_keys, anchor=anchor)
+        stack = self._stack_keys(derived) if not rows.pool and baseline is None else []
+        capture = Capture(self.model, store=store, taps=self.tap_keys, anchor=anchor, stack=stack)
         capture.__enter__()
         return Recording(self, capture, rows, derived, baseline, factor, valid_tokens(batch).reshape(-1))
 
@@ -561,6 +592,8 @@ class AttributionRun:
         if not stored:  # the forward did not run (it raised)
             return
         valid = recording.valid
+        stack = _stack_rows(cap, rows, self.up_keys)
+        cap.stack_buffer = None  # what is scored holds it (a view), or its gathered rows (a subset of positions)
         sources = []
         if self.ablation == "mean":  # each source's mean (a derived one: the difference of its two tensors')
             parts = [derived[i] if i in derived else (key,) for i, key in enumerate(self.up_keys)]
@@ -570,6 +603,9 @@ class AttributionRun:
             if i in derived:
                 after, before = (stored[k] for k in derived[i])
                 sources.append(_Difference(rows.select(after), rows.select(before)))
+                continue
+            if stack is not None and i in stack[1]:
+                sources.append(stack[0][stack[1][i]])
                 continue
             sources.append(rows.compact(stored[key] if baseline is None else stored[key] - baseline[key]))
         node_means = None
@@ -583,8 +619,18 @@ class AttributionRun:
         stored.clear()
         recording.baseline = None
         recording.scorer = EdgeScorer(self.model, self.graph, rows, sources, node_means, resid, self.raw,
-                                      recording.factor, self.score_dtype, self.timer, self.on_layer_scored)
+                                      recording.factor, self.score_dtype, self.timer, self.on_layer_scored, stack)
         cap.on_grad = recording.on_grad  # the taps call it through the capture
+
+    def _stack_keys(self, derived: dict) -> list:
+        """The capture keys of the residual-vector sources (embeddings, whole-MLP outputs: no writer weight) to stack
+        in one buffer — on the torch scoring path, which then scores them straight from it, one GEMM per run of them
+        and token chunk, instead of copying each into the contributions block per sub-chunk (a launch per source and
+        sub-chunk). At least two, or none."""
+        if ops.choose_backend("score_edges", self.raw.device, (self.score_dtype,)) != "torch":
+            return []
+        keys = [self.up_keys[k] for k in sorted(residual_vector_groups(self.graph)) if k not in derived]
+        return keys if len(keys) >= 2 and len(set(keys)) == len(keys) else []
 
     def _commit(self, recording: "Recording"):
         """A recorded forward's backward has begun: count its examples and tokens, keep its scorer to flush."""
@@ -778,6 +824,67 @@ class _Difference:
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         return self.after[rows] - self.before[rows]
+
+
+def residual_vector_groups(graph: ComputationGraph) -> set[int]:
+    """The upstream groups that are single residual vectors (no writer weight: embeddings, whole-MLP outputs)."""
+    return {k for k, g in enumerate(graph.upstream_groups) if g.writer is None and len(g.names) == 1}
+
+
+def _stacked_order(graph: ComputationGraph, slots: dict, device: torch.device) -> tuple[list, torch.Tensor | None]:
+    """``(rows, fold)``: each upstream group's first row in a span's sums block — the graph's rows without stacked
+    sources; else the other groups' nodes first (graph order), then the stacked ones (slot order), so that both
+    kinds are scored into consecutive rows — and ``fold`` (long ``[n_up]`` on ``device``, None without stacked
+    sources): the block row of each graph row (``raw[:, cols] += sums[fold]``). Cached on the graph."""
+    groups = graph.upstream_groups
+    if not slots:
+        return [g.first for g in groups], None
+    cache = graph.__dict__.setdefault("_stacked_order", {})
+    key = (tuple(sorted(slots.items())), str(device))
+    if key in cache:
+        return cache[key]
+    rows, row = [0] * len(groups), 0
+    for k, g in enumerate(groups):
+        if k not in slots:
+            rows[k], row = row, row + len(g.names)
+    for k, slot in slots.items():
+        rows[k] = row + slot
+    fold = torch.empty(len(graph.upstream_nodes), dtype=torch.long)
+    for k, g in enumerate(groups):
+        fold[g.first:g.first + len(g.names)] = torch.arange(rows[k], rows[k] + len(g.names))
+    cache[key] = rows, fold.to(device)
+    return cache[key]
+
+
+def _stacked_runs(plan: LayerPlan, slots: dict) -> list[tuple[int, int, int, int]]:
+    """``(group, slot, n, a)`` per run of stacked sources the span reads: ``n`` consecutive slots from ``group``'s
+    (one node each), all read by G rows ``a:``. Cached on the plan."""
+    cache = plan.__dict__.setdefault("_stacked_runs", {})
+    key = tuple(sorted(slots.items()))
+    if key not in cache:
+        runs: list = []
+        for k, a in plan.ups:
+            if k not in slots:
+                continue
+            if runs and runs[-1][3] == a and runs[-1][1] + runs[-1][2] == slots[k]:
+                runs[-1][2] += 1
+            else:
+                runs.append([k, slots[k], 1, a])
+        cache[key] = [tuple(r) for r in runs]
+    return cache[key]
+
+
+def _stack_rows(capture: Capture, rows: TokenRows, up_keys: list) -> tuple[torch.Tensor, dict] | None:
+    """``(rows [S, n_rows, d], {upstream group: slot})`` of the capture's stacked sources (the scored rows: a view
+    when every token is scored, else one gather for all of them), or None when nothing (or not everything) was
+    stacked."""
+    buf = capture.stack_buffer
+    if buf is None or capture.stacked != set(capture.stack_keys):
+        return None
+    flat = buf.view(buf.shape[0], -1, buf.shape[-1])
+    if not rows.every:
+        flat = flat.index_select(1, rows.flat.to(flat.device))
+    return flat, {i: capture.stack_keys[key] for i, key in enumerate(up_keys) if key in capture.stack_keys}
 
 
 def _mlp_residuals(graph: ComputationGraph) -> dict[int, tuple]:

@@ -61,12 +61,19 @@ class Capture:
     ``store``: keys whose tensors are kept detached in ``self.stored`` (a second forward overwrites).
     ``taps``: keys whose gradients are sent to ``on_grad(key, grad)`` during backward.
     ``anchor``: the scalar every tap takes (``requires_grad``); by default a fresh one on each ``__enter__``.
+    ``stack``: stored keys (in order) whose tensors, all of one shape and dtype, are copied into the slots of one
+    buffer ``self.stack_buffer [len(stack), *shape]`` as they come (``stored[key]`` is then its slot): tensors the
+    scorer reads together, as one matrix, without gathering them per token chunk. ``self.stacked``: the keys that
+    landed in it (a tensor of another shape or dtype is stored as it is).
     """
 
     def __init__(self, model: nn.Module, store=(), taps=(), on_grad: Callable | None = None,
-                 anchor: torch.Tensor | None = None):
+                 anchor: torch.Tensor | None = None, stack=()):
         self.model = model
-        self.store_keys = set(store)
+        self.stack_keys = {key: i for i, key in enumerate(stack)}
+        self.stack_buffer: torch.Tensor | None = None
+        self.stacked: set = set()
+        self.store_keys = set(store) | set(stack)
         self.tap_keys = set(taps)
         self.on_grad = on_grad
         self.stored: dict[Key, torch.Tensor] = {}
@@ -99,12 +106,28 @@ class Capture:
         return False
 
     def _process(self, key: Key, x: torch.Tensor) -> torch.Tensor:
-        if key in self.store_keys:
+        if key in self.stack_keys:
+            self.stored[key] = self._stack(key, x.detach())
+        elif key in self.store_keys:
             self.stored[key] = x.detach()
         if key in self.tap_keys and torch.is_grad_enabled():
             x = _Tap.apply(x, self.anchor, key, self._dispatch)
             self.tapped.add(key)
         return x
+
+    def _stack(self, key: Key, x: torch.Tensor) -> torch.Tensor:
+        """``x`` copied into its slot of the stack buffer (allocated at the first stacked tensor: the captures it
+        replaces would hold as much by the end of the forward), or ``x`` itself if it does not fit the buffer."""
+        buf = self.stack_buffer
+        if buf is None:
+            buf = self.stack_buffer = x.new_empty(len(self.stack_keys), *x.shape)
+        if x.shape != buf.shape[1:] or x.dtype != buf.dtype:
+            self.stacked.discard(key)
+            return x
+        slot = buf[self.stack_keys[key]]
+        slot.copy_(x)
+        self.stacked.add(key)
+        return slot
 
     def _dispatch(self, key: Key, grad: torch.Tensor):
         if self.on_grad is not None:

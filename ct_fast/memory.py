@@ -474,14 +474,16 @@ class _ScoringSizes:
     kernels (auto's measured GPU choice for that dtype) make no A."""
 
     def __init__(self, graph: ComputationGraph, score_dtype: torch.dtype):
-        from .attribution import GPU_CHUNK_ELEMENTS, SCORE_SPAN, layer_plans
+        from .attribution import GPU_CHUNK_ELEMENTS, SCORE_SPAN, layer_plans, residual_vector_groups
         from .ops import measured
 
         self.d, self.score_bytes, self.layers = graph.d_model, score_dtype.itemsize, {}
         self.budget = GPU_CHUNK_ELEMENTS
         self.fused = (measured.gpu_order("score_edges", (score_dtype,)) or ("torch",))[0] != "torch"
+        # a half-precision model's residual vectors are stacked at capture on the torch path: A holds none of them
+        stacked = set() if self.fused or score_dtype == torch.float32 else residual_vector_groups(graph)
         for layer, plan in layer_plans(graph, SCORE_SPAN).items():
-            ups = [graph.upstream_groups[k] for k, _ in plan.ups]
+            ups = [graph.upstream_groups[k] for k, _ in plan.ups if k not in stacked]
             width = max(g.writer.n * g.writer.width if g.writer else graph.d_model for g in ups)
             self.layers[layer] = (plan.n_nodes, sum(len(g.names) for g in ups), max(len(g.names) for g in ups), width)
 

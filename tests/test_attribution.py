@@ -194,6 +194,49 @@ def test_fused_scoring_is_chunk_invariant(monkeypatch):
     assert ((whole - chunked).abs().sum() / whole.abs().sum()).item() < 1e-5
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("positions", [False, True])
+def test_stacked_residual_sources_score_as_gathered_ones(arch, positions, monkeypatch):
+    """A half-precision model's residual-vector sources (embeddings, MLP outputs) are captured into one buffer and on
+    the torch path scored straight from it, one GEMM per run of them and token chunk, into a block with those rows
+    last: the same sums as copying each source into the contributions block — in many token chunks, with a positions
+    subset, over two micro-batches — and the stacked slots hold exactly what the model computed."""
+    from ct_fast.capture import Capture
+
+    model = tiny_model(arch, num_hidden_layers=3, vocab_size=16, dtype=torch.bfloat16)
+    batch = random_batch(16, batch=3, seq=20)
+    batch["scored"] = _positions(batch)
+    g = ComputationGraph.from_model(model)
+    pos = "scored" if positions else None
+    monkeypatch.setattr(ct_fast.attribution, "CHUNK_ELEMENTS", 70 * g.d_model)  # several chunks and sub-chunks
+    scored = []
+    real = ct_fast.attribution.EdgeScorer._accumulate_stacked
+    monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_accumulate_stacked",
+                        lambda self, *a: (scored.append(self.stack.shape), real(self, *a)))
+
+    def scores():
+        run = ct_fast.AttributionRun(model, g, positions=pos)
+        for rows in (slice(0, 1), slice(1, 3)):
+            _, value = run.forward({k: v[rows] for k, v in batch.items()})
+            run.backward(value)
+        return run.scores().scores
+
+    stacked = scores()
+    assert scored and all(shape[0] == g.n_layers + 1 for shape in scored)  # the embedding and every MLP
+    monkeypatch.setattr(ct_fast.attribution.AttributionRun, "_stack_keys", lambda self, derived: [])
+    gathered = scores()
+    assert ((stacked - gathered).abs().sum() / gathered.abs().sum()).item() < 1e-5
+    keys = [u.capture for u in g.upstream_groups if u.writer is None]
+    with Capture(model, stack=keys) as stacking, torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    with Capture(model, store=keys) as plain, torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    assert stacking.stacked == set(keys) and stacking.stack_buffer.shape[0] == len(keys)
+    for i, key in enumerate(keys):
+        assert stacking.stored[key].data_ptr() == stacking.stack_buffer[i].data_ptr()
+        assert torch.equal(stacking.stored[key], plain.stored[key])
+
+
 def test_scoring_chunk_rule():
     """Token chunks: GPU blocks are larger than CPU ones; fused scoring (contributions made on chip) is bounded by
     the stacked gradients alone, the torch path also by the contributions of the groups scored together."""
