@@ -80,24 +80,28 @@ def cases() -> list[dict]:
     out.append(dict(name="score_edges split reduction", kernel=se._accumulate_partials_kernel,  # into a score block
                     types={"p_ptr": "*fp32", "out_ptr": "*fp32", "alpha": "fp32"}, constexprs=dict(BLOCK=1024),
                     args=dict(splits=64, n=496 * 49, n_cols=49, out_row_stride=1552, out_col_stride=1)))
-    resid = [(dt, has_w, two, norm, 64, {}) for dt, has_w, two, norm in (
+    resid = [(dt, has_w, two, norm, 64, 1, {}) for dt, has_w, two, norm in (
         ("bf16", True, False, 1), ("bf16", True, True, 1), ("fp32", True, False, 2), ("bf16", False, False, 2),
         ("fp16", True, True, 0), ("fp32", True, True, 1))]
-    resid += [("bf16", True, True, 1, 512, {})]  # split-MLP nodes (gate and up) up to RESIDUAL_KERNEL_WIDTH wide
-    resid += [("bf16", True, False, 1, 64, v) for v in RESID_TILES if v]
-    for dt, has_w, two, norm, width, variant in resid:
+    resid += [("bf16", True, True, 1, 512, 1, {})]  # split-MLP nodes (gate and up) up to RESIDUAL_KERNEL_WIDTH wide
+    resid += [("bf16", True, False, 1, 64, 3, {}), ("fp32", True, False, 1, 64, 3, {})]  # a layer's q, k, v at once
+    resid += [("bf16", True, False, 1, 64, 1, v) for v in RESID_TILES if v]
+    for dt, has_w, two, norm, width, blocks, variant in resid:
         cfg, p = {**rg.tiles(torch.float32 if dt == "fp32" else torch.bfloat16), **variant}, PTR[dt]
         out.append(dict(name=f"residual_grads {dt} w={has_w} two={two} norm={norm}" + (f" width={width}" if width != 64
                                                                                       else "")
-                        + (f" {variant}" if variant else ""),
+                        + (f" blocks={blocks}" if blocks > 1 else "") + (f" {variant}" if variant else ""),
                         kernel=rg._residual_grads_kernel,
                         types={"out_ptr": p, "x_ptr": p, "gamma_ptr": "*fp32", "mean_ptr": "*fp32",
-                               "rstd_ptr": "*fp32", "r0_ptr": p, "w0_ptr": p, "r1_ptr": p, "w1_ptr": p},
+                               "rstd_ptr": "*fp32", "r0_ptr": p, "w0_ptr": p, "r1_ptr": p, "w1_ptr": p, "r2_ptr": p,
+                               "w2_ptr": p},
                         constexprs=dict(HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=norm != 0,
                                         FP32_DOTS=dt == "fp32", BI=64, NI=width // 64 if has_w else 1,
-                                        HOIST=has_w and width == 64,
+                                        HOIST=has_w and width == 64, BLOCKS=blocks,
                                         BT=cfg["BT"], BK=cfg["BK"]),
-                        args=dict(x_stride=2048, r0_stride=2048 * width // 64, r1_stride=2048 * width // 64,
+                        # llama-1B: 32 query heads (row stride 2048), then 8 key and 8 value heads (512)
+                        args=dict(x_stride=2048, r0_stride=2048 * width // 64,
+                                  r1_stride=512 if blocks > 1 else 2048 * width // 64, r2_stride=512, n_0=32, n_01=40,
                                   width0=width, width1=width, c=2048, d=2048,
                                   **(dict(w0_n=width * 2048, w0_i=2048, w0_k=1, w1_n=width * 2048, w1_i=2048, w1_k=1)
                                      if has_w else {})),

@@ -427,6 +427,7 @@ class EdgeScorer:
         gamma)`` over every scored row, filled on first use: row-wise, so a chunk's are a slice)."""
         sdt, shape, fused = self.score_dtype, (plan.n_nodes, stop - start, self.graph.d_model), self.fused_residual
         G = self._buffer("G", shape, sdt if fused else torch.float32)
+        run = []  # fused: consecutive blocks read through one norm, built together (``_norm_backward``)
         for off, n, groups in plan.blocks:
             out, terms = G[off:off + n], []
             for g in groups:
@@ -441,24 +442,41 @@ class EdgeScorer:
             if not terms:
                 out.zero_()
             elif fused:
-                norm = groups[0].norm
-                module, x = (self.norms[norm], self.resid[norm][start:stop]) if norm else (None, None)
-                if norm and norm not in stats:
-                    generic = ops.reference.norm_kind(module) == "generic"
-                    stats[norm] = None if generic else ops.reference.norm_stats(module, self.resid[norm])
-                chunk_stats = stats.get(norm)
-                if chunk_stats is not None:
-                    mean, rstd, gamma = chunk_stats
-                    chunk_stats = (None if mean is None else mean[start:stop], rstd[start:stop], gamma)
-                ops.residual_grads(terms, out, module, x, chunk_stats)
+                norm, single = groups[0].norm, len(terms) == 1 and terms[0][1] is not None  # one projection
+                if run and not (single and run[-1][3] and run[0][2] == norm and run[-1][0] + run[-1][1] == off):
+                    self._norm_backward(run, G, start, stop, stats)
+                    run = []
+                run.append((off, n, norm, single, terms))
             else:
                 for i, (rows, w) in enumerate(terms):
                     ops.heads_to_residual(rows, w, out=out, accumulate=i > 0, dtype=sdt)
+        if run:
+            self._norm_backward(run, G, start, stop, stats)
         if not fused:
             for norm, a, b in plan.norms:
                 if norm is not None:
                     ops.norm_vjp_(self.norms[norm], self.resid[norm][start:stop], G[a:b])
         return G
+
+    def _norm_backward(self, run: list, G: torch.Tensor, start: int, stop: int, stats: dict):
+        """The fused residual gradients of ``run``: consecutive blocks ``(offset, n, norm, single, terms)`` of G read
+        through one norm — one ``ops.residual_grads`` call for a block of several projections (an MLP's gate and up),
+        one ``ops.residual_grads_blocks`` call (a launch for up to three blocks) for blocks of one projection each
+        (a layer's query, key and value heads)."""
+        norm = run[0][2]
+        module, x = (self.norms[norm], self.resid[norm][start:stop]) if norm else (None, None)
+        if norm and norm not in stats:
+            generic = ops.reference.norm_kind(module) == "generic"
+            stats[norm] = None if generic else ops.reference.norm_stats(module, self.resid[norm])
+        chunk_stats = stats.get(norm)
+        if chunk_stats is not None:
+            mean, rstd, gamma = chunk_stats
+            chunk_stats = (None if mean is None else mean[start:stop], rstd[start:stop], gamma)
+        out = G[run[0][0]:run[-1][0] + run[-1][1]]
+        if len(run) == 1:
+            ops.residual_grads(run[0][4], out, module, x, chunk_stats)
+        else:
+            ops.residual_grads_blocks([terms[0] for *_, terms in run], out, module, x, chunk_stats)
 
     def _accumulate(self, plan: LayerPlan, G: torch.Tensor, start: int, stop: int):
         """``raw[u, cols] += factor * sum_c dA_u[c] . G[:, c]`` for every upstream group the layer reads.

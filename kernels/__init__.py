@@ -6,8 +6,8 @@ the ops not in ``ct_fast.ops.AUTO_SKIP``). On CPU they run only under ``TRITON_I
 
 - ``score_edges`` / ``score_edges_into``: fused attribution scoring, one upstream group or several accumulated
   into a block of the score matrix (``score_edges.py``)
-- ``residual_grads``: the downstream nodes' residual gradients through their norm, in one pass
-  (``residual_grads.py``)
+- ``residual_grads`` / ``residual_grads_blocks``: the downstream nodes' residual gradients through their norm, in
+  one pass, for one block of nodes or several read through one norm (``residual_grads.py``)
 - ``masked_weight_grad``: compact dW of selected features, one gathering GEMM (``masked_weight_grad.py``)
 - ``masked_adamw_`` / ``masked_sgd_``: optimizers on selected rows; ``nonfinite_flag_``: their skip-flag check
   (``masked_optim.py``)
@@ -15,8 +15,8 @@ the ops not in ``ct_fast.ops.AUTO_SKIP``). On CPU they run only under ``TRITON_I
 
 from .masked_optim import masked_adamw_, masked_sgd_, nonfinite_flag_
 from .masked_weight_grad import masked_weight_grad
-from .residual_grads import residual_grads
+from .residual_grads import residual_grads, residual_grads_blocks
 from .score_edges import score_edges, score_edges_into
 
-__all__ = ["masked_adamw_", "masked_sgd_", "masked_weight_grad", "nonfinite_flag_", "residual_grads", "score_edges",
-           "score_edges_into"]
+__all__ = ["masked_adamw_", "masked_sgd_", "masked_weight_grad", "nonfinite_flag_", "residual_grads",
+           "residual_grads_blocks", "score_edges", "score_edges_into"]

@@ -100,13 +100,27 @@ def _g_block(k0, j, t_offs, t_mask, x_ptr, x_stride, gamma_ptr, mean, rstd,
 @triton.jit
 def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_ptr,
                            r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, width0,
-                           r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, c, d,
+                           r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1,
+                           r2_ptr, r2_stride, w2_ptr, n_0, n_01, c, d,
                            HAS_W: tl.constexpr, TWO: tl.constexpr,  # a second projection feeds the same nodes
                            NORM: tl.constexpr,  # 0: none, 1: RMSNorm, 2: LayerNorm
                            HAS_GAMMA: tl.constexpr, FP32_DOTS: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, NI: tl.constexpr,
-                           HOIST: tl.constexpr):  # the head rows held in registers (one width block)
+                           HOIST: tl.constexpr,  # the head rows held in registers (one width block)
+                           BLOCKS: tl.constexpr):  # node blocks in this launch (each one projection; 1 with TWO)
+    """Program (node, token block). ``BLOCKS`` > 1: consecutive blocks of nodes of one norm (a layer's query, key and
+    value heads) in one launch — nodes ``[0, n_0)`` read projection 0, ``[n_0, n_01)`` projection 1 (its rows and
+    weight; widths and weight strides are projection 0's), the rest ``r2``/``w2`` — so the small key and value
+    blocks fill the GPU together with the query block instead of a launch (and a partial wave) each."""
     j = tl.program_id(0)
+    out_ptr += j.to(tl.int64) * c * d
+    if BLOCKS > 1:  # selects, not branches: a row stride may be a specialised constant
+        in2 = j >= n_01
+        in1 = (j >= n_0) & (j < n_01)
+        r0_ptr = tl.where(in2, r2_ptr, tl.where(in1, r1_ptr, r0_ptr))
+        w0_ptr = tl.where(in2, w2_ptr, tl.where(in1, w1_ptr, w0_ptr))
+        r0_stride = tl.where(in2, r2_stride, tl.where(in1, r1_stride, r0_stride))
+        j = j - tl.where(in2, n_01, tl.where(in1, n_0, 0))
     t_offs = (tl.program_id(1) * BT + tl.arange(0, BT)).to(tl.int64)
     t_mask = t_offs < c
     z0 = tl.zeros((BT, BI), tl.float32)
@@ -132,7 +146,6 @@ def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_p
             s_g += tl.sum(g, axis=1)
         s_gx = s_gx / d
         s_g = s_g / d
-    out_ptr += j.to(tl.int64) * c * d
     for k0 in range(0, d, BK):  # pass 2: the gradient again, through the norm, stored once
         g, x_hat, k_offs, k_mask = _g_block(
             k0, j, t_offs, t_mask, x_ptr, x_stride, gamma_ptr, mean, rstd, r0_ptr, r0_stride, w0_ptr, w0_n,
@@ -159,27 +172,55 @@ def tiles(dtype: torch.dtype) -> dict:
     return TILES_FP32 if dtype == torch.float32 else TILES
 
 
+MAX_BLOCKS = 3  # node blocks one launch takes (a layer's query, key and value heads)
+
+
 def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none", config=None):
     """Launcher: see ``ct_fast.ops.reference.residual_grads`` (same arguments; ``stats = (mean or None, rstd)``,
     fp32 ``[c]``, computed by the caller). Dots run in the dtype of the first weight (bf16/fp16 on tensor cores,
     fp32 IEEE); under ``TRITON_INTERPRET`` half-precision dots run on fp32 copies of the operands (the interpreter's
     bf16 ``tl.dot`` is wrong), the same exact products."""
+    if not 1 <= len(terms) <= 2:
+        raise ValueError(f"the Triton residual_grads takes one or two projections per block, got {len(terms)}")
+    return _launch([terms], out, x, stats, gamma, kind, config)
+
+
+def residual_grads_blocks(blocks, out, x=None, stats=None, gamma=None, kind="none", config=None):
+    """Consecutive node blocks read through one norm, each from one projection: ``blocks`` a list of ``(rows, heads
+    weight [n_b, w, d])`` filling ``out``'s nodes in order (the same ``w`` and weight strides), up to ``MAX_BLOCKS`` a
+    launch — ``residual_grads([block], out[rows of the block], ...)`` for each, in fewer, fuller launches."""
+    first = 0
+    for i in range(0, len(blocks), MAX_BLOCKS):
+        part = blocks[i:i + MAX_BLOCKS]
+        n = sum(w.shape[0] for _, w in part)
+        _launch([[b] for b in part], out[first:first + n], x, stats, gamma, kind, config)
+        first += n
+    if first != out.shape[0]:
+        raise ValueError(f"residual_grads_blocks: the blocks hold {first} nodes, out has {out.shape[0]}")
+    return out
+
+
+def _launch(blocks, out, x, stats, gamma, kind, config):
+    """One kernel launch: a block of one or two projections, or up to ``MAX_BLOCKS`` one-projection blocks."""
     n, c, d = out.shape
     if n == 0 or c == 0:
         return out
-    if not 1 <= len(terms) <= 2:
-        raise ValueError(f"the Triton residual_grads takes one or two projections per block, got {len(terms)}")
+    terms = blocks[0]
     has_w = terms[0][1] is not None
     packed = []
-    for rows, weight in terms:
+    for rows, weight in [t for b in blocks for t in b]:
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         if has_w:
             packed.append((rows, rows.stride(0), weight, *weight.stride(), weight.shape[1]))
         else:
             packed.append((rows, rows.stride(0), rows, 0, 0, 0, d))
-    two = len(packed) == 2
-    if not two:
+    if len(blocks) > 1 and (not has_w or any(len(b) != 1 for b in blocks) or any(p[3:] != packed[0][3:] for p in packed)):
+        raise ValueError("residual_grads_blocks: blocks of one projection each, whose heads share their width and "
+                         "weight strides")
+    two = len(blocks) == 1 and len(terms) == 2
+    counts = [1 if b[0][1] is None else b[0][1].shape[0] for b in blocks]
+    while len(packed) < 3:
         packed.append(packed[0])
     op_dtype = terms[0][1].dtype if has_w else torch.float32
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -196,9 +237,10 @@ def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none", conf
     BT, BK = cfg["BT"], cfg["BK"]
     grid = (n, triton.cdiv(c, BT))
     _residual_grads_kernel[grid](out, x, x.stride(0) if norm else 0, gamma if gamma is not None else out,
-                                 mean if mean is not None else rstd, rstd, *packed[0], *packed[1], c, d,
+                                 mean if mean is not None else rstd, rstd, *packed[0], *packed[1], *packed[2][:3],
+                                 counts[0], sum(counts[:2]), c, d,
                                  HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=gamma is not None and norm != 0,
                                  FP32_DOTS=op_dtype == torch.float32 or interpreted, BT=BT, BK=BK, BI=BI, NI=NI,
-                                 HOIST=has_w and NI == 1,
+                                 HOIST=has_w and NI == 1, BLOCKS=len(blocks),
                                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return out

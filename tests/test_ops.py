@@ -266,6 +266,37 @@ def test_residual_grads(device, backend, n, w, c, d, n_terms, kind, dtype):
         assert err <= 2 * ref_err + 2.0 ** -8 * scale, (err, ref_err, scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device,backend", _cases("residual_grads"))
+@pytest.mark.parametrize("counts,kind", [((3, 1, 1), "rmsnorm"), ((2, 3, 1, 2), "layernorm"), ((1, 2), "none"),
+                                         ((2, 2), "mixed")], ids=str)
+def test_residual_grads_blocks(device, backend, counts, kind, dtype):
+    """Consecutive one-projection blocks read through one norm (a layer's query, key and value heads; four blocks:
+    two launches of the kernel's three) equal one ``residual_grads`` per block: rows with their own row strides,
+    the output NaN-poisoned; blocks whose weights differ in layout ("mixed") go block by block."""
+    g = _gen(sum(counts) * 7 + len(kind))
+    c, d, w = 11, 24, 6
+    norm = _norm("rmsnorm" if kind == "mixed" else kind, d, g)
+    x = (torch.randn(c, d, generator=g) * 2 + 0.5).to(device, dtype)
+    blocks = []
+    for i, n in enumerate(counts):
+        rows = torch.randn(c, n * w + 2 * i + 1, generator=g)[:, i:i + n * w]
+        weight = torch.randn(n, w, d, generator=g)
+        if kind == "mixed" and i == 1:
+            weight = torch.randn(d, n * w, generator=g).t().reshape(n, w, d)  # a transposed (Conv1D) layout
+        blocks.append((rows.to(device, dtype), weight.to(device, dtype)))
+    out = torch.full((sum(counts), c, d), float("nan"), dtype=dtype, device=device)
+    module = None if norm is None else norm.to(device)
+    got = ops.residual_grads_blocks(blocks, out, module, x)
+    want, first = torch.empty_like(out), 0
+    for rows, weight in blocks:
+        ops.residual_grads([(rows, weight)], want[first:first + weight.shape[0]], module, x)
+        first += weight.shape[0]
+    assert got is out and torch.isfinite(out).all(), "a lane of the output was left unwritten"
+    tol = 1e-6 if dtype == torch.float32 else 2.0 ** -7
+    assert ((out - want).abs().max() / want.abs().max()).item() <= tol
+
+
 # (N tokens, in, out, selection): awkward sizes, k not a multiple of any block, N = 0, empty and full selections
 DW_SHAPES = [(1, 1, 1, "all"), (19, 7, 5, "some"), (37, 33, 21, "none"), (50, 40, 17, "strided"), (0, 5, 3, "some"),
              (23, 6, 9, "empty")]

@@ -246,6 +246,28 @@ def residual_grads(terms, out: torch.Tensor, norm=None, x=None, stats=None) -> t
     return kernels.residual_grads(terms, out, x, (mean, rstd), gamma, kind)
 
 
+def residual_grads_blocks(blocks, out: torch.Tensor, norm=None, x=None, stats=None) -> torch.Tensor:
+    """``residual_grads`` of consecutive node blocks read through one norm, one projection each (a layer's query,
+    key and value heads): ``blocks`` a list of ``(rows [c, n_b * w], heads_weight [n_b, w, d])`` filling ``out``'s
+    nodes in order. The Triton kernel takes up to three blocks a launch (heads of one width and weight layout);
+    otherwise one ``residual_grads`` per block."""
+    b = choose_backend("residual_grads", out.device, (out.dtype,))
+    kind = "none" if norm is None else reference.norm_kind(norm)
+    layout = {(w.shape[1:], w.stride()) for _, w in blocks if w is not None}
+    if (b != "triton" or kind == "generic" or len(layout) != 1 or any(w is None for _, w in blocks)
+            or blocks[0][1].shape[1] > RESIDUAL_KERNEL_WIDTH):
+        first = 0
+        for rows, w in blocks:
+            n = 1 if w is None else w.shape[0]
+            residual_grads([(rows, w)], out[first:first + n], norm, x, stats)
+            first += n
+        return out
+    from .. import kernels
+
+    mean, rstd, gamma = (stats or reference.norm_stats(norm, x)) if norm is not None else (None, None, None)
+    return kernels.residual_grads_blocks(blocks, out, x, (mean, rstd), gamma, kind)
+
+
 def masked_weight_grad(x, grad_out, index, out_features: bool) -> torch.Tensor:
     """Compact weight gradient of selected features (see ``reference.masked_weight_grad``)."""
     b = choose_backend("masked_weight_grad", x.device, (x.dtype, grad_out.dtype))
@@ -335,4 +357,4 @@ def nonfinite_flag_(grads, found_inf: torch.Tensor) -> None:
 
 __all__ = ["BACKENDS", "choose_backend", "heads_to_residual", "masked_adamw_", "masked_bias_grad",
            "masked_sgd_", "masked_weight_grad", "native", "nonfinite_flag_", "norm_vjp_", "reference",
-           "requested_backend", "score_edges", "score_edges_into"]
+           "requested_backend", "residual_grads", "residual_grads_blocks", "score_edges", "score_edges_into"]
