@@ -172,3 +172,23 @@ def test_whole_mlp_nodes_share_the_pool_and_a_pool_no_node_fits_is_refused():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {f"model.layers.0.mlp.{k}_proj.weight" for k in ("gate", "up", "down")}
     assert opt.num_state_rows() == 120 and opt.state_capacity_rows() == 192
+
+
+@pytest.mark.parametrize("mode", ["two_pass", "deferred", "lagged"])
+def test_stacked_sources_leave_half_precision_steps_unchanged(mode, monkeypatch):
+    """A bf16 model's residual-vector sources stacked at capture (the scoring forward is the training forward in
+    deferred and lagged modes) select the same circuits and write the same parameter bits as without the stack."""
+    base = tiny_model("llama", num_hidden_layers=3, vocab_size=16, dtype=torch.bfloat16)
+    batch = random_batch(16, batch=3, seq=12)
+    stacked = []
+    real = ct_fast.attribution.EdgeScorer._accumulate_stacked
+    monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_accumulate_stacked",
+                        lambda self, *a: (stacked.append(1), real(self, *a)))
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    ra = _run(a, mode, [batch] * 3)
+    assert stacked
+    monkeypatch.setattr(ct_fast.attribution.AttributionRun, "_stack_keys", lambda self, derived: [])
+    rb = _run(b, mode, [batch] * 3)
+    assert [r.circuit.edges for r in ra] == [r.circuit.edges for r in rb]
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
