@@ -324,8 +324,11 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         return out
 
     def _check_capacity(self, gi: int, group: dict, plan: list[tuple]):
-        """Raise if the rows a step selects in some pool exceed its slots (host-side, no state touched)."""
-        entries = [(p, dim, g.shape[0]) for p, dim, _, _, g in plan]
+        """Raise if the rows a step selects in some pool exceed its slots (host-side, no state touched). A member of a
+        pool with a slot per row (``RowPool.own_slots``) on its axis cannot overflow it: skipped (no per-step key)."""
+        entries = [(p, dim, g.shape[0]) for p, dim, _, _, g in plan if not self._owns_slots(p, dim)]
+        if not entries:
+            return
         for key, (total, cap, rows) in self.pool_demand(gi, entries).items():
             if total <= cap:
                 continue
@@ -337,6 +340,14 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                               f"optimizer-state pool these parameters share holds {cap} rows "
                               f"(state_capacity={group['state_capacity']!r}); raise state_capacity to at least "
                               f"{math.ceil(1000 * total / rows) / 1000:g} (or None), or select fewer rows")
+
+    def _owns_slots(self, p: torch.Tensor, dim: int) -> bool:
+        """Whether ``p`` is a member, along ``dim``, of a pool that gives every row a slot of its own."""
+        key = self._pool_of.get(p)
+        if key is None:
+            return False
+        pool = self._pools[key]
+        return pool.own_slots and pool.members[p].dim == dim
 
     def _relayout(self, p: torch.Tensor, gi: int, group: dict, dim: int):
         """Move a dense state (every row holding a slot, one shared step count — e.g. after dense steps) to rows
@@ -397,6 +408,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _as_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
         """A 2-D view ``[rows, M]`` of ``t`` with axis ``dim`` first (writes through to ``t``)."""
+        if dim == 0 and t.dim() == 2:  # already rows (the common case: no view to make, host time per parameter)
+            return t
         t = t.unsqueeze(0) if t.dim() == 0 else t
         moved = t.movedim(dim, 0)
         try:
