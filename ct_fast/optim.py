@@ -324,11 +324,12 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         return out
 
     def _check_capacity(self, gi: int, group: dict, plan: list[tuple]):
-        """Raise if the rows a step selects in some pool exceed its slots (host-side, no state touched). A member of a
-        pool with a slot per row (``RowPool.own_slots``) on its axis cannot overflow it: skipped (no per-step key)."""
-        entries = [(p, dim, g.shape[0]) for p, dim, _, _, g in plan if not self._owns_slots(p, dim)]
-        if not entries:
+        """Raise if the rows a step selects in some pool exceed its slots (host-side, no state touched). A step whose
+        parameters are all members, on their axes, of pools with a slot per row (``RowPool.own_slots``) cannot
+        overflow one: nothing to check (no per-step pool keys); a parameter joining a pool makes the full check."""
+        if all(self._owns_slots(p, dim) for p, dim, *_ in plan):
             return
+        entries = [(p, dim, g.shape[0]) for p, dim, _, _, g in plan]
         for key, (total, cap, rows) in self.pool_demand(gi, entries).items():
             if total <= cap:
                 continue
