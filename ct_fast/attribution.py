@@ -329,7 +329,7 @@ class EdgeScorer:
                                                                    (score_dtype,)) == "triton"
         # sum over scored rows of each downstream node's gradient [n_down, d]: corrects per-micro-batch means
         self.grad_sum = raw.new_zeros(raw.shape[1], graph.d_model)
-        self.stack, self.slots = stack if stack is not None and not self.fused and not rows.pool else (None, {})
+        self.stack, self.slots = stack if stack is not None else (None, {})  # (begin() stacks on the torch path only)
         self._rows, self._fold = _stacked_order(graph, self.slots, raw.device)
 
     def on_grad(self, key, grad: torch.Tensor):
