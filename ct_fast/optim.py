@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -61,6 +62,19 @@ def check_state_capacity(capacity):
                       "(a fraction of each parameter's rows) or an int >= 1 (rows per parameter, pooled)")
 
 
+class _StepLayout(NamedTuple):
+    """What a step of one param group derives from the selection and the pools alone, kept while neither changes
+    (every step of a fixed circuit after its first): each updated parameter's place, rows, slot requests and
+    state tensors — the per-parameter dictionary lookups, validation and list building an eager step would
+    otherwise repeat on the host (``_CircuitOptimizer._update``)."""
+    entries: tuple  # (p, dim, index, count, block, compact) per updated parameter, in group order; block: its one
+    # range of selected rows (a narrow of p.grad) or None; compact: its gradient came from set_grad_rows
+    skipped: tuple  # selected parameters that had no gradient
+    rows: list  # per entry: its selected rows [count] (an index kept for the selection)
+    pools: tuple  # (pool, entry positions, the pool's global rows wanted [sum of counts]) per pool
+    state: dict  # "steps" and each moment: the pool tensors, per entry
+
+
 class _CircuitOptimizer(torch.optim.Optimizer):
     """Shared machinery: the current selection per parameter and the pooled row state.
 
@@ -83,6 +97,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         self._clock_t: torch.Tensor | None = None  # from the first slot assignment on: the count, on the device
         self._pools: dict[tuple, RowPool] = {}  # (group index, row width, device) -> the rows' shared state
         self._pool_of: dict[torch.Tensor, tuple] = {}  # parameter -> the key of its pool
+        self._layouts: dict[int, _StepLayout] | None = None  # group index -> layout (``_update``); None: none kept
         self.tuning = None  # the attached TuningSession (model=)
         self.last_step = None  # the Conclusion the last circuit-tuning step applied
         self.step_skipped: torch.Tensor | None = None  # [1] fp32 on the device, 1: the last step wrote nothing
@@ -143,6 +158,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         group["state_capacity"] = check_state_capacity(group["state_capacity"])
         where = self.__dict__.setdefault("_where", {})  # param -> (group index, position): called from __init__ too
         where.update((p, (len(self.param_groups) - 1, j)) for j, p in enumerate(group["params"]))
+        self._layouts = None
 
     # ---- circuit ----
     def set_circuit(self, circuit=None, model: nn.Module | None = None):
@@ -220,8 +236,11 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     @_selection.setter
     def _selection(self, selection: dict | None):
+        if selection is not None and selection is self.__dict__.get("_current_selection"):
+            return  # the same circuit again (the tuning session between refreshes): its indices and layouts stay
         self.__dict__["_current_selection"] = selection
         self._indices = {}
+        self._layouts = None
 
     # ---- pooled state (ct_fast.state_pool) ----
     def _clock_on(self, device: torch.device) -> torch.Tensor:
@@ -264,6 +283,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         for e in entries:
             if e[0] not in self._pool_of:
                 by_key.setdefault(self._pool_key(e[0], gi, e[1]), []).append(e)
+        if by_key:
+            self._layouts = None
         for key, es in by_key.items():
             self._pool(key).join(es)
             for p, dim, *_ in es:
@@ -272,6 +293,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     def _leave(self, p: torch.Tensor) -> None:
         """``p`` leaves its pool (it is about to join the pool of another axis)."""
+        self._layouts = None
         self._pools[self._pool_of.pop(p)].leave(p)
 
     def reserve_state(self, dims: dict, allocate: bool = False) -> None:
@@ -420,19 +442,24 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                               f"along axis {dim}; circuit optimizers need row/column slices of 1-D/2-D or "
                               "contiguous parameters") from None
 
-    def _plan(self, gi: int, group: dict) -> list[tuple]:
+    def _plan(self, gi: int, group: dict) -> tuple[list, tuple | None]:
         """Validate one parameter group without touching its state (but for a lossless re-layout):
-        ``(p, dim, index, params as rows [R, M], compact fp32 grads [k, M])`` per parameter to update."""
-        plan = []
+        ``(p, dim, index, params as rows [R, M], compact fp32 grads [k, M])`` per parameter to update, and what a
+        ``_StepLayout`` of the group keeps of it (``(entries, skipped)``; None: no layout, an FSDP2 shard)."""
+        plan, entries, skipped, sharded = [], [], [], False
         for p in group["params"]:
             sel = self._rows(p)
             compact = self._grad_rows.pop(p, None)
-            if sel is None or (p.grad is None and compact is None):
+            if sel is None:
+                continue
+            if p.grad is None and compact is None:
+                skipped.append(p)
                 continue
             if compact is None and p.grad.is_sparse:
                 raise CTFastError("sparse gradients are not supported by circuit optimizers")
             dim, index, count = sel
             if is_dtensor(p):  # FSDP2: this rank updates the rows of its shard
+                sharded = True
                 index, count, compact = self._local_selection(p, dim, index, count, compact)
                 if count == 0:
                     continue
@@ -454,12 +481,43 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                                       f"{count} selected rows of a parameter of shape {tuple(p.shape)}")
             else:
                 g = self._as_rows(local(p.grad), dim)
-                if index is not None:
-                    block = None if is_dtensor(p) else self._single_range(p)
-                    # one range of rows (a head, a block of neurons): a view, not a gather kernel
-                    g = g.index_select(0, index) if block is None else g.narrow(0, block[0], block[1] - block[0])
+                block = None if index is None or is_dtensor(p) else self._single_range(p)
+                g = self._gather(g, index, block)
             plan.append((p, dim, index, p2, g.float().contiguous()))
+            entries.append((p, dim, index, count, block if compact is None else None, compact is not None))
         self._check_capacity(gi, group, plan)
+        return plan, None if sharded else (tuple(entries), tuple(skipped))
+
+    @staticmethod
+    def _gather(g: torch.Tensor, index: torch.Tensor | None, block: tuple[int, int] | None) -> torch.Tensor:
+        """The selected rows of a gradient as rows ``g [R, M]``: all (index None), one range of rows (a head, a
+        block of neurons: a view, not a gather kernel) or the rows of ``index``."""
+        if index is None:
+            return g
+        return g.index_select(0, index) if block is None else g.narrow(0, block[0], block[1] - block[0])
+
+    def _planned(self, layout: _StepLayout) -> list | None:
+        """``_plan`` of a group from its layout: the step's gradients only (None: they do not come as they did when
+        the layout was made — a gradient appeared, vanished or changed kind —, so the step plans afresh)."""
+        grad_rows, plan = self._grad_rows, []
+        for p in layout.skipped:
+            if p.grad is not None or p in grad_rows:
+                return None
+        for p, dim, index, count, block, from_rows in layout.entries:
+            compact = grad_rows.get(p)
+            if (compact is not None) != from_rows:
+                return None
+            p2 = self._as_rows(p, dim)
+            if compact is not None:
+                g = compact.reshape(count, -1)
+                if g.shape != (count, p2.shape[1]):
+                    return None  # _plan names the mismatch
+            else:
+                grad = p.grad
+                if grad is None or grad.is_sparse:
+                    return None
+                g = self._gather(self._as_rows(grad, dim), index, block)
+            plan.append((p, dim, index, p2, g.float().contiguous()))
         return plan
 
     def _local_selection(self, p, dim: int, index, count: int, compact):
@@ -489,29 +547,37 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             compact = compact.index_select(0, pick)
         return index, count, compact
 
-    def _collect(self, gi: int, group: dict, plan: list[tuple], skip: torch.Tensor | None = None) -> dict:
-        """The multi-tensor lists of one validated group: slots assigned (one ``assign`` per pool), state
-        tensors listed per parameter (parameters of one pool list the same tensors, at disjoint slots)."""
+    def _layout(self, gi: int, group: dict, plan: list[tuple], sources: tuple) -> _StepLayout:
+        """The ``_StepLayout`` of one validated group: its parameters join their pools (allocated), each pool's
+        wanted rows are gathered into one tensor (parameters of one pool list the same state tensors, at
+        disjoint slots)."""
         self._join(gi, [self._entry(p, group, dim) for p, dim, *_ in plan if p not in self._pool_of])
         rows = [self._all_rows(_n_rows(p, dim), p2.device) if index is None else index
                 for p, dim, index, p2, _ in plan]
         by_pool: dict[tuple, list[int]] = {}
         for i, (p, *_) in enumerate(plan):
             by_pool.setdefault(self._pool_of[p], []).append(i)
-        slots = [None] * len(plan)
+        pools = []
         for key, members in by_pool.items():
             pool = self._pools[key]
             pool.allocate()
             wanted = [pool.global_rows(plan[i][0], rows[i]) for i in members]
-            wanted = wanted[0] if len(wanted) == 1 else torch.cat(wanted)
+            pools.append((pool, tuple(members), wanted[0] if len(wanted) == 1 else torch.cat(wanted)))
+        state = {k: [self._pools[self._pool_of[e[0]]].t[k] for e in plan] for k in ("step",) + self._moments}
+        state["steps"] = state.pop("step")
+        return _StepLayout(*(sources or ((), ())), rows, tuple(pools), state)
+
+    def _collect(self, layout: _StepLayout, plan: list[tuple], skip: torch.Tensor | None = None) -> dict:
+        """The multi-tensor lists of one planned group: slots assigned (one ``assign`` per pool), state tensors
+        listed per parameter."""
+        slots = [None] * len(plan)
+        for pool, members, wanted in layout.pools:
             assigned = pool.assign(wanted, self._clock_on(pool.device), skip)
-            parts = [assigned] if len(members) == 1 else assigned.split([rows[i].numel() for i in members])
+            parts = [assigned] if len(members) == 1 else assigned.split([layout.rows[i].numel() for i in members])
             for i, s in zip(members, parts):
                 slots[i] = s
-        out = {"params": [e[3] for e in plan], "grads": [e[4] for e in plan], "rows": rows, "slots": slots,
-               "steps": [self._pools[self._pool_of[e[0]]].t["step"] for e in plan]}
-        out.update({k: [self._pools[self._pool_of[e[0]]].t[k] for e in plan] for k in self._moments})
-        return out
+        return {"params": [e[3] for e in plan], "grads": [e[4] for e in plan], "rows": layout.rows, "slots": slots,
+                **layout.state}
 
     def _all_rows(self, n: int, device: torch.device) -> torch.Tensor:
         """``arange(n)`` on ``device``, made once (read only: a whole parameter's rows, every step)."""
@@ -545,19 +611,34 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         return loss
 
     def _update(self):
-        """Apply ``p.grad`` / the compact gradients to the current selection (every row when dense)."""
+        """Apply ``p.grad`` / the compact gradients to the current selection (every row when dense).
+
+        A step planned afresh keeps each group's ``_StepLayout``; the next steps reuse them while the selection and
+        the pools stay (a fixed circuit) and the gradients come as they did: then a step's host work is its
+        gradients' views, one slot assignment per pool and the update's launch."""
         try:  # validate every group before any state or parameter is written
-            plans = [(gi, group, self._plan(gi, group)) for gi, group in enumerate(self.param_groups)]
+            layouts = self._layouts
+            plans = None if layouts is None else [(gi, group, self._planned(layouts[gi]))
+                                                  for gi, group in enumerate(self.param_groups)]
+            reused = plans is not None and all(plan is not None for *_, plan in plans)
+            if not reused:
+                drafts = [(gi, group, *self._plan(gi, group)) for gi, group in enumerate(self.param_groups)]
+                plans = [(gi, group, plan) for gi, group, plan, _ in drafts]
+                layouts = {gi: self._layout(gi, group, plan, sources) for gi, group, plan, sources in drafts}
+                self._layouts = None if any(sources is None for *_, sources in drafts) else layouts
         finally:
             self._grad_rows = {}
         flag = self._skip_flag(plans)
+        if not reused or flag is not None:  # another selection, or a step a flag may skip: the time stamps owed
+            for pool in self._pools.values():  # are the last step's, written before the clock moves
+                pool.write_stamps()
         if self._clock_t is None:
             self._clock += 1
         else:
             self._clock_t.add_(1)
         for gi, group, plan in plans:
             if plan:
-                self._apply(self._collect(gi, group, plan, None if flag is None else flag > 0), group, flag)
+                self._apply(self._collect(layouts[gi], plan, None if flag is None else flag > 0), group, flag)
         self.step_skipped = flag
 
     def _skip_flag(self, plans: list) -> torch.Tensor | None:
@@ -634,7 +715,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         by_id = dict(zip(saved_ids, params))
         for g in self.param_groups:  # saved before state_capacity existed
             g["state_capacity"] = check_state_capacity(g.get("state_capacity", self.defaults["state_capacity"]))
-        self._pools, self._pool_of = {}, {}
+        self._pools, self._pool_of, self._layouts = {}, {}, None
         self.state = defaultdict(dict)
         for saved in pools:
             members = [by_id[m[0]] for m in saved["members"]]

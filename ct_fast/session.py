@@ -147,6 +147,7 @@ class TuningSession:
             raise CTFastError("the optimizer holds none of the model's circuit parameters (attention and MLP "
                               "projections); build it from model.parameters()")
         self._trained = {id(p) for p in self.params}
+        self._param_selection: tuple = (None, None)  # (circuit, its param_selection)
         self._owned = owned
         self._reserve_state_pools(model)
         self.anchor = torch.zeros((), device=self.device, dtype=next(model.parameters()).dtype, requires_grad=True)
@@ -317,9 +318,14 @@ class TuningSession:
         return self._auto_modes[shape]
 
     def param_selection(self, circuit: Circuit) -> dict:
-        """``{parameter: ParamSelection}`` of ``circuit``, restricted to the trained parameters."""
-        return {p: s for p, s in selections_by_param(self.model, circuit.param_selections(self.graph)).items()
-                if id(p) in self._trained}
+        """``{parameter: ParamSelection}`` of ``circuit``, restricted to the trained parameters; the same dict while
+        the circuit is the same (steps between refreshes: the optimizer keeps its step layouts for it)."""
+        made_for, selection = self._param_selection
+        if circuit is not made_for:
+            selection = {p: s for p, s in selections_by_param(self.model, circuit.param_selections(self.graph)).items()
+                         if id(p) in self._trained}
+            self._param_selection = (circuit, selection)
+        return selection
 
     # ---- forward hooks ----
     def _before_forward(self, module, args, kwargs):

@@ -25,7 +25,9 @@ resumed run still evicts exactly as the uninterrupted one.
 
 A pool with a slot for every row (``capacity == rows``: a parameter under ``state_capacity=None``, a bias)
 never evicts, and gives row ``r`` slot ``r`` (``own_slots``): its ``assign`` is three scatters, no search —
-a per-parameter pool's search cost ~20 launches a parameter, which made a masked step host-bound.
+a per-parameter pool's search cost ~20 launches a parameter, which made a masked step host-bound. Selected again
+with the same rows (a fixed circuit), it launches nothing: the rows' time stamps are owed (``_due``) and written
+when anything reads ``t`` or the optimizer moves to another selection (``write_stamps``).
 """
 
 from __future__ import annotations
@@ -66,12 +68,39 @@ class RowPool:
         self.members: dict[torch.Tensor, Member] = {}  # live members (a parameter that left keeps its rows' span)
         self.rows = 0  # R: global rows, members that left included
         self.capacity = 0  # C: the members' budgets, members that left included
-        self.t: dict[str, torch.Tensor] = {}  # the tensors; empty until allocated
+        self._t: dict[str, torch.Tensor] = {}  # the tensors (``t``); empty until allocated
         self._settled: torch.Tensor | None = None  # own slots: rows whose slot/owner entries stand (_assign_own)
+        self._due: tuple | None = None  # own slots: (rows, clock) whose time stamps are owed (_assign_own)
+
+    @property
+    def t(self) -> dict[str, torch.Tensor]:
+        """The pool's tensors (module docstring), their time stamps up to date."""
+        if self._due is not None:
+            self.write_stamps()
+        return self._t
+
+    @t.setter
+    def t(self, tensors: dict[str, torch.Tensor]):
+        self._t = tensors
+
+    def write_stamps(self) -> None:
+        """Write the time stamps owed (``_assign_own``): the rows last assigned take the clock's value now. The
+        optimizer calls it before its clock moves to a step that selects other rows or may be skipped."""
+        if self._due is None:
+            return
+        rows, clock = self._due
+        self._due = None
+        self._t["last_used"].index_copy_(0, rows, self._stamp(clock, rows))
+
+    @staticmethod
+    def _stamp(clock, rows: torch.Tensor) -> torch.Tensor:
+        """``[k]`` copies of the step's time stamp ``clock`` (an int, or a 0-dim long tensor: read on the device)."""
+        return clock.expand(rows.numel()) if isinstance(clock, torch.Tensor) else \
+            torch.full((rows.numel(),), clock, dtype=torch.long, device=rows.device)
 
     @property
     def allocated(self) -> bool:
-        return bool(self.t)
+        return bool(self._t)
 
     @property
     def own_slots(self) -> bool:
@@ -191,14 +220,18 @@ class RowPool:
         selected (allocated zero, zeroed by ``leave``), as a fresh slot's; nothing is evicted.
 
         The slot and owner entries of a row, once written, stay (until the pool changes: join, leave, load), so
-        when ``rows`` is the very tensor the previous unskipped call wrote (a fixed circuit's cached index) only
-        the time stamps are written: one launch instead of three."""
-        slot, owner, last_used = self.t["slot"], self.t["owner"], self.t["last_used"]
-        stamp = clock.expand(rows.numel()) if isinstance(clock, torch.Tensor) else \
-            torch.full((rows.numel(),), clock, dtype=torch.long, device=rows.device)
+        when ``rows`` is the very tensor the previous unskipped call wrote (a fixed circuit's cached index) nothing
+        is launched: the rows' time stamps are owed (``_due``: the value of ``clock`` when next read — the
+        optimizer's clock advances in place, so the stamp is the last step's as long as every step selects these
+        rows; ``write_stamps`` settles them before a step that does not)."""
+        if skip is None and rows is self._settled:
+            self._due = (rows, clock)
+            return rows
+        self.write_stamps()
+        slot, owner, last_used = self._t["slot"], self._t["owner"], self._t["last_used"]
+        stamp = self._stamp(clock, rows)
         if skip is None:
-            writes = ((slot, rows), (owner, rows), (last_used, stamp))
-            for t, value in writes[2:] if rows is self._settled else writes:
+            for t, value in ((slot, rows), (owner, rows), (last_used, stamp)):
                 t.index_copy_(0, rows, value)
             self._settled = rows  # held: the tensor cannot be freed and its id reused
         else:  # a skipped step changes nothing

@@ -854,11 +854,13 @@ def test_loads_slot_per_row_pools_numbered_otherwise():
     _assert_same_state(expected.state_dict(), opt.state_dict())
 
 
-def test_a_fixed_circuit_writes_only_time_stamps_and_matches_fresh_selections():
-    """Slot-per-row pools: steps on a fixed circuit (its cached row indices) write only the time stamps after the
-    first — one launch a parameter instead of three — and end with the same parameters and state as the same
-    steps with the circuit set anew every step (fresh indices: every entry written), through a circuit change, a
-    step skipped on the device (non-finite gradient under skip_nonfinite) and a checkpoint reload."""
+def test_a_fixed_circuit_writes_no_index_entries_and_matches_fresh_selections():
+    """Slot-per-row pools: steps on a fixed circuit (its cached row indices) write nothing but the update after the
+    first — the time stamps they owe are written once, before a step on another circuit or one that may be
+    skipped (one launch a parameter) — and end with the same parameters and state (time stamps included) as the
+    same steps with the circuit set anew every step (fresh indices: every entry written each step), through a
+    circuit change, a step skipped on the device (non-finite gradient under skip_nonfinite), a checkpoint
+    reload and a state_dict taken between steps of a fixed circuit."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -903,10 +905,54 @@ def test_a_fixed_circuit_writes_only_time_stamps_and_matches_fresh_selections():
     (params, opt, copies), (fresh_params, fresh_opt, fresh_copies) = runs
     assert all(torch.equal(a, b) for a, b in zip(params, fresh_params))
     _assert_same_state(opt.state_dict(), fresh_opt.state_dict())
-    for step in (1, 4, 8):  # a fixed circuit: time stamps only
-        assert copies[step] == fresh_copies[step] - 2 * len(circuits[step >= 5]), step
-    for step in (0, 2, 3, 5, 6, 7):  # first, skipped, after a skip, new circuit, reloaded, set again: everything
+    for step in (1, 4, 8):  # a fixed circuit: no slot, owner or time-stamp write
+        assert copies[step] == fresh_copies[step] - 3 * len(circuits[step >= 5]), step
+    for step in (2, 5):  # skipped, new circuit: everything, and the stamps the fixed circuit's last step owed
+        assert copies[step] == fresh_copies[step] + len(circuits[0]), step
+    for step in (0, 3, 6, 7):  # first, after a skip, reloaded, set again (after a full write): everything
         assert copies[step] == fresh_copies[step], step
+
+
+@pytest.mark.parametrize("capacity", [None, 0.5], ids=["own-slots", "shared-pool"])
+def test_step_layouts_are_reused_only_while_the_gradients_come_alike(capacity):
+    """A fixed circuit's steps reuse the layout planned at its first step (``_StepLayout``: no per-parameter
+    lookups or validation) until a gradient vanishes, appears or comes compact instead of dense — then the step
+    plans afresh. Parameters and state (time stamps included) equal the same steps each planned afresh; a
+    compact gradient of the wrong shape is still refused, nothing written."""
+    sel = {0: ParamSelection(0, 6, ((1, 3),)), 1: ParamSelection(1, 5, ((0, 2),)),
+           2: ParamSelection(0, 7, ((0, 2), (4, 6)))}
+    # per step: a parameter without gradient, or given compact (set_grad_rows); planned afresh where it changes
+    kinds = ["dense", "dense", "missing", "dense", "compact", "compact", "dense", "dense"]
+    runs = []
+    for fresh in (False, True):
+        params = _pool_params(seed=4)
+        opt = CircuitAdamW(params, lr=1e-2, weight_decay=0.1, state_capacity=capacity)
+        _reserve(opt, params)
+        opt.set_circuit({params[i]: s for i, s in sel.items()})
+        plan, planned = opt._plan, []
+        opt._plan = lambda gi, group, plan=plan, planned=planned: planned.append(1) or plan(gi, group)
+        for step, kind in enumerate(kinds):
+            for p, g in zip(params, _grads(params, step)):
+                p.grad = g
+            if kind == "missing":
+                params[0].grad = None
+            if kind == "compact":
+                opt.set_grad_rows({params[1]: params[1].grad[:, 0:2].t().contiguous() * 3})
+            if fresh:
+                opt._layouts = None
+            n = len(planned)
+            opt.step()
+            if not fresh:
+                assert (len(planned) > n) == (step == 0 or kind != kinds[step - 1]), step
+        runs.append((params, opt))
+    (params, opt), (fresh_params, fresh_opt) = runs
+    assert all(torch.equal(a, b) for a, b in zip(params, fresh_params))
+    _assert_same_state(opt.state_dict(), fresh_opt.state_dict())
+    before = [p.detach().clone() for p in params]
+    opt.set_grad_rows({params[1]: torch.randn(3, 4)})  # the circuit selects 2 columns
+    with pytest.raises(CTFastError, match="compact gradient of shape"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
 
 
 def test_one_range_selections_read_dense_gradients_without_a_gather():
