@@ -87,6 +87,30 @@ def test_refresh_every_and_schedule(model, batch):
     assert results[1].timings["attribution"] == 0.0
 
 
+def test_steps_between_refreshes_reuse_the_optimizers_step_layout():
+    """Between refreshes the session hands the optimizer the same selection, so its steps reuse the layout planned at
+    the refresh (no per-parameter planning); the parameters equal those of the same steps each planned afresh."""
+    runs = []
+    for fresh in (False, True):
+        model = tiny_model("llama")
+        opt = CircuitAdamW(model.parameters(), lr=1e-2)
+        tuner = CircuitTuner(model, opt, top_n=20, refresh_every=3)
+        plan, planned = opt._plan, []
+        opt._plan = lambda gi, group, plan=plan, planned=planned: planned.append(1) or plan(gi, group)
+        steps = []
+        for s in range(6):
+            if fresh:
+                opt._layouts = None
+            n = len(planned)
+            tuner.step(random_batch(37, seed=s))
+            steps.append(len(planned) > n)
+        runs.append((model, steps))
+    (model, steps), (fresh_model, fresh_steps) = runs
+    assert steps == [True, False, False, True, False, False] and all(fresh_steps)
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_corrupted_ablation_step(model, batch):
     corrupted = dict(batch, input_ids=torch.randint(1, 37, batch["input_ids"].shape))
     tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3), top_n=12, ablation="corrupted")
