@@ -521,7 +521,8 @@ class EdgeScorer:
 
     def _source(self, k: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop`` of upstream group k's source, in the scoring dtype (uncentred: see the class)."""
-        return self.sources[k][start:stop].to(self.score_dtype)
+        rows = self.sources[k][start:stop]
+        return rows if rows.dtype == self.score_dtype else rows.to(self.score_dtype)
 
     def _score_batch(self, plan: LayerPlan, batch: list, nodes: int, Gs: torch.Tensor, start: int, stop: int):
         """Score upstream groups ``batch`` (all read by G rows ``a:``, their raw rows following on) against the

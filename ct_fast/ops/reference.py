@@ -19,12 +19,16 @@ def heads_to_residual(rows: torch.Tensor, heads_weight: torch.Tensor | None, out
     operands use tensor cores (fp32 accumulation inside the GEMM), the result lands in ``out``'s dtype.
     """
     dtype = dtype or (out.dtype if out is not None else torch.float32)
+    rows = rows if rows.dtype == dtype else rows.to(dtype)  # (no call where it is one: the scoring loop's host time)
     if heads_weight is None:
-        res = rows.to(dtype).unsqueeze(0)
+        res = rows.unsqueeze(0)
     else:
         n, w, _ = heads_weight.shape
-        z = rows.to(dtype).reshape(rows.shape[0], n, w).transpose(0, 1)  # [n, c, w]
-        weight = heads_weight.to(dtype)
+        c = rows.shape[0]
+        # [n, c, w]: head j's columns of every row, one view
+        z = rows.as_strided((n, c, w), (w, rows.stride(0), 1)) if rows.stride(-1) == 1 else \
+            rows.reshape(c, n, w).transpose(0, 1)
+        weight = heads_weight if heads_weight.dtype == dtype else heads_weight.to(dtype)
         if out is not None and out.dtype == dtype:
             return out.baddbmm_(z, weight) if accumulate else torch.bmm(z, weight, out=out)
         res = torch.bmm(z, weight)
