@@ -89,6 +89,7 @@ class MaskedLinears:
         self.touched = False  # a backward reached a masked linear since the last clear()
         self.calls: dict[str, int] = {}  # grad-enabled calls per module since the model's last forward began
         self.stream = None
+        self._indexed: tuple = (None, {})  # (selection dict, {(ParamSelection, device): its row index})
 
     def __enter__(self):
         for name, m in self.modules.items():
@@ -231,9 +232,23 @@ class MaskedLinears:
         sel = selection.get(w) if w.requires_grad else None
         sel_b = selection.get(b) if b is not None and b.requires_grad else None
         # output features are weight rows for nn.Linear, columns for Conv1D
-        weight = None if sel is None else (None if sel.full else sel.index(device), (sel.dim == 0) != self.conv1d[name])
-        bias = None if sel_b is None else (None if sel_b.full else sel_b.index(device),)
+        weight = None if sel is None else (self._index(selection, sel, device), (sel.dim == 0) != self.conv1d[name])
+        bias = None if sel_b is None else (self._index(selection, sel_b, device),)
         return weight, bias
+
+    def _index(self, selection: dict, sel, device) -> torch.Tensor | None:
+        """``sel``'s rows as a long tensor on ``device`` (None: every row), built once while the selection is the same
+        dict (a reused circuit's steps: the tuning session passes the same one), not per backward and linear (an
+        ``arange`` per range and a ``cat``)."""
+        if sel.full:
+            return None
+        if selection is not self._indexed[0]:
+            self._indexed = (selection, {})
+        key = (sel, str(device))
+        index = self._indexed[1].get(key)
+        if index is None:
+            index = self._indexed[1][key] = sel.index(device)
+        return index
 
     def _accumulate(self, name, x, grad_out, selection, into: dict | None = None):
         x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
