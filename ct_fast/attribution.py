@@ -24,7 +24,7 @@ from torch import nn
 
 from . import ops
 from .capture import Capture
-from .distributed import full
+from .distributed import full, is_dtensor
 from .errors import CTFastError, NonFiniteError
 from .graph import ComputationGraph
 from .profiling import PhaseTimer
@@ -41,6 +41,10 @@ GPU_CHUNK_ELEMENTS = 1 << 28
 # gained little more while holding more layers' gradients
 SCORE_SPAN = 2
 MIN_CHUNK_ROWS = 128  # deep graphs: keep token chunks at least this long, batch fewer upstream groups instead
+# the torch path makes the contributions of several layers' attention heads in one batched GEMM per token chunk when
+# their output projections, stacked (kept for the backward), fit in this many elements: Llama-3.2-1B's 16 layers
+# (67M; ~1000 fewer launches a step at 8 x 512 tokens); not an 8B model's 32 x 4096^2 (a GiB more in bf16)
+HEAD_WEIGHTS_ELEMENTS = 1 << 27
 
 
 def chunk_elements(device: torch.device) -> int:
@@ -299,6 +303,9 @@ class EdgeScorer:
     the residual-vector sources captured into one buffer (``AttributionRun._stack_keys``): on the torch path they
     are scored straight from it (``_accumulate_stacked``), the other groups through the contributions block, each
     span's sums gathered in a block whose rows put the stacked sources last (``_rows``), folded into ``raw`` once.
+    With stacked sources the attention groups' rows follow on too, and consecutive layers' heads scored together
+    are one batch (``_head_runs``: their rows of a sub-chunk copied side by side, one launch, their output
+    projections stacked once per backward) instead of a GEMM per layer (``head_slots``, ``HEAD_WEIGHTS_ELEMENTS``).
     """
 
     def __init__(self, model: nn.Module, graph: ComputationGraph, rows: TokenRows, sources: list,
@@ -331,6 +338,9 @@ class EdgeScorer:
         self.grad_sum = raw.new_zeros(raw.shape[1], graph.d_model)
         self.stack, self.slots = stack if stack is not None else (None, {})  # (begin() stacks on the torch path only)
         self._rows, self._fold = _stacked_order(graph, self.slots, raw.device)
+        self.head_slots = _head_slots(graph, self.modules) if self.slots and not self.fused else {}
+        self._head_groups = sorted(self.head_slots, key=self.head_slots.get)
+        self._stacked_weights: torch.Tensor | None = None  # [S * heads, w, d]: their writers (_head_weights)
 
     def on_grad(self, key, grad: torch.Tensor):
         """Tap callback: keep the scored rows of this gradient; score the layer once it is complete."""
@@ -375,7 +385,7 @@ class EdgeScorer:
         upstream group's contributions are then produced once and dotted with every node that reads it."""
         sdt = self.score_dtype
         for k, _ in plan.ups:
-            if k not in self.up_weight:
+            if k not in self.up_weight and k not in self.head_slots:
                 self.up_weight[k] = self._weight(self.graph.upstream_groups[k].writer, sdt)
         down_weight = {g.index: self._weight(g.reader, sdt) for _, _, gs in plan.blocks for g in gs}
         n_rows = next(iter(grads.values())).shape[0]
@@ -414,7 +424,8 @@ class EdgeScorer:
         self.layers_left -= 1
         if self.layers_left == 0:  # the backward has scored every layer: free the scratch buffers now
             self._buffers.clear()
-            self.stack = None  # the stacked sources are freed together, with the last span (not source by source)
+            # the stacked sources are freed together, with the last span (not source by source)
+            self.stack = self._stacked_weights = None
 
     def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int,
                         stats: dict) -> torch.Tensor:
@@ -531,9 +542,42 @@ class EdgeScorer:
         a = batch[0][1]
         workspace = None if self.fused else self._buffer("contributions", (nodes, stop - start, self.graph.d_model),
                                                          self.score_dtype)
-        ops.score_edges_into(self._out(plan, self._rows[batch[0][0]], nodes, a),
-                             [(self._source(k, start, stop), self.up_weight[k]) for k, _ in batch], Gs[a:],
+        sources = [(self._source(k, start, stop), self.up_weight[k]) if slot is None else
+                   self._head_run(k, slot, n, start, stop) for k, slot, n in self._head_runs(batch)]
+        ops.score_edges_into(self._out(plan, self._rows[batch[0][0]], nodes, a), sources, Gs[a:],
                              alpha=self.factor, workspace=workspace)
+
+    def _head_runs(self, batch: list) -> list[tuple[int, int | None, int]]:
+        """``(group, slot, n)`` per source of a batch: a run of ``n`` attention groups in consecutive slots from
+        ``group``'s (their rows follow on, as a batch's groups do), else ``(group, None, 1)``."""
+        runs: list = []
+        for k, _ in batch:
+            slot = self.head_slots.get(k)
+            if slot is not None and runs and runs[-1][1] is not None and runs[-1][1] + runs[-1][2] == slot:
+                runs[-1][2] += 1
+            else:
+                runs.append([k, slot, 1])
+        return runs
+
+    def _head_run(self, k: int, slot: int, n: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z [n * heads, c, w], W [n * heads, w, d])`` of the attention groups in slots ``slot .. slot + n`` (from
+        group k) at rows ``start..stop``: their rows copied side by side (one launch), seen as one batch of heads
+        (head j of group i at column ``(i * heads + j) * w``: one stride), and their stacked writer weights."""
+        W = self._head_weights()
+        heads, w = W.shape[0] // len(self.head_slots), W.shape[1]
+        if n == 1:  # one layer's heads: its rows as they are
+            return self._source(k, start, stop), W[slot * heads:(slot + 1) * heads]
+        rows = [self.sources[g][start:stop] for g in self._head_groups[slot:slot + n]]
+        z = torch.stack(rows, 1, out=self._buffer("head rows", (stop - start, n, heads * w), self.score_dtype))
+        return z.as_strided((n * heads, stop - start, w), (w, n * heads * w, 1)), W[slot * heads:(slot + n) * heads]
+
+    def _head_weights(self) -> torch.Tensor:
+        """The attention groups' writer weights ``[S * heads, w, d]`` in the scoring dtype, slot-major, made at the
+        first use and kept for the backward (the weights do not change inside it)."""
+        if self._stacked_weights is None:
+            weights = [self._weight(self.graph.upstream_groups[k].writer, self.score_dtype) for k in self._head_groups]
+            self._stacked_weights = torch.cat(weights)
+        return self._stacked_weights
 
 
 class AttributionRun:
@@ -904,6 +948,20 @@ def _stack_rows(capture: Capture, rows: TokenRows, up_keys: list) -> tuple[torch
     if not rows.every:
         flat = flat.index_select(1, rows.flat.to(flat.device))
     return flat, {i: capture.stack_keys[key] for i, key in enumerate(up_keys) if key in capture.stack_keys}
+
+
+def _head_slots(graph: ComputationGraph, modules: dict) -> dict[int, int]:
+    """``{upstream group: slot}`` of the attention groups whose contributions may be made several layers at once
+    (``EdgeScorer._head_run``): consecutive groups, one writer shape, their stacked weights within
+    ``HEAD_WEIGHTS_ELEMENTS``, not sharded (FSDP2: the stack would hold every layer's whole matrix); else none."""
+    groups = [k for k, g in enumerate(graph.upstream_groups) if g.kind == "attn" and g.writer is not None]
+    writers = [graph.upstream_groups[k].writer for k in groups]
+    if len(groups) < 2 or len({(w.n, w.width) for w in writers}) != 1 or any(
+            is_dtensor(modules[w.module].weight) for w in writers):
+        return {}
+    if len(groups) * writers[0].n * writers[0].width * graph.d_model > HEAD_WEIGHTS_ELEMENTS:
+        return {}
+    return {k: i for i, k in enumerate(groups)}
 
 
 def _mlp_residuals(graph: ComputationGraph) -> dict[int, tuple]:

@@ -469,12 +469,16 @@ class _ScoringSizes:
     within ``GPU_CHUNK_ELEMENTS``, and on the torch scoring path sub-chunks of ``sub`` rows such that the
     contributions of the upstream groups scored together A [nodes', sub, d] do too; G, A and the sources cast
     to the scoring dtype [sub, width] are buffers kept for the whole backward (grown to the largest layer); each
-    layer adds ~4 fp32 [c, d] temporaries (norm backward, casts).
+    layer adds ~4 fp32 [c, d] temporaries (norm backward, casts). Where a half-precision model's residual vectors
+    are stacked (the torch path), the attention output projections are stacked too, once per backward, if they fit
+    (``heads`` elements; the head rows they batch are copied per sub-chunk into a buffer ``[sub, <= layers,
+    width]``).
     ``score_dtype``: of A and the sources (the model's in bf16/fp16, else fp32); the fused ``score_edges``
     kernels (auto's measured GPU choice for that dtype) make no A."""
 
     def __init__(self, graph: ComputationGraph, score_dtype: torch.dtype):
-        from .attribution import GPU_CHUNK_ELEMENTS, SCORE_SPAN, layer_plans, residual_vector_groups
+        from .attribution import (GPU_CHUNK_ELEMENTS, HEAD_WEIGHTS_ELEMENTS, SCORE_SPAN, layer_plans,
+                                  residual_vector_groups)
         from .ops import measured
 
         self.d, self.score_bytes, self.layers = graph.d_model, score_dtype.itemsize, {}
@@ -482,6 +486,11 @@ class _ScoringSizes:
         self.fused = (measured.gpu_order("score_edges", (score_dtype,)) or ("torch",))[0] != "torch"
         # a half-precision model's residual vectors are stacked at capture on the torch path: A holds none of them
         stacked = set() if self.fused or score_dtype == torch.float32 else residual_vector_groups(graph)
+        # ... and the attention groups' output projections stacked once per backward where they fit (_head_slots)
+        attn = [g.writer for g in graph.upstream_groups if g.kind == "attn" and g.writer is not None] if stacked else []
+        heads = sum(w.n * w.width * graph.d_model for w in attn)
+        self.heads = heads if len(attn) >= 2 and heads <= HEAD_WEIGHTS_ELEMENTS else 0
+        self.head_row_width = sum(w.n * w.width for w in attn) if self.heads else 0  # at most every layer's heads
         for layer, plan in layer_plans(graph, SCORE_SPAN).items():
             ups = [graph.upstream_groups[k] for k, _ in plan.ups if k not in stacked]
             width = max(g.writer.n * g.writer.width if g.writer else graph.d_model for g in ups)
@@ -498,12 +507,13 @@ class _ScoringSizes:
         if layer is not None:  # with the fused kernels, a norm's statistics over every row (an fp32 copy) too
             nodes, seen, _, _ = self.layers[layer]
             return max(4 * 4 * self._chunks(nodes, seen, tokens)[0] * self.d, 4 * tokens * self.d if self.fused else 0)
-        g = a = rows = 0
+        g = a = rows = head_rows = 0
         for nodes, seen, widest, width in self.layers.values():
             c, sub = self._chunks(nodes, seen, tokens)
             together = 0 if self.fused else min(seen, max(widest, self.budget // (sub * self.d)))
             g, a, rows = max(g, 4 * nodes * c * self.d), max(a, together * sub * self.d), max(rows, sub * width)
-        return g + self.score_bytes * (a + rows)
+            head_rows = max(head_rows, sub * self.head_row_width)
+        return g + self.score_bytes * (a + rows + head_rows + self.heads)
 
 
 @dataclass

@@ -237,6 +237,44 @@ def test_stacked_residual_sources_score_as_gathered_ones(arch, positions, monkey
         assert torch.equal(stacking.stored[key], plain.stored[key])
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("positions", [False, True])
+def test_several_layers_heads_score_as_one_batch(arch, positions, monkeypatch):
+    """With a half-precision model's residual vectors stacked (the torch path), the attention heads of consecutive
+    layers scored together are one batch per token chunk — their rows copied side by side, their output projections
+    stacked once — with the same sums as one GEMM per layer: in many chunks, with a positions subset, over two
+    micro-batches. The batch of the last layer's readers holds every earlier layer's heads."""
+    model = tiny_model(arch, num_hidden_layers=4, vocab_size=16, dtype=torch.bfloat16)
+    batch = random_batch(16, batch=3, seq=20)
+    batch["scored"] = _positions(batch)
+    g = ComputationGraph.from_model(model)
+    pos = "scored" if positions else None
+    monkeypatch.setattr(ct_fast.attribution, "CHUNK_ELEMENTS", 70 * g.d_model)  # several chunks and sub-chunks
+    runs = []
+    real = ct_fast.attribution.EdgeScorer._head_run
+    monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_head_run",
+                        lambda self, k, slot, n, *a: (runs.append(n), real(self, k, slot, n, *a))[1])
+
+    def scores():
+        run = ct_fast.AttributionRun(model, g, positions=pos)
+        for rows in (slice(0, 1), slice(1, 3)):
+            _, value = run.forward({k: v[rows] for k, v in batch.items()})
+            run.backward(value)
+        return run.scores().scores
+
+    batched = scores()
+    assert max(runs) == g.n_layers - 1
+    monkeypatch.setattr(ct_fast.attribution, "_head_slots", lambda graph, modules: {})
+    runs.clear()
+    per_layer = scores()
+    assert not runs
+    assert ((batched - per_layer).abs().sum() / per_layer.abs().sum()).item() < 1e-5
+    # beyond HEAD_WEIGHTS_ELEMENTS (an 8B model's output projections) each layer's heads are scored alone
+    monkeypatch.undo()
+    monkeypatch.setattr(ct_fast.attribution, "HEAD_WEIGHTS_ELEMENTS", 3 * g.d_model ** 2)
+    assert ct_fast.attribution._head_slots(g, dict(model.named_modules())) == {}
+
+
 def test_scoring_chunk_rule():
     """Token chunks: GPU blocks are larger than CPU ones; fused scoring (contributions made on chip) is bounded by
     the stacked gradients alone, the torch path also by the contributions of the groups scored together."""

@@ -176,17 +176,21 @@ def test_whole_mlp_nodes_share_the_pool_and_a_pool_no_node_fits_is_refused():
 
 @pytest.mark.parametrize("mode", ["two_pass", "deferred", "lagged"])
 def test_stacked_sources_leave_half_precision_steps_unchanged(mode, monkeypatch):
-    """A bf16 model's residual-vector sources stacked at capture (the scoring forward is the training forward in
-    deferred and lagged modes) select the same circuits and write the same parameter bits as without the stack."""
+    """A bf16 model's residual-vector sources stacked at capture, and so its layers' attention heads scored several
+    layers at once (the scoring forward is the training forward in deferred and lagged modes), select the same
+    circuits and write the same parameter bits as without the stack."""
     base = tiny_model("llama", num_hidden_layers=3, vocab_size=16, dtype=torch.bfloat16)
     batch = random_batch(16, batch=3, seq=12)
-    stacked = []
+    stacked, routed = [], []
     real = ct_fast.attribution.EdgeScorer._accumulate_stacked
     monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_accumulate_stacked",
                         lambda self, *a: (stacked.append(1), real(self, *a)))
+    real_run = ct_fast.attribution.EdgeScorer._head_run
+    monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_head_run",
+                        lambda self, k, slot, n, *a: (routed.append(n), real_run(self, k, slot, n, *a))[1])
     a, b = copy.deepcopy(base), copy.deepcopy(base)
     ra = _run(a, mode, [batch] * 3)
-    assert stacked
+    assert stacked and max(routed) == 2  # the heads of both earlier layers as one batch
     monkeypatch.setattr(ct_fast.attribution.AttributionRun, "_stack_keys", lambda self, derived: [])
     rb = _run(b, mode, [batch] * 3)
     assert [r.circuit.edges for r in ra] == [r.circuit.edges for r in rb]

@@ -180,8 +180,8 @@ def _score_kernel_takes(up_weight, dtype: torch.dtype) -> bool:
 def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha: float = 1.0,
                      workspace: torch.Tensor | None = None) -> torch.Tensor:
     """``out += alpha * score_edges(delta_i, W_i, grad_down)`` stacked by rows over ``sources`` (a list of
-    ``(delta_i, W_i)`` upstream groups, ``out`` fp32 ``[sum n_u_i, n_d]``, any strides): one layer's gradient
-    block scored against many upstream groups at once.
+    ``(delta_i, W_i)`` upstream groups — ``delta_i`` rows ``[c, n_i * w]`` or per head ``[n_i, c, w]`` —, ``out`` fp32
+    ``[sum n_u_i, n_d]``, any strides): one layer's gradient block scored against many upstream groups at once.
 
     - Triton: a scoring kernel per group and one reduction into ``out`` (``len(sources) + 1`` launches);
     - torch: every group's contributions written into one ``[sum n_u_i, c, d]`` block (``workspace``: a buffer of
@@ -207,6 +207,8 @@ def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha:
     fused, r = [], 0
     for delta, up_weight in sources:
         n = 1 if up_weight is None else up_weight.shape[0]
+        if delta.dim() == 3:  # given per head [n, c, w]: the kernels take rows [c, n * w]
+            delta = delta.transpose(0, 1).reshape(delta.shape[1], -1)
         if b == "triton" and _score_kernel_takes(up_weight, grad_down.dtype):
             fused.append((r, n, delta, up_weight))
         else:

@@ -12,7 +12,8 @@ def heads_to_residual(rows: torch.Tensor, heads_weight: torch.Tensor | None, out
                       accumulate: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Per-node residual vectors from compact head rows.
 
-    rows ``[c, n * w]``, heads_weight ``[n, w, d]`` -> ``[n, c, d]`` with ``out[j] = rows[:, j] @ W[j]``;
+    rows ``[c, n * w]`` (or already per head, ``[n, c, w]``: any strides), heads_weight ``[n, w, d]`` -> ``[n, c, d]``
+    with ``out[j] = rows[:, j] @ W[j]``;
     ``heads_weight=None`` means rows ``[c, d]`` already are the single node's vectors -> ``[1, c, d]``.
     ``out``: an optional contiguous ``[n, c, d]`` buffer to write into (``accumulate=True``: add to it).
     The product runs in ``dtype`` (default: ``out``'s dtype, else fp32): fp32 is the exact path; bf16/fp16
@@ -24,10 +25,10 @@ def heads_to_residual(rows: torch.Tensor, heads_weight: torch.Tensor | None, out
         res = rows.unsqueeze(0)
     else:
         n, w, _ = heads_weight.shape
-        c = rows.shape[0]
+        c = rows.shape[-2]
         # [n, c, w]: head j's columns of every row, one view
-        z = rows.as_strided((n, c, w), (w, rows.stride(0), 1)) if rows.stride(-1) == 1 else \
-            rows.reshape(c, n, w).transpose(0, 1)
+        z = rows if rows.dim() == 3 else rows.as_strided((n, c, w), (w, rows.stride(0), 1)) if rows.stride(-1) == 1 \
+            else rows.reshape(c, n, w).transpose(0, 1)
         weight = heads_weight if heads_weight.dtype == dtype else heads_weight.to(dtype)
         if out is not None and out.dtype == dtype:
             return out.baddbmm_(z, weight) if accumulate else torch.bmm(z, weight, out=out)
