@@ -140,6 +140,21 @@ def test_score_edges_into_accumulates_a_block(device, backend, c, dtype):
     workspace = torch.full((rows * c * d + 5,), float("nan"), dtype=dtype, device=device)  # the torch path's block
     ops.score_edges_into(again[2:2 + rows, 1:1 + n_d], sources, G, alpha=-0.75, workspace=workspace)
     assert torch.equal(again[2:2 + rows, 1:1 + n_d], big[2:2 + rows, 1:1 + n_d])
+    # head groups given per head [n, c, w] (strided views into a wider buffer, as the scorer batches several layers'
+    # heads): the same sums
+    per_head = []
+    for dl, W in sources:
+        if W is None:
+            per_head.append((dl, W))
+            continue
+        n, w = W.shape[:2]
+        wide = torch.full((c, n * w + 3), float("nan"), dtype=dtype, device=device)
+        wide[:, :n * w] = dl
+        per_head.append((wide.as_strided((n, c, w), (w, n * w + 3, 1)), W))
+    third = big.clone()
+    third[2:2 + rows, 1:1 + n_d].copy_(start)
+    ops.score_edges_into(third[2:2 + rows, 1:1 + n_d], per_head, G, alpha=-0.75)
+    assert ((third.cpu()[2:2 + rows, 1:1 + n_d].double() - want).abs() <= unit * (magnitude + start.abs().double())).all()
     with pytest.raises(CTFastError, match="score 10 rows, out has 9"):
         ops.score_edges_into(block[:9], sources, G)
 
