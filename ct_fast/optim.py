@@ -624,11 +624,12 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             if not reused:
                 drafts = [(gi, group, *self._plan(gi, group)) for gi, group in enumerate(self.param_groups)]
                 plans = [(gi, group, plan) for gi, group, plan, _ in drafts]
-                layouts = {gi: self._layout(gi, group, plan, sources) for gi, group, plan, sources in drafts}
-                self._layouts = None if any(sources is None for *_, sources in drafts) else layouts
         finally:
             self._grad_rows = {}
         flag = self._skip_flag(plans)
+        if not reused:  # (after every check: a refused step allocates no pool)
+            layouts = {gi: self._layout(gi, group, plan, sources) for gi, group, plan, sources in drafts}
+            self._layouts = None if any(sources is None for *_, sources in drafts) else layouts
         if not reused or flag is not None:  # another selection, or a step a flag may skip: the time stamps owed
             for pool in self._pools.values():  # are the last step's, written before the clock moves
                 pool.write_stamps()

@@ -37,6 +37,8 @@ from typing import NamedTuple
 
 import torch
 
+from .errors import CTFastError
+
 _SELECTED = torch.iinfo(torch.long).max  # slot priority of a row selected in the current step: never evicted
 _FREE = -1  # slot priority of a free slot: taken first
 _INDEX = ("slot", "owner", "last_used")
@@ -85,10 +87,15 @@ class RowPool:
 
     def write_stamps(self) -> None:
         """Write the time stamps owed (``_assign_own``): the rows last assigned take the clock's value now. The
-        optimizer calls it before its clock moves to a step that selects other rows or may be skipped."""
+        optimizer calls it before its clock moves to a step that selects other rows or may be skipped. Refused
+        while a CUDA graph is being captured (the write would run at each replay, with that replay's clock)."""
         if self._due is None:
             return
         rows, clock = self._due
+        if rows.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise CTFastError("a CUDA graph is capturing an optimizer step on another circuit than the last eager "
+                              "step's (or one that may be skipped): run that step once eagerly (a warm-up) before "
+                              "capturing it")
         self._due = None
         self._t["last_used"].index_copy_(0, rows, self._stamp(clock, rows))
 
@@ -285,7 +292,8 @@ class RowPool:
 
     # ---- state_dict ----
     def state_dict(self, pid_of: dict) -> dict:
-        """The pool as plain data: members by saved parameter id, the tensors themselves (no copies)."""
+        """The pool as plain data: members by saved parameter id, the tensors themselves (no copies: as torch's, save
+        or copy it before the next step — a fixed circuit's time stamps are written when the state is read)."""
         return {"width": self.width, "rows": self.rows, "capacity": self.capacity,
                 "members": [[pid_of[p], m.dim, m.base, m.n_rows, m.budget] for p, m in self.members.items()],
                 **self.t}

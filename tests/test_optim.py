@@ -972,3 +972,19 @@ def test_one_range_selections_read_dense_gradients_without_a_gather():
             opt.step()
         counts.append(sum(e.name == "aten::index_select" for e in prof.events()))
     assert counts == [0, len(params)]
+
+
+def test_a_step_refused_by_its_checks_allocates_no_state():
+    """Every check of a step runs before any pool is joined or allocated: a GradScaler handing its scale to a
+    circuit-tuning optimizer (which refuses non-finite steps itself) is refused with the fix named, and the
+    optimizer still holds no state."""
+    from ct_fast.testing import random_batch, tiny_model
+
+    model = tiny_model("llama")
+    opt = CircuitAdamW(model.parameters(), lr=1e-3, model=model, top_n=10)
+    batch = random_batch(37)
+    model(**batch).loss.backward()
+    opt.grad_scale, opt.found_inf = torch.tensor(1024.0), torch.zeros(1)  # what GradScaler.step hands over
+    with pytest.raises(CTFastError, match="GradScaler with a circuit-tuning optimizer"):
+        opt.step()
+    assert opt.state_bytes() == 0
