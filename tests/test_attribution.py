@@ -194,6 +194,15 @@ def test_fused_scoring_is_chunk_invariant(monkeypatch):
     assert ((whole - chunked).abs().sum() / whole.abs().sum()).item() < 1e-5
 
 
+def _scores_of_two_micro_batches(model, graph, batch, positions):
+    """Raw scores of ``batch`` attributed as two micro-batches (rows 0 and 1..2)."""
+    run = ct_fast.AttributionRun(model, graph, positions=positions)
+    for rows in (slice(0, 1), slice(1, 3)):
+        _, value = run.forward({k: v[rows] for k, v in batch.items()})
+        run.backward(value)
+    return run.scores().scores
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("positions", [False, True])
 def test_stacked_residual_sources_score_as_gathered_ones(arch, positions, monkeypatch):
@@ -214,12 +223,7 @@ def test_stacked_residual_sources_score_as_gathered_ones(arch, positions, monkey
     monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_accumulate_stacked",
                         lambda self, *a: (scored.append(self.stack.shape), real(self, *a)))
 
-    def scores():
-        run = ct_fast.AttributionRun(model, g, positions=pos)
-        for rows in (slice(0, 1), slice(1, 3)):
-            _, value = run.forward({k: v[rows] for k, v in batch.items()})
-            run.backward(value)
-        return run.scores().scores
+    scores = lambda: _scores_of_two_micro_batches(model, g, batch, pos)  # noqa: E731
 
     stacked = scores()
     assert scored and all(shape[0] == g.n_layers + 1 for shape in scored)  # the embedding and every MLP
@@ -255,12 +259,7 @@ def test_several_layers_heads_score_as_one_batch(arch, positions, monkeypatch):
     monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_head_run",
                         lambda self, k, slot, n, *a: (runs.append(n), real(self, k, slot, n, *a))[1])
 
-    def scores():
-        run = ct_fast.AttributionRun(model, g, positions=pos)
-        for rows in (slice(0, 1), slice(1, 3)):
-            _, value = run.forward({k: v[rows] for k, v in batch.items()})
-            run.backward(value)
-        return run.scores().scores
+    scores = lambda: _scores_of_two_micro_batches(model, g, batch, pos)  # noqa: E731
 
     batched = scores()
     assert max(runs) == g.n_layers - 1
