@@ -89,7 +89,7 @@ class MaskedLinears:
         self.touched = False  # a backward reached a masked linear since the last clear()
         self.calls: dict[str, int] = {}  # grad-enabled calls per module since the model's last forward began
         self.stream = None
-        self._indexed: tuple = (None, {})  # (selection dict, {(ParamSelection, device): its row index})
+        self._indexed: dict[tuple, torch.Tensor] = {}  # (ParamSelection, device) -> its row index (_index)
 
     def __enter__(self):
         for name, m in self.modules.items():
@@ -232,22 +232,22 @@ class MaskedLinears:
         sel = selection.get(w) if w.requires_grad else None
         sel_b = selection.get(b) if b is not None and b.requires_grad else None
         # output features are weight rows for nn.Linear, columns for Conv1D
-        weight = None if sel is None else (self._index(selection, sel, device), (sel.dim == 0) != self.conv1d[name])
-        bias = None if sel_b is None else (self._index(selection, sel_b, device),)
+        weight = None if sel is None else (self._index(sel, device), (sel.dim == 0) != self.conv1d[name])
+        bias = None if sel_b is None else (self._index(sel_b, device),)
         return weight, bias
 
-    def _index(self, selection: dict, sel, device) -> torch.Tensor | None:
-        """``sel``'s rows as a long tensor on ``device`` (None: every row), built once while the selection is the same
-        dict (a reused circuit's steps: the tuning session passes the same one), not per backward and linear (an
-        ``arange`` per range and a ``cat``)."""
+    def _index(self, sel, device) -> torch.Tensor | None:
+        """``sel``'s rows as a long tensor on ``device`` (None: every row), built once per selection value — a reused
+        circuit's steps, and the parameters a new circuit selects as before, build none (an ``arange`` per range
+        and a ``cat`` each) — and kept for a few circuits' worth of selections."""
         if sel.full:
             return None
-        if selection is not self._indexed[0]:
-            self._indexed = (selection, {})
         key = (sel, str(device))
-        index = self._indexed[1].get(key)
+        index = self._indexed.get(key)
         if index is None:
-            index = self._indexed[1][key] = sel.index(device)
+            if len(self._indexed) >= 8 * len(self.modules):  # circuits drift: keep the cache bounded
+                self._indexed.clear()
+            index = self._indexed[key] = sel.index(device)
         return index
 
     def _accumulate(self, name, x, grad_out, selection, into: dict | None = None):

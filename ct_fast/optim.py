@@ -98,6 +98,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         self._pools: dict[tuple, RowPool] = {}  # (group index, row width, device) -> the rows' shared state
         self._pool_of: dict[torch.Tensor, tuple] = {}  # parameter -> the key of its pool
         self._layouts: dict[int, _StepLayout] | None = None  # group index -> layout (``_update``); None: none kept
+        self._indices: dict[torch.Tensor, tuple] = {}  # param -> (its selection, the selected rows [k] on its device)
         self.tuning = None  # the attached TuningSession (model=)
         self.last_step = None  # the Conclusion the last circuit-tuning step applied
         self.step_skipped: torch.Tensor | None = None  # [1] fp32 on the device, 1: the last step wrote nothing
@@ -219,10 +220,10 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             return None
         if sel.full:
             return sel.dim, None, sel.count
-        index = self._indices.get(p)
-        if index is None:  # built once per selection: a fixed circuit's steps launch no index kernels
-            index = self._indices[p] = sel.index(p.device)
-        return sel.dim, index, sel.count
+        kept = self._indices.get(p)  # built when p's selection changes: a fixed circuit's steps, and a parameter whose
+        if kept is None or kept[0] != sel or kept[1].device != p.device:  # rows a new circuit keeps, launch none
+            kept = self._indices[p] = (sel, sel.index(p.device))
+        return sel.dim, kept[1], sel.count
 
     def _single_range(self, p: torch.Tensor) -> tuple[int, int] | None:
         """``(start, stop)`` when p's selection is one range of rows, else None."""
@@ -231,15 +232,14 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     @property
     def _selection(self) -> dict | None:
-        """The current selection ``{param: ParamSelection}`` (None: dense); setting it drops the cached indices."""
+        """The current selection ``{param: ParamSelection}`` (None: dense); setting another drops the step layouts."""
         return self.__dict__.get("_current_selection")
 
     @_selection.setter
     def _selection(self, selection: dict | None):
         if selection is not None and selection is self.__dict__.get("_current_selection"):
-            return  # the same circuit again (the tuning session between refreshes): its indices and layouts stay
+            return  # the same circuit again (the tuning session between refreshes): its layouts stay
         self.__dict__["_current_selection"] = selection
-        self._indices = {}
         self._layouts = None
 
     # ---- pooled state (ct_fast.state_pool) ----

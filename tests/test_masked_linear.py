@@ -86,3 +86,19 @@ def test_set_grad_rows_feeds_the_optimizer():
     a.set_grad_rows({p: torch.zeros(3, 6)})
     with pytest.raises(Exception, match="does not match"):
         a.step()
+
+
+def test_selection_indices_are_built_once_per_selection_value():
+    """A selection's row index is built once per value (a reused circuit, or the parameters a new circuit selects as
+    before, build none) and matches the selected rows; whole selections need none; the cache stays bounded."""
+    model = tiny_model("llama")
+    masked = MaskedLinears(model, ComputationGraph.from_model(model))
+    sel = ParamSelection(0, 40, ((2, 5), (9, 10), (30, 33)))
+    index = masked._index(sel, torch.device("cpu"))
+    assert index.tolist() == [2, 3, 4, 9, 30, 31, 32]
+    assert masked._index(ParamSelection(0, 40, ((2, 5), (9, 10), (30, 33))), torch.device("cpu")) is index
+    assert masked._index(ParamSelection(0, 40, ((2, 5), (9, 11), (30, 33))), torch.device("cpu")) is not index
+    assert masked._index(ParamSelection(0, 40, ((0, 40),)), torch.device("cpu")) is None
+    for start in range(8 * len(masked.modules) + 5):
+        masked._index(ParamSelection(0, 10 ** 6, ((start, start + 1),)), torch.device("cpu"))
+    assert len(masked._indexed) <= 8 * len(masked.modules)
