@@ -550,14 +550,7 @@ class EdgeScorer:
     def _head_runs(self, batch: list) -> list[tuple[int, int | None, int]]:
         """``(group, slot, n)`` per source of a batch: a run of ``n`` attention groups in consecutive slots from
         ``group``'s (their rows follow on, as a batch's groups do), else ``(group, None, 1)``."""
-        runs: list = []
-        for k, _ in batch:
-            slot = self.head_slots.get(k)
-            if slot is not None and runs and runs[-1][1] is not None and runs[-1][1] + runs[-1][2] == slot:
-                runs[-1][2] += 1
-            else:
-                runs.append([k, slot, 1])
-        return runs
+        return [run[:3] for run in _slot_runs([(k, self.head_slots.get(k), None) for k, _ in batch])]
 
     def _head_run(self, k: int, slot: int, n: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z [n * heads, c, w], W [n * heads, w, d])`` of the attention groups in slots ``slot .. slot + n`` (from
@@ -925,16 +918,22 @@ def _stacked_runs(plan: LayerPlan, slots: dict) -> list[tuple[int, int, int, int
     cache = plan.__dict__.setdefault("_stacked_runs", {})
     key = tuple(sorted(slots.items()))
     if key not in cache:
-        runs: list = []
-        for k, a in plan.ups:
-            if k not in slots:
-                continue
-            if runs and runs[-1][3] == a and runs[-1][1] + runs[-1][2] == slots[k]:
-                runs[-1][2] += 1
-            else:
-                runs.append([k, slots[k], 1, a])
-        cache[key] = [tuple(r) for r in runs]
+        cache[key] = _slot_runs([(k, slots[k], a) for k, a in plan.ups if k in slots])
     return cache[key]
+
+
+def _slot_runs(items: list) -> list[tuple]:
+    """``(key, slot, n, tag)`` per run of ``(key, slot, tag)`` items whose slots follow on (slot, slot + 1, ...)
+    under one tag; an item without a slot (None) is a run of its own."""
+    runs: list = []
+    for key, slot, tag in items:
+        last = runs[-1] if runs else None
+        if slot is not None and last is not None and last[1] is not None and last[3] == tag and \
+                last[1] + last[2] == slot:
+            last[2] += 1
+        else:
+            runs.append([key, slot, 1, tag])
+    return [tuple(r) for r in runs]
 
 
 def _stack_rows(capture: Capture, rows: TokenRows, up_keys: list) -> tuple[torch.Tensor, dict] | None:
@@ -950,16 +949,22 @@ def _stack_rows(capture: Capture, rows: TokenRows, up_keys: list) -> tuple[torch
     return flat, {i: capture.stack_keys[key] for i, key in enumerate(up_keys) if key in capture.stack_keys}
 
 
-def _head_slots(graph: ComputationGraph, modules: dict) -> dict[int, int]:
-    """``{upstream group: slot}`` of the attention groups whose contributions may be made several layers at once
-    (``EdgeScorer._head_run``): consecutive groups, one writer shape, their stacked weights within
-    ``HEAD_WEIGHTS_ELEMENTS``, not sharded (FSDP2: the stack would hold every layer's whole matrix); else none."""
+def batched_head_groups(graph: ComputationGraph) -> list[int]:
+    """The attention groups whose contributions the torch path makes several layers at once (``EdgeScorer._head_run``,
+    with stacked residual vectors): at least two, one writer shape, their stacked weights within
+    ``HEAD_WEIGHTS_ELEMENTS``; else none. (The memory plan counts their stack by the same rule.)"""
     groups = [k for k, g in enumerate(graph.upstream_groups) if g.kind == "attn" and g.writer is not None]
     writers = [graph.upstream_groups[k].writer for k in groups]
-    if len(groups) < 2 or len({(w.n, w.width) for w in writers}) != 1 or any(
-            is_dtensor(modules[w.module].weight) for w in writers):
-        return {}
-    if len(groups) * writers[0].n * writers[0].width * graph.d_model > HEAD_WEIGHTS_ELEMENTS:
+    if len(groups) < 2 or len({(w.n, w.width) for w in writers}) != 1:
+        return []
+    return groups if len(groups) * writers[0].n * writers[0].width * graph.d_model <= HEAD_WEIGHTS_ELEMENTS else []
+
+
+def _head_slots(graph: ComputationGraph, modules: dict) -> dict[int, int]:
+    """``{upstream group: slot}`` of ``batched_head_groups``, none where sharded (FSDP2: the stack would hold every
+    layer's whole matrix)."""
+    groups = batched_head_groups(graph)
+    if any(is_dtensor(modules[graph.upstream_groups[k].writer.module].weight) for k in groups):
         return {}
     return {k: i for i, k in enumerate(groups)}
 

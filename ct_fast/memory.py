@@ -477,7 +477,7 @@ class _ScoringSizes:
     kernels (auto's measured GPU choice for that dtype) make no A."""
 
     def __init__(self, graph: ComputationGraph, score_dtype: torch.dtype):
-        from .attribution import (GPU_CHUNK_ELEMENTS, HEAD_WEIGHTS_ELEMENTS, SCORE_SPAN, layer_plans,
+        from .attribution import (GPU_CHUNK_ELEMENTS, SCORE_SPAN, batched_head_groups, layer_plans,
                                   residual_vector_groups)
         from .ops import measured
 
@@ -486,11 +486,10 @@ class _ScoringSizes:
         self.fused = (measured.gpu_order("score_edges", (score_dtype,)) or ("torch",))[0] != "torch"
         # a half-precision model's residual vectors are stacked at capture on the torch path: A holds none of them
         stacked = set() if self.fused or score_dtype == torch.float32 else residual_vector_groups(graph)
-        # ... and the attention groups' output projections stacked once per backward where they fit (_head_slots)
-        attn = [g.writer for g in graph.upstream_groups if g.kind == "attn" and g.writer is not None] if stacked else []
-        heads = sum(w.n * w.width * graph.d_model for w in attn)
-        self.heads = heads if len(attn) >= 2 and heads <= HEAD_WEIGHTS_ELEMENTS else 0
-        self.head_row_width = sum(w.n * w.width for w in attn) if self.heads else 0  # at most every layer's heads
+        # ... and the attention groups' output projections stacked once per backward where they fit
+        attn = [graph.upstream_groups[k].writer for k in batched_head_groups(graph)] if stacked else []
+        self.head_row_width = sum(w.n * w.width for w in attn)  # at most every layer's heads
+        self.heads = self.head_row_width * graph.d_model
         for layer, plan in layer_plans(graph, SCORE_SPAN).items():
             ups = [graph.upstream_groups[k] for k, _ in plan.ups if k not in stacked]
             width = max(g.writer.n * g.writer.width if g.writer else graph.d_model for g in ups)

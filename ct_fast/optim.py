@@ -474,27 +474,27 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                 else:  # registered on another axis, never selected: nothing to move
                     self._leave(p)
             p2 = self._as_rows(local(p), dim)
-            if compact is not None:
-                g = compact.reshape(count, -1)
-                if g.shape != (count, p2.shape[1]):
-                    raise CTFastError(f"compact gradient of shape {tuple(compact.shape)} does not match the "
-                                      f"{count} selected rows of a parameter of shape {tuple(p.shape)}")
-            else:
-                g = self._as_rows(local(p.grad), dim)
-                block = None if index is None or is_dtensor(p) else self._single_range(p)
-                g = self._gather(g, index, block)
-            plan.append((p, dim, index, p2, g.float().contiguous()))
-            entries.append((p, dim, index, count, block if compact is None else None, compact is not None))
+            block = None if compact is not None or index is None or is_dtensor(p) else self._single_range(p)
+            g = self._grad_as_rows(p, dim, index, count, block, compact, p2)
+            if g is None:
+                raise CTFastError(f"compact gradient of shape {tuple(compact.shape)} does not match the "
+                                  f"{count} selected rows of a parameter of shape {tuple(p.shape)}")
+            plan.append((p, dim, index, p2, g))
+            entries.append((p, dim, index, count, block, compact is not None))
         self._check_capacity(gi, group, plan)
         return plan, None if sharded else (tuple(entries), tuple(skipped))
 
-    @staticmethod
-    def _gather(g: torch.Tensor, index: torch.Tensor | None, block: tuple[int, int] | None) -> torch.Tensor:
-        """The selected rows of a gradient as rows ``g [R, M]``: all (index None), one range of rows (a head, a
-        block of neurons: a view, not a gather kernel) or the rows of ``index``."""
-        if index is None:
-            return g
-        return g.index_select(0, index) if block is None else g.narrow(0, block[0], block[1] - block[0])
+    def _grad_as_rows(self, p, dim: int, index, count: int, block, compact, p2) -> torch.Tensor | None:
+        """The fp32 gradient ``[count, M]`` of the selected rows: ``compact`` reshaped (None if its shape does not
+        match ``p2 [R, M]``'s rows), else ``p.grad``'s rows — all (index None), one range of rows ``block`` (a head,
+        a block of neurons: a view, not a gather kernel) or the rows of ``index``."""
+        if compact is not None:
+            g = compact.reshape(count, -1)
+            return g.float().contiguous() if g.shape == (count, p2.shape[1]) else None
+        g = self._as_rows(local(p.grad), dim)
+        if index is not None:
+            g = g.index_select(0, index) if block is None else g.narrow(0, block[0], block[1] - block[0])
+        return g.float().contiguous()
 
     def _planned(self, layout: _StepLayout) -> list | None:
         """``_plan`` of a group from its layout: the step's gradients only (None: they do not come as they did when
@@ -505,19 +505,13 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                 return None
         for p, dim, index, count, block, from_rows in layout.entries:
             compact = grad_rows.get(p)
-            if (compact is not None) != from_rows:
+            if (compact is not None) != from_rows or (compact is None and (p.grad is None or p.grad.is_sparse)):
                 return None
             p2 = self._as_rows(p, dim)
-            if compact is not None:
-                g = compact.reshape(count, -1)
-                if g.shape != (count, p2.shape[1]):
-                    return None  # _plan names the mismatch
-            else:
-                grad = p.grad
-                if grad is None or grad.is_sparse:
-                    return None
-                g = self._gather(self._as_rows(grad, dim), index, block)
-            plan.append((p, dim, index, p2, g.float().contiguous()))
+            g = self._grad_as_rows(p, dim, index, count, block, compact, p2)
+            if g is None:
+                return None  # _plan names the mismatch
+            plan.append((p, dim, index, p2, g))
         return plan
 
     def _local_selection(self, p, dim: int, index, count: int, compact):

@@ -194,13 +194,23 @@ def test_fused_scoring_is_chunk_invariant(monkeypatch):
     assert ((whole - chunked).abs().sum() / whole.abs().sum()).item() < 1e-5
 
 
-def _scores_of_two_micro_batches(model, graph, batch, positions):
-    """Raw scores of ``batch`` attributed as two micro-batches (rows 0 and 1..2)."""
-    run = ct_fast.AttributionRun(model, graph, positions=positions)
-    for rows in (slice(0, 1), slice(1, 3)):
-        _, value = run.forward({k: v[rows] for k, v in batch.items()})
-        run.backward(value)
-    return run.scores().scores
+def _bf16_case_in_many_chunks(arch: str, layers: int, positions: bool, monkeypatch):
+    """``(model, graph, batch, scores)``: a bf16 tiny model scored in several token chunks and sub-chunks, ``scores()``
+    the raw scores of ``batch`` attributed as two micro-batches (rows 0 and 1..2), at a positions subset or not."""
+    model = tiny_model(arch, num_hidden_layers=layers, vocab_size=16, dtype=torch.bfloat16)
+    batch = random_batch(16, batch=3, seq=20)
+    batch["scored"] = _positions(batch)
+    graph = ComputationGraph.from_model(model)
+    monkeypatch.setattr(ct_fast.attribution, "CHUNK_ELEMENTS", 70 * graph.d_model)
+
+    def scores():
+        run = ct_fast.AttributionRun(model, graph, positions="scored" if positions else None)
+        for rows in (slice(0, 1), slice(1, 3)):
+            _, value = run.forward({k: v[rows] for k, v in batch.items()})
+            run.backward(value)
+        return run.scores().scores
+
+    return model, graph, batch, scores
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -212,18 +222,11 @@ def test_stacked_residual_sources_score_as_gathered_ones(arch, positions, monkey
     subset, over two micro-batches — and the stacked slots hold exactly what the model computed."""
     from ct_fast.capture import Capture
 
-    model = tiny_model(arch, num_hidden_layers=3, vocab_size=16, dtype=torch.bfloat16)
-    batch = random_batch(16, batch=3, seq=20)
-    batch["scored"] = _positions(batch)
-    g = ComputationGraph.from_model(model)
-    pos = "scored" if positions else None
-    monkeypatch.setattr(ct_fast.attribution, "CHUNK_ELEMENTS", 70 * g.d_model)  # several chunks and sub-chunks
+    model, g, batch, scores = _bf16_case_in_many_chunks(arch, 3, positions, monkeypatch)
     scored = []
     real = ct_fast.attribution.EdgeScorer._accumulate_stacked
     monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_accumulate_stacked",
                         lambda self, *a: (scored.append(self.stack.shape), real(self, *a)))
-
-    scores = lambda: _scores_of_two_micro_batches(model, g, batch, pos)  # noqa: E731
 
     stacked = scores()
     assert scored and all(shape[0] == g.n_layers + 1 for shape in scored)  # the embedding and every MLP
@@ -248,18 +251,11 @@ def test_several_layers_heads_score_as_one_batch(arch, positions, monkeypatch):
     layers scored together are one batch per token chunk — their rows copied side by side, their output projections
     stacked once — with the same sums as one GEMM per layer: in many chunks, with a positions subset, over two
     micro-batches. The batch of the last layer's readers holds every earlier layer's heads."""
-    model = tiny_model(arch, num_hidden_layers=4, vocab_size=16, dtype=torch.bfloat16)
-    batch = random_batch(16, batch=3, seq=20)
-    batch["scored"] = _positions(batch)
-    g = ComputationGraph.from_model(model)
-    pos = "scored" if positions else None
-    monkeypatch.setattr(ct_fast.attribution, "CHUNK_ELEMENTS", 70 * g.d_model)  # several chunks and sub-chunks
+    model, g, batch, scores = _bf16_case_in_many_chunks(arch, 4, positions, monkeypatch)
     runs = []
     real = ct_fast.attribution.EdgeScorer._head_run
     monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_head_run",
                         lambda self, k, slot, n, *a: (runs.append(n), real(self, k, slot, n, *a))[1])
-
-    scores = lambda: _scores_of_two_micro_batches(model, g, batch, pos)  # noqa: E731
 
     batched = scores()
     assert max(runs) == g.n_layers - 1
