@@ -198,16 +198,19 @@ def _resid_inputs(device, dtype, shape) -> tuple:
 
 
 def run_residual_ops(device="cpu", dtype=torch.float32, shapes=None, backends=None) -> list[dict]:
-    """``ops.residual_grads`` per backend on each shape: the fused Triton kernel (one pass, written once in
-    ``dtype``) against the torch composite (bmm into an fp32 block, the norm backward in place, a cast)."""
+    """``ops.residual_grads`` per backend on each shape: the Triton kernels (the norm's reductions, then the
+    gradients written once in ``dtype``) against the torch composite (bmm into an fp32 block, the norm backward in
+    place, a cast). ``out_gbps``: the output's bytes over the time — the bound is the device's write bandwidth."""
     from ct_fast import ops
 
     recs = []
     for shape in shapes or (RESID_SHAPES if torch.device(device).type == "cuda" else RESID_SHAPES_TINY):
         args, want = _resid_inputs(device, dtype, shape)
         flops = 2 * shape["terms"] * shape["n"] * shape["c"] * shape["w"] * shape["d"]
-        recs += _per_backend("residual_grads_op", device, dtype, shape, backends or ["torch", "triton"],
-                             lambda: ops.residual_grads(*args), want, flops)
+        out_bytes = args[1].numel() * args[1].element_size()
+        for rec in _per_backend("residual_grads_op", device, dtype, shape, backends or ["torch", "triton"],
+                                lambda: ops.residual_grads(*args), want, flops):
+            recs.append(dict(rec, out_gbps=out_bytes / rec["ms"] / 1e6) if "ms" in rec else rec)
     return recs
 
 
@@ -217,7 +220,8 @@ def run_residual_ops(device="cpu", dtype=torch.float32, shapes=None, backends=No
 # now longer token tiles (each W tile used for 32 tokens, not 16) and wider d_model tiles (each z tile for 32 columns)
 SCORE_TILES = [{}, {"num_warps": 4}, {"BT": 32, "num_stages": 1}, {"BK": 32, "num_stages": 1},
                {"BU": 32, "BT": 32, "num_stages": 1}]
-RESID_TILES = [{}, {"BT": 32, "num_warps": 4}, {"BT": 128}, {"BT": 64, "BK": 128}]
+RESID_TILES = [{}, {"NB": 48}, {"BT": 128, "num_warps": 8}, {"BK": 128, "num_warps": 8},
+               {"dots": {"BT": 128, "num_warps": 8}}]
 
 
 def run_tiles(device="cpu", dtype=torch.bfloat16) -> list[dict]:

@@ -94,11 +94,17 @@ def _as_on_gpu(dtype: torch.dtype, d_model: int, real_d: int, scoring: str = "me
             return out.add_(0.0)
 
         ops.score_edges_into = score_edges_into
-    if "residual_grads" in fused:  # a launch per call (``residual_grads_blocks``: per MAX_BLOCKS blocks)
-        from ct_fast.kernels.residual_grads import MAX_BLOCKS
+    if "residual_grads" in fused:  # a launch per call, two through a norm (``residual_grads_blocks``: per
+        from ct_fast.kernels.residual_grads import MAX_BLOCKS  # MAX_BLOCKS blocks)
 
-        ops.residual_grads = lambda terms, out, *rest: out.zero_()
-        ops.residual_grads_blocks = lambda blocks, out, *rest: [out.zero_() for _ in blocks[::MAX_BLOCKS]][-1]
+        def residual_grads(terms, out, norm=None, *rest):
+            if norm is not None:  # the norm's reductions
+                torch.zeros(1)
+            return out.zero_()
+
+        ops.residual_grads = residual_grads
+        ops.residual_grads_blocks = lambda blocks, out, *rest: [residual_grads(None, out, *rest)
+                                                                for _ in blocks[::MAX_BLOCKS]][-1]
     return fused
 
 

@@ -87,25 +87,29 @@ def cases() -> list[dict]:
     resid += [("bf16", True, False, 1, 64, 3, {}), ("fp32", True, False, 1, 64, 3, {})]  # a layer's q, k, v at once
     resid += [("bf16", True, False, 1, 64, 1, v) for v in RESID_TILES if v]
     for dt, has_w, two, norm, width, blocks, variant in resid:
-        cfg, p = {**rg.tiles(torch.float32 if dt == "fp32" else torch.bfloat16), **variant}, PTR[dt]
-        out.append(dict(name=f"residual_grads {dt} w={has_w} two={two} norm={norm}" + (f" width={width}" if width != 64
-                                                                                      else "")
-                        + (f" blocks={blocks}" if blocks > 1 else "") + (f" {variant}" if variant else ""),
-                        kernel=rg._residual_grads_kernel,
-                        types={"out_ptr": p, "x_ptr": p, "gamma_ptr": "*fp32", "mean_ptr": "*fp32",
-                               "rstd_ptr": "*fp32", "r0_ptr": p, "w0_ptr": p, "r1_ptr": p, "w1_ptr": p, "r2_ptr": p,
-                               "w2_ptr": p},
-                        constexprs=dict(HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=norm != 0,
-                                        FP32_DOTS=dt == "fp32", BI=64, NI=width // 64 if has_w else 1,
-                                        HOIST=has_w and width == 64, BLOCKS=blocks,
-                                        BT=cfg["BT"], BK=cfg["BK"]),
-                        # llama-1B: 32 query heads (row stride 2048), then 8 key and 8 value heads (512)
-                        args=dict(x_stride=2048, r0_stride=2048 * width // 64,
-                                  r1_stride=512 if blocks > 1 else 2048 * width // 64, r2_stride=512, n_0=32, n_01=40,
-                                  width0=width, width1=width, c=2048, d=2048,
-                                  **(dict(w0_n=width * 2048, w0_i=2048, w0_k=1, w1_n=width * 2048, w1_i=2048, w1_k=1)
-                                     if has_w else {})),
-                        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3)))
+        tdt, p = torch.float32 if dt == "fp32" else torch.bfloat16, PTR[dt]
+        tag = (f"{dt} w={has_w} two={two} norm={norm}" + (f" width={width}" if width != 64 else "")
+               + (f" blocks={blocks}" if blocks > 1 else "") + (f" {variant}" if variant else ""))
+        consts = dict(HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=norm != 0, FP32_DOTS=dt == "fp32", BI=64,
+                      NI=width // 64 if has_w else 1, BLOCKS=blocks)
+        types = {"out_ptr": p, "s_ptr": "*fp32", "x_ptr": p, "gamma_ptr": "*fp32", "mean_ptr": "*fp32",
+                 "rstd_ptr": "*fp32", "r0_ptr": p, "w0_ptr": p, "r1_ptr": p, "w1_ptr": p, "r2_ptr": p, "w2_ptr": p}
+        # llama-1B: 32 query heads (row stride 2048), then 8 key and 8 value heads (512)
+        args = dict(x_stride=2048, r0_stride=2048 * width // 64, r1_stride=512 if blocks > 1 else 2048 * width // 64,
+                    r2_stride=512, n_0=32, n_01=40, n=48 if blocks > 1 else 32, width0=width, width1=width, c=2048,
+                    d=2048, **(dict(w0_n=width * 2048, w0_i=2048, w0_k=1, w1_n=width * 2048, w1_i=2048, w1_k=1)
+                               if has_w else {}))
+        cfg = {**rg.tiles(tdt), **variant}
+        cfg.pop("dots", None)
+        out.append(dict(name=f"residual_grads {tag}", kernel=rg._residual_grads_kernel, types=types,
+                        constexprs=dict(consts, BT=cfg["BT"], BK=cfg["BK"], NB=cfg["NB"]), args=args,
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        if norm:  # the norm's reductions, launched first
+            cfg = {**rg.dot_tiles(tdt), **variant.get("dots", {})}
+            out.append(dict(name=f"residual_grads dots {tag}", kernel=rg._norm_dots_kernel,
+                            types={k: v for k, v in types.items() if k != "out_ptr"},
+                            constexprs=dict(consts, BT=cfg["BT"], BK=cfg["BK"]), args=args,
+                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     sms = mw._num_sms
     mw._num_sms = lambda device: 132  # an H100's, as the launcher would read it there
     try:

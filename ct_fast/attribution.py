@@ -433,7 +433,7 @@ class EdgeScorer:
 
         fp32: each block's normed-input gradients (summed over its taps) are written into one buffer, then each
         norm's backward runs in place on its (contiguous) rows. With the fused kernel (``residual_grads`` on
-        Triton, not with pooled positions) each block is built through its norm in one pass, in the scoring
+        Triton, not with pooled positions) each block is built through its norm and written once, in the scoring
         dtype: no fp32 block exists; the norms' per-row statistics come from ``stats`` (``norm -> (mean, rstd,
         gamma)`` over every scored row, filled on first use: row-wise, so a chunk's are a slice)."""
         sdt, shape, fused = self.score_dtype, (plan.n_nodes, stop - start, self.graph.d_model), self.fused_residual

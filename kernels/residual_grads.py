@@ -7,11 +7,21 @@ or two projections feeding the same nodes, e.g. an MLP's gate and up), with the 
     g = dy * gamma,   x_hat = (x - mean) * rstd
     dx = rstd * (g - x_hat * mean(g * x_hat) - mean(g))      (RMSNorm: mean = 0 and no mean(g) term)
 
-Program (node j, block of BT tokens), two passes over d_model in BK blocks: the first builds ``dy`` (tensor-core
-dots over the head width, fp32 accumulation) and reduces ``mean(g * x_hat)`` and ``mean(g)``; the second builds
-``dy`` again and stores ``dx`` in ``out``'s dtype. The unfused path (``heads_to_residual`` into an fp32 block,
-the norm backward in place, a cast to the scoring dtype) moves about 30 bytes per output element through memory;
-this writes 2 (bf16) and re-reads only the small head rows and weights, for twice the projection's FLOPs.
+The two per-(node, token) reductions need no ``dy``: ``dy . (gamma * x_hat) = z . (W (gamma * x_hat))`` for the
+node's head rows ``z = rows[t, j*w:(j+1)*w]`` — the projection of the normalised input (what the forward's own
+projection computed, less its bias), dotted with the head rows over the head width; and ``dy . gamma = z . (W
+gamma)``. So two launches:
+
+1. ``_norm_dots_kernel`` (program: token block x node): ``s[j, t] = z . (W_j (gamma * x_hat[t])) / d`` (and
+   ``z . (W_j gamma) / d`` for LayerNorm) — a GEMM over d_model with a head-width dot in its epilogue, only
+   ``[nodes, tokens]`` fp32 written;
+2. ``_residual_grads_kernel`` (program: token block x d_model block x a group of nodes): the norm input's tile read
+   once, then per node one tensor-core dot over the head width and the norm backward as its epilogue, stored once.
+
+Memory traffic is then the output itself (2 bytes per element in bf16) plus small, cache-resident inputs; the
+previous single kernel built ``dy`` twice per node (once per reduction pass) and read the norm input and the
+weights once per node and token block: ~5 bytes moved per byte written (0.59 ms for 268 MB on an H200, 10% of its
+bandwidth; 40 ms of a llama-1B refresh-1 step).
 """
 
 import os
@@ -25,151 +35,228 @@ MAX_UNROLLED = tl.constexpr(2)  # head-width blocks unrolled (Llama-3-8B's 128-w
 
 
 @triton.jit
-def _head_rows(rows_ptr, row_stride, j, w, i0, t_offs, t_mask, BI: tl.constexpr):
-    """``rows[t, j*w + i0 : j*w + i0 + BI]``: ``[BT, BI]`` of node j's head rows (zero past ``w``)."""
-    i_offs = i0 + tl.arange(0, BI)
-    return tl.load(rows_ptr + t_offs[:, None] * row_stride + j * w + i_offs[None, :],
-                   mask=t_mask[:, None] & (i_offs < w)[None, :], other=0.0)
-
-
-@triton.jit
-def _dot_block(dy, z, w_ptr, ws_i, ws_k, i0, k_offs, k_mask, w, FP32_DOTS: tl.constexpr, BI: tl.constexpr):
-    """``dy += z @ W[i0 : i0 + BI, k-block]`` for head rows ``z [BT, BI]`` and one node's weight at ``w_ptr``."""
-    i_offs = i0 + tl.arange(0, BI)
-    wt = tl.load(w_ptr + i_offs[:, None] * ws_i + k_offs[None, :] * ws_k, mask=(i_offs < w)[:, None] & k_mask[None, :],
-                 other=0.0)
-    z = z.to(wt.dtype)  # the rows rounded to the weights' (operand) dtype
-    if FP32_DOTS:
-        return dy + tl.dot(z.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
-    return dy + tl.dot(z, wt)  # tensor cores, fp32 accumulation
-
-
-@triton.jit
-def _dy_block(dy, z, rows_ptr, row_stride, w_ptr, ws_n, ws_i, ws_k, j, t_offs, t_mask, k_offs, k_mask, w,
-              HAS_W: tl.constexpr, FP32_DOTS: tl.constexpr, BI: tl.constexpr, NI: tl.constexpr,
-              HOIST: tl.constexpr):
-    """``dy[BT, BK] += rows[t, j*w : (j+1)*w] @ W[j][:, k-block]`` (``HAS_W=False``: ``+= rows[t, k-block]``).
-
-    The head width is covered by ``NI`` blocks of ``BI``, unrolled at compile time up to ``MAX_UNROLLED``: the
-    d_model loop around this then stays the innermost loop, the one Triton software-pipelines (a runtime width loop
-    inside it was the pipelined one instead — a single iteration for head-sized widths, so every d_model block
-    waited out its loads). ``HOIST``: ``z`` is the program's head rows (one block), loaded once before the
-    loops."""
-    if HAS_W and NI <= MAX_UNROLLED:
-        for ii in tl.static_range(NI):
-            if not HOIST:
-                z = _head_rows(rows_ptr, row_stride, j, w, ii * BI, t_offs, t_mask, BI)
-            dy = _dot_block(dy, z, w_ptr + j * ws_n, ws_i, ws_k, ii * BI, k_offs, k_mask, w, FP32_DOTS, BI)
-    elif HAS_W:  # wide nodes (split-MLP blocks): a runtime loop (unrolled, their tiles outgrow shared memory)
-        for i0 in range(0, w, BI):
-            zi = _head_rows(rows_ptr, row_stride, j, w, i0, t_offs, t_mask, BI)
-            dy = _dot_block(dy, zi, w_ptr + j * ws_n, ws_i, ws_k, i0, k_offs, k_mask, w, FP32_DOTS, BI)
-    else:
-        dy += tl.load(rows_ptr + t_offs[:, None] * row_stride + k_offs[None, :],
-                      mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-    return dy
-
-
-@triton.jit
-def _g_block(k0, j, t_offs, t_mask, x_ptr, x_stride, gamma_ptr, mean, rstd,
-             r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, width0, z0,
-             r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, z1, d,
-             HAS_W: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr, HAS_GAMMA: tl.constexpr,
-             FP32_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, NI: tl.constexpr,
-             HOIST: tl.constexpr):
-    """``(g, x_hat, k_offs, k_mask)`` of d_model block ``k0`` for the program's tokens: ``g = dy * gamma`` and the
-    normalised input (``NORM == 0``: ``g = dy``, ``x_hat`` unused)."""
-    k_offs = k0 + tl.arange(0, BK)
-    k_mask = k_offs < d
-    dy = tl.zeros((BT, BK), tl.float32)
-    dy = _dy_block(dy, z0, r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, j, t_offs, t_mask, k_offs, k_mask, width0,
-                   HAS_W, FP32_DOTS, BI, NI, HOIST)
-    if TWO:
-        dy = _dy_block(dy, z1, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, j, t_offs, t_mask, k_offs, k_mask,
-                       width1, HAS_W, FP32_DOTS, BI, NI, HOIST)
-    x_hat = dy
-    if NORM != 0:
-        if HAS_GAMMA:
-            dy *= tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)[None, :]
-        x = tl.load(x_ptr + t_offs[:, None] * x_stride + k_offs[None, :], mask=t_mask[:, None] & k_mask[None, :],
-                    other=0.0).to(tl.float32)
-        x_hat = (x - mean[:, None]) * rstd[:, None]
-    return dy, x_hat, k_offs, k_mask
-
-
-@triton.jit
-def _residual_grads_kernel(out_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_ptr,
-                           r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, width0,
-                           r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1,
-                           r2_ptr, r2_stride, w2_ptr, n_0, n_01, c, d,
-                           HAS_W: tl.constexpr, TWO: tl.constexpr,  # a second projection feeds the same nodes
-                           NORM: tl.constexpr,  # 0: none, 1: RMSNorm, 2: LayerNorm
-                           HAS_GAMMA: tl.constexpr, FP32_DOTS: tl.constexpr,
-                           BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, NI: tl.constexpr,
-                           HOIST: tl.constexpr,  # the head rows held in registers (one width block)
-                           BLOCKS: tl.constexpr):  # node blocks in this launch (each one projection; 1 with TWO)
-    """Program (node, token block). ``BLOCKS`` > 1: consecutive blocks of nodes of one norm (a layer's query, key and
-    value heads) in one launch — nodes ``[0, n_0)`` read projection 0, ``[n_0, n_01)`` projection 1 (its rows and
-    weight; widths and weight strides are projection 0's), the rest ``r2``/``w2`` — so the small key and value
-    blocks fill the GPU together with the query block instead of a launch (and a partial wave) each."""
-    j = tl.program_id(0)
-    out_ptr += j.to(tl.int64) * c * d
-    if BLOCKS > 1:  # selects, not branches: a row stride may be a specialised constant
+def _block_of(j, r0_ptr, r0_stride, w0_ptr, r1_ptr, r1_stride, w1_ptr, r2_ptr, r2_stride, w2_ptr, n_0, n_01,
+              BLOCKS: tl.constexpr):
+    """``(rows_ptr, row_stride, weight_ptr, local j)`` of node ``j`` of a launch: ``BLOCKS`` > 1 — consecutive
+    blocks of one projection each (a layer's query, key and value heads) — nodes ``[0, n_0)`` read projection 0,
+    ``[n_0, n_01)`` projection 1, the rest projection 2. Selects, not branches (a row stride may be a specialised
+    constant)."""
+    if BLOCKS > 1:
         in2 = j >= n_01
         in1 = (j >= n_0) & (j < n_01)
         r0_ptr = tl.where(in2, r2_ptr, tl.where(in1, r1_ptr, r0_ptr))
         w0_ptr = tl.where(in2, w2_ptr, tl.where(in1, w1_ptr, w0_ptr))
         r0_stride = tl.where(in2, r2_stride, tl.where(in1, r1_stride, r0_stride))
         j = j - tl.where(in2, n_01, tl.where(in1, n_0, 0))
+    return r0_ptr, r0_stride, w0_ptr, j
+
+
+@triton.jit
+def _head_rows(rows_ptr, row_stride, j, w, i0, t_offs, t_mask, BI: tl.constexpr):
+    """``rows[t, j*w + i0 : j*w + i0 + BI]``: ``[BT, BI]`` fp32 of node j's head rows (zero past ``w``)."""
+    i_offs = i0 + tl.arange(0, BI)
+    return tl.load(rows_ptr + t_offs[:, None] * row_stride + j * w + i_offs[None, :],
+                   mask=t_mask[:, None] & (i_offs < w)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _weight_tile(w_ptr, ws_i, ws_k, i0, w, k_offs, k_mask, BI: tl.constexpr):
+    """``W[i0 : i0 + BI, k-block]`` of one node's weight at ``w_ptr``: ``[BI, BK]`` (zero past ``w`` and ``d``)."""
+    i_offs = i0 + tl.arange(0, BI)
+    return tl.load(w_ptr + i_offs[:, None] * ws_i + k_offs[None, :] * ws_k,
+                   mask=(i_offs < w)[:, None] & k_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _dot(a, b, FP32_DOTS: tl.constexpr):
+    """``a @ b`` with fp32 accumulation: tensor cores on half-precision operands, IEEE fp32 otherwise."""
+    if FP32_DOTS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _x_hat(x_ptr, x_stride, mean, rstd, t_offs, t_mask, k_offs, k_mask, NORM: tl.constexpr):
+    """``[BT, BK]`` fp32 normalised input of the program's tokens (``NORM == 1``: RMSNorm, no mean)."""
+    x = tl.load(x_ptr + t_offs[:, None] * x_stride + k_offs[None, :], mask=t_mask[:, None] & k_mask[None, :],
+                other=0.0).to(tl.float32)
+    if NORM == 2:
+        x = x - mean[:, None]
+    return x * rstd[:, None]
+
+
+@triton.jit
+def _head_dots(s_gx, s_g, j, t_offs, t_mask, d, rows_ptr, row_stride, w_ptr, ws_n, ws_i, ws_k, width,
+               x_ptr, x_stride, mean, rstd, gamma_ptr, HAS_GAMMA: tl.constexpr, NORM: tl.constexpr,
+               FP32_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr):
+    """``s_gx += z . (W_j (gamma * x_hat))`` and (LayerNorm) ``s_g += z . (W_j gamma)`` for one projection's node
+    j, over the head width in blocks of ``BI`` (each a GEMM over d_model: ``[BT, BK] x [BK, BI]`` per step)."""
+    w_ptr += j * ws_n
+    for i0 in range(0, width, BI):
+        acc = tl.zeros((BT, BI), tl.float32)
+        gw = tl.zeros((BI,), tl.float32)
+        for k0 in range(0, d, BK):
+            k_offs = k0 + tl.arange(0, BK)
+            k_mask = k_offs < d
+            xn = _x_hat(x_ptr, x_stride, mean, rstd, t_offs, t_mask, k_offs, k_mask, NORM)
+            wt = _weight_tile(w_ptr, ws_i, ws_k, i0, width, k_offs, k_mask, BI)
+            if HAS_GAMMA:
+                ga = tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)
+                xn = xn * ga[None, :]
+                if NORM == 2:
+                    gw += tl.sum(wt.to(tl.float32) * ga[None, :], axis=1)
+            elif NORM == 2:
+                gw += tl.sum(wt.to(tl.float32), axis=1)
+            acc = acc + _dot(xn.to(wt.dtype), tl.trans(wt), FP32_DOTS)
+        z = _head_rows(rows_ptr, row_stride, j, width, i0, t_offs, t_mask, BI)
+        s_gx += tl.sum(acc * z, axis=1)
+        if NORM == 2:
+            s_g += tl.sum(z * gw[None, :], axis=1)
+    return s_gx, s_g
+
+
+@triton.jit
+def _norm_dots_kernel(s_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_ptr,
+                      r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, width0,
+                      r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1,
+                      r2_ptr, r2_stride, w2_ptr, n_0, n_01, n, c, d,
+                      HAS_W: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                      FP32_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr,
+                      NI: tl.constexpr, BLOCKS: tl.constexpr):
+    """Program (token block, node j): ``s[0, j, t] = mean_k(g * x_hat)``, and for LayerNorm ``s[1, j, t] =
+    mean_k(g)``, ``g = dy * gamma`` — the norm backward's two reductions, as dots over the head width (module
+    docstring). ``HAS_W=False`` (one node whose rows are its residual gradient): the reductions over d_model."""
+    t_offs = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    t_mask = t_offs < c
+    j = tl.program_id(1)
+    rstd = tl.load(rstd_ptr + t_offs, mask=t_mask, other=0.0)
+    mean = rstd
+    if NORM == 2:
+        mean = tl.load(mean_ptr + t_offs, mask=t_mask, other=0.0)
+    s_gx = tl.zeros((BT,), tl.float32)
+    s_g = tl.zeros((BT,), tl.float32)
+    if HAS_W:
+        rows_ptr, row_stride, w_ptr, jj = _block_of(j, r0_ptr, r0_stride, w0_ptr, r1_ptr, r1_stride, w1_ptr, r2_ptr,
+                                                    r2_stride, w2_ptr, n_0, n_01, BLOCKS)
+        s_gx, s_g = _head_dots(s_gx, s_g, jj, t_offs, t_mask, d, rows_ptr, row_stride, w_ptr, w0_n,
+                               w0_i, w0_k, width0, x_ptr, x_stride, mean, rstd, gamma_ptr, HAS_GAMMA, NORM,
+                               FP32_DOTS, BT, BK, BI)
+        if TWO:
+            s_gx, s_g = _head_dots(s_gx, s_g, jj, t_offs, t_mask, d, r1_ptr, r1_stride, w1_ptr, w1_n,
+                                   w1_i, w1_k, width1, x_ptr, x_stride, mean, rstd, gamma_ptr, HAS_GAMMA, NORM,
+                                   FP32_DOTS, BT, BK, BI)
+    else:
+        for k0 in range(0, d, BK):
+            k_offs = k0 + tl.arange(0, BK)
+            k_mask = k_offs < d
+            g = tl.load(r0_ptr + t_offs[:, None] * r0_stride + k_offs[None, :],
+                        mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            if HAS_GAMMA:
+                g = g * tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)[None, :]
+            s_gx += tl.sum(g * _x_hat(x_ptr, x_stride, mean, rstd, t_offs, t_mask, k_offs, k_mask, NORM), axis=1)
+            if NORM == 2:
+                s_g += tl.sum(g, axis=1)
+    s_ptr += j.to(tl.int64) * c + t_offs
+    tl.store(s_ptr, s_gx / d, mask=t_mask)
+    if NORM == 2:
+        tl.store(s_ptr + n * c, s_g / d, mask=t_mask)
+
+
+@triton.jit
+def _dy_tile(rows_ptr, row_stride, w_ptr, ws_i, ws_k, j, width, t_offs, t_mask, k_offs, k_mask,
+             FP32_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, NI: tl.constexpr):
+    """``rows[t, j*w : (j+1)*w] @ W_j[:, k-block]``: ``[BT, BK]`` fp32 (``w_ptr`` at node j's weight); the head
+    width in ``NI`` blocks of ``BI``, unrolled up to ``MAX_UNROLLED``, a runtime loop beyond (split-MLP nodes)."""
+    dy = tl.zeros((BT, BK), tl.float32)
+    if NI <= MAX_UNROLLED:
+        for ii in tl.static_range(NI):
+            wt = _weight_tile(w_ptr, ws_i, ws_k, ii * BI, width, k_offs, k_mask, BI)
+            z = _head_rows(rows_ptr, row_stride, j, width, ii * BI, t_offs, t_mask, BI)
+            dy = dy + _dot(z.to(wt.dtype), wt, FP32_DOTS)  # the rows rounded to the weights' (operand) dtype
+    else:
+        for i0 in range(0, width, BI):
+            wt = _weight_tile(w_ptr, ws_i, ws_k, i0, width, k_offs, k_mask, BI)
+            z = _head_rows(rows_ptr, row_stride, j, width, i0, t_offs, t_mask, BI)
+            dy = dy + _dot(z.to(wt.dtype), wt, FP32_DOTS)
+    return dy
+
+
+@triton.jit
+def _residual_grads_kernel(out_ptr, s_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_ptr,
+                           r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, width0,
+                           r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1,
+                           r2_ptr, r2_stride, w2_ptr, n_0, n_01, n, c, d,
+                           HAS_W: tl.constexpr, TWO: tl.constexpr,  # a second projection feeds the same nodes
+                           NORM: tl.constexpr,  # 0: none, 1: RMSNorm, 2: LayerNorm
+                           HAS_GAMMA: tl.constexpr, FP32_DOTS: tl.constexpr,
+                           BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, NI: tl.constexpr,
+                           NB: tl.constexpr,  # nodes per program
+                           BLOCKS: tl.constexpr):  # node blocks in this launch (each one projection; 1 with TWO)
+    """Program (d_model block, token block, group of ``NB`` nodes): the normalised input's tile once, then per node
+    ``dy = rows_j @ W_j[:, k-block]`` (one tensor-core dot over the head width) and
+    ``out[j] = rstd * (gamma * dy - x_hat * s[0, j] - s[1, j])`` stored once in ``out``'s dtype."""
+    k_offs = tl.program_id(0) * BK + tl.arange(0, BK)
+    k_mask = k_offs < d
     t_offs = (tl.program_id(1) * BT + tl.arange(0, BT)).to(tl.int64)
     t_mask = t_offs < c
-    z0 = tl.zeros((BT, BI), tl.float32)
-    z1 = z0
-    if HOIST:
-        z0 = _head_rows(r0_ptr, r0_stride, j, width0, 0, t_offs, t_mask, BI)
-        if TWO:
-            z1 = _head_rows(r1_ptr, r1_stride, j, width1, 0, t_offs, t_mask, BI)
+    mask = t_mask[:, None] & k_mask[None, :]
+    j0 = tl.program_id(2) * NB
+    x_hat = tl.zeros((BT, BK), tl.float32)
     rstd = tl.zeros((BT,), tl.float32)
-    mean = tl.zeros((BT,), tl.float32)
-    s_gx = tl.zeros((BT,), tl.float32)  # mean_k g * x_hat
-    s_g = tl.zeros((BT,), tl.float32)  # mean_k g (LayerNorm)
-    if NORM != 0:  # pass 1: the norm's two per-token reductions
+    gamma = tl.zeros((BK,), tl.float32)
+    if NORM != 0:
         rstd = tl.load(rstd_ptr + t_offs, mask=t_mask, other=0.0)
+        mean = rstd
         if NORM == 2:
             mean = tl.load(mean_ptr + t_offs, mask=t_mask, other=0.0)
-        for k0 in range(0, d, BK):
-            g, x_hat, k_offs, k_mask = _g_block(
-                k0, j, t_offs, t_mask, x_ptr, x_stride, gamma_ptr, mean, rstd, r0_ptr, r0_stride, w0_ptr, w0_n,
-                w0_i, w0_k, width0, z0, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, z1, d,
-                HAS_W, TWO, NORM, HAS_GAMMA, FP32_DOTS, BT, BK, BI, NI, HOIST)
-            s_gx += tl.sum(g * x_hat, axis=1)
-            s_g += tl.sum(g, axis=1)
-        s_gx = s_gx / d
-        s_g = s_g / d
-    for k0 in range(0, d, BK):  # pass 2: the gradient again, through the norm, stored once
-        g, x_hat, k_offs, k_mask = _g_block(
-            k0, j, t_offs, t_mask, x_ptr, x_stride, gamma_ptr, mean, rstd, r0_ptr, r0_stride, w0_ptr, w0_n,
-            w0_i, w0_k, width0, z0, r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1, z1, d,
-            HAS_W, TWO, NORM, HAS_GAMMA, FP32_DOTS, BT, BK, BI, NI, HOIST)
+        x_hat = _x_hat(x_ptr, x_stride, mean, rstd, t_offs, t_mask, k_offs, k_mask, NORM)
+        if HAS_GAMMA:
+            gamma = tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)
+    out_ptr += j0.to(tl.int64) * c * d + t_offs[:, None] * d + k_offs[None, :]  # node j0's tile, then the next
+    s_ptr += j0.to(tl.int64) * c + t_offs
+    for j in range(j0, tl.minimum(j0 + NB, n)):
+        if HAS_W:
+            rows_ptr, row_stride, w_ptr, jj = _block_of(j, r0_ptr, r0_stride, w0_ptr, r1_ptr, r1_stride, w1_ptr,
+                                                        r2_ptr, r2_stride, w2_ptr, n_0, n_01, BLOCKS)
+            dy = _dy_tile(rows_ptr, row_stride, w_ptr + jj * w0_n, w0_i, w0_k, jj, width0, t_offs, t_mask, k_offs,
+                          k_mask, FP32_DOTS, BT, BK, BI, NI)
+            if TWO:
+                dy += _dy_tile(r1_ptr, r1_stride, w1_ptr + jj * w1_n, w1_i, w1_k, jj, width1, t_offs, t_mask,
+                               k_offs, k_mask, FP32_DOTS, BT, BK, BI, NI)
+        else:
+            dy = tl.load(r0_ptr + t_offs[:, None] * r0_stride + k_offs[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = dy
         if NORM != 0:
-            g = rstd[:, None] * (g - x_hat * s_gx[:, None])
+            if HAS_GAMMA:
+                g = g * gamma[None, :]
+            g = g - x_hat * tl.load(s_ptr, mask=t_mask, other=0.0)[:, None]
             if NORM == 2:
-                g -= rstd[:, None] * s_g[:, None]
-        tl.store(out_ptr + t_offs[:, None] * d + k_offs[None, :], g.to(out_ptr.dtype.element_ty),
-                 mask=t_mask[:, None] & k_mask[None, :])
+                g = g - tl.load(s_ptr + n * c, mask=t_mask, other=0.0)[:, None]
+            g = g * rstd[:, None]
+        tl.store(out_ptr, g.to(out_ptr.dtype.element_ty), mask=mask)
+        out_ptr += c * d
+        s_ptr += c
 
 
-# tokens and d_model columns per block (head-width blocks BI <= 64), warps: on sm_90, BT = 64 with 8 warps is the
-# smallest token block whose dots lower to wgmma (BT = 32: mma.sync) with no stack frame (bench/triton_sm90.py)
-TILES = dict(BT=64, BK=64, num_warps=8)
-# fp32 (FMA dots): 32 d_model columns per block — 64, once the d_model loop is pipelined, took 255 registers and a
-# 320-byte stack frame on sm_90 (106 registers, no stack, at 32)
-TILES_FP32 = dict(BT=64, BK=32, num_warps=8)
+# the residual-gradient kernel's tiles (token x d_model block, nodes a program, warps); on sm_90 a 64-token block
+# is the smallest whose dots lower to wgmma. bench/triton_sm90.py: ~150 registers a thread at 64 x 64 and at
+# 64 x 128 tiles — with 4 warps three programs fit an SM (57 KiB shared memory each), with 8 warps one
+TILES = dict(BT=64, BK=64, NB=16, num_warps=4, num_stages=3)
+# fp32 (FMA dots): narrower d_model blocks keep the fp32 operands in registers
+TILES_FP32 = dict(BT=64, BK=32, NB=16, num_warps=8, num_stages=2)
+# the norm reductions' GEMM (token block x one node's head-width block, over d_model in blocks of BK)
+DOT_TILES = dict(BT=64, BK=64, num_warps=4, num_stages=3)
+DOT_TILES_FP32 = dict(BT=32, BK=32, num_warps=4, num_stages=2)
 
 
 def tiles(dtype: torch.dtype) -> dict:
     """The default tiles for operands of ``dtype``."""
     return TILES_FP32 if dtype == torch.float32 else TILES
+
+
+def dot_tiles(dtype: torch.dtype) -> dict:
+    """The norm-reduction kernel's default tiles for operands of ``dtype``."""
+    return DOT_TILES_FP32 if dtype == torch.float32 else DOT_TILES
 
 
 MAX_BLOCKS = 3  # node blocks one launch takes (a layer's query, key and value heads)
@@ -179,7 +266,8 @@ def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none", conf
     """Launcher: see ``ct_fast.ops.reference.residual_grads`` (same arguments; ``stats = (mean or None, rstd)``,
     fp32 ``[c]``, computed by the caller). Dots run in the dtype of the first weight (bf16/fp16 on tensor cores,
     fp32 IEEE); under ``TRITON_INTERPRET`` half-precision dots run on fp32 copies of the operands (the interpreter's
-    bf16 ``tl.dot`` is wrong), the same exact products."""
+    bf16 ``tl.dot`` is wrong), the same exact products. ``config``: tile overrides of the residual kernel, and of the
+    reduction kernel under ``"dots"``."""
     if not 1 <= len(terms) <= 2:
         raise ValueError(f"the Triton residual_grads takes one or two projections per block, got {len(terms)}")
     return _launch([terms], out, x, stats, gamma, kind, config)
@@ -201,7 +289,8 @@ def residual_grads_blocks(blocks, out, x=None, stats=None, gamma=None, kind="non
 
 
 def _launch(blocks, out, x, stats, gamma, kind, config):
-    """One kernel launch: a block of one or two projections, or up to ``MAX_BLOCKS`` one-projection blocks."""
+    """The launches of a block of one or two projections, or of up to ``MAX_BLOCKS`` one-projection blocks: the
+    norm's reductions (``_norm_dots_kernel``, with a norm), then the gradients (``_residual_grads_kernel``)."""
     n, c, d = out.shape
     if n == 0 or c == 0:
         return out
@@ -227,20 +316,28 @@ def _launch(blocks, out, x, stats, gamma, kind, config):
     norm = {"none": 0, "rmsnorm": 1, "layernorm": 2}[kind]
     if norm:
         mean, rstd = stats
+        mean = rstd if mean is None else mean
         x = x if x.stride(-1) == 1 else x.contiguous()
+        # [1 or 2, n, c] fp32: mean(g * x_hat) (and mean(g), LayerNorm) per node and token
+        s = torch.empty((2 if norm == 2 else 1, n, c), dtype=torch.float32, device=out.device)
     else:
-        mean = rstd = x = out
+        mean = rstd = x = s = out
     max_w = max(p[-1] for p in packed) if has_w else 16
     BI = min(64, max(16, triton.next_power_of_2(max_w)))
     NI = triton.cdiv(max_w, BI) if has_w else 1
-    cfg = {**tiles(op_dtype), **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
-    BT, BK = cfg["BT"], cfg["BK"]
-    grid = (n, triton.cdiv(c, BT))
-    _residual_grads_kernel[grid](out, x, x.stride(0) if norm else 0, gamma if gamma is not None else out,
-                                 mean if mean is not None else rstd, rstd, *packed[0], *packed[1], *packed[2][:3],
-                                 counts[0], sum(counts[:2]), c, d,
-                                 HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=gamma is not None and norm != 0,
-                                 FP32_DOTS=op_dtype == torch.float32 or interpreted, BT=BT, BK=BK, BI=BI, NI=NI,
-                                 HOIST=has_w and NI == 1, BLOCKS=len(blocks),
-                                 num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    consts = dict(HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=gamma is not None and norm != 0,
+                  FP32_DOTS=op_dtype == torch.float32 or interpreted, BI=BI, NI=NI, BLOCKS=len(blocks))
+    args = (x, x.stride(0) if norm else 0, gamma if gamma is not None else out, mean, rstd, *packed[0], *packed[1],
+            *packed[2][:3], counts[0], sum(counts[:2]), n, c, d)
+    config = dict(config or {})  # tile overrides (bench_score_edges.py --tiles)
+    if norm:
+        dcfg = {**dot_tiles(op_dtype), **config.pop("dots", {})}
+        _norm_dots_kernel[(triton.cdiv(c, dcfg["BT"]), n)](s, *args, **consts, BT=dcfg["BT"], BK=dcfg["BK"],
+                                                           num_warps=dcfg["num_warps"],
+                                                           num_stages=dcfg["num_stages"])
+    cfg = {**tiles(op_dtype), **config}
+    BT, BK, NB = cfg["BT"], cfg["BK"], cfg["NB"]
+    grid = (triton.cdiv(d, BK), triton.cdiv(c, BT), triton.cdiv(n, NB))
+    _residual_grads_kernel[grid](out, s, *args, **consts, BT=BT, BK=BK, NB=NB, num_warps=cfg["num_warps"],
+                                 num_stages=cfg["num_stages"])
     return out

@@ -312,6 +312,46 @@ def test_residual_grads_blocks(device, backend, counts, kind, dtype):
     assert ((out - want).abs().max() / want.abs().max()).item() <= tol
 
 
+@pytest.mark.triton
+@pytest.mark.skipif(ops.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
+                    reason="Triton cannot run here")
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm", "none"])
+@pytest.mark.parametrize("blocks,w,two", [((5,), 6, False), ((3, 2, 2), 6, False), ((3,), 70, True)], ids=str)
+def test_residual_grads_kernel_tiles_span_node_groups_and_partial_blocks(kind, blocks, w, two):
+    """The Triton kernels with tiles far smaller than the shapes: several node groups a launch (the last partial,
+    groups straddling a query/key/value block boundary), partial token and d_model blocks, head widths over one
+    block (70: two 64-wide blocks, the second nearly empty), equal to the torch path; the output NaN-poisoned."""
+    from ct_fast import kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = _gen(sum(blocks) * 31 + w + len(kind))
+    c, d = 37, 40
+    norm = _norm(kind, d, g)
+    x = (torch.randn(c, d, generator=g) * 2 + 0.5).to(device)
+    if two:
+        n = blocks[0]
+        parts = [[(torch.randn(c, n * w + 3, generator=g)[:, 1:1 + n * w].to(device),
+                   torch.randn(n, w, d, generator=g).to(device)) for _ in range(2)]]
+    else:
+        parts = [[(torch.randn(c, n * w + 2, generator=g)[:, 2:2 + n * w].to(device),
+                   torch.randn(n, w, d, generator=g).to(device))] for n in blocks]
+    n = sum(blocks)
+    stats = ops.reference.norm_stats(norm.to(device), x) if norm is not None else (None, None, None)
+    config = dict(BT=16, BK=16, NB=2, num_warps=4, num_stages=2, dots=dict(BT=16, BK=16, num_warps=4, num_stages=2))
+    out = torch.full((n, c, d), float("nan"), device=device)
+    if two:
+        kernels.residual_grads(parts[0], out, x, stats[:2], stats[2], kind, config=config)
+    else:
+        kernels.residual_grads_blocks([p[0] for p in parts], out, x, stats[:2], stats[2], kind, config=config)
+    want, first = torch.empty_like(out), 0
+    for terms in parts:
+        m = terms[0][1].shape[0]
+        ops.reference.residual_grads(terms, want[first:first + m], norm, x)
+        first += m
+    assert torch.isfinite(out).all(), "a lane of the output was left unwritten"
+    assert (out - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 # (N tokens, in, out, selection): awkward sizes, k not a multiple of any block, N = 0, empty and full selections
 DW_SHAPES = [(1, 1, 1, "all"), (19, 7, 5, "some"), (37, 33, 21, "none"), (50, 40, 17, "strided"), (0, 5, 3, "some"),
              (23, 6, 9, "empty")]

@@ -45,8 +45,8 @@ NATIVE_OPS = {"score_edges", "masked_adamw_", "masked_sgd_"}  # ops with C++/CUD
 #   joins auto once committed results of bench/bench_masked_dw.py show it faster there.
 # - masked_sgd_ in Triton: tested under the interpreter, not timed on a GPU (auto on a GPU takes the CUDA kernel
 #   when built, else the torch path).
-# - residual_grads in Triton: the residual gradients through the norm in one pass, written once in the scoring
-#   dtype; tested under the interpreter, not yet timed on a GPU against bmm + the fp32 norm backward.
+# - residual_grads in Triton: the residual gradients through the norm, written once in the scoring dtype; on a GPU
+#   the committed timings decide (gpu_choices.json).
 # On a GPU, committed timings override these defaults per (op, dtype): see ct_fast.ops.measured.
 AUTO_SKIP = {("score_edges", "cpp"), ("score_edges", "cuda"), ("score_edges", "triton"),
              ("masked_weight_grad", "triton"), ("masked_sgd_", "triton"), ("residual_grads", "triton")}
@@ -233,8 +233,8 @@ def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha:
 
 def residual_grads(terms, out: torch.Tensor, norm=None, x=None, stats=None) -> torch.Tensor:
     """Residual-space gradients of one block of downstream nodes through their norm, into ``out [n, c, d]`` (see
-    ``reference.residual_grads``). The Triton kernel builds them in one pass and writes ``out`` once in its dtype
-    (no fp32 block); it covers one or two projections per block, head-sized widths (<= ``RESIDUAL_KERNEL_WIDTH``:
+    ``reference.residual_grads``). The Triton kernels (the norm's reductions, then the gradients) write ``out`` once
+    in its dtype (no fp32 block); they cover one or two projections per block, head-sized widths (<= ``RESIDUAL_KERNEL_WIDTH``:
     a whole MLP node is one wide GEMM, cuBLAS's job) and LayerNorm/RMSNorm/no norm; other cases run the torch
     composite. ``stats``: the norm's ``reference.norm_stats`` at ``x``, when the caller has them."""
     b = choose_backend("residual_grads", out.device, (out.dtype,))
