@@ -39,11 +39,7 @@ class _MaskedLinearFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, anchor, owner, name, conv1d):
         ctx.owner, ctx.name, ctx.conv1d = owner, name, conv1d
         ctx.save_for_backward(x, weight)
-        if conv1d:
-            out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight) if bias is not None else x.reshape(
-                -1, x.shape[-1]) @ weight
-            return out.view(*x.shape[:-1], weight.shape[1])
-        return F.linear(x, weight, bias)
+        return _plain_linear(x, weight, bias, conv1d)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -55,11 +51,24 @@ class _MaskedLinearFn(torch.autograd.Function):
         return grad_x, None, None, None, None, None, None  # no anchor gradient: it only routes the backward
 
 
+def _plain_linear(x, weight, bias, conv1d: bool):
+    """``_MaskedLinearFn.forward``'s output without the function: autograd's own linear (C++), input gradient only
+    (``weight``/``bias`` detached)."""
+    if conv1d:
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
+        return out.view(*x.shape[:-1], weight.shape[1])
+    return F.linear(x, weight, bias)
+
+
 class MaskedLinears:
     """Context manager installing ``_MaskedLinearFn`` on the graph's tunable linear modules.
 
     ``selection``: ``{param: ParamSelection}`` for direct mode, ``None`` for deferred mode, or set
-    ``active=False`` to make backwards record nothing (an attribution-only backward).
+    ``active=False`` to make backwards record nothing (an attribution-only backward). With ``plain_outside`` a
+    module the selection gives no rows runs a plain linear of its detached parameters (``_plain_linear``): no
+    Python autograd function (on a GPU a reused-circuit step was host-bound on them: ~61 ms of kernels in a 78 ms
+    step at llama-1B), and no backward at all below the circuit's first linear — nothing there requires a gradient.
     ``grad_rows``: ``{param: compact fp32 gradient}`` accumulated over backwards (for ``set_grad_rows``).
     ``stream``: in direct mode, called with each parameter whose compact gradient is final — every call its
     module made since the model's last forward began (``calls``, reset by ``new_forward``) has had its
@@ -78,6 +87,7 @@ class MaskedLinears:
         param = next(model.parameters())
         self.anchor = anchor if anchor is not None else torch.zeros((), device=param.device, dtype=param.dtype,
                                                                     requires_grad=True)
+        self._plain: frozenset = frozenset()  # modules running plain linears (plain_outside)
         self.selection: dict | None = None
         self.active = True
         self.saved: dict[str, list] = {}  # deferred: name -> [(x, grad_out), ...]
@@ -90,6 +100,20 @@ class MaskedLinears:
         self.calls: dict[str, int] = {}  # grad-enabled calls per module since the model's last forward began
         self.stream = None
         self._indexed: dict[tuple, torch.Tensor] = {}  # (ParamSelection, device) -> its row index (_index)
+
+    def plain_outside(self, selection: dict | None):
+        """From the next forward on, modules ``selection`` gives no rows run plain linears (None: every module the
+        function). Only for a selection known before the step's forwards and kept through its backwards (reused and
+        lagged circuits): a forward recomputed in the backward (activation checkpointing, two_pass's retained graph)
+        must make the same choice as the original. Unless it gives no module any rows: then every module keeps the
+        function, so the backward still reaches one (``touched``)."""
+        if selection is None:
+            self._plain = frozenset()
+            return
+        plain = frozenset(n for n in self.modules if not any(
+            p is not None and p.requires_grad and getattr(selection.get(p), "count", 0)
+            for p in (self.weight[n], self.bias[n])))
+        self._plain = frozenset() if len(plain) == len(self.modules) else plain
 
     def __enter__(self):
         for name, m in self.modules.items():
@@ -123,11 +147,13 @@ class MaskedLinears:
         def forward(module, x):
             if not torch.is_grad_enabled() or module is not owner.modules[name]:  # no_grad, or a deepcopy
                 return type(module).forward(module, x)
-            owner.calls[name] = owner.calls.get(name, 0) + 1
             # the parameters enter detached: no autograd edge reaches them (their dW is ours to compute); read from
             # the module, which under FSDP2 holds the unsharded tensors during its forward and backward
             weight, bias, device = module.weight.detach(), module.bias, x.device.type
             bias = None if bias is None else bias.detach()
+            if name in owner._plain:  # no rows selected here: the input gradient is autograd's to compute
+                return _plain_linear(x, weight, bias, owner.conv1d[name])
+            owner.calls[name] = owner.calls.get(name, 0) + 1
             if torch.is_autocast_enabled(device):  # as autocast runs linear: operands in its dtype, saved so
                 dtype = torch.get_autocast_dtype(device)
                 x, weight = x.to(dtype), weight.to(dtype)

@@ -282,6 +282,7 @@ class TuningSession:
             m.selection, m.active = self.param_selection(self.circuit), True
         else:  # deferred keeps what dW needs; two_pass and outcome score first and train afterwards
             m.selection, m.active = None, mode == "deferred"
+        m.plain_outside(m.selection)  # known before the forwards: the linears outside it need no autograd function
         if self.refresh:
             self.run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool,
                                       self.token_budget, budget_seed=self.step_count, timer=self.timer)

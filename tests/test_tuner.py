@@ -111,6 +111,52 @@ def test_steps_between_refreshes_reuse_the_optimizers_step_layout():
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("arch,mode", [("llama", "reused"), ("gpt2", "reused"), ("llama", "lagged")])
+def test_linears_outside_a_known_circuit_run_plain(arch, mode, monkeypatch):
+    """With the circuit known before the forward (steps between refreshes, lagged), the linears it gives no rows run
+    plain (no autograd function; between refreshes no graph at all before the circuit's first linear, so no
+    backward there): same circuits and parameter bits as with the function on every linear (GPT-2: Conv1D)."""
+    from ct_fast.masked_linear import MaskedLinears
+
+    def run(plain: bool):
+        if not plain:
+            monkeypatch.setattr(MaskedLinears, "plain_outside", lambda self, selection: None)
+        model = tiny_model(arch, num_hidden_layers=4)
+        kw = dict(refresh_every=3) if mode == "reused" else dict(memory_mode="lagged")
+        tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=3, **kw)
+        masked = tuner.session.masked
+        fn_calls, calls = [], []  # names the function ran for; (name, output requires grad) in forward order
+        apply = ct_fast.masked_linear._MaskedLinearFn.apply
+        monkeypatch.setattr(ct_fast.masked_linear._MaskedLinearFn, "apply",
+                            lambda *a: fn_calls.append(a[5]) or apply(*a))
+        for name, m in masked.modules.items():
+            m.register_forward_hook(lambda m, a, out, name=name: calls.append((name, out.requires_grad)))
+        circuits, seen = [], []
+        for s in range(3):
+            fn_calls.clear()
+            calls.clear()
+            circuits.append(tuner.step(random_batch(37, seed=s)).circuit.edges)
+            seen.append((list(fn_calls), list(calls), set(masked._plain)))
+        monkeypatch.undo()
+        return model, circuits, seen
+
+    model, circuits, seen = run(True)
+    ref_model, ref_circuits, ref_seen = run(False)
+    assert circuits == ref_circuits
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+    for step, ((called, calls, plain), (ref_called, ref_calls, ref_plain)) in enumerate(zip(seen, ref_seen)):
+        assert not ref_plain and ref_called == [n for n, _ in ref_calls]
+        if step == 0:  # a refresh step (lagged: no previous circuit): none known before its forward
+            assert not plain
+            continue
+        assert plain and called == [n for n, _ in calls if n not in plain] and not set(called) & plain
+        first = next(i for i, (n, _) in enumerate(calls) if n not in plain)
+        assert all(requires for _, requires in calls[first:])
+        if mode == "reused":  # (lagged: its scoring taps need gradients everywhere)
+            assert first > 0 and not any(requires for _, requires in calls[:first])
+
+
 def test_corrupted_ablation_step(model, batch):
     corrupted = dict(batch, input_ids=torch.randint(1, 37, batch["input_ids"].shape))
     tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3), top_n=12, ablation="corrupted")
