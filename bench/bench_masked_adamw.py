@@ -23,15 +23,19 @@ def make_params(total: float, d: int, device, dtype):
     return [torch.randn(s, device=device, dtype=dtype) for s in shapes]
 
 
-def run(device="cpu", total=2e7, d=1024, fraction=0.05, dtype=torch.float32, backend=None):
+def run(device="cpu", total=2e7, d=1024, fraction=0.05, dtype=torch.float32, backend=None, selection="rows"):
+    """The optimizer's step over a circuit of ``fraction`` of each matrix's rows (``selection="rows"``: output
+    features, contiguous rows) or columns (``"columns"``: input features — an output projection's heads, a down
+    projection's neurons — strided in memory)."""
     if backend:
         os.environ["CT_FAST_BACKEND"] = backend
     params = [p.requires_grad_() for p in make_params(total, d, device, dtype)]
     for p in params:
         p.grad = torch.randn_like(p)
     ours = CircuitAdamW(params, lr=1e-4)
-    k_of = {id(p): max(1, int(fraction * p.shape[0])) for p in params}
-    sel = {p: ParamSelection(0, p.shape[0], ((0, k_of[id(p)]),)) for p in params}
+    dim = 0 if selection == "rows" else 1
+    k_of = {id(p): max(1, int(fraction * p.shape[dim])) for p in params}
+    sel = {p: ParamSelection(dim, p.shape[dim], ((0, k_of[id(p)]),)) for p in params}
     ours.set_circuit(sel)
     ours.step()  # allocate state
     masked = harness.median_time(ours.step, device)
@@ -45,13 +49,13 @@ def run(device="cpu", total=2e7, d=1024, fraction=0.05, dtype=torch.float32, bac
     dense = torch.optim.AdamW(dense_params, lr=1e-4, fused=True)  # the fastest dense baseline, CPU and CUDA
     dense.step()
     dense_t = harness.median_time(dense.step, device)
-    touched = sum(k_of[id(p)] * p.shape[1] for p in params)
+    touched = sum(k_of[id(p)] * p.shape[1 - dim] for p in params)
     # per touched element: read+write param, read grad (dense .grad rows), read+write m and v (fp32)
     nbytes = touched * (2 * params[0].element_size() + params[0].element_size() + 16)
     copy_bw = harness.copy_bandwidth(device)
     from ct_fast import ops
     return {"bench": "masked_adamw", "device": device, "dtype": str(dtype), "params": sum(p.numel() for p in params),
-            "fraction": fraction, "backend": ops.choose_backend("masked_adamw_", torch.device(device), (dtype,)),
+            "fraction": fraction, "selection": selection, "backend": ops.choose_backend("masked_adamw_", torch.device(device), (dtype,)),
             "masked_ms": masked * 1e3, "dense_ms": dense_t * 1e3, "ratio_to_dense": masked / dense_t,
             "achieved_gbps": nbytes / masked / 1e9, "copy_gbps": copy_bw / 1e9,
             "fraction_of_copy_bw": nbytes / masked / copy_bw,
@@ -189,6 +193,10 @@ if __name__ == "__main__":
         print(f"{b:>6}: the whole step in a CUDA graph: " + (r["graph_step_error"] if r["graph_step_ms"] is None else
               f"{r['graph_step_ms']:.2f} ms ({r['graph_ratio_to_dense']:.3f}x dense, "
               f"{100 * r['graph_fraction_of_copy_bw']:.0f}% of copy bandwidth)"))
+        c = run(a.device, a.params, a.d, a.fraction, backend=b, selection="columns")
+        recs.append(c)
+        print(f"{b:>6}: columns: masked {c['masked_ms']:.1f} ms ({c['ratio_to_dense']:.3f}x dense), "
+              f"{100 * c['fraction_of_copy_bw']:.0f}% of copy bandwidth")
         e = run_evicting(a.device, a.params, a.d, a.fraction, backend=b)
         recs.append(e)
         print(f"{b:>6}: with a bounded shared pool evicting every step {e['evicting_ms']:.1f} ms "

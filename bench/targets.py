@@ -48,8 +48,9 @@ def evaluate(out: str) -> list[dict]:
     """One row per target (and dtype / shape where the run has several): value, limit, status."""
     rows = []
     adamw = [r for r in _load(out, "op_masked_adamw") if r["bench"] == "masked_adamw"]
-    for (dtype,), recs in sorted(_by(adamw, "dtype").items()) or [((None,), [])]:
-        name = f"masked AdamW, {100 * recs[0]['fraction']:.0f}% circuit" if recs else "masked AdamW"
+    for (dtype, sel), recs in sorted(_by(adamw, "dtype", "selection").items(), key=str) or [((None, None), [])]:
+        name = (f"masked AdamW, {100 * recs[0]['fraction']:.0f}% circuit" + (f" ({sel})" if sel else "")
+                if recs else "masked AdamW")
         where = lambda r: f"{r['backend']}, {_dt(r)}, {r['params']:.2g} params"  # noqa: E731
         rows.append(_row(f"{name}: share of copy bandwidth", ">=", 0.8, recs, "fraction_of_copy_bw", max, where))
         rows.append(_row(f"{name}: time / fused dense AdamW", "<=", 0.1, recs, "ratio_to_dense", min, where))

@@ -546,6 +546,39 @@ def test_masked_sgd(device, backend, dtype, momentum, nesterov, dampening):
         assert torch.equal(views[i][untouched], _optimizer_case(7, dtype, device=device)[1][i][untouched])
 
 
+@pytest.mark.parametrize("device,backend", _cases("masked_adamw_"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_masked_updates_on_column_views_span_tiles(device, backend, dtype, optimizer):
+    """Column views (an output projection's head columns) and short rows, which the CUDA kernels update in tiles of
+    32 rows x 64 columns through shared memory: every row of a 70-row column view (three row tiles, the last partial;
+    150 columns: three column tiles), every other row of a 66-row one (33 rows: a full tile and one row; 129
+    columns), one row of a 5-wide row view (short rows are tiled too) — against the reference, untouched rows
+    bit-equal."""
+    case = lambda: _optimizer_case(11, dtype, shapes=((70, 150), (45, 5), (66, 129)), col=(True, False, True),  # noqa: E731
+                                   device=device)
+    full, views, grads, rows, slots, m, v, steps = case()
+    ref_full, ref_m, ref_v, ref_steps = _clone(full), _clone(m), _clone(v), _clone(steps)
+    ref_views = _views_like(ref_full, views)
+    if optimizer == "adamw":
+        args = (1e-2, 0.9, 0.99, 1e-8, 0.1, False)
+        library.masked_adamw_default(ref_views, grads, ref_m, ref_v, [], ref_steps, rows, slots, *args)
+        ops.masked_adamw_(views, grads, m, v, [], steps, rows, slots, *args)
+    else:
+        args = (0.1, 0.9, 0.1, 0.01, False, False)
+        library.masked_sgd_default(ref_views, grads, ref_m, ref_steps, rows, slots, *args)
+        ops.masked_sgd_(views, grads, m, steps, rows, slots, *args)
+    start = case()[1]
+    for i in range(len(full)):
+        _assert_param_close(full[i], ref_full[i], name=f"param {i}")
+        assert_close(m[i], ref_m[i], name=f"state {i}")
+        assert_close(v[i], ref_v[i], name=f"exp_avg_sq {i}")
+        assert torch.equal(steps[i], ref_steps[i])
+        untouched = torch.ones(views[i].shape[0], dtype=torch.bool, device=views[i].device)
+        untouched[rows[i]] = False
+        assert torch.equal(views[i][untouched], start[i][untouched]), "rows outside the selection changed"
+
+
 @pytest.mark.parametrize("device,backend", _cases("masked_sgd_"))
 def test_masked_sgd_without_momentum_ignores_buffers(device, backend):
     """Buffers passed with momentum=0 (and dampening) are neither used nor written, as in torch."""

@@ -70,8 +70,9 @@ void launch_groups(at::TensorList params, at::TensorList grads, at::TensorList s
     d.slots = slots[i].data_ptr<int64_t>();
     d.k = k;
     d.M = p.size(1);
-    d.first = pack.total_rows;
-    pack.total_rows += k;
+    d.tiled = p.stride(1) != 1 || p.size(1) < 32;  // column views, short rows: coalesced through shared memory
+    d.first = pack.total_units;
+    pack.total_units += d.tiled ? (k + kTileRows - 1) / kTileRows : k;
   }
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   float* flag = nullptr;

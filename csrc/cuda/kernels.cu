@@ -16,7 +16,7 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 
-// The descriptor holding global row `g` (descs sorted by `first`); reads the __grid_constant__ pack in place.
+// The descriptor holding work unit `g` (descs sorted by `first`); reads the __grid_constant__ pack in place.
 __device__ __forceinline__ int find_desc(const RowsPack& pack, int64_t g) {
   int lo = 0, hi = pack.n - 1;
   while (lo < hi) {
@@ -24,6 +24,13 @@ __device__ __forceinline__ int find_desc(const RowsPack& pack, int64_t g) {
     if (pack.d[mid].first <= g) lo = mid; else hi = mid - 1;
   }
   return lo;
+}
+
+// The selected rows [r0, r1) of work unit `g` of descriptor `t`.
+__device__ __forceinline__ void unit_rows(const RowsDesc& t, int64_t g, int64_t& r0, int64_t& r1) {
+  const int64_t u = g - t.first;
+  r0 = t.tiled ? u * kTileRows : u;
+  r1 = t.tiled ? (r0 + kTileRows < t.k ? r0 + kTileRows : t.k) : r0 + 1;
 }
 
 // Thread 0 increments the row's step count; every thread of the block gets the new count.
@@ -43,69 +50,179 @@ __device__ __forceinline__ bool skipped(const DeviceScalars& dev) {
   return dev.found_inf != nullptr && *dev.found_inf != 0.0f;
 }
 
-// One block per selected row (grid-stride over all rows of the pack): the step count and bias corrections of the
-// row, then its M elements. Reads and writes only the selected rows of param/grad/state.
+// A tiled unit's parameter elements pass through shared memory, [kTileCols][kTileRows + 1] floats (the pad keeps
+// the column-wise accesses of the update free of bank conflicts): loaded and stored with consecutive threads on
+// consecutive rows (coalesced for a column view, whose consecutive rows are adjacent in memory), updated with
+// consecutive threads on consecutive columns (coalesced for the row-major gradient and state).
+constexpr int kTileCols = 64;
+struct Tile {
+  float p[kTileCols][kTileRows + 1];
+  int64_t offset[kTileRows];  // rows[r] * stride_row of the unit's rows
+  int64_t slot[kTileRows];
+  float a[kTileRows], b[kTileRows];  // per-row constants of the update (AdamW: step size and sqrt(bias corr. 2))
+};
+
+template <typename T>
+__device__ __forceinline__ void tile_load(const RowsDesc& t, Tile& s, int nr, int64_t j0) {
+  const T* param = static_cast<const T*>(t.param);
+  for (int e = threadIdx.x; e < kTileRows * kTileCols; e += blockDim.x) {
+    const int rr = e % kTileRows, jj = e / kTileRows;
+    if (rr < nr && j0 + jj < t.M) s.p[jj][rr] = to_f(param[s.offset[rr] + (j0 + jj) * t.stride_col]);
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__device__ __forceinline__ void tile_store(const RowsDesc& t, Tile& s, int nr, int64_t j0) {
+  __syncthreads();  // the update is done
+  T* param = static_cast<T*>(t.param);
+  for (int e = threadIdx.x; e < kTileRows * kTileCols; e += blockDim.x) {
+    const int rr = e % kTileRows, jj = e / kTileRows;
+    if (rr < nr && j0 + jj < t.M) param[s.offset[rr] + (j0 + jj) * t.stride_col] = from_f<T>(s.p[jj][rr]);
+  }
+  __syncthreads();  // stored before the next load overwrites the tile
+}
+
+// AdamW on the selected rows. A unit per row: one block walks the row's M elements. A tiled unit: the block bumps
+// its rows' step counts, then walks the M columns in tiles of kTileCols. Reads and writes only the selected rows of
+// param/grad/state; every row gets the same fp32 math (the same bits) on either path.
 template <typename T>
 __global__ void masked_adamw_kernel(const __grid_constant__ RowsPack pack, const AdamWHyper h,
                                     const DeviceScalars dev) {
+  __shared__ Tile s;
   if (skipped(dev)) return;
   const float lr = dev.lr ? *dev.lr : h.lr;
   const float decay = 1.0f - lr * h.weight_decay, w1 = 1.0f - h.beta1, w2 = 1.0f - h.beta2;
-  for (int64_t g = blockIdx.x; g < pack.total_rows; g += gridDim.x) {
+  for (int64_t g = blockIdx.x; g < pack.total_units; g += gridDim.x) {
     const RowsDesc& t = pack.d[find_desc(pack, g)];
-    const int64_t r = g - t.first, slot = t.slots[r];
-    const double st = bump_step(t, slot);
-    const float step_size = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), st)));
-    const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), st)));
-    T* prow = static_cast<T*>(t.param) + t.rows[r] * t.stride_row;
-    const float* grow = t.grad + r * t.M;
-    float* mrow = t.state0 + slot * t.M;
-    float* vrow = t.state1 + slot * t.M;
-    for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x) {
-      const float gj = h.maximize ? -grow[j] : grow[j];
-      const float mj = mrow[j] + w1 * (gj - mrow[j]);
-      const float vj = vrow[j] * h.beta2 + w2 * gj * gj;
-      mrow[j] = mj;
-      vrow[j] = vj;
-      const float pj = to_f(prow[j * t.stride_col]) * decay;
-      prow[j * t.stride_col] = from_f<T>(pj + (-step_size * mj) / (sqrtf(vj) / bc2_sqrt + h.eps));
+    int64_t r0, r1;
+    unit_rows(t, g, r0, r1);
+    if (!t.tiled) {
+      const int64_t slot = t.slots[r0];
+      const double st = bump_step(t, slot);
+      const float step_size = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), st)));
+      const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), st)));
+      T* prow = static_cast<T*>(t.param) + t.rows[r0] * t.stride_row;
+      const float* grow = t.grad + r0 * t.M;
+      float* mrow = t.state0 + slot * t.M;
+      float* vrow = t.state1 + slot * t.M;
+      for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x) {
+        const float gj = h.maximize ? -grow[j] : grow[j];
+        const float mj = mrow[j] + w1 * (gj - mrow[j]);
+        const float vj = vrow[j] * h.beta2 + w2 * gj * gj;
+        mrow[j] = mj;
+        vrow[j] = vj;
+        const float pj = to_f(prow[j * t.stride_col]) * decay;
+        prow[j * t.stride_col] = from_f<T>(pj + (-step_size * mj) / (sqrtf(vj) / bc2_sqrt + h.eps));
+      }
+      continue;
+    }
+    const int nr = static_cast<int>(r1 - r0);
+    __syncthreads();  // the previous unit's readers of the tile are done
+    if (threadIdx.x < nr) {
+      const int64_t r = r0 + threadIdx.x, slot = t.slots[r];
+      const double st = t.step[slot] + 1.0f;
+      t.step[slot] = static_cast<float>(st);
+      s.a[threadIdx.x] = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), st)));
+      s.b[threadIdx.x] = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), st)));
+      s.offset[threadIdx.x] = t.rows[r] * t.stride_row;
+      s.slot[threadIdx.x] = slot;
+    }
+    __syncthreads();
+    for (int64_t j0 = 0; j0 < t.M; j0 += kTileCols) {
+      tile_load<T>(t, s, nr, j0);
+      for (int e = threadIdx.x; e < kTileRows * kTileCols; e += blockDim.x) {
+        const int jj = e % kTileCols, rr = e / kTileCols;
+        const int64_t j = j0 + jj;
+        if (rr >= nr || j >= t.M) continue;
+        const float gj = h.maximize ? -t.grad[(r0 + rr) * t.M + j] : t.grad[(r0 + rr) * t.M + j];
+        float* m = t.state0 + s.slot[rr] * t.M + j;
+        float* v = t.state1 + s.slot[rr] * t.M + j;
+        const float mj = *m + w1 * (gj - *m);
+        const float vj = *v * h.beta2 + w2 * gj * gj;
+        *m = mj;
+        *v = vj;
+        const float pj = s.p[jj][rr] * decay;
+        // rounded as the row path rounds (to the parameter's dtype, on store)
+        s.p[jj][rr] = to_f(from_f<T>(pj + (-s.a[rr] * mj) / (sqrtf(vj) / s.b[rr] + h.eps)));
+      }
+      tile_store<T>(t, s, nr, j0);
     }
   }
 }
 
 template <typename T>
 __global__ void masked_sgd_kernel(const __grid_constant__ RowsPack pack, const SGDHyper h, const DeviceScalars dev) {
+  __shared__ Tile s;
   if (skipped(dev)) return;
   const float lr = dev.lr ? *dev.lr : h.lr;
-  for (int64_t g = blockIdx.x; g < pack.total_rows; g += gridDim.x) {
+  for (int64_t g = blockIdx.x; g < pack.total_units; g += gridDim.x) {
     const RowsDesc& t = pack.d[find_desc(pack, g)];
-    const int64_t r = g - t.first, slot = t.slots[r];
-    const bool first = bump_step(t, slot) == 1.0f;  // torch starts the buffer as the gradient
-    T* prow = static_cast<T*>(t.param) + t.rows[r] * t.stride_row;
-    const float* grow = t.grad + r * t.M;
-    float* brow = t.state0 ? t.state0 + slot * t.M : nullptr;
-    for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x) {
-      const float pj = to_f(prow[j * t.stride_col]);
-      float gj = h.maximize ? -grow[j] : grow[j];
-      if (h.weight_decay != 0.0f) gj = gj + h.weight_decay * pj;
-      if (brow) {
-        const float bj = first ? gj : brow[j] * h.momentum + (1.0f - h.dampening) * gj;
-        brow[j] = bj;
-        gj = h.nesterov ? gj + h.momentum * bj : bj;
+    int64_t r0, r1;
+    unit_rows(t, g, r0, r1);
+    if (!t.tiled) {
+      const int64_t slot = t.slots[r0];
+      const bool first = bump_step(t, slot) == 1.0f;  // torch starts the buffer as the gradient
+      T* prow = static_cast<T*>(t.param) + t.rows[r0] * t.stride_row;
+      const float* grow = t.grad + r0 * t.M;
+      float* brow = t.state0 ? t.state0 + slot * t.M : nullptr;
+      for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x) {
+        const float pj = to_f(prow[j * t.stride_col]);
+        float gj = h.maximize ? -grow[j] : grow[j];
+        if (h.weight_decay != 0.0f) gj = gj + h.weight_decay * pj;
+        if (brow) {
+          const float bj = first ? gj : brow[j] * h.momentum + (1.0f - h.dampening) * gj;
+          brow[j] = bj;
+          gj = h.nesterov ? gj + h.momentum * bj : bj;
+        }
+        prow[j * t.stride_col] = from_f<T>(pj + (-lr) * gj);
       }
-      prow[j * t.stride_col] = from_f<T>(pj + (-lr) * gj);
+      continue;
+    }
+    const int nr = static_cast<int>(r1 - r0);
+    __syncthreads();  // the previous unit's readers of the tile are done
+    if (threadIdx.x < nr) {
+      const int64_t r = r0 + threadIdx.x, slot = t.slots[r];
+      const float st = t.step[slot] + 1.0f;
+      t.step[slot] = st;
+      s.a[threadIdx.x] = st == 1.0f ? 1.0f : 0.0f;  // the row's first step
+      s.offset[threadIdx.x] = t.rows[r] * t.stride_row;
+      s.slot[threadIdx.x] = slot;
+    }
+    __syncthreads();
+    for (int64_t j0 = 0; j0 < t.M; j0 += kTileCols) {
+      tile_load<T>(t, s, nr, j0);
+      for (int e = threadIdx.x; e < kTileRows * kTileCols; e += blockDim.x) {
+        const int jj = e % kTileCols, rr = e / kTileCols;
+        const int64_t j = j0 + jj;
+        if (rr >= nr || j >= t.M) continue;
+        const float pj = s.p[jj][rr];
+        float gj = h.maximize ? -t.grad[(r0 + rr) * t.M + j] : t.grad[(r0 + rr) * t.M + j];
+        if (h.weight_decay != 0.0f) gj = gj + h.weight_decay * pj;
+        if (t.state0) {
+          float* b = t.state0 + s.slot[rr] * t.M + j;
+          const float bj = s.a[rr] != 0.0f ? gj : *b * h.momentum + (1.0f - h.dampening) * gj;
+          *b = bj;
+          gj = h.nesterov ? gj + h.momentum * bj : bj;
+        }
+        s.p[jj][rr] = to_f(from_f<T>(pj + (-lr) * gj));
+      }
+      tile_store<T>(t, s, nr, j0);
     }
   }
 }
 
 // found_inf = 1 when any packed gradient element is non-finite (NaN fails the comparison). A plain store: every
-// writer writes the same value.
+// writer writes the same value. A unit's gradient rows are contiguous ([r1 - r0, M]).
 __global__ void nonfinite_check_kernel(const __grid_constant__ RowsPack pack, float* found_inf) {
-  for (int64_t g = blockIdx.x; g < pack.total_rows; g += gridDim.x) {
+  for (int64_t g = blockIdx.x; g < pack.total_units; g += gridDim.x) {
     const RowsDesc& t = pack.d[find_desc(pack, g)];
-    const float* grow = t.grad + (g - t.first) * t.M;
+    int64_t r0, r1;
+    unit_rows(t, g, r0, r1);
+    const float* grad = t.grad + r0 * t.M;
+    const int64_t n = (r1 - r0) * t.M;
     bool bad = false;
-    for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x) bad |= !(fabsf(grow[j]) <= 3.402823466e38f);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) bad |= !(fabsf(grad[j]) <= 3.402823466e38f);
     if (__syncthreads_or(bad) && threadIdx.x == 0) *found_inf = 1.0f;
   }
 }
@@ -161,16 +278,16 @@ static_assert(sizeof(RowsPack) + sizeof(AdamWHyper) + sizeof(DeviceScalars) <= 4
                   sizeof(RowsPack) + sizeof(SGDHyper) + sizeof(DeviceScalars) <= 4096,
               "kernel parameters must fit the 4 KiB limit");
 
-unsigned rows_grid(int64_t total_rows) {
-  return static_cast<unsigned>(total_rows < 65535 * 8 ? total_rows : 65535 * 8);
+unsigned rows_grid(int64_t total_units) {
+  return static_cast<unsigned>(total_units < 65535 * 8 ? total_units : 65535 * 8);
 }
 
 template <typename H>
 cudaError_t launch_rows(const RowsPack& pack, DType dtype, H h, DeviceScalars dev, cudaStream_t stream,
                         void (*f32)(RowsPack, H, DeviceScalars), void (*b16)(RowsPack, H, DeviceScalars),
                         void (*f16)(RowsPack, H, DeviceScalars)) {
-  if (pack.total_rows == 0) return cudaSuccess;
-  const unsigned grid = rows_grid(pack.total_rows);
+  if (pack.total_units == 0) return cudaSuccess;
+  const unsigned grid = rows_grid(pack.total_units);
   switch (dtype) {
     case DType::kFloat: f32<<<grid, 256, 0, stream>>>(pack, h, dev); break;
     case DType::kBFloat16: b16<<<grid, 256, 0, stream>>>(pack, h, dev); break;
@@ -193,8 +310,8 @@ cudaError_t launch_masked_sgd(const RowsPack& pack, DType dtype, SGDHyper h, Dev
 }
 
 cudaError_t launch_nonfinite_check(const RowsPack& pack, float* found_inf, cudaStream_t stream) {
-  if (pack.total_rows == 0) return cudaSuccess;
-  nonfinite_check_kernel<<<rows_grid(pack.total_rows), 256, 0, stream>>>(pack, found_inf);
+  if (pack.total_units == 0) return cudaSuccess;
+  nonfinite_check_kernel<<<rows_grid(pack.total_units), 256, 0, stream>>>(pack, found_inf);
   return cudaGetLastError();
 }
 

@@ -10,6 +10,11 @@ namespace ct_fast {
 enum class DType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
 // One parameter of a masked multi-tensor update: k selected rows of a [R, M] row view (strides in elements).
+// Work units: a row each (rows contiguous in memory, stride_col == 1), or — `tiled`: column views of a weight
+// (stride_col != 1: an output projection's head columns, a down projection's inputs) and rows shorter than a warp
+// (1-D biases) — a tile of kTileRows rows each, its parameter elements moved through shared memory so that both
+// the parameter (consecutive rows) and the row-major gradient and state are read and written coalesced.
+constexpr int kTileRows = 32;
 struct RowsDesc {
   void* param;
   int64_t stride_row, stride_col;
@@ -20,18 +25,19 @@ struct RowsDesc {
   const int64_t* rows;     // [k]
   const int64_t* slots;    // [k]
   int64_t k, M;
-  int64_t first;           // index of this tensor's first row among all rows of the launch
+  int64_t first;           // index of this tensor's first work unit among all units of the launch
+  int64_t tiled;           // 1: units of kTileRows rows (column views, short rows); 0: a unit per row
 };
 
 // The descriptors of one launch, passed by value as a kernel parameter (__grid_constant__): no device-side table,
 // so no host-to-device copy per call and nothing for a CUDA graph to re-upload (apex's multi_tensor_apply style).
-// 36 * 96 bytes + the rest stays under the 4 KiB kernel-parameter limit of every architecture; more tensors are
+// 36 * 104 bytes + the rest stays under the 4 KiB kernel-parameter limit of every architecture; more tensors are
 // split over several launches (all of one dtype per launch).
 constexpr int kMaxDescs = 36;
 struct RowsPack {
   RowsDesc d[kMaxDescs];
-  int n;               // descriptors used
-  int64_t total_rows;  // sum of their k
+  int n;                // descriptors used
+  int64_t total_units;  // sum of their work units
 };
 
 // Device scalars of a masked update (null: not used). lr: read instead of the float lr. found_inf: the skip flag;

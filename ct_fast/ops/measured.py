@@ -29,7 +29,7 @@ BENCHES = {
                                                                "c", "d")),
     "masked_dw": ("masked_weight_grad", "masked_ms", "max_rel_err_vs_torch", ("tokens", "d", "d_ff", "fraction",
                                                                              "selection")),
-    "masked_adamw": ("masked_adamw_", "masked_ms", None, ("params", "fraction")),
+    "masked_adamw": ("masked_adamw_", "masked_ms", None, ("params", "fraction", "selection")),
     "residual_grads_op": ("residual_grads", "ms", "max_rel_err", ("n", "w", "terms", "c", "d")),
 }
 # largest error (relative to the largest value) a kernel may show to join auto: fp32 exact up to summation
