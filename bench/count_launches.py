@@ -94,12 +94,14 @@ def _as_on_gpu(dtype: torch.dtype, d_model: int, real_d: int, scoring: str = "me
             return out.add_(0.0)
 
         ops.score_edges_into = score_edges_into
-    if "residual_grads" in fused:  # a launch per call, two through a norm (``residual_grads_blocks``: per
-        from ct_fast.kernels.residual_grads import MAX_BLOCKS  # MAX_BLOCKS blocks)
+    if "residual_grads" in fused:  # a launch per call, two through a norm, one more for token sums
+        from ct_fast.kernels.residual_grads import MAX_BLOCKS  # (``residual_grads_blocks``: per MAX_BLOCKS blocks)
 
-        def residual_grads(terms, out, norm=None, *rest):
+        def residual_grads(terms, out, norm=None, x=None, stats=None, sums=None):
             if norm is not None:  # the norm's reductions
                 torch.zeros(1)
+            if sums is not None:  # the partial sums' reduction
+                sums.zero_()
             return out.zero_()
 
         ops.residual_grads = residual_grads

@@ -397,7 +397,7 @@ class EdgeScorer:
         pooled, stats = [], {}  # stats: each norm's per-row statistics over all scored rows, made once per span
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
-            G = self._residual_grads(plan, grads, down_weight, start, stop, stats)
+            G, sums = self._residual_grads(plan, grads, down_weight, start, stop, stats)
             if self.rows.pool:
                 pooled.append(self.rows.pool_rows(G, start))
             else:
@@ -405,7 +405,7 @@ class EdgeScorer:
                     self._accumulate(plan, G[:, a - start:min(stop, a + sub) - start], a, min(stop, a + sub))
                 if self.stack is not None:
                     self._accumulate_stacked(plan, G, start, stop)
-                self.grad_sum[cols] += G.sum(1, dtype=torch.float32)
+                self.grad_sum[cols] += G.sum(1, dtype=torch.float32) if sums is None else sums
         if self.stack is not None:
             self.raw[:, cols] += self._sums.index_select(0, self._fold)
         if self.rows.pool:
@@ -428,8 +428,9 @@ class EdgeScorer:
             self.stack = self._stacked_weights = None
 
     def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int,
-                        stats: dict) -> torch.Tensor:
-        """``[n_nodes, c, d]``: d metric / d x_d of the layer's nodes for scored rows ``start..stop``.
+                        stats: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(G, sums)``: ``G [n_nodes, c, d]`` d metric / d x_d of the layer's nodes for scored rows ``start..stop``,
+        and (fused path) ``sums [n_nodes, d] = G.sum(1)`` in fp32, made while G is written (else None).
 
         fp32: each block's normed-input gradients (summed over its taps) are written into one buffer, then each
         norm's backward runs in place on its (contiguous) rows. With the fused kernel (``residual_grads`` on
@@ -438,6 +439,7 @@ class EdgeScorer:
         gamma)`` over every scored row, filled on first use: row-wise, so a chunk's are a slice)."""
         sdt, shape, fused = self.score_dtype, (plan.n_nodes, stop - start, self.graph.d_model), self.fused_residual
         G = self._buffer("G", shape, sdt if fused else torch.float32)
+        sums = self._buffer("G_sums", (plan.n_nodes, self.graph.d_model), torch.float32) if fused else None
         run = []  # fused: consecutive blocks read through one norm, built together (``_norm_backward``)
         for off, n, groups in plan.blocks:
             out, terms = G[off:off + n], []
@@ -452,28 +454,30 @@ class EdgeScorer:
                 terms.append((rows, w))
             if not terms:
                 out.zero_()
+                if fused:
+                    sums[off:off + n].zero_()
             elif fused:
                 norm, single = groups[0].norm, len(terms) == 1 and terms[0][1] is not None  # one projection
                 if run and not (single and run[-1][3] and run[0][2] == norm and run[-1][0] + run[-1][1] == off):
-                    self._norm_backward(run, G, start, stop, stats)
+                    self._norm_backward(run, G, sums, start, stop, stats)
                     run = []
                 run.append((off, n, norm, single, terms))
             else:
                 for i, (rows, w) in enumerate(terms):
                     ops.heads_to_residual(rows, w, out=out, accumulate=i > 0, dtype=sdt)
         if run:
-            self._norm_backward(run, G, start, stop, stats)
+            self._norm_backward(run, G, sums, start, stop, stats)
         if not fused:
             for norm, a, b in plan.norms:
                 if norm is not None:
                     ops.norm_vjp_(self.norms[norm], self.resid[norm][start:stop], G[a:b])
-        return G
+        return G, sums
 
-    def _norm_backward(self, run: list, G: torch.Tensor, start: int, stop: int, stats: dict):
+    def _norm_backward(self, run: list, G: torch.Tensor, sums: torch.Tensor, start: int, stop: int, stats: dict):
         """The fused residual gradients of ``run``: consecutive blocks ``(offset, n, norm, single, terms)`` of G read
         through one norm — one ``ops.residual_grads`` call for a block of several projections (an MLP's gate and up),
         one ``ops.residual_grads_blocks`` call (a launch for up to three blocks) for blocks of one projection each
-        (a layer's query, key and value heads)."""
+        (a layer's query, key and value heads) — and their rows of ``sums`` (``G.sum(1)``)."""
         norm = run[0][2]
         module, x = (self.norms[norm], self.resid[norm][start:stop]) if norm else (None, None)
         if norm and norm not in stats:
@@ -483,11 +487,11 @@ class EdgeScorer:
         if chunk_stats is not None:
             mean, rstd, gamma = chunk_stats
             chunk_stats = (None if mean is None else mean[start:stop], rstd[start:stop], gamma)
-        out = G[run[0][0]:run[-1][0] + run[-1][1]]
+        rows = slice(run[0][0], run[-1][0] + run[-1][1])
         if len(run) == 1:
-            ops.residual_grads(run[0][4], out, module, x, chunk_stats)
+            ops.residual_grads(run[0][4], G[rows], module, x, chunk_stats, sums[rows])
         else:
-            ops.residual_grads_blocks([terms[0] for *_, terms in run], out, module, x, chunk_stats)
+            ops.residual_grads_blocks([terms[0] for *_, terms in run], G[rows], module, x, chunk_stats, sums[rows])
 
     def _accumulate(self, plan: LayerPlan, G: torch.Tensor, start: int, stop: int):
         """``raw[u, cols] += factor * sum_c dA_u[c] . G[:, c]`` for every upstream group the layer reads.

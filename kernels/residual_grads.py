@@ -182,7 +182,7 @@ def _dy_tile(rows_ptr, row_stride, w_ptr, ws_i, ws_k, j, width, t_offs, t_mask, 
 
 
 @triton.jit
-def _residual_grads_kernel(out_ptr, s_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_ptr,
+def _residual_grads_kernel(out_ptr, s_ptr, sum_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_ptr,
                            r0_ptr, r0_stride, w0_ptr, w0_n, w0_i, w0_k, width0,
                            r1_ptr, r1_stride, w1_ptr, w1_n, w1_i, w1_k, width1,
                            r2_ptr, r2_stride, w2_ptr, n_0, n_01, n, c, d,
@@ -191,10 +191,12 @@ def _residual_grads_kernel(out_ptr, s_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr,
                            HAS_GAMMA: tl.constexpr, FP32_DOTS: tl.constexpr,
                            BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr, NI: tl.constexpr,
                            NB: tl.constexpr,  # nodes per program
-                           BLOCKS: tl.constexpr):  # node blocks in this launch (each one projection; 1 with TWO)
+                           BLOCKS: tl.constexpr,  # node blocks in this launch (each one projection; 1 with TWO)
+                           SUMS: tl.constexpr):  # also each node's token sums of its tile (sum_ptr)
     """Program (d_model block, token block, group of ``NB`` nodes): the normalised input's tile once, then per node
     ``dy = rows_j @ W_j[:, k-block]`` (one tensor-core dot over the head width) and
-    ``out[j] = rstd * (gamma * dy - x_hat * s[0, j] - s[1, j])`` stored once in ``out``'s dtype."""
+    ``out[j] = rstd * (gamma * dy - x_hat * s[0, j] - s[1, j])`` stored once in ``out``'s dtype; ``SUMS``: the
+    stored values' column sums over the program's tokens into ``sum_ptr[token block, j, k-block]`` (fp32)."""
     k_offs = tl.program_id(0) * BK + tl.arange(0, BK)
     k_mask = k_offs < d
     t_offs = (tl.program_id(1) * BT + tl.arange(0, BT)).to(tl.int64)
@@ -214,6 +216,7 @@ def _residual_grads_kernel(out_ptr, s_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr,
             gamma = tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)
     out_ptr += j0.to(tl.int64) * c * d + t_offs[:, None] * d + k_offs[None, :]  # node j0's tile, then the next
     s_ptr += j0.to(tl.int64) * c + t_offs
+    sum_ptr += (tl.program_id(1).to(tl.int64) * n + j0) * d + k_offs
     for j in range(j0, tl.minimum(j0 + NB, n)):
         if HAS_W:
             rows_ptr, row_stride, w_ptr, jj = _block_of(j, r0_ptr, r0_stride, w0_ptr, r1_ptr, r1_stride, w1_ptr,
@@ -233,9 +236,13 @@ def _residual_grads_kernel(out_ptr, s_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr,
             if NORM == 2:
                 g = g - tl.load(s_ptr + n * c, mask=t_mask, other=0.0)[:, None]
             g = g * rstd[:, None]
-        tl.store(out_ptr, g.to(out_ptr.dtype.element_ty), mask=mask)
+        g = g.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr, g, mask=mask)
+        if SUMS:  # of the stored (rounded) values, as a sum of the output would add them
+            tl.store(sum_ptr, tl.sum(tl.where(mask, g.to(tl.float32), 0.0), axis=0), mask=k_mask)
         out_ptr += c * d
         s_ptr += c
+        sum_ptr += d
 
 
 # the residual-gradient kernel's tiles (token x d_model block, nodes a program, warps); on sm_90 a 64-token block
@@ -262,18 +269,19 @@ def dot_tiles(dtype: torch.dtype) -> dict:
 MAX_BLOCKS = 3  # node blocks one launch takes (a layer's query, key and value heads)
 
 
-def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none", config=None):
+def residual_grads(terms, out, x=None, stats=None, gamma=None, kind="none", config=None, sums=None):
     """Launcher: see ``ct_fast.ops.reference.residual_grads`` (same arguments; ``stats = (mean or None, rstd)``,
     fp32 ``[c]``, computed by the caller). Dots run in the dtype of the first weight (bf16/fp16 on tensor cores,
     fp32 IEEE); under ``TRITON_INTERPRET`` half-precision dots run on fp32 copies of the operands (the interpreter's
     bf16 ``tl.dot`` is wrong), the same exact products. ``config``: tile overrides of the residual kernel, and of the
-    reduction kernel under ``"dots"``."""
+    reduction kernel under ``"dots"``. ``sums``: fp32 ``[n, d]``, set to ``out.sum(1)`` (of the stored values) from
+    per-token-block partials the kernel writes — no second read of ``out``."""
     if not 1 <= len(terms) <= 2:
         raise ValueError(f"the Triton residual_grads takes one or two projections per block, got {len(terms)}")
-    return _launch([terms], out, x, stats, gamma, kind, config)
+    return _launch([terms], out, x, stats, gamma, kind, config, sums)
 
 
-def residual_grads_blocks(blocks, out, x=None, stats=None, gamma=None, kind="none", config=None):
+def residual_grads_blocks(blocks, out, x=None, stats=None, gamma=None, kind="none", config=None, sums=None):
     """Consecutive node blocks read through one norm, each from one projection: ``blocks`` a list of ``(rows, heads
     weight [n_b, w, d])`` filling ``out``'s nodes in order (the same ``w`` and weight strides), up to ``MAX_BLOCKS`` a
     launch — ``residual_grads([block], out[rows of the block], ...)`` for each, in fewer, fuller launches."""
@@ -281,18 +289,22 @@ def residual_grads_blocks(blocks, out, x=None, stats=None, gamma=None, kind="non
     for i in range(0, len(blocks), MAX_BLOCKS):
         part = blocks[i:i + MAX_BLOCKS]
         n = sum(w.shape[0] for _, w in part)
-        _launch([[b] for b in part], out[first:first + n], x, stats, gamma, kind, config)
+        _launch([[b] for b in part], out[first:first + n], x, stats, gamma, kind, config,
+                None if sums is None else sums[first:first + n])
         first += n
     if first != out.shape[0]:
         raise ValueError(f"residual_grads_blocks: the blocks hold {first} nodes, out has {out.shape[0]}")
     return out
 
 
-def _launch(blocks, out, x, stats, gamma, kind, config):
+def _launch(blocks, out, x, stats, gamma, kind, config, sums=None):
     """The launches of a block of one or two projections, or of up to ``MAX_BLOCKS`` one-projection blocks: the
-    norm's reductions (``_norm_dots_kernel``, with a norm), then the gradients (``_residual_grads_kernel``)."""
+    norm's reductions (``_norm_dots_kernel``, with a norm), then the gradients (``_residual_grads_kernel``), then
+    (``sums``) the sum of its per-token-block column sums."""
     n, c, d = out.shape
     if n == 0 or c == 0:
+        if sums is not None:
+            sums.zero_()
         return out
     terms = blocks[0]
     has_w = terms[0][1] is not None
@@ -338,6 +350,9 @@ def _launch(blocks, out, x, stats, gamma, kind, config):
     cfg = {**tiles(op_dtype), **config}
     BT, BK, NB = cfg["BT"], cfg["BK"], cfg["NB"]
     grid = (triton.cdiv(d, BK), triton.cdiv(c, BT), triton.cdiv(n, NB))
-    _residual_grads_kernel[grid](out, s, *args, **consts, BT=BT, BK=BK, NB=NB, num_warps=cfg["num_warps"],
-                                 num_stages=cfg["num_stages"])
+    partial = out if sums is None else torch.empty((grid[1], n, d), dtype=torch.float32, device=out.device)
+    _residual_grads_kernel[grid](out, s, partial, *args, **consts, BT=BT, BK=BK, NB=NB, SUMS=sums is not None,
+                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if sums is not None:
+        torch.sum(partial, 0, out=sums)
     return out

@@ -301,8 +301,9 @@ def test_residual_grads_blocks(device, backend, counts, kind, dtype):
             weight = torch.randn(d, n * w, generator=g).t().reshape(n, w, d)  # a transposed (Conv1D) layout
         blocks.append((rows.to(device, dtype), weight.to(device, dtype)))
     out = torch.full((sum(counts), c, d), float("nan"), dtype=dtype, device=device)
+    sums = torch.full((sum(counts), d), float("nan"), device=device)
     module = None if norm is None else norm.to(device)
-    got = ops.residual_grads_blocks(blocks, out, module, x)
+    got = ops.residual_grads_blocks(blocks, out, module, x, sums=sums)
     want, first = torch.empty_like(out), 0
     for rows, weight in blocks:
         ops.residual_grads([(rows, weight)], want[first:first + weight.shape[0]], module, x)
@@ -310,6 +311,8 @@ def test_residual_grads_blocks(device, backend, counts, kind, dtype):
     assert got is out and torch.isfinite(out).all(), "a lane of the output was left unwritten"
     tol = 1e-6 if dtype == torch.float32 else 2.0 ** -7
     assert ((out - want).abs().max() / want.abs().max()).item() <= tol
+    # token sums on every path (the kernel's partials, or a sum of the output): the sums of the stored values
+    assert ((sums - out.float().sum(1)).abs().max() / out.float().sum(1).abs().max()).item() <= 1e-5
 
 
 @pytest.mark.triton
@@ -339,10 +342,12 @@ def test_residual_grads_kernel_tiles_span_node_groups_and_partial_blocks(kind, b
     stats = ops.reference.norm_stats(norm.to(device), x) if norm is not None else (None, None, None)
     config = dict(BT=16, BK=16, NB=2, num_warps=4, num_stages=2, dots=dict(BT=16, BK=16, num_warps=4, num_stages=2))
     out = torch.full((n, c, d), float("nan"), device=device)
+    sums = torch.full((n, d), float("nan"), device=device)
     if two:
-        kernels.residual_grads(parts[0], out, x, stats[:2], stats[2], kind, config=config)
+        kernels.residual_grads(parts[0], out, x, stats[:2], stats[2], kind, config=config, sums=sums)
     else:
-        kernels.residual_grads_blocks([p[0] for p in parts], out, x, stats[:2], stats[2], kind, config=config)
+        kernels.residual_grads_blocks([p[0] for p in parts], out, x, stats[:2], stats[2], kind, config=config,
+                                      sums=sums)
     want, first = torch.empty_like(out), 0
     for terms in parts:
         m = terms[0][1].shape[0]
@@ -350,6 +355,8 @@ def test_residual_grads_kernel_tiles_span_node_groups_and_partial_blocks(kind, b
         first += m
     assert torch.isfinite(out).all(), "a lane of the output was left unwritten"
     assert (out - want).abs().max() <= 1e-5 * want.abs().max()
+    # the token sums, from the kernel's per-token-block partials: the sums of what it stored
+    assert_close(sums, out.sum(1), name="token sums")
 
 
 # (N tokens, in, out, selection): awkward sizes, k not a multiple of any block, N = 0, empty and full selections

@@ -231,24 +231,32 @@ def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha:
     return out
 
 
-def residual_grads(terms, out: torch.Tensor, norm=None, x=None, stats=None) -> torch.Tensor:
+def _token_sums(out: torch.Tensor, sums: torch.Tensor | None) -> torch.Tensor:
+    """``sums [n, d] = out.sum(1)`` in fp32 (when asked for)."""
+    if sums is not None:
+        torch.sum(out, 1, dtype=torch.float32, out=sums)
+    return out
+
+
+def residual_grads(terms, out: torch.Tensor, norm=None, x=None, stats=None, sums=None) -> torch.Tensor:
     """Residual-space gradients of one block of downstream nodes through their norm, into ``out [n, c, d]`` (see
     ``reference.residual_grads``). The Triton kernels (the norm's reductions, then the gradients) write ``out`` once
     in its dtype (no fp32 block); they cover one or two projections per block, head-sized widths (<= ``RESIDUAL_KERNEL_WIDTH``:
     a whole MLP node is one wide GEMM, cuBLAS's job) and LayerNorm/RMSNorm/no norm; other cases run the torch
-    composite. ``stats``: the norm's ``reference.norm_stats`` at ``x``, when the caller has them."""
+    composite. ``stats``: the norm's ``reference.norm_stats`` at ``x``, when the caller has them. ``sums``: fp32
+    ``[n, d]`` set to ``out.sum(1)`` — by the kernel from its tiles (no second read of ``out``), else by a sum."""
     b = choose_backend("residual_grads", out.device, (out.dtype,))
     kind = "none" if norm is None else reference.norm_kind(norm)
     wide = any(w is not None and w.shape[1] > RESIDUAL_KERNEL_WIDTH for _, w in terms)
     if b != "triton" or kind == "generic" or not 1 <= len(terms) <= 2 or wide:
-        return reference.residual_grads(terms, out, norm, x)
+        return _token_sums(reference.residual_grads(terms, out, norm, x), sums)
     from .. import kernels
 
     mean, rstd, gamma = (stats or reference.norm_stats(norm, x)) if norm is not None else (None, None, None)
-    return kernels.residual_grads(terms, out, x, (mean, rstd), gamma, kind)
+    return kernels.residual_grads(terms, out, x, (mean, rstd), gamma, kind, sums=sums)
 
 
-def residual_grads_blocks(blocks, out: torch.Tensor, norm=None, x=None, stats=None) -> torch.Tensor:
+def residual_grads_blocks(blocks, out: torch.Tensor, norm=None, x=None, stats=None, sums=None) -> torch.Tensor:
     """``residual_grads`` of consecutive node blocks read through one norm, one projection each (a layer's query,
     key and value heads): ``blocks`` a list of ``(rows [c, n_b * w], heads_weight [n_b, w, d])`` filling ``out``'s
     nodes in order. The Triton kernel takes up to three blocks a launch (heads of one width and weight layout);
@@ -261,13 +269,14 @@ def residual_grads_blocks(blocks, out: torch.Tensor, norm=None, x=None, stats=No
         first = 0
         for rows, w in blocks:
             n = 1 if w is None else w.shape[0]
-            residual_grads([(rows, w)], out[first:first + n], norm, x, stats)
+            residual_grads([(rows, w)], out[first:first + n], norm, x, stats,
+                           None if sums is None else sums[first:first + n])
             first += n
         return out
     from .. import kernels
 
     mean, rstd, gamma = (stats or reference.norm_stats(norm, x)) if norm is not None else (None, None, None)
-    return kernels.residual_grads_blocks(blocks, out, x, (mean, rstd), gamma, kind)
+    return kernels.residual_grads_blocks(blocks, out, x, (mean, rstd), gamma, kind, sums=sums)
 
 
 def masked_weight_grad(x, grad_out, index, out_features: bool) -> torch.Tensor:
