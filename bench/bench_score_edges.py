@@ -220,7 +220,7 @@ def run_residual_ops(device="cpu", dtype=torch.float32, shapes=None, backends=No
 # now longer token tiles (each W tile used for 32 tokens, not 16) and wider d_model tiles (each z tile for 32 columns)
 SCORE_TILES = [{}, {"num_warps": 4}, {"BT": 32, "num_stages": 1}, {"BK": 32, "num_stages": 1},
                {"BU": 32, "BT": 32, "num_stages": 1}]
-RESID_TILES = [{}, {"NB": 48}, {"BT": 128, "num_warps": 8}, {"BK": 128, "num_warps": 8},
+RESID_TILES = [{}, {"NB": 48}, {"num_stages": 2}, {"BT": 128, "num_warps": 8}, {"BK": 128, "num_warps": 8},
                {"dots": {"BT": 128, "num_warps": 8}}]
 
 

@@ -214,7 +214,10 @@ def _residual_grads_kernel(out_ptr, s_ptr, sum_ptr, x_ptr, x_stride, gamma_ptr, 
         x_hat = _x_hat(x_ptr, x_stride, mean, rstd, t_offs, t_mask, k_offs, k_mask, NORM)
         if HAS_GAMMA:
             gamma = tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)
-    out_ptr += j0.to(tl.int64) * c * d + t_offs[:, None] * d + k_offs[None, :]  # node j0's tile, then the next
+    # int32 offsets of the tile within one node's [c, d] (c * d < 2^31: checked by the launcher), held across the
+    # node loop (a tile of 64-bit pointers would hold twice the registers); node j0's base, then the next
+    tile = (tl.program_id(1) * BT + tl.arange(0, BT))[:, None] * d + k_offs[None, :]
+    out_ptr += j0.to(tl.int64) * c * d
     s_ptr += j0.to(tl.int64) * c + t_offs
     sum_ptr += (tl.program_id(1).to(tl.int64) * n + j0) * d + k_offs
     for j in range(j0, tl.minimum(j0 + NB, n)):
@@ -237,7 +240,7 @@ def _residual_grads_kernel(out_ptr, s_ptr, sum_ptr, x_ptr, x_stride, gamma_ptr, 
                 g = g - tl.load(s_ptr + n * c, mask=t_mask, other=0.0)[:, None]
             g = g * rstd[:, None]
         g = g.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr, g, mask=mask)
+        tl.store(out_ptr + tile, g, mask=mask)
         if SUMS:  # of the stored (rounded) values, as a sum of the output would add them
             tl.store(sum_ptr, tl.sum(tl.where(mask, g.to(tl.float32), 0.0), axis=0), mask=k_mask)
         out_ptr += c * d
@@ -306,6 +309,9 @@ def _launch(blocks, out, x, stats, gamma, kind, config, sums=None):
         if sums is not None:
             sums.zero_()
         return out
+    if c * d >= 2 ** 31:
+        raise ValueError(f"residual_grads: one node's block of {c} x {d} elements needs 64-bit offsets; score in "
+                         "shorter token chunks")
     terms = blocks[0]
     has_w = terms[0][1] is not None
     packed = []
