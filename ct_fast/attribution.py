@@ -311,13 +311,13 @@ class EdgeScorer:
     def __init__(self, model: nn.Module, graph: ComputationGraph, rows: TokenRows, sources: list,
                  node_means: torch.Tensor | None, resid: dict, raw: torch.Tensor, factor: float = 1.0,
                  score_dtype: torch.dtype = torch.float32, timer: PhaseTimer | None = None, on_scored=None,
-                 stack: tuple | None = None):
+                 stack: tuple | None = None, modules: dict | None = None):
         self.graph, self.rows, self.sources, self.resid, self.raw = graph, rows, sources, resid, raw
         self.node_means = node_means
         self.edge_mask = graph.edge_mask.to(raw.device, torch.float32) if node_means is not None else None
         self.factor, self.score_dtype, self.timer, self.on_scored = factor, score_dtype, timer, on_scored
         self.plans = layer_plans(graph, SCORE_SPAN)
-        self.modules = modules = dict(model.named_modules())
+        self.modules = modules = modules if modules is not None else dict(model.named_modules())
         self.norms = {g.norm: modules[g.norm] for g in graph.downstream_groups if g.norm}
         self.up_weight: dict[int, torch.Tensor | None] = {}  # cast once per step, dropped after the last reader
         self.layer_of_tap = {tap: plan.layer for plan in self.plans.values() for tap in plan.tap_keys}
@@ -640,7 +640,8 @@ class AttributionRun:
         store = {k for i, k in enumerate(self.up_keys) if i not in derived} | set(self.resid_keys)
         store |= {key for pair in derived.values() for key in pair}
         stack = self._stack_keys(derived) if not rows.pool and baseline is None else []
-        capture = Capture(self.model, store=store, taps=self.tap_keys, anchor=anchor, stack=stack)
+        capture = Capture(self.model, store=store, taps=self.tap_keys, anchor=anchor, stack=stack,
+                          modules=self._modules)
         capture.__enter__()
         return Recording(self, capture, rows, derived, baseline, factor, valid_tokens(batch).reshape(-1))
 
@@ -679,7 +680,8 @@ class AttributionRun:
         stored.clear()
         recording.baseline = None
         recording.scorer = EdgeScorer(self.model, self.graph, rows, sources, node_means, resid, self.raw,
-                                      recording.factor, self.score_dtype, self.timer, self.on_layer_scored, stack)
+                                      recording.factor, self.score_dtype, self.timer, self.on_layer_scored, stack,
+                                      self._modules)
         cap.on_grad = recording.on_grad  # the taps call it through the capture
 
     def _stack_keys(self, derived: dict) -> list:
@@ -728,7 +730,7 @@ class AttributionRun:
         examples join the ``1/B`` normalisation and its tokens the mean ablation, as in one whole batch; it
         adds nothing to the signed sums (a no-grad forward, no backward)."""
         pos = resolve_positions(batch, self.positions)
-        cap = Capture(self.model, store=set(self.up_keys))
+        cap = Capture(self.model, store=set(self.up_keys), modules=self._modules)
         with cap, torch.no_grad():
             self.model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"})
         if self.ablation == "mean":
@@ -812,7 +814,7 @@ class AttributionRun:
         if a != b:
             raise CTFastError(f"corrupted_batch has shape {tuple(b)} but the batch has {tuple(a)}; pair every "
                               "example with a corrupted one of the same length (pad both alike)")
-        cap = Capture(self.model, store=set(self.up_keys))
+        cap = Capture(self.model, store=set(self.up_keys), modules=self._modules)
         with cap, torch.no_grad():
             self.model(**{k: v for k, v in model_inputs(corrupted_batch).items() if k != "labels"})
         return cap.stored

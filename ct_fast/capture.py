@@ -68,8 +68,8 @@ class Capture:
     """
 
     def __init__(self, model: nn.Module, store=(), taps=(), on_grad: Callable | None = None,
-                 anchor: torch.Tensor | None = None, stack=()):
-        self.model = model
+                 anchor: torch.Tensor | None = None, stack=(), modules: dict | None = None):
+        self.model, self._modules = model, modules  # modules: the model's named_modules, when the caller has them
         self.stack_keys = {key: i for i, key in enumerate(stack)}
         self.stack_buffer: torch.Tensor | None = None
         self.stacked: set = set()
@@ -83,7 +83,7 @@ class Capture:
         self.tapped: set = set()  # keys whose tap was applied (under autograd)
 
     def __enter__(self):
-        modules = dict(self.model.named_modules())
+        modules = self._modules if self._modules is not None else dict(self.model.named_modules())
         names = {k[0] for k in self.store_keys | self.tap_keys}
         missing = sorted(n for n in names if n not in modules)
         if missing:
