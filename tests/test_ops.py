@@ -501,6 +501,13 @@ def _assert_param_close(got, want, name="param"):
         f"{name}: {flips} of {got.numel()} {got.dtype} elements differ from the reference (max {int(ulps.max())} ulp)"
 
 
+def _assert_rows_outside_unchanged(view, rows, start):
+    """The rows of ``view`` not in ``rows`` are bit-equal to ``start``'s."""
+    untouched = torch.ones(view.shape[0], dtype=torch.bool, device=view.device)
+    untouched[rows] = False
+    assert torch.equal(view[untouched], start[untouched]), "rows outside the selection changed"
+
+
 def test_param_check_rejects_truncation():
     """The bf16 check above catches a kernel that truncates instead of rounding to nearest-even."""
     x = torch.randn(2112, generator=_gen(0)) * 3
@@ -527,10 +534,7 @@ def test_masked_adamw(device, backend, dtype, maximize, wd):
         assert_close(m[i], ref_m[i], name=f"exp_avg {i}")
         assert_close(v[i], ref_v[i], name=f"exp_avg_sq {i}")
         assert torch.equal(steps[i], ref_steps[i])
-        untouched = torch.ones(views[i].shape[0], dtype=torch.bool, device=views[i].device)
-        untouched[rows[i]] = False
-        start = _optimizer_case(5, dtype, device=device)[1][i]
-        assert torch.equal(views[i][untouched], start[untouched]), "rows outside the selection changed"
+        _assert_rows_outside_unchanged(views[i], rows[i], _optimizer_case(5, dtype, device=device)[1][i])
 
 
 @pytest.mark.parametrize("device,backend", _cases("masked_sgd_"))
@@ -548,9 +552,7 @@ def test_masked_sgd(device, backend, dtype, momentum, nesterov, dampening):
         _assert_param_close(full[i], ref_full[i], name=f"param {i}")
         if momentum:
             assert_close(m[i], ref_m[i], name=f"buffer {i}")
-        untouched = torch.ones(views[i].shape[0], dtype=torch.bool, device=views[i].device)
-        untouched[rows[i]] = False
-        assert torch.equal(views[i][untouched], _optimizer_case(7, dtype, device=device)[1][i][untouched])
+        _assert_rows_outside_unchanged(views[i], rows[i], _optimizer_case(7, dtype, device=device)[1][i])
 
 
 @pytest.mark.parametrize("device,backend", _cases("masked_adamw_"))
@@ -581,9 +583,7 @@ def test_masked_updates_on_column_views_span_tiles(device, backend, dtype, optim
         assert_close(m[i], ref_m[i], name=f"state {i}")
         assert_close(v[i], ref_v[i], name=f"exp_avg_sq {i}")
         assert torch.equal(steps[i], ref_steps[i])
-        untouched = torch.ones(views[i].shape[0], dtype=torch.bool, device=views[i].device)
-        untouched[rows[i]] = False
-        assert torch.equal(views[i][untouched], start[i][untouched]), "rows outside the selection changed"
+        _assert_rows_outside_unchanged(views[i], rows[i], start[i])
 
 
 @pytest.mark.parametrize("device,backend", _cases("masked_sgd_"))

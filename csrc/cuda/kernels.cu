@@ -83,6 +83,72 @@ __device__ __forceinline__ void tile_store(const RowsDesc& t, Tile& s, int nr, i
   __syncthreads();  // stored before the next load overwrites the tile
 }
 
+// A tiled unit: its rows' step counts bumped once (``op.prep``: the per-row constants of the update), then the M
+// columns in tiles of kTileCols, each element updated by ``op.update(t, s, rr, j, p, g)`` (p, g fp32; the result
+// rounded to the parameter's dtype as the row path rounds it on store).
+template <typename T, typename Op>
+__device__ __forceinline__ void tiled_unit(const RowsDesc& t, Tile& s, int64_t r0, int nr, const Op& op) {
+  __syncthreads();  // the previous unit's readers of the tile are done
+  if (threadIdx.x < nr) {
+    const int64_t r = r0 + threadIdx.x, slot = t.slots[r];
+    const float st = t.step[slot] + 1.0f;
+    t.step[slot] = st;
+    op.prep(s, threadIdx.x, st);
+    s.offset[threadIdx.x] = t.rows[r] * t.stride_row;
+    s.slot[threadIdx.x] = slot;
+  }
+  __syncthreads();
+  for (int64_t j0 = 0; j0 < t.M; j0 += kTileCols) {
+    tile_load<T>(t, s, nr, j0);
+    for (int e = threadIdx.x; e < kTileRows * kTileCols; e += blockDim.x) {
+      const int jj = e % kTileCols, rr = e / kTileCols;
+      const int64_t j = j0 + jj;
+      if (rr >= nr || j >= t.M) continue;
+      s.p[jj][rr] = to_f(from_f<T>(op.update(t, s, rr, j, s.p[jj][rr], t.grad[(r0 + rr) * t.M + j])));
+    }
+    tile_store<T>(t, s, nr, j0);
+  }
+}
+
+// The tiled AdamW update: the row path's math (fp64 bias corrections rounded once to fp32).
+struct AdamWTile {
+  AdamWHyper h;
+  float lr, decay, w1, w2;
+  __device__ void prep(Tile& s, int i, float step) const {
+    const double st = step;
+    s.a[i] = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), st)));
+    s.b[i] = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), st)));
+  }
+  __device__ float update(const RowsDesc& t, const Tile& s, int rr, int64_t j, float p, float g) const {
+    const float gj = h.maximize ? -g : g;
+    float* m = t.state0 + s.slot[rr] * t.M + j;
+    float* v = t.state1 + s.slot[rr] * t.M + j;
+    const float mj = *m + w1 * (gj - *m);
+    const float vj = *v * h.beta2 + w2 * gj * gj;
+    *m = mj;
+    *v = vj;
+    return p * decay + (-s.a[rr] * mj) / (sqrtf(vj) / s.b[rr] + h.eps);
+  }
+};
+
+// The tiled SGD update (s.a: 1 on the row's first step, when torch starts the buffer as the gradient).
+struct SGDTile {
+  SGDHyper h;
+  float lr;
+  __device__ void prep(Tile& s, int i, float step) const { s.a[i] = step == 1.0f ? 1.0f : 0.0f; }
+  __device__ float update(const RowsDesc& t, const Tile& s, int rr, int64_t j, float p, float g) const {
+    float gj = h.maximize ? -g : g;
+    if (h.weight_decay != 0.0f) gj = gj + h.weight_decay * p;
+    if (t.state0) {
+      float* b = t.state0 + s.slot[rr] * t.M + j;
+      const float bj = s.a[rr] != 0.0f ? gj : *b * h.momentum + (1.0f - h.dampening) * gj;
+      *b = bj;
+      gj = h.nesterov ? gj + h.momentum * bj : bj;
+    }
+    return p + (-lr) * gj;
+  }
+};
+
 // AdamW on the selected rows. A unit per row: one block walks the row's M elements. A tiled unit: the block bumps
 // its rows' step counts, then walks the M columns in tiles of kTileCols. Reads and writes only the selected rows of
 // param/grad/state; every row gets the same fp32 math (the same bits) on either path.
@@ -117,37 +183,7 @@ __global__ void masked_adamw_kernel(const __grid_constant__ RowsPack pack, const
       }
       continue;
     }
-    const int nr = static_cast<int>(r1 - r0);
-    __syncthreads();  // the previous unit's readers of the tile are done
-    if (threadIdx.x < nr) {
-      const int64_t r = r0 + threadIdx.x, slot = t.slots[r];
-      const double st = t.step[slot] + 1.0f;
-      t.step[slot] = static_cast<float>(st);
-      s.a[threadIdx.x] = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), st)));
-      s.b[threadIdx.x] = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), st)));
-      s.offset[threadIdx.x] = t.rows[r] * t.stride_row;
-      s.slot[threadIdx.x] = slot;
-    }
-    __syncthreads();
-    for (int64_t j0 = 0; j0 < t.M; j0 += kTileCols) {
-      tile_load<T>(t, s, nr, j0);
-      for (int e = threadIdx.x; e < kTileRows * kTileCols; e += blockDim.x) {
-        const int jj = e % kTileCols, rr = e / kTileCols;
-        const int64_t j = j0 + jj;
-        if (rr >= nr || j >= t.M) continue;
-        const float gj = h.maximize ? -t.grad[(r0 + rr) * t.M + j] : t.grad[(r0 + rr) * t.M + j];
-        float* m = t.state0 + s.slot[rr] * t.M + j;
-        float* v = t.state1 + s.slot[rr] * t.M + j;
-        const float mj = *m + w1 * (gj - *m);
-        const float vj = *v * h.beta2 + w2 * gj * gj;
-        *m = mj;
-        *v = vj;
-        const float pj = s.p[jj][rr] * decay;
-        // rounded as the row path rounds (to the parameter's dtype, on store)
-        s.p[jj][rr] = to_f(from_f<T>(pj + (-s.a[rr] * mj) / (sqrtf(vj) / s.b[rr] + h.eps)));
-      }
-      tile_store<T>(t, s, nr, j0);
-    }
+    tiled_unit<T>(t, s, r0, static_cast<int>(r1 - r0), AdamWTile{h, lr, decay, w1, w2});
   }
 }
 
@@ -179,36 +215,7 @@ __global__ void masked_sgd_kernel(const __grid_constant__ RowsPack pack, const S
       }
       continue;
     }
-    const int nr = static_cast<int>(r1 - r0);
-    __syncthreads();  // the previous unit's readers of the tile are done
-    if (threadIdx.x < nr) {
-      const int64_t r = r0 + threadIdx.x, slot = t.slots[r];
-      const float st = t.step[slot] + 1.0f;
-      t.step[slot] = st;
-      s.a[threadIdx.x] = st == 1.0f ? 1.0f : 0.0f;  // the row's first step
-      s.offset[threadIdx.x] = t.rows[r] * t.stride_row;
-      s.slot[threadIdx.x] = slot;
-    }
-    __syncthreads();
-    for (int64_t j0 = 0; j0 < t.M; j0 += kTileCols) {
-      tile_load<T>(t, s, nr, j0);
-      for (int e = threadIdx.x; e < kTileRows * kTileCols; e += blockDim.x) {
-        const int jj = e % kTileCols, rr = e / kTileCols;
-        const int64_t j = j0 + jj;
-        if (rr >= nr || j >= t.M) continue;
-        const float pj = s.p[jj][rr];
-        float gj = h.maximize ? -t.grad[(r0 + rr) * t.M + j] : t.grad[(r0 + rr) * t.M + j];
-        if (h.weight_decay != 0.0f) gj = gj + h.weight_decay * pj;
-        if (t.state0) {
-          float* b = t.state0 + s.slot[rr] * t.M + j;
-          const float bj = s.a[rr] != 0.0f ? gj : *b * h.momentum + (1.0f - h.dampening) * gj;
-          *b = bj;
-          gj = h.nesterov ? gj + h.momentum * bj : bj;
-        }
-        s.p[jj][rr] = to_f(from_f<T>(pj + (-lr) * gj));
-      }
-      tile_store<T>(t, s, nr, j0);
-    }
+    tiled_unit<T>(t, s, r0, static_cast<int>(r1 - r0), SGDTile{h, lr});
   }
 }
 
