@@ -197,6 +197,52 @@ def _resid_inputs(device, dtype, shape) -> tuple:
     return (terms, torch.empty(n, c, d, dtype=dtype, device=device), norm, x), want
 
 
+def run_torch_parts(device="cpu", dtype=torch.bfloat16, shape=None, splits=None) -> list[dict]:
+    """Where the torch path's time goes on one chunk of the layer call (the first, as the scorer chunks it): the
+    contributions block ``A [rows, c, d]`` written by ``heads_to_residual`` (a bmm with K = w per head group: bound
+    by writing A), the product ``A @ G^T`` (M = rows, N = n_d, K = c * d: a skinny GEMM with a huge K, bound by
+    reading A if cuBLAS splits K well), and the product split explicitly over ``s`` token blocks (one bmm into
+    ``[s, rows, n_d]``, one sum) — the data to decide whether the scorer should split K itself. ``a_gbps``: A's bytes
+    over the time (written, or read)."""
+    from ct_fast import ops
+    from ct_fast.attribution import chunk_elements, scoring_chunk
+
+    gpu = torch.device(device).type == "cuda"
+    shape, splits = shape or (LAYER_SHAPE if gpu else LAYER_SHAPE_TINY), splits or ((8, 32) if gpu else (2, 4))
+    sources, G, _, _ = _layer_inputs(device, dtype, shape)
+    n_d, c, d = G.shape
+    rows = sum(1 if W is None else W.shape[0] for _, W in sources)
+    budget = chunk_elements(device) if gpu else 4 * n_d * d
+    chunk = min(c, scoring_chunk(n_d, rows, d, budget, False))
+    chunk = max(max(splits), chunk // max(splits) * max(splits))  # a whole number of every split's token blocks
+    G = G[:, :chunk]
+    A = torch.empty(rows, chunk, d, dtype=dtype, device=device)
+
+    def contributions():
+        r = 0
+        for x, W in sources:
+            n = 1 if W is None else W.shape[0]
+            ops.heads_to_residual(x[:chunk], W, out=A[r:r + n], dtype=dtype)
+            r += n
+        return A
+
+    contributions()
+    want = (A.view(rows, -1).double() @ G.reshape(n_d, -1).double().t())
+    calls = {"contributions": contributions, "products": lambda: A.view(rows, -1) @ G.reshape(n_d, -1).t()}
+    for s in splits:
+        calls[f"products_split{s}"] = lambda s=s: torch.bmm(
+            A.view(rows, s, -1).transpose(0, 1), G.reshape(n_d, s, -1).permute(1, 2, 0)).sum(0, dtype=torch.float32)
+    recs = []
+    a_bytes = A.numel() * A.element_size()
+    for part, call in calls.items():
+        rec = _timed({"bench": "score_edges_parts", "device": device, "dtype": str(dtype), **shape, "chunk": chunk,
+                      "rows": rows, "part": part}, call, A.double() if part == "contributions" else want, device)
+        if "ms" in rec:
+            rec["a_gbps"] = a_bytes / rec["ms"] / 1e6
+        recs.append(rec)
+    return recs
+
+
 def run_residual_ops(device="cpu", dtype=torch.float32, shapes=None, backends=None) -> list[dict]:
     """``ops.residual_grads`` per backend on each shape: the Triton kernels (the norm's reductions, then the
     gradients written once in ``dtype``) against the torch composite (bmm into an fp32 block, the norm backward in
@@ -288,6 +334,11 @@ if __name__ == "__main__":
           f" max rel diff {r['max_rel_diff']:.1e}")
     recs = [r]
     for dtype in (torch.float32, torch.bfloat16):
+        for o in run_torch_parts(a.device, dtype):
+            recs.append(o)
+            print(f"{o['bench']} {o['dtype']:>14} {o['part']:>18}: " + (
+                f"skipped ({o['skipped']})" if "skipped" in o else
+                f"{o['ms']:.3f} ms, A at {o['a_gbps']:.0f} GB/s, max rel err {o['max_rel_err']:.1e}"))
         for o in run_ops(a.device, dtype) + run_layer_ops(a.device, dtype) + run_residual_ops(a.device, dtype):
             recs.append(o)
             print(f"{o['bench']} {o['dtype']:>14} {o['backend']:>6}: " + (
