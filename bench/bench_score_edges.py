@@ -272,8 +272,10 @@ RESID_TILES = [{}, {"NB": 48}, {"num_stages": 2}, {"BT": 128, "num_warps": 8}, {
 
 def run_tiles(device="cpu", dtype=torch.bfloat16) -> list[dict]:
     """The Triton ``score_edges`` and ``residual_grads`` kernels per tile variant on the op shapes (tiny on CPU):
-    time, error against the fp64 oracle, time over the default tiles."""
+    time, error against the fp64 oracle, time over the default tiles (the data ``measured.derive_tiles`` sets the
+    GPU tiles by)."""
     from ct_fast import kernels, ops
+    from ct_fast.ops import measured
 
     gpu = torch.device(device).type == "cuda"
     shape, rs = (OP_SHAPE, RESID_SHAPES[0]) if gpu else (OP_SHAPE_TINY, RESID_SHAPES_TINY[0])
@@ -292,10 +294,13 @@ def run_tiles(device="cpu", dtype=torch.bfloat16) -> list[dict]:
                                                                        config=cfg),
              "residual_grads": lambda cfg: kernels.residual_grads(terms, out, x, (mean, rstd), gamma, "rmsnorm",
                                                                   config=cfg)}
+    versions = measured.tile_versions()
+    versions["score_edges_layer"] = versions["score_edges"]
     recs, base = [], {}
-    for kernel, case, cfg, want in variants:
-        rec = _timed({"bench": "tiles", "device": device, "dtype": str(dtype), "kernel": kernel, **case,
-                      "config": cfg}, lambda: calls[kernel](cfg), want, device)
+    for kernel, case, cfg, want in variants:  # (the first variant of each kernel: its default tiles)
+        rec = _timed({"bench": "tiles", "device": device, "dtype": str(dtype), "kernel": kernel,
+                      "kernel_version": versions[kernel], **case, "config": cfg}, lambda: calls[kernel](cfg), want,
+                     device)
         if "ms" in rec:
             base.setdefault(kernel, rec["ms"])
             rec["time_vs_default"] = rec["ms"] / base[kernel]

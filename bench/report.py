@@ -64,10 +64,20 @@ def gpu_choices() -> dict:
     """The content of ct_fast/ops/gpu_choices.json: ``measured.derive`` over the committed GPU op results."""
     from ct_fast.ops import measured
 
-    paths = _results("gpu_op_*.json")
-    return {"about": "auto's kernel choices on a GPU, derived from bench/results/gpu_op_*.json by "
-                     "ct_fast/ops/measured.py (python bench/report.py regenerates this file)",
-            "sources": [os.path.basename(p) for p in paths], "choices": measured.derive_files(paths)}
+    paths, tile_paths = _results("gpu_op_*.json"), _results("gpu_tiles.json")
+    return {"about": "auto's kernel choices and Triton tiles on a GPU, derived from bench/results/gpu_op_*.json and "
+                     "gpu_tiles.json by ct_fast/ops/measured.py (python bench/report.py regenerates this file)",
+            "sources": [os.path.basename(p) for p in paths + tile_paths], "choices": measured.derive_files(paths),
+            "tiles": measured.derive_tiles(_records(tile_paths), measured.tile_versions())}
+
+
+def _records(paths) -> list[dict]:
+    out = []
+    for path in paths:
+        with open(path) as f:
+            out += json.load(f).get("results", [])
+    return out
+
 
 
 def import_run(archive: str) -> list[str]:

@@ -32,6 +32,9 @@ import triton.language as tl
 
 
 MAX_UNROLLED = tl.constexpr(2)  # head-width blocks unrolled (Llama-3-8B's 128-wide heads: 2 blocks of 64)
+# the kernels' design, for their tile timings (bench_score_edges.py --tiles -> ct_fast.ops.measured.derive_tiles):
+# 1 the single two-pass kernel (to session 14), 2 the reductions' GEMM and the node-group kernel
+TILES_VERSION = 2
 
 
 @triton.jit
@@ -347,12 +350,16 @@ def _launch(blocks, out, x, stats, gamma, kind, config, sums=None):
                   FP32_DOTS=op_dtype == torch.float32 or interpreted, BI=BI, NI=NI, BLOCKS=len(blocks))
     args = (x, x.stride(0) if norm else 0, gamma if gamma is not None else out, mean, rstd, *packed[0], *packed[1],
             *packed[2][:3], counts[0], sum(counts[:2]), n, c, d)
-    config = dict(config or {})  # tile overrides (bench_score_edges.py --tiles)
+    from ..ops import measured
+
+    # the defaults, the variant committed GPU timings chose (on a GPU), tile overrides (bench_score_edges.py --tiles)
+    config = {**measured.tiles("residual_grads", op_dtype, out.device), **(config or {})}
     if norm:
         dcfg = {**dot_tiles(op_dtype), **config.pop("dots", {})}
         _norm_dots_kernel[(triton.cdiv(c, dcfg["BT"]), n)](s, *args, **consts, BT=dcfg["BT"], BK=dcfg["BK"],
                                                            num_warps=dcfg["num_warps"],
                                                            num_stages=dcfg["num_stages"])
+    config.pop("dots", None)
     cfg = {**tiles(op_dtype), **config}
     BT, BK, NB = cfg["BT"], cfg["BK"], cfg["NB"]
     grid = (triton.cdiv(d, BK), triton.cdiv(c, BT), triton.cdiv(n, NB))

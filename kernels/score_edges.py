@@ -120,6 +120,8 @@ def _accumulate_partials_kernel(p_ptr, out_ptr, splits, n, n_cols, out_row_strid
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# the kernel's design, for its tile timings (bench_score_edges.py --tiles -> ct_fast.ops.measured.derive_tiles)
+TILES_VERSION = 1
 
 
 def max_head_width(dtype: torch.dtype) -> int:
@@ -228,7 +230,11 @@ def score_edges_into(out, sources, grad_down, alpha=1.0, config=None):
                          f"[{rows}, {n_d}] fp32")
     if rows == 0 or n_d == 0 or c == 0:
         return out
-    cfg = {**tile_config(dt), **(config or {})}  # config: tile overrides (bench_score_edges.py --tiles)
+    from ..ops import measured
+
+    # the defaults, the variant committed GPU timings chose (on a GPU), tile overrides (bench_score_edges.py --tiles)
+    config = {**measured.tiles("score_edges", dt, out.device), **(config or {})}
+    cfg = {**tile_config(dt), **config}
     groups, vectors, r = {}, [], 0
     for delta, up_weight, n_u, w in prepared:
         if up_weight is None:
@@ -247,7 +253,7 @@ def score_edges_into(out, sources, grad_down, alpha=1.0, config=None):
                   ALIGN=align, BU=cfg["BU"], BN=BN, BT=BT, BK=cfg["BK"], num_warps=cfg["num_warps"])
     for w, (first, n_blocks) in blocks.items():
         BW = max(16, triton.next_power_of_2(w))
-        stages = {**tile_config(dt, BW), **(config or {})}["num_stages"]
+        stages = {**tile_config(dt, BW), **config}["num_stages"]
         even = all(n_u % cfg["BU"] == 0 for _, _, n_u, _ in groups[w])
         _score_edges_kernel[(n_blocks, triton.cdiv(n_d, BN), splits)](
             table[first:], grad_down, partials, 0, w, n_d, c, d, per_split, partials.stride(0), HAS_W=True, BW=BW,

@@ -711,7 +711,70 @@ def test_committed_gpu_choices_match_the_committed_results():
     records = [r for p in results for r in json.loads(p.read_text())["results"]]
     committed = json.loads(pathlib.Path(measured.PATH).read_text())
     assert committed["choices"] == measured.derive(records), "stale: run python bench/report.py"
-    assert committed["sources"] == [p.name for p in results]
+    tiles = sorted(results[0].parent.glob("gpu_tiles.json"))
+    tile_records = [r for p in tiles for r in json.loads(p.read_text())["results"]]
+    assert committed["tiles"] == measured.derive_tiles(tile_records, measured.tile_versions()), \
+        "stale: run python bench/report.py"
+    assert committed["sources"] == [p.name for p in results + tiles]
+
+
+def _tile_record(kernel, config, vs_default, dtype="torch.bfloat16", version=None, err=1e-3, device="cuda"):
+    rec = {"bench": "tiles", "device": device, "dtype": dtype, "kernel": kernel, "config": config,
+           "time_vs_default": vs_default, "ms": vs_default, "max_rel_err": err}
+    return rec if version is None else {**rec, "kernel_version": version}
+
+
+def test_gpu_tiles_are_derived_from_timings():
+    """A tile variant replaces a Triton kernel's defaults on a GPU only where it beat them (by 3%) on every benchmark
+    of the kernel, within the error band, timed on the kernel's current design; the fastest such wins."""
+    versions = {"score_edges": 1, "residual_grads": 2}
+    records = [
+        _tile_record("score_edges", {}, 1.0), _tile_record("score_edges_layer", {}, 1.0),
+        _tile_record("score_edges", {"num_warps": 4}, 0.9), _tile_record("score_edges_layer", {"num_warps": 4}, 0.99),
+        _tile_record("score_edges", {"BT": 32}, 0.8), _tile_record("score_edges_layer", {"BT": 32}, 0.95),
+        _tile_record("score_edges", {"BK": 32}, 0.5),  # not timed on the layer call
+        _tile_record("residual_grads", {}, 1.0, version=2), _tile_record("residual_grads", {"NB": 48}, 0.7, version=2),
+        _tile_record("residual_grads", {"BT": 128}, 0.5, version=2, err=0.5),  # outside the band
+        _tile_record("residual_grads", {"BK": 128}, 0.4),  # the previous kernel's timing (no version: 1)
+        _tile_record("residual_grads", {"NB": 8}, 0.6, version=2, device="cpu"),  # a rehearsal
+        _tile_record("residual_grads", {"NB": 4}, 0.9, dtype="torch.float32", version=2, err=1e-6),
+        _tile_record("residual_grads", {"NB": 2}, 0.99, dtype="torch.float16", version=2)]  # not 3% faster
+    assert measured.derive_tiles(records, versions) == {
+        "score_edges": {"torch.bfloat16": {"BT": 32}},
+        "residual_grads": {"torch.bfloat16": {"NB": 48}, "torch.float32": {"NB": 4}}}
+    assert measured.derive_tiles(records, {"score_edges": 2, "residual_grads": 3}) == {}  # both kernels rewritten
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(ops.triton_available(torch.device("cpu")) is not None, reason="Triton cannot run here")
+def test_residual_grads_launch_takes_the_measured_tiles(monkeypatch):
+    """The launcher's tiles: its defaults, then the measured variant (a GPU's, faked here), then explicit overrides."""
+    from ct_fast.kernels import residual_grads as launcher
+    import importlib
+
+    rg = importlib.import_module("ct_fast.kernels.residual_grads")
+    assert measured.tiles("residual_grads", torch.bfloat16, torch.device("cpu")) == {}  # off a GPU: the defaults
+    monkeypatch.setattr(measured, "_tile_table", {"residual_grads": {"torch.float32": {"NB": 2, "BT": 16, "dots": {
+        "BT": 16}}}})
+    assert measured.tiles("residual_grads", torch.float32, torch.device("cuda")) == {"NB": 2, "BT": 16,
+                                                                                      "dots": {"BT": 16}}
+    monkeypatch.setattr(measured, "tiles", lambda op, dtype, device: measured._tile_table[op].get(str(dtype), {}))
+    grids = []
+    for name in ("_residual_grads_kernel", "_norm_dots_kernel"):
+        kernel = getattr(rg, name)
+        monkeypatch.setattr(rg, name, type("Spy", (), {"__getitem__": lambda self, grid, k=kernel, n=name: (
+            grids.append((n, grid)), k[grid])[1]})())
+    g = _gen(3)
+    n, c, d, w = 5, 40, 24, 8
+    terms = [(torch.randn(c, n * w, generator=g), torch.randn(n, w, d, generator=g))]
+    x, norm = torch.randn(c, d, generator=g), _norm("rmsnorm", d, g)
+    mean, rstd, gamma = ops.reference.norm_stats(norm, x)
+    out = launcher(terms, torch.empty(n, c, d), x, (mean, rstd), gamma, "rmsnorm")
+    assert grids == [("_norm_dots_kernel", (3, n)), ("_residual_grads_kernel", (1, 3, 3))]  # BT 16, NB 2
+    assert_close(out, ops.reference.residual_grads(terms, torch.empty(n, c, d), norm, x))
+    grids.clear()
+    launcher(terms, torch.empty(n, c, d), x, (mean, rstd), gamma, "rmsnorm", config={"NB": 5, "BK": 32})
+    assert grids == [("_norm_dots_kernel", (3, n)), ("_residual_grads_kernel", (1, 3, 1))]  # overrides win
 
 
 def test_native_build_is_present_in_ci():

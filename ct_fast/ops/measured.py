@@ -12,6 +12,10 @@ that beat the torch path in every measured case of every benchmark of the op wit
 band, then ``torch``. An (op, dtype) the table names runs the first of its list that can run
 the call; one it does not name keeps the default order (``ops.AUTO_SKIP``). So a measurement can also take a
 kernel out of ``auto`` (an entry with ``torch`` alone).
+
+The Triton kernels' tiles follow the same rule (``derive_tiles`` over ``bench/results/gpu_tiles.json``, the
+table's ``tiles``): a variant the GPU check timed faster than the default tiles on every benchmark of its kernel
+replaces them there (``tiles``); the launchers' own defaults stand everywhere else.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ BENCHES = {
 ERROR_BAND = {"torch.float32": 1e-4, "torch.bfloat16": 2e-2, "torch.float16": 1e-2}
 
 _table: dict | None = None
+_tile_table: dict | None = None
+
+# Triton kernels timed per tile variant (``bench_score_edges.py --tiles``): the op, and the benchmarks that time it
+TILE_BENCHES = {"score_edges": ("score_edges", "score_edges_layer"), "residual_grads": ("residual_grads",)}
+TILE_GAIN = 0.97  # a variant replaces the default tiles only when it took at most this share of their time
 
 
 def derive(records: list[dict]) -> dict:
@@ -69,6 +78,45 @@ def derive(records: list[dict]) -> dict:
     return table
 
 
+def tile_versions() -> dict:
+    """Each tile-timed Triton kernel's current design: its module's ``TILES_VERSION`` (imports Triton)."""
+    import importlib
+
+    return {op: importlib.import_module(f"ct_fast.kernels.{op}").TILES_VERSION for op in TILE_BENCHES}
+
+
+def derive_tiles(records: list[dict], versions: dict) -> dict:
+    """``{op: {dtype: config}}``: per Triton kernel and operand dtype, the tile variant that beat the default tiles
+    (``time_vs_default <= TILE_GAIN``) on every benchmark of the kernel (``TILE_BENCHES``), within the dtype's error
+    band — the fastest such by the summed time over the default's. Only records of the kernel's current design
+    count (``kernel_version`` equal to ``versions[op]``, the kernel module's ``TILES_VERSION``; a record without one
+    is version 1): a rewritten kernel's tiles mean something else. A kernel no variant beat is not named (its
+    launcher's defaults stand)."""
+    timed: dict = defaultdict(lambda: defaultdict(dict))  # (op, dtype) -> config -> bench kernel -> record
+    benches: dict = defaultdict(set)  # (op, dtype) -> the bench kernels that timed it
+    for r in records:
+        op = next((o for o, names in TILE_BENCHES.items() if r.get("kernel") in names), None)
+        if (r.get("bench") != "tiles" or op is None or not str(r.get("device", "")).startswith("cuda")
+                or "skipped" in r or r.get("time_vs_default") is None
+                or r.get("kernel_version", 1) != versions.get(op)):
+            continue
+        key = (op, r["dtype"])
+        benches[key].add(r["kernel"])
+        timed[key][json.dumps(r["config"], sort_keys=True)][r["kernel"]] = r
+    table: dict = {}
+    for (op, dtype), by_config in sorted(timed.items()):
+        band = ERROR_BAND.get(dtype, 0.0)
+        totals = {}
+        for config, per in by_config.items():
+            if (config != "{}" and set(per) == benches[(op, dtype)]
+                    and all(r["time_vs_default"] <= TILE_GAIN and r.get("max_rel_err", 0.0) <= band
+                            for r in per.values())):
+                totals[config] = sum(r["time_vs_default"] for r in per.values())
+        if totals:
+            table.setdefault(op, {})[dtype] = json.loads(min(totals, key=totals.get))
+    return table
+
+
 def derive_files(paths) -> dict:
     """``derive`` over the records of the benchmark JSON files at ``paths`` (``harness.write``'s layout)."""
     records = []
@@ -78,16 +126,31 @@ def derive_files(paths) -> dict:
     return derive(records)
 
 
+def _read() -> dict:
+    try:
+        with open(PATH) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+
+
 def load() -> dict:
     """The committed table (empty when no GPU results are committed), read once."""
     global _table
     if _table is None:
-        try:
-            with open(PATH) as f:
-                _table = json.load(f).get("choices", {})
-        except FileNotFoundError:
-            _table = {}
+        _table = _read().get("choices", {})
     return _table
+
+
+def tiles(op: str, dtype, device) -> dict:
+    """The measured tile variant of Triton kernel ``op`` for operands of ``dtype`` on ``device`` (a GPU), or ``{}``:
+    the launcher's defaults (off a GPU, or where no variant beat them)."""
+    global _tile_table
+    if getattr(device, "type", device) != "cuda":
+        return {}
+    if _tile_table is None:
+        _tile_table = _read().get("tiles", {})
+    return dict(_tile_table.get(op, {}).get(str(dtype), {}))
 
 
 def gpu_order(op: str, dtypes) -> list[str] | None:
