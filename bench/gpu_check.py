@@ -202,11 +202,17 @@ def publish(out: str, work: str, summary: list[dict], rehearse: bool) -> tuple[l
 
 
 def measured_choices(out: str) -> dict:
-    """What ``ct_fast.ops.measured.derive`` makes of this run's op benchmarks (empty on CPU: GPU records only)."""
+    """What ``ct_fast.ops.measured.derive`` makes of this run's op benchmarks, and ``derive_tiles`` of its tile
+    timings (``"tiles"``; empty on CPU: GPU records only)."""
     from ct_fast.ops import measured
 
-    return measured.derive_files(os.path.join(out, n) for n in sorted(os.listdir(out))
-                                 if n.startswith("op_") and n.endswith(".json"))
+    choices = measured.derive_files(os.path.join(out, n) for n in sorted(os.listdir(out))
+                                    if n.startswith("op_") and n.endswith(".json"))
+    tiles = os.path.join(out, "tiles.json")
+    if os.path.exists(tiles):
+        with open(tiles) as f:
+            choices["tiles"] = measured.derive_tiles(json.load(f).get("results", []), measured.tile_versions())
+    return choices
 
 
 def main(argv=None):
