@@ -108,7 +108,7 @@ def cases() -> list[dict]:
             cfg = {**rg.dot_tiles(tdt), **variant.get("dots", {})}
             out.append(dict(name=f"residual_grads dots {tag}", kernel=rg._norm_dots_kernel,
                             types={k: v for k, v in types.items() if k not in ("out_ptr", "sum_ptr")},
-                            constexprs=dict(consts, BT=cfg["BT"], BK=cfg["BK"]), args=args,
+                            constexprs=dict(consts, BT=cfg["BT"], BK=cfg["BK"], SPLIT_X=False), args=args,
                             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     sms = mw._num_sms
     mw._num_sms = lambda device: 132  # an H100's, as the launcher would read it there

@@ -91,9 +91,12 @@ def _x_hat(x_ptr, x_stride, mean, rstd, t_offs, t_mask, k_offs, k_mask, NORM: tl
 @triton.jit
 def _head_dots(s_gx, s_g, j, t_offs, t_mask, d, rows_ptr, row_stride, w_ptr, ws_n, ws_i, ws_k, width,
                x_ptr, x_stride, mean, rstd, gamma_ptr, HAS_GAMMA: tl.constexpr, NORM: tl.constexpr,
-               FP32_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr):
+               FP32_DOTS: tl.constexpr, SPLIT_X: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+               BI: tl.constexpr):
     """``s_gx += z . (W_j (gamma * x_hat))`` and (LayerNorm) ``s_g += z . (W_j gamma)`` for one projection's node
-    j, over the head width in blocks of ``BI`` (each a GEMM over d_model: ``[BT, BK] x [BK, BI]`` per step)."""
+    j, over the head width in blocks of ``BI`` (each a GEMM over d_model: ``[BT, BK] x [BK, BI]`` per step). The
+    normalised input enters the dot rounded to the weights' dtype — or, ``SPLIT_X`` (half-precision weights, an
+    fp32 output), as a high and a low half-precision part in two dots, so the reductions keep fp32's precision."""
     w_ptr += j * ws_n
     for i0 in range(0, width, BI):
         acc = tl.zeros((BT, BI), tl.float32)
@@ -110,7 +113,10 @@ def _head_dots(s_gx, s_g, j, t_offs, t_mask, d, rows_ptr, row_stride, w_ptr, ws_
                     gw += tl.sum(wt.to(tl.float32) * ga[None, :], axis=1)
             elif NORM == 2:
                 gw += tl.sum(wt.to(tl.float32), axis=1)
-            acc = acc + _dot(xn.to(wt.dtype), tl.trans(wt), FP32_DOTS)
+            hi = xn.to(wt.dtype)
+            acc = acc + _dot(hi, tl.trans(wt), FP32_DOTS)
+            if SPLIT_X:
+                acc = acc + _dot((xn - hi.to(tl.float32)).to(wt.dtype), tl.trans(wt), FP32_DOTS)
         z = _head_rows(rows_ptr, row_stride, j, width, i0, t_offs, t_mask, BI)
         s_gx += tl.sum(acc * z, axis=1)
         if NORM == 2:
@@ -125,7 +131,7 @@ def _norm_dots_kernel(s_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_ptr,
                       r2_ptr, r2_stride, w2_ptr, n_0, n_01, n, c, d,
                       HAS_W: tl.constexpr, TWO: tl.constexpr, NORM: tl.constexpr, HAS_GAMMA: tl.constexpr,
                       FP32_DOTS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BI: tl.constexpr,
-                      NI: tl.constexpr, BLOCKS: tl.constexpr):
+                      NI: tl.constexpr, BLOCKS: tl.constexpr, SPLIT_X: tl.constexpr):
     """Program (token block, node j): ``s[0, j, t] = mean_k(g * x_hat)``, and for LayerNorm ``s[1, j, t] =
     mean_k(g)``, ``g = dy * gamma`` — the norm backward's two reductions, as dots over the head width (module
     docstring). ``HAS_W=False`` (one node whose rows are its residual gradient): the reductions over d_model."""
@@ -143,17 +149,20 @@ def _norm_dots_kernel(s_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_ptr,
                                                     r2_stride, w2_ptr, n_0, n_01, BLOCKS)
         s_gx, s_g = _head_dots(s_gx, s_g, jj, t_offs, t_mask, d, rows_ptr, row_stride, w_ptr, w0_n,
                                w0_i, w0_k, width0, x_ptr, x_stride, mean, rstd, gamma_ptr, HAS_GAMMA, NORM,
-                               FP32_DOTS, BT, BK, BI)
+                               FP32_DOTS, SPLIT_X, BT, BK, BI)
         if TWO:
             s_gx, s_g = _head_dots(s_gx, s_g, jj, t_offs, t_mask, d, r1_ptr, r1_stride, w1_ptr, w1_n,
                                    w1_i, w1_k, width1, x_ptr, x_stride, mean, rstd, gamma_ptr, HAS_GAMMA, NORM,
-                                   FP32_DOTS, BT, BK, BI)
+                                   FP32_DOTS, SPLIT_X, BT, BK, BI)
     else:
         for k0 in range(0, d, BK):
             k_offs = k0 + tl.arange(0, BK)
             k_mask = k_offs < d
             g = tl.load(r0_ptr + t_offs[:, None] * r0_stride + k_offs[None, :],
                         mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            if TWO:
+                g += tl.load(r1_ptr + t_offs[:, None] * r1_stride + k_offs[None, :],
+                             mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
             if HAS_GAMMA:
                 g = g * tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)[None, :]
             s_gx += tl.sum(g * _x_hat(x_ptr, x_stride, mean, rstd, t_offs, t_mask, k_offs, k_mask, NORM), axis=1)
@@ -232,8 +241,11 @@ def _residual_grads_kernel(out_ptr, s_ptr, sum_ptr, x_ptr, x_stride, gamma_ptr, 
             if TWO:
                 dy += _dy_tile(r1_ptr, r1_stride, w1_ptr + jj * w1_n, w1_i, w1_k, jj, width1, t_offs, t_mask,
                                k_offs, k_mask, FP32_DOTS, BT, BK, BI, NI)
-        else:
+        else:  # the rows are the node's gradient (one node)
             dy = tl.load(r0_ptr + t_offs[:, None] * r0_stride + k_offs[None, :], mask=mask, other=0.0).to(tl.float32)
+            if TWO:
+                dy += tl.load(r1_ptr + t_offs[:, None] * r1_stride + k_offs[None, :], mask=mask,
+                              other=0.0).to(tl.float32)
         g = dy
         if NORM != 0:
             if HAS_GAMMA:
@@ -356,8 +368,9 @@ def _launch(blocks, out, x, stats, gamma, kind, config, sums=None):
     config = {**measured.tiles("residual_grads", op_dtype, out.device), **(config or {})}
     if norm:
         dcfg = {**dot_tiles(op_dtype), **config.pop("dots", {})}
-        _norm_dots_kernel[(triton.cdiv(c, dcfg["BT"]), n)](s, *args, **consts, BT=dcfg["BT"], BK=dcfg["BK"],
-                                                           num_warps=dcfg["num_warps"],
+        split = has_w and op_dtype != torch.float32 and out.dtype == torch.float32
+        _norm_dots_kernel[(triton.cdiv(c, dcfg["BT"]), n)](s, *args, **consts, SPLIT_X=split, BT=dcfg["BT"],
+                                                           BK=dcfg["BK"], num_warps=dcfg["num_warps"],
                                                            num_stages=dcfg["num_stages"])
     config.pop("dots", None)
     cfg = {**tiles(op_dtype), **config}

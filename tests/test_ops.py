@@ -217,6 +217,7 @@ def test_score_edges_kernel_refuses_heads_wider_than_its_tile():
 # (nodes, head width or None, tokens, d_model, projections feeding the nodes, norm): widths over one block of the
 # kernel (100 > 64), d_model not a multiple of its blocks, no weight (the node reads the residual itself)
 RESID_SHAPES = [(3, 5, 13, 24, 1, "rmsnorm"), (2, 7, 33, 40, 2, "layernorm"), (1, None, 17, 20, 1, "layernorm_plain"),
+                (1, None, 13, 20, 2, "rmsnorm"),  # two terms that are the node's gradient itself
                 (4, 16, 9, 70, 1, "none"), (2, 100, 5, 30, 2, "rmsnorm"), (2, 3, 6, 8, 1, "generic"),
                 (2, 150, 7, 20, 2, "rmsnorm")]  # widths: one block of 64 (held), two (unrolled), three (a loop)
 
@@ -357,6 +358,36 @@ def test_residual_grads_kernel_tiles_span_node_groups_and_partial_blocks(kind, b
     assert (out - want).abs().max() <= 1e-5 * want.abs().max()
     # the token sums, from the kernel's per-token-block partials: the sums of what it stored
     assert_close(sums, out.sum(1), name="token sums")
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(ops.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
+                    reason="Triton cannot run here")
+@pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("two", [False, True])
+def test_residual_grads_fp32_output_from_half_weights_keeps_fp32_precision(kind, two):
+    """bf16 rows and weights into an fp32 output: the products are exact in fp32, and the norm's reductions take the
+    normalised input in two half-precision parts (one would round it to bf16: ~3e-4 relative error) — within 1e-5 of
+    an fp64 oracle on the same bf16 inputs."""
+    import copy
+
+    from ct_fast import kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = _gen(17 + two)
+    n, w, c, d = 3, 16, 21, 48
+    norm = _norm(kind, d, g)
+    x = (torch.randn(c, d, generator=g) * 2 + 0.5).to(torch.bfloat16)
+    terms = [((torch.randn(c, n * w, generator=g)).to(torch.bfloat16), torch.randn(n, w, d, generator=g).to(torch.bfloat16))
+             for _ in range(2 if two else 1)]
+    dy = sum(torch.einsum("cnw,nwd->ncd", r.double().reshape(c, n, w), W.double()) for r, W in terms)
+    _, vjp = torch.func.vjp(copy.deepcopy(norm).double(), x.double())
+    want = torch.func.vmap(vjp)(dy)[0]
+    mean, rstd, gamma = ops.reference.norm_stats(norm, x)
+    out = torch.full((n, c, d), float("nan"), device=device)
+    kernels.residual_grads([(r.to(device), W.to(device)) for r, W in terms], out, x.to(device),
+                           (None if mean is None else mean.to(device), rstd.to(device)), gamma.to(device), kind)
+    assert (out.double().cpu() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 # (N tokens, in, out, selection): awkward sizes, k not a multiple of any block, N = 0, empty and full selections

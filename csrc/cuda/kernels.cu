@@ -50,6 +50,33 @@ __device__ __forceinline__ bool skipped(const DeviceScalars& dev) {
   return dev.found_inf != nullptr && *dev.found_inf != 0.0f;
 }
 
+// One element's update, written with explicit rounding intrinsics (no contraction left to the compiler): the
+// per-row and the tiled paths call these, so a row gets the same bits on either (nvcc fused the same source
+// expression differently in the two loops). The operations follow torch's per-op rounding: lerp and addcmul as one
+// fma each, the rest one rounding per op.
+__device__ __forceinline__ float adamw_element(float p, float g, float* m, float* v, const AdamWHyper& h,
+                                               float decay, float w1, float w2, float step_size, float bc2_sqrt) {
+  const float gj = h.maximize ? -g : g;
+  const float mj = __fmaf_rn(w1, __fsub_rn(gj, *m), *m);              // exp_avg.lerp_(g, 1 - beta1)
+  const float vj = __fmaf_rn(__fmul_rn(w2, gj), gj, __fmul_rn(*v, h.beta2));  // exp_avg_sq * b2 + (1 - b2) g g
+  *m = mj;
+  *v = vj;
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vj), bc2_sqrt), h.eps);
+  return __fadd_rn(__fmul_rn(p, decay), __fdiv_rn(__fmul_rn(-step_size, mj), denom));
+}
+
+// SGD's element update (``buf``: null without momentum; ``first``: the row's first step, buffer = gradient).
+__device__ __forceinline__ float sgd_element(float p, float g, float* buf, bool first, const SGDHyper& h, float lr) {
+  float gj = h.maximize ? -g : g;
+  if (h.weight_decay != 0.0f) gj = __fmaf_rn(h.weight_decay, p, gj);  // g.add(p, alpha=wd)
+  if (buf) {
+    const float bj = first ? gj : __fmaf_rn(1.0f - h.dampening, gj, __fmul_rn(*buf, h.momentum));
+    *buf = bj;
+    gj = h.nesterov ? __fmaf_rn(h.momentum, bj, gj) : bj;
+  }
+  return __fmaf_rn(-lr, gj, p);  // p.add_(g, alpha=-lr)
+}
+
 // A tiled unit's parameter elements pass through shared memory, [kTileCols][kTileRows + 1] floats (the pad keeps
 // the column-wise accesses of the update free of bank conflicts): loaded and stored with consecutive threads on
 // consecutive rows (coalesced for a column view, whose consecutive rows are adjacent in memory), updated with
@@ -120,14 +147,8 @@ struct AdamWTile {
     s.b[i] = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), st)));
   }
   __device__ float update(const RowsDesc& t, const Tile& s, int rr, int64_t j, float p, float g) const {
-    const float gj = h.maximize ? -g : g;
-    float* m = t.state0 + s.slot[rr] * t.M + j;
-    float* v = t.state1 + s.slot[rr] * t.M + j;
-    const float mj = *m + w1 * (gj - *m);
-    const float vj = *v * h.beta2 + w2 * gj * gj;
-    *m = mj;
-    *v = vj;
-    return p * decay + (-s.a[rr] * mj) / (sqrtf(vj) / s.b[rr] + h.eps);
+    return adamw_element(p, g, t.state0 + s.slot[rr] * t.M + j, t.state1 + s.slot[rr] * t.M + j, h, decay, w1, w2,
+                         s.a[rr], s.b[rr]);
   }
 };
 
@@ -137,21 +158,13 @@ struct SGDTile {
   float lr;
   __device__ void prep(Tile& s, int i, float step) const { s.a[i] = step == 1.0f ? 1.0f : 0.0f; }
   __device__ float update(const RowsDesc& t, const Tile& s, int rr, int64_t j, float p, float g) const {
-    float gj = h.maximize ? -g : g;
-    if (h.weight_decay != 0.0f) gj = gj + h.weight_decay * p;
-    if (t.state0) {
-      float* b = t.state0 + s.slot[rr] * t.M + j;
-      const float bj = s.a[rr] != 0.0f ? gj : *b * h.momentum + (1.0f - h.dampening) * gj;
-      *b = bj;
-      gj = h.nesterov ? gj + h.momentum * bj : bj;
-    }
-    return p + (-lr) * gj;
+    return sgd_element(p, g, t.state0 ? t.state0 + s.slot[rr] * t.M + j : nullptr, s.a[rr] != 0.0f, h, lr);
   }
 };
 
 // AdamW on the selected rows. A unit per row: one block walks the row's M elements. A tiled unit: the block bumps
 // its rows' step counts, then walks the M columns in tiles of kTileCols. Reads and writes only the selected rows of
-// param/grad/state; every row gets the same fp32 math (the same bits) on either path.
+// param/grad/state; every row gets the same bits on either path (adamw_element).
 template <typename T>
 __global__ void masked_adamw_kernel(const __grid_constant__ RowsPack pack, const AdamWHyper h,
                                     const DeviceScalars dev) {
@@ -172,15 +185,9 @@ __global__ void masked_adamw_kernel(const __grid_constant__ RowsPack pack, const
       const float* grow = t.grad + r0 * t.M;
       float* mrow = t.state0 + slot * t.M;
       float* vrow = t.state1 + slot * t.M;
-      for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x) {
-        const float gj = h.maximize ? -grow[j] : grow[j];
-        const float mj = mrow[j] + w1 * (gj - mrow[j]);
-        const float vj = vrow[j] * h.beta2 + w2 * gj * gj;
-        mrow[j] = mj;
-        vrow[j] = vj;
-        const float pj = to_f(prow[j * t.stride_col]) * decay;
-        prow[j * t.stride_col] = from_f<T>(pj + (-step_size * mj) / (sqrtf(vj) / bc2_sqrt + h.eps));
-      }
+      for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x)
+        prow[j * t.stride_col] = from_f<T>(adamw_element(to_f(prow[j * t.stride_col]), grow[j], mrow + j, vrow + j, h,
+                                                         decay, w1, w2, step_size, bc2_sqrt));
       continue;
     }
     tiled_unit<T>(t, s, r0, static_cast<int>(r1 - r0), AdamWTile{h, lr, decay, w1, w2});
@@ -202,17 +209,9 @@ __global__ void masked_sgd_kernel(const __grid_constant__ RowsPack pack, const S
       T* prow = static_cast<T*>(t.param) + t.rows[r0] * t.stride_row;
       const float* grow = t.grad + r0 * t.M;
       float* brow = t.state0 ? t.state0 + slot * t.M : nullptr;
-      for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x) {
-        const float pj = to_f(prow[j * t.stride_col]);
-        float gj = h.maximize ? -grow[j] : grow[j];
-        if (h.weight_decay != 0.0f) gj = gj + h.weight_decay * pj;
-        if (brow) {
-          const float bj = first ? gj : brow[j] * h.momentum + (1.0f - h.dampening) * gj;
-          brow[j] = bj;
-          gj = h.nesterov ? gj + h.momentum * bj : bj;
-        }
-        prow[j * t.stride_col] = from_f<T>(pj + (-lr) * gj);
-      }
+      for (int64_t j = threadIdx.x; j < t.M; j += blockDim.x)
+        prow[j * t.stride_col] = from_f<T>(sgd_element(to_f(prow[j * t.stride_col]), grow[j], brow ? brow + j : nullptr,
+                                                       first, h, lr));
       continue;
     }
     tiled_unit<T>(t, s, r0, static_cast<int>(r1 - r0), SGDTile{h, lr});
