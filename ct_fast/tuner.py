@@ -189,7 +189,8 @@ class CircuitTuner:
                     session.stream_grads()
                     with timer.span("backward"):
                         retained.backward()
-                else:
+                else:  # the forwards run again, on a circuit known now: plain linears outside it
+                    session.masked.plain_outside(session.masked.selection)
                     loss, _, _ = self._passes(batches, corrupted, w_loss, w_metric, timer, score=False)
             else:  # deferred, lagged, reused: one forward and backward per micro-batch
                 loss, metric, _ = self._passes(batches, corrupted, w_loss, w_metric, timer, score=False)
