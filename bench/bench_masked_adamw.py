@@ -55,7 +55,8 @@ def run(device="cpu", total=2e7, d=1024, fraction=0.05, dtype=torch.float32, bac
     copy_bw = harness.copy_bandwidth(device)
     from ct_fast import ops
     return {"bench": "masked_adamw", "device": device, "dtype": str(dtype), "params": sum(p.numel() for p in params),
-            "fraction": fraction, "selection": selection, "backend": ops.choose_backend("masked_adamw_", torch.device(device), (dtype,)),
+            "fraction": fraction, "selection": selection,
+            "backend": ops.choose_backend("masked_adamw_", torch.device(device), (dtype,)),
             "masked_ms": masked * 1e3, "dense_ms": dense_t * 1e3, "ratio_to_dense": masked / dense_t,
             "achieved_gbps": nbytes / masked / 1e9, "copy_gbps": copy_bw / 1e9,
             "fraction_of_copy_bw": nbytes / masked / copy_bw,

@@ -92,7 +92,8 @@ def cases() -> list[dict]:
                + (f" blocks={blocks}" if blocks > 1 else "") + (f" {variant}" if variant else ""))
         consts = dict(HAS_W=has_w, TWO=two, NORM=norm, HAS_GAMMA=norm != 0, FP32_DOTS=dt == "fp32", BI=64,
                       NI=width // 64 if has_w else 1, BLOCKS=blocks)
-        types = {"out_ptr": p, "s_ptr": "*fp32", "sum_ptr": "*fp32", "x_ptr": p, "gamma_ptr": "*fp32", "mean_ptr": "*fp32",
+        types = {"out_ptr": p, "s_ptr": "*fp32", "sum_ptr": "*fp32", "x_ptr": p, "gamma_ptr": "*fp32",
+                 "mean_ptr": "*fp32",
                  "rstd_ptr": "*fp32", "r0_ptr": p, "w0_ptr": p, "r1_ptr": p, "w1_ptr": p, "r2_ptr": p, "w2_ptr": p}
         # llama-1B: 32 query heads (row stride 2048), then 8 key and 8 value heads (512)
         args = dict(x_stride=2048, r0_stride=2048 * width // 64, r1_stride=512 if blocks > 1 else 2048 * width // 64,

@@ -7,7 +7,8 @@ the ops not in ``ct_fast.ops.AUTO_SKIP``). On CPU they run only under ``TRITON_I
 - ``score_edges`` / ``score_edges_into``: fused attribution scoring, one upstream group or several accumulated
   into a block of the score matrix (``score_edges.py``)
 - ``residual_grads`` / ``residual_grads_blocks``: the downstream nodes' residual gradients through their norm,
-  written once (the norm's reductions, then the gradients), for one block of nodes or several read through one norm (``residual_grads.py``)
+  written once (the norm's reductions, then the gradients), for one block of nodes or several read through one
+  norm (``residual_grads.py``)
 - ``masked_weight_grad``: compact dW of selected features, one gathering GEMM (``masked_weight_grad.py``)
 - ``masked_adamw_`` / ``masked_sgd_``: optimizers on selected rows; ``nonfinite_flag_``: their skip-flag check
   (``masked_optim.py``)

@@ -378,8 +378,8 @@ def test_residual_grads_fp32_output_from_half_weights_keeps_fp32_precision(kind,
     n, w, c, d = 3, 16, 21, 48
     norm = _norm(kind, d, g)
     x = (torch.randn(c, d, generator=g) * 2 + 0.5).to(torch.bfloat16)
-    terms = [((torch.randn(c, n * w, generator=g)).to(torch.bfloat16), torch.randn(n, w, d, generator=g).to(torch.bfloat16))
-             for _ in range(2 if two else 1)]
+    bf16 = lambda *shape: torch.randn(*shape, generator=g).to(torch.bfloat16)  # noqa: E731
+    terms = [(bf16(c, n * w), bf16(n, w, d)) for _ in range(2 if two else 1)]
     dy = sum(torch.einsum("cnw,nwd->ncd", r.double().reshape(c, n, w), W.double()) for r, W in terms)
     _, vjp = torch.func.vjp(copy.deepcopy(norm).double(), x.double())
     want = torch.func.vmap(vjp)(dy)[0]
@@ -595,8 +595,8 @@ def test_masked_updates_on_column_views_span_tiles(device, backend, dtype, optim
     150 columns: three column tiles), every other row of a 66-row one (33 rows: a full tile and one row; 129
     columns), one row of a 5-wide row view (short rows are tiled too) — against the reference, untouched rows
     bit-equal."""
-    case = lambda: _optimizer_case(11, dtype, shapes=((70, 150), (45, 5), (66, 129)), col=(True, False, True),  # noqa: E731
-                                   device=device)
+    shapes, col = ((70, 150), (45, 5), (66, 129)), (True, False, True)
+    case = lambda: _optimizer_case(11, dtype, shapes=shapes, col=col, device=device)  # noqa: E731
     full, views, grads, rows, slots, m, v, steps = case()
     ref_full, ref_m, ref_v, ref_steps = _clone(full), _clone(m), _clone(v), _clone(steps)
     ref_views = _views_like(ref_full, views)

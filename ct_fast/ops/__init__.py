@@ -241,10 +241,11 @@ def _token_sums(out: torch.Tensor, sums: torch.Tensor | None) -> torch.Tensor:
 def residual_grads(terms, out: torch.Tensor, norm=None, x=None, stats=None, sums=None) -> torch.Tensor:
     """Residual-space gradients of one block of downstream nodes through their norm, into ``out [n, c, d]`` (see
     ``reference.residual_grads``). The Triton kernels (the norm's reductions, then the gradients) write ``out`` once
-    in its dtype (no fp32 block); they cover one or two projections per block, head-sized widths (<= ``RESIDUAL_KERNEL_WIDTH``:
-    a whole MLP node is one wide GEMM, cuBLAS's job) and LayerNorm/RMSNorm/no norm; other cases run the torch
-    composite. ``stats``: the norm's ``reference.norm_stats`` at ``x``, when the caller has them. ``sums``: fp32
-    ``[n, d]`` set to ``out.sum(1)`` — by the kernel from its tiles (no second read of ``out``), else by a sum."""
+    in its dtype (no fp32 block); they cover one or two projections per block, head-sized widths
+    (<= ``RESIDUAL_KERNEL_WIDTH``: a whole MLP node is one wide GEMM, cuBLAS's job) and LayerNorm/RMSNorm/no norm;
+    other cases run the torch composite. ``stats``: the norm's ``reference.norm_stats`` at ``x``, when the caller has
+    them. ``sums``: fp32 ``[n, d]`` set to ``out.sum(1)`` — by the kernel from its tiles (no second read of
+    ``out``), else by a sum."""
     b = choose_backend("residual_grads", out.device, (out.dtype,))
     kind = "none" if norm is None else reference.norm_kind(norm)
     wide = any(w is not None and w.shape[1] > RESIDUAL_KERNEL_WIDTH for _, w in terms)
