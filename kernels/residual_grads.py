@@ -16,7 +16,8 @@ gamma)``. So two launches:
    ``z . (W_j gamma) / d`` for LayerNorm) — a GEMM over d_model with a head-width dot in its epilogue, only
    ``[nodes, tokens]`` fp32 written;
 2. ``_residual_grads_kernel`` (program: token block x d_model block x a group of nodes): the norm input's tile read
-   once, then per node one tensor-core dot over the head width and the norm backward as its epilogue, stored once.
+   once, then per node one tensor-core dot over the head width and the norm backward as its epilogue, stored once
+   (and, when asked, the stored tile's column sums: the mean ablation's token sums without a second read).
 
 Memory traffic is then the output itself (2 bytes per element in bf16) plus small, cache-resident inputs; the
 previous single kernel built ``dy`` twice per node (once per reduction pass) and read the norm input and the
