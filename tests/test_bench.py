@@ -108,3 +108,14 @@ def test_scoring_flops_count_every_edge_once():
     graph = ComputationGraph.from_model(meta_model(shape_config("llama-1B"), torch.bfloat16))
     assert f["product_flops"] == 2 * 128 * graph.d_model * graph.n_edges
     assert 0 < f["residual_flops"] < f["contribution_flops"] and 0.1 < f["scoring_vs_full"] < 0.5
+
+
+def test_host_step_times_each_method():
+    """``bench/host_step.py`` (the host time of a step at negligible compute) runs each method (its numbers are a
+    benchmark's, committed in bench/results/cpu_host_step.json, not asserted here)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import host_step
+
+    recs = {r["method"]: r["host_ms_per_step"] for r in host_step.run(("full", "reused", "two_pass"), steps=2,
+                                                                       repeats=2)}
+    assert set(recs) == {"full", "reused", "two_pass"} and all(v > 0 for v in recs.values())
