@@ -64,6 +64,15 @@ def _head_rows(rows_ptr, row_stride, j, w, i0, t_offs, t_mask, BI: tl.constexpr)
 
 
 @triton.jit
+def _grad_rows(r0_ptr, r0_stride, r1_ptr, r1_stride, t_offs, k_offs, mask, TWO: tl.constexpr):
+    """``[BT, BK]`` fp32 of a weightless node's gradient: its rows (``TWO``: the sum of both terms' rows)."""
+    g = tl.load(r0_ptr + t_offs[:, None] * r0_stride + k_offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    if TWO:
+        g += tl.load(r1_ptr + t_offs[:, None] * r1_stride + k_offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    return g
+
+
+@triton.jit
 def _weight_tile(w_ptr, ws_i, ws_k, i0, w, k_offs, k_mask, BI: tl.constexpr):
     """``W[i0 : i0 + BI, k-block]`` of one node's weight at ``w_ptr``: ``[BI, BK]`` (zero past ``w`` and ``d``)."""
     i_offs = i0 + tl.arange(0, BI)
@@ -159,11 +168,8 @@ def _norm_dots_kernel(s_ptr, x_ptr, x_stride, gamma_ptr, mean_ptr, rstd_ptr,
         for k0 in range(0, d, BK):
             k_offs = k0 + tl.arange(0, BK)
             k_mask = k_offs < d
-            g = tl.load(r0_ptr + t_offs[:, None] * r0_stride + k_offs[None, :],
-                        mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            if TWO:
-                g += tl.load(r1_ptr + t_offs[:, None] * r1_stride + k_offs[None, :],
-                             mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            g = _grad_rows(r0_ptr, r0_stride, r1_ptr, r1_stride, t_offs, k_offs, t_mask[:, None] & k_mask[None, :],
+                           TWO)
             if HAS_GAMMA:
                 g = g * tl.load(gamma_ptr + k_offs, mask=k_mask, other=0.0)[None, :]
             s_gx += tl.sum(g * _x_hat(x_ptr, x_stride, mean, rstd, t_offs, t_mask, k_offs, k_mask, NORM), axis=1)
@@ -243,10 +249,7 @@ def _residual_grads_kernel(out_ptr, s_ptr, sum_ptr, x_ptr, x_stride, gamma_ptr, 
                 dy += _dy_tile(r1_ptr, r1_stride, w1_ptr + jj * w1_n, w1_i, w1_k, jj, width1, t_offs, t_mask,
                                k_offs, k_mask, FP32_DOTS, BT, BK, BI, NI)
         else:  # the rows are the node's gradient (one node)
-            dy = tl.load(r0_ptr + t_offs[:, None] * r0_stride + k_offs[None, :], mask=mask, other=0.0).to(tl.float32)
-            if TWO:
-                dy += tl.load(r1_ptr + t_offs[:, None] * r1_stride + k_offs[None, :], mask=mask,
-                              other=0.0).to(tl.float32)
+            dy = _grad_rows(r0_ptr, r0_stride, r1_ptr, r1_stride, t_offs, k_offs, mask, TWO)
         g = dy
         if NORM != 0:
             if HAS_GAMMA:
@@ -265,8 +268,8 @@ def _residual_grads_kernel(out_ptr, s_ptr, sum_ptr, x_ptr, x_stride, gamma_ptr, 
 
 
 # the residual-gradient kernel's tiles (token x d_model block, nodes a program, warps); on sm_90 a 64-token block
-# is the smallest whose dots lower to wgmma. bench/triton_sm90.py: ~150 registers a thread at 64 x 64 and at
-# 64 x 128 tiles — with 4 warps three programs fit an SM (57 KiB shared memory each), with 8 warps one
+# is the smallest whose dots lower to wgmma. bench/triton_sm90.py: 160-175 registers a thread at 64 x 64 and at
+# 64 x 128 tiles (Triton 3.6 / 3.9) — with 4 warps two or three programs fit an SM (57 KiB shared memory each)
 TILES = dict(BT=64, BK=64, NB=16, num_warps=4, num_stages=3)
 # fp32 (FMA dots): narrower d_model blocks keep the fp32 operands in registers
 TILES_FP32 = dict(BT=64, BK=32, NB=16, num_warps=8, num_stages=2)
@@ -367,13 +370,13 @@ def _launch(blocks, out, x, stats, gamma, kind, config, sums=None):
 
     # the defaults, the variant committed GPU timings chose (on a GPU), tile overrides (bench_score_edges.py --tiles)
     config = {**measured.tiles("residual_grads", op_dtype, out.device), **(config or {})}
+    dots = config.pop("dots", {})
     if norm:
-        dcfg = {**dot_tiles(op_dtype), **config.pop("dots", {})}
+        dcfg = {**dot_tiles(op_dtype), **dots}
         split = has_w and op_dtype != torch.float32 and out.dtype == torch.float32
         _norm_dots_kernel[(triton.cdiv(c, dcfg["BT"]), n)](s, *args, **consts, SPLIT_X=split, BT=dcfg["BT"],
                                                            BK=dcfg["BK"], num_warps=dcfg["num_warps"],
                                                            num_stages=dcfg["num_stages"])
-    config.pop("dots", None)
     cfg = {**tiles(op_dtype), **config}
     BT, BK, NB = cfg["BT"], cfg["BK"], cfg["NB"]
     grid = (triton.cdiv(d, BK), triton.cdiv(c, BT), triton.cdiv(n, NB))

@@ -65,6 +65,14 @@ __device__ __forceinline__ float adamw_element(float p, float g, float* m, float
   return __fadd_rn(__fmul_rn(p, decay), __fdiv_rn(__fmul_rn(-step_size, mj), denom));
 }
 
+// A row's AdamW constants from its (bumped) step count: the step size and sqrt of the second bias correction,
+// in fp64 and rounded once to fp32 (as torch's Python-float math).
+__device__ __forceinline__ void adamw_row_constants(const AdamWHyper& h, float lr, double step, float& step_size,
+                                                    float& bc2_sqrt) {
+  step_size = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), step)));
+  bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), step)));
+}
+
 // SGD's element update (``buf``: null without momentum; ``first``: the row's first step, buffer = gradient).
 __device__ __forceinline__ float sgd_element(float p, float g, float* buf, bool first, const SGDHyper& h, float lr) {
   float gj = h.maximize ? -g : g;
@@ -141,11 +149,7 @@ __device__ __forceinline__ void tiled_unit(const RowsDesc& t, Tile& s, int64_t r
 struct AdamWTile {
   AdamWHyper h;
   float lr, decay, w1, w2;
-  __device__ void prep(Tile& s, int i, float step) const {
-    const double st = step;
-    s.a[i] = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), st)));
-    s.b[i] = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), st)));
-  }
+  __device__ void prep(Tile& s, int i, float step) const { adamw_row_constants(h, lr, step, s.a[i], s.b[i]); }
   __device__ float update(const RowsDesc& t, const Tile& s, int rr, int64_t j, float p, float g) const {
     return adamw_element(p, g, t.state0 + s.slot[rr] * t.M + j, t.state1 + s.slot[rr] * t.M + j, h, decay, w1, w2,
                          s.a[rr], s.b[rr]);
@@ -178,9 +182,8 @@ __global__ void masked_adamw_kernel(const __grid_constant__ RowsPack pack, const
     unit_rows(t, g, r0, r1);
     if (!t.tiled) {
       const int64_t slot = t.slots[r0];
-      const double st = bump_step(t, slot);
-      const float step_size = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), st)));
-      const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), st)));
+      float step_size, bc2_sqrt;
+      adamw_row_constants(h, lr, bump_step(t, slot), step_size, bc2_sqrt);
       T* prow = static_cast<T*>(t.param) + t.rows[r0] * t.stride_row;
       const float* grow = t.grad + r0 * t.M;
       float* mrow = t.state0 + slot * t.M;
