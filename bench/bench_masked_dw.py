@@ -97,34 +97,46 @@ def run(device="cpu", tokens=512, d=768, d_ff=3072, fraction=0.1, dtype=torch.fl
         records.append({**base, "backend": b, "masked_ms": tm * 1e3, "ratio_to_dense": tm / td,
                         "ratio_to_torch": tm / t_ref, "masked_tflops": masked_flops / tm / 1e12,
                         "max_rel_err_vs_torch": err})
-    for splits in SPLITS if ref is not None else ():  # the torch path with K (the tokens) split by hand
-        if tokens % splits:
-            continue
-
-        def split():
-            return [split_weight_grad(x, go, ix, s, splits) for (x, go, s), ix in zip(data, idx)]
-
-        out, tm = split(), harness.median_time(split, device)
+    def variant(bench, fn, **fields):  # a torch-path variant beside the backends (not an auto backend)
+        out, tm = fn(), harness.median_time(fn, device)
         scale = max(float(r.abs().max()) for r in ref)
         err = max(float((o - r).abs().max()) for o, r in zip(out, ref)) / max(scale, 1e-30)
-        records.append({**base, "bench": "masked_dw_split", "backend": "torch", "splits": splits,
-                        "masked_ms": tm * 1e3, "ratio_to_dense": tm / td, "ratio_to_torch": tm / t_ref,
+        records.append({**base, "bench": bench, "backend": "torch", **fields, "masked_ms": tm * 1e3,
+                        "ratio_to_dense": tm / td, "ratio_to_torch": tm / t_ref,
                         "masked_tflops": masked_flops / tm / 1e12, "max_rel_err_vs_torch": err})
+
+    if ref is not None and ops.gemm.aligns(torch.device(device)):  # the torch path before its padding (ops.gemm)
+        def unaligned():
+            aligns, ops.gemm.aligns = ops.gemm.aligns, lambda device: False
+            try:
+                return _with_backend("torch", masked)
+            finally:
+                ops.gemm.aligns = aligns
+
+        variant("masked_dw_unaligned", unaligned)
+    for splits in SPLITS if ref is not None else ():  # the torch path with K (the tokens) split by hand
+        if tokens % splits == 0:
+            variant("masked_dw_split", lambda: [split_weight_grad(x, go, ix, s, splits) for (x, go, s), ix
+                                                 in zip(data, idx)], splits=splits)
     return records
 
 
 # the torch path's GEMM has M = the k selected features (5% of 4096: 205) — a few output tiles, under a wave of an
 # H100 unless cuBLAS splits K itself (it ran at 127 TFLOP/s there); these split the tokens by hand, one bmm into
-# [splits, k, m] and an fp32 sum (records "masked_dw_split": not an auto backend, the data to decide by)
+# [splits, k, m] and an fp32 sum (records "masked_dw_split": not an auto backend, the data to decide by). On a GPU
+# "masked_dw_unaligned" times the torch path without its padding to 16-byte aligned k (ops.gemm): the H200 ran
+# 64-aligned blocks at 307 TFLOP/s, strided k (615, 205, 820, ...) at 127
 SPLITS = (2, 4, 8)
 
 
 def split_weight_grad(x, grad_out, index, out_features: bool, splits: int) -> torch.Tensor:
     """``reference.masked_weight_grad`` with the token dimension split into ``splits`` blocks: ``[k, m]`` fp32."""
     g, other = (grad_out, x) if out_features else (x, grad_out)
-    g = g if index is None else g.index_select(1, index)
+    k = g.shape[1] if index is None else index.numel()
+    g = g if index is None else g.index_select(1, ops.gemm.padded_index(index, g.dtype))  # aligned, as the torch path
     n = g.shape[0] // splits
-    return torch.bmm(g.reshape(splits, n, -1).transpose(1, 2), other.reshape(splits, n, -1)).sum(0, dtype=torch.float32)
+    parts = torch.bmm(g.reshape(splits, n, -1).transpose(1, 2), other.reshape(splits, n, -1))
+    return parts.sum(0, dtype=torch.float32)[:k]
 
 
 def test_masked_dw(benchmark):
@@ -154,7 +166,8 @@ if __name__ == "__main__":
             rs = run(a.device, a.tokens, a.d, 4 * a.d, a.fraction, dt, sel, tuple(a.backends.split(",")))
             recs += rs
             for r in rs:
-                name = r["backend"] + (f" split {r['splits']}" if "splits" in r else "")
+                name = r["backend"] + (f" split {r['splits']}" if "splits" in r else
+                                       " unaligned" if r["bench"] == "masked_dw_unaligned" else "")
                 head = f"{str(dt)[6:]:>8} {sel:>7} {name:>6}:"
                 if "skipped" in r:
                     print(f"{head} skipped ({r['skipped']})")

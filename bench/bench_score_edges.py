@@ -201,9 +201,10 @@ def run_torch_parts(device="cpu", dtype=torch.bfloat16, shape=None, splits=None)
     """Where the torch path's time goes on one chunk of the layer call (the first, as the scorer chunks it): the
     contributions block ``A [rows, c, d]`` written by ``heads_to_residual`` (a bmm with K = w per head group: bound
     by writing A), the product ``A @ G^T`` (M = rows, N = n_d, K = c * d: a skinny GEMM with a huge K, bound by
-    reading A if cuBLAS splits K well), and the product split explicitly over ``s`` token blocks (one bmm into
-    ``[s, rows, n_d]``, one sum) — the data to decide whether the scorer should split K itself. ``a_gbps``: A's bytes
-    over the time (written, or read)."""
+    reading A if cuBLAS splits K well) into 16-byte aligned rows as the scorer writes it (``ops.gemm.mm``), the same
+    product unaligned (``[rows, n_d]`` contiguous: the scorer before the padding), and the product split explicitly
+    over ``s`` token blocks (one bmm into aligned ``[s, rows, n_d]``, one sum) — the data to decide whether the
+    scorer should split K itself. ``a_gbps``: A's bytes over the time (written, or read)."""
     from ct_fast import ops
     from ct_fast.attribution import chunk_elements, scoring_chunk
 
@@ -228,10 +229,17 @@ def run_torch_parts(device="cpu", dtype=torch.bfloat16, shape=None, splits=None)
 
     contributions()
     want = (A.view(rows, -1).double() @ G.reshape(n_d, -1).double().t())
-    calls = {"contributions": contributions, "products": lambda: A.view(rows, -1) @ G.reshape(n_d, -1).t()}
+    calls = {"contributions": contributions,
+             "products": lambda: ops.gemm.mm(A.view(rows, -1), G.reshape(n_d, -1).t()),  # as the scorer runs it
+             "products_unaligned": lambda: A.view(rows, -1) @ G.reshape(n_d, -1).t()}  # its rows n_d elements apart
+    pad = ops.gemm.padding(n_d, dtype)
     for s in splits:
-        calls[f"products_split{s}"] = lambda s=s: torch.bmm(
-            A.view(rows, s, -1).transpose(0, 1), G.reshape(n_d, s, -1).permute(1, 2, 0)).sum(0, dtype=torch.float32)
+        def split(s=s):
+            out = torch.empty(s, rows, n_d + pad, dtype=dtype, device=device)[..., :n_d]
+            return torch.bmm(A.view(rows, s, -1).transpose(0, 1), G.reshape(n_d, s, -1).permute(1, 2, 0),
+                             out=out).sum(0, dtype=torch.float32)
+
+        calls[f"products_split{s}"] = split
     recs = []
     a_bytes = A.numel() * A.element_size()
     for part, call in calls.items():

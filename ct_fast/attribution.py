@@ -532,7 +532,7 @@ class EdgeScorer:
         G2 = (G if sdt == torch.float32 else G.to(sdt)).flatten(1)
         for k, slot, n, a in _stacked_runs(plan, self.slots):
             R = self.stack[slot:slot + n, start:stop].flatten(1).to(sdt)
-            self._out(plan, self._rows[k], n, a).add_(R @ G2[a:].t(), alpha=self.factor)
+            self._out(plan, self._rows[k], n, a).add_(ops.gemm.mm(R, G2[a:].t()), alpha=self.factor)
 
     def _source(self, k: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop`` of upstream group k's source, in the scoring dtype (uncentred: see the class)."""

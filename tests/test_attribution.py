@@ -213,6 +213,24 @@ def _bf16_case_in_many_chunks(arch: str, layers: int, positions: bool, monkeypat
     return model, graph, batch, scores
 
 
+def test_aligned_score_gemms_leave_the_scores(monkeypatch):
+    """The GPU's padded score GEMMs (``ops.gemm``: score blocks of n_d nodes written into 16-byte aligned rows, on
+    the contributions block's path and the stacked sources' path), forced on the CPU: the same scores."""
+    model, _, _, scores = _bf16_case_in_many_chunks("llama", 3, False, monkeypatch)
+    plain = scores()
+    padded, stacked = [], []
+    real, real_stacked = torch.mm, ct_fast.attribution.EdgeScorer._accumulate_stacked
+    monkeypatch.setattr(ct_fast.ops.gemm, "aligns", lambda device: True)
+    monkeypatch.setattr(torch, "mm", lambda a, b, out: (padded.append(out.stride(0) - out.shape[1]),
+                                                        real(a, b, out=out))[1])
+    monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_accumulate_stacked",
+                        lambda self, *a: (stacked.append(len(padded)), real_stacked(self, *a),
+                                          stacked.append(len(padded))))
+    aligned = scores()
+    assert padded and max(padded) > 0 and any(b > a for a, b in zip(stacked[::2], stacked[1::2]))  # both paths
+    assert ((aligned - plain).abs().sum() / plain.abs().sum()).item() < 1e-6
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("positions", [False, True])
 def test_stacked_residual_sources_score_as_gathered_ones(arch, positions, monkeypatch):

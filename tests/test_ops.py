@@ -446,6 +446,41 @@ def test_masked_weight_grad_strided_inputs(device, backend):
         _dw_check(got, x, go, idx.long(), out_features, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_gemm_padding_gives_the_unpadded_results(dtype, monkeypatch):
+    """On a GPU the torch path pads the circuit's GEMMs to 16-byte aligned leading dimensions (``ops.gemm``: a
+    gathered block of k features, a score block of n_d nodes). Forced here on the CPU: the padded calls really
+    pad (an 8-wide bf16 / 4-wide fp32 gather for k = 5, score rows of 8 for n_d = 5) and return what the unpadded
+    calls return, no padding row or column in the results."""
+    g = _gen(41)
+    x, go = torch.randn(37, 22, generator=g).to(dtype), torch.randn(37, 20, generator=g).to(dtype)
+    index = torch.tensor([17, 2, 9, 11, 4])
+    n_d, d, c = 5, 24, 7
+    sources = [(torch.randn(c, 3 * 8, generator=g).to(dtype), torch.randn(3, 8, d, generator=g).to(dtype)),
+               (torch.randn(c, d, generator=g).to(dtype), None)]
+    G = torch.randn(n_d, c, d, generator=g).to(dtype)
+    monkeypatch.setenv("CT_FAST_BACKEND", "torch")
+    plain = [ops.masked_weight_grad(x, go, index, f) for f in (True, False)]
+    plain_scores = ops.score_edges_into(torch.zeros(4, n_d), sources, G)
+
+    monkeypatch.setattr(ops.gemm, "aligns", lambda device: True)
+    per = 16 // dtype.itemsize
+    gathered, products = [], []
+    real_dw, real_mm = library.DEFAULTS["masked_weight_grad"], torch.mm
+    monkeypatch.setitem(library.DEFAULTS, "masked_weight_grad",
+                        lambda x, go, idx, f: (gathered.append(idx.numel()), real_dw(x, go, idx, f))[1])
+    monkeypatch.setattr(torch, "mm", lambda a, b, out: (products.append(out.stride()), real_mm(a, b, out=out))[1])
+    padded = [ops.masked_weight_grad(x, go, index, f) for f in (True, False)]
+    scores = ops.score_edges_into(torch.zeros(4, n_d), sources, G)
+    assert gathered == [-(-5 // per) * per] * 2 and products == [(-(-n_d // per) * per, 1)]
+    for got, want in zip(padded, plain):
+        assert got.shape == want.shape == (5, want.shape[1]) and got.is_contiguous()
+        assert_close(got, want, dtype=dtype)
+    assert_close(scores, plain_scores, dtype=dtype)
+    assert ops.gemm.padded_index(torch.arange(per), dtype).numel() == per  # aligned already: unchanged
+    assert ops.gemm.padded_index(torch.arange(0), dtype).numel() == 0
+
+
 @pytest.mark.triton
 @pytest.mark.skipif(ops.triton_available(torch.device("cpu")) is not None
                     and not torch.cuda.is_available(), reason="Triton cannot run here")

@@ -28,7 +28,7 @@ import os
 import torch
 
 from ..errors import CTFastError
-from . import library, measured, reference
+from . import gemm, library, measured, reference
 from .reference import adamw_rows_, heads_to_residual, norm_vjp_, sgd_rows_  # noqa: F401
 
 log = logging.getLogger("ct_fast")
@@ -202,8 +202,9 @@ def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha:
             n = 1 if up_weight is None else up_weight.shape[0]
             heads_to_residual(delta, up_weight, out=A[r:r + n], dtype=grad_down.dtype)
             r += n
-        # added in fp32 straight from the GEMM's output dtype (the same values as a .float() copy, one launch less)
-        return out.add_(A.view(rows, -1) @ grad_down.reshape(n_d, -1).t(), alpha=alpha)
+        # added in fp32 straight from the GEMM's output dtype (the same values as a .float() copy, one launch less);
+        # the [rows, n_d] product lands in 16-byte aligned rows on a GPU (gemm.mm: n_d is any node count)
+        return out.add_(gemm.mm(A.view(rows, -1), grad_down.reshape(n_d, -1).t()), alpha=alpha)
     fused, r = [], 0
     for delta, up_weight in sources:
         n = 1 if up_weight is None else up_weight.shape[0]
@@ -283,6 +284,10 @@ def residual_grads_blocks(blocks, out: torch.Tensor, norm=None, x=None, stats=No
 def masked_weight_grad(x, grad_out, index, out_features: bool) -> torch.Tensor:
     """Compact weight gradient of selected features (see ``reference.masked_weight_grad``)."""
     b = choose_backend("masked_weight_grad", x.device, (x.dtype, grad_out.dtype))
+    if b == "torch" and index is not None:  # gather an aligned count of features on a GPU (see ops.gemm)
+        padded = gemm.padded_index(index, x.dtype)
+        if padded is not index:
+            return _call("masked_weight_grad", b, x, grad_out, padded, out_features)[:index.numel()]
     return _call("masked_weight_grad", b, x, grad_out, index, out_features)
 
 
