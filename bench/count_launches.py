@@ -11,7 +11,7 @@ that issued them.
     python bench/count_launches.py --step reused        # a step between refreshes (the circuit reused)
 
 A host sync is an op whose result the host must wait for: ``.item()``/``bool()``/``float()`` of a tensor
-(``_local_scalar_dense``) and ops whose output shape depends on data (``nonzero``, boolean indexing,
+(``_local_scalar_dense``), ``.tolist()``, and ops whose output shape depends on data (``nonzero``, boolean indexing,
 ``masked_select``, ``unique``...). On a GPU each one drains the launch queue, so a host-bound step pays them
 in full.
 
@@ -54,22 +54,41 @@ def _is_sync(name: str, args) -> bool:
     return False
 
 
+def _where() -> str:
+    """The line that issued an op: the last ct_fast/transformers frame."""
+    frames = [f for f in traceback.extract_stack() if "/ct_fast/" in f.filename or "/transformers/" in f.filename]
+    return f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+
+
 class _Count(TorchDispatchMode):
-    """Counts ``(op, issuing line)`` of every non-view op, and of every host sync apart (the last
-    ct_fast/transformers frame names the line)."""
+    """Counts ``(op, issuing line)`` of every non-view op, and of every host sync apart — ``Tensor.tolist`` too (a
+    device-to-host copy on a GPU; on the CPU it reaches no dispatch)."""
 
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
         self.syncs: collections.Counter = collections.Counter()
+        self._tolist = None
+
+    def __enter__(self):
+        self._tolist, syncs = torch.Tensor.tolist, self.syncs
+
+        def tolist(tensor):
+            syncs[("tolist", _where())] += 1
+            return self._tolist(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)[len("aten."):]
         sync = _is_sync(name, args)
         if sync or not name.startswith(_VIEWS):
-            frames = [f for f in traceback.extract_stack() if "/ct_fast/" in f.filename or "/transformers/" in f.filename]
-            where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
-            (self.syncs if sync else self.counts)[(name.split(".")[0], where)] += 1
+            (self.syncs if sync else self.counts)[(name.split(".")[0], _where())] += 1
         return func(*args, **(kwargs or {}))
 
 

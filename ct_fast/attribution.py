@@ -405,13 +405,13 @@ class EdgeScorer:
                     self._accumulate(plan, G[:, a - start:min(stop, a + sub) - start], a, min(stop, a + sub))
                 if self.stack is not None:
                     self._accumulate_stacked(plan, G, start, stop)
-                self.grad_sum[cols] += G.sum(1, dtype=torch.float32) if sums is None else sums
+                self.grad_sum[cols].add_(G.sum(1, dtype=torch.float32) if sums is None else sums)  # (no setitem copy)
         if self.stack is not None:
-            self.raw[:, cols] += self._sums.index_select(0, self._fold)
+            self.raw[:, cols].add_(self._sums.index_select(0, self._fold))
         if self.rows.pool:
             G = torch.stack(pooled).sum(0)
             self._accumulate(plan, G, 0, G.shape[1])
-            self.grad_sum[cols] += G.sum(1)
+            self.grad_sum[cols].add_(G.sum(1))
         if self.node_means is not None:  # centre: raw[u, d] -= factor * m_u . sum_t g_d (on the span's edges)
             self.raw[:, cols].addcmul_(self.node_means @ self.grad_sum[cols].t(), self.edge_mask[:, cols],
                                        value=-self.factor)
