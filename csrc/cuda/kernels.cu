@@ -204,9 +204,9 @@ __device__ __forceinline__ void row_unit(T* prow, int64_t stride_col, const floa
   }
 }
 
-// AdamW on the selected rows. A unit per row: one block walks the row's M elements (``row_unit``). A tiled unit: the block bumps
-// its rows' step counts, then walks the M columns in tiles of kTileCols. Reads and writes only the selected rows of
-// param/grad/state; every row gets the same bits on either path (adamw_element).
+// AdamW on the selected rows. A unit per row: one block walks the row's M elements (``row_unit``). A tiled unit:
+// the block bumps its rows' step counts, then walks the M columns in tiles of kTileCols. Reads and writes only the
+// selected rows of param/grad/state; every row gets the same bits on either path (adamw_element).
 template <typename T>
 __global__ void masked_adamw_kernel(const __grid_constant__ RowsPack pack, const AdamWHyper h,
                                     const DeviceScalars dev) {
@@ -223,8 +223,8 @@ __global__ void masked_adamw_kernel(const __grid_constant__ RowsPack pack, const
       float step_size, bc2_sqrt;
       adamw_row_constants(h, lr, bump_step(t, slot), step_size, bc2_sqrt);
       row_unit<2>(static_cast<T*>(t.param) + t.rows[r0] * t.stride_row, t.stride_col, t.grad + r0 * t.M,
-                  t.state0 + slot * t.M, t.state1 + slot * t.M, t.M, [&](float p, float g, float& m, float& v) {
-                    return adamw_element(p, g, &m, &v, h, decay, w1, w2, step_size, bc2_sqrt);
+                  t.state0 + slot * t.M, t.state1 + slot * t.M, t.M, [&](float p, float grad, float& m, float& v) {
+                    return adamw_element(p, grad, &m, &v, h, decay, w1, w2, step_size, bc2_sqrt);
                   });
       continue;
     }
@@ -247,10 +247,10 @@ __global__ void masked_sgd_kernel(const __grid_constant__ RowsPack pack, const S
       T* prow = static_cast<T*>(t.param) + t.rows[r0] * t.stride_row;
       if (t.state0)  // momentum: its buffer row
         row_unit<1>(prow, t.stride_col, t.grad + r0 * t.M, t.state0 + slot * t.M, nullptr, t.M,
-                    [&](float p, float g, float& buf, float&) { return sgd_element(p, g, &buf, first, h, lr); });
+                    [&](float p, float grad, float& buf, float&) { return sgd_element(p, grad, &buf, first, h, lr); });
       else
         row_unit<0>(prow, t.stride_col, t.grad + r0 * t.M, nullptr, nullptr, t.M,
-                    [&](float p, float g, float&, float&) { return sgd_element(p, g, nullptr, first, h, lr); });
+                    [&](float p, float grad, float&, float&) { return sgd_element(p, grad, nullptr, first, h, lr); });
       continue;
     }
     tiled_unit<T>(t, s, r0, static_cast<int>(r1 - r0), SGDTile{h, lr});
