@@ -479,6 +479,8 @@ def test_gpu_gemm_padding_gives_the_unpadded_results(dtype, monkeypatch):
     assert_close(scores, plain_scores, dtype=dtype)
     assert ops.gemm.padded_index(torch.arange(per), dtype).numel() == per  # aligned already: unchanged
     assert ops.gemm.padded_index(torch.arange(0), dtype).numel() == 0
+    assert ops.gemm.padded_index(torch.arange(1), dtype).numel() == 1  # one feature: a GEMV, left as it is
+    assert ops.gemm.mm(x.t(), go[:, :1]).stride() == (1, 1)
 
 
 @pytest.mark.triton

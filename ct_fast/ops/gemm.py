@@ -32,8 +32,9 @@ def padding(n: int, dtype: torch.dtype) -> int:
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` (``[m, k] x [k, n] -> [m, n]``) written into a buffer whose rows are 16-byte aligned on a GPU (the
-    result is a view ``[m, n]`` of ``[m, n + pad]``): cuBLAS's ldc is then aligned whatever ``n`` is."""
-    pad = padding(b.shape[1], a.dtype) if aligns(a.device) else 0
+    result is a view ``[m, n]`` of ``[m, n + pad]``): cuBLAS's ldc is then aligned whatever ``n`` is (n > 1; a single
+    column is a GEMV)."""
+    pad = padding(b.shape[1], a.dtype) if aligns(a.device) and b.shape[1] > 1 else 0
     if pad == 0:
         return a @ b
     out = torch.empty(a.shape[0], b.shape[1] + pad, dtype=a.dtype, device=a.device)[:, :b.shape[1]]
@@ -43,8 +44,8 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def padded_index(index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``index [k]`` with its last entry repeated up to an aligned count (on a GPU): a block gathered by it is
     ``[rows, k + pad]``, its leading dimension aligned; the first k rows of a product with it are the unpadded
-    product's. Unchanged where nothing needs padding."""
-    pad = padding(index.numel(), dtype) if aligns(index.device) and index.numel() else 0
+    product's. Unchanged where nothing needs padding, and for a single feature (the GEMM is a GEMV)."""
+    pad = padding(index.numel(), dtype) if aligns(index.device) and index.numel() > 1 else 0
     if pad == 0:
         return index
     return torch.cat([index, index[-1:].expand(pad)])
