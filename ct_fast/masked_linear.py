@@ -224,6 +224,8 @@ class MaskedLinears:
 
     def finish(self, selection: dict):
         """Deferred mode: compute the compact gradients of ``selection`` from what the backward kept."""
+        if self.pruner is not None:  # the last scored span's decisions
+            self.pruner.settle()
         for name, candidates in self.candidates.items():
             for p in (self.weight[name], self.bias[name]):
                 sel = selection.get(p)

@@ -19,8 +19,10 @@ nodes are not decided yet keeps its ``(x, grad_out)`` until they are — until t
 (``attribution.SCORE_SPAN`` layers).
 
 Exact (the same circuit and rows as without pruning) when an edge's score is final once scored: one backward
-(one micro-batch), one process, selection by ``"edges"``. Costs one host read of the decided nodes' flags per
-scored span (17 small syncs per step on a 32-layer model).
+(one micro-batch), one process, selection by ``"edges"``. The decided nodes' flags of a scored span are read on the
+host one span later (a copy to pinned memory and an event, on a GPU): by then the next span's work is queued, so
+waiting for the copy (if the device has not reached it yet) never drains the device's queue — a read per span was
+17 syncs in the middle of a 32-layer model's backward. A linear's ``(x, grad_out)`` is kept that one span longer.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class CandidatePruner:
                         self.linears_of.setdefault((role, node), set()).add(module)
         self.run: AttributionRun | None = None
         self.top_n, self.mask = 0, graph.edge_mask
+        self._pending = None
 
     def start(self, run: AttributionRun, top_n: int):
         """Follow a new step: its attribution ``run`` and circuit size ``top_n``."""
@@ -70,6 +73,7 @@ class CandidatePruner:
 
     def reset(self):
         """Forget what was decided (a new step, or the run's scores were reset: ``zero_grad``)."""
+        self._pending = None  # (nodes, host flags, event or None): the last scored span's decisions, in flight
         self.best = self.run.raw.new_zeros(0)  # the largest scores seen so far (at most top_n of them)
         self.scored_edges = 0
         self.readers_left = list(self.readers)
@@ -80,7 +84,9 @@ class CandidatePruner:
                 self._decided([("up", name) for name in g.names], [False] * len(g.names))
 
     def on_scored(self, plan: LayerPlan):
-        """``plan``'s layer has been scored: decide its nodes and the writers it was the last reader of."""
+        """``plan``'s layer has been scored: decide its nodes and the writers it was the last reader of (on the
+        device; applied by the next ``settle``, at the next span or before the gradients are finished)."""
+        self.settle()
         g, raw = self.graph, self.run.raw
         cols = slice(plan.col0, plan.col0 + plan.n_nodes)
         batch = max(1, self.run.batch_size)
@@ -103,7 +109,18 @@ class CandidatePruner:
                 best.append(((raw[rows] / batch).abs() * self.mask[rows]).amax(1))
                 nodes += [("up", name) for name in ug.names]
         best = torch.cat(best)
-        self._decided(nodes, ((best >= tau) & (best > self.threshold)).tolist())  # the one host sync
+        self._pending = (nodes, *_to_host((best >= tau) & (best > self.threshold)))
+
+    def settle(self):
+        """Apply the decisions of the last scored span: its flags' copy was queued then, so this waits (if at all)
+        for that copy, not for the work queued since."""
+        if self._pending is None:
+            return
+        nodes, flags, copied = self._pending
+        self._pending = None
+        if copied is not None:
+            copied.synchronize()
+        self._decided(nodes, flags.tolist())
 
     def _decided(self, nodes: list, flags: list):
         for node, keep in zip(nodes, flags):
@@ -121,3 +138,15 @@ class CandidatePruner:
                                   params=names)
         params = {"weight": self.masked.weight[module], "bias": self.masked.bias[module]}
         self.masked.resolve(module, {params[name.rsplit(".", 1)[1]]: sel for name, sel in by_name.items()})
+
+
+def _to_host(flags: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """``(host copy, event)`` of a CUDA tensor (pinned memory, non-blocking: the event marks the copy done), or
+    ``(flags, None)`` where it is on the host already."""
+    if flags.device.type != "cuda":
+        return flags, None
+    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+    host.copy_(flags, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event

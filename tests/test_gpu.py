@@ -48,6 +48,31 @@ def test_circuit_step_per_backend(backend, dtype, monkeypatch):
         assert [e[:2] for e in result.circuit.edges] == [e[:2] for e in want.edges]
 
 
+def test_candidate_pruning_on_the_device():
+    """Deferred steps with candidate pruning (its decisions read one span late, through pinned memory on a GPU)
+    select and update as the unpruned steps do."""
+    from ct_fast import pruning
+
+    results = []
+    for prune in (True, False):
+        model = tiny_model("llama").to(DEVICE)
+        tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=25, memory_mode="deferred")
+        tuner.session.prune = prune
+        steps = [tuner.step({k: v.to(DEVICE) for k, v in random_batch(37, seed=s).items()}) for s in range(2)]
+        results.append(([[e[:2] for e in r.circuit.edges] for r in steps], [p.detach() for p in model.parameters()]))
+    (edges, params), (want_edges, want_params) = results
+    assert edges == want_edges
+    for p, q in zip(params, want_params):
+        torch.testing.assert_close(p, q)
+    flags = torch.tensor([True, False, True], device=DEVICE)
+    host, copied = pruning._to_host(flags)
+    assert host.device.type == "cpu" and (copied is None) == (DEVICE != "cuda")
+    if copied is not None:
+        assert host.is_pinned()
+        copied.synchronize()
+    assert host.tolist() == [True, False, True]
+
+
 def test_dropin_and_memory_modes_on_the_device():
     model = tiny_model("qwen2").to(DEVICE)
     opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)

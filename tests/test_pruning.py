@@ -21,6 +21,8 @@ def pruned_rows(monkeypatch):
     finish = MaskedLinears.finish
 
     def recording(self, selection):
+        if self.pruner is not None:  # the last scored span's decisions, as finish applies them first
+            self.pruner.settle()
         cand = total = 0
         for name, candidates in self.candidates.items():
             w = self.weight[name]
@@ -116,6 +118,31 @@ def test_dropin_with_one_backward_per_step_prunes_and_equals_the_tuner(pruned_ro
     for p, q in zip(a.parameters(), b.parameters()):
         assert_close(q, p)
     assert len(pruned_rows) == 6 and all(on and cand > 0 for cand, _, on in pruned_rows)
+
+
+def test_decisions_are_applied_one_span_late(monkeypatch):
+    """A scored span's decisions are applied as the next span is scored (on a GPU their copy to the host is long
+    done by then: the host never drains the queue for them), the last span's as the gradients are finished; every
+    span is decided once and every linear resolved."""
+    from ct_fast.pruning import CandidatePruner
+
+    events, resolved = [], set()
+    for name in ("on_scored", "_decided"):
+        real = getattr(CandidatePruner, name)
+        monkeypatch.setattr(CandidatePruner, name,
+                            lambda self, *a, _n=name, _r=real: (events.append(_n), _r(self, *a))[1])
+    real_resolve, real_finish = CandidatePruner._resolve, MaskedLinears.finish
+    monkeypatch.setattr(CandidatePruner, "_resolve", lambda self, m: (resolved.add(m), real_resolve(self, m))[1])
+    monkeypatch.setattr(MaskedLinears, "finish", lambda self, sel: (events.append("finish"), real_finish(self, sel))[1])
+    model = tiny_model("llama")
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=25, memory_mode="deferred")
+    tuner.step(_batches(1)[0])
+    events = events[events.index("on_scored"):]  # (start() decides the writers nobody reads at once)
+    scored = [i for i, e in enumerate(events) if e == "on_scored"]
+    assert len(scored) >= 2 and events[1] != "_decided"  # the first span's flags are not read as they are made
+    assert all(events[i + 1] == "_decided" for i in scored[1:])  # each earlier span's: as the next is scored
+    assert events[-2:] == ["finish", "_decided"] and events.count("_decided") == len(scored)
+    assert resolved == set(tuner.session.masked.modules)
 
 
 def test_zero_grad_between_backwards_restarts_the_pruner():
