@@ -74,9 +74,8 @@ class _Count(TorchDispatchMode):
         self._tolist, syncs = torch.Tensor.tolist, self.syncs
 
         def tolist(tensor):
-            where = _where()
-            if not where.startswith("pruning.py") or " settle" not in where:  # (its copy is made a span earlier:
-                syncs[("tolist", where)] += 1                                 # on a GPU the read waits for nothing)
+            if not harness.reads_a_host_copy():  # (a host copy queued earlier: no wait for the device's queue)
+                syncs[("tolist", _where())] += 1
             return self._tolist(tensor)
 
         torch.Tensor.tolist = tolist
