@@ -481,6 +481,9 @@ def test_gpu_gemm_padding_gives_the_unpadded_results(dtype, monkeypatch):
     assert ops.gemm.padded_index(torch.arange(0), dtype).numel() == 0
     assert ops.gemm.padded_index(torch.arange(1), dtype).numel() == 1  # one feature: a GEMV, left as it is
     assert ops.gemm.mm(x.t(), go[:, :1]).stride() == (1, 1)
+    w = go.clone().requires_grad_()
+    ops.gemm.mm(x.t(), w).sum().backward()  # under autograd: the plain product (out= has no gradient)
+    assert w.grad is not None and len(products) == 1
 
 
 @pytest.mark.triton

@@ -35,7 +35,7 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     result is a view ``[m, n]`` of ``[m, n + pad]``): cuBLAS's ldc is then aligned whatever ``n`` is (n > 1; a single
     column is a GEMV)."""
     pad = padding(b.shape[1], a.dtype) if aligns(a.device) and b.shape[1] > 1 else 0
-    if pad == 0:
+    if pad == 0 or torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):  # (out= has no autograd)
         return a @ b
     out = torch.empty(a.shape[0], b.shape[1] + pad, dtype=a.dtype, device=a.device)[:, :b.shape[1]]
     return torch.mm(a, b, out=out)
