@@ -314,7 +314,7 @@ class EdgeScorer:
                  stack: tuple | None = None, modules: dict | None = None):
         self.graph, self.rows, self.sources, self.resid, self.raw = graph, rows, sources, resid, raw
         self.node_means = node_means
-        self.edge_mask = graph.edge_mask.to(raw.device, torch.float32) if node_means is not None else None
+        self.edge_mask = graph.edge_mask_on(raw.device, torch.float32) if node_means is not None else None
         self.factor, self.score_dtype, self.timer, self.on_scored = factor, score_dtype, timer, on_scored
         self.plans = layer_plans(graph, SCORE_SPAN)
         self.modules = modules = modules if modules is not None else dict(model.named_modules())
@@ -782,7 +782,7 @@ class AttributionRun:
             raw = raw.clone()
             for means, _, factor, grad_sum in done:
                 raw += factor * (means - mean) @ grad_sum.t()
-        s = (raw / max(1, batch_size)).abs() * self.graph.edge_mask.to(self.raw.device)
+        s = (raw / max(1, batch_size)).abs() * self.graph.edge_mask_on(self.raw.device)
         if not torch.isfinite(s).all():
             raise NonFiniteError("edge scores are non-finite (NaN/inf activations or gradients); check the "
                                  "model's weights and inputs — the step is refused")

@@ -235,7 +235,7 @@ def select_circuit(edge_scores, n: int, method: str = "edges", threshold: float 
         raise CTFastError(f"top_n={n} is larger than the {n_edges} edges of the graph; choose top_n <= {n_edges}")
     if method not in SELECTION_METHODS:
         raise CTFastError(f"selection method {method!r} is not one of {SELECTION_METHODS}")
-    mask = graph.edge_mask.to(S.device)
+    mask = graph.edge_mask_on(S.device)
     rank = S if method == "edges" else S * S.sum(1, keepdim=True) * S.sum(0, keepdim=True)
     rank = rank.masked_fill(~mask, -math.inf).flatten()
     top = rank.topk(n).indices

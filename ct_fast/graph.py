@@ -152,6 +152,7 @@ class ComputationGraph:
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     upstream_params: dict[str, list[ParamSlice]] = field(init=False)
     downstream_params: dict[str, list[ParamSlice]] = field(init=False)
+    _masks_on: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         self.upstream_nodes, self.downstream_nodes = [], []
@@ -193,6 +194,15 @@ class ComputationGraph:
     @property
     def n_edges(self) -> int:
         return int(self.edge_mask.sum())
+
+    def edge_mask_on(self, device, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """``edge_mask`` on ``device`` in ``dtype``, copied once and kept (read only): a host-to-device copy per step
+        would be a host sync per step on a GPU."""
+        key = (str(device), dtype)
+        kept = self._masks_on.get(key)
+        if kept is None or kept[0] is not self.edge_mask:  # (made again if the mask is replaced)
+            kept = self._masks_on[key] = (self.edge_mask, self.edge_mask.to(device, dtype))
+        return kept[1]
 
     @classmethod
     def from_model(cls, model: nn.Module, mlp_head_dim: int | None = None) -> "ComputationGraph":

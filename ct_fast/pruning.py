@@ -68,7 +68,7 @@ class CandidatePruner:
     def start(self, run: AttributionRun, top_n: int):
         """Follow a new step: its attribution ``run`` and circuit size ``top_n``."""
         self.run, self.top_n = run, top_n
-        self.mask = self.mask.to(run.raw.device)
+        self.mask = self.graph.edge_mask_on(run.raw.device)
         self.reset()
 
     def reset(self):

@@ -51,6 +51,11 @@ def test_edge_mask_is_residual_order(model):
                 expected += H  # heads of L -> mlp of L
         expected += ups  # -> logits
     assert g.n_edges == expected
+    # the per-step readers' copy: made once per (device, dtype), again only if the mask itself is replaced
+    on = g.edge_mask_on("cpu", torch.float32)
+    assert on.dtype == torch.float32 and torch.equal(on.bool(), m) and g.edge_mask_on("cpu", torch.float32) is on
+    g.edge_mask = m.clone()
+    assert g.edge_mask_on("cpu", torch.float32) is not on
 
 
 def test_unsupported_architecture_is_named():
