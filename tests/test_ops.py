@@ -473,6 +473,7 @@ def test_gpu_gemm_padding_gives_the_unpadded_results(dtype, monkeypatch):
     padded = [ops.masked_weight_grad(x, go, index, f) for f in (True, False)]
     scores = ops.score_edges_into(torch.zeros(4, n_d), sources, G)
     assert gathered == [-(-5 // per) * per] * 2 and products == [(-(-n_d // per) * per, 1)]
+    assert ops.gemm.padded_index(index, dtype) is ops.gemm.padded_index(index, dtype)  # made once per index
     for got, want in zip(padded, plain):
         assert got.shape == want.shape == (5, want.shape[1]) and got.is_contiguous()
         assert_close(got, want, dtype=dtype)

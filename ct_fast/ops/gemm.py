@@ -44,8 +44,12 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def padded_index(index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``index [k]`` with its last entry repeated up to an aligned count (on a GPU): a block gathered by it is
     ``[rows, k + pad]``, its leading dimension aligned; the first k rows of a product with it are the unpadded
-    product's. Unchanged where nothing needs padding, and for a single feature (the GEMM is a GEMV)."""
+    product's. Unchanged where nothing needs padding, and for a single feature (the GEMM is a GEMV).
+    Made once per index tensor (kept on it: the masked linears reuse a selection's index every step, read only)."""
     pad = padding(index.numel(), dtype) if aligns(index.device) and index.numel() > 1 else 0
     if pad == 0:
         return index
-    return torch.cat([index, index[-1:].expand(pad)])
+    kept = getattr(index, "_ct_fast_padded", None)
+    if kept is None or kept.numel() != index.numel() + pad:
+        kept = index._ct_fast_padded = torch.cat([index, index[-1:].expand(pad)])
+    return kept
