@@ -152,6 +152,10 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
     import targets
 
     print("\n" + targets.table(rows))
+    try:
+        print("\n" + targets.phase_table(work))
+    except Exception as e:  # noqa: BLE001  (a reading error must not cost the summary)
+        print(f"phase split: {e!r}")
     unrun = [r["stage"] for r in summary if r["status"].startswith("timeout") or r.get("detail") == BUDGET_SPENT]
     if unrun:  # the command for a second call in the same lease (the build stays installed there)
         print(f"\nnot finished in this run: bash bench/gpu_check.sh --only {','.join(unrun)}")

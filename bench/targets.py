@@ -81,6 +81,22 @@ def evaluate(out: str) -> list[dict]:
     return rows
 
 
+def phase_table(out: str) -> str:
+    """The step benchmark's phase split per tuner method: device ms / host ms per phase (a GPU phase whose device time
+    is about its host time kept the device waiting for its host), or the CPU's ms; "" without step records."""
+    recs = [r for r in _load(out, "step") if r.get("split_ms")]
+    if not recs:
+        return ""
+    phases = list(recs[0]["split_ms"])
+    lines = [f"| step ({'device / host ms' if recs[0].get('split_host_ms') else 'ms'}) | " + " | ".join(phases) + " |",
+             "| --- |" + " --- |" * len(phases)]
+    for r in recs:
+        host = r.get("split_host_ms") or {}
+        cells = [f"{r['split_ms'][k]:.1f}" + (f" / {host[k]:.1f}" if k in host else "") for k in phases]
+        lines.append(f"| {r['model']} {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| target | limit | measured | where | status |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -91,4 +107,6 @@ def table(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    print(table(evaluate(sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "bench", "results", "gpu_check"))))
+    out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(root, "bench", "results", "gpu_check")
+    print(table(evaluate(out)))
+    print("\n" + phase_table(out))

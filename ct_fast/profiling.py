@@ -3,7 +3,9 @@
 ``PhaseTimer(device, enabled)`` accumulates seconds per phase. On CPU every kernel is synchronous, so
 ``perf_counter`` is exact and costs nothing: timings are always on. On CUDA timings are taken only when
 ``enabled`` (``CircuitTuner(..., profile=True)``), with CUDA events recorded on the current stream and read
-once, in ``seconds()`` — no ``synchronize`` per phase or per tap.
+once, in ``seconds()`` — no ``synchronize`` per phase or per tap. ``host_seconds()``: the host's own time in each
+phase (issuing its work), beside the device's: a phase whose device time is about its host time kept the device
+waiting for the host (host-bound), one whose device time is well above it ran ahead of the device.
 
 Example::
 
@@ -25,7 +27,7 @@ class PhaseTimer:
     def __init__(self, device: torch.device, enabled: bool = False):
         self.cuda = torch.device(device).type == "cuda"
         self.active = enabled or not self.cuda
-        self._host: dict[str, float] = {}
+        self._host: dict[str, float] = {}  # host seconds per phase (on the CPU: the phases' times)
         self._events: dict[str, list] = {}
 
     @contextlib.contextmanager
@@ -34,26 +36,30 @@ class PhaseTimer:
         if not self.active:
             yield
             return
+        start = stop = None
         if self.cuda:
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            try:
-                yield
-            finally:
-                stop.record()
-                self._events.setdefault(phase, []).append((start, stop))
-            return
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self._host[phase] = self._host.get(phase, 0.0) + time.perf_counter() - t0
+            if stop is not None:
+                stop.record()
+                self._events.setdefault(phase, []).append((start, stop))
 
     def seconds(self) -> dict[str, float]:
-        """Seconds per phase so far (on CUDA: one synchronisation, here)."""
-        out = dict(self._host)
+        """Seconds per phase so far: the device's on CUDA (one synchronisation, here), else the host's."""
+        if not self.cuda:
+            return dict(self._host)
+        out = {}
         if self._events:
             torch.cuda.synchronize()
             for phase, pairs in self._events.items():
-                out[phase] = out.get(phase, 0.0) + sum(a.elapsed_time(b) for a, b in pairs) / 1e3
+                out[phase] = sum(a.elapsed_time(b) for a, b in pairs) / 1e3
         return out
+
+    def host_seconds(self) -> dict[str, float]:
+        """The host's seconds per phase so far (on the CPU the same as ``seconds()``)."""
+        return dict(self._host)

@@ -58,7 +58,9 @@ class StepResult:
     ``memory_mode="lagged"`` the one selected on the previous step; ``CircuitTuner.circuit`` holds the
     newest); ``memory_mode`` the mode the step ran in (``"reused"`` between refreshes, ``"outcome"`` for an
     outcome metric). ``timings`` in seconds per phase (``PHASES``) and
-    ``total`` (on a GPU, phases only with ``profile=True``)."""
+    ``total`` (on a GPU, phases only with ``profile=True``, timed on the device); ``host_timings`` the host's
+    seconds in the same phases (the same as ``timings`` on a CPU): a GPU phase whose device time is about its
+    host time was bound by its host (its ``total``: up to the step's return, not waiting for the device)."""
 
     loss: float
     metric: float
@@ -68,6 +70,7 @@ class StepResult:
     refreshed: bool
     memory_mode: str = "reused"
     timings: dict = field(default_factory=dict)
+    host_timings: dict = field(default_factory=dict)
 
 
 def _label_tokens(batch: dict) -> int:
@@ -199,10 +202,11 @@ class CircuitTuner:
             session.abort()
             raise
         self.optimizer.step()  # times its own "optimizer" phase
+        timings, host_timings = self._timings(timer, t_start)
         return StepResult(loss=loss, metric=metric, circuit=conclusion.circuit,
                           tuned_params=conclusion.circuit.num_params, top_n=conclusion.top_n,
                           refreshed=conclusion.refreshed, memory_mode=conclusion.memory_mode,
-                          timings=self._timings(timer, t_start))
+                          timings=timings, host_timings=host_timings)
 
     def _passes(self, batches, corrupted, w_loss, w_metric, timer, score: bool):
         """Forward and backward of every micro-batch. ``score``: backpropagate the metric (the scoring pass of
@@ -247,14 +251,22 @@ class CircuitTuner:
         return loss, metric, retained
 
     @staticmethod
-    def _timings(timer: PhaseTimer, t_start: float) -> dict:
-        seconds = timer.seconds()
-        out = {}
-        if seconds or timer.active:
-            out = {k: seconds.get(k, 0.0) for k in PHASES}
-            out["backward"] = max(0.0, out["backward"] - out["attribution"])  # scoring runs inside the backward
-        out["total"] = time.perf_counter() - t_start
-        return out
+    def _timings(timer: PhaseTimer, t_start: float) -> tuple[dict, dict]:
+        """``(timings, host_timings)``: seconds per phase on the device (the host on a CPU) and on the host."""
+        host_total = time.perf_counter() - t_start  # before seconds() waits for the device
+        seconds, host = timer.seconds(), timer.host_seconds()
+        out, out_host = _phases(seconds, timer.active), _phases(host, timer.active)
+        out["total"], out_host["total"] = time.perf_counter() - t_start, host_total
+        return out, out_host
+
+
+def _phases(seconds: dict, active: bool) -> dict:
+    """``PHASES`` from a timer's seconds per span (``backward`` without the scoring inside it); {} if none timed."""
+    if not (seconds or active):
+        return {}
+    out = {k: seconds.get(k, 0.0) for k in PHASES}
+    out["backward"] = max(0.0, out["backward"] - out["attribution"])  # scoring runs inside the backward
+    return out
 
 
 def _to(batch: dict, device: torch.device) -> dict:

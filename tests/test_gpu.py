@@ -73,6 +73,17 @@ def test_candidate_pruning_on_the_device():
     assert host.tolist() == [True, False, True]
 
 
+def test_phase_timings_on_the_device():
+    """``profile=True``: every phase timed on the device (CUDA events) and on the host, from the same spans."""
+    model = tiny_model("llama").to(DEVICE)
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=25, profile=True)
+    r = tuner.step({k: v.to(DEVICE) for k, v in random_batch(37).items()})
+    phases = {"forward", "attribution", "selection", "backward", "optimizer", "total"}
+    assert set(r.timings) == set(r.host_timings) == phases
+    assert all(v >= 0 for v in (*r.timings.values(), *r.host_timings.values()))
+    assert r.timings["forward"] > 0 and r.host_timings["forward"] > 0 and r.timings["attribution"] > 0
+
+
 def test_dropin_and_memory_modes_on_the_device():
     model = tiny_model("qwen2").to(DEVICE)
     opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)

@@ -92,9 +92,12 @@ def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
     write("op_score_edges", {**op, "backend": "torch", "time_vs_torch": 1.0},
           {**op, "backend": "triton", "time_vs_torch": 1.3}, {**op, "backend": "cuda", "time_vs_torch": 2.0},
           dict(bench="score_edges", device="cuda", layers=4, d_model=256, tokens=512, memory_ratio=16.0))
+    split = dict(forward=36.25, attribution=145.0, selection=6.75, backward=61.0, optimizer=4.5, total=253.5)
+    host = dict(forward=35.0, attribution=60.0, selection=6.5, backward=20.0, optimizer=4.0, total=130.0)
     write("step", *[dict(bench="step", device="cuda", model="llama-1B", dtype="bfloat16", batch=8, seq=64,
-                         method=m, mean_ms=t) for m, t in (("full", 100.0), ("circuit_refresh1", 140.0),
-                                                            ("circuit_refresh10", 95.0))])
+                         method=m, mean_ms=t, **extra) for m, t, extra in (
+                             ("full", 100.0, {}), ("circuit_refresh1", 140.0, dict(split_ms=split, split_host_ms=host)),
+                             ("circuit_refresh10", 95.0, {}))])
     rows = {r["target"]: r for r in targets.evaluate(str(tmp_path))}
     got = {k: (r["status"], r["value"]) for k, r in rows.items()}
     assert got["masked AdamW, 5% circuit: share of copy bandwidth"] == ("met", 0.85)
@@ -105,6 +108,12 @@ def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
     assert got["llama-1B bfloat16 step: faithful (refresh 1) / full fine-tuning"] == ("met", 1.4)
     assert got["llama-1B bfloat16 step: refresh 10 / full fine-tuning"] == ("missed", 0.95)
     assert "| score_edges kernel, bfloat16: time / torch path | <= 1 | 1.3 | triton," in targets.table(list(rows.values()))
+    # the phase split: device / host ms per phase of the methods that have one
+    assert targets.phase_table(str(tmp_path)).splitlines() == [
+        "| step (device / host ms) | forward | attribution | selection | backward | optimizer | total |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| llama-1B circuit_refresh1 | 36.2 / 35.0 | 145.0 / 60.0 | 6.8 / 6.5 | 61.0 / 20.0 | 4.5 / 4.0 | 253.5 / 130.0 |"]
+    assert targets.phase_table(str(tmp_path / "none")) == ""
 
 
 def test_gpu_stage_arguments_parse(monkeypatch, tmp_path):

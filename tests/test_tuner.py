@@ -39,6 +39,10 @@ def test_faithful_step_updates_exactly_the_circuit(arch, model, batch, metric):
     assert result.tuned_params == result.circuit.num_params > 0
     assert result.loss == pytest.approx(loss.item(), rel=1e-5)
     assert set(result.timings) == {"forward", "attribution", "selection", "backward", "optimizer", "total"}
+    # on the CPU the host's phase times are the phase times (the totals differ by the final device wait: none here)
+    assert set(result.host_timings) == set(result.timings)
+    assert all(result.host_timings[k] == result.timings[k] for k in result.timings if k != "total")
+    assert 0 < result.host_timings["total"] <= result.timings["total"]
     assert all(p.grad is None for p in model.parameters())
 
 

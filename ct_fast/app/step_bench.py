@@ -167,9 +167,12 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
                "mean_ms": 1e3 * statistics.mean(times), "tokens_per_s": batch * seq / statistics.mean(times),
                "peak_mem_gib": peak / 2**30, "device": str(device)}
         if splits:
-            split = {k: 1e3 * statistics.mean(s[k] for s in splits) for k in splits[0]}
+            split = {k: 1e3 * statistics.mean(s.timings[k] for s in splits) for k in splits[0].timings}
             rec.update(split_ms=split, attribution_fraction=split["attribution"] / split["total"], top_n=top_n,
                        tuned_param_fraction=m.last.circuit.fraction)
+            if device != "cpu":  # the host's time in the same phases: which of them kept the device waiting
+                rec["split_host_ms"] = {k: 1e3 * statistics.mean(s.host_timings[k] for s in splits)
+                                        for k in splits[0].host_timings}
         if method == "reference":
             rec["top_n"] = top_n
         records.append(rec)
@@ -183,7 +186,8 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
 
 
 def _time_steps(m: _Method, data, warmup: int, steps: int, device) -> tuple[list, list]:
-    """Wall time of each timed step (synchronised), and the tuner's phase split of each where there is one."""
+    """Wall time of each timed step (synchronised), and the tuner's ``StepResult`` of each where there is one (its
+    phase split)."""
     for b in data[:warmup]:
         m.step(b)
     if device != "cpu":
@@ -196,7 +200,7 @@ def _time_steps(m: _Method, data, warmup: int, steps: int, device) -> tuple[list
         harness.sync(device)
         times.append(time.perf_counter() - t0)
         if m.last is not None:
-            splits.append(m.last.timings)
+            splits.append(m.last)
     return times, splits
 
 
