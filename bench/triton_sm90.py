@@ -138,6 +138,14 @@ def cases() -> list[dict]:
             out.append(dict(name=f"masked_sgd_ {tag}", kernel=mo._masked_sgd_kernel,
                             types={"p_ptr": PTR[dt], **OPT_TYPES}, args=rows,
                             constexprs=dict(flags, HAS_WD=True, MOMENTUM=True, NESTEROV=dev)))
+    for dt in ("fp32", "bf16"):  # the tiles: a column view (an output projection's head columns; unit row stride)
+        flags = dict(LR_PTR=True, CHECK=True, MAXIMIZE=False, BF16=dt == "bf16", BR=mo.TILE_ROWS, BM=mo.TILE_COLS)
+        cols = dict(stride_row=1, stride_col=2048, M=2048)  # K (the selected columns) stays generic
+        out.append(dict(name=f"masked_adamw_ tiles {dt} column view", kernel=mo._masked_adamw_tiles_kernel,
+                        types={"p_ptr": PTR[dt], **OPT_TYPES}, constexprs=flags, args=cols))
+        out.append(dict(name=f"masked_sgd_ tiles {dt} column view", kernel=mo._masked_sgd_tiles_kernel,
+                        types={"p_ptr": PTR[dt], **OPT_TYPES}, args=cols,
+                        constexprs=dict(flags, HAS_WD=True, MOMENTUM=True, NESTEROV=False)))
     out.append(dict(name="nonfinite_flag_", kernel=mo._nonfinite_kernel,
                     types={"g_ptr": "*fp32", "found_ptr": "*fp32"}, constexprs=dict(BLOCK=4096), args=dict(n=1 << 20)))
     return out

@@ -2,8 +2,14 @@
 gradients (layout: ``ct_fast.ops.library``).
 
 One program per selected row ``r`` of one parameter (one launch per parameter), walking the row's ``M`` columns
-in ``BLOCK`` steps, with ``p = param[rows[r], :]`` (any row and column strides), ``g = grads[r]`` and the state
-rows ``slots[r]``. AdamW::
+in ``BLOCK`` steps, with ``p = param[rows[r], :]``, ``g = grads[r]`` and the state rows ``slots[r]``. A column view
+(``param.stride(1) != 1``: an output projection's head columns, seen as rows) and short rows (``M < 32``) go by tiles
+instead (``_masked_adamw_tiles_kernel``): one program per ``BR`` consecutive selected rows, walking the ``M`` columns in
+``[BM, BR]`` tiles. Along a column view's rows the parameter is contiguous, along its columns the gradient and
+states are: a row program would read each parameter element from a different memory sector. A tile of rows that are
+one run of consecutive indices (a head's columns always are) addresses the parameter as ``first + i``, so the
+compiler knows its contiguity and coalesces those accesses, and moves the tile between the two layouts through
+shared memory; a tile of scattered rows reads them through the index. Same element math, same bits. AdamW::
 
     t = step[slot] + 1 (written back);  p *= 1 - lr * wd;  m += (1 - b1) * (g - m);  v = b2 * v + (1 - b2) * g^2
     p += -(lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
@@ -95,6 +101,42 @@ def _row_end(step_ptr, slot, t, found_ptr, CHECK: tl.constexpr):
 
 
 @triton.jit
+def _adamw_elements(p, g, m, v, decay, step_size, bc2_sqrt, beta1, beta2, eps):
+    """One AdamW update of fp32 ``p`` (its dtype's value), ``g``, ``m``, ``v``: ``(p, m, v)`` (the row and the tile
+    kernels share it: the same bits either way)."""
+    p = p * decay
+    m = m + (1.0 - beta1) * (g - m)
+    v = v * beta2 + (1.0 - beta2) * g * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    return p + tl.div_rn(-step_size * m, denom), m, v
+
+
+@triton.jit
+def _adamw_constants(lr, t, beta1, beta2):
+    """``(step_size, sqrt(bias correction 2))`` of step ``t``: fp64 bias corrections rounded once to fp32 (as torch's
+    Python-float math and the C++ kernels)."""
+    step_size = (tl.cast(lr, tl.float64) / (1.0 - _pow_count(beta1, t))).to(tl.float32)
+    bc2_sqrt = tl.sqrt(1.0 - _pow_count(beta2, t)).to(tl.float32)
+    return step_size, bc2_sqrt
+
+
+@triton.jit
+def _sgd_elements(p, g, b, first, lr, momentum, dampening, weight_decay, HAS_WD: tl.constexpr,
+                  MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
+    """One SGD update of fp32 ``p``, ``g`` and the momentum buffer ``b`` (``first``: the row's first step):
+    ``(p, b)``."""
+    if HAS_WD:
+        g = g + weight_decay * p
+    if MOMENTUM:
+        b = tl.where(first, g, b * momentum + (1.0 - dampening) * g)
+        if NESTEROV:
+            g = g + momentum * b
+        else:
+            g = b
+    return p + (-lr) * g, b
+
+
+@triton.jit
 def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, step_ptr, rows_ptr, slots_ptr, M,
                          lr, lr_ptr, found_ptr, beta1, beta2, eps, weight_decay,
                          LR_PTR: tl.constexpr,  # read lr from lr_ptr (a device tensor) instead of the float
@@ -104,9 +146,7 @@ def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, ste
                          BLOCK: tl.constexpr):  # columns per iteration
     r, row, slot, lr_v, t, n_cols = _row_start(rows_ptr, slots_ptr, step_ptr, lr, lr_ptr, found_ptr, M, LR_PTR,
                                                CHECK)
-    # bias corrections in fp64, rounded once to fp32 (as torch's Python-float math and the C++ kernels)
-    step_size = (tl.cast(lr_v, tl.float64) / (1.0 - _pow_count(beta1, t))).to(tl.float32)
-    bc2_sqrt = tl.sqrt(1.0 - _pow_count(beta2, t)).to(tl.float32)
+    step_size, bc2_sqrt = _adamw_constants(lr_v, t, beta1, beta2)
     decay = 1.0 - lr_v * weight_decay
     p_row = p_ptr + row * stride_row
     g_row = g_ptr + r * M
@@ -121,11 +161,8 @@ def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, ste
         m = tl.load(m_row + cols, mask=mask, other=0.0)
         v = tl.load(v_row + cols, mask=mask, other=0.0)
         p_addr = p_row + cols.to(tl.int64) * stride_col
-        p = tl.load(p_addr, mask=mask, other=0.0).to(tl.float32) * decay
-        m = m + (1.0 - beta1) * (g - m)
-        v = v * beta2 + (1.0 - beta2) * g * g
-        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        p = p + tl.div_rn(-step_size * m, denom)
+        p = tl.load(p_addr, mask=mask, other=0.0).to(tl.float32)
+        p, m, v = _adamw_elements(p, g, m, v, decay, step_size, bc2_sqrt, beta1, beta2, eps)
         tl.store(m_row + cols, m, mask=mask)
         tl.store(v_row + cols, v, mask=mask)
         _store_param(p_addr, p, mask, BF16)
@@ -153,19 +190,135 @@ def _masked_sgd_kernel(p_ptr, stride_row, stride_col, g_ptr, buf_ptr, step_ptr, 
             g = -g
         p_addr = p_row + cols.to(tl.int64) * stride_col
         p = tl.load(p_addr, mask=mask, other=0.0).to(tl.float32)
-        if HAS_WD:
-            g = g + weight_decay * p
+        b = g
         if MOMENTUM:
             b = tl.load(b_row + cols, mask=mask, other=0.0)
-            b = tl.where(first, g, b * momentum + (1.0 - dampening) * g)
+        p, b = _sgd_elements(p, g, b, first, lr_v, momentum, dampening, weight_decay, HAS_WD, MOMENTUM, NESTEROV)
+        if MOMENTUM:
             tl.store(b_row + cols, b, mask=mask)
-            if NESTEROV:
-                g = g + momentum * b
-            else:
-                g = b
-        p = p + (-lr_v) * g
         _store_param(p_addr, p, mask, BF16)
     _row_end(step_ptr, slot, t, found_ptr, CHECK)
+
+
+@triton.jit
+def _tile_start(rows_ptr, slots_ptr, step_ptr, lr, lr_ptr, found_ptr, K, M, LR_PTR: tl.constexpr,
+                CHECK: tl.constexpr, BR: tl.constexpr):
+    """This program's ``BR`` selected rows (from ``program_id * BR``): ``(rr, rmask, row, slot, lr, t, ok, n_cols,
+    first, run)``: positions in the selection, which exist, the parameter rows, state slots, lr, each row's new step
+    count, whether the update may write (per row: ``found_ptr[0] == 0``), the columns to write (none on a flagged
+    step), the first row, and whether the rows are ``first + i`` (all ``BR`` of them: a run of consecutive rows)."""
+    r0 = tl.program_id(0).to(tl.int64) * BR
+    rr = r0 + tl.arange(0, BR)
+    rmask = rr < K
+    row = tl.load(rows_ptr + rr, mask=rmask, other=0).to(tl.int64)
+    slot = tl.load(slots_ptr + rr, mask=rmask, other=0).to(tl.int64)
+    if LR_PTR:
+        lr_v = tl.load(lr_ptr).to(tl.float32)
+    else:
+        lr_v = lr
+    t = tl.load(step_ptr + slot, mask=rmask, other=0.0) + 1.0
+    ok = rmask
+    n_cols = M
+    if CHECK:
+        ok = rmask & (tl.load(found_ptr + rr * 0) == 0.0)
+        n_cols = tl.where(tl.load(found_ptr) == 0.0, M, 0)
+    first = tl.load(rows_ptr + r0).to(tl.int64)  # (a program's first row exists)
+    run = tl.sum(((row == first + tl.arange(0, BR)) & rmask).to(tl.int32), axis=0) == BR
+    return rr, rmask, row, slot, lr_v, t, ok, n_cols, first, run
+
+
+@triton.jit
+def _adamw_tiles(p_ptr, prow, stride_col, g_ptr, m_ptr, v_ptr, rr, slot, rmask, M, n_cols, decay, step_size,
+                 bc2_sqrt, beta1, beta2, eps, MAXIMIZE: tl.constexpr, BF16: tl.constexpr, BM: tl.constexpr):
+    """AdamW over the ``M`` columns of a program's rows in ``[BM, BR]`` tiles; ``prow``: each row's parameter offset
+    (``row * stride_row``)."""
+    for c0 in range(0, M, BM):
+        cols = c0 + tl.arange(0, BM)
+        mask = (cols < n_cols)[:, None] & rmask[None, :]
+        g = tl.load(g_ptr + rr[None, :] * M + cols[:, None], mask=mask, other=0.0)
+        if MAXIMIZE:
+            g = -g
+        m_addr = m_ptr + slot[None, :] * M + cols[:, None]
+        v_addr = v_ptr + slot[None, :] * M + cols[:, None]
+        p_addr = p_ptr + prow[None, :] + cols[:, None].to(tl.int64) * stride_col
+        m = tl.load(m_addr, mask=mask, other=0.0)
+        v = tl.load(v_addr, mask=mask, other=0.0)
+        p = tl.load(p_addr, mask=mask, other=0.0).to(tl.float32)
+        p, m, v = _adamw_elements(p, g, m, v, decay, step_size[None, :], bc2_sqrt[None, :], beta1, beta2, eps)
+        tl.store(m_addr, m, mask=mask)
+        tl.store(v_addr, v, mask=mask)
+        _store_param(p_addr, p, mask, BF16)
+
+
+@triton.jit
+def _masked_adamw_tiles_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, step_ptr, rows_ptr, slots_ptr, K,
+                               M, lr, lr_ptr, found_ptr, beta1, beta2, eps, weight_decay,
+                               LR_PTR: tl.constexpr, CHECK: tl.constexpr, MAXIMIZE: tl.constexpr, BF16: tl.constexpr,
+                               BR: tl.constexpr,  # selected rows per program
+                               BM: tl.constexpr):  # columns per tile
+    rr, rmask, row, slot, lr_v, t, ok, n_cols, first, run = _tile_start(rows_ptr, slots_ptr, step_ptr, lr, lr_ptr,
+                                                                         found_ptr, K, M, LR_PTR, CHECK, BR)
+    step_size, bc2_sqrt = _adamw_constants(lr_v, t, beta1, beta2)
+    decay = 1.0 - lr_v * weight_decay
+    if run:  # offsets the compiler sees as consecutive (unit stride_row: coalesced parameter accesses)
+        _adamw_tiles(p_ptr, (first + tl.arange(0, BR)) * stride_row, stride_col, g_ptr, m_ptr, v_ptr, rr, slot,
+                     rmask, M, n_cols, decay, step_size, bc2_sqrt, beta1, beta2, eps, MAXIMIZE, BF16, BM)
+    else:
+        _adamw_tiles(p_ptr, row * stride_row, stride_col, g_ptr, m_ptr, v_ptr, rr, slot, rmask, M, n_cols, decay,
+                     step_size, bc2_sqrt, beta1, beta2, eps, MAXIMIZE, BF16, BM)
+    tl.store(step_ptr + slot, t, mask=ok)
+
+
+@triton.jit
+def _sgd_tiles(p_ptr, prow, stride_col, g_ptr, buf_ptr, rr, slot, rmask, M, n_cols, first_step, lr, momentum,
+               dampening, weight_decay, MAXIMIZE: tl.constexpr, BF16: tl.constexpr, HAS_WD: tl.constexpr,
+               MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, BM: tl.constexpr):
+    """SGD over the ``M`` columns of a program's rows in ``[BM, BR]`` tiles (as ``_adamw_tiles``)."""
+    for c0 in range(0, M, BM):
+        cols = c0 + tl.arange(0, BM)
+        mask = (cols < n_cols)[:, None] & rmask[None, :]
+        g = tl.load(g_ptr + rr[None, :] * M + cols[:, None], mask=mask, other=0.0)
+        if MAXIMIZE:
+            g = -g
+        p_addr = p_ptr + prow[None, :] + cols[:, None].to(tl.int64) * stride_col
+        b_addr = buf_ptr + slot[None, :] * M + cols[:, None]
+        p = tl.load(p_addr, mask=mask, other=0.0).to(tl.float32)
+        b = g
+        if MOMENTUM:
+            b = tl.load(b_addr, mask=mask, other=0.0)
+        p, b = _sgd_elements(p, g, b, first_step[None, :], lr, momentum, dampening, weight_decay, HAS_WD, MOMENTUM,
+                             NESTEROV)
+        if MOMENTUM:
+            tl.store(b_addr, b, mask=mask)
+        _store_param(p_addr, p, mask, BF16)
+
+
+@triton.jit
+def _masked_sgd_tiles_kernel(p_ptr, stride_row, stride_col, g_ptr, buf_ptr, step_ptr, rows_ptr, slots_ptr, K, M,
+                             lr, lr_ptr, found_ptr, momentum, dampening, weight_decay,
+                             LR_PTR: tl.constexpr, CHECK: tl.constexpr, MAXIMIZE: tl.constexpr, BF16: tl.constexpr,
+                             HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                             BR: tl.constexpr, BM: tl.constexpr):
+    rr, rmask, row, slot, lr_v, t, ok, n_cols, first, run = _tile_start(rows_ptr, slots_ptr, step_ptr, lr, lr_ptr,
+                                                                         found_ptr, K, M, LR_PTR, CHECK, BR)
+    first_step = t == 1.0  # torch starts the buffer as the gradient
+    if run:
+        _sgd_tiles(p_ptr, (first + tl.arange(0, BR)) * stride_row, stride_col, g_ptr, buf_ptr, rr, slot, rmask, M,
+                   n_cols, first_step, lr_v, momentum, dampening, weight_decay, MAXIMIZE, BF16, HAS_WD, MOMENTUM,
+                   NESTEROV, BM)
+    else:
+        _sgd_tiles(p_ptr, row * stride_row, stride_col, g_ptr, buf_ptr, rr, slot, rmask, M, n_cols, first_step,
+                   lr_v, momentum, dampening, weight_decay, MAXIMIZE, BF16, HAS_WD, MOMENTUM, NESTEROV, BM)
+    tl.store(step_ptr + slot, t, mask=ok)
+
+
+TILE_ROWS, TILE_COLS = 32, 32  # a tile program's selected rows, and columns per step (4 warps: 146 registers on sm_90)
+
+
+def tiled(p: torch.Tensor) -> bool:
+    """Whether the rows of ``p`` go by tiles: a column view (its rows strided), or rows shorter than 32 (a program
+    per row would leave most of its lanes idle) — the CUDA kernels' rule."""
+    return p.stride(1) != 1 or p.shape[1] < 32
 
 
 def _check(p, g, step, r, s):
@@ -205,11 +358,16 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, 
         _check(p, g, step, r, s)
         if not (m.is_contiguous() and v.is_contiguous()):
             raise ValueError("masked_adamw_: optimizer states must be contiguous fp32 [capacity, M]")
-        _masked_adamw_kernel[(k,)](
-            p, p.stride(0), p.stride(1), g, m, v, step, r, s, M, float(lr),
-            lr_tensor if lr_tensor is not None else step, found_inf if found_inf is not None else step,
-            beta1, beta2, eps, weight_decay, LR_PTR=lr_tensor is not None, CHECK=found_inf is not None,
-            MAXIMIZE=bool(maximize), BF16=p.dtype == torch.bfloat16, BLOCK=_block(M))
+        common = (float(lr), lr_tensor if lr_tensor is not None else step, found_inf if found_inf is not None else step,
+                  beta1, beta2, eps, weight_decay)
+        flags = dict(LR_PTR=lr_tensor is not None, CHECK=found_inf is not None, MAXIMIZE=bool(maximize),
+                     BF16=p.dtype == torch.bfloat16)
+        if tiled(p):
+            _masked_adamw_tiles_kernel[(triton.cdiv(k, TILE_ROWS),)](
+                p, p.stride(0), p.stride(1), g, m, v, step, r, s, k, M, *common, **flags, BR=TILE_ROWS, BM=TILE_COLS)
+        else:
+            _masked_adamw_kernel[(k,)](p, p.stride(0), p.stride(1), g, m, v, step, r, s, M, *common, **flags,
+                                       BLOCK=_block(M))
 
 
 def masked_sgd_(params, grads, momentum_buffers, steps, rows, slots, lr, momentum, dampening, weight_decay,
@@ -225,9 +383,15 @@ def masked_sgd_(params, grads, momentum_buffers, steps, rows, slots, lr, momentu
         buf = momentum_buffers[i] if momentum_buffers else None
         if buf is not None and not buf.is_contiguous():
             raise ValueError("masked_sgd_: momentum buffers must be contiguous fp32 [capacity, M]")
-        _masked_sgd_kernel[(k,)](
-            p, p.stride(0), p.stride(1), g, buf if buf is not None else g, step, r, s, M, float(lr),
-            lr_tensor if lr_tensor is not None else step, found_inf if found_inf is not None else step,
-            momentum, dampening, weight_decay, LR_PTR=lr_tensor is not None, CHECK=found_inf is not None,
-            MAXIMIZE=bool(maximize), BF16=p.dtype == torch.bfloat16, HAS_WD=weight_decay != 0,
-            MOMENTUM=buf is not None, NESTEROV=bool(nesterov), BLOCK=_block(M))
+        common = (float(lr), lr_tensor if lr_tensor is not None else step, found_inf if found_inf is not None else step,
+                  momentum, dampening, weight_decay)
+        flags = dict(LR_PTR=lr_tensor is not None, CHECK=found_inf is not None, MAXIMIZE=bool(maximize),
+                     BF16=p.dtype == torch.bfloat16, HAS_WD=weight_decay != 0, MOMENTUM=buf is not None,
+                     NESTEROV=bool(nesterov))
+        buf = buf if buf is not None else g
+        if tiled(p):
+            _masked_sgd_tiles_kernel[(triton.cdiv(k, TILE_ROWS),)](
+                p, p.stride(0), p.stride(1), g, buf, step, r, s, k, M, *common, **flags, BR=TILE_ROWS, BM=TILE_COLS)
+        else:
+            _masked_sgd_kernel[(k,)](p, p.stride(0), p.stride(1), g, buf, step, r, s, M, *common, **flags,
+                                     BLOCK=_block(M))

@@ -662,16 +662,17 @@ def test_masked_updates_on_column_views_span_tiles(device, backend, dtype, optim
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_masked_updates_same_bits_through_row_and_column_views(device, backend, dtype, optimizer):
-    """The same rows updated through a column view (the CUDA kernels' tiled path) and a row-major copy (their
-    per-row path) come out bit-equal: parameters, states and step counts."""
+    """The same rows updated through a column view (the kernels' tiled path) and a row-major copy (their per-row path)
+    come out bit-equal: parameters, states and step counts. The first 32 selected rows are one run of consecutive rows
+    (the Triton tiles address those as ``first + i``), the rest scattered and unsorted."""
     g = _gen(23)
-    R, M = 40, 70
+    R, M = 80, 70
     base = torch.randn(M, R, generator=g).to(device, dtype)
-    rows = torch.tensor([3, 4, 5, 17, 39, 0], device=device)
-    slots = torch.tensor([6, 0, 2, 1, 9, 3], device=device)
+    rows = torch.cat([torch.arange(3, 35), torch.tensor([40, 41, 79, 0, 50])]).to(device)
+    slots = torch.randperm(40, generator=g)[:rows.numel()].to(device)
     grads = torch.randn(rows.numel(), M, generator=g).to(device)
-    states = [torch.randn(12, M, generator=g).to(device), torch.rand(12, M, generator=g).to(device)]
-    steps = torch.randint(0, 3, (12,), generator=g).float().to(device)
+    states = [torch.randn(40, M, generator=g).to(device), torch.rand(40, M, generator=g).to(device)]
+    steps = torch.randint(0, 3, (40,), generator=g).float().to(device)
     results = []
     for view in (base.clone().t(), base.t().contiguous()):  # [R, M]: a column view, then a row-major copy
         assert (view.stride(1) != 1) == (len(results) == 0)
