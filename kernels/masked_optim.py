@@ -228,16 +228,23 @@ def _tile_start(rows_ptr, slots_ptr, step_ptr, lr, lr_ptr, found_ptr, K, M, LR_P
 
 
 @triton.jit
+def _tile_grads(g_ptr, rr, rmask, M, n_cols, c0, MAXIMIZE: tl.constexpr, BM: tl.constexpr):
+    """The tile at columns ``c0 .. c0 + BM`` of a program's rows: ``(cols, mask [BM, BR], gradient [BM, BR])``."""
+    cols = c0 + tl.arange(0, BM)
+    mask = (cols < n_cols)[:, None] & rmask[None, :]
+    g = tl.load(g_ptr + rr[None, :] * M + cols[:, None], mask=mask, other=0.0)
+    if MAXIMIZE:
+        g = -g
+    return cols, mask, g
+
+
+@triton.jit
 def _adamw_tiles(p_ptr, prow, stride_col, g_ptr, m_ptr, v_ptr, rr, slot, rmask, M, n_cols, decay, step_size,
                  bc2_sqrt, beta1, beta2, eps, MAXIMIZE: tl.constexpr, BF16: tl.constexpr, BM: tl.constexpr):
     """AdamW over the ``M`` columns of a program's rows in ``[BM, BR]`` tiles; ``prow``: each row's parameter offset
     (``row * stride_row``)."""
     for c0 in range(0, M, BM):
-        cols = c0 + tl.arange(0, BM)
-        mask = (cols < n_cols)[:, None] & rmask[None, :]
-        g = tl.load(g_ptr + rr[None, :] * M + cols[:, None], mask=mask, other=0.0)
-        if MAXIMIZE:
-            g = -g
+        cols, mask, g = _tile_grads(g_ptr, rr, rmask, M, n_cols, c0, MAXIMIZE, BM)
         m_addr = m_ptr + slot[None, :] * M + cols[:, None]
         v_addr = v_ptr + slot[None, :] * M + cols[:, None]
         p_addr = p_ptr + prow[None, :] + cols[:, None].to(tl.int64) * stride_col
@@ -275,11 +282,7 @@ def _sgd_tiles(p_ptr, prow, stride_col, g_ptr, buf_ptr, rr, slot, rmask, M, n_co
                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, BM: tl.constexpr):
     """SGD over the ``M`` columns of a program's rows in ``[BM, BR]`` tiles (as ``_adamw_tiles``)."""
     for c0 in range(0, M, BM):
-        cols = c0 + tl.arange(0, BM)
-        mask = (cols < n_cols)[:, None] & rmask[None, :]
-        g = tl.load(g_ptr + rr[None, :] * M + cols[:, None], mask=mask, other=0.0)
-        if MAXIMIZE:
-            g = -g
+        cols, mask, g = _tile_grads(g_ptr, rr, rmask, M, n_cols, c0, MAXIMIZE, BM)
         p_addr = p_ptr + prow[None, :] + cols[:, None].to(tl.int64) * stride_col
         b_addr = buf_ptr + slot[None, :] * M + cols[:, None]
         p = tl.load(p_addr, mask=mask, other=0.0).to(tl.float32)
