@@ -25,7 +25,8 @@ import torch
 
 class PhaseTimer:
     def __init__(self, device: torch.device, enabled: bool = False):
-        self.cuda = torch.device(device).type == "cuda"
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.active = enabled or not self.cuda
         self._host: dict[str, float] = {}  # host seconds per phase (on the CPU: the phases' times)
         self._events: dict[str, list] = {}
@@ -39,14 +40,14 @@ class PhaseTimer:
         start = stop = None
         if self.cuda:
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(torch.cuda.current_stream(self.device))  # the model's GPU, current or not
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self._host[phase] = self._host.get(phase, 0.0) + time.perf_counter() - t0
             if stop is not None:
-                stop.record()
+                stop.record(torch.cuda.current_stream(self.device))
                 self._events.setdefault(phase, []).append((start, stop))
 
     def seconds(self) -> dict[str, float]:
@@ -55,7 +56,7 @@ class PhaseTimer:
             return dict(self._host)
         out = {}
         if self._events:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
             for phase, pairs in self._events.items():
                 out[phase] = sum(a.elapsed_time(b) for a, b in pairs) / 1e3
         return out

@@ -49,7 +49,7 @@ def env() -> dict:
 
 def sync(device):
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def median_time(fn, device="cpu", warmup=2, reps=10) -> float:
@@ -77,12 +77,12 @@ def peak_bytes(fn, device="cpu") -> int:
     """Extra peak memory of one ``fn()`` call (CUDA allocator stats on GPU, live-tensor tracking on CPU)."""
     gc.collect()
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
     with LiveStorages() as tracker:  # storages created during fn, each alive until its last view dies
         fn()
     return replay_peak(tracker.events, tracker.size, {})["transients"]

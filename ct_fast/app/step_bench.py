@@ -158,7 +158,7 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
             _free(device)
             continue
         if device != "cpu":
-            peak = torch.cuda.max_memory_allocated()
+            peak = torch.cuda.max_memory_allocated(device)
         else:  # one more, untimed step under the live-tensor tracker
             transient = harness.peak_bytes(lambda: m.step(data[-1]), device)
             peak = _persistent_bytes(model, m) + transient
@@ -191,8 +191,8 @@ def _time_steps(m: _Method, data, warmup: int, steps: int, device) -> tuple[list
     for b in data[:warmup]:
         m.step(b)
     if device != "cpu":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     times, splits = [], []
     for b in data[warmup:warmup + steps]:
         t0 = time.perf_counter()

@@ -22,6 +22,7 @@ makes no host-to-device copy, so it can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -154,8 +155,28 @@ def _call(op: str, backend: str, *args):
         return library.DEFAULTS[op](*args)
     if backend == "triton":
         from .. import kernels
-        return getattr(kernels, op)(*args)
+        with _on(_device_of(args)):
+            return getattr(kernels, op)(*args)
     return getattr(torch.ops.ct_fast, op)(*args)
+
+
+def _on(device: torch.device | None):
+    """Make ``device`` current for a Triton launch: Triton launches on torch's current GPU and stream, which need
+    not be the tensors' (a model on cuda:1 driven from a thread whose current GPU is cuda:0); the native CUDA ops
+    guard themselves."""
+    return torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
+
+
+def _device_of(args) -> torch.device | None:
+    """The device of the first tensor in ``args`` (tensors, or lists of them)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, torch.Tensor):
+                    return t.device
+    return None
 
 
 # ---- public ops ------------------------------------------------------------------------------------
@@ -226,9 +247,10 @@ def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha:
                 runs[-1].append(item)
             else:
                 runs.append([item])
-        for run in runs:
-            first, last = run[0][0], run[-1][0] + run[-1][1]
-            kernels.score_edges_into(out[first:last], [(d, w) for _, _, d, w in run], grad_down, alpha)
+        with _on(out.device):
+            for run in runs:
+                first, last = run[0][0], run[-1][0] + run[-1][1]
+                kernels.score_edges_into(out[first:last], [(d, w) for _, _, d, w in run], grad_down, alpha)
     return out
 
 
@@ -255,7 +277,8 @@ def residual_grads(terms, out: torch.Tensor, norm=None, x=None, stats=None, sums
     from .. import kernels
 
     mean, rstd, gamma = (stats or reference.norm_stats(norm, x)) if norm is not None else (None, None, None)
-    return kernels.residual_grads(terms, out, x, (mean, rstd), gamma, kind, sums=sums)
+    with _on(out.device):
+        return kernels.residual_grads(terms, out, x, (mean, rstd), gamma, kind, sums=sums)
 
 
 def residual_grads_blocks(blocks, out: torch.Tensor, norm=None, x=None, stats=None, sums=None) -> torch.Tensor:
@@ -278,7 +301,8 @@ def residual_grads_blocks(blocks, out: torch.Tensor, norm=None, x=None, stats=No
     from .. import kernels
 
     mean, rstd, gamma = (stats or reference.norm_stats(norm, x)) if norm is not None else (None, None, None)
-    return kernels.residual_grads_blocks(blocks, out, x, (mean, rstd), gamma, kind, sums=sums)
+    with _on(out.device):
+        return kernels.residual_grads_blocks(blocks, out, x, (mean, rstd), gamma, kind, sums=sums)
 
 
 def masked_weight_grad(x, grad_out, index, out_features: bool) -> torch.Tensor:
@@ -367,7 +391,8 @@ def nonfinite_flag_(grads, found_inf: torch.Tensor) -> None:
     if (requested_backend() in ("auto", "triton") and device.type == "cuda" and triton_available(device) is None
             and all(g.is_contiguous() for g in grads)):
         from .. import kernels
-        kernels.nonfinite_flag_(grads, found_inf)
+        with _on(device):
+            kernels.nonfinite_flag_(grads, found_inf)
     else:
         library.nonfinite_flag_(grads, found_inf)
 
