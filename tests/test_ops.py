@@ -1050,11 +1050,14 @@ def test_masked_step_captures_in_a_cuda_graph(op, device, backend):
         _assert_same(_state(static), _state(eager))
 
 
-def test_triton_launches_are_made_on_the_tensors_gpu():
+def test_triton_launches_are_made_on_the_tensors_gpu(monkeypatch):
     """Triton launches on torch's current GPU: ``ops._on`` makes the tensors' GPU current around each launch (a
-    model on cuda:1 driven from a thread whose current GPU is cuda:0), and is a no-op for CPU tensors."""
+    model on cuda:1 driven from a thread whose current GPU is cuda:0), and is a no-op for CPU tensors and for the
+    current GPU."""
     t = torch.zeros(2)
     assert ops._device_of([[t], 3.0]) == ops._device_of((1, t)) == t.device and ops._device_of((1.0, [])) is None
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     guard = ops._on(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    assert not isinstance(ops._on(t.device), torch.cuda.device) and not isinstance(ops._on(None), torch.cuda.device)
+    for device in (torch.device("cuda", 0), torch.device("cuda"), t.device, None):
+        assert not isinstance(ops._on(device), torch.cuda.device)

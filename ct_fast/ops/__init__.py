@@ -163,8 +163,10 @@ def _call(op: str, backend: str, *args):
 def _on(device: torch.device | None):
     """Make ``device`` current for a Triton launch: Triton launches on torch's current GPU and stream, which need
     not be the tensors' (a model on cuda:1 driven from a thread whose current GPU is cuda:0); the native CUDA ops
-    guard themselves."""
-    return torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
+    guard themselves. Nothing to do (no context entered) where it is current already."""
+    if device is None or device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _device_of(args) -> torch.device | None:
