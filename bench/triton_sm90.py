@@ -41,8 +41,8 @@ PTR = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
 TL = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16}
 OPT_TYPES = {"g_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "buf_ptr": "*fp32", "step_ptr": "*fp32",
              "rows_ptr": "*i64", "slots_ptr": "*i64", "lr": "fp32", "lr_ptr": "*fp32", "found_ptr": "*fp32",
-             "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "weight_decay": "fp32", "momentum": "fp32",
-             "dampening": "fp32"}
+             **{k: "fp32" for k in ("lr_lo", "b1_hi", "b1_lo", "b2_hi", "b2_lo", "w1", "w2", "eps", "weight_decay",
+                                     "decay", "momentum", "one_minus_dampening")}}
 
 
 def _module(name):

@@ -26,10 +26,15 @@ Hygiene, so that a masked step needs nothing from the host and can be captured i
   non-finite value; each update program reads it and writes nothing (parameter, states, step count) when it is
   non-zero;
 - no descriptor table and no host-to-device copy: everything a launch needs is a kernel argument;
+- the scalars as torch.optim's single-tensor step takes them: ``1 - beta1``, ``1 - beta2``, ``1 - lr * wd`` (float
+  lr) and ``1 - dampening`` worked out in double on the host and rounded once (``1 - float32(beta2)`` in fp32 is off
+  by 1.3e-5 at beta2 = 0.999), the betas and a float lr in the bias corrections as double (``hi + lo`` pairs);
 - the fp32 math rounds as torch does (``sqrt_rn``, ``div_rn``), and bf16 parameters are stored rounded to
   nearest-even by integer arithmetic (the interpreter's cast truncates; on a GPU the result is the same as the
   hardware's round-to-nearest-even conversion).
 """
+
+import struct
 
 import torch
 import triton
@@ -101,34 +106,45 @@ def _row_end(step_ptr, slot, t, found_ptr, CHECK: tl.constexpr):
 
 
 @triton.jit
-def _adamw_elements(p, g, m, v, decay, step_size, bc2_sqrt, beta1, beta2, eps):
-    """One AdamW update of fp32 ``p`` (its dtype's value), ``g``, ``m``, ``v``: ``(p, m, v)`` (the row and the tile
-    kernels share it: the same bits either way)."""
+def _adamw_elements(p, g, m, v, decay, step_size, bc2_sqrt, w1, beta2, w2, eps):
+    """One AdamW update of fp32 ``p`` (its dtype's value), ``g``, ``m``, ``v`` (``w1``, ``w2``: ``1 - beta1``,
+    ``1 - beta2`` as torch takes them, rounded once from double): ``(p, m, v)`` (the row and the tile kernels share
+    it: the same bits either way)."""
     p = p * decay
-    m = m + (1.0 - beta1) * (g - m)
-    v = v * beta2 + (1.0 - beta2) * g * g
+    m = m + w1 * (g - m)
+    v = v * beta2 + w2 * g * g
     denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     return p + tl.div_rn(-step_size * m, denom), m, v
 
 
 @triton.jit
-def _adamw_constants(lr, t, beta1, beta2):
-    """``(step_size, sqrt(bias correction 2))`` of step ``t``: fp64 bias corrections rounded once to fp32 (as torch's
-    Python-float math and the C++ kernels)."""
-    step_size = (tl.cast(lr, tl.float64) / (1.0 - _pow_count(beta1, t))).to(tl.float32)
-    bc2_sqrt = tl.sqrt(1.0 - _pow_count(beta2, t)).to(tl.float32)
-    return step_size, bc2_sqrt
+def _adamw_constants(lr_v, lr_lo, decay, weight_decay, t, b1_hi, b1_lo, b2_hi, b2_lo, LR_PTR: tl.constexpr):
+    """``(step_size, sqrt(bias correction 2), decay)`` of step ``t``: the bias corrections in fp64 from the betas as
+    double (each passed as an fp32 pair ``hi + lo``: a kernel's float arguments are fp32), rounded once to fp32 (as
+    torch's Python-float math and the C++ kernels). A float lr is the double ``lr_v + lr_lo`` and its decay the
+    host's; a device lr (``LR_PTR``) is its fp32 value, and its decay ``1 - lr * wd`` in fp32 (the reference's tensor
+    math)."""
+    if LR_PTR:
+        lr = tl.cast(lr_v, tl.float64)
+        decay = 1.0 - lr_v * weight_decay
+    else:
+        lr = tl.cast(lr_v, tl.float64) + tl.cast(lr_lo, tl.float64)
+    b1 = tl.cast(b1_hi, tl.float64) + tl.cast(b1_lo, tl.float64)
+    b2 = tl.cast(b2_hi, tl.float64) + tl.cast(b2_lo, tl.float64)
+    step_size = (lr / (1.0 - _pow_count(b1, t))).to(tl.float32)
+    bc2_sqrt = tl.sqrt(1.0 - _pow_count(b2, t)).to(tl.float32)
+    return step_size, bc2_sqrt, decay
 
 
 @triton.jit
-def _sgd_elements(p, g, b, first, lr, momentum, dampening, weight_decay, HAS_WD: tl.constexpr,
+def _sgd_elements(p, g, b, first, lr, momentum, one_minus_dampening, weight_decay, HAS_WD: tl.constexpr,
                   MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
-    """One SGD update of fp32 ``p``, ``g`` and the momentum buffer ``b`` (``first``: the row's first step):
-    ``(p, b)``."""
+    """One SGD update of fp32 ``p``, ``g`` and the momentum buffer ``b`` (``first``: the row's first step;
+    ``one_minus_dampening`` rounded once from double, as torch takes it): ``(p, b)``."""
     if HAS_WD:
         g = g + weight_decay * p
     if MOMENTUM:
-        b = tl.where(first, g, b * momentum + (1.0 - dampening) * g)
+        b = tl.where(first, g, b * momentum + one_minus_dampening * g)
         if NESTEROV:
             g = g + momentum * b
         else:
@@ -138,7 +154,7 @@ def _sgd_elements(p, g, b, first, lr, momentum, dampening, weight_decay, HAS_WD:
 
 @triton.jit
 def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, step_ptr, rows_ptr, slots_ptr, M,
-                         lr, lr_ptr, found_ptr, beta1, beta2, eps, weight_decay,
+                         lr, lr_lo, lr_ptr, found_ptr, b1_hi, b1_lo, b2_hi, b2_lo, w1, w2, eps, weight_decay, decay,
                          LR_PTR: tl.constexpr,  # read lr from lr_ptr (a device tensor) instead of the float
                          CHECK: tl.constexpr,  # skip everything while found_ptr[0] != 0
                          MAXIMIZE: tl.constexpr,  # negate the gradient (torch's maximize=True)
@@ -146,8 +162,8 @@ def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, ste
                          BLOCK: tl.constexpr):  # columns per iteration
     r, row, slot, lr_v, t, n_cols = _row_start(rows_ptr, slots_ptr, step_ptr, lr, lr_ptr, found_ptr, M, LR_PTR,
                                                CHECK)
-    step_size, bc2_sqrt = _adamw_constants(lr_v, t, beta1, beta2)
-    decay = 1.0 - lr_v * weight_decay
+    step_size, bc2_sqrt, decay = _adamw_constants(lr_v, lr_lo, decay, weight_decay, t, b1_hi, b1_lo, b2_hi, b2_lo,
+                                                  LR_PTR)
     p_row = p_ptr + row * stride_row
     g_row = g_ptr + r * M
     m_row = m_ptr + slot * M
@@ -162,7 +178,7 @@ def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, ste
         v = tl.load(v_row + cols, mask=mask, other=0.0)
         p_addr = p_row + cols.to(tl.int64) * stride_col
         p = tl.load(p_addr, mask=mask, other=0.0).to(tl.float32)
-        p, m, v = _adamw_elements(p, g, m, v, decay, step_size, bc2_sqrt, beta1, beta2, eps)
+        p, m, v = _adamw_elements(p, g, m, v, decay, step_size, bc2_sqrt, w1, b2_hi, w2, eps)
         tl.store(m_row + cols, m, mask=mask)
         tl.store(v_row + cols, v, mask=mask)
         _store_param(p_addr, p, mask, BF16)
@@ -171,7 +187,7 @@ def _masked_adamw_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, ste
 
 @triton.jit
 def _masked_sgd_kernel(p_ptr, stride_row, stride_col, g_ptr, buf_ptr, step_ptr, rows_ptr, slots_ptr, M,
-                       lr, lr_ptr, found_ptr, momentum, dampening, weight_decay,
+                       lr, lr_ptr, found_ptr, momentum, one_minus_dampening, weight_decay,
                        LR_PTR: tl.constexpr, CHECK: tl.constexpr, MAXIMIZE: tl.constexpr, BF16: tl.constexpr,
                        HAS_WD: tl.constexpr,  # weight_decay != 0
                        MOMENTUM: tl.constexpr,  # a momentum buffer (momentum != 0)
@@ -193,7 +209,8 @@ def _masked_sgd_kernel(p_ptr, stride_row, stride_col, g_ptr, buf_ptr, step_ptr, 
         b = g
         if MOMENTUM:
             b = tl.load(b_row + cols, mask=mask, other=0.0)
-        p, b = _sgd_elements(p, g, b, first, lr_v, momentum, dampening, weight_decay, HAS_WD, MOMENTUM, NESTEROV)
+        p, b = _sgd_elements(p, g, b, first, lr_v, momentum, one_minus_dampening, weight_decay, HAS_WD, MOMENTUM,
+                             NESTEROV)
         if MOMENTUM:
             tl.store(b_row + cols, b, mask=mask)
         _store_param(p_addr, p, mask, BF16)
@@ -240,7 +257,7 @@ def _tile_grads(g_ptr, rr, rmask, M, n_cols, c0, MAXIMIZE: tl.constexpr, BM: tl.
 
 @triton.jit
 def _adamw_tiles(p_ptr, prow, stride_col, g_ptr, m_ptr, v_ptr, rr, slot, rmask, M, n_cols, decay, step_size,
-                 bc2_sqrt, beta1, beta2, eps, MAXIMIZE: tl.constexpr, BF16: tl.constexpr, BM: tl.constexpr):
+                 bc2_sqrt, w1, beta2, w2, eps, MAXIMIZE: tl.constexpr, BF16: tl.constexpr, BM: tl.constexpr):
     """AdamW over the ``M`` columns of a program's rows in ``[BM, BR]`` tiles; ``prow``: each row's parameter offset
     (``row * stride_row``)."""
     for c0 in range(0, M, BM):
@@ -251,7 +268,7 @@ def _adamw_tiles(p_ptr, prow, stride_col, g_ptr, m_ptr, v_ptr, rr, slot, rmask, 
         m = tl.load(m_addr, mask=mask, other=0.0)
         v = tl.load(v_addr, mask=mask, other=0.0)
         p = tl.load(p_addr, mask=mask, other=0.0).to(tl.float32)
-        p, m, v = _adamw_elements(p, g, m, v, decay, step_size[None, :], bc2_sqrt[None, :], beta1, beta2, eps)
+        p, m, v = _adamw_elements(p, g, m, v, decay, step_size[None, :], bc2_sqrt[None, :], w1, beta2, w2, eps)
         tl.store(m_addr, m, mask=mask)
         tl.store(v_addr, v, mask=mask)
         _store_param(p_addr, p, mask, BF16)
@@ -259,26 +276,26 @@ def _adamw_tiles(p_ptr, prow, stride_col, g_ptr, m_ptr, v_ptr, rr, slot, rmask, 
 
 @triton.jit
 def _masked_adamw_tiles_kernel(p_ptr, stride_row, stride_col, g_ptr, m_ptr, v_ptr, step_ptr, rows_ptr, slots_ptr, K,
-                               M, lr, lr_ptr, found_ptr, beta1, beta2, eps, weight_decay,
-                               LR_PTR: tl.constexpr, CHECK: tl.constexpr, MAXIMIZE: tl.constexpr, BF16: tl.constexpr,
-                               BR: tl.constexpr,  # selected rows per program
+                               M, lr, lr_lo, lr_ptr, found_ptr, b1_hi, b1_lo, b2_hi, b2_lo, w1, w2, eps, weight_decay,
+                               decay, LR_PTR: tl.constexpr, CHECK: tl.constexpr, MAXIMIZE: tl.constexpr,
+                               BF16: tl.constexpr, BR: tl.constexpr,  # selected rows per program
                                BM: tl.constexpr):  # columns per tile
     rr, rmask, row, slot, lr_v, t, ok, n_cols, first, run = _tile_start(rows_ptr, slots_ptr, step_ptr, lr, lr_ptr,
                                                                          found_ptr, K, M, LR_PTR, CHECK, BR)
-    step_size, bc2_sqrt = _adamw_constants(lr_v, t, beta1, beta2)
-    decay = 1.0 - lr_v * weight_decay
+    step_size, bc2_sqrt, decay = _adamw_constants(lr_v, lr_lo, decay, weight_decay, t, b1_hi, b1_lo, b2_hi, b2_lo,
+                                                  LR_PTR)
     if run:  # offsets the compiler sees as consecutive (unit stride_row: coalesced parameter accesses)
         _adamw_tiles(p_ptr, (first + tl.arange(0, BR)) * stride_row, stride_col, g_ptr, m_ptr, v_ptr, rr, slot,
-                     rmask, M, n_cols, decay, step_size, bc2_sqrt, beta1, beta2, eps, MAXIMIZE, BF16, BM)
+                     rmask, M, n_cols, decay, step_size, bc2_sqrt, w1, b2_hi, w2, eps, MAXIMIZE, BF16, BM)
     else:
         _adamw_tiles(p_ptr, row * stride_row, stride_col, g_ptr, m_ptr, v_ptr, rr, slot, rmask, M, n_cols, decay,
-                     step_size, bc2_sqrt, beta1, beta2, eps, MAXIMIZE, BF16, BM)
+                     step_size, bc2_sqrt, w1, b2_hi, w2, eps, MAXIMIZE, BF16, BM)
     tl.store(step_ptr + slot, t, mask=ok)
 
 
 @triton.jit
 def _sgd_tiles(p_ptr, prow, stride_col, g_ptr, buf_ptr, rr, slot, rmask, M, n_cols, first_step, lr, momentum,
-               dampening, weight_decay, MAXIMIZE: tl.constexpr, BF16: tl.constexpr, HAS_WD: tl.constexpr,
+               one_minus_dampening, weight_decay, MAXIMIZE: tl.constexpr, BF16: tl.constexpr, HAS_WD: tl.constexpr,
                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, BM: tl.constexpr):
     """SGD over the ``M`` columns of a program's rows in ``[BM, BR]`` tiles (as ``_adamw_tiles``)."""
     for c0 in range(0, M, BM):
@@ -289,8 +306,8 @@ def _sgd_tiles(p_ptr, prow, stride_col, g_ptr, buf_ptr, rr, slot, rmask, M, n_co
         b = g
         if MOMENTUM:
             b = tl.load(b_addr, mask=mask, other=0.0)
-        p, b = _sgd_elements(p, g, b, first_step[None, :], lr, momentum, dampening, weight_decay, HAS_WD, MOMENTUM,
-                             NESTEROV)
+        p, b = _sgd_elements(p, g, b, first_step[None, :], lr, momentum, one_minus_dampening, weight_decay, HAS_WD,
+                             MOMENTUM, NESTEROV)
         if MOMENTUM:
             tl.store(b_addr, b, mask=mask)
         _store_param(p_addr, p, mask, BF16)
@@ -298,7 +315,7 @@ def _sgd_tiles(p_ptr, prow, stride_col, g_ptr, buf_ptr, rr, slot, rmask, M, n_co
 
 @triton.jit
 def _masked_sgd_tiles_kernel(p_ptr, stride_row, stride_col, g_ptr, buf_ptr, step_ptr, rows_ptr, slots_ptr, K, M,
-                             lr, lr_ptr, found_ptr, momentum, dampening, weight_decay,
+                             lr, lr_ptr, found_ptr, momentum, one_minus_dampening, weight_decay,
                              LR_PTR: tl.constexpr, CHECK: tl.constexpr, MAXIMIZE: tl.constexpr, BF16: tl.constexpr,
                              HAS_WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                              BR: tl.constexpr, BM: tl.constexpr):
@@ -307,11 +324,11 @@ def _masked_sgd_tiles_kernel(p_ptr, stride_row, stride_col, g_ptr, buf_ptr, step
     first_step = t == 1.0  # torch starts the buffer as the gradient
     if run:
         _sgd_tiles(p_ptr, (first + tl.arange(0, BR)) * stride_row, stride_col, g_ptr, buf_ptr, rr, slot, rmask, M,
-                   n_cols, first_step, lr_v, momentum, dampening, weight_decay, MAXIMIZE, BF16, HAS_WD, MOMENTUM,
-                   NESTEROV, BM)
+                   n_cols, first_step, lr_v, momentum, one_minus_dampening, weight_decay, MAXIMIZE, BF16, HAS_WD,
+                   MOMENTUM, NESTEROV, BM)
     else:
         _sgd_tiles(p_ptr, row * stride_row, stride_col, g_ptr, buf_ptr, rr, slot, rmask, M, n_cols, first_step,
-                   lr_v, momentum, dampening, weight_decay, MAXIMIZE, BF16, HAS_WD, MOMENTUM, NESTEROV, BM)
+                   lr_v, momentum, one_minus_dampening, weight_decay, MAXIMIZE, BF16, HAS_WD, MOMENTUM, NESTEROV, BM)
     tl.store(step_ptr + slot, t, mask=ok)
 
 
@@ -343,6 +360,12 @@ def nonfinite_flag_(grads, found_inf):
         _nonfinite_kernel[(triton.cdiv(n, block),)](g, n, found_inf, BLOCK=block)
 
 
+def _split(x: float) -> tuple[float, float]:
+    """``(hi, lo)``: ``hi`` the fp32 value of double ``x``, ``lo`` the rest (fp32: ``hi + lo`` is ``x`` to ~2^-48)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
 def _block(M):
     return min(1024, triton.next_power_of_2(max(M, 1)))
 
@@ -361,8 +384,10 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, 
         _check(p, g, step, r, s)
         if not (m.is_contiguous() and v.is_contiguous()):
             raise ValueError("masked_adamw_: optimizer states must be contiguous fp32 [capacity, M]")
-        common = (float(lr), lr_tensor if lr_tensor is not None else step, found_inf if found_inf is not None else step,
-                  beta1, beta2, eps, weight_decay)
+        lr_f, lr_lo = _split(float(lr))
+        common = (lr_f, lr_lo, lr_tensor if lr_tensor is not None else step,
+                  found_inf if found_inf is not None else step, *_split(beta1), *_split(beta2), 1.0 - beta1,
+                  1.0 - beta2, eps, weight_decay, 1.0 - float(lr) * weight_decay)
         flags = dict(LR_PTR=lr_tensor is not None, CHECK=found_inf is not None, MAXIMIZE=bool(maximize),
                      BF16=p.dtype == torch.bfloat16)
         if tiled(p):
@@ -383,11 +408,11 @@ def masked_sgd_(params, grads, momentum_buffers, steps, rows, slots, lr, momentu
         if k == 0:
             continue
         _check(p, g, step, r, s)
-        buf = momentum_buffers[i] if momentum_buffers else None
+        buf = momentum_buffers[i] if momentum_buffers and momentum != 0 else None  # (torch ignores them at 0)
         if buf is not None and not buf.is_contiguous():
             raise ValueError("masked_sgd_: momentum buffers must be contiguous fp32 [capacity, M]")
         common = (float(lr), lr_tensor if lr_tensor is not None else step, found_inf if found_inf is not None else step,
-                  momentum, dampening, weight_decay)
+                  momentum, 1.0 - dampening, weight_decay)
         flags = dict(LR_PTR=lr_tensor is not None, CHECK=found_inf is not None, MAXIMIZE=bool(maximize),
                      BF16=p.dtype == torch.bfloat16, HAS_WD=weight_decay != 0, MOMENTUM=buf is not None,
                      NESTEROV=bool(nesterov))

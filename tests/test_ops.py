@@ -698,6 +698,11 @@ def test_masked_sgd_without_momentum_ignores_buffers(device, backend):
     for i in range(len(full)):
         assert_close(full[i], ref_full[i], name=f"param {i}")
         assert torch.equal(m[i], m0[i])
+    # the backend's own op too (torch.ops.ct_fast / the Triton launcher), called with the buffers
+    again = _optimizer_case(37, torch.float32, device=device)
+    ops._call("masked_sgd_", backend, again[1], again[2], again[5], again[7], again[3], again[4], 0.1, 0.0, 0.5, 0.0,
+              False, False, None, None)
+    assert all(torch.equal(a, b) for a, b in zip(again[5], m0)) and all(torch.equal(a, b) for a, b in zip(again[0], full))
 
 
 def test_opcheck_every_op():
@@ -966,12 +971,39 @@ OPT_CASES = [pytest.param(op, d, b, marks=p.marks, id=f"{op}-{p.id}") for op in 
 @pytest.mark.parametrize("op,device,backend", OPT_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lr_tensor_equals_float_lr(op, device, backend, dtype):
-    """lr as a one-element device tensor (read by the kernel) gives the float-lr result: bit for bit in the
-    kernels (both are the same fp32 value), within the dtype's band in the torch path (fp64 vs fp32 lr)."""
+    """lr as a one-element device tensor (read by the kernel) gives the float-lr result within the dtype's band: as in
+    torch, a float lr enters the bias correction and the decay as a double, a tensor lr as its fp32 value."""
     a, b = _optimizer_case(13, dtype, device=device), _optimizer_case(13, dtype, device=device)
     _opt_call(op, a, 1e-2)
     _opt_call(op, b, torch.tensor([1e-2], device=device))
-    _assert_same(_state(a), _state(b), exact=backend != "torch")
+    _assert_same(_state(a), _state(b), exact=False)
+
+
+@pytest.mark.parametrize("op,device,backend", OPT_CASES)
+@pytest.mark.parametrize("lr", ["float", "tensor"])
+def test_default_betas_follow_torch(op, device, backend, lr):
+    """torch's default betas (0.9, 0.999) and SGD's dampening: the kernels take ``1 - beta`` (and ``1 - lr * wd``,
+    ``1 - dampening``) as torch does, worked out in double and rounded once, and the betas as doubles in the bias
+    corrections — ``1 - float32(0.999)`` would be 1.3e-5 off, a bias on every second moment. Parameters and states
+    within a few fp32 ulps of the torch reference (tolerances a 1.3e-5 relative error fails)."""
+    case, ref = _optimizer_case(29, torch.float32, device=device), _optimizer_case(29, torch.float32, device=device)
+    full, views, grads, rows, slots, m, v, steps = case
+    r_full, r_views, _, _, _, r_m, r_v, r_steps = ref
+    r_views = _views_like(r_full, views)
+    for t in v + r_v:
+        t.mul_(1e-3)  # second moments of the gradients' scale: the new term matters
+    rate = 3e-3 if lr == "float" else torch.tensor([3e-3], device=device)
+    if op == "masked_adamw_":
+        args = (0.9, 0.999, 1e-8, 0.01, False)
+        library.masked_adamw_default(r_views, grads, r_m, r_v, [], r_steps, rows, slots, rate, *args)
+        ops.masked_adamw_(views, grads, m, v, [], steps, rows, slots, rate, *args)
+    else:
+        args = (0.9, 0.3, 0.01, False, False)
+        library.masked_sgd_default(r_views, grads, r_m, r_steps, rows, slots, rate, *args)
+        ops.masked_sgd_(views, grads, m, steps, rows, slots, rate, *args)
+    atol = 1e-9 if op == "masked_adamw_" else 1e-8  # (SGD: a momentum buffer entry near zero by cancellation)
+    for got, want in zip(full + m + v, r_full + r_m + r_v):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=atol)
 
 
 @pytest.mark.parametrize("op,device,backend", OPT_CASES)

@@ -38,8 +38,15 @@ struct RowsTensor {
   const int64_t* slots;
 };
 
-struct AdamWHyper { float lr, beta1, beta2, eps, weight_decay; bool maximize; };
-struct SGDHyper { float lr, momentum, dampening, weight_decay; bool nesterov, maximize; };
+// The scalars as torch.optim's single-tensor step takes them: Python floats (double) cast to fp32 where they scale a
+// tensor (beta2, the lerp weight 1 - beta1, addcmul's 1 - beta2, the decay 1 - lr * wd, SGD's 1 - dampening: each
+// worked out in double, rounded once), and doubles in the per-row bias corrections (beta ** step, lr / bc1).
+struct AdamWHyper {
+  double lr, beta1, beta2;  // lr: the float argument, or the lr tensor's fp32 value
+  float beta2_f, w1, w2, decay, eps;
+  bool maximize;
+};
+struct SGDHyper { float lr, momentum, one_minus_dampening, weight_decay; bool nesterov, maximize; };
 
 // AdamW on row r of t, exactly the update of torch.optim.AdamW (single tensor) for that row. kContiguous: the
 // row's elements are adjacent (a selected weight row), so the loop vectorises; else they are s_col apart.
@@ -48,9 +55,9 @@ void adamw_row_impl(const RowsTensor& t, int64_t r, const AdamWHyper& h) {
   const int64_t slot = t.slots[r], M = t.M, s_col = kContiguous ? 1 : t.s_col;
   const float st = t.step[slot] + 1.0f;
   t.step[slot] = st;
-  const float step_size = static_cast<float>(h.lr / (1.0 - std::pow(static_cast<double>(h.beta1), static_cast<double>(st))));
-  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(h.beta2), static_cast<double>(st))));
-  const float decay = 1.0f - h.lr * h.weight_decay, w1 = 1.0f - h.beta1, w2 = 1.0f - h.beta2, beta2 = h.beta2;
+  const float step_size = static_cast<float>(h.lr / (1.0 - std::pow(h.beta1, static_cast<double>(st))));
+  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(h.beta2, static_cast<double>(st))));
+  const float decay = h.decay, w1 = h.w1, w2 = h.w2, beta2 = h.beta2_f;
   const float eps = h.eps, sign = h.maximize ? -1.0f : 1.0f;
   scalar_t* __restrict__ prow = static_cast<scalar_t*>(t.p) + t.rows[r] * t.s_row;
   const float* __restrict__ grow = t.g + r * M;
@@ -88,7 +95,7 @@ void sgd_row(const RowsTensor& t, int64_t r, const SGDHyper& h) {
     float gj = h.maximize ? -grow[j] : grow[j];
     if (h.weight_decay != 0.0f) gj = gj + h.weight_decay * pj;
     if (brow) {
-      const float bj = (st == 1.0f) ? gj : brow[j] * h.momentum + (1.0f - h.dampening) * gj;
+      const float bj = (st == 1.0f) ? gj : brow[j] * h.momentum + h.one_minus_dampening * gj;
       brow[j] = bj;
       gj = h.nesterov ? gj + h.momentum * bj : bj;
     }
@@ -113,11 +120,19 @@ void for_all_rows(at::TensorList params, at::TensorList grads, at::TensorList st
   std::vector<RowsTensor> tensors;
   std::vector<int64_t> first;  // prefix sums of selected rows
   int64_t total = 0;
+  TORCH_CHECK(grads.size() == params.size() && steps.size() == params.size() && rows.size() == params.size() &&
+                  slots.size() == params.size() && (state0.empty() || state0.size() == params.size()) &&
+                  (state1.empty() || state1.size() == params.size()),
+              "ct_fast: one gradient, step tensor, rows, slots (and state per moment) per parameter");
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     check_rows(p, grads[i], rows[i], slots[i], steps[i]);
     if (rows[i].numel() == 0) continue;
-    TORCH_CHECK((state0.empty() || state0[i].is_contiguous()) && (state1.empty() || state1[i].is_contiguous()),
+    auto state_ok = [&](at::TensorList st) {
+      return st.empty() || (st[i].is_contiguous() && st[i].scalar_type() == at::kFloat && st[i].dim() == 2 &&
+                            st[i].size(1) == p.size(1));
+    };
+    TORCH_CHECK(state_ok(state0) && state_ok(state1),
                 "ct_fast: optimizer states must be contiguous fp32 [capacity, M]");
     tensors.push_back({p.data_ptr(), p.scalar_type(), p.stride(0), p.stride(1), p.size(1), grads[i].data_ptr<float>(),
                        state0.empty() ? nullptr : state0[i].data_ptr<float>(),
@@ -175,9 +190,15 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
                       double weight_decay, bool maximize, const std::optional<at::Tensor>& lr_tensor,
                       const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(max_exp_avg_sqs.empty(), "ct_fast: amsgrad runs on the torch backend");
+  TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
+              "ct_fast: masked_adamw_ needs exp_avgs and exp_avg_sqs for every parameter");
   if (skip_update(grads, rows, found_inf)) return;
-  const AdamWHyper h{static_cast<float>(lr_value(lr, lr_tensor)), static_cast<float>(beta1),
-                     static_cast<float>(beta2), static_cast<float>(eps), static_cast<float>(weight_decay), maximize};
+  const double lr_d = lr_value(lr, lr_tensor);
+  // the decay as the reference computes it: in fp32 from an lr tensor, in double from a float lr
+  const float decay = lr_tensor.has_value() ? 1.0f - static_cast<float>(lr_d) * static_cast<float>(weight_decay)
+                                            : static_cast<float>(1.0 - lr * weight_decay);
+  const AdamWHyper h{lr_d, beta1, beta2, static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
+                     static_cast<float>(1.0 - beta2), decay, static_cast<float>(eps), maximize};
   for_all_rows(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, [&](const RowsTensor& t, int64_t r) {
     dispatch_row(t, [&](auto* tag) { adamw_row<std::remove_pointer_t<decltype(tag)>>(t, r, h); });
   });
@@ -189,8 +210,12 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& found_inf) {
   if (skip_update(grads, rows, found_inf)) return;
   const SGDHyper h{static_cast<float>(lr_value(lr, lr_tensor)), static_cast<float>(momentum),
-                   static_cast<float>(dampening), static_cast<float>(weight_decay), nesterov, maximize};
-  for_all_rows(params, grads, momentum_buffers, {}, steps, rows, slots, [&](const RowsTensor& t, int64_t r) {
+                   static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay), nesterov, maximize};
+  // momentum 0: no buffer is read or written, whatever is passed (as torch.optim.SGD)
+  TORCH_CHECK(momentum == 0.0 || momentum_buffers.size() == params.size(),
+              "ct_fast: masked_sgd_ with momentum needs a buffer for every parameter");
+  const at::TensorList buffers = momentum == 0.0 ? at::TensorList{} : momentum_buffers;
+  for_all_rows(params, grads, buffers, {}, steps, rows, slots, [&](const RowsTensor& t, int64_t r) {
     dispatch_row(t, [&](auto* tag) { sgd_row<std::remove_pointer_t<decltype(tag)>>(t, r, h); });
   });
 }

@@ -31,6 +31,9 @@ void launch_groups(at::TensorList params, at::TensorList grads, at::TensorList s
                    at::TensorList steps, at::TensorList rows, at::TensorList slots,
                    const std::optional<at::Tensor>& found_inf, Launch launch) {
   if (params.empty()) return;
+  TORCH_CHECK(grads.size() == params.size() && steps.size() == params.size() && rows.size() == params.size() &&
+                  slots.size() == params.size(),
+              "ct_fast: one gradient, step tensor, rows and slots per parameter");
   const c10::cuda::CUDAGuard guard(params[0].device());
   const auto device = params[0].device();
   auto on_device = [&](const at::Tensor& t) { return t.is_cuda() && t.device() == device; };
@@ -48,8 +51,12 @@ void launch_groups(at::TensorList params, at::TensorList grads, at::TensorList s
     TORCH_CHECK((state0.empty() || (state0[i].is_contiguous() && state0[i].scalar_type() == at::kFloat)) &&
                     (state1.empty() || (state1[i].is_contiguous() && state1[i].scalar_type() == at::kFloat)),
                 "ct_fast: optimizer states must be contiguous fp32 [capacity, M]");
-    TORCH_CHECK(grads[i].scalar_type() == at::kFloat && grads[i].is_contiguous() && grads[i].size(0) == rows[i].numel(),
+    TORCH_CHECK(grads[i].scalar_type() == at::kFloat && grads[i].is_contiguous() && grads[i].dim() == 2 &&
+                    grads[i].size(0) == rows[i].numel() && grads[i].size(1) == p.size(1),
                 "ct_fast: grads must be contiguous fp32 [k, M]");
+    TORCH_CHECK((state0.empty() || (state0[i].dim() == 2 && state0[i].size(1) == p.size(1))) &&
+                    (state1.empty() || (state1[i].dim() == 2 && state1[i].size(1) == p.size(1))),
+                "ct_fast: optimizer states must be [capacity, M] with the parameter's row width M");
     const int64_t k = rows[i].numel();
     if (k == 0) continue;
     auto& group = packs[static_cast<int>(dtype_of(p.scalar_type()))];
@@ -109,8 +116,11 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(max_exp_avg_sqs.empty(), "ct_fast: amsgrad runs on the torch backend");
   if (params.empty()) return;
-  AdamWHyper h{static_cast<float>(lr), static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
-               static_cast<float>(weight_decay), maximize};
+  TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
+              "ct_fast: masked_adamw_ needs exp_avgs and exp_avg_sqs for every parameter");
+  const AdamWHyper h{lr, beta1, beta2, static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
+                     static_cast<float>(1.0 - beta2), static_cast<float>(1.0 - lr * weight_decay),
+                     static_cast<float>(eps), static_cast<float>(weight_decay), maximize};
   const float* lr_ptr = lr_pointer(lr_tensor, params[0].device());
   launch_groups(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, found_inf,
                 [&](const RowsPack& pack, DType t, const float* flag, cudaStream_t s) {
@@ -123,10 +133,14 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& lr_tensor,
                      const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
-  SGDHyper h{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(dampening),
-             static_cast<float>(weight_decay), nesterov, maximize};
+  const SGDHyper h{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
+                   static_cast<float>(weight_decay), nesterov, maximize};
   const float* lr_ptr = lr_pointer(lr_tensor, params[0].device());
-  launch_groups(params, grads, momentum_buffers, {}, steps, rows, slots, found_inf,
+  // momentum 0: no buffer is read or written, whatever is passed (as torch.optim.SGD)
+  TORCH_CHECK(momentum == 0.0 || momentum_buffers.size() == params.size(),
+              "ct_fast: masked_sgd_ with momentum needs a buffer for every parameter");
+  const at::TensorList buffers = momentum == 0.0 ? at::TensorList{} : momentum_buffers;
+  launch_groups(params, grads, buffers, {}, steps, rows, slots, found_inf,
                 [&](const RowsPack& pack, DType t, const float* flag, cudaStream_t s) {
                   return launch_masked_sgd(pack, t, h, DeviceScalars{lr_ptr, flag}, s);
                 });

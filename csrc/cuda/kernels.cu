@@ -58,7 +58,7 @@ __device__ __forceinline__ float adamw_element(float p, float g, float* m, float
                                                float decay, float w1, float w2, float step_size, float bc2_sqrt) {
   const float gj = h.maximize ? -g : g;
   const float mj = __fmaf_rn(w1, __fsub_rn(gj, *m), *m);              // exp_avg.lerp_(g, 1 - beta1)
-  const float vj = __fmaf_rn(__fmul_rn(w2, gj), gj, __fmul_rn(*v, h.beta2));  // exp_avg_sq * b2 + (1 - b2) g g
+  const float vj = __fmaf_rn(__fmul_rn(w2, gj), gj, __fmul_rn(*v, h.beta2_f));  // exp_avg_sq * b2 + (1 - b2) g g
   *m = mj;
   *v = vj;
   const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vj), bc2_sqrt), h.eps);
@@ -66,11 +66,11 @@ __device__ __forceinline__ float adamw_element(float p, float g, float* m, float
 }
 
 // A row's AdamW constants from its (bumped) step count: the step size and sqrt of the second bias correction,
-// in fp64 and rounded once to fp32 (as torch's Python-float math).
-__device__ __forceinline__ void adamw_row_constants(const AdamWHyper& h, float lr, double step, float& step_size,
+// in fp64 from the double betas and rounded once to fp32 (as torch's Python-float math).
+__device__ __forceinline__ void adamw_row_constants(const AdamWHyper& h, double lr, double step, float& step_size,
                                                     float& bc2_sqrt) {
-  step_size = static_cast<float>(lr / (1.0 - pow(static_cast<double>(h.beta1), step)));
-  bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(h.beta2), step)));
+  step_size = static_cast<float>(lr / (1.0 - pow(h.beta1, step)));
+  bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(h.beta2, step)));
 }
 
 // SGD's element update (``buf``: null without momentum; ``first``: the row's first step, buffer = gradient).
@@ -78,7 +78,7 @@ __device__ __forceinline__ float sgd_element(float p, float g, float* buf, bool 
   float gj = h.maximize ? -g : g;
   if (h.weight_decay != 0.0f) gj = __fmaf_rn(h.weight_decay, p, gj);  // g.add(p, alpha=wd)
   if (buf) {
-    const float bj = first ? gj : __fmaf_rn(1.0f - h.dampening, gj, __fmul_rn(*buf, h.momentum));
+    const float bj = first ? gj : __fmaf_rn(h.one_minus_dampening, gj, __fmul_rn(*buf, h.momentum));
     *buf = bj;
     gj = h.nesterov ? __fmaf_rn(h.momentum, bj, gj) : bj;
   }
@@ -148,7 +148,8 @@ __device__ __forceinline__ void tiled_unit(const RowsDesc& t, Tile& s, int64_t r
 // The tiled AdamW update: the row path's math (fp64 bias corrections rounded once to fp32).
 struct AdamWTile {
   AdamWHyper h;
-  float lr, decay, w1, w2;
+  double lr;
+  float decay, w1, w2;
   __device__ void prep(Tile& s, int i, float step) const { adamw_row_constants(h, lr, step, s.a[i], s.b[i]); }
   __device__ float update(const RowsDesc& t, const Tile& s, int rr, int64_t j, float p, float g) const {
     return adamw_element(p, g, t.state0 + s.slot[rr] * t.M + j, t.state1 + s.slot[rr] * t.M + j, h, decay, w1, w2,
@@ -212,8 +213,9 @@ __global__ void masked_adamw_kernel(const __grid_constant__ RowsPack pack, const
                                     const DeviceScalars dev) {
   __shared__ Tile s;
   if (skipped(dev)) return;
-  const float lr = dev.lr ? *dev.lr : h.lr;
-  const float decay = 1.0f - lr * h.weight_decay, w1 = 1.0f - h.beta1, w2 = 1.0f - h.beta2;
+  // a device lr: the decay in fp32 from it (as the reference's tensor math), the step size from its fp32 value
+  const double lr = dev.lr ? static_cast<double>(*dev.lr) : h.lr;
+  const float decay = dev.lr ? __fsub_rn(1.0f, __fmul_rn(*dev.lr, h.weight_decay)) : h.decay, w1 = h.w1, w2 = h.w2;
   for (int64_t g = blockIdx.x; g < pack.total_units; g += gridDim.x) {
     const RowsDesc& t = pack.d[find_desc(pack, g)];
     int64_t r0, r1;

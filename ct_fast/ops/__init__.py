@@ -377,7 +377,7 @@ def masked_sgd_(params, grads, momentum_buffers, steps, rows, slots, lr, momentu
     _check_flag(found_inf, device)
     b = choose_backend("masked_sgd_", device, {p.dtype for p in params})
     if float(momentum) == 0.0:
-        momentum_buffers = []  # torch keeps no buffer without momentum; the kernels would update one
+        momentum_buffers = []  # torch keeps no buffer without momentum (each backend ignores them too)
     _call("masked_sgd_", b, params, grads, momentum_buffers, steps, rows, slots, lr_f, float(momentum),
           float(dampening), float(weight_decay), bool(nesterov), bool(maximize), lr_t, found_inf)
 
