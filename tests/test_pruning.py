@@ -54,7 +54,7 @@ def test_pruned_deferred_equals_unpruned(arch, top_n, threshold, mlp_head_dim, p
     ra, rb = _run(a, _batches(), True, **kw), _run(b, _batches(), False, **kw)
     for x, y in zip(ra, rb):
         assert [e[:2] for e in x.circuit.edges] == [e[:2] for e in y.circuit.edges]
-        assert x.loss == y.loss
+        assert x.loss == pytest.approx(y.loss, rel=1e-6)  # (the earlier steps' updates are fp32-close, not equal)
     touched = {}
     for r in ra:
         for name, mask in r.circuit.param_masks(a).items():
