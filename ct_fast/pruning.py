@@ -146,7 +146,7 @@ def _to_host(flags: torch.Tensor) -> tuple[torch.Tensor, object]:
     if flags.device.type != "cuda":
         return flags, None
     host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-    host.copy_(flags, non_blocking=True)  # queued on the flags' GPU's current stream (the host thread's current
-    event = torch.cuda.Event()  # GPU may be another one): the event goes there
+    host.copy_(flags, non_blocking=True)
+    event = torch.cuda.Event()  # on the stream the copy went to: the flags' GPU's (the current GPU may be another)
     event.record(torch.cuda.current_stream(flags.device))
     return host, event

@@ -11,6 +11,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "../optim_hyper.h"
+
 namespace ct_fast {
 namespace {
 
@@ -38,15 +40,6 @@ struct RowsTensor {
   const int64_t* slots;
 };
 
-// The scalars as torch.optim's single-tensor step takes them: Python floats (double) cast to fp32 where they scale a
-// tensor (beta2, the lerp weight 1 - beta1, addcmul's 1 - beta2, the decay 1 - lr * wd, SGD's 1 - dampening: each
-// worked out in double, rounded once), and doubles in the per-row bias corrections (beta ** step, lr / bc1).
-struct AdamWHyper {
-  double lr, beta1, beta2;  // lr: the float argument, or the lr tensor's fp32 value
-  float beta2_f, w1, w2, decay, eps;
-  bool maximize;
-};
-struct SGDHyper { float lr, momentum, one_minus_dampening, weight_decay; bool nesterov, maximize; };
 
 // AdamW on row r of t, exactly the update of torch.optim.AdamW (single tensor) for that row. kContiguous: the
 // row's elements are adjacent (a selected weight row), so the loop vectorises; else they are s_col apart.
@@ -193,12 +186,9 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
               "ct_fast: masked_adamw_ needs exp_avgs and exp_avg_sqs for every parameter");
   if (skip_update(grads, rows, found_inf)) return;
-  const double lr_d = lr_value(lr, lr_tensor);
-  // the decay as the reference computes it: in fp32 from an lr tensor, in double from a float lr
-  const float decay = lr_tensor.has_value() ? 1.0f - static_cast<float>(lr_d) * static_cast<float>(weight_decay)
-                                            : static_cast<float>(1.0 - lr * weight_decay);
-  const AdamWHyper h{lr_d, beta1, beta2, static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
-                     static_cast<float>(1.0 - beta2), decay, static_cast<float>(eps), maximize};
+  AdamWHyper h = adamw_hyper(lr_value(lr, lr_tensor), beta1, beta2, eps, weight_decay, maximize);
+  if (lr_tensor.has_value())  // its fp32 value: the decay in fp32, as the reference's tensor math
+    h.decay = 1.0f - static_cast<float>(h.lr) * h.weight_decay;
   for_all_rows(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, [&](const RowsTensor& t, int64_t r) {
     dispatch_row(t, [&](auto* tag) { adamw_row<std::remove_pointer_t<decltype(tag)>>(t, r, h); });
   });
@@ -209,8 +199,7 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     double dampening, double weight_decay, bool nesterov, bool maximize,
                     const std::optional<at::Tensor>& lr_tensor, const std::optional<at::Tensor>& found_inf) {
   if (skip_update(grads, rows, found_inf)) return;
-  const SGDHyper h{static_cast<float>(lr_value(lr, lr_tensor)), static_cast<float>(momentum),
-                   static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay), nesterov, maximize};
+  const SGDHyper h = sgd_hyper(lr_value(lr, lr_tensor), momentum, dampening, weight_decay, nesterov, maximize);
   // momentum 0: no buffer is read or written, whatever is passed (as torch.optim.SGD)
   TORCH_CHECK(momentum == 0.0 || momentum_buffers.size() == params.size(),
               "ct_fast: masked_sgd_ with momentum needs a buffer for every parameter");

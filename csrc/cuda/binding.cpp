@@ -118,9 +118,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   if (params.empty()) return;
   TORCH_CHECK(exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
               "ct_fast: masked_adamw_ needs exp_avgs and exp_avg_sqs for every parameter");
-  const AdamWHyper h{lr, beta1, beta2, static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
-                     static_cast<float>(1.0 - beta2), static_cast<float>(1.0 - lr * weight_decay),
-                     static_cast<float>(eps), static_cast<float>(weight_decay), maximize};
+  const AdamWHyper h = adamw_hyper(lr, beta1, beta2, eps, weight_decay, maximize);
   const float* lr_ptr = lr_pointer(lr_tensor, params[0].device());
   launch_groups(params, grads, exp_avgs, exp_avg_sqs, steps, rows, slots, found_inf,
                 [&](const RowsPack& pack, DType t, const float* flag, cudaStream_t s) {
@@ -133,8 +131,7 @@ void masked_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      double weight_decay, bool nesterov, bool maximize, const std::optional<at::Tensor>& lr_tensor,
                      const std::optional<at::Tensor>& found_inf) {
   if (params.empty()) return;
-  const SGDHyper h{static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
-                   static_cast<float>(weight_decay), nesterov, maximize};
+  const SGDHyper h = sgd_hyper(lr, momentum, dampening, weight_decay, nesterov, maximize);
   const float* lr_ptr = lr_pointer(lr_tensor, params[0].device());
   // momentum 0: no buffer is read or written, whatever is passed (as torch.optim.SGD)
   TORCH_CHECK(momentum == 0.0 || momentum_buffers.size() == params.size(),

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "../optim_hyper.h"
+
 namespace ct_fast {
 
 enum class DType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
@@ -44,15 +46,6 @@ struct RowsPack {
 // the update writes nothing while *found_inf != 0 (launch_nonfinite_check sets it first).
 struct DeviceScalars { const float* lr; const float* found_inf; };
 
-// The scalars as torch.optim's single-tensor step takes them: Python floats (double) cast to fp32 where they scale a
-// tensor (beta2, the lerp weight 1 - beta1, addcmul's 1 - beta2, the decay 1 - lr * wd of a float lr, SGD's
-// 1 - dampening: each worked out in double on the host, rounded once), doubles in the per-row bias corrections.
-struct AdamWHyper {
-  double lr, beta1, beta2;  // lr: the float argument (a device lr is read by the kernel)
-  float beta2_f, w1, w2, decay, eps, weight_decay;  // decay: 1 - lr * wd of the float lr
-  bool maximize;
-};
-struct SGDHyper { float lr, momentum, one_minus_dampening, weight_decay; bool nesterov, maximize; };
 
 // pack: all of one dtype.
 cudaError_t launch_masked_adamw(const RowsPack& pack, DType dtype, AdamWHyper h, DeviceScalars dev,
