@@ -65,9 +65,19 @@ def gpu_choices() -> dict:
     from ct_fast.ops import measured
 
     paths, tile_paths = _results("gpu_op_*.json"), _results("gpu_tiles.json")
+    archs = {}
+    for path in paths + tile_paths:
+        with open(path) as f:
+            archs[os.path.basename(path)] = measured.architecture_of(json.load(f).get("env") or {})
+    if None in archs.values() or len(set(archs.values())) > 1:  # one table, for the GPUs it was measured on
+        raise SystemExit(f"bench/results: the GPU op results must come from one known GPU architecture, got {archs}; "
+                         "keep one architecture's gpu_op_*.json / gpu_tiles.json (or add the GPU to "
+                         "ct_fast.ops.measured.KNOWN_ARCHITECTURES)")
     return {"about": "auto's kernel choices and Triton tiles on a GPU, derived from bench/results/gpu_op_*.json and "
-                     "gpu_tiles.json by ct_fast/ops/measured.py (python bench/report.py regenerates this file)",
-            "sources": [os.path.basename(p) for p in paths + tile_paths], "choices": measured.derive_files(paths),
+                     "gpu_tiles.json by ct_fast/ops/measured.py (python bench/report.py regenerates this file); "
+                     "they apply on GPUs of the architectures they were measured on",
+            "sources": [os.path.basename(p) for p in paths + tile_paths],
+            "architectures": sorted(set(archs.values())), "choices": measured.derive_files(paths),
             "tiles": measured.derive_tiles(_records(tile_paths), measured.tile_versions())}
 
 

@@ -794,6 +794,7 @@ def test_auto_on_a_gpu_follows_the_measured_order(monkeypatch):
     monkeypatch.setattr(measured, "_table", {"score_edges": {"torch.bfloat16": ["triton", "torch"],
                                                              "torch.float32": ["torch"]},
                                              "masked_adamw_": {"torch.float32": ["torch"]}})
+    monkeypatch.setattr(measured, "_architectures", None)  # a table for any GPU
     triton_ok = ops.triton_available(cuda) is None
     assert ops.choose_backend("score_edges", cuda, (torch.bfloat16,)) == ("triton" if triton_ok else "torch")
     assert ops.choose_backend("score_edges", cuda, (torch.float32,)) == "torch"  # measured: no kernel beat torch
@@ -823,6 +824,31 @@ def test_committed_gpu_choices_match_the_committed_results():
     assert committed["tiles"] == measured.derive_tiles(tile_records, measured.tile_versions()), \
         "stale: run python bench/report.py"
     assert committed["sources"] == [p.name for p in results + tiles]
+    assert committed["architectures"] == ["sm_90"]  # H100 / H200 timings
+
+
+def test_measured_choices_hold_on_their_architecture_only(monkeypatch):
+    """The committed timings choose kernels and tiles on GPUs of the architecture they were measured on; another
+    GPU (an RTX 4090: sm_89, half the shared memory) keeps the default order and tiles."""
+    monkeypatch.delenv("CT_FAST_BACKEND", raising=False)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(measured, "_table", {"score_edges": {"torch.bfloat16": ["triton", "torch"]}})
+    monkeypatch.setattr(measured, "_tile_table", {"residual_grads": {"torch.bfloat16": {"NB": 2}}})
+    monkeypatch.setattr(measured, "_architectures", {"sm_90"})
+    triton_ok = ops.triton_available(cuda) is None
+    for arch, measured_there in (("sm_90", True), ("sm_89", False), ("sm_100", False), (None, False)):
+        monkeypatch.setattr(measured, "device_architecture", lambda device, a=arch: a)
+        assert measured.applies_to(cuda) == measured_there
+        assert measured.applies_to(None)  # no device: the measured GPU (what the planners model)
+        assert ops.choose_backend("score_edges", cuda, (torch.bfloat16,)) == (
+            "triton" if measured_there and triton_ok else "torch")  # elsewhere: AUTO_SKIP keeps the torch path
+        assert measured.tiles("residual_grads", torch.bfloat16, cuda) == ({"NB": 2} if measured_there else {})
+        assert measured.gpu_order("score_edges", (torch.bfloat16,)) == ["triton", "torch"]
+    assert measured.architecture_of({"gpu": "NVIDIA H100 80GB HBM3"}) == "sm_90"
+    assert measured.architecture_of({"gpu": "NVIDIA H200", "capability": "sm_90"}) == "sm_90"
+    assert measured.architecture_of({"gpu": "NVIDIA GeForce RTX 4090", "capability": "sm_89"}) == "sm_89"
+    assert measured.architecture_of({"gpu": "NVIDIA A100-SXM4-80GB"}) is None  # unknown without its capability
+    assert measured.architecture_of({"gpu": None}) is None
 
 
 def _tile_record(kernel, config, vs_default, dtype="torch.bfloat16", version=None, err=1e-3, device="cuda"):
@@ -863,6 +889,7 @@ def test_residual_grads_launch_takes_the_measured_tiles(monkeypatch):
     assert measured.tiles("residual_grads", torch.bfloat16, torch.device("cpu")) == {}  # off a GPU: the defaults
     monkeypatch.setattr(measured, "_tile_table", {"residual_grads": {"torch.float32": {"NB": 2, "BT": 16, "dots": {
         "BT": 16}}}})
+    monkeypatch.setattr(measured, "_architectures", None)  # tiles for any GPU
     assert measured.tiles("residual_grads", torch.float32, torch.device("cuda")) == {"NB": 2, "BT": 16,
                                                                                       "dots": {"BT": 16}}
     monkeypatch.setattr(measured, "tiles", lambda op, dtype, device: measured._tile_table[op].get(str(dtype), {}))

@@ -7,9 +7,9 @@
 - ``triton``: the Triton kernels of ``ct_fast.kernels`` (GPU; on CPU only under ``TRITON_INTERPRET=1``);
 - ``torch``: the pure-torch reference (``ct_fast.ops.reference``), the oracle of every test;
 - ``auto``: per call, the first of cuda > triton > cpp > torch that has the op for the tensors' device and
-  accepts them (dtype, layout). A fallback is logged once per (op, reason). On a GPU, an (op, dtype) with
-  committed GPU timings runs the measured order instead (``ct_fast.ops.measured``: a kernel joins only where
-  it beat the torch path).
+  accepts them (dtype, layout). A fallback is logged once per (op, reason). On a GPU of the architecture the
+  committed GPU timings were measured on, an (op, dtype) they cover runs the measured order instead
+  (``ct_fast.ops.measured``: a kernel joins only where it beat the torch path).
 
 An explicitly requested backend that cannot run a call (not built, wrong device, unsupported dtype) raises
 ``CTFastError`` with the reason; ops that the backend does not implement at all (``masked_weight_grad`` in
@@ -133,7 +133,7 @@ def choose_backend(op: str, device: torch.device, dtypes=()) -> str:
         if why:
             raise CTFastError(f"CT_FAST_BACKEND={req} cannot run {op}: {why}")
         return req
-    measured_order = measured.gpu_order(op, dtypes) if device.type == "cuda" else None
+    measured_order = measured.gpu_order(op, dtypes, device) if device.type == "cuda" else None
     if measured_order is not None:
         candidates = measured_order
     else:

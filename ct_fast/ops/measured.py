@@ -13,6 +13,11 @@ band, then ``torch``. An (op, dtype) the table names runs the first of its list 
 the call; one it does not name keeps the default order (``ops.AUTO_SKIP``). So a measurement can also take a
 kernel out of ``auto`` (an entry with ``torch`` alone).
 
+Timings hold for the GPU architecture they were measured on: the table names the architectures of its sources
+(``architectures``, e.g. ``["sm_90"]``), and a GPU of another architecture — whose shared memory, tensor cores and
+bandwidth differ (an RTX 4090 has half an H100's shared memory per block: some Triton tiles would not even launch)
+— keeps the default order and tiles.
+
 The Triton kernels' tiles follow the same rule (``derive_tiles`` over ``bench/results/gpu_tiles.json``, the
 table's ``tiles``): a variant the GPU check timed faster than the default tiles on every benchmark of its kernel
 replaces them there (``tiles``); the launchers' own defaults stand everywhere else.
@@ -23,6 +28,8 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
+
+import torch
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_choices.json")
 
@@ -40,8 +47,14 @@ BENCHES = {
 # order; half-precision operands within their band (the torch path itself is ~1e-3 there)
 ERROR_BAND = {"torch.float32": 1e-4, "torch.bfloat16": 2e-2, "torch.float16": 1e-2}
 
+# GPUs of committed results that predate the ``capability`` field of their environment
+KNOWN_ARCHITECTURES = {"H100": "sm_90", "H200": "sm_90", "GH200": "sm_90"}
+
 _table: dict | None = None
 _tile_table: dict | None = None
+_UNREAD = object()
+_architectures = _UNREAD  # the set of architectures the committed table applies on (None: any — a test's table)
+_device_arch: dict = {}  # torch.device -> its architecture
 
 # Triton kernels timed per tile variant (``bench_score_edges.py --tiles``): the op, and the benchmarks that time it
 TILE_BENCHES = {"score_edges": ("score_edges", "score_edges_layer"), "residual_grads": ("residual_grads",)}
@@ -117,6 +130,29 @@ def derive_tiles(records: list[dict], versions: dict) -> dict:
     return table
 
 
+def architecture_of(env: dict) -> str | None:
+    """The GPU architecture (``"sm_90"``) a result's environment was measured on, or None (no GPU, or unknown)."""
+    if env.get("capability"):
+        return env["capability"]
+    words = (env.get("gpu") or "").split()
+    return next((arch for name, arch in KNOWN_ARCHITECTURES.items() if name in words), None)
+
+
+def device_architecture(device) -> str | None:
+    """``"sm_<major><minor>"`` of a CUDA device (None without CUDA); read once per device (a tensor's device has
+    its index: this runs at every op dispatch)."""
+    arch = _device_arch.get(device, _UNREAD)
+    if arch is _UNREAD:
+        if not torch.cuda.is_available():
+            return None
+        index = torch.device(device).index
+        arch = "sm_{}{}".format(*torch.cuda.get_device_capability(torch.cuda.current_device() if index is None
+                                                                    else index))
+        if index is not None:
+            _device_arch[device] = arch
+    return arch
+
+
 def derive_files(paths) -> dict:
     """``derive`` over the records of the benchmark JSON files at ``paths`` (``harness.write``'s layout)."""
     records = []
@@ -142,20 +178,32 @@ def load() -> dict:
     return _table
 
 
+def applies_to(device) -> bool:
+    """Whether the committed timings hold on ``device``: a GPU of an architecture they were measured on (None: the
+    GPU they were measured on — what the planners and launch counts model)."""
+    global _architectures
+    if _architectures is _UNREAD:
+        _architectures = set(_read().get("architectures", ()))
+    return device is None or _architectures is None or device_architecture(device) in _architectures
+
+
 def tiles(op: str, dtype, device) -> dict:
     """The measured tile variant of Triton kernel ``op`` for operands of ``dtype`` on ``device`` (a GPU), or ``{}``:
-    the launcher's defaults (off a GPU, or where no variant beat them)."""
+    the launcher's defaults (off a GPU, on another architecture than the timings', or where no variant beat them)."""
     global _tile_table
-    if getattr(device, "type", device) != "cuda":
+    if getattr(device, "type", device) != "cuda" or not applies_to(device):
         return {}
     if _tile_table is None:
         _tile_table = _read().get("tiles", {})
     return dict(_tile_table.get(op, {}).get(str(dtype), {}))
 
 
-def gpu_order(op: str, dtypes) -> list[str] | None:
-    """The measured backend order for ``op`` on a GPU with operands of ``dtypes``, or None: not measured, or
-    the dtypes' orders differ (mixed operands were not measured)."""
+def gpu_order(op: str, dtypes, device=None) -> list[str] | None:
+    """The measured backend order for ``op`` on a GPU (``device``; None: the measured one) with operands of
+    ``dtypes``, or None: not measured, measured on another architecture, or the dtypes' orders differ (mixed
+    operands were not measured)."""
+    if not applies_to(device):
+        return None
     orders = {tuple(load().get(op, {}).get(str(d)) or ()) for d in dtypes}
     if len(orders) != 1:
         return None
