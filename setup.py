@@ -2,12 +2,12 @@
 
 ``kernels/`` (Triton) ships inside the package as ``ct_fast.kernels`` — a top-level ``kernels`` package
 would clash with an existing PyPI distribution. ``ct_fast._C`` is built with ``BuildExtension`` + ninja:
-a CUDAExtension (C++ CPU kernels + CUDA kernels, default arch sm_90) when torch has CUDA and a CUDA toolkit is
+a CUDAExtension (C++ CPU kernels + CUDA kernels) when torch has CUDA and a CUDA toolkit is
 found (``cuda_toolkit``), else a CppExtension (C++ CPU kernels with OpenMP). Environment switches:
 
     CT_FAST_SKIP_NATIVE=1   build no native code (pure Python; ops run the torch reference)
     CT_FAST_NO_CUDA=1       build the C++ CPU kernels only, even with a CUDA torch
-    TORCH_CUDA_ARCH_LIST    CUDA architectures (default "9.0")
+    TORCH_CUDA_ARCH_LIST    CUDA architectures (default: the machine's GPUs; without one, "8.0;8.6;8.9;9.0+PTX")
     CUDA_HOME               the CUDA toolkit (default: found next to nvcc or at /usr/local/cuda)
 
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
@@ -34,6 +34,22 @@ def cuda_toolkit() -> str | None:
         ("include", "cuda_runtime.h"), ("bin", "nvcc")))), None)
 
 
+def default_cuda_archs(torch) -> str:
+    """The architectures of this machine's GPUs (what the kernels will run on; capped at the newest this torch
+    builds for), else — a build machine without a GPU — Ampere to Hopper, with Hopper's PTX for newer GPUs to JIT.
+    The kernels need sm_80 or newer (bf16 arithmetic). A build that lacks a GPU's architecture is never launched
+    there: ``ct_fast.ops`` asks it first and names the rebuild."""
+    built = [int("".join(ch for ch in a[3:] if ch.isdigit())) for a in torch.cuda.get_arch_list()
+             if a.startswith("sm_")] if torch.cuda.is_available() else []  # "sm_90a" -> 90
+    newest = (max(built) // 10, max(built) % 10) if built else None
+    found = {tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())} if newest else ()
+    caps = sorted({min(c, newest) for c in found if c >= (8, 0)})
+    if not caps:
+        return "8.0;8.6;8.9;9.0+PTX"
+    archs = [f"{a}.{b}" for a, b in caps]
+    return ";".join(archs) + ("+PTX" if max(found) > newest else "")  # a GPU newer than torch builds for: its PTX
+
+
 packages = find_packages(include=["ct_fast", "ct_fast.*"]) + ["ct_fast.kernels"]
 ext_modules, cmdclass = [], {}
 
@@ -52,7 +68,7 @@ if os.environ.get("CT_FAST_SKIP_NATIVE") != "1":
     sources = ["csrc/module.cpp", "csrc/cpu/ops_cpu.cpp"]
     with_cuda = toolkit is not None and CUDA_HOME is not None and os.environ.get("CT_FAST_NO_CUDA") != "1"
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_cuda_archs(torch))
         ext = CUDAExtension("ct_fast._C", sources + ["csrc/cuda/kernels.cu", "csrc/cuda/binding.cpp"],
                             extra_compile_args={"cxx": cxx + ["-DCT_FAST_WITH_CUDA"],
                                                 "nvcc": ["-O3", "-std=c++17", "-DCT_FAST_WITH_CUDA"]},

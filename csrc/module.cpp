@@ -12,6 +12,7 @@ namespace ct_fast {
 void register_cpu_kernels(torch::Library& m);
 #ifdef CT_FAST_WITH_CUDA
 void register_cuda_kernels(torch::Library& m);
+std::string cuda_image_error(int64_t device);
 #endif
 }  // namespace ct_fast
 
@@ -23,6 +24,8 @@ PYBIND11_MODULE(_C, m) {
   static torch::Library cuda(torch::Library::IMPL, "ct_fast", c10::DispatchKey::CUDA, __FILE__, __LINE__);
   ct_fast::register_cuda_kernels(cuda);
   m.attr("WITH_CUDA") = true;
+  m.def("cuda_image_error", &ct_fast::cuda_image_error,
+        "'' if the CUDA kernels of this build run on the device (index), else why not");
 #else
   m.attr("WITH_CUDA") = false;
 #endif

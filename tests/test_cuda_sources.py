@@ -93,3 +93,22 @@ def test_setup_finds_the_toolkit_behind_an_nvcc_link_or_wrapper(tmp_path, monkey
     assert cuda_toolkit() == (usr_local if has else None)
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "given"))  # the user's choice stands
     assert cuda_toolkit() == str(tmp_path / "given")
+
+
+def test_setup_builds_for_the_machines_gpus():
+    """Without ``TORCH_CUDA_ARCH_LIST`` the CUDA kernels are built for the machine's GPUs (capped at the newest
+    architecture torch builds for, none older than sm_80), else for Ampere to Hopper with PTX for newer GPUs."""
+    import types
+
+    default_cuda_archs = _setup_function("default_cuda_archs")
+
+    def fake(caps, archs=("sm_80", "sm_86", "sm_90", "sm_100", "sm_120")):
+        return types.SimpleNamespace(cuda=types.SimpleNamespace(
+            is_available=lambda: bool(caps), get_arch_list=lambda: list(archs), device_count=lambda: len(caps),
+            get_device_capability=lambda i: caps[i]))
+
+    assert default_cuda_archs(fake([(9, 0)])) == "9.0"  # the GPU check's H100/H200
+    assert default_cuda_archs(fake([(8, 9), (9, 0), (8, 9)])) == "8.9;9.0"
+    assert default_cuda_archs(fake([(12, 1)], archs=("sm_80", "sm_90"))) == "9.0+PTX"  # newer than torch: JIT
+    assert default_cuda_archs(fake([])) == "8.0;8.6;8.9;9.0+PTX"  # a build machine without a GPU
+    assert default_cuda_archs(fake([(7, 5)])) == "8.0;8.6;8.9;9.0+PTX"  # too old for the kernels: the generic build

@@ -809,6 +809,32 @@ def test_auto_on_a_gpu_follows_the_measured_order(monkeypatch):
         "cuda" if cuda_built else "triton" if triton_ok else "torch")
 
 
+def test_a_native_build_for_other_gpus_is_never_launched(monkeypatch):
+    """``ct_fast._C`` built for other architectures than the GPU's (``TORCH_CUDA_ARCH_LIST``) would fail its launches
+    inside a training step: ``auto`` takes the next backend, an explicit ``cuda`` names the GPU and the rebuild."""
+    import types
+
+    monkeypatch.delenv("CT_FAST_BACKEND", raising=False)
+    asked = []
+    fake = types.SimpleNamespace(WITH_CUDA=True, cuda_image_error=lambda index: asked.append(index) or
+                                 "no kernel image is available for execution on the device")
+    monkeypatch.setattr(ops, "_native", fake)
+    monkeypatch.setattr(ops, "_image_errors", {})
+    monkeypatch.setattr(measured, "_table", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
+    cuda = torch.device("cuda", 1)
+    triton_ok = ops.triton_available(cuda) is None
+    assert ops.choose_backend("masked_adamw_", cuda, {torch.float32}) == ("triton" if triton_ok else "torch")
+    assert ops.choose_backend("masked_sgd_", cuda, {torch.bfloat16}) == "torch"  # Triton SGD: not in auto
+    assert asked == [1]  # the build is asked once per device
+    monkeypatch.setenv("CT_FAST_BACKEND", "cuda")
+    with pytest.raises(CTFastError, match=r"no CUDA kernels for this GPU \(sm_89.*TORCH_CUDA_ARCH_LIST=8\.9 pip"):
+        ops.choose_backend("masked_adamw_", cuda, {torch.float32})
+    fake.cuda_image_error = lambda index: ""  # a build that has the GPU's code
+    monkeypatch.setattr(ops, "_image_errors", {})
+    assert ops.choose_backend("masked_adamw_", cuda, {torch.float32}) == "cuda"
+
+
 def test_committed_gpu_choices_match_the_committed_results():
     """``ct_fast/ops/gpu_choices.json`` is what ``measured.derive`` makes of ``bench/results/gpu_op_*.json``
     (``python bench/report.py`` regenerates it after a GPU run)."""

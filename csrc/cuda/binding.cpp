@@ -170,6 +170,17 @@ at::Tensor score_edges_cuda(const at::Tensor& delta_in, const std::optional<at::
   return P.sum(0);
 }
 
+// "" if this build's kernels run on CUDA device `device`, else why not (a build for other architectures): asked once
+// per device by ct_fast.ops before it chooses the cuda backend, so that a wrong build is a clear message, not a
+// failed launch inside a training step.
+std::string cuda_image_error(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const cudaError_t err = kernel_image_check();
+  if (err == cudaSuccess) return "";
+  cudaGetLastError();  // not sticky; leave no error for the next launch to report
+  return cudaGetErrorString(err);
+}
+
 // Called from the module's init (csrc/module.cpp), not a static TORCH_LIBRARY_IMPL initialiser: see there.
 void register_cuda_kernels(torch::Library& m) {
   m.impl("score_edges", &score_edges_cuda);

@@ -345,6 +345,11 @@ cudaError_t launch_rows(const RowsPack& pack, DType dtype, H h, DeviceScalars de
 
 }  // namespace
 
+cudaError_t kernel_image_check() {
+  cudaFuncAttributes attributes;
+  return cudaFuncGetAttributes(&attributes, masked_adamw_kernel<float>);
+}
+
 cudaError_t launch_masked_adamw(const RowsPack& pack, DType dtype, AdamWHyper h, DeviceScalars dev,
                                 cudaStream_t stream) {
   return launch_rows<AdamWHyper>(pack, dtype, h, dev, stream, masked_adamw_kernel<float>,

@@ -47,6 +47,10 @@ struct RowsPack {
 struct DeviceScalars { const float* lr; const float* found_inf; };
 
 
+// cudaSuccess if this build holds code the current device can run (its SASS, or PTX it can JIT), else the error a
+// launch would fail with (cudaErrorNoKernelImageForDevice: built for other architectures — TORCH_CUDA_ARCH_LIST).
+cudaError_t kernel_image_check();
+
 // pack: all of one dtype.
 cudaError_t launch_masked_adamw(const RowsPack& pack, DType dtype, AdamWHyper h, DeviceScalars dev,
                                 cudaStream_t stream);

@@ -58,6 +58,7 @@ RESIDUAL_KERNEL_WIDTH = 512  # widest head the Triton residual_grads takes (it r
 _native = None
 _native_error = None
 _logged: set = set()
+_image_errors: dict = {}  # torch.device -> why the CUDA kernels cannot run there (None: they can)
 
 
 def requested_backend() -> str:
@@ -120,7 +121,25 @@ def _reason(backend: str, op: str, device: torch.device, dtypes) -> str | None:
             return f"the cuda backend runs on CUDA tensors, got {device.type}"
         if not getattr(mod, "WITH_CUDA", False):
             return "ct_fast._C was built without CUDA"
+        return _cuda_image_error(mod, device)
     return None
+
+
+def _cuda_image_error(mod, device: torch.device) -> str | None:
+    """Why ``ct_fast._C``'s CUDA kernels cannot run on ``device`` (built for other architectures), or None; asked of
+    the build once per device."""
+    if device in _image_errors:
+        return _image_errors[device]
+    index = torch.cuda.current_device() if device.index is None else device.index
+    err = mod.cuda_image_error(index)
+    why = None
+    if err:
+        major, minor = torch.cuda.get_device_capability(index)
+        why = (f"ct_fast._C holds no CUDA kernels for this GPU (sm_{major}{minor}: {err}); rebuild it for the GPU: "
+               f"TORCH_CUDA_ARCH_LIST={major}.{minor} pip install --no-build-isolation --no-deps -e .")
+    if device.index is not None:
+        _image_errors[device] = why
+    return why
 
 
 def choose_backend(op: str, device: torch.device, dtypes=()) -> str:
