@@ -131,7 +131,8 @@ def _cuda_image_error(mod, device: torch.device) -> str | None:
     if device in _image_errors:
         return _image_errors[device]
     index = torch.cuda.current_device() if device.index is None else device.index
-    err = mod.cuda_image_error(index)
+    check = getattr(mod, "cuda_image_error", None)  # absent from builds before it: launched unchecked, as then
+    err = check(index) if check is not None else ""
     why = None
     if err:
         major, minor = torch.cuda.get_device_capability(index)
