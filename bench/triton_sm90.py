@@ -164,11 +164,23 @@ def _resources(cubin: bytes) -> dict:
     return {} if m is None else dict(zip(("registers", "stack", "static_shared", "local"), map(int, m.groups())))
 
 
+def _specialize_int(value: int) -> tuple:
+    """``(type or "constexpr", hint)`` of an integer launch argument, as the JIT of this Triton makes it (3.6 and
+    later: ``native_specialize_impl``; 3.4-3.5: ``create_specialize_impl``; 3.3: the same, its hook per call)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime import jit
+
+    if hasattr(jit, "native_specialize_impl"):
+        return jit.native_specialize_impl(BaseBackend, value, False, True, True)
+    try:
+        return jit.create_specialize_impl(BaseBackend.get_arg_specialization)(value, False, True, True)
+    except TypeError:  # Triton 3.3
+        return jit.create_specialize_impl()(value, BaseBackend.get_arg_specialization, False, True, True)
+
+
 def specialise(case: dict) -> tuple[dict, dict, dict]:
     """``(signature, constexprs, attrs)`` for ``ASTSource``, as the JIT derives them from a launch's arguments."""
-    from triton.backends.compiler import BaseBackend
     from triton.compiler.compiler import make_backend
-    from triton.runtime.jit import native_specialize_impl
 
     backend = make_backend(TARGET)
     signature, constexprs, attrs = {}, dict(case["constexprs"]), {}
@@ -176,7 +188,7 @@ def specialise(case: dict) -> tuple[dict, dict, dict]:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in case.get("args", {}):
-            kind, hint = native_specialize_impl(BaseBackend, case["args"][name], False, True, True)
+            kind, hint = _specialize_int(case["args"][name])
             if kind == "constexpr":  # an integer equal to 1
                 signature[name], constexprs[name] = "constexpr", hint
             else:

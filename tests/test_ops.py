@@ -835,6 +835,28 @@ def test_a_native_build_for_other_gpus_is_never_launched(monkeypatch):
     assert ops.choose_backend("masked_adamw_", cuda, {torch.float32}) == "cuda"
 
 
+def test_triton_older_than_the_kernels_compile_with_is_not_used(monkeypatch):
+    """A Triton older than ``MIN_TRITON`` (the kernels are compiled for sm_90 with 3.3 to 3.9) is unavailable, with
+    the reason: ``auto`` takes the next backend, ``CT_FAST_BACKEND=triton`` says to upgrade."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.2.0"))
+    ops._triton_missing.cache_clear()
+    try:
+        why = ops.triton_available(torch.device("cuda"))
+        assert why is not None and "triton 3.2.0 is older than 3.3" in why and "pip install -U triton" in why
+        monkeypatch.setenv("CT_FAST_BACKEND", "triton")
+        with pytest.raises(CTFastError, match="older than 3.3"):
+            ops.choose_backend("masked_adamw_", torch.device("cuda"), {torch.float32})
+        for version in ("3.3.1", "3.10.0", "4.0.0+git1234"):
+            sys.modules["triton"].__version__ = version
+            ops._triton_missing.cache_clear()
+            assert ops.triton_available(torch.device("cuda")) is None
+    finally:
+        ops._triton_missing.cache_clear()
+
+
 def test_committed_gpu_choices_match_the_committed_results():
     """``ct_fast/ops/gpu_choices.json`` is what ``measured.derive`` makes of ``bench/results/gpu_op_*.json``
     (``python bench/report.py`` regenerates it after a GPU run)."""

@@ -23,8 +23,10 @@ makes no host-to-device copy, so it can be captured in a CUDA graph.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import re
 
 import torch
 
@@ -54,6 +56,8 @@ AUTO_SKIP = {("score_edges", "cpp"), ("score_edges", "cuda"), ("score_edges", "t
 TRITON_OPS = {"score_edges", "masked_adamw_", "masked_sgd_", "masked_weight_grad",  # kernels in ct_fast.kernels
               "residual_grads"}
 FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+# the oldest Triton every kernel compiles with (bench/triton_sm90.py, sm_90: 3.3 to 3.9; 3.2's compiler API differs)
+MIN_TRITON = (3, 3)
 RESIDUAL_KERNEL_WIDTH = 512  # widest head the Triton residual_grads takes (it re-reads the rows per d_model block)
 _native = None
 _native_error = None
@@ -88,12 +92,24 @@ def native_error() -> str | None:
     return _native_error
 
 
-def triton_available(device: torch.device) -> str | None:
-    """None if Triton kernels can run on ``device``, else the reason."""
+@functools.cache
+def _triton_missing() -> str | None:
+    """Why the installed Triton cannot run the kernels (not installed, too old), or None; asked once."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return "triton is not installed"
+    if tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) < MIN_TRITON:
+        return (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest the kernels "
+                "are compiled with (bench/triton_sm90.py); pip install -U triton")
+    return None
+
+
+def triton_available(device: torch.device) -> str | None:
+    """None if Triton kernels can run on ``device``, else the reason."""
+    missing = _triton_missing()
+    if missing:
+        return missing
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return None
     return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1), got {device.type}"
