@@ -7,7 +7,7 @@ found (``cuda_toolkit``), else a CppExtension (C++ CPU kernels with OpenMP). Env
 
     CT_FAST_SKIP_NATIVE=1   build no native code (pure Python; ops run the torch reference)
     CT_FAST_NO_CUDA=1       build the C++ CPU kernels only, even with a CUDA torch
-    TORCH_CUDA_ARCH_LIST    CUDA architectures (default: the machine's GPUs; without one, "8.0;8.6;8.9;9.0+PTX")
+    TORCH_CUDA_ARCH_LIST    CUDA architectures (default: the machine's GPUs; without one, GENERIC_CUDA_ARCHS)
     CUDA_HOME               the CUDA toolkit (default: found next to nvcc or at /usr/local/cuda)
 
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
@@ -34,18 +34,21 @@ def cuda_toolkit() -> str | None:
         ("include", "cuda_runtime.h"), ("bin", "nvcc")))), None)
 
 
+GENERIC_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"  # T4, A100, RTX 30xx/A6000, RTX 40xx/L4/L40, H100/H200 (+ newer: PTX)
+
+
 def default_cuda_archs(torch) -> str:
     """The architectures of this machine's GPUs (what the kernels will run on; capped at the newest this torch
-    builds for), else — a build machine without a GPU — Ampere to Hopper, with Hopper's PTX for newer GPUs to JIT.
-    The kernels need sm_80 or newer (bf16 arithmetic). A build that lacks a GPU's architecture is never launched
-    there: ``ct_fast.ops`` asks it first and names the rebuild."""
+    builds for), else — a build machine without a GPU — Turing to Hopper, with Hopper's PTX for newer GPUs to JIT.
+    CUDA 13 builds nothing older than sm_75. A build that lacks a GPU's architecture is never launched there:
+    ``ct_fast.ops`` asks it first and names the rebuild."""
     built = [int("".join(ch for ch in a[3:] if ch.isdigit())) for a in torch.cuda.get_arch_list()
              if a.startswith("sm_")] if torch.cuda.is_available() else []  # "sm_90a" -> 90
     newest = (max(built) // 10, max(built) % 10) if built else None
     found = {tuple(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())} if newest else ()
-    caps = sorted({min(c, newest) for c in found if c >= (8, 0)})
+    caps = sorted({min(c, newest) for c in found if c >= (7, 5)})
     if not caps:
-        return "8.0;8.6;8.9;9.0+PTX"
+        return GENERIC_CUDA_ARCHS
     archs = [f"{a}.{b}" for a, b in caps]
     return ";".join(archs) + ("+PTX" if max(found) > newest else "")  # a GPU newer than torch builds for: its PTX
 

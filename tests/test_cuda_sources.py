@@ -58,13 +58,13 @@ def test_cuda_binding_syntax(source, tmp_path):
     assert proc.returncode == 0 and not errors, "\n".join(errors)[-4000:] or proc.stderr[-4000:]
 
 
-def _setup_function(name):
-    """One function of setup.py, without running setup()."""
+def _setup_function(name, **names):
+    """One function of setup.py, without running setup() (``names``: the module globals it reads)."""
     import ast
 
     tree = ast.parse((ROOT / "setup.py").read_text())
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
-    ns = {"os": os, "shutil": shutil}
+    ns = {"os": os, "shutil": shutil, **names}
     exec(compile(ast.Module(body=[fn], type_ignores=[]), "setup.py", "exec"), ns)
     return ns[name]
 
@@ -97,10 +97,10 @@ def test_setup_finds_the_toolkit_behind_an_nvcc_link_or_wrapper(tmp_path, monkey
 
 def test_setup_builds_for_the_machines_gpus():
     """Without ``TORCH_CUDA_ARCH_LIST`` the CUDA kernels are built for the machine's GPUs (capped at the newest
-    architecture torch builds for, none older than sm_80), else for Ampere to Hopper with PTX for newer GPUs."""
+    architecture torch builds for, none older than sm_75), else for Turing to Hopper with PTX for newer GPUs."""
     import types
 
-    default_cuda_archs = _setup_function("default_cuda_archs")
+    default_cuda_archs = _setup_function("default_cuda_archs", GENERIC_CUDA_ARCHS="7.5;8.0;8.6;8.9;9.0+PTX")
 
     def fake(caps, archs=("sm_80", "sm_86", "sm_90", "sm_100", "sm_120")):
         return types.SimpleNamespace(cuda=types.SimpleNamespace(
@@ -110,5 +110,6 @@ def test_setup_builds_for_the_machines_gpus():
     assert default_cuda_archs(fake([(9, 0)])) == "9.0"  # the GPU check's H100/H200
     assert default_cuda_archs(fake([(8, 9), (9, 0), (8, 9)])) == "8.9;9.0"
     assert default_cuda_archs(fake([(12, 1)], archs=("sm_80", "sm_90"))) == "9.0+PTX"  # newer than torch: JIT
-    assert default_cuda_archs(fake([])) == "8.0;8.6;8.9;9.0+PTX"  # a build machine without a GPU
-    assert default_cuda_archs(fake([(7, 5)])) == "8.0;8.6;8.9;9.0+PTX"  # too old for the kernels: the generic build
+    assert default_cuda_archs(fake([])) == "7.5;8.0;8.6;8.9;9.0+PTX"  # a build machine without a GPU
+    assert default_cuda_archs(fake([(7, 5)])) == "7.5"  # a T4
+    assert default_cuda_archs(fake([(7, 0)])) == "7.5;8.0;8.6;8.9;9.0+PTX"  # older than CUDA 13 builds: generic
