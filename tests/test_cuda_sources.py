@@ -22,7 +22,8 @@ CSRC = ROOT / "csrc" / "cuda"
 @pytest.mark.parametrize("source", sorted(p.name for p in CSRC.glob("*.cu")))
 def test_cuda_source_compiles(source, arch, tmp_path):
     """With ptxas's resource report: no kernel spills registers to local memory."""
-    cmd = ["nvcc", "-std=c++17", f"-arch={arch}", "-Xptxas", "-v", "-c", str(CSRC / source), "-o", str(tmp_path / "k.o")]
+    cmd = ["nvcc", "-std=c++17", f"-arch={arch}", "-Xptxas", "-v", "-c", str(CSRC / source),
+           "-o", str(tmp_path / "k.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     counts = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stderr)
