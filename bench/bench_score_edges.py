@@ -67,13 +67,18 @@ def _timed(rec: dict, call, want, device) -> dict:
 
 def _per_backend(bench, device, dtype, case, backends, call, want, flops) -> list[dict]:
     """One ``_timed`` record per backend (``CT_FAST_BACKEND`` set to it), with TFLOP/s and the time over the
-    torch path's (the first)."""
+    torch path's (the first). A Triton record carries its kernel's design version (``kernel_version``: the
+    module's ``TILES_VERSION``): ``auto`` counts only timings of the kernel as it is."""
+    from ct_fast.ops import measured
+
     recs, base, requested = [], None, os.environ.get("CT_FAST_BACKEND")
+    op = measured.BENCHES[bench][0]
     for b in backends:
         os.environ["CT_FAST_BACKEND"] = b
+        version = {"kernel_version": measured.tile_versions()[op]} if b == "triton" else {}
         try:
-            rec = _timed({"bench": bench, "device": device, "dtype": str(dtype), **case, "backend": b}, call, want,
-                         device)
+            rec = _timed({"bench": bench, "device": device, "dtype": str(dtype), **case, "backend": b, **version},
+                         call, want, device)
         finally:  # the caller's choice back
             if requested is None:
                 os.environ.pop("CT_FAST_BACKEND", None)

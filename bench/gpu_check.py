@@ -129,7 +129,7 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
     os.makedirs(out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="ct_fast_gpu_check_")  # the stages' logs and JSON
     t_start = time.perf_counter()
-    summary, rows, choices = [], [], {}
+    summary, rows, choices, extra_env = [], [], {}, {}
     for st in stages(rehearse, work):
         if only is not None and st["name"] not in only:
             continue
@@ -140,11 +140,15 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
         elif left < 20:
             rec.update(status="skipped", detail=BUDGET_SPENT)
         else:
-            rec.update(run_stage(st, min(st["limit"], left), os.path.join(work, f"{st['name']}.log")))
+            rec.update(run_stage(st, min(st["limit"], left), os.path.join(work, f"{st['name']}.log"), extra_env))
         summary.append(rec)
         print(f"[gpu_check] {rec['stage']:>12}: {rec['status']} ({rec['seconds']} s) {rec.get('detail', '')}",
               flush=True)
         rows, choices = publish(out, work, summary, rehearse)
+        if st["name"].startswith("op_"):
+            own = apply_choices(work, summary, choices)
+            if own:
+                extra_env["CT_FAST_GPU_CHOICES"] = own
     print("\n| stage | status | seconds | last line |\n| --- | --- | --- | --- |")
     for r in summary:
         print(f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('detail', '')[:90]} |")
@@ -164,9 +168,9 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
     return summary
 
 
-def run_stage(st: dict, limit: float, log_path: str) -> dict:
+def run_stage(st: dict, limit: float, log_path: str, extra_env: dict | None = None) -> dict:
     """One stage's command in its own process group (a timeout kills its workers and ranks too)."""
-    env = {**os.environ, **st.get("env", {})}
+    env = {**os.environ, **(extra_env or {}), **st.get("env", {})}
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(st["cmd"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -204,6 +208,24 @@ def publish(out: str, work: str, summary: list[dict], rehearse: bool) -> tuple[l
             tar.add(os.path.join(work, name), arcname=name)
     os.replace(os.path.join(out, "gpu_check.tar.gz.part"), os.path.join(out, "gpu_check.tar.gz"))
     return rows, choices
+
+
+def apply_choices(work: str, summary: list[dict], choices: dict) -> str | None:
+    """The later stages (step, profile, scale...) run ``auto`` on this run's op timings — the kernels as they are
+    now, on this GPU — rather than on the committed ones, once this run's tests passed: returns the table's path
+    for ``CT_FAST_GPU_CHOICES`` in their environment (``report.py --import`` then commits the same choices), or
+    None."""
+    if not any(r["stage"] == "tests" and r["status"] == "ok" for r in summary):
+        return None
+    import torch
+
+    arch = "sm_{}{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+    path = os.path.join(work, "gpu_choices_run.json")
+    with open(path, "w") as f:
+        json.dump({"about": "this GPU check's op timings (ct_fast.ops.measured.derive)",
+                   "architectures": [arch] if arch else [],
+                   "choices": {k: v for k, v in choices.items() if k != "tiles"}}, f, indent=1)
+    return path
 
 
 def measured_choices(out: str) -> dict:

@@ -33,6 +33,7 @@ def test_gpu_check_rehearsal(tmp_path):
         if name not in ("build", "tests"):
             data = json.loads(archived[f"{name}.json"])
             assert data["env"]["commit"] is not None or data["env"]["torch"]
+    assert json.loads(archived["gpu_choices_run.json"])["choices"] == {}  # the later stages' table (no GPU timings)
     assert proc.returncode == 0 and "| stage | status |" in proc.stdout and "| target | limit |" in proc.stdout
     rows = summary["targets"]
     assert rows and all(r["status"] in ("CPU reading (not a target)", "no data") for r in rows)  # never "met" on CPU
@@ -180,3 +181,22 @@ def test_stages_past_the_budget_are_named_for_a_second_call(monkeypatch, tmp_pat
     summary = gpu_check.run(False, str(tmp_path), only={"build", "op_masked_dw", "step"})
     assert [(r["stage"], r["status"]) for r in summary] == [(s, "skipped") for s in ("build", "op_masked_dw", "step")]
     assert "not finished in this run: bash bench/gpu_check.sh --only build,op_masked_dw,step" in capsys.readouterr().out
+
+
+def test_later_stages_run_on_the_checks_own_choices(monkeypatch, tmp_path):
+    """Once the GPU check's tests passed, its op timings choose ``auto``'s kernels for the stages after them (a
+    kernel rewritten since the committed timings is timed in the step benchmarks of the same run)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import gpu_check
+
+    choices = {"residual_grads": {"torch.bfloat16": ["triton", "torch"]}, "tiles": {"residual_grads": {}}}
+    assert gpu_check.apply_choices(str(tmp_path), [{"stage": "tests", "status": "failed (exit 1)"}], choices) is None
+    assert gpu_check.apply_choices(str(tmp_path), [{"stage": "op_masked_dw", "status": "ok"}], choices) is None
+    path = gpu_check.apply_choices(str(tmp_path), [{"stage": "tests", "status": "ok"}], choices)
+    table = json.loads(open(path).read())
+    assert table["choices"] == {"residual_grads": {"torch.bfloat16": ["triton", "torch"]}}  # tiles: not from op stages
+    seen = tmp_path / "env.txt"
+    st = {"name": "probe", "cmd": [sys.executable, "-c", f"import os; open({str(seen)!r}, 'w').write("
+                                                          "os.environ.get('CT_FAST_GPU_CHOICES', ''))"]}
+    assert gpu_check.run_stage(st, 60, str(tmp_path / "probe.log"), {"CT_FAST_GPU_CHOICES": path})["status"] == "ok"
+    assert seen.read_text() == path

@@ -756,7 +756,7 @@ def test_auto_prefers_native_on_cpu(monkeypatch):
 
 def _op_record(bench, backend, ms, dtype="torch.bfloat16", err=1e-3, **case):
     time_key, err_key = {"score_edges_op": ("ms", "max_rel_err"), "masked_dw": ("masked_ms", "max_rel_err_vs_torch"),
-                         "masked_adamw": ("masked_ms", None)}[bench]
+                         "masked_adamw": ("masked_ms", None), "residual_grads_op": ("ms", "max_rel_err")}[bench]
     rec = {"bench": bench, "device": "cuda", "dtype": dtype, "backend": backend, time_key: ms, **case}
     return {**rec, err_key: err} if err_key else rec
 
@@ -786,6 +786,13 @@ def test_gpu_choices_are_derived_from_timings():
     assert measured.derive(records[:12]) == {  # masked dW: triton wins its one measured case
         "score_edges": {"torch.bfloat16": ["triton", "torch"], "torch.float32": ["torch"]},
         "masked_weight_grad": {"torch.bfloat16": ["triton", "torch"]}}
+    # a Triton kernel's timings count for its current design only (kernel_version; 1 when absent)
+    c = {"n": 32, "w": 64, "terms": 1, "c": 2048, "d": 2048}
+    resid = [_op_record("residual_grads_op", "torch", 2.0, **c), _op_record("residual_grads_op", "triton", 1.0, **c)]
+    assert measured.derive(resid, {"residual_grads": 1}) == {"residual_grads": {"torch.bfloat16": ["triton", "torch"]}}
+    assert measured.derive(resid, {"residual_grads": 2}) == {"residual_grads": {"torch.bfloat16": ["torch"]}}
+    resid[1]["kernel_version"] = 2
+    assert measured.derive(resid, {"residual_grads": 2}) == {"residual_grads": {"torch.bfloat16": ["triton", "torch"]}}
 
 
 def test_auto_on_a_gpu_follows_the_measured_order(monkeypatch):
@@ -873,6 +880,23 @@ def test_committed_gpu_choices_match_the_committed_results():
         "stale: run python bench/report.py"
     assert committed["sources"] == [p.name for p in results + tiles]
     assert committed["architectures"] == ["sm_90"]  # H100 / H200 timings
+
+
+def test_a_gpu_check_runs_on_its_own_choices(monkeypatch, tmp_path):
+    """``CT_FAST_GPU_CHOICES`` names the table ``auto`` reads instead of the committed one (the GPU check's later
+    stages run on its own op timings)."""
+    import json
+
+    table = {"architectures": ["sm_90"], "choices": {"residual_grads": {"torch.bfloat16": ["triton", "torch"]}},
+             "tiles": {"residual_grads": {"torch.bfloat16": {"NB": 8}}}}
+    (tmp_path / "run.json").write_text(json.dumps(table))
+    monkeypatch.setenv("CT_FAST_GPU_CHOICES", str(tmp_path / "run.json"))
+    for name in ("_table", "_tile_table"):
+        monkeypatch.setattr(measured, name, None)
+    monkeypatch.setattr(measured, "_architectures", measured._UNREAD)
+    monkeypatch.setattr(measured, "device_architecture", lambda device: "sm_90")
+    assert measured.gpu_order("residual_grads", (torch.bfloat16,), torch.device("cuda")) == ["triton", "torch"]
+    assert measured.tiles("residual_grads", torch.bfloat16, torch.device("cuda")) == {"NB": 8}
 
 
 def test_measured_choices_hold_on_their_architecture_only(monkeypatch):

@@ -9,7 +9,8 @@ regenerates it; a test checks it matches the committed results):
 
 Per (op, dtype) the backends, fastest first (by their time relative to the torch path, summed over the cases),
 that beat the torch path in every measured case of every benchmark of the op with an error within the dtype's
-band, then ``torch``. An (op, dtype) the table names runs the first of its list that can run
+band, then ``torch`` — timings of a Triton kernel's current design only (``kernel_version``, as for the tiles
+below): a rewritten kernel leaves ``auto`` until the GPU check has timed (and tested) it. An (op, dtype) the table names runs the first of its list that can run
 the call; one it does not name keeps the default order (``ops.AUTO_SKIP``). So a measurement can also take a
 kernel out of ``auto`` (an entry with ``torch`` alone).
 
@@ -61,8 +62,11 @@ TILE_BENCHES = {"score_edges": ("score_edges", "score_edges_layer"), "residual_g
 TILE_GAIN = 0.97  # a variant replaces the default tiles only when it took at most this share of their time
 
 
-def derive(records: list[dict]) -> dict:
-    """``{op: {dtype: [backends fastest first..., "torch"]}}`` from GPU op-benchmark records (see module doc)."""
+def derive(records: list[dict], versions: dict | None = None) -> dict:
+    """``{op: {dtype: [backends fastest first..., "torch"]}}`` from GPU op-benchmark records (see module doc).
+    ``versions``: the Triton kernels' current designs (``tile_versions()``): a Triton record of another version
+    (``kernel_version``, 1 when absent) timed a kernel that is no more, and does not count."""
+    versions = tile_versions() if versions is None else versions
     # (op, dtype) -> (bench, case) -> backend -> record: an op measured by several benches (score_edges: one block,
     # and a layer's chunk against many groups) must win in every case of every one
     cases: dict = defaultdict(lambda: defaultdict(dict))
@@ -73,6 +77,8 @@ def derive(records: list[dict]) -> dict:
         op, t_key, _, case_keys = spec
         if r.get(t_key) is None:
             continue
+        if r.get("backend") == "triton" and r.get("kernel_version", 1) != versions.get(op, 1):
+            continue  # an earlier design of the kernel
         cases[(op, r["dtype"])][(r["bench"], tuple(r.get(k) for k in case_keys))][r["backend"]] = r
     table: dict = {}
     for (op, dtype), by_case in sorted(cases.items()):
@@ -153,18 +159,20 @@ def device_architecture(device) -> str | None:
     return arch
 
 
-def derive_files(paths) -> dict:
+def derive_files(paths, versions: dict | None = None) -> dict:
     """``derive`` over the records of the benchmark JSON files at ``paths`` (``harness.write``'s layout)."""
     records = []
     for path in paths:
         with open(path) as f:
             records += json.load(f).get("results", [])
-    return derive(records)
+    return derive(records, versions)
 
 
 def _read() -> dict:
+    """The committed table, or the one ``CT_FAST_GPU_CHOICES`` names (a GPU check's later stages run on its own
+    op timings)."""
     try:
-        with open(PATH) as f:
+        with open(os.environ.get("CT_FAST_GPU_CHOICES") or PATH) as f:
             return json.load(f)
     except FileNotFoundError:
         return {}
