@@ -1,9 +1,12 @@
 """Every op against its pure-torch reference on fresh random inputs at awkward shapes, for every backend
 available here (torch always; cpp when ct_fast._C is built; triton under TRITON_INTERPRET=1), plus
-torch.library.opcheck and the backend-selection rules."""
+torch.library.opcheck and the backend-selection rules. The CUDA kernels also run here, emulated on the CPU
+(``cuda_emu``: tests/cuda_emu)."""
 
+import functools
 import os
 
+import cuda_emu
 import pytest
 import torch
 
@@ -12,9 +15,17 @@ from ct_fast.ops import library, measured
 from ct_fast.testing import assert_close, devices
 
 
+@functools.cache
+def _emulation_missing():
+    return cuda_emu.unavailable()
+
+
 def _cases(op):
-    """(device, backend) pairs that can run ``op`` here: every device of ``devices()``, every backend built."""
+    """(device, backend) pairs that can run ``op`` here: every device of ``devices()``, every backend built, and the
+    CUDA kernels emulated on the CPU (``cuda_emu``: tests/cuda_emu) where g++ and the CUDA headers are."""
     out = []
+    if op in cuda_emu.OPS and _emulation_missing() is None:
+        out.append(pytest.param("cpu", "cuda_emu", id="cpu-cuda_emu"))
     for device in devices():
         dev = torch.device(device)
         names = ["torch"]
@@ -33,7 +44,13 @@ def _cases(op):
 @pytest.fixture(autouse=True)
 def _backend_env(request, monkeypatch):
     backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
-    if backend:
+    if backend == "cuda_emu":  # ops choose "cuda" for the emulated kernels' ops and reach them through _call
+        emulated, choose, call = cuda_emu.load(), ops.choose_backend, ops._call
+        monkeypatch.setattr(ops, "choose_backend", lambda op, device, dtypes=(): "cuda" if op in cuda_emu.OPS
+                            else choose(op, device, dtypes))
+        monkeypatch.setattr(ops, "_call", lambda op, b, *args: getattr(emulated, op)(*args)
+                            if b in ("cuda", "cuda_emu") else call(op, b, *args))
+    elif backend:
         monkeypatch.setenv("CT_FAST_BACKEND", backend)
 
 
@@ -68,6 +85,8 @@ def test_score_edges(device, backend, n_u, w, n_d, c, d):
 def test_score_edges_is_deterministic(device, backend):
     """The same inputs give the same bits (many token splits, several node blocks): the kernels sum their
     per-split partials in a fixed order instead of atomic adds, so a circuit never depends on the run."""
+    if backend == "cuda_emu":
+        pytest.skip("the emulation runs the blocks in order: it cannot show a run-to-run difference")
     g = _gen(5)
     n_u, w, n_d, c, d = 18, 8, 20, 100, 24
     args = (torch.randn(c, n_u * w, generator=g).to(device), torch.randn(n_u, w, d, generator=g).to(device),
