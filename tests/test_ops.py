@@ -44,14 +44,27 @@ def _cases(op):
 @pytest.fixture(autouse=True)
 def _backend_env(request, monkeypatch):
     backend = request.node.callspec.params.get("backend") if hasattr(request.node, "callspec") else None
-    if backend == "cuda_emu":  # ops choose "cuda" for the emulated kernels' ops and reach them through _call
-        emulated, choose, call = cuda_emu.load(), ops.choose_backend, ops._call
-        monkeypatch.setattr(ops, "choose_backend", lambda op, device, dtypes=(): "cuda" if op in cuda_emu.OPS
-                            else choose(op, device, dtypes))
-        monkeypatch.setattr(ops, "_call", lambda op, b, *args: getattr(emulated, op)(*args)
-                            if b in ("cuda", "cuda_emu") else call(op, b, *args))
-    elif backend:
+    if backend:
+        _use_backend(monkeypatch, backend)
+
+
+def _use_backend(monkeypatch, backend: str):
+    """``CT_FAST_BACKEND=backend``; ``cuda_emu``: ops choose "cuda" for the emulated kernels' ops and reach them
+    through ``_call`` (auto elsewhere)."""
+    monkeypatch.setattr(ops, "choose_backend", _CHOOSE)  # (another backend's run after an emulated one)
+    monkeypatch.setattr(ops, "_call", _CALL)
+    if backend != "cuda_emu":
         monkeypatch.setenv("CT_FAST_BACKEND", backend)
+        return
+    monkeypatch.delenv("CT_FAST_BACKEND", raising=False)
+    emulated = cuda_emu.load()
+    monkeypatch.setattr(ops, "choose_backend", lambda op, device, dtypes=(): "cuda" if op in cuda_emu.OPS
+                        else _CHOOSE(op, device, dtypes))
+    monkeypatch.setattr(ops, "_call", lambda op, b, *args: getattr(emulated, op)(*args)
+                        if b in ("cuda", "cuda_emu") else _CALL(op, b, *args))
+
+
+_CHOOSE, _CALL = ops.choose_backend, ops._call
 
 
 def _gen(seed):
@@ -1009,7 +1022,7 @@ def test_native_build_is_present_in_ci():
     assert ops.native() is not None, ops.native_error()
 
 
-@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.triton), "cuda_emu"])
 def test_tuner_step_same_with_every_backend(backend, monkeypatch):
     """A tuner step with each backend: the same circuit and the same parameters as the torch reference."""
     from ct_fast import CircuitAdamW, CircuitTuner
@@ -1019,9 +1032,11 @@ def test_tuner_step_same_with_every_backend(backend, monkeypatch):
         pytest.skip(ops.native_error())
     if backend == "triton" and ops.triton_available(torch.device("cpu")):
         pytest.skip(ops.triton_available(torch.device("cpu")))
+    if backend == "cuda_emu" and _emulation_missing():
+        pytest.skip(_emulation_missing())
     results = {}
     for b in ("torch", backend):
-        monkeypatch.setenv("CT_FAST_BACKEND", b)
+        _use_backend(monkeypatch, b)
         model = tiny_model("llama")
         tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=20)
         r = [tuner.step(random_batch(37, seed=s)) for s in range(2)]
