@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sysconfig
 
+import cuda_emu
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,23 +31,12 @@ def test_cuda_source_compiles(source, arch, tmp_path):
     assert counts and all(a == b == "0" for a, b in counts), proc.stderr[-4000:]
 
 
-def _cuda_include():
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        return None
-    proc = subprocess.run([nvcc, "-v", "-E", "-x", "cu", os.devnull, "-o", os.devnull], capture_output=True, text=True)
-    for line in proc.stderr.splitlines():
-        if line.startswith("#$ INCLUDES="):
-            return line.split("=", 1)[1].strip().strip('"').split()[0].removeprefix("-I").strip('"')
-    return None
-
-
 @pytest.mark.skipif(os.environ.get("CT_FAST_CHECK_BINDING") != "1", reason="opt-in: CT_FAST_CHECK_BINDING=1")
 @pytest.mark.parametrize("source", ["cuda/binding.cpp", "module.cpp"])
 def test_cuda_binding_syntax(source, tmp_path):
     from torch.utils.cpp_extension import include_paths
 
-    cuda_inc = _cuda_include()
+    cuda_inc = cuda_emu.cuda_include()
     if cuda_inc is None or shutil.which("g++") is None:
         pytest.skip("nvcc or g++ not found")
     stub = tmp_path / "c10" / "cuda" / "impl"  # generated at torch's build time; absent from CPU wheels
