@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
@@ -98,6 +99,9 @@ def load():
 
     folder = pathlib.Path(tempfile.gettempdir()) / f"ct_fast_cuda_emu_{os.getuid()}"
     folder.mkdir(exist_ok=True)
+    lock = folder / "lock"  # torch waits for a build's lock file to go: one left by a killed build would hang here
+    if lock.exists() and time.time() - lock.stat().st_mtime > 900:
+        lock.unlink(missing_ok=True)
     path = folder / "emu_kernels.cpp"
     text = source()
     if not path.exists() or path.read_text() != text:
