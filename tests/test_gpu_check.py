@@ -59,7 +59,8 @@ def test_gpu_check_reruns_named_stages(tmp_path):
 
 def test_gpu_stage_commands(monkeypatch, tmp_path):
     """The GPU run's commands (not rehearsed by the CPU): the build fails its stage when ``ct_fast._C`` comes out
-    without CUDA kernels; the GPU tests spread over pytest-xdist workers where xdist is, one process when asked."""
+    without CUDA kernels; the GPU tests spread over pytest-xdist workers where xdist is, one process when asked, and
+    leave out the CPU emulation of the CUDA kernels."""
     import importlib.util
 
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
@@ -72,6 +73,8 @@ def test_gpu_stage_commands(monkeypatch, tmp_path):
     assert build[2].endswith(gpu_check.shlex.quote(gpu_check.BUILT_WITH_CUDA))
     has_xdist = importlib.util.find_spec("xdist") is not None
     assert ("-n" in stages["tests"]["cmd"]) == has_xdist
+    tests = stages["tests"]["cmd"]
+    assert "not cuda_emu" in tests[tests.index("-k") + 1]  # the CPU emulation of the CUDA kernels: not on GPU time
     monkeypatch.setenv("CT_FAST_GPU_TEST_WORKERS", "0")
     stages = {s["name"]: s for s in gpu_check.stages(False, str(tmp_path))}
     assert "-n" not in stages["tests"]["cmd"] and gpu_check.xdist_args(True) == []
