@@ -44,8 +44,9 @@ def env() -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     capability = "sm_{}{}".format(*torch.cuda.get_device_capability()) if gpu else None
     return {"gpu": gpu, "capability": capability, "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "cuda": torch.version.cuda, "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": triton_version, "python": platform.python_version(), "commit": commit}
+            "threads": torch.get_num_threads(), "cuda": torch.version.cuda, "torch": torch.__version__,
+            "transformers": transformers.__version__, "triton": triton_version, "python": platform.python_version(),
+            "commit": commit}
 
 
 def sync(device):

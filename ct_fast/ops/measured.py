@@ -10,9 +10,9 @@ regenerates it; a test checks it matches the committed results):
 Per (op, dtype) the backends, fastest first (by their time relative to the torch path, summed over the cases),
 that beat the torch path in every measured case of every benchmark of the op with an error within the dtype's
 band, then ``torch`` — timings of a Triton kernel's current design only (``kernel_version``, as for the tiles
-below): a rewritten kernel leaves ``auto`` until the GPU check has timed (and tested) it. An (op, dtype) the table names runs the first of its list that can run
-the call; one it does not name keeps the default order (``ops.AUTO_SKIP``). So a measurement can also take a
-kernel out of ``auto`` (an entry with ``torch`` alone).
+below): a rewritten kernel leaves ``auto`` until the GPU check has timed (and tested) it. An (op, dtype) the table
+names runs the first of its list that can run the call; one it does not name keeps the default order
+(``ops.AUTO_SKIP``). So a measurement can also take a kernel out of ``auto`` (an entry with ``torch`` alone).
 
 Timings hold for the GPU architecture they were measured on: the table names the architectures of its sources
 (``architectures``, e.g. ``["sm_90"]``), and a GPU of another architecture — whose shared memory, tensor cores and
