@@ -719,6 +719,34 @@ def test_masked_updates_same_bits_through_row_and_column_views(device, backend, 
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(_emulation_missing() is not None, reason=str(_emulation_missing()))
+def test_emulated_cuda_kernels_do_not_depend_on_thread_order():
+    """Under the CUDA emulation a block's threads run first to last between barriers, or last to first: the masked
+    optimizers (row units and column tiles, fp32 and bf16) and the scoring kernel give the same bits both ways — no
+    thread reads what another writes without a barrier between them."""
+    emulated = cuda_emu.load()
+    shapes, col = ((70, 150), (45, 5), (66, 129), (9, 300)), (True, False, True, False)
+    results = []
+    for reverse in (False, True):
+        emulated.set_reverse_order(reverse)
+        try:
+            out = []
+            for dtype in (torch.float32, torch.bfloat16):
+                full, views, grads, rows, slots, m, v, steps = _optimizer_case(41, dtype, shapes=shapes, col=col)
+                emulated.masked_adamw_(views, grads, m, v, [], steps, rows, slots, 1e-2, 0.9, 0.99, 1e-8, 0.1, False,
+                                       None, None)
+                emulated.masked_sgd_(views, grads, m, steps, rows, slots, 0.1, 0.9, 0.1, 0.01, True, False, None,
+                                     torch.zeros(1))
+                out += full + m + v + steps
+            g = _gen(43)
+            out.append(emulated.score_edges(torch.randn(40, 3 * 8, generator=g), torch.randn(3, 8, 20, generator=g),
+                                            torch.randn(5, 40, 20, generator=g)))
+            results.append(out)
+        finally:
+            emulated.set_reverse_order(False)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 @pytest.mark.parametrize("device,backend", _cases("masked_sgd_"))
 def test_masked_sgd_without_momentum_ignores_buffers(device, backend):
     """Buffers passed with momentum=0 (and dampening) are neither used nor written, as in torch."""

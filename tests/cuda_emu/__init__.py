@@ -49,6 +49,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     ct_fast::masked_sgd_cuda(p, g, buf, st, r, sl, lr, mom, damp, wd, nest, maximize, lr_t, flag);
   });
   m.def("score_edges", &ct_fast::score_edges_cuda);
+  m.def("set_reverse_order", [](bool reverse) { emu::reverse_order = reverse; });
 }
 """
 

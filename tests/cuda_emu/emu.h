@@ -6,7 +6,9 @@
 // thread, each run until it reaches a barrier or returns: __syncthreads releases the block's threads once every
 // thread still running waits there (__syncthreads_or with the OR of their predicates), __shfl_down_sync the warp's 32
 // lanes once all wait (exchanging through memory). A barrier no thread can pass (a divergent __syncthreads) aborts
-// with a message instead of hanging. __shared__ variables are statics (one block runs at a time); dynamic shared
+// with a message instead of hanging. The threads run first to last between barriers, or last to first
+// (emu::reverse_order): a kernel whose result depends on that order reads what another thread writes with no
+// barrier between them. __shared__ variables are statics (one block runs at a time); dynamic shared
 // memory is a buffer of the launch. Float intrinsics map to their IEEE operations (compiled with -ffp-contract=off:
 // no contraction the kernel did not write). What it cannot show: timing, memory coalescing, races between blocks
 // (they never overlap here) or between a block's threads (they interleave only at barriers), and the device's own
@@ -62,6 +64,7 @@ struct Block {  // the fibers of the block running now
 };
 
 inline Block* current = nullptr;
+inline bool reverse_order = false;  // run a block's threads last to first between barriers (set_order)
 
 template <typename T>
 T* dynamic_shared() {
@@ -85,7 +88,8 @@ inline void fiber_main() {
 inline void run_block(Block& b) {
   const int n = static_cast<int>(b.fibers.size());
   for (;;) {
-    for (int t = 0; t < n; ++t) {
+    for (int i = 0; i < n; ++i) {
+      const int t = reverse_order ? n - 1 - i : i;
       if (b.fibers[t].wait != Wait::kNone) continue;
       b.running = t;
       threadIdx = make_uint3(static_cast<unsigned>(t), 0, 0);
