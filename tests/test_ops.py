@@ -720,6 +720,35 @@ def test_masked_updates_same_bits_through_row_and_column_views(device, backend, 
 
 
 @pytest.mark.skipif(_emulation_missing() is not None, reason=str(_emulation_missing()))
+@pytest.mark.parametrize("op", ["masked_adamw_", "masked_sgd_"])
+def test_emulated_cuda_binding_packs_many_tensors_of_two_dtypes(op):
+    """One call over 47 parameters, fp32 and bf16 mixed: the CUDA binding groups them by dtype into launches of at most
+    36 descriptors each (kernel parameters: no device table) — every parameter, state and step count as the
+    reference's, the skip flag checked over every pack first."""
+    emulated = cuda_emu.load()
+    shapes = [((3 + i % 5, 1 + (7 * i) % 40)) for i in range(47)]
+    cases = [_optimizer_case(47 + k, dtype, shapes=shapes[k::2], col=[i % 3 == 0 for i in range(len(shapes[k::2]))])
+             for k, dtype in enumerate((torch.float32, torch.bfloat16))]
+    lists = [sum((list(c[j]) for c in cases), []) for j in range(8)]  # full, views, grads, rows, slots, m, v, steps
+    want = [_clone(t) for t in lists]
+    want[1] = _views_like(want[0], lists[1])
+    assert len(lists[1]) == 47 and {p.dtype for p in lists[1]} == {torch.float32, torch.bfloat16}
+    if op == "masked_adamw_":
+        args = (1e-2, 0.9, 0.99, 1e-8, 0.1, False)
+        library.masked_adamw_default(want[1], lists[2], want[5], want[6], [], want[7], lists[3], lists[4], *args)
+        emulated.masked_adamw_(lists[1], lists[2], lists[5], lists[6], [], lists[7], lists[3], lists[4], *args, None,
+                               torch.zeros(1))
+    else:
+        args = (0.1, 0.9, 0.1, 0.01, False, False)
+        library.masked_sgd_default(want[1], lists[2], want[5], want[7], lists[3], lists[4], *args)
+        emulated.masked_sgd_(lists[1], lists[2], lists[5], lists[7], lists[3], lists[4], *args, None, torch.zeros(1))
+    for i in range(47):
+        _assert_param_close(lists[0][i], want[0][i], name=f"param {i}")
+        assert_close(lists[5][i], want[5][i], name=f"state {i}")
+        assert torch.equal(lists[7][i], want[7][i])
+
+
+@pytest.mark.skipif(_emulation_missing() is not None, reason=str(_emulation_missing()))
 def test_emulated_cuda_kernels_do_not_depend_on_thread_order():
     """Under the CUDA emulation a block's threads run first to last between barriers, or last to first: the masked
     optimizers (row units and column tiles, fp32 and bf16) and the scoring kernel give the same bits both ways — no
