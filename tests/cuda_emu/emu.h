@@ -64,7 +64,7 @@ struct Block {  // the fibers of the block running now
 };
 
 inline Block* current = nullptr;
-inline bool reverse_order = false;  // run a block's threads last to first between barriers (set_reverse_order from Python)
+inline bool reverse_order = false;  // a block's threads last to first between barriers (set_reverse_order)
 
 template <typename T>
 T* dynamic_shared() {
