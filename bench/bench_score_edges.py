@@ -72,12 +72,12 @@ def _per_backend(bench, device, dtype, case, backends, call, want, flops) -> lis
     from ct_fast.ops import measured
 
     recs, base, requested = [], None, os.environ.get("CT_FAST_BACKEND")
-    op = measured.BENCHES[bench][0]
+    version = measured.tile_versions()[measured.BENCHES[bench][0]]
     for b in backends:
         os.environ["CT_FAST_BACKEND"] = b
-        version = {"kernel_version": measured.tile_versions()[op]} if b == "triton" else {}
+        version_field = {"kernel_version": version} if b == "triton" else {}
         try:
-            rec = _timed({"bench": bench, "device": device, "dtype": str(dtype), **case, "backend": b, **version},
+            rec = _timed({"bench": bench, "device": device, "dtype": str(dtype), **case, "backend": b, **version_field},
                          call, want, device)
         finally:  # the caller's choice back
             if requested is None:

@@ -219,7 +219,9 @@ def apply_choices(work: str, summary: list[dict], choices: dict) -> str | None:
         return None
     import torch
 
-    arch = "sm_{}{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+    from ct_fast.ops import measured
+
+    arch = measured.device_architecture(torch.device("cuda"))
     path = os.path.join(work, "gpu_choices_run.json")
     with open(path, "w") as f:
         json.dump({"about": "this GPU check's op timings (ct_fast.ops.measured.derive)",

@@ -16,6 +16,7 @@ import time
 import torch
 
 from ..memory import LiveStorages, replay_peak
+from ..ops import measured
 
 # results go to bench/results of the source checkout (ct_fast/app/harness.py -> repository root), else ./bench-results
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,7 +43,7 @@ def env() -> dict:
     except ImportError:
         triton_version = None
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    capability = "sm_{}{}".format(*torch.cuda.get_device_capability()) if gpu else None
+    capability = measured.device_architecture(torch.device("cuda")) if gpu else None
     return {"gpu": gpu, "capability": capability, "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "cuda": torch.version.cuda, "torch": torch.__version__,
             "transformers": transformers.__version__, "triton": triton_version, "python": platform.python_version(),
