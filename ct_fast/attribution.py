@@ -388,6 +388,7 @@ class EdgeScorer:
             if k not in self.up_weight and k not in self.head_slots:
                 self.up_weight[k] = self._weight(self.graph.upstream_groups[k].writer, sdt)
         down_weight = {g.index: self._weight(g.reader, sdt) for _, _, gs in plan.blocks for g in gs}
+        folded = self._fold_norm_weights(plan, down_weight)
         n_rows = next(iter(grads.values())).shape[0]
         seen = sum(len(self.graph.upstream_groups[k].names) for k, _ in plan.ups if k not in self.slots)
         chunk, sub = scoring_chunks(plan.n_nodes, seen, self.graph.d_model, self.budget, self.fused)
@@ -397,7 +398,7 @@ class EdgeScorer:
         pooled, stats = [], {}  # stats: each norm's per-row statistics over all scored rows, made once per span
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
-            G, sums = self._residual_grads(plan, grads, down_weight, start, stop, stats)
+            G, sums = self._residual_grads(plan, grads, down_weight, start, stop, stats, folded)
             if self.rows.pool:
                 pooled.append(self.rows.pool_rows(G, start))
             else:
@@ -427,18 +428,44 @@ class EdgeScorer:
             # the stacked sources are freed together, with the last span (not source by source)
             self.stack = self._stacked_weights = None
 
-    def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int,
-                        stats: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(G, sums)``: ``G [n_nodes, c, d]`` d metric / d x_d of the layer's nodes for scored rows ``start..stop``,
-        and (fused path) ``sums [n_nodes, d] = G.sum(1)`` in fp32, made while G is written (else None).
+    def _fold_norm_weights(self, plan: LayerPlan, down_weight: dict) -> set:
+        """The span's LayerNorm/RMSNorm norms whose backward the torch path runs folded (``_residual_grads``), their
+        weight ``gamma`` multiplied into the projections reading through them (``down_weight``, in place), once per
+        span: then the projection writes ``rstd * g`` and the norm backward is one reduction and one pass over it."""
+        if self.fused_residual:
+            return set()
+        folded = {norm for norm, _, _ in plan.norms
+                  if norm is not None and ops.reference.norm_kind(self.norms[norm]) != "generic"}
+        for _, _, groups in plan.blocks:
+            for g in groups:
+                if g.norm in folded and down_weight[g.index] is not None:
+                    gamma = ops.reference.norm_gamma(self.norms[g.norm])
+                    down_weight[g.index] = ops.reference.fold_norm_weight(down_weight[g.index], gamma)
+        return folded
 
-        fp32: each block's normed-input gradients (summed over its taps) are written into one buffer, then each
-        norm's backward runs in place on its (contiguous) rows. With the fused kernel (``residual_grads`` on
-        Triton, not with pooled positions) each block is built through its norm and written once, in the scoring
-        dtype: no fp32 block exists; the norms' per-row statistics come from ``stats`` (``norm -> (mean, rstd,
-        gamma)`` over every scored row, filled on first use: row-wise, so a chunk's are a slice)."""
+    def _norm_stats(self, norm: str, stats: dict):
+        """``norm``'s ``(mean, rstd, gamma)`` over every scored row (``ops.reference.norm_stats``; None for a
+        generic norm), made on first use per span: row-wise, so a chunk's are a slice."""
+        if norm not in stats:
+            module = self.norms[norm]
+            generic = ops.reference.norm_kind(module) == "generic"
+            stats[norm] = None if generic else ops.reference.norm_stats(module, self.resid[norm])
+        return stats[norm]
+
+    def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int,
+                        stats: dict, folded: set) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(G, sums)``: ``G [n_nodes, c, d]`` d metric / d x_d of the layer's nodes for scored rows ``start..stop``
+        in the scoring dtype, and (fused path) ``sums [n_nodes, d] = G.sum(1)`` in fp32, made while G is written
+        (else None).
+
+        Torch path: each block's rows, scaled by the norm's ``rstd`` per row, go through the projections with the
+        norm's weight folded in (``folded``: ``_fold_norm_weights``), written straight into G — the norm backward is
+        then ``ops.reference.norm_vjp_scaled_`` on each norm's rows (a reduction and one in-place pass; generic
+        norms: ``norm_vjp_``). With the fused kernel (``residual_grads`` on Triton, not with pooled positions) each
+        block is built through its norm in one kernel pair. The norms' per-row statistics come from ``stats``
+        (``_norm_stats``)."""
         sdt, shape, fused = self.score_dtype, (plan.n_nodes, stop - start, self.graph.d_model), self.fused_residual
-        G = self._buffer("G", shape, sdt if fused else torch.float32)
+        G = self._buffer("G", shape, sdt)
         sums = self._buffer("G_sums", (plan.n_nodes, self.graph.d_model), torch.float32) if fused else None
         run = []  # fused: consecutive blocks read through one norm, built together (``_norm_backward``)
         for off, n, groups in plan.blocks:
@@ -463,13 +490,24 @@ class EdgeScorer:
                     run = []
                 run.append((off, n, norm, single, terms))
             else:
-                for i, (rows, w) in enumerate(terms):
-                    ops.heads_to_residual(rows, w, out=out, accumulate=i > 0, dtype=sdt)
+                norm = groups[0].norm
+                if norm in folded:  # rstd * g, the weights carrying gamma
+                    _, rstd, gamma = self._norm_stats(norm, stats)
+                    ops.reference.project_scaled(terms, out, rstd[start:stop], gamma, weights_folded=True)
+                else:
+                    for i, (rows, w) in enumerate(terms):
+                        ops.heads_to_residual(rows, w, out=out, accumulate=i > 0, dtype=sdt)
         if run:
             self._norm_backward(run, G, sums, start, stop, stats)
         if not fused:
             for norm, a, b in plan.norms:
-                if norm is not None:
+                if norm in folded:
+                    mean, rstd, _ = self._norm_stats(norm, stats)
+                    x_hat = ops.reference.norm_input_hat(
+                        self.resid[norm][start:stop], None if mean is None else mean[start:stop], rstd[start:stop],
+                        out=self._buffer("x_hat", (stop - start, self.graph.d_model), sdt))
+                    ops.reference.norm_vjp_scaled_(G[a:b], x_hat, ops.reference.norm_kind(self.norms[norm]))
+                elif norm is not None:
                     ops.norm_vjp_(self.norms[norm], self.resid[norm][start:stop], G[a:b])
         return G, sums
 
@@ -480,10 +518,7 @@ class EdgeScorer:
         (a layer's query, key and value heads) — and their rows of ``sums`` (``G.sum(1)``)."""
         norm = run[0][2]
         module, x = (self.norms[norm], self.resid[norm][start:stop]) if norm else (None, None)
-        if norm and norm not in stats:
-            generic = ops.reference.norm_kind(module) == "generic"
-            stats[norm] = None if generic else ops.reference.norm_stats(module, self.resid[norm])
-        chunk_stats = stats.get(norm)
+        chunk_stats = self._norm_stats(norm, stats) if norm else None
         if chunk_stats is not None:
             mean, rstd, gamma = chunk_stats
             chunk_stats = (None if mean is None else mean[start:stop], rstd[start:stop], gamma)
@@ -501,7 +536,7 @@ class EdgeScorer:
         run of consecutive groups read by the same G rows is one ``score_edges_into`` call (a kernel per group,
         one reduction into ``raw``)."""
         sdt = self.score_dtype
-        Gs = G if sdt == torch.float32 else G.to(sdt)
+        Gs = G.to(sdt)  # (a no-op but for pooled gradients, fp32)
         per_batch = None if self.fused else max(1, self.budget // (G.shape[1] * self.graph.d_model))  # nodes at once
         batch, nodes, end = [], 0, None
         for k, a in plan.ups:  # consecutive groups read by the same G rows, up to per_batch nodes
@@ -529,7 +564,7 @@ class EdgeScorer:
         by the same G rows is one GEMM straight from the stack buffer (a strided ``[n, c * d]`` matrix), its sums
         added to consecutive rows of the span's block."""
         sdt = self.score_dtype
-        G2 = (G if sdt == torch.float32 else G.to(sdt)).flatten(1)
+        G2 = G.flatten(1)  # (in the scoring dtype)
         for k, slot, n, a in _stacked_runs(plan, self.slots):
             R = self.stack[slot:slot + n, start:stop].flatten(1).to(sdt)
             self._out(plan, self._rows[k], n, a).add_(ops.gemm.mm(R, G2[a:].t()), alpha=self.factor)

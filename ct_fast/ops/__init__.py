@@ -311,6 +311,8 @@ def residual_grads(terms, out: torch.Tensor, norm=None, x=None, stats=None, sums
     kind = "none" if norm is None else reference.norm_kind(norm)
     wide = any(w is not None and w.shape[1] > RESIDUAL_KERNEL_WIDTH for _, w in terms)
     if b != "triton" or kind == "generic" or not 1 <= len(terms) <= 2 or wide:
+        if kind in ("rmsnorm", "layernorm") and all(w is None or w.dtype == out.dtype for _, w in terms):
+            return _token_sums(reference.residual_grads_scaled(terms, out, norm, x, stats), sums)
         return _token_sums(reference.residual_grads(terms, out, norm, x), sums)
     from .. import kernels
 
