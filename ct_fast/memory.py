@@ -465,11 +465,13 @@ def _trace_circuit_backwards(model, ids, linears: dict, tracker: LiveStorages, e
 
 class _ScoringSizes:
     """Bytes ``EdgeScorer`` allocates on a GPU, from its chunking rule (``attribution.scoring_chunks``): per
-    layer, token chunks of ``c`` rows such that the stacked gradients G [nodes, c, d] (counted in fp32) stay
+    layer, token chunks of ``c`` rows such that the stacked gradients G [nodes, c, d] (in the scoring dtype) stay
     within ``GPU_CHUNK_ELEMENTS``, and on the torch scoring path sub-chunks of ``sub`` rows such that the
     contributions of the upstream groups scored together A [nodes', sub, d] do too; G, A and the sources cast
     to the scoring dtype [sub, width] are buffers kept for the whole backward (grown to the largest layer); each
-    layer adds ~4 fp32 [c, d] temporaries (norm backward, casts). Where a half-precision model's residual vectors
+    layer span adds ~4 fp32 [c, d] temporaries or its norms' statistics (an fp32 copy of a norm's input over every
+    row), and on the torch residual-gradient path its readers' weights with the norm's weight folded in (in the
+    scoring dtype, ``EdgeScorer._fold_norm_weights``). Where a half-precision model's residual vectors
     are stacked (the torch path), the attention output projections are stacked too, once per backward, if they fit
     (``heads`` elements; the head rows they batch are copied per sub-chunk into a buffer ``[sub, <= layers,
     width]``).
@@ -484,6 +486,7 @@ class _ScoringSizes:
         self.d, self.score_bytes, self.layers = graph.d_model, score_dtype.itemsize, {}
         self.budget = GPU_CHUNK_ELEMENTS
         self.fused = (measured.gpu_order("score_edges", (score_dtype,)) or ("torch",))[0] != "torch"
+        fold = (measured.gpu_order("residual_grads", (score_dtype,)) or ("torch",))[0] != "triton"
         # a half-precision model's residual vectors are stacked at capture on the torch path: A holds none of them
         stacked = set() if self.fused or score_dtype == torch.float32 else residual_vector_groups(graph)
         # ... and the attention groups' output projections stacked once per backward where they fit
@@ -493,7 +496,10 @@ class _ScoringSizes:
         for layer, plan in layer_plans(graph, SCORE_SPAN).items():
             ups = [graph.upstream_groups[k] for k, _ in plan.ups if k not in stacked]
             width = max(g.writer.n * g.writer.width if g.writer else graph.d_model for g in ups)
-            self.layers[layer] = (plan.n_nodes, sum(len(g.names) for g in ups), max(len(g.names) for g in ups), width)
+            folded = sum(g.reader.n * g.reader.width * graph.d_model for _, _, gs in plan.blocks for g in gs
+                         if fold and g.reader is not None and g.norm is not None)
+            self.layers[layer] = (plan.n_nodes, sum(len(g.names) for g in ups), max(len(g.names) for g in ups), width,
+                                  folded)
 
     def _chunks(self, nodes: int, seen: int, tokens: int) -> tuple[int, int]:
         """``(G's chunk, a scoring call's sub-chunk)`` rows at ``tokens`` scored rows."""
@@ -503,16 +509,17 @@ class _ScoringSizes:
 
     def bytes(self, layer: int | None, tokens: int) -> int:
         """The buffers (``layer=None``) or one layer's temporaries, at ``tokens`` scored rows."""
-        if layer is not None:  # with the fused kernels, a norm's statistics over every row (an fp32 copy) too
-            nodes, seen, _, _ = self.layers[layer]
-            return max(4 * 4 * self._chunks(nodes, seen, tokens)[0] * self.d, 4 * tokens * self.d if self.fused else 0)
+        if layer is not None:
+            nodes, seen, _, _, folded = self.layers[layer]
+            temps = max(4 * 4 * self._chunks(nodes, seen, tokens)[0] * self.d, 4 * tokens * self.d)
+            return temps + self.score_bytes * folded
         g = a = rows = head_rows = 0
-        for nodes, seen, widest, width in self.layers.values():
+        for nodes, seen, widest, width, _ in self.layers.values():
             c, sub = self._chunks(nodes, seen, tokens)
             together = 0 if self.fused else min(seen, max(widest, self.budget // (sub * self.d)))
-            g, a, rows = max(g, 4 * nodes * c * self.d), max(a, together * sub * self.d), max(rows, sub * width)
+            g, a, rows = max(g, nodes * c * self.d), max(a, together * sub * self.d), max(rows, sub * width)
             head_rows = max(head_rows, sub * self.head_row_width)
-        return g + self.score_bytes * (a + rows + head_rows + self.heads)
+        return self.score_bytes * (g + a + rows + head_rows + self.heads)
 
 
 @dataclass
