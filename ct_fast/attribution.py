@@ -388,14 +388,15 @@ class EdgeScorer:
             if k not in self.up_weight and k not in self.head_slots:
                 self.up_weight[k] = self._weight(self.graph.upstream_groups[k].writer, sdt)
         down_weight = {g.index: self._weight(g.reader, sdt) for _, _, gs in plan.blocks for g in gs}
-        folded = self._fold_norm_weights(plan, down_weight)
+        stats = {}  # each norm's per-row statistics over all scored rows, made once per span (``_norm_stats``)
+        folded = self._fold_norm_weights(plan, down_weight, stats)
         n_rows = next(iter(grads.values())).shape[0]
         seen = sum(len(self.graph.upstream_groups[k].names) for k, _ in plan.ups if k not in self.slots)
         chunk, sub = scoring_chunks(plan.n_nodes, seen, self.graph.d_model, self.budget, self.fused)
         cols = slice(plan.col0, plan.col0 + plan.n_nodes)
         if self.stack is not None:  # this span's sums, rows in the stacked order (see the class)
             self._sums = self._buffer("sums", (self.raw.shape[0], plan.n_nodes), torch.float32).zero_()
-        pooled, stats = [], {}  # stats: each norm's per-row statistics over all scored rows, made once per span
+        pooled = []
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
             G, sums = self._residual_grads(plan, grads, down_weight, start, stop, stats, folded)
@@ -428,7 +429,7 @@ class EdgeScorer:
             # the stacked sources are freed together, with the last span (not source by source)
             self.stack = self._stacked_weights = None
 
-    def _fold_norm_weights(self, plan: LayerPlan, down_weight: dict) -> set:
+    def _fold_norm_weights(self, plan: LayerPlan, down_weight: dict, stats: dict) -> set:
         """The span's LayerNorm/RMSNorm norms whose backward the torch path runs folded (``_residual_grads``), their
         weight ``gamma`` multiplied into the projections reading through them (``down_weight``, in place), once per
         span: then the projection writes ``rstd * g`` and the norm backward is one reduction and one pass over it."""
@@ -439,7 +440,7 @@ class EdgeScorer:
         for _, _, groups in plan.blocks:
             for g in groups:
                 if g.norm in folded and down_weight[g.index] is not None:
-                    gamma = ops.reference.norm_gamma(self.norms[g.norm])
+                    gamma = self._norm_stats(g.norm, stats)[2]
                     down_weight[g.index] = ops.reference.fold_norm_weight(down_weight[g.index], gamma)
         return folded
 
