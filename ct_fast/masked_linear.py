@@ -88,6 +88,7 @@ class MaskedLinears:
         self.anchor = anchor if anchor is not None else torch.zeros((), device=param.device, dtype=param.dtype,
                                                                     requires_grad=True)
         self._plain: frozenset = frozenset()  # modules running plain linears (plain_outside)
+        self._forwards: dict | None = None  # name -> the bound forward __enter__ installs
         self.selection: dict | None = None
         self.active = True
         self.saved: dict[str, list] = {}  # deferred: name -> [(x, grad_out), ...]
@@ -116,8 +117,10 @@ class MaskedLinears:
         self._plain = frozenset() if len(plain) == len(self.modules) else plain
 
     def __enter__(self):
+        if self._forwards is None:  # made once: __enter__ runs every step
+            self._forwards = {name: types.MethodType(self._forward_of(name), m) for name, m in self.modules.items()}
         for name, m in self.modules.items():
-            m.forward = types.MethodType(self._forward_of(name), m)
+            m.forward = self._forwards[name]
         return self
 
     def __exit__(self, *exc):

@@ -149,6 +149,7 @@ class TuningSession:
         self._trained = {id(p) for p in self.params}
         self._param_selection: tuple = (None, None)  # (circuit, its param_selection)
         self._owned = owned
+        self._unowned = [p for n, p in model.named_parameters() if n not in owned]  # frozen while attached
         self._reserve_state_pools(model)
         self.anchor = torch.zeros((), device=self.device, dtype=next(model.parameters()).dtype, requires_grad=True)
         self.masked = MaskedLinears(model, self.graph, anchor=self.anchor)
@@ -214,7 +215,7 @@ class TuningSession:
         ``detach()`` or when the session is garbage-collected (the hooks hold no reference to it)."""
         if self.attached:
             return
-        frozen = [p for n, p in self.model.named_parameters() if n not in self._owned and p.requires_grad]
+        frozen = [p for p in self._unowned if p.requires_grad]  # (listed once: a model walk per step costs ~1 ms)
         for p in frozen:
             p.requires_grad_(False)
         ddp_sync = None
