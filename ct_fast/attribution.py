@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +37,21 @@ CHUNK_ELEMENTS = 1 << 25  # elements of one [nodes, chunk, d_model] scoring bloc
 # short chunks make the scoring host-bound. A llama-1B refresh-1 step at 8 x 512 tokens on an H100 ran 44k
 # launches (128-row chunks; kernels busy ~350 of 1920 ms, bench/results/profile_gpu_llama-1B.json)
 GPU_CHUNK_ELEMENTS = 1 << 28
-# layers scored together (counted from the last): each upstream contribution is then produced once per span, not
-# once per layer. 2 took the scoring of an 8-layer Llama (d 512, T 2048) from 2.0 to 1.4 s on CPU; 3 and more
-# gained little more while holding more layers' gradients
-SCORE_SPAN = 2
+
+
+def _score_span() -> int:
+    """Layers scored together (counted from the last): each upstream contribution is then produced once per span, not
+    once per layer. 2 took the scoring of an 8-layer Llama (d 512, T 2048) from 2.0 to 1.4 s on CPU; 3 and more
+    gained little more there, while holding more layers' gradients. On a GPU, where writing and reading the torch
+    path's contribution blocks costs as much as their FLOPs, a span of 4 would move ~40% fewer of their bytes at
+    llama-1B: ``CT_FAST_SCORE_SPAN`` (read at import) sets it, and the GPU check times a faithful step at 4."""
+    raw = os.environ.get("CT_FAST_SCORE_SPAN", "2")
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise CTFastError(f"CT_FAST_SCORE_SPAN={raw!r}: expected a whole number of layers >= 1 (default 2)")
+    return int(raw)
+
+
+SCORE_SPAN = _score_span()
 MIN_CHUNK_ROWS = 128  # deep graphs: keep token chunks at least this long, batch fewer upstream groups instead
 # the torch path makes the contributions of several layers' attention heads in one batched GEMM per token chunk when
 # their output projections, stacked (kept for the backward), fit in this many elements: Llama-3.2-1B's 16 layers

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from .attribution import SCORE_SPAN, AttributionRun, LayerPlan, layer_plans
+from . import attribution
+from .attribution import AttributionRun, LayerPlan, layer_plans
 from .circuit import node_selections
 from .graph import ComputationGraph
 from .masked_linear import MaskedLinears
@@ -46,7 +47,7 @@ class CandidatePruner:
 
     def __init__(self, graph: ComputationGraph, masked: MaskedLinears, threshold: float = 0.0):
         self.graph, self.masked, self.threshold = graph, masked, threshold
-        self.plans = layer_plans(graph, SCORE_SPAN)
+        self.plans = layer_plans(graph, attribution.SCORE_SPAN)  # (the scorer's: read when built)
         self.readers = [0] * len(graph.upstream_groups)  # per upstream group: the plans that read it
         for plan in self.plans.values():
             for k, _ in plan.ups:

@@ -39,6 +39,25 @@ def test_scores_match_private_copy_oracle(arch, model, batch, ablation, mlp_head
     assert_close(got.scores, want.float(), name=f"{arch} {ablation} scores")
 
 
+@pytest.mark.parametrize("span", [1, 3, 5])
+def test_scores_match_the_oracle_at_every_span(span, monkeypatch):
+    """``CT_FAST_SCORE_SPAN`` (``attribution.SCORE_SPAN``, default 2): 1 layer, 3 (a partial first span) or more than
+    the model has, the scores are the oracle's."""
+    monkeypatch.setattr(ct_fast.attribution, "SCORE_SPAN", span)
+    model = tiny_model("llama", num_hidden_layers=4)
+    batch = random_batch(37, batch=3, seq=7)
+    g = ComputationGraph.from_model(model, mlp_head_dim=8)
+    assert_close(attribute(model, batch, graph=g).scores, brute_force_scores(model, batch, graph=g).float())
+
+
+def test_score_span_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("CT_FAST_SCORE_SPAN", "0")
+    with pytest.raises(ct_fast.CTFastError, match="CT_FAST_SCORE_SPAN='0'"):
+        ct_fast.attribution._score_span()
+    monkeypatch.setenv("CT_FAST_SCORE_SPAN", "3")
+    assert ct_fast.attribution._score_span() == 3
+
+
 @pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("metric", ["loss", "logit_diff", "logprob_diff"])
 def test_positions_pool_and_metrics(arch, model, batch, pool, metric):

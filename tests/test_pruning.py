@@ -69,6 +69,21 @@ def test_pruned_deferred_equals_unpruned(arch, top_n, threshold, mlp_head_dim, p
         assert cand < total or threshold == 0 and top_n == len(r.circuit), pruned
 
 
+@pytest.mark.parametrize("span", [1, 3])
+def test_pruned_deferred_equals_unpruned_at_other_spans(span, monkeypatch):
+    """``CT_FAST_SCORE_SPAN`` (``attribution.SCORE_SPAN``): the pruner follows the scorer's spans — the same circuits
+    and updates as without pruning when 1 or 3 layers are scored together (3: a partial first span)."""
+    from ct_fast import attribution
+
+    monkeypatch.setattr(attribution, "SCORE_SPAN", span)
+    a, b = tiny_model("llama", num_hidden_layers=4), tiny_model("llama", num_hidden_layers=4)
+    ra, rb = _run(a, _batches(2), True, top_n=25), _run(b, _batches(2), False, top_n=25)
+    for x, y in zip(ra, rb):
+        assert [e[:2] for e in x.circuit.edges] == [e[:2] for e in y.circuit.edges]
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert_close(p, q, name=name)
+
+
 def test_top_n_zero_computes_no_weight_gradient(pruned_rows):
     model = tiny_model("llama")
     before = [p.detach().clone() for p in model.parameters()]

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from .. import attribution
 from . import harness
 from ..models import shape_config as config
 
@@ -169,7 +170,7 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
         if splits:
             split = {k: 1e3 * statistics.mean(s.timings[k] for s in splits) for k in splits[0].timings}
             rec.update(split_ms=split, attribution_fraction=split["attribution"] / split["total"], top_n=top_n,
-                       tuned_param_fraction=m.last.circuit.fraction)
+                       tuned_param_fraction=m.last.circuit.fraction, score_span=attribution.SCORE_SPAN)
             if device != "cpu":  # the host's time in the same phases: which of them kept the device waiting
                 rec["split_host_ms"] = {k: 1e3 * statistics.mean(s.host_timings[k] for s in splits)
                                         for k in splits[0].host_timings}
