@@ -259,7 +259,8 @@ def run_torch_parts(device="cpu", dtype=torch.bfloat16, shape=None, splits=None)
 def run_residual_ops(device="cpu", dtype=torch.float32, shapes=None, backends=None) -> list[dict]:
     """``ops.residual_grads`` per backend on each shape: the Triton kernels (the norm's reductions, then the
     gradients written once in ``dtype``) against the torch composite (the norm folded into the bmm's operands, then
-    one reduction and one in-place pass: ``reference.residual_grads_scaled``). ``out_gbps``: the output's bytes over the time — the bound is the device's write bandwidth."""
+    one reduction and one in-place pass: ``reference.residual_grads_scaled``). ``out_gbps``: the output's bytes over
+    the time — the bound is the device's write bandwidth."""
     from ct_fast import ops
 
     recs = []

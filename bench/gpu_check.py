@@ -97,7 +97,8 @@ def stages(rehearse: bool, out: str) -> list[dict]:
         # the faithful step with 4 layers scored together (CT_FAST_SCORE_SPAN; default 2): fewer contribution bytes
         # and FLOPs against twice the held gradients — the data for the default (compare with the step stage's)
         {"name": "step_span4", "limit": 60, "env": {"CT_FAST_SCORE_SPAN": "4"},
-         "cmd": [PY, "-m", "ct_fast", "bench", "--device", dev, "--out", j("step_span4"), "--methods", "circuit_refresh1"]
+         "cmd": [PY, "-m", "ct_fast", "bench", "--device", dev, "--out", j("step_span4"), "--methods",
+                 "circuit_refresh1"]
          + (["--models", "tiny", "--steps", "1", "--warmup", "1"] if rehearse else
             ["--models", "llama-1B", "--dtype", "bf16", "--steps", "3", "--batch", "8", "--seq", "512"])},
         {"name": "scale", "limit": 120, "cmd": bench("bench_scale.py", "--device", dev, "--out", j("scale"), *(
