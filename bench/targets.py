@@ -83,8 +83,9 @@ def evaluate(out: str) -> list[dict]:
 
 def phase_table(out: str) -> str:
     """The step benchmark's phase split per tuner method: device ms / host ms per phase (a GPU phase whose device time
-    is about its host time kept the device waiting for its host), or the CPU's ms; "" without step records."""
-    recs = [r for r in _load(out, "step") if r.get("split_ms")]
+    is about its host time kept the device waiting for its host), or the CPU's ms; "" without step records. The
+    ``step_span4`` stage's rows (another score span) follow, labelled with their span."""
+    recs = [r for r in _load(out, "step") + _load(out, "step_span4") if r.get("split_ms")]
     if not recs:
         return ""
     phases = list(recs[0]["split_ms"])
@@ -93,7 +94,8 @@ def phase_table(out: str) -> str:
     for r in recs:
         host = r.get("split_host_ms") or {}
         cells = [f"{r['split_ms'][k]:.1f}" + (f" / {host[k]:.1f}" if k in host else "") for k in phases]
-        lines.append(f"| {r['model']} {r['method']} | " + " | ".join(cells) + " |")
+        span = f" (span {r['score_span']})" if r.get("score_span", 2) != 2 else ""
+        lines.append(f"| {r['model']} {r['method']}{span} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

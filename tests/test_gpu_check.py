@@ -102,6 +102,9 @@ def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
                          method=m, mean_ms=t, **extra) for m, t, extra in (
                              ("full", 100.0, {}), ("circuit_refresh1", 140.0, dict(split_ms=split, split_host_ms=host)),
                              ("circuit_refresh10", 95.0, {}))])
+    write("step_span4", dict(bench="step", device="cuda", model="llama-1B", dtype="bfloat16", batch=8, seq=64,
+                             method="circuit_refresh1", mean_ms=130.0, score_span=4, split_ms=split,
+                             split_host_ms=host))
     rows = {r["target"]: r for r in targets.evaluate(str(tmp_path))}
     got = {k: (r["status"], r["value"]) for k, r in rows.items()}
     assert got["masked AdamW, 5% circuit: share of copy bandwidth"] == ("met", 0.85)
@@ -116,7 +119,9 @@ def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
     assert targets.phase_table(str(tmp_path)).splitlines() == [
         "| step (device / host ms) | forward | attribution | selection | backward | optimizer | total |",
         "| --- | --- | --- | --- | --- | --- | --- |",
-        "| llama-1B circuit_refresh1 | 36.2 / 35.0 | 145.0 / 60.0 | 6.8 / 6.5 | 61.0 / 20.0 | 4.5 / 4.0 | 253.5 / 130.0 |"]
+        "| llama-1B circuit_refresh1 | 36.2 / 35.0 | 145.0 / 60.0 | 6.8 / 6.5 | 61.0 / 20.0 | 4.5 / 4.0 | 253.5 / 130.0 |",
+        "| llama-1B circuit_refresh1 (span 4) | 36.2 / 35.0 | 145.0 / 60.0 | 6.8 / 6.5 | 61.0 / 20.0 | 4.5 / 4.0 "
+        "| 253.5 / 130.0 |"]  # (the span-4 stage's row: not a target, beside it)
     assert targets.phase_table(str(tmp_path / "none")) == ""
 
 
