@@ -441,14 +441,15 @@ class EdgeScorer:
             # the stacked sources are freed together, with the last span (not source by source)
             self.stack = self._stacked_weights = None
 
-    def _fold_norm_weights(self, plan: LayerPlan, down_weight: dict, stats: dict) -> set:
-        """The span's LayerNorm/RMSNorm norms whose backward the torch path runs folded (``_residual_grads``), their
-        weight ``gamma`` multiplied into the projections reading through them (``down_weight``, in place), once per
-        span: then the projection writes ``rstd * g`` and the norm backward is one reduction and one pass over it."""
+    def _fold_norm_weights(self, plan: LayerPlan, down_weight: dict, stats: dict) -> dict:
+        """``{norm: kind}``: the span's LayerNorm/RMSNorm norms whose backward the torch path runs folded
+        (``_residual_grads``), their weight ``gamma`` multiplied into the projections reading through them
+        (``down_weight``, in place), once per span: then the projection writes ``rstd * g`` and the norm backward is
+        one reduction and one pass over it."""
         if self.fused_residual:
-            return set()
-        folded = {norm for norm, _, _ in plan.norms
-                  if norm is not None and ops.reference.norm_kind(self.norms[norm]) != "generic"}
+            return {}
+        kinds = {norm: ops.reference.norm_kind(self.norms[norm]) for norm, _, _ in plan.norms if norm is not None}
+        folded = {norm: kind for norm, kind in kinds.items() if kind != "generic"}
         for _, _, groups in plan.blocks:
             for g in groups:
                 if g.norm in folded and down_weight[g.index] is not None:
@@ -466,7 +467,7 @@ class EdgeScorer:
         return stats[norm]
 
     def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int,
-                        stats: dict, folded: set) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        stats: dict, folded: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(G, sums)``: ``G [n_nodes, c, d]`` d metric / d x_d of the layer's nodes for scored rows ``start..stop``
         in the scoring dtype, and (fused path) ``sums [n_nodes, d] = G.sum(1)`` in fp32, made while G is written
         (else None).
@@ -519,7 +520,7 @@ class EdgeScorer:
                     x_hat = ops.reference.norm_input_hat(
                         self.resid[norm][start:stop], None if mean is None else mean[start:stop], rstd[start:stop],
                         out=self._buffer("x_hat", (stop - start, self.graph.d_model), sdt))
-                    ops.reference.norm_vjp_scaled_(G[a:b], x_hat, ops.reference.norm_kind(self.norms[norm]))
+                    ops.reference.norm_vjp_scaled_(G[a:b], x_hat, folded[norm])
                 elif norm is not None:
                     ops.norm_vjp_(self.norms[norm], self.resid[norm][start:stop], G[a:b])
         return G, sums
