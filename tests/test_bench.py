@@ -5,6 +5,7 @@ import json
 import pathlib
 import sys
 
+import pytest
 import torch
 
 from ct_fast.app.cli import main
@@ -47,6 +48,24 @@ def test_bench_goes_on_after_a_method_runs_out_of_memory(monkeypatch):
     assert [r["method"] for r in records] == ["full", "reference", "circuit_refresh10"]
     assert records[1]["skipped"] == "out of memory" and "mean_ms" in records[2]
     assert "| tiny | reference | cpu | out of memory |" in sb.table(records)
+
+
+def test_bench_caps_the_timed_steps_of_a_slow_method(monkeypatch):
+    """``max_seconds``: a method whose timed steps took that long times no more of them (at least one); the record
+    says how many it timed. Fast methods time all their steps."""
+    import ct_fast.app.step_bench as sb
+
+    real, clock = sb._Method.step, {"t": 0.0}
+
+    def step(self, batch):  # a fake clock: the reference's steps take 30 s, the others 1 ms
+        clock["t"] += 30.0 if self.method == "reference" else 1e-3
+        return real(self, batch)
+
+    monkeypatch.setattr(sb._Method, "step", step)
+    monkeypatch.setattr(sb.time, "perf_counter", lambda: clock["t"])
+    records = sb.run("tiny", ("full", "reference"), steps=3, progress=lambda _: None, max_seconds=20)
+    assert [r["steps"] for r in records] == [3, 1]
+    assert records[1]["median_ms"] == pytest.approx(30e3)
 
 
 def test_readme_table_is_generated_from_results():

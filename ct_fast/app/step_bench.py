@@ -3,7 +3,7 @@ and amortised) against full fine-tuning, LoRA and the public reference code's wa
 step — same model, data and device.
 
     ct-fast bench [--models gpt2-small] [--methods full,lora,reference,circuit_refresh1,circuit_dropin,...]
-                  [--device cpu|cuda] [--dtype fp32|bf16] [--batch 8 --seq 64] [--steps 3]
+                  [--device cpu|cuda] [--dtype fp32|bf16] [--batch 8 --seq 64] [--steps 3] [--max-seconds S]
 
 Reports median and mean step time, tokens/s, peak memory and, for circuit methods, the per-phase split and
 the attribution share of a step; writes ``bench/results/step_<device>.json`` and prints a table.
@@ -131,8 +131,10 @@ def _persistent_bytes(model, method: "_Method") -> int:
 
 
 def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, batch=8, seq=64, steps=3, warmup=1,
-        target_fraction=0.05, progress=print, on_record=None) -> list[dict]:
-    """One record per method (``on_record(rec)`` as each finishes: a run stopped part-way keeps what it timed)."""
+        target_fraction=0.05, progress=print, on_record=None, max_seconds: float | None = None) -> list[dict]:
+    """One record per method (``on_record(rec)`` as each finishes: a run stopped part-way keeps what it timed).
+    ``max_seconds``: a method stops timing once its timed steps have taken that long (at least one is timed; the
+    record's ``steps`` says how many were): the reference code's 24 s llama-1B step need not run three times."""
     base = build(model_name, device, dtype)
     arch = "gpt2" if model_name in ("tiny", "gpt2-small") else "llama"
     data = make_batches(base.config.vocab_size, batch, seq, warmup + steps + 1, device)
@@ -146,7 +148,7 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
             progress(f"{method}: skipped ({e})")
             continue
         try:
-            times, splits = _time_steps(m, data, warmup, steps, device)
+            times, splits = _time_steps(m, data, warmup, steps, device, max_seconds)
         except torch.OutOfMemoryError as e:  # one method too big for the device: the others still run
             times, oom = None, str(e).splitlines()[0]
         if times is None:  # freed outside the except block: its traceback holds the failed step's tensors
@@ -164,7 +166,7 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
             transient = harness.peak_bytes(lambda: m.step(data[-1]), device)
             peak = _persistent_bytes(model, m) + transient
         rec = {"bench": "step", "model": model_name, "method": method, "dtype": str(dtype).replace("torch.", ""),
-               "batch": batch, "seq": seq, "steps": steps, "median_ms": 1e3 * statistics.median(times),
+               "batch": batch, "seq": seq, "steps": len(times), "median_ms": 1e3 * statistics.median(times),
                "mean_ms": 1e3 * statistics.mean(times), "tokens_per_s": batch * seq / statistics.mean(times),
                "peak_mem_gib": peak / 2**30, "device": str(device)}
         if splits:
@@ -186,9 +188,10 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
     return records
 
 
-def _time_steps(m: _Method, data, warmup: int, steps: int, device) -> tuple[list, list]:
+def _time_steps(m: _Method, data, warmup: int, steps: int, device, max_seconds: float | None = None
+                ) -> tuple[list, list]:
     """Wall time of each timed step (synchronised), and the tuner's ``StepResult`` of each where there is one (its
-    phase split)."""
+    phase split); no step starts once the timed ones took ``max_seconds``."""
     for b in data[:warmup]:
         m.step(b)
     if device != "cpu":
@@ -202,6 +205,8 @@ def _time_steps(m: _Method, data, warmup: int, steps: int, device) -> tuple[list
         times.append(time.perf_counter() - t0)
         if m.last is not None:
             splits.append(m.last)
+        if max_seconds is not None and sum(times) >= max_seconds:
+            break
     return times, splits
 
 
@@ -242,6 +247,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seq", type=int, default=64, help="tokens per example")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per method")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="per method: no timed step starts once the timed ones took this long (at least one runs)")
     ap.add_argument("--fraction", type=float, default=0.05, help="target share of parameters in the circuit")
     ap.add_argument("--out", default=None, help="results JSON (default: bench/results/step_<device>.json)")
     a = ap.parse_args(argv)
@@ -257,7 +264,8 @@ def main(argv=None) -> list[dict]:
         harness.write(f"step_{a.device}", records, a.out)
 
     for name in a.models.split(","):
-        run(name, methods, a.device, dtype, a.batch, a.seq, a.steps, a.warmup, a.fraction, on_record=save)
+        run(name, methods, a.device, dtype, a.batch, a.seq, a.steps, a.warmup, a.fraction, on_record=save,
+            max_seconds=a.max_seconds)
     print(table(records))
     print(harness.write(f"step_{a.device}", records, a.out))
     return records
