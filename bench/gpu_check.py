@@ -235,17 +235,24 @@ def apply_choices(work: str, summary: list[dict], choices: dict) -> str | None:
     with open(path, "w") as f:
         json.dump({"about": "this GPU check's op timings (ct_fast.ops.measured.derive)",
                    "architectures": [arch] if arch else [],
-                   "choices": {k: v for k, v in choices.items() if k != "tiles"}}, f, indent=1)
+                   "choices": {k: v for k, v in choices.items() if k not in ("tiles", "products")},
+                   "products": choices.get("products", {})}, f, indent=1)
     return path
 
 
 def measured_choices(out: str) -> dict:
-    """What ``ct_fast.ops.measured.derive`` makes of this run's op benchmarks, and ``derive_tiles`` of its tile
+    """What ``ct_fast.ops.measured.derive`` makes of this run's op benchmarks, ``derive_products`` of their score
+    product timings (``"products"``: the torch scoring path's explicit K split) and ``derive_tiles`` of its tile
     timings (``"tiles"``; empty on CPU: GPU records only)."""
     from ct_fast.ops import measured
 
-    choices = measured.derive_files(os.path.join(out, n) for n in sorted(os.listdir(out))
-                                    if n.startswith("op_") and n.endswith(".json"))
+    paths = [os.path.join(out, n) for n in sorted(os.listdir(out)) if n.startswith("op_") and n.endswith(".json")]
+    choices = measured.derive_files(paths)
+    records = []
+    for path in paths:
+        with open(path) as f:
+            records += json.load(f).get("results", [])
+    choices["products"] = measured.derive_products(records)
     tiles = os.path.join(out, "tiles.json")
     if os.path.exists(tiles):
         with open(tiles) as f:

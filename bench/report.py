@@ -78,7 +78,8 @@ def gpu_choices() -> dict:
                      "they apply on GPUs of the architectures they were measured on",
             "sources": [os.path.basename(p) for p in paths + tile_paths],
             "architectures": sorted(set(archs.values())), "choices": measured.derive_files(paths),
-            "tiles": measured.derive_tiles(_records(tile_paths), measured.tile_versions())}
+            "tiles": measured.derive_tiles(_records(tile_paths), measured.tile_versions()),
+            "products": measured.derive_products(_records(paths))}
 
 
 def _records(paths) -> list[dict]:

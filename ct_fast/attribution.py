@@ -75,12 +75,16 @@ def scoring_chunk(nodes: int, seen: int, d: int, budget: int, fused: bool) -> in
     return max(1, budget // (max(nodes, seen) * d), min(MIN_CHUNK_ROWS, budget // (nodes * d)))
 
 
-def scoring_chunks(nodes: int, seen: int, d: int, budget: int, fused: bool) -> tuple[int, int]:
+def scoring_chunks(nodes: int, seen: int, d: int, budget: int, fused: bool, split: int = 1) -> tuple[int, int]:
     """``(chunk, sub)``: token rows per chunk of the stacked gradients G, and per scoring call within it. G's chunk
     is the fused path's on every path (the residual gradients and the per-chunk bookkeeping run on as few, long
     chunks as the budget allows); the torch path scores it in sub-chunks its contribution block fits — a whole
-    number of them per chunk, so the scoring calls see the same token boundaries as with chunks of ``sub``."""
+    number of them per chunk, so the scoring calls see the same token boundaries as with chunks of ``sub`` — and,
+    where its products are split over ``split`` token blocks (``ops.score_edges_into``), a multiple of ``split``
+    rows (when it has that many)."""
     sub = scoring_chunk(nodes, seen, d, budget, fused)
+    if not fused and sub > split > 1:
+        sub -= sub % split
     return max(sub, scoring_chunk(nodes, seen, d, budget, True) // sub * sub), sub
 
 
@@ -346,6 +350,8 @@ class EdgeScorer:
         self.fused = ops.choose_backend("score_edges", raw.device, (score_dtype,)) != "torch"
         self.fused_residual = not rows.pool and ops.choose_backend("residual_grads", raw.device,
                                                                    (score_dtype,)) == "triton"
+        # the torch path's score products: split over token blocks where measured faster (one GEMM elsewhere)
+        self.product_split = 1 if self.fused else ops.measured.product_split(score_dtype, raw.device)
         # sum over scored rows of each downstream node's gradient [n_down, d]: corrects per-micro-batch means
         self.grad_sum = raw.new_zeros(raw.shape[1], graph.d_model)
         self.stack, self.slots = stack if stack is not None else (None, {})  # (begin() stacks on the torch path only)
@@ -404,7 +410,8 @@ class EdgeScorer:
         folded = self._fold_norm_weights(plan, down_weight, stats)
         n_rows = next(iter(grads.values())).shape[0]
         seen = sum(len(self.graph.upstream_groups[k].names) for k, _ in plan.ups if k not in self.slots)
-        chunk, sub = scoring_chunks(plan.n_nodes, seen, self.graph.d_model, self.budget, self.fused)
+        chunk, sub = scoring_chunks(plan.n_nodes, seen, self.graph.d_model, self.budget, self.fused,
+                                    self.product_split)
         cols = slice(plan.col0, plan.col0 + plan.n_nodes)
         if self.stack is not None:  # this span's sums, rows in the stacked order (see the class)
             self._sums = self._buffer("sums", (self.raw.shape[0], plan.n_nodes), torch.float32).zero_()
@@ -598,7 +605,7 @@ class EdgeScorer:
         sources = [(self._source(k, start, stop), self.up_weight[k]) if slot is None else
                    self._head_run(k, slot, n, start, stop) for k, slot, n in self._head_runs(batch)]
         ops.score_edges_into(self._out(plan, self._rows[batch[0][0]], nodes, a), sources, Gs[a:],
-                             alpha=self.factor, workspace=workspace)
+                             alpha=self.factor, workspace=workspace, split=self.product_split)
 
     def _head_runs(self, batch: list) -> list[tuple[int, int | None, int]]:
         """``(group, slot, n)`` per source of a batch: a run of ``n`` attention groups in consecutive slots from

@@ -50,6 +50,25 @@ def test_scores_match_the_oracle_at_every_span(span, monkeypatch):
     assert_close(attribute(model, batch, graph=g).scores, brute_force_scores(model, batch, graph=g).float())
 
 
+def test_scores_match_the_oracle_with_split_products(monkeypatch):
+    """``CT_FAST_PRODUCT_SPLIT`` (on a GPU: ``measured.product_split``, from the GPU check's timings): the torch
+    path's score products split over 4 token blocks — sub-chunks of 4 rows, each span's shorter last one a single
+    GEMM — give the oracle's scores."""
+    from ct_fast.ops import gemm
+
+    monkeypatch.setenv("CT_FAST_PRODUCT_SPLIT", "4")
+    model = tiny_model("llama", num_hidden_layers=3)
+    batch = random_batch(37, batch=3, seq=7)
+    g = ComputationGraph.from_model(model)
+    monkeypatch.setattr(ct_fast.attribution, "CHUNK_ELEMENTS", 7 * g.d_model * (2 * g.n_heads + 4 * g.n_kv_heads + 2))
+    monkeypatch.setattr(ct_fast.attribution, "MIN_CHUNK_ROWS", 1)
+    calls, real = [], gemm.split_mm
+    monkeypatch.setattr(gemm, "split_mm", lambda a, b: calls.append(a.shape) or real(a, b))
+    got = attribute(model, batch, graph=g).scores
+    assert calls and all(shape[1] == 4 for shape in calls)
+    assert_close(got, brute_force_scores(model, batch, graph=g).float())
+
+
 def test_score_span_setting_is_checked(monkeypatch):
     monkeypatch.setenv("CT_FAST_SCORE_SPAN", "0")
     with pytest.raises(ct_fast.CTFastError, match="CT_FAST_SCORE_SPAN='0'"):
@@ -323,6 +342,11 @@ def test_scoring_chunk_rule():
     assert scoring_chunks(98, 529, 2048, GPU_CHUNK_ELEMENTS, fused=True) == (1337, 1337)
     assert scoring_chunks(98, 529, 2048, GPU_CHUNK_ELEMENTS, fused=False) == (5 * 247, 247)
     assert scoring_chunks(98, 10 ** 5, 2048, CHUNK_ELEMENTS, fused=False) == (MIN_CHUNK_ROWS, MIN_CHUNK_ROWS)
+    # products split over 8 token blocks: sub-chunks a multiple of 8 rows (the fused path does not split)
+    assert scoring_chunks(98, 529, 2048, GPU_CHUNK_ELEMENTS, fused=False, split=8) == (5 * 240, 240)
+    assert scoring_chunks(98, 529, 2048, GPU_CHUNK_ELEMENTS, fused=True, split=8) == (1337, 1337)
+    assert scoring_chunks(98, 529, 2048, 5 * 529 * 2048, fused=False, split=8) == (24, 24)  # 26 rows: 24
+    assert scoring_chunks(98, 529, 2048, 5 * 98 * 2048, fused=False, split=8) == (5, 5)  # fewer than 8: as is
 
 
 # ---- bad input ----

@@ -197,12 +197,14 @@ def test_later_stages_run_on_the_checks_own_choices(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
     import gpu_check
 
-    choices = {"residual_grads": {"torch.bfloat16": ["triton", "torch"]}, "tiles": {"residual_grads": {}}}
+    choices = {"residual_grads": {"torch.bfloat16": ["triton", "torch"]}, "tiles": {"residual_grads": {}},
+               "products": {"torch.bfloat16": {"split": 8}}}
     assert gpu_check.apply_choices(str(tmp_path), [{"stage": "tests", "status": "failed (exit 1)"}], choices) is None
     assert gpu_check.apply_choices(str(tmp_path), [{"stage": "op_masked_dw", "status": "ok"}], choices) is None
     path = gpu_check.apply_choices(str(tmp_path), [{"stage": "tests", "status": "ok"}], choices)
     table = json.loads(open(path).read())
     assert table["choices"] == {"residual_grads": {"torch.bfloat16": ["triton", "torch"]}}  # tiles: not from op stages
+    assert table["products"] == {"torch.bfloat16": {"split": 8}}  # (from op_score_edges: the step stage splits so)
     seen = tmp_path / "env.txt"
     st = {"name": "probe", "cmd": [sys.executable, "-c", f"import os; open({str(seen)!r}, 'w').write("
                                                           "os.environ.get('CT_FAST_GPU_CHOICES', ''))"]}

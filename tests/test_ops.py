@@ -191,6 +191,40 @@ def test_score_edges_into_accumulates_a_block(device, backend, c, dtype):
         ops.score_edges_into(block[:9], sources, G)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("c,split", [(36, 4), (36, 3), (37, 4)])
+def test_score_products_split_over_token_blocks(monkeypatch, device, c, split, dtype):
+    """The torch path's score product split over ``split`` token blocks (``gemm.split_mm``: partial products, summed
+    in fp32) adds the same scores into a strided block as the one GEMM, within the dtype's unit roundoff of the
+    absolute sums; outside the block every element keeps its NaN; a token count ``split`` does not divide is
+    scored as one GEMM, bit for bit."""
+    monkeypatch.setenv("CT_FAST_BACKEND", "torch")
+    g = _gen(c * 10 + split)
+    n_d, d = 5, 24
+    sources = [(torch.randn(c, 3 * 8, generator=g).to(device, dtype), torch.randn(3, 8, d, generator=g).to(device, dtype)),
+               (torch.randn(c, d, generator=g).to(device, dtype), None)]
+    G = torch.randn(n_d, c, d, generator=g).to(device, dtype)
+    start = torch.randn(4, n_d, generator=g).to(device)
+    blocks = {}
+    for s in (1, split):
+        big = torch.full((6, n_d + 2), float("nan"), device=device)
+        big[1:5, 1:1 + n_d] = start
+        ops.score_edges_into(big[1:5, 1:1 + n_d], sources, G, alpha=0.5, split=s)
+        blocks[s] = big.cpu()
+    assert blocks[split][1:5, 1:1 + n_d].isfinite().all() and blocks[split].isnan().sum() == blocks[1].isnan().sum()
+    if c % split:
+        assert torch.equal(blocks[split][1:5, 1:1 + n_d], blocks[1][1:5, 1:1 + n_d])
+        return
+    per_group = torch.cat([ops.reference.score_edges(dl.double().cpu(), None if W is None else W.double().cpu(),
+                                                     G.double().cpu()) for dl, W in sources])
+    magnitude = torch.cat([ops.reference.score_edges(dl.abs().double().cpu(), None if W is None else W.abs().double().cpu(),
+                                                     G.abs().double().cpu()) for dl, W in sources])
+    unit = 2.0 ** -20 if dtype == torch.float32 else HALF_UNIT[dtype]
+    want = start.cpu().double() + 0.5 * per_group
+    assert ((blocks[split][1:5, 1:1 + n_d].double() - want).abs() <= unit * (magnitude + start.cpu().abs().double())).all()
+
+
 @pytest.mark.triton
 @pytest.mark.skipif(ops.triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is not None,
                     reason="Triton cannot run here")
@@ -967,6 +1001,7 @@ def test_committed_gpu_choices_match_the_committed_results():
     tile_records = [r for p in tiles for r in json.loads(p.read_text())["results"]]
     assert committed["tiles"] == measured.derive_tiles(tile_records, measured.tile_versions()), \
         "stale: run python bench/report.py"
+    assert committed["products"] == measured.derive_products(records), "stale: run python bench/report.py"
     assert committed["sources"] == [p.name for p in results + tiles]
     assert committed["architectures"] == ["sm_90"]  # H100 / H200 timings
 
@@ -977,15 +1012,17 @@ def test_a_gpu_check_runs_on_its_own_choices(monkeypatch, tmp_path):
     import json
 
     table = {"architectures": ["sm_90"], "choices": {"residual_grads": {"torch.bfloat16": ["triton", "torch"]}},
-             "tiles": {"residual_grads": {"torch.bfloat16": {"NB": 8}}}}
+             "tiles": {"residual_grads": {"torch.bfloat16": {"NB": 8}}}, "products": {"torch.bfloat16": {"split": 8}}}
     (tmp_path / "run.json").write_text(json.dumps(table))
     monkeypatch.setenv("CT_FAST_GPU_CHOICES", str(tmp_path / "run.json"))
-    for name in ("_table", "_tile_table"):
+    monkeypatch.delenv("CT_FAST_PRODUCT_SPLIT", raising=False)
+    for name in ("_table", "_tile_table", "_product_table"):
         monkeypatch.setattr(measured, name, None)
     monkeypatch.setattr(measured, "_architectures", measured._UNREAD)
     monkeypatch.setattr(measured, "device_architecture", lambda device: "sm_90")
     assert measured.gpu_order("residual_grads", (torch.bfloat16,), torch.device("cuda")) == ["triton", "torch"]
     assert measured.tiles("residual_grads", torch.bfloat16, torch.device("cuda")) == {"NB": 8}
+    assert measured.product_split(torch.bfloat16, torch.device("cuda")) == 8
 
 
 def test_measured_choices_hold_on_their_architecture_only(monkeypatch):
@@ -1037,6 +1074,41 @@ def test_gpu_tiles_are_derived_from_timings():
         "score_edges": {"torch.bfloat16": {"BT": 32}},
         "residual_grads": {"torch.bfloat16": {"NB": 48}, "torch.float32": {"NB": 4}}}
     assert measured.derive_tiles(records, {"score_edges": 2, "residual_grads": 3}) == {}  # both kernels rewritten
+
+
+def _part(part, ms, dtype="torch.bfloat16", err=1e-3, device="cuda", rows=496):
+    return {"bench": "score_edges_parts", "device": device, "dtype": dtype, "head_groups": 15, "heads": 32, "w": 64,
+            "vector_groups": 16, "n_d": 98, "c": 2048, "d": 2048, "chunk": 256, "rows": rows, "part": part, "ms": ms,
+            "max_rel_err": err}
+
+
+def test_score_product_split_is_derived_from_timings(monkeypatch):
+    """The torch scoring path splits its products over token blocks on a GPU only where a split beat the one GEMM
+    (by 3%) in every measured case within the error band — the fastest such; ``CT_FAST_PRODUCT_SPLIT`` overrides
+    it anywhere (a clear error for a bad value); elsewhere the product is one GEMM."""
+    records = [_part("products", 1.0), _part("products_split8", 0.8), _part("products_split32", 0.6),
+               _part("products", 1.0, rows=100), _part("products_split8", 0.9, rows=100),
+               _part("products_split32", 1.2, rows=100),  # slower in this case: out
+               _part("products_split8", 0.1, device="cpu"),  # a rehearsal
+               _part("contributions", 0.5),
+               _part("products", 1.0, "torch.float32", err=1e-7), _part("products_split8", 0.5, "torch.float32", err=1e-3),
+               _part("products", 1.0, "torch.float16"), _part("products_split8", 0.99, "torch.float16")]  # not 3%
+    assert measured.derive_products(records) == {"torch.bfloat16": {"split": 8}}  # fp32: outside its band
+    monkeypatch.delenv("CT_FAST_PRODUCT_SPLIT", raising=False)
+    monkeypatch.setattr(measured, "_product_table", {"torch.bfloat16": {"split": 8}})
+    monkeypatch.setattr(measured, "_architectures", {"sm_90"})
+    monkeypatch.setattr(measured, "device_architecture", lambda device: "sm_90")
+    assert measured.product_split(torch.bfloat16, torch.device("cuda")) == 8
+    assert measured.product_split(torch.float32, torch.device("cuda")) == 1
+    assert measured.product_split(torch.bfloat16, torch.device("cpu")) == 1
+    monkeypatch.setattr(measured, "device_architecture", lambda device: "sm_89")  # another GPU: not its timings
+    assert measured.product_split(torch.bfloat16, torch.device("cuda")) == 1
+    monkeypatch.setenv("CT_FAST_PRODUCT_SPLIT", "4")
+    assert measured.product_split(torch.float32, torch.device("cpu")) == 4
+    for bad in ("0", "x", "-2"):
+        monkeypatch.setenv("CT_FAST_PRODUCT_SPLIT", bad)
+        with pytest.raises(CTFastError, match="CT_FAST_PRODUCT_SPLIT"):
+            measured.product_split(torch.float32, torch.device("cpu"))
 
 
 @pytest.mark.triton

@@ -237,7 +237,7 @@ def _score_kernel_takes(up_weight, dtype: torch.dtype) -> bool:
 
 
 def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha: float = 1.0,
-                     workspace: torch.Tensor | None = None) -> torch.Tensor:
+                     workspace: torch.Tensor | None = None, split: int = 1) -> torch.Tensor:
     """``out += alpha * score_edges(delta_i, W_i, grad_down)`` stacked by rows over ``sources`` (a list of
     ``(delta_i, W_i)`` upstream groups — ``delta_i`` rows ``[c, n_i * w]`` or per head ``[n_i, c, w]`` —, ``out`` fp32
     ``[sum n_u_i, n_d]``, any strides): one layer's gradient block scored against many upstream groups at once.
@@ -245,7 +245,8 @@ def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha:
     - Triton: a scoring kernel per group and one reduction into ``out`` (``len(sources) + 1`` launches);
     - torch: every group's contributions written into one ``[sum n_u_i, c, d]`` block (``workspace``: a buffer of
       at least that many elements in ``grad_down``'s dtype, else allocated), then one GEMM with ``grad_down`` —
-      G is read once for all the groups, not once per group;
+      G is read once for all the groups, not once per group; ``split`` > 1 dividing the token count: that GEMM (K =
+      ``c * d``) split explicitly over ``split`` token blocks, one bmm and one sum (``measured.product_split``);
     - cpp/cuda, and heads too wide for the Triton kernel: ``score_edges`` + ``add_`` per group."""
     rows = sum(1 if w is None else w.shape[0] for _, w in sources)
     if rows != out.shape[0]:  # before anything is written
@@ -261,6 +262,8 @@ def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha:
             n = 1 if up_weight is None else up_weight.shape[0]
             heads_to_residual(delta, up_weight, out=A[r:r + n], dtype=grad_down.dtype)
             r += n
+        if split > 1 and c % split == 0:  # [split, rows, n_d] partial products, summed in fp32
+            return out.add_(gemm.split_mm(A.view(rows, split, -1), grad_down.reshape(n_d, split, -1)), alpha=alpha)
         # added in fp32 straight from the GEMM's output dtype (the same values as a .float() copy, one launch less);
         # the [rows, n_d] product lands in 16-byte aligned rows on a GPU (gemm.mm: n_d is any node count)
         return out.add_(gemm.mm(A.view(rows, -1), grad_down.reshape(n_d, -1).t()), alpha=alpha)

@@ -41,6 +41,17 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b, out=out)
 
 
+def split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [m, s, k] x b [n, s, k] -> [m, n]`` fp32: ``a.view(m, -1) @ b.view(n, -1).t()`` with its K split explicitly
+    into ``s`` blocks — one bmm of ``s`` partial products ``[s, m, n]`` (in ``a``'s dtype, rows 16-byte aligned on a
+    GPU), summed in fp32. For a skinny product with a huge K (the scorer's ``A @ G^T``) where the GEMM's own split of
+    K leaves the GPU idle; whether it is faster is measured (``measured.derive_products``)."""
+    s, m, n = a.shape[1], a.shape[0], b.shape[0]
+    pad = padding(n, a.dtype) if aligns(a.device) and n > 1 else 0
+    out = torch.empty(s, m, n + pad, dtype=a.dtype, device=a.device)[..., :n]
+    return torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0), out=out).sum(0, dtype=torch.float32)
+
+
 def padded_index(index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``index [k]`` with its last entry repeated up to an aligned count (on a GPU): a block gathered by it is
     ``[rows, k + pad]``, its leading dimension aligned; the first k rows of a product with it are the unpadded

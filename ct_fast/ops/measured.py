@@ -19,6 +19,11 @@ Timings hold for the GPU architecture they were measured on: the table names the
 bandwidth differ (an RTX 4090 has half an H100's shared memory per block: some Triton tiles would not even launch)
 — keeps the default order and tiles.
 
+The torch scoring path's product ``A @ G^T`` (``ops.score_edges_into``: a GEMM with a huge K, ``c * d``) follows
+it too (``derive_products`` over the ``score_edges_parts`` records of ``gpu_op_score_edges.json``, the table's
+``products``): where splitting K explicitly over ``s`` token blocks (one bmm, one sum) took at most ``TILE_GAIN`` of
+the plain GEMM's time within the error band, the scorer splits its products so (``product_split``).
+
 The Triton kernels' tiles follow the same rule (``derive_tiles`` over ``bench/results/gpu_tiles.json``, the
 table's ``tiles``): a variant the GPU check timed faster than the default tiles on every benchmark of its kernel
 replaces them there (``tiles``); the launchers' own defaults stand everywhere else.
@@ -53,6 +58,7 @@ KNOWN_ARCHITECTURES = {"H100": "sm_90", "H200": "sm_90", "GH200": "sm_90"}
 
 _table: dict | None = None
 _tile_table: dict | None = None
+_product_table: dict | None = None
 _UNREAD = object()
 _architectures = _UNREAD  # the set of architectures the committed table applies on (None: any — a test's table)
 _device_arch: dict = {}  # torch.device -> its architecture
@@ -134,6 +140,51 @@ def derive_tiles(records: list[dict], versions: dict) -> dict:
         if totals:
             table.setdefault(op, {})[dtype] = json.loads(min(totals, key=totals.get))
     return table
+
+
+def derive_products(records: list[dict]) -> dict:
+    """``{dtype: {"split": s}}``: per operand dtype, the explicit split of the torch path's score product
+    (``products_split{s}`` of ``bench_score_edges.run_torch_parts``) that beat the plain GEMM (``products``) in
+    every measured case — at most ``TILE_GAIN`` of its time, within the dtype's error band — the fastest such by
+    the summed time over the GEMM's. A dtype no split beat is not named (the product is one GEMM)."""
+    cases: dict = defaultdict(lambda: defaultdict(dict))  # dtype -> case -> part -> record
+    for r in records:
+        if (r.get("bench") != "score_edges_parts" or not str(r.get("device", "")).startswith("cuda")
+                or "skipped" in r or r.get("ms") is None):
+            continue
+        case = tuple(r.get(k) for k in ("head_groups", "heads", "w", "vector_groups", "n_d", "chunk", "rows", "d"))
+        cases[r["dtype"]][case][r["part"]] = r
+    table: dict = {}
+    for dtype, by_case in sorted(cases.items()):
+        band, totals = ERROR_BAND.get(dtype, 0.0), {}
+        parts = {p for per in by_case.values() for p in per if p.startswith("products_split")}
+        for part in parts:
+            runs = [(per.get(part), per.get("products")) for per in by_case.values()]
+            if all(r is not None and base is not None and r["ms"] <= TILE_GAIN * base["ms"]
+                   and r.get("max_rel_err", 0.0) <= band for r, base in runs):
+                totals[int(part[len("products_split"):])] = sum(r["ms"] / base["ms"] for r, base in runs)
+        if totals:
+            table[dtype] = {"split": min(totals, key=totals.get)}
+    return table
+
+
+def product_split(dtype, device) -> int:
+    """Token blocks the torch scoring path splits each score product into (1: one GEMM): ``CT_FAST_PRODUCT_SPLIT``
+    where set (any device: the tests), else the measured ``derive_products`` choice on a GPU of the architecture it
+    was measured on."""
+    env = os.environ.get("CT_FAST_PRODUCT_SPLIT")
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            from ..errors import CTFastError
+
+            raise CTFastError(f"CT_FAST_PRODUCT_SPLIT={env!r}: set a whole number of token blocks >= 1 (1: no split)")
+        return int(env)
+    if getattr(device, "type", device) != "cuda" or not applies_to(device):
+        return 1
+    global _product_table
+    if _product_table is None:
+        _product_table = _read().get("products", {})
+    return int(_product_table.get(str(dtype), {}).get("split", 1))
 
 
 def architecture_of(env: dict) -> str | None:
