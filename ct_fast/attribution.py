@@ -582,13 +582,16 @@ class EdgeScorer:
 
     def _accumulate_stacked(self, plan: LayerPlan, G: torch.Tensor, start: int, stop: int):
         """The stacked residual-vector sources against G (rows ``start..stop``): each run of consecutive slots read
-        by the same G rows is one GEMM straight from the stack buffer (a strided ``[n, c * d]`` matrix), its sums
-        added to consecutive rows of the span's block."""
-        sdt = self.score_dtype
-        G2 = G.flatten(1)  # (in the scoring dtype)
+        by the same G rows is one GEMM straight from the stack buffer (a strided ``[n, c * d]`` matrix; split over
+        token blocks as ``product_split`` says), its sums added to consecutive rows of the span's block."""
+        sdt, s = self.score_dtype, self.product_split
+        split = s > 1 and (stop - start) % s == 0  # K over token blocks, as the contributions' products
+        G2 = G.reshape(G.shape[0], s, -1) if split else G.flatten(1)  # (in the scoring dtype)
         for k, slot, n, a in _stacked_runs(plan, self.slots):
-            R = self.stack[slot:slot + n, start:stop].flatten(1).to(sdt)
-            self._out(plan, self._rows[k], n, a).add_(ops.gemm.mm(R, G2[a:].t()), alpha=self.factor)
+            R = self.stack[slot:slot + n, start:stop].to(sdt)
+            product = (ops.gemm.split_mm(R.reshape(n, s, -1), G2[a:]) if split else
+                       ops.gemm.mm(R.flatten(1), G2[a:].t()))
+            self._out(plan, self._rows[k], n, a).add_(product, alpha=self.factor)
 
     def _source(self, k: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``start..stop`` of upstream group k's source, in the scoring dtype (uncentred: see the class)."""

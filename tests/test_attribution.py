@@ -251,6 +251,27 @@ def _bf16_case_in_many_chunks(arch: str, layers: int, positions: bool, monkeypat
     return model, graph, batch, scores
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_split_score_products_leave_half_precision_scores(arch, monkeypatch):
+    """A bf16 model's score products split over 4 token blocks (``CT_FAST_PRODUCT_SPLIT``) — the contributions'
+    and the stacked residual sources' alike, in many chunks over two micro-batches — give the one-GEMM sums within
+    bf16 rounding of the partial products."""
+    from ct_fast.ops import gemm
+
+    model, _, _, scores = _bf16_case_in_many_chunks(arch, 3, False, monkeypatch)
+    monkeypatch.setattr(ct_fast.attribution, "MIN_CHUNK_ROWS", 1)
+    plain = scores()
+    monkeypatch.setenv("CT_FAST_PRODUCT_SPLIT", "4")
+    calls, where, real, real_stacked = [], [], gemm.split_mm, ct_fast.attribution.EdgeScorer._accumulate_stacked
+    monkeypatch.setattr(gemm, "split_mm", lambda a, b: calls.append("stacked" if where else "contributions")
+                        or real(a, b))
+    monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_accumulate_stacked",
+                        lambda self, *a: (where.append(1), real_stacked(self, *a), where.clear()))
+    split = scores()
+    assert set(calls) == {"stacked", "contributions"}
+    assert ((split - plain).abs().sum() / plain.abs().sum()).item() < 1e-2
+
+
 def test_aligned_score_gemms_leave_the_scores(monkeypatch):
     """The GPU's padded score GEMMs (``ops.gemm``: score blocks of n_d nodes written into 16-byte aligned rows, on
     the contributions block's path and the stacked sources' path), forced on the CPU: the same scores."""
