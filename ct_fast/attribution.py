@@ -407,7 +407,7 @@ class EdgeScorer:
                 self.up_weight[k] = self._weight(self.graph.upstream_groups[k].writer, sdt)
         down_weight = {g.index: self._weight(g.reader, sdt) for _, _, gs in plan.blocks for g in gs}
         stats = {}  # each norm's per-row statistics over all scored rows, made once per span (``_norm_stats``)
-        folded = self._fold_norm_weights(plan, down_weight, stats)
+        folded, runs = self._fold_norm_weights(plan, down_weight, stats)
         n_rows = next(iter(grads.values())).shape[0]
         seen = sum(len(self.graph.upstream_groups[k].names) for k, _ in plan.ups if k not in self.slots)
         chunk, sub = scoring_chunks(plan.n_nodes, seen, self.graph.d_model, self.budget, self.fused,
@@ -418,7 +418,7 @@ class EdgeScorer:
         pooled = []
         for start in range(0, n_rows, chunk):
             stop = min(n_rows, start + chunk)
-            G, sums = self._residual_grads(plan, grads, down_weight, start, stop, stats, folded)
+            G, sums = self._residual_grads(plan, grads, down_weight, start, stop, stats, folded, runs)
             if self.rows.pool:
                 pooled.append(self.rows.pool_rows(G, start))
             else:
@@ -448,21 +448,54 @@ class EdgeScorer:
             # the stacked sources are freed together, with the last span (not source by source)
             self.stack = self._stacked_weights = None
 
-    def _fold_norm_weights(self, plan: LayerPlan, down_weight: dict, stats: dict) -> dict:
-        """``{norm: kind}``: the span's LayerNorm/RMSNorm norms whose backward the torch path runs folded
+    def _fold_norm_weights(self, plan: LayerPlan, down_weight: dict, stats: dict) -> tuple[dict, dict]:
+        """``({norm: kind}, runs)``: the span's LayerNorm/RMSNorm norms whose backward the torch path runs folded
         (``_residual_grads``), their weight ``gamma`` multiplied into the projections reading through them
         (``down_weight``, in place), once per span: then the projection writes ``rstd * g`` and the norm backward is
-        one reduction and one pass over it."""
+        one reduction and one pass over it. ``runs``: ``{offset: (blocks, W)}`` for each run of consecutive
+        one-projection blocks read through one folded norm with heads of one width (a layer's query, key and value
+        heads): their folded weights are written side by side into ``W [sum n, w, d]`` (``down_weight`` holds views
+        of it), so ``_residual_grads`` makes the run's rows of G with one batched product."""
         if self.fused_residual:
-            return {}
+            return {}, {}
         kinds = {norm: ops.reference.norm_kind(self.norms[norm]) for norm, _, _ in plan.norms if norm is not None}
         folded = {norm: kind for norm, kind in kinds.items() if kind != "generic"}
-        for _, _, groups in plan.blocks:
+        runs, run = {}, []
+        for block in plan.blocks + [(None, 0, ())]:  # (a sentinel ends the last run)
+            off, n, groups = block
+            w = down_weight[groups[0].index] if len(groups) == 1 else None
+            if run and not (w is not None and groups[0].norm == run[0][2][0].norm and off == run[-1][0] + run[-1][1]
+                            and w.shape[1:] == down_weight[run[0][2][0].index].shape[1:]):
+                if len(run) > 1:
+                    runs[run[0][0]] = (run, self._fold_run(run, down_weight, stats))
+                run = []
+            if w is not None and groups[0].norm in folded:
+                run.append(block)
+        in_runs = {groups[0].index for blocks, _ in runs.values() for _, _, groups in blocks}
+        for _, _, groups in plan.blocks:  # the rest one by one
             for g in groups:
-                if g.norm in folded and down_weight[g.index] is not None:
-                    gamma = self._norm_stats(g.norm, stats)[2]
-                    down_weight[g.index] = ops.reference.fold_norm_weight(down_weight[g.index], gamma)
-        return folded
+                w = down_weight[g.index]
+                if g.norm in folded and w is not None and g.index not in in_runs:
+                    down_weight[g.index] = ops.reference.fold_norm_weight(w, self._norm_stats(g.norm, stats)[2])
+        return folded, runs
+
+    def _fold_run(self, run: list, down_weight: dict, stats: dict) -> torch.Tensor:
+        """The folded weights of ``run``'s blocks (one projection each, one norm) side by side, ``[sum n, w, d]``;
+        each block's ``down_weight`` becomes its view."""
+        weights = [down_weight[groups[0].index] for _, _, groups in run]
+        gamma = self._norm_stats(run[0][2][0].norm, stats)[2]
+        W = torch.empty((sum(w.shape[0] for w in weights), *weights[0].shape[1:]), dtype=weights[0].dtype,
+                        device=weights[0].device)
+        r = 0
+        for (_, _, groups), w in zip(run, weights):
+            view = W[r:r + w.shape[0]]
+            if gamma is None:
+                view.copy_(w)
+            else:
+                torch.mul(w, gamma, out=view)
+            down_weight[groups[0].index] = view
+            r += w.shape[0]
+        return W
 
     def _norm_stats(self, norm: str, stats: dict):
         """``norm``'s ``(mean, rstd, gamma)`` over every scored row (``ops.reference.norm_stats``; None for a
@@ -474,7 +507,7 @@ class EdgeScorer:
         return stats[norm]
 
     def _residual_grads(self, plan: LayerPlan, grads: dict, down_weight: dict, start: int, stop: int,
-                        stats: dict, folded: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        stats: dict, folded: dict, runs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(G, sums)``: ``G [n_nodes, c, d]`` d metric / d x_d of the layer's nodes for scored rows ``start..stop``
         in the scoring dtype, and (fused path) ``sums [n_nodes, d] = G.sum(1)`` in fp32, made while G is written
         (else None).
@@ -489,7 +522,14 @@ class EdgeScorer:
         G = self._buffer("G", shape, sdt)
         sums = self._buffer("G_sums", (plan.n_nodes, self.graph.d_model), torch.float32) if fused else None
         run = []  # fused: consecutive blocks read through one norm, built together (``_norm_backward``)
+        in_run = 0  # torch path: blocks left of a run of folded projections made together (``_project_run``)
         for off, n, groups in plan.blocks:
+            if off in runs:
+                in_run = len(runs[off][0])
+                self._project_run(*runs[off], grads, G, start, stop, stats)
+            if in_run:
+                in_run -= 1
+                continue
             out, terms = G[off:off + n], []
             for g in groups:
                 rows = grads.get(g.tap)
@@ -531,6 +571,26 @@ class EdgeScorer:
                 elif norm is not None:
                     ops.norm_vjp_(self.norms[norm], self.resid[norm][start:stop], G[a:b])
         return G, sums
+
+    def _project_run(self, blocks: list, W: torch.Tensor, grads: dict, G: torch.Tensor, start: int, stop: int,
+                     stats: dict):
+        """The torch path's ``rstd * g`` rows of G for a run of folded one-projection blocks (``_fold_norm_weights``):
+        each block's gradient rows scaled by the norm's ``rstd`` into one scratch ``[c, sum n * w]`` (a missing tap:
+        zeros), then one batched product with the run's folded weights ``W`` into G's consecutive rows."""
+        rstd = self._norm_stats(blocks[0][2][0].norm, stats)[1][start:stop]
+        w = W.shape[1]
+        rows = self._buffer("run rows", (stop - start, W.shape[0] * w), self.score_dtype)
+        col = 0
+        for _, n, (g,) in blocks:
+            part = rows[:, col:col + n * w]
+            tap = grads.get(g.tap)
+            if tap is None:
+                part.zero_()
+            else:
+                ops.reference.scale_rows(tap[start:stop, g.reader.offset:g.reader.offset + n * w], rstd, None, out=part)
+            col += n * w
+        off = blocks[0][0]
+        ops.heads_to_residual(rows, W, out=G[off:off + W.shape[0]], dtype=self.score_dtype)
 
     def _norm_backward(self, run: list, G: torch.Tensor, sums: torch.Tensor, start: int, stop: int, stats: dict):
         """The fused residual gradients of ``run``: consecutive blocks ``(offset, n, norm, single, terms)`` of G read

@@ -471,7 +471,8 @@ class _ScoringSizes:
     to the scoring dtype [sub, width] are buffers kept for the whole backward (grown to the largest layer); each
     layer span adds ~4 fp32 [c, d] temporaries or its norms' statistics (an fp32 copy of a norm's input over every
     row), and on the torch residual-gradient path its readers' weights with the norm's weight folded in (in the
-    scoring dtype, ``EdgeScorer._fold_norm_weights``). Where a half-precision model's residual vectors
+    scoring dtype, ``EdgeScorer._fold_norm_weights``) and a buffer of one norm's scaled head rows ``[c, width]``
+    (``EdgeScorer._project_run``, kept for the backward). Where a half-precision model's residual vectors
     are stacked (the torch path), the attention output projections are stacked too, once per backward, if they fit
     (``heads`` elements; the head rows they batch are copied per sub-chunk into a buffer ``[sub, <= layers,
     width]``).
@@ -498,8 +499,12 @@ class _ScoringSizes:
             width = max(g.writer.n * g.writer.width if g.writer else graph.d_model for g in ups)
             folded = sum(g.reader.n * g.reader.width * graph.d_model for _, _, gs in plan.blocks for g in gs
                          if fold and g.reader is not None and g.norm is not None)
+            run_width = {}  # per norm: the rows of its one-projection blocks, scaled side by side (``_project_run``)
+            for _, _, gs in plan.blocks:
+                if fold and len(gs) == 1 and gs[0].reader is not None and gs[0].norm is not None:
+                    run_width[gs[0].norm] = run_width.get(gs[0].norm, 0) + gs[0].reader.n * gs[0].reader.width
             self.layers[layer] = (plan.n_nodes, sum(len(g.names) for g in ups), max(len(g.names) for g in ups), width,
-                                  folded)
+                                  folded, max(run_width.values(), default=0))
 
     def _chunks(self, nodes: int, seen: int, tokens: int) -> tuple[int, int]:
         """``(G's chunk, a scoring call's sub-chunk)`` rows at ``tokens`` scored rows."""
@@ -510,16 +515,16 @@ class _ScoringSizes:
     def bytes(self, layer: int | None, tokens: int) -> int:
         """The buffers (``layer=None``) or one layer's temporaries, at ``tokens`` scored rows."""
         if layer is not None:
-            nodes, seen, _, _, folded = self.layers[layer]
+            nodes, seen, _, _, folded, _ = self.layers[layer]
             temps = max(4 * 4 * self._chunks(nodes, seen, tokens)[0] * self.d, 4 * tokens * self.d)
             return temps + self.score_bytes * folded
-        g = a = rows = head_rows = 0
-        for nodes, seen, widest, width, _ in self.layers.values():
+        g = a = rows = head_rows = run_rows = 0
+        for nodes, seen, widest, width, _, run_width in self.layers.values():
             c, sub = self._chunks(nodes, seen, tokens)
             together = 0 if self.fused else min(seen, max(widest, self.budget // (sub * self.d)))
             g, a, rows = max(g, nodes * c * self.d), max(a, together * sub * self.d), max(rows, sub * width)
-            head_rows = max(head_rows, sub * self.head_row_width)
-        return self.score_bytes * (g + a + rows + head_rows + self.heads)
+            head_rows, run_rows = max(head_rows, sub * self.head_row_width), max(run_rows, c * run_width)
+        return self.score_bytes * (g + a + rows + head_rows + run_rows + self.heads)
 
 
 @dataclass

@@ -272,6 +272,41 @@ def test_split_score_products_leave_half_precision_scores(arch, monkeypatch):
     assert ((split - plain).abs().sum() / plain.abs().sum()).item() < 1e-2
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_query_key_value_gradients_are_one_product(arch, monkeypatch):
+    """On the torch path a layer's query, key and value blocks (one projection each, read through one folded norm)
+    are made by one batched product per chunk (``EdgeScorer._project_run``: GPT-2's from one tap at three offsets,
+    Llama's from three taps) — the scores equal those made block by block, and the oracle's."""
+    model = tiny_model(arch, num_hidden_layers=3)
+    batch = random_batch(37, batch=3, seq=7)
+    g = ComputationGraph.from_model(model)
+    monkeypatch.setattr(ct_fast.attribution, "CHUNK_ELEMENTS", 5 * g.d_model * 40)  # several chunks
+    runs, real = [], ct_fast.attribution.EdgeScorer._project_run
+    monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_project_run",
+                        lambda self, blocks, W, *a: (runs.append((len(blocks), W.shape[0])), real(self, blocks, W, *a)))
+    together = attribute(model, batch, graph=g).scores
+    assert runs and set(runs) == {(3, g.n_heads + 2 * g.n_kv_heads)}
+    monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_fold_run", lambda *a: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(ct_fast.attribution.EdgeScorer, "_fold_norm_weights", _fold_without_runs)
+    apart = attribute(model, batch, graph=g).scores
+    assert ((together - apart).abs().max() / apart.abs().max()).item() < 1e-6
+    assert_close(together, brute_force_scores(model, batch, graph=g).float())
+
+
+def _fold_without_runs(self, plan, down_weight, stats):
+    """``EdgeScorer._fold_norm_weights`` folding every projection on its own (no runs): the block-by-block path."""
+    folded = {}
+    for norm, _, _ in plan.norms:
+        if norm is not None and ct_fast.ops.reference.norm_kind(self.norms[norm]) != "generic":
+            folded[norm] = ct_fast.ops.reference.norm_kind(self.norms[norm])
+    for _, _, groups in plan.blocks:
+        for grp in groups:
+            if grp.norm in folded and down_weight[grp.index] is not None:
+                gamma = self._norm_stats(grp.norm, stats)[2]
+                down_weight[grp.index] = ct_fast.ops.reference.fold_norm_weight(down_weight[grp.index], gamma)
+    return folded, {}
+
+
 def test_aligned_score_gemms_leave_the_scores(monkeypatch):
     """The GPU's padded score GEMMs (``ops.gemm``: score blocks of n_d nodes written into 16-byte aligned rows, on
     the contributions block's path and the stacked sources' path), forced on the CPU: the same scores."""
