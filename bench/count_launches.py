@@ -104,9 +104,9 @@ def _as_on_gpu(dtype: torch.dtype, d_model: int, real_d: int, scoring: str = "me
              == "triton"]
     if scoring != "measured":
         fused = [op for op in fused if op != "score_edges"] + (["score_edges"] if scoring == "triton" else [])
-    split = measured._read().get("products", {}).get(str(dtype), {}).get("split", 1)
+    split = measured.product_split(dtype)
     if split > 1 and "score_edges" not in fused:  # the torch path's products split as measured (a bmm and a sum)
-        os.environ.setdefault("CT_FAST_PRODUCT_SPLIT", str(split))
+        os.environ["CT_FAST_PRODUCT_SPLIT"] = str(split)
     choose = ops.choose_backend
     ops.choose_backend = lambda op, device, dtypes=(): "triton" if op in fused else choose(op, device, dtypes)
     if "score_edges" in fused:

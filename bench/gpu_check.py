@@ -246,12 +246,12 @@ def measured_choices(out: str) -> dict:
     timings (``"tiles"``; empty on CPU: GPU records only)."""
     from ct_fast.ops import measured
 
-    paths = [os.path.join(out, n) for n in sorted(os.listdir(out)) if n.startswith("op_") and n.endswith(".json")]
-    choices = measured.derive_files(paths)
     records = []
-    for path in paths:
-        with open(path) as f:
-            records += json.load(f).get("results", [])
+    for name in sorted(os.listdir(out)):
+        if name.startswith("op_") and name.endswith(".json"):
+            with open(os.path.join(out, name)) as f:
+                records += json.load(f).get("results", [])
+    choices = measured.derive(records)
     choices["products"] = measured.derive_products(records)
     tiles = os.path.join(out, "tiles.json")
     if os.path.exists(tiles):

@@ -73,13 +73,14 @@ def gpu_choices() -> dict:
         raise SystemExit(f"bench/results: the GPU op results must come from one known GPU architecture, got {archs}; "
                          "keep one architecture's gpu_op_*.json / gpu_tiles.json (or add the GPU to "
                          "ct_fast.ops.measured.KNOWN_ARCHITECTURES)")
+    records = _records(paths)
     return {"about": "auto's kernel choices and Triton tiles on a GPU, derived from bench/results/gpu_op_*.json and "
                      "gpu_tiles.json by ct_fast/ops/measured.py (python bench/report.py regenerates this file); "
                      "they apply on GPUs of the architectures they were measured on",
             "sources": [os.path.basename(p) for p in paths + tile_paths],
-            "architectures": sorted(set(archs.values())), "choices": measured.derive_files(paths),
+            "architectures": sorted(set(archs.values())), "choices": measured.derive(records),
             "tiles": measured.derive_tiles(_records(tile_paths), measured.tile_versions()),
-            "products": measured.derive_products(_records(paths))}
+            "products": measured.derive_products(records)}
 
 
 def _records(paths) -> list[dict]:

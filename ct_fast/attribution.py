@@ -488,12 +488,7 @@ class EdgeScorer:
                         device=weights[0].device)
         r = 0
         for (_, _, groups), w in zip(run, weights):
-            view = W[r:r + w.shape[0]]
-            if gamma is None:
-                view.copy_(w)
-            else:
-                torch.mul(w, gamma, out=view)
-            down_weight[groups[0].index] = view
+            down_weight[groups[0].index] = ops.reference.fold_norm_weight(w, gamma, out=W[r:r + w.shape[0]])
             r += w.shape[0]
         return W
 

@@ -1099,6 +1099,7 @@ def test_score_product_split_is_derived_from_timings(monkeypatch):
     monkeypatch.setattr(measured, "_architectures", {"sm_90"})
     monkeypatch.setattr(measured, "device_architecture", lambda device: "sm_90")
     assert measured.product_split(torch.bfloat16, torch.device("cuda")) == 8
+    assert measured.product_split(torch.bfloat16) == 8  # no device: the measured GPU (the launch counts)
     assert measured.product_split(torch.float32, torch.device("cuda")) == 1
     assert measured.product_split(torch.bfloat16, torch.device("cpu")) == 1
     monkeypatch.setattr(measured, "device_architecture", lambda device: "sm_89")  # another GPU: not its timings

@@ -34,11 +34,19 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` (``[m, k] x [k, n] -> [m, n]``) written into a buffer whose rows are 16-byte aligned on a GPU (the
     result is a view ``[m, n]`` of ``[m, n + pad]``): cuBLAS's ldc is then aligned whatever ``n`` is (n > 1; a single
     column is a GEMV)."""
-    pad = padding(b.shape[1], a.dtype) if aligns(a.device) and b.shape[1] > 1 else 0
-    if pad == 0 or torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):  # (out= has no autograd)
+    if not _pads(b.shape[1], a) or torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):  # (no autograd)
         return a @ b
-    out = torch.empty(a.shape[0], b.shape[1] + pad, dtype=a.dtype, device=a.device)[:, :b.shape[1]]
-    return torch.mm(a, b, out=out)
+    return torch.mm(a, b, out=_aligned_empty((a.shape[0],), b.shape[1], a))
+
+
+def _pads(n: int, like: torch.Tensor) -> int:
+    """Elements a result row of ``n`` elements (n > 1) in ``like``'s dtype gets to be 16-byte aligned on its device."""
+    return padding(n, like.dtype) if aligns(like.device) and n > 1 else 0
+
+
+def _aligned_empty(lead: tuple, n: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``[*lead, n]`` in ``like``'s dtype and device whose rows are 16-byte aligned (``_pads``)."""
+    return torch.empty(*lead, n + _pads(n, like), dtype=like.dtype, device=like.device)[..., :n]
 
 
 def split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,9 +54,7 @@ def split_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     into ``s`` blocks — one bmm of ``s`` partial products ``[s, m, n]`` (in ``a``'s dtype, rows 16-byte aligned on a
     GPU), summed in fp32. For a skinny product with a huge K (the scorer's ``A @ G^T``) where the GEMM's own split of
     K leaves the GPU idle; whether it is faster is measured (``measured.derive_products``)."""
-    s, m, n = a.shape[1], a.shape[0], b.shape[0]
-    pad = padding(n, a.dtype) if aligns(a.device) and n > 1 else 0
-    out = torch.empty(s, m, n + pad, dtype=a.dtype, device=a.device)[..., :n]
+    out = _aligned_empty((a.shape[1], a.shape[0]), b.shape[0], a)
     return torch.bmm(a.transpose(0, 1), b.permute(1, 2, 0), out=out).sum(0, dtype=torch.float32)
 
 

@@ -168,10 +168,10 @@ def derive_products(records: list[dict]) -> dict:
     return table
 
 
-def product_split(dtype, device) -> int:
+def product_split(dtype, device=None) -> int:
     """Token blocks the torch scoring path splits each score product into (1: one GEMM): ``CT_FAST_PRODUCT_SPLIT``
     where set (any device: the tests), else the measured ``derive_products`` choice on a GPU of the architecture it
-    was measured on."""
+    was measured on (``device`` None: the measured GPU — what the launch counts model)."""
     env = os.environ.get("CT_FAST_PRODUCT_SPLIT")
     if env:
         if not env.isdigit() or int(env) < 1:
@@ -179,7 +179,7 @@ def product_split(dtype, device) -> int:
 
             raise CTFastError(f"CT_FAST_PRODUCT_SPLIT={env!r}: set a whole number of token blocks >= 1 (1: no split)")
         return int(env)
-    if getattr(device, "type", device) != "cuda" or not applies_to(device):
+    if device is not None and (getattr(device, "type", device) != "cuda" or not applies_to(device)):
         return 1
     global _product_table
     if _product_table is None:
@@ -208,15 +208,6 @@ def device_architecture(device) -> str | None:
         if index is not None:
             _device_arch[device] = arch
     return arch
-
-
-def derive_files(paths, versions: dict | None = None) -> dict:
-    """``derive`` over the records of the benchmark JSON files at ``paths`` (``harness.write``'s layout)."""
-    records = []
-    for path in paths:
-        with open(path) as f:
-            records += json.load(f).get("results", [])
-    return derive(records, versions)
 
 
 def _read() -> dict:

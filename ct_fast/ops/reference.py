@@ -155,10 +155,12 @@ def project_scaled(terms, out: torch.Tensor, rstd: torch.Tensor, gamma: torch.Te
     return out
 
 
-def fold_norm_weight(weight: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+def fold_norm_weight(weight: torch.Tensor, gamma: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``weight [n, w, d] * gamma [d]``, rounded once to the weight's dtype (a projection reading through a norm,
-    with the norm's weight applied; ``gamma`` None: the weight itself)."""
-    return weight if gamma is None else torch.mul(weight, gamma, out=torch.empty_like(weight))
+    with the norm's weight applied; ``gamma`` None: the weight itself), into ``out`` when given."""
+    if gamma is None:
+        return weight if out is None else out.copy_(weight)
+    return torch.mul(weight, gamma, out=torch.empty_like(weight) if out is None else out)
 
 
 def scale_rows(rows: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
