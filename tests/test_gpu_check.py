@@ -210,3 +210,13 @@ def test_later_stages_run_on_the_checks_own_choices(monkeypatch, tmp_path):
                                                           "os.environ.get('CT_FAST_GPU_CHOICES', ''))"]}
     assert gpu_check.run_stage(st, 60, str(tmp_path / "probe.log"), {"CT_FAST_GPU_CHOICES": path})["status"] == "ok"
     assert seen.read_text() == path
+
+
+def test_device_versions_script_parses_and_refuses_unknown_arguments():
+    """``bench/device_versions.sh`` (the suite under the GPU machine's versions: a 5 GB environment, not run here) is
+    valid bash, and a mistyped option stops it before it installs anything."""
+    script = os.path.join(ROOT, "bench", "device_versions.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    done = subprocess.run(["bash", script, "--venv-dir", "/nonexistent"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown argument --venv-dir" in done.stderr
+    assert not os.path.exists("/nonexistent")

@@ -925,6 +925,8 @@ def test_auto_on_a_gpu_follows_the_measured_order(monkeypatch):
                                                              "torch.float32": ["torch"]},
                                              "masked_adamw_": {"torch.float32": ["torch"]}})
     monkeypatch.setattr(measured, "_architectures", None)  # a table for any GPU
+    if not torch.cuda.is_available():  # a CUDA build of ct_fast._C without a GPU: no kernel image to ask about
+        monkeypatch.setattr(ops, "_cuda_image_error", lambda mod, device: None)
     triton_ok = ops.triton_available(cuda) is None
     assert ops.choose_backend("score_edges", cuda, (torch.bfloat16,)) == ("triton" if triton_ok else "torch")
     assert ops.choose_backend("score_edges", cuda, (torch.float32,)) == "torch"  # measured: no kernel beat torch

@@ -98,7 +98,11 @@ def load():
         return None
     from torch.utils.cpp_extension import load as load_extension
 
-    folder = pathlib.Path(tempfile.gettempdir()) / f"ct_fast_cuda_emu_{os.getuid()}"
+    import torch
+
+    # one build per torch version: environments with different torch builds share the temp folder, and torch's
+    # cache key (sources and flags) does not see the version
+    folder = pathlib.Path(tempfile.gettempdir()) / f"ct_fast_cuda_emu_{os.getuid()}_{torch.__version__}"
     folder.mkdir(exist_ok=True)
     lock = folder / "lock"  # torch waits for a build's lock file to go: one left by a killed build would hang here
     if lock.exists() and time.time() - lock.stat().st_mtime > 900:
@@ -111,4 +115,7 @@ def load():
         name="ct_fast_cuda_emu", sources=[str(path)], build_directory=str(folder),
         extra_cflags=["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", f"-I{cuda_include()}", f"-I{HERE}",
                       f"-I{CSRC / 'cuda'}"],
-        extra_ldflags=["-pthread"])
+        # -Bsymbolic-functions: the kernels' calls to the emulated runtime (cudaGetLastError...) bind to emu.h's
+        # definitions even where a CUDA build of torch has loaded the real libcudart first (whose answer, on a
+        # machine without a driver, is an error)
+        extra_ldflags=["-pthread", "-Wl,-Bsymbolic-functions"])
