@@ -101,15 +101,18 @@ class CandidatePruner:
         # only lower it); fewer: any scored edge may still make it
         tau = self.best[n - 1] if 0 < n <= self.scored_edges else raw.new_full((), 0.0 if n else float("inf"))
         nodes = [("down", name) for name in g.downstream_nodes[cols]]
-        best = [scores.amax(0)]
+        done = []  # score rows [first, stop) of the writers whose every edge is scored now, consecutive ones merged
         for k, _ in plan.ups:
             self.readers_left[k] -= 1
-            if self.readers_left[k] == 0:  # every edge out of this writer group is scored now
+            if self.readers_left[k] == 0:
                 ug = g.upstream_groups[k]
-                rows = slice(ug.first, ug.first + len(ug.names))
-                best.append(((raw[rows] / batch).abs() * self.mask[rows]).amax(1))
+                if done and done[-1][1] == ug.first:
+                    done[-1][1] += len(ug.names)
+                else:
+                    done.append([ug.first, ug.first + len(ug.names)])
                 nodes += [("up", name) for name in ug.names]
-        best = torch.cat(best)
+        # one reduction per run of writer rows (a span's writers are consecutive: 4 launches, not 4 per writer)
+        best = torch.cat([scores.amax(0)] + [((raw[a:b] / batch).abs() * self.mask[a:b]).amax(1) for a, b in done])
         self._pending = (nodes, *_to_host((best >= tau) & (best > self.threshold)))
 
     def settle(self):
