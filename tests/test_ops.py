@@ -193,13 +193,20 @@ def test_score_edges_into_accumulates_a_block(device, backend, c, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("c,split", [(36, 4), (36, 3), (37, 4)])
-def test_score_products_split_over_token_blocks(monkeypatch, device, c, split, dtype):
+@pytest.mark.parametrize("c,split,aligned", [(36, 4, False), (36, 3, False), (37, 4, False), (36, 4, True)])
+def test_score_products_split_over_token_blocks(monkeypatch, device, c, split, dtype, aligned):
     """The torch path's score product split over ``split`` token blocks (``gemm.split_mm``: partial products, summed
     in fp32) adds the same scores into a strided block as the one GEMM, within the dtype's unit roundoff of the
     absolute sums; outside the block every element keeps its NaN; a token count ``split`` does not divide is
-    scored as one GEMM, bit for bit."""
+    scored as one GEMM, bit for bit. ``aligned``: the GPU's padded partial products (16-byte rows), forced here."""
     monkeypatch.setenv("CT_FAST_BACKEND", "torch")
+    if aligned:
+        if torch.device(device).type == "cuda":
+            pytest.skip("a GPU pads anyway: the unaligned cases are its aligned ones")
+        real_bmm, padded = torch.bmm, []
+        monkeypatch.setattr(ops.gemm, "aligns", lambda device: True)
+        monkeypatch.setattr(torch, "bmm", lambda a, b, out=None: real_bmm(a, b) if out is None else (
+            padded.append(out.stride(1) - out.shape[2]), real_bmm(a, b, out=out))[1])
     g = _gen(c * 10 + split)
     n_d, d = 5, 24
     sources = [(torch.randn(c, 3 * 8, generator=g).to(device, dtype), torch.randn(3, 8, d, generator=g).to(device, dtype)),
@@ -213,6 +220,8 @@ def test_score_products_split_over_token_blocks(monkeypatch, device, c, split, d
         ops.score_edges_into(big[1:5, 1:1 + n_d], sources, G, alpha=0.5, split=s)
         blocks[s] = big.cpu()
     assert blocks[split][1:5, 1:1 + n_d].isfinite().all() and blocks[split].isnan().sum() == blocks[1].isnan().sum()
+    if aligned:  # the split product's [split, rows, n_d] partials went into padded rows
+        assert padded and max(padded) > 0  # (the contributions' bmm writes a contiguous block)
     if c % split:
         assert torch.equal(blocks[split][1:5, 1:1 + n_d], blocks[1][1:5, 1:1 + n_d])
         return
