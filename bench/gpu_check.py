@@ -60,12 +60,14 @@ def stages(rehearse: bool, out: str) -> list[dict]:
          "cmd": None if rehearse else ["bash", "-c", f"{pip} || (echo 'the CUDA build failed: building without the CUDA"
                                        f" kernels'; CT_FAST_NO_CUDA=1 {pip}); {q(PY)} -c {q(BUILT_WITH_CUDA)}"]},
         # correctness first: every op on CUDA against its reference, tuner steps per backend, CUDA-graph capture (the CPU
-        # cases of test_ops, the emulated CUDA kernels included, are the CPU suite's: deselected here)
+        # cases of test_ops, the emulated CUDA kernels included — "cuda_emu" cases, "emulated" tests: a minute's g++
+        # build on a fresh machine — are the CPU suite's: deselected here)
         {"name": "tests", "limit": 150,
          "cmd": [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist_args(rehearse),
                  os.path.join(ROOT, "tests", "test_gpu.py")]
          + (["-k", "not triton"] if rehearse else
-            [os.path.join(ROOT, "tests", "test_ops.py"), "-k", "(cuda or triton or test_gpu) and not cuda_emu"]),
+            [os.path.join(ROOT, "tests", "test_ops.py"), "-k",
+             "(cuda or triton or test_gpu) and not cuda_emu and not emulated"]),
          "env": {"CT_FAST_TEST_DEVICE": dev, **({"TRITON_INTERPRET": "1"} if rehearse else {})}},
         # the op timings: they decide auto's kernels (and carry their own error against the reference)
         # score_edges: one block and a layer; masked_adamw: rows and columns per backend
