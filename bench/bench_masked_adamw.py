@@ -194,8 +194,8 @@ if __name__ == "__main__":
         print(f"{b:>6}: the whole step in a CUDA graph: " + (r["graph_step_error"] if r["graph_step_ms"] is None else
               f"{r['graph_step_ms']:.2f} ms ({r['graph_ratio_to_dense']:.3f}x dense, "
               f"{100 * r['graph_fraction_of_copy_bw']:.0f}% of copy bandwidth)"))
-        # a column circuit (strided rows): the kernels tile those; torch's record is that case's baseline (measured.derive
-        # drops an op with a case no torch record compares)
+        # a column circuit (strided rows): the kernels tile those; torch's record is that case's baseline
+        # (measured.derive drops an op with a case no torch record compares)
         c = run(a.device, a.params, a.d, a.fraction, backend=b, selection="columns")
         recs.append(c)
         print(f"{b:>6}: columns: masked {c['masked_ms']:.1f} ms ({c['ratio_to_dense']:.3f}x dense), "

@@ -130,7 +130,7 @@ LAYER_SHAPE = {"head_groups": 15, "heads": 32, "w": 64, "vector_groups": 16, "n_
 LAYER_SHAPE_TINY = {"head_groups": 3, "heads": 4, "w": 16, "vector_groups": 2, "n_d": 5, "c": 24, "d": 32}
 
 
-_LAYER_INPUTS: dict = {}  # the last shape's inputs: the GPU's are ~0.6G host random numbers (seconds) and an fp64 oracle
+_LAYER_INPUTS: dict = {}  # the last shape's inputs: on a GPU ~0.6G host random numbers (seconds) and an fp64 oracle
 
 
 def _layer_inputs(device, dtype, shape, oracle: bool = True) -> tuple:

@@ -107,10 +107,14 @@ def cases() -> list[dict]:
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
         if norm:  # the norm's reductions, launched first
             cfg = {**rg.dot_tiles(tdt), **variant.get("dots", {})}
-            out.append(dict(name=f"residual_grads dots {tag}", kernel=rg._norm_dots_kernel,
-                            types={k: v for k, v in types.items() if k not in ("out_ptr", "sum_ptr")},
-                            constexprs=dict(consts, BT=cfg["BT"], BK=cfg["BK"], SPLIT_X=False), args=args,
-                            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+            # SPLIT_X: half-precision weights into an fp32 output (the normalised input as two half-precision parts)
+            plain_bf16 = (dt, has_w, two, blocks, variant) == ("bf16", True, False, 1, {})
+            for split in (False, True) if plain_bf16 else (False,):
+                out.append(dict(name=f"residual_grads dots {tag}" + (" split_x" if split else ""),
+                                kernel=rg._norm_dots_kernel,
+                                types={k: v for k, v in types.items() if k not in ("out_ptr", "sum_ptr")},
+                                constexprs=dict(consts, BT=cfg["BT"], BK=cfg["BK"], SPLIT_X=split), args=args,
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
     sms = mw._num_sms
     mw._num_sms = lambda device: 132  # an H100's, as the launcher would read it there
     try:
