@@ -211,6 +211,27 @@ def test_later_stages_run_on_the_checks_own_choices(monkeypatch, tmp_path):
     table = json.loads(open(path).read())
     assert table["choices"] == {"residual_grads": {"torch.bfloat16": ["triton", "torch"]}}  # tiles: not from op stages
     assert table["products"] == {"torch.bfloat16": {"split": 8}}  # (from op_score_edges: the step stage splits so)
+    # on the GPU: the table names the GPU's architecture, and a stage reading it (CT_FAST_GPU_CHOICES) follows it there
+    # and on no other architecture
+    import torch
+
+    from ct_fast.ops import measured
+
+    arch = {"gpu": "sm_90"}
+    monkeypatch.setattr(measured, "device_architecture", lambda device: arch["gpu"])
+    path = gpu_check.apply_choices(str(tmp_path), [{"stage": "tests", "status": "ok"}], choices)
+    assert json.loads(open(path).read())["architectures"] == ["sm_90"]
+    monkeypatch.setenv("CT_FAST_GPU_CHOICES", path)
+    monkeypatch.delenv("CT_FAST_PRODUCT_SPLIT", raising=False)
+    for cache in ("_table", "_product_table", "_tile_table"):
+        monkeypatch.setattr(measured, cache, None)
+    monkeypatch.setattr(measured, "_architectures", measured._UNREAD)
+    gpu = torch.device("cuda")
+    assert measured.product_split(torch.bfloat16, gpu) == 8 and measured.product_split(torch.float32, gpu) == 1
+    assert measured.gpu_order("residual_grads", [torch.bfloat16], gpu) == ["triton", "torch"]
+    arch["gpu"] = "sm_80"
+    assert measured.product_split(torch.bfloat16, gpu) == 1 and measured.gpu_order("residual_grads", [torch.bfloat16],
+                                                                                 gpu) is None
     seen = tmp_path / "env.txt"
     st = {"name": "probe", "cmd": [sys.executable, "-c", f"import os; open({str(seen)!r}, 'w').write("
                                                           "os.environ.get('CT_FAST_GPU_CHOICES', ''))"]}
