@@ -53,6 +53,14 @@ def stages(rehearse: bool, out: str) -> list[dict]:
     else:
         tiny_ops = {"masked_adamw": ["--params", "1e9", "--d", "4096"], "score_edges": [], "masked_dw": [
             "--tokens", "8192", "--d", "4096", "--fraction", "0.05"]}
+
+    def faithful_step(name: str, env: dict) -> dict:
+        """A stage timing the faithful step (refresh 1) alone under another setting ``env``: the data for its default
+        (compare with the step stage's)."""
+        return {"name": name, "limit": 60, "env": env,
+                "cmd": [PY, "-m", "ct_fast", "bench", "--device", dev, "--out", j(name), "--methods", "circuit_refresh1"]
+                + (["--models", "tiny", "--steps", "1", "--warmup", "1"] if rehearse else
+                   ["--models", "llama-1B", "--dtype", "bf16", "--steps", "3", "--batch", "8", "--seq", "512"])}
     return [
         # a CUDA build that fails still leaves the package installed without the CUDA kernels (the Triton and torch
         # paths then get their timings): the stage fails, the run goes on
@@ -100,11 +108,11 @@ def stages(rehearse: bool, out: str) -> list[dict]:
          "env": {"TRITON_INTERPRET": "1"} if rehearse else {}},
         # the faithful step with 4 layers scored together (CT_FAST_SCORE_SPAN; default 2): fewer contribution bytes
         # and FLOPs against twice the held gradients — the data for the default (compare with the step stage's)
-        {"name": "step_span4", "limit": 60, "env": {"CT_FAST_SCORE_SPAN": "4"},
-         "cmd": [PY, "-m", "ct_fast", "bench", "--device", dev, "--out", j("step_span4"), "--methods",
-                 "circuit_refresh1"]
-         + (["--models", "tiny", "--steps", "1", "--warmup", "1"] if rehearse else
-            ["--models", "llama-1B", "--dtype", "bf16", "--steps", "3", "--batch", "8", "--seq", "512"])},
+        faithful_step("step_span4", {"CT_FAST_SCORE_SPAN": "4"}),
+        # ... and with 4x longer scoring chunks (CT_FAST_SCORE_CHUNK_ELEMENTS; default 2^28): ~2.7k launches a
+        # deferred step instead of ~4.0k (bench/count_launches.py), for 4x the scoring blocks' memory — the data for
+        # that default
+        faithful_step("step_chunk4x", {"CT_FAST_SCORE_CHUNK_ELEMENTS": str(1 << 30)}),
         {"name": "scale", "limit": 120, "cmd": bench("bench_scale.py", "--device", dev, "--out", j("scale"), *(
             ["--seqs", "16", "--layers", "2", "--d-model", "64", "--batch-time", "1", "--batch-mem", "1", "--steps", "1",
              "--checkpointing", "off", "--sync-layers", "2", "--methods", "full,deferred,two_pass,two_pass_fused"]

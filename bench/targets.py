@@ -84,8 +84,10 @@ def evaluate(out: str) -> list[dict]:
 def phase_table(out: str) -> str:
     """The step benchmark's phase split per tuner method: device ms / host ms per phase (a GPU phase whose device time
     is about its host time kept the device waiting for its host), or the CPU's ms; "" without step records. The
-    ``step_span4`` stage's rows (another score span) follow, labelled with their span."""
-    recs = [r for r in _load(out, "step") + _load(out, "step_span4") if r.get("split_ms")]
+    ``step_span4`` and ``step_chunk4x`` stages' rows (another score span, longer scoring chunks) follow, labelled
+    with what they changed."""
+    stages = {"step": "", "step_span4": "", "step_chunk4x": " (4x scoring chunks)"}  # (span: from the records)
+    recs = [{**r, "label": label} for stage, label in stages.items() for r in _load(out, stage) if r.get("split_ms")]
     if not recs:
         return ""
     phases = list(recs[0]["split_ms"])
@@ -95,7 +97,7 @@ def phase_table(out: str) -> str:
         host = r.get("split_host_ms") or {}
         cells = [f"{r['split_ms'][k]:.1f}" + (f" / {host[k]:.1f}" if k in host else "") for k in phases]
         span = f" (span {r['score_span']})" if r.get("score_span", 2) != 2 else ""
-        lines.append(f"| {r['model']} {r['method']}{span} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['model']} {r['method']}{span}{r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -33,10 +33,23 @@ from .profiling import PhaseTimer
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids")
 ABLATIONS = ("mean", "zero", "corrupted")
 CHUNK_ELEMENTS = 1 << 25  # elements of one [nodes, chunk, d_model] scoring block on CPU (128 MiB in fp32)
-# on a GPU (512 MiB bf16 / 1 GiB fp32 blocks): each token chunk costs ~4 launches per upstream group scored, so
-# short chunks make the scoring host-bound. A llama-1B refresh-1 step at 8 x 512 tokens on an H100 ran 44k
-# launches (128-row chunks; kernels busy ~350 of 1920 ms, bench/results/profile_gpu_llama-1B.json)
-GPU_CHUNK_ELEMENTS = 1 << 28
+
+
+def _gpu_chunk_elements() -> int:
+    """Elements of one scoring block on a GPU: ``CT_FAST_SCORE_CHUNK_ELEMENTS``, default 2^28 (512 MiB bf16 / 1 GiB
+    fp32 blocks). Each token chunk costs launches per upstream group scored, so short chunks make the scoring
+    host-bound: a llama-1B refresh-1 step at 8 x 512 tokens on an H100 ran 44k launches with 128-row chunks (kernels
+    busy ~350 of 1920 ms, bench/results/profile_gpu_llama-1B.json). 4x the default takes a llama-1B deferred step
+    from ~4.0k to ~2.7k launches (``bench/count_launches.py``) for ~4x the scoring blocks' memory: the GPU check times
+    it (read at import; the memory plan reads the same value)."""
+    raw = os.environ.get("CT_FAST_SCORE_CHUNK_ELEMENTS", str(1 << 28))
+    if not raw.strip().isdigit() or int(raw) < 1 << 20:
+        raise CTFastError(f"CT_FAST_SCORE_CHUNK_ELEMENTS={raw!r}: expected a whole number of elements >= 2^20 = "
+                          f"{1 << 20} (default 2^28 = {1 << 28})")
+    return int(raw)
+
+
+GPU_CHUNK_ELEMENTS = _gpu_chunk_elements()
 
 
 def _score_span() -> int:

@@ -75,6 +75,15 @@ def test_score_span_setting_is_checked(monkeypatch):
         ct_fast.attribution._score_span()
     monkeypatch.setenv("CT_FAST_SCORE_SPAN", "3")
     assert ct_fast.attribution._score_span() == 3
+    # the GPU's scoring block (elements): at least 2^20, 2^28 unset
+    for bad in ("0", "x", "-5", str((1 << 20) - 1)):
+        monkeypatch.setenv("CT_FAST_SCORE_CHUNK_ELEMENTS", bad)
+        with pytest.raises(ct_fast.CTFastError, match=f"CT_FAST_SCORE_CHUNK_ELEMENTS='{bad}'"):
+            ct_fast.attribution._gpu_chunk_elements()
+    monkeypatch.setenv("CT_FAST_SCORE_CHUNK_ELEMENTS", str(1 << 30))
+    assert ct_fast.attribution._gpu_chunk_elements() == 1 << 30
+    monkeypatch.delenv("CT_FAST_SCORE_CHUNK_ELEMENTS")
+    assert ct_fast.attribution._gpu_chunk_elements() == ct_fast.attribution.GPU_CHUNK_ELEMENTS == 1 << 28
 
 
 @pytest.mark.parametrize("pool", [False, True])

@@ -111,6 +111,8 @@ def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
     write("step_span4", dict(bench="step", device="cuda", model="llama-1B", dtype="bfloat16", batch=8, seq=64,
                              method="circuit_refresh1", mean_ms=130.0, score_span=4, split_ms=split,
                              split_host_ms=host))
+    write("step_chunk4x", dict(bench="step", device="cuda", model="llama-1B", dtype="bfloat16", batch=8, seq=64,
+                               method="circuit_refresh1", mean_ms=120.0, score_span=2, split_ms=split))
     rows = {r["target"]: r for r in targets.evaluate(str(tmp_path))}
     got = {k: (r["status"], r["value"]) for k, r in rows.items()}
     assert got["masked AdamW, 5% circuit: share of copy bandwidth"] == ("met", 0.85)
@@ -127,7 +129,8 @@ def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
         "| --- | --- | --- | --- | --- | --- | --- |",
         "| llama-1B circuit_refresh1 | 36.2 / 35.0 | 145.0 / 60.0 | 6.8 / 6.5 | 61.0 / 20.0 | 4.5 / 4.0 | 253.5 / 130.0 |",
         "| llama-1B circuit_refresh1 (span 4) | 36.2 / 35.0 | 145.0 / 60.0 | 6.8 / 6.5 | 61.0 / 20.0 | 4.5 / 4.0 "
-        "| 253.5 / 130.0 |"]  # (the span-4 stage's row: not a target, beside it)
+        "| 253.5 / 130.0 |",  # (the span-4 and longer-chunk stages' rows: not targets, beside the step stage's)
+        "| llama-1B circuit_refresh1 (4x scoring chunks) | 36.2 | 145.0 | 6.8 | 61.0 | 4.5 | 253.5 |"]
     assert targets.phase_table(str(tmp_path / "none")) == ""
 
 
@@ -163,7 +166,7 @@ def test_gpu_stage_arguments_parse(monkeypatch, tmp_path):
         assert stop.value.code == 0 and "args" in parsed, f"{st['name']}: {cmd}"
         assert parsed["prog"] == ("ct-fast bench" if st["name"].startswith("step") else os.path.basename(cmd[1]))
         checked.append(st["name"])
-    assert len(checked) == 12, checked
+    assert len(checked) == 13, checked
 
 
 def test_report_files_a_gpu_run(monkeypatch, tmp_path):
