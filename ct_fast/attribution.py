@@ -35,6 +35,15 @@ ABLATIONS = ("mean", "zero", "corrupted")
 CHUNK_ELEMENTS = 1 << 25  # elements of one [nodes, chunk, d_model] scoring block on CPU (128 MiB in fp32)
 
 
+def _whole_number_setting(name: str, default: int, minimum: int, expected: str) -> int:
+    """The environment variable ``name`` as a whole number >= ``minimum`` (``default`` unset); anything else raises,
+    naming the variable and ``expected``."""
+    raw = os.environ.get(name, str(default))
+    if not raw.strip().isdigit() or int(raw) < minimum:
+        raise CTFastError(f"{name}={raw!r}: expected {expected}")
+    return int(raw)
+
+
 def _gpu_chunk_elements() -> int:
     """Elements of one scoring block on a GPU: ``CT_FAST_SCORE_CHUNK_ELEMENTS``, default 2^28 (512 MiB bf16 / 1 GiB
     fp32 blocks). Each token chunk costs launches per upstream group scored, so short chunks make the scoring
@@ -42,11 +51,8 @@ def _gpu_chunk_elements() -> int:
     busy ~350 of 1920 ms, bench/results/profile_gpu_llama-1B.json). 4x the default takes a llama-1B deferred step
     from ~4.0k to ~2.7k launches (``bench/count_launches.py``) for ~4x the scoring blocks' memory: the GPU check times
     it (read at import; the memory plan reads the same value)."""
-    raw = os.environ.get("CT_FAST_SCORE_CHUNK_ELEMENTS", str(1 << 28))
-    if not raw.strip().isdigit() or int(raw) < 1 << 20:
-        raise CTFastError(f"CT_FAST_SCORE_CHUNK_ELEMENTS={raw!r}: expected a whole number of elements >= 2^20 = "
-                          f"{1 << 20} (default 2^28 = {1 << 28})")
-    return int(raw)
+    return _whole_number_setting("CT_FAST_SCORE_CHUNK_ELEMENTS", 1 << 28, 1 << 20,
+                                 f"a whole number of elements >= 2^20 = {1 << 20} (default 2^28 = {1 << 28})")
 
 
 GPU_CHUNK_ELEMENTS = _gpu_chunk_elements()
@@ -58,10 +64,7 @@ def _score_span() -> int:
     gained little more there, while holding more layers' gradients. On a GPU, where writing and reading the torch
     path's contribution blocks costs as much as their FLOPs, a span of 4 would move ~40% fewer of their bytes at
     llama-1B: ``CT_FAST_SCORE_SPAN`` (read at import) sets it, and the GPU check times a faithful step at 4."""
-    raw = os.environ.get("CT_FAST_SCORE_SPAN", "2")
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise CTFastError(f"CT_FAST_SCORE_SPAN={raw!r}: expected a whole number of layers >= 1 (default 2)")
-    return int(raw)
+    return _whole_number_setting("CT_FAST_SCORE_SPAN", 2, 1, "a whole number of layers >= 1 (default 2)")
 
 
 SCORE_SPAN = _score_span()
