@@ -76,7 +76,7 @@ class StepResult:
 def _label_tokens(batch: dict) -> int:
     labels = batch.get("labels")
     if labels is None:
-        raise CTFastError("the training loss needs 'labels' in every batch (e.g. input_ids with -100 on padding)")
+        raise CTFastError(_NO_LABELS)
     return int((labels[:, 1:] != -100).sum())
 
 
@@ -148,12 +148,13 @@ class CircuitTuner:
     def step(self, batch, corrupted_batch=None) -> StepResult:
         """One circuit-tuning step on ``batch`` (a dict, or a list of micro-batch dicts whose gradients and
         scores are accumulated). Refuses (raises, model untouched) on NaN/inf loss, metric or scores."""
-        batches = [_to(b, self.device) for b in (batch if isinstance(batch, (list, tuple)) else [batch])]
+        given = batch if isinstance(batch, (list, tuple)) else [batch]
+        tokens = [_label_tokens(b) for b in given]  # (before the move: labels given on the host cost no sync)
+        batches = [_to(b, self.device) for b in given]
         corrupted = corrupted_batch if isinstance(corrupted_batch, (list, tuple)) else [corrupted_batch] * len(batches)
         corrupted = [None if c is None else _to(c, self.device) for c in corrupted]
         if len(corrupted) != len(batches):
             raise CTFastError(f"{len(batches)} micro-batches but {len(corrupted)} corrupted micro-batches")
-        tokens = [_label_tokens(b) for b in batches]
         if sum(tokens) == 0:
             raise CTFastError("no micro-batch has a label token (labels are all -100): there is no training loss "
                               "to step on — check the labels (-100 marks tokens without loss)")
@@ -212,13 +213,20 @@ class CircuitTuner:
         """Forward and backward of every micro-batch. ``score``: backpropagate the metric (the scoring pass of
         two_pass/outcome; with two_pass on one micro-batch the graph is kept for the training backward and
         returned); else the training loss (it also scores when the session records: deferred, lagged).
-        Returns the (weighted) loss and metric."""
+        Returns the (weighted) loss and metric.
+
+        The losses are read on the host once, after the pass's backwards (``_read_losses``), not between each
+        forward and its backward: on a GPU that read drains the queue, and the host would launch the backward only
+        once the device has finished the forward. A non-finite loss is refused there, before the step concludes —
+        nothing of the step is applied yet. With several ranks each loss is read before its backward: a rank
+        skips the backward of a non-finite one, and the ranks refuse the step together."""
         session = self.session
         retain = score and session.mode == "two_pass" and len(batches) == 1
         if not score and len(batches) == 1:  # several ranks: average the gradients while the backward runs
             session.stream_grads()
         loss = metric = 0.0
         retained = None
+        unread = []  # (loss, metric, w_loss, w_metric): values still on the device
         for b, c, wl, wm in zip(batches, corrupted, w_loss, w_metric):
             w = wm if score else wl
             if w == 0:  # no label token: no loss, no gradient; its examples and tokens still count
@@ -235,20 +243,28 @@ class CircuitTuner:
                 out = causal_lm_loss(self.model, inputs) if self.fused_loss else self.model(**inputs)
                 with torch.set_grad_enabled(score):
                     value = evaluate_metric(self.metric, out, b)
-            try:
-                step_loss, step_metric = _finite_values(out.loss, value)
-            except NonFiniteError:
-                if session.dp is None:
-                    raise
-                session.nonfinite = True  # several ranks: refused on all of them at the step's first collective
-                continue
+            if out.loss is None:
+                raise CTFastError(_NO_LABELS)
+            if session.dp is not None:
+                try:
+                    step_loss, step_metric = _read_losses([(out.loss, value, wl, wm)])
+                except NonFiniteError:
+                    session.nonfinite = True  # several ranks: refused on all of them at the step's first collective
+                    continue
+                loss, metric = loss + step_loss, metric + step_metric
+            else:
+                unread.append((out.loss.detach(), value.detach(), wl, wm))
             target = (value if score else out.loss) * w
             del out  # the logits ([B, T, vocab]) are not needed by the backward: free them before it
-            loss, metric = loss + step_loss * wl, metric + step_metric * wm
             with timer.span("backward"):
-                target.backward(retain_graph=retain)
+                try:
+                    target.backward(retain_graph=retain)
+                except Exception as error:  # a non-finite loss is the error to report, not what it broke
+                    _read_losses(unread, cause=error)
+                    raise
             retained = target if retain else None
-        return loss, metric, retained
+        step_loss, step_metric = _read_losses(unread)
+        return loss + step_loss, metric + step_metric, retained
 
     @staticmethod
     def _timings(timer: PhaseTimer, t_start: float) -> tuple[dict, dict]:
@@ -274,12 +290,20 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _finite_values(loss, metric) -> tuple[float, float]:
-    """The loss and metric as floats (one host sync for both); raises if the loss is missing or non-finite."""
-    if loss is None:
-        raise CTFastError("the training loss needs 'labels' in every batch (e.g. input_ids with -100 on padding)")
-    values = torch.stack([loss.detach().float().reshape(()), metric.detach().float().reshape(())]).tolist()
-    if not math.isfinite(values[0]):
-        raise NonFiniteError(f"the training loss is {values[0]}: the step is refused and the model untouched — "
-                             "check labels, inputs and learning rate")
-    return values[0], values[1]
+_NO_LABELS = "the training loss needs 'labels' in every batch (e.g. input_ids with -100 on padding)"
+
+
+def _read_losses(unread: list, cause: BaseException | None = None) -> tuple[float, float]:
+    """``(sum w_loss * loss, sum w_metric * metric)`` over ``unread`` ``(loss, metric, w_loss, w_metric)`` device
+    scalars, read in one host sync; raises ``NonFiniteError`` (from ``cause``) if a loss is NaN/inf."""
+    if not unread:
+        return 0.0, 0.0
+    values = torch.stack([t.detach().float().reshape(()) for loss, metric, _, _ in unread
+                          for t in (loss, metric)]).tolist()
+    loss = metric = 0.0
+    for (_, _, wl, wm), value, measure in zip(unread, values[::2], values[1::2]):
+        if not math.isfinite(value):
+            raise NonFiniteError(f"the training loss is {value}: the step is refused and the model untouched — "
+                                 "check labels, inputs and learning rate") from cause
+        loss, metric = loss + value * wl, metric + measure * wm
+    return loss, metric

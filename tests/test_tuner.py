@@ -199,6 +199,52 @@ def test_bad_input_leaves_model_untouched(model, batch):
     tuner.step(batch)  # still usable afterwards
 
 
+@pytest.mark.parametrize("mode", ["deferred", "two_pass", "lagged", "reused"])
+def test_nan_loss_is_refused_after_the_backward_in_every_mode(batch, mode):
+    """The losses are read once per pass, after its backwards (on a GPU a read between a forward and its backward
+    drains the queue): a NaN loss in any micro-batch is still refused with its own message, whatever the scoring
+    backward made of it, the model and the optimizer untouched, the tuner usable afterwards."""
+    model = tiny_model("llama")
+    opt = CircuitAdamW(model.parameters(), lr=1e-2)
+    options = dict(refresh_every=100) if mode == "reused" else dict(memory_mode=mode)
+    tuner = CircuitTuner(model, opt, top_n=20, **options)
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    if mode in ("reused", "lagged"):
+        tuner.step(batch)  # a circuit to reuse (lagged: the one the next step updates)
+    before, state = _snapshot(model), opt.state_bytes()
+    order = []
+    read, backward = ct_fast.tuner._read_losses, torch.autograd.backward
+
+    def logged_read(*args, **kwargs):
+        order.append("read")
+        return read(*args, **kwargs)
+
+    def logged_backward(*args, **kwargs):
+        order.append("backward")
+        return backward(*args, **kwargs)
+
+    emb = model.get_input_embeddings().weight
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ct_fast.tuner, "_read_losses", logged_read)
+        mp.setattr(torch.autograd, "backward", logged_backward)
+        # a token of the second micro-batch only: its loss alone is NaN
+        token = min(set(halves[1]["input_ids"].flatten().tolist()) - set(halves[0]["input_ids"].flatten().tolist()))
+        order.clear()
+        with torch.no_grad():
+            emb[token] = float("nan")
+        try:
+            with pytest.raises(NonFiniteError, match="the training loss is nan"):
+                tuner.step(halves)
+        finally:
+            with torch.no_grad():
+                emb[token] = before["model.embed_tokens.weight"][token]
+    assert order == ["backward", "backward", "read"]  # both micro-batches' backwards, then one read
+    after = _snapshot(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert opt.state_bytes() == state
+    assert tuner.step(halves).tuned_params > 0  # still usable afterwards
+
+
 def test_mlp_heads_and_node_selection(batch):
     model = tiny_model("llama")
     tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3), top_n=15, selection="nodes",
