@@ -160,6 +160,7 @@ class TuningSession:
         self.circuit: Circuit | None = None
         self.circuit_top_n = 0  # the top_n self.circuit was selected with
         self.corrupted = None  # the corrupted batch of the next recorded forward (CircuitTuner)
+        self.given = None  # ... and the whole micro-batch it runs (CircuitTuner): task fields positions= may name
         self._open: list = []  # recordings of the forwards in progress (None: a forward not recorded)
         self.dp = None
         self.nonfinite = False  # a driver saw a NaN/inf loss on this rank this step (the ranks refuse together)
@@ -335,6 +336,9 @@ class TuningSession:
             self._open.append(None)
             return None
         batch = _batch_of(args, kwargs)
+        given, self.given = self.given, None
+        if given is not None:  # the model's inputs, and the task fields beside them (target_pos, a positions key)
+            batch = {**given, **batch}
         self.begin_step([batch])
         self.masked.new_forward()
         recording = None

@@ -238,7 +238,7 @@ class CircuitTuner:
                         metric += evaluate_metric(self.metric, self.model(**model_inputs(b)), b).item() * wm
                 continue
             with timer.span("forward"):
-                session.corrupted = c
+                session.corrupted, session.given = c, b
                 inputs = model_inputs(b)
                 out = causal_lm_loss(self.model, inputs) if self.fused_loss else self.model(**inputs)
                 with torch.set_grad_enabled(score):

@@ -199,6 +199,27 @@ def test_bad_input_leaves_model_untouched(model, batch):
     tuner.step(batch)  # still usable afterwards
 
 
+@pytest.mark.parametrize("mode", ["deferred", "two_pass"])
+def test_positions_name_task_fields_as_in_attribute(batch, mode):
+    """positions= as a batch key or a callable of the whole batch (task fields beside the model's inputs), as
+    ``attribute`` takes them: the tuner's circuit is attribute's, also over micro-batches."""
+    batch = dict(batch, target_pos=torch.tensor([5, 4, 3]), answer=torch.tensor([1, 2, 3]),
+                 wrong_answer=torch.tensor([4, 5, 6]))
+    batch["where"] = torch.nn.functional.one_hot(batch["target_pos"], batch["input_ids"].shape[1]).bool()
+    at_target = lambda b: torch.nn.functional.one_hot(b["target_pos"], b["input_ids"].shape[1]).bool()  # noqa: E731
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    for positions in ("where", at_target):
+        model = tiny_model("llama")
+        want = attribute(copy.deepcopy(model), batch, metric="logit_diff", positions=positions).top_n(15)
+        tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=15, metric="logit_diff",
+                             positions=positions, memory_mode=mode)
+        assert tuner.step(batch).circuit.edges == want.edges
+        model = tiny_model("llama")
+        tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=15, metric="logit_diff",
+                             positions=positions, memory_mode=mode)
+        assert [e[:2] for e in tuner.step(halves).circuit.edges] == [e[:2] for e in want.edges]
+
+
 @pytest.mark.parametrize("mode", ["deferred", "two_pass", "lagged", "reused"])
 def test_nan_loss_is_refused_after_the_backward_in_every_mode(batch, mode):
     """The losses are read once per pass, after its backwards (on a GPU a read between a forward and its backward
