@@ -75,6 +75,29 @@ def _batch_of(args: tuple, kwargs: dict) -> dict:
     return {k: v for k, v in batch.items() if v is not None}
 
 
+class ForwardRng:
+    """The RNG state each micro-batch's model forward starts from (after attribution's own corrupted forward), kept
+    by a scoring pass and restored by the training pass that runs the same forwards again (two_pass over several
+    micro-batches, outcome metrics): dropout then draws the same masks in both passes — those of deferred mode's
+    one forward — and the generators end where that forward leaves them. ``key``: the micro-batch the next
+    forward runs (set by the driver)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.states, self.replaying, self.key = torch.device(device), {}, False, None
+
+    def at_forward(self):
+        if self.key is None:
+            return
+        if not self.replaying:
+            cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            self.states[self.key] = (torch.get_rng_state(), cuda)
+        elif self.key in self.states:
+            cpu, cuda = self.states[self.key]
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
+
+
 def _detach(masked: MaskedLinears, frozen: list, handles: list, ddp, ddp_sync):
     """Undo ``TuningSession``'s changes to the model (also run when the session is garbage-collected)."""
     for h in handles:
@@ -161,6 +184,7 @@ class TuningSession:
         self.circuit_top_n = 0  # the top_n self.circuit was selected with
         self.corrupted = None  # the corrupted batch of the next recorded forward (CircuitTuner)
         self.given = None  # ... and the whole micro-batch it runs (CircuitTuner): task fields positions= may name
+        self.forward_rng: ForwardRng | None = None  # a driver running the forwards twice (CircuitTuner)
         self._open: list = []  # recordings of the forwards in progress (None: a forward not recorded)
         self.dp = None
         self.nonfinite = False  # a driver saw a NaN/inf loss on this rank this step (the ranks refuse together)
@@ -349,6 +373,8 @@ class TuningSession:
                 recording = self.run.begin(batch, corrupted, anchor=self.anchor)
             finally:
                 self._open.pop()
+        if self.forward_rng is not None:
+            self.forward_rng.at_forward()
         self._open.append(recording)
         return None
 

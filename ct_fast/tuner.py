@@ -47,7 +47,7 @@ from .fused_loss import causal_lm_loss
 from .graph import ComputationGraph
 from .optim import _CircuitOptimizer
 from .profiling import PhaseTimer
-from .session import MEMORY_MODES, TuningSession  # noqa: F401  (MEMORY_MODES: the CLI lists them)
+from .session import MEMORY_MODES, ForwardRng, TuningSession  # noqa: F401  (MEMORY_MODES: the CLI lists them)
 
 PHASES = ("forward", "attribution", "selection", "backward", "optimizer")
 
@@ -187,14 +187,16 @@ class CircuitTuner:
         session.begin_step(batches, timer, backwards=len(batches))
         try:
             if session.mode in ("two_pass", "outcome"):  # a scoring pass, then a training pass on the circuit
+                session.forward_rng = ForwardRng(self.device)
                 loss, metric, retained = self._passes(batches, corrupted, w_loss, w_metric, timer, score=True)
                 session.select()
                 if retained is not None:  # one micro-batch: the training backward over the graph kept
                     session.stream_grads()
                     with timer.span("backward"):
                         retained.backward()
-                else:  # the forwards run again, on a circuit known now: plain linears outside it
-                    session.masked.plain_outside(session.masked.selection)
+                else:  # the forwards run again (dropout as in the first), on a circuit known now: plain linears
+                    session.masked.plain_outside(session.masked.selection)  # outside it
+                    session.forward_rng.replaying = True
                     loss, _, _ = self._passes(batches, corrupted, w_loss, w_metric, timer, score=False)
             else:  # deferred, lagged, reused: one forward and backward per micro-batch
                 loss, metric, _ = self._passes(batches, corrupted, w_loss, w_metric, timer, score=False)
@@ -202,6 +204,8 @@ class CircuitTuner:
         except BaseException:
             session.abort()
             raise
+        finally:
+            session.forward_rng = None
         self.optimizer.step()  # times its own "optimizer" phase
         timings, host_timings = self._timings(timer, t_start)
         return StepResult(loss=loss, metric=metric, circuit=conclusion.circuit,
@@ -227,7 +231,9 @@ class CircuitTuner:
         loss = metric = 0.0
         retained = None
         unread = []  # (loss, metric, w_loss, w_metric): values still on the device
-        for b, c, wl, wm in zip(batches, corrupted, w_loss, w_metric):
+        for i, (b, c, wl, wm) in enumerate(zip(batches, corrupted, w_loss, w_metric)):
+            if session.forward_rng is not None:
+                session.forward_rng.key = i
             w = wm if score else wl
             if w == 0:  # no label token: no loss, no gradient; its examples and tokens still count
                 if session.run is not None and not session.run.closed:

@@ -220,6 +220,28 @@ def test_positions_name_task_fields_as_in_attribute(batch, mode):
         assert [e[:2] for e in tuner.step(halves).circuit.edges] == [e[:2] for e in want.edges]
 
 
+@pytest.mark.parametrize("arch,dropout", [("llama", {"attention_dropout": 0.3}),
+                                          ("gpt2", {"resid_pdrop": 0.3, "attn_pdrop": 0.3, "embd_pdrop": 0.3})])
+def test_dropout_two_pass_equals_deferred_over_micro_batches(batch, arch, dropout):
+    """In train mode with dropout, two_pass's training pass runs each micro-batch's forward again from the RNG state
+    its scoring forward started from: the same masks, so the same circuit and update as deferred's one forward,
+    and the generator ends where deferred leaves it."""
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    runs = []
+    for mode in ("deferred", "two_pass"):
+        model = tiny_model(arch, **dropout).train()
+        tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=20, memory_mode=mode)
+        torch.manual_seed(7)
+        r = tuner.step(halves)
+        runs.append((r, _snapshot(model), torch.rand(4)))
+    (a, pa, ra), (b, pb, rb) = runs
+    assert [e[:2] for e in a.circuit.edges] == [e[:2] for e in b.circuit.edges]
+    assert b.loss == pytest.approx(a.loss, rel=1e-6)
+    for n in pa:
+        assert_close(pb[n], pa[n], name=n)
+    assert torch.equal(ra, rb)
+
+
 @pytest.mark.parametrize("mode", ["deferred", "two_pass", "lagged", "reused"])
 def test_nan_loss_is_refused_after_the_backward_in_every_mode(batch, mode):
     """The losses are read once per pass, after its backwards (on a GPU a read between a forward and its backward
