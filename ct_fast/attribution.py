@@ -1147,7 +1147,10 @@ def attribute(model: nn.Module, batch: dict, metric="loss", ablation: str = "mea
         scores = attribute(model, {"input_ids": ids, "labels": ids})
         scores.scores.shape   # [n_upstream, n_downstream]
     """
-    graph = graph or ComputationGraph.from_model(model)
+    if graph is None:
+        graph = ComputationGraph.from_model(model)
+    else:
+        graph.check_model(model)
     run = AttributionRun(model, graph, ablation=ablation, positions=positions, pool=pool, score_dtype=score_dtype)
     _, value = run.forward(batch, metric=metric, corrupted_batch=corrupted_batch)
     run.backward(value)

@@ -232,6 +232,22 @@ class ComputationGraph:
         graph.param_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         return graph
 
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a graph built from another model (``graph=``): its shape (architecture, layers, heads, widths) and
+        the shapes of the parameters its nodes own must be ``model``'s — else scores and circuits would be silently
+        wrong (nodes reading a part of the model, parameters no circuit can reach)."""
+        built = ComputationGraph.from_model(model)  # (whole MLPs: the fields compared do not depend on the split)
+        fix = "build the graph from this model: ComputationGraph.from_model(model)"
+        for key in ("arch", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model", "d_mlp"):
+            if getattr(self, key) != getattr(built, key):
+                raise CTFastError(f"the graph does not describe this model: {key} is {getattr(self, key)} in the "
+                                  f"graph, {getattr(built, key)} in the model; {fix}")
+        for name in sorted(self.tunable_params):
+            ours, theirs = self.param_shapes.get(name), built.param_shapes.get(name)
+            if ours != theirs:
+                raise CTFastError(f"the graph does not describe this model: parameter {name} is "
+                                  f"{ours or 'absent'} in the graph, {theirs or 'absent'} in the model; {fix}")
+
     @property
     def total_params(self) -> int:
         """Number of parameter elements of the model (tied weights counted once)."""

@@ -148,7 +148,11 @@ class TuningSession:
             raise CTFastError("circuit-tuning needs top_n (edges per circuit) or a schedule")
         model, self.ddp, group, self.sharded = DataParallel.of(model)  # hooks go on the module a DDP wrapper holds
         self.model, self.optimizer = model, optimizer
-        self.graph = graph or ComputationGraph.from_model(model, mlp_head_dim=mlp_head_dim)
+        if graph is None:
+            graph = ComputationGraph.from_model(model, mlp_head_dim=mlp_head_dim)
+        else:
+            graph.check_model(model)
+        self.graph = graph
         self.schedule = schedule or (top_n if isinstance(top_n, TopNSchedule) else TopNSchedule(int(top_n)))
         for probe in (0, self.schedule.steps):
             n = self.schedule(probe)

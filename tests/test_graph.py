@@ -71,6 +71,30 @@ def test_mlp_head_dim_must_divide(model):
         ComputationGraph.from_model(model, mlp_head_dim=7)
 
 
+def test_a_graph_of_another_model_is_refused():
+    """graph= built from another model (other heads, MLP width, biases) is refused by attribute, the tuner and the
+    drop-in optimizer alike, naming what differs; the model's own graph (any MLP split) is accepted."""
+    from ct_fast import CircuitAdamW, CircuitTuner, attribute
+    from ct_fast.testing import random_batch
+
+    model = tiny_model("llama")
+    batch = random_batch(model.config.vocab_size)
+    cfg = tiny_config("llama")
+    others = {"n_heads": tiny_model("llama", num_attention_heads=cfg.num_attention_heads // 2,
+                                    head_dim=2 * cfg.head_dim if getattr(cfg, "head_dim", None) else None),
+              "d_mlp": tiny_model("llama", intermediate_size=cfg.intermediate_size + 8),
+              "proj.bias is .* absent in the model": tiny_model("llama", attention_bias=True)}
+    for what, other in others.items():
+        graph = ComputationGraph.from_model(other)
+        for use in (lambda: attribute(model, batch, graph=graph),
+                    lambda: CircuitTuner(model, CircuitAdamW(model.parameters()), top_n=5, graph=graph),
+                    lambda: CircuitAdamW(model.parameters(), model=model, top_n=5, graph=graph)):
+            with pytest.raises(CTFastError, match=f"the graph does not describe this model: .*{what}"):
+                use()
+    for own in (ComputationGraph.from_model(model), ComputationGraph.from_model(model, mlp_head_dim=8)):
+        own.check_model(model)
+
+
 def _perturbed(model, slices, scale=1.0):
     """A copy of the model whose parameters in ``slices`` got random noise."""
     import copy
