@@ -85,7 +85,6 @@ class _CircuitOptimizer(torch.optim.Optimizer):
     joins later (the tuning session registers them all up front, so its pools are allocated once).
     """
 
-    _moments: tuple[str, ...] = ()
     _step_supports_amp_scaling = True  # torch.amp.GradScaler hands over grad_scale/found_inf (see _skip_flag)
     skip_nonfinite = False
 
@@ -98,6 +97,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         self._pools: dict[tuple, RowPool] = {}  # (group index, row width, device) -> the rows' shared state
         self._pool_of: dict[torch.Tensor, tuple] = {}  # parameter -> the key of its pool
         self._layouts: dict[int, _StepLayout] | None = None  # group index -> layout (``_update``); None: none kept
+        self._moments_seen: dict[int, tuple] = {}  # group index -> the moments its pools were last checked for
         self._indices: dict[torch.Tensor, tuple] = {}  # param -> (its selection, the selected rows [k] on its device)
         self.tuning = None  # the attached TuningSession (model=)
         self.last_step = None  # the Conclusion the last circuit-tuning step applied
@@ -274,7 +274,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     def _pool(self, key: tuple) -> RowPool:
         if key not in self._pools:
-            self._pools[key] = RowPool(key[1], self._moments, torch.device(key[2]))
+            self._pools[key] = RowPool(key[1], self._moments_of(self.param_groups[key[0]]), torch.device(key[2]))
         return self._pools[key]
 
     def _join(self, gi: int, entries) -> None:
@@ -321,7 +321,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         if pool is None or not pool.allocated:
             return {}
         return {"dim": pool.members[p].dim, "slot": pool.slots_of(p),
-                **{k: pool.t[k] for k in ("step",) + self._moments}}
+                **{k: pool.t[k] for k in ("step",) + pool.moments}}
 
     def pool_capacity(self, p: torch.Tensor) -> int:
         """Slots of the pool ``p`` belongs to (0 if it belongs to none yet)."""
@@ -390,7 +390,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                               f"{entry[3]}; raise state_capacity")
         moved_shape = (n_old,) + self._row_shape(p, old)
         moved = {k: old_pool.t[k].index_select(0, slots).view(moved_shape).movedim(0, old).movedim(dim, 0)
-                 .reshape(n_new, -1) for k in self._moments}
+                 .reshape(n_new, -1) for k in old_pool.moments}
         self._leave(p)
         self._join(gi, [entry])
         pool = self._pools[self._pool_of[p]]
@@ -417,7 +417,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
                 torch.zeros_like(rows)
             try:
                 pool.place(p, rows, {k: saved[k].to(pool.device).index_select(0, old)
-                                     for k in ("step",) + self._moments}, last)
+                                     for k in ("step",) + pool.moments}, last)
             except ValueError as e:
                 group = self.param_groups[self._where[p][0]]
                 raise CTFastError(f"load_state_dict: the saved optimizer state of a parameter of shape "
@@ -557,7 +557,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             pool.allocate()
             wanted = [pool.global_rows(plan[i][0], rows[i]) for i in members]
             pools.append((pool, tuple(members), wanted[0] if len(wanted) == 1 else torch.cat(wanted)))
-        state = {k: [self._pools[self._pool_of[e[0]]].t[k] for e in plan] for k in ("step",) + self._moments}
+        state = {k: [self._pools[self._pool_of[e[0]]].t[k] for e in plan] for k in ("step",) + self._moments_of(group)}
         state["steps"] = state.pop("step")
         return _StepLayout(*(sources or ((), ())), rows, tuple(pools), state)
 
@@ -582,6 +582,10 @@ class _CircuitOptimizer(torch.optim.Optimizer):
 
     def _apply(self, lists: dict, group: dict, found_inf: torch.Tensor | None = None):
         raise NotImplementedError
+
+    def _moments_of(self, group: dict) -> tuple[str, ...]:
+        """The per-row state (besides the step count) ``group``'s hyper-parameters need: its pools hold these."""
+        return ()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -611,6 +615,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         the pools stay (a fixed circuit) and the gradients come as they did: then a step's host work is its
         gradients' views, one slot assignment per pool and the update's launch."""
         try:  # validate every group before any state or parameter is written
+            self._check_moments()
             layouts = self._layouts
             plans = None if layouts is None else [(gi, group, self._planned(layouts[gi]))
                                                   for gi, group in enumerate(self.param_groups)]
@@ -635,6 +640,27 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             if plan:
                 self._apply(self._collect(layouts[gi], plan, None if flag is None else flag > 0), group, flag)
         self.step_skipped = flag
+
+    def _check_moments(self) -> None:
+        """Each group's pools hold the moments its hyper-parameters need now (``_moments_of``: a group's own amsgrad
+        or SGD momentum, which a scheduler such as OneCycleLR may set after construction). A pool not allocated yet
+        takes them; an allocated one without them refuses the step before anything is written. Checked when a
+        group's need changes (a change drops the kept layouts)."""
+        for gi, group in enumerate(self.param_groups):
+            need = self._moments_of(group)
+            if self._moments_seen.get(gi) == need:
+                continue
+            for key, pool in self._pools.items():
+                if key[0] != gi or set(need) <= set(pool.moments):
+                    continue
+                if pool.allocated:
+                    flags = {k: group.get(k) for k in ("amsgrad", "momentum") if k in group}
+                    missing = sorted(set(need) - set(pool.moments))
+                    raise CTFastError(f"param group {gi} now needs optimizer state {missing} ({flags}) that its rows "
+                                      "were given none of at their first step; set these hyper-parameters before "
+                                      "the first step (as a scheduler does at its construction)")
+                pool.moments = need
+            self._moments_seen[gi], self._layouts = need, None
 
     def _skip_flag(self, plans: list) -> torch.Tensor | None:
         """The device-side skip flag of this step (``[1]`` fp32, 1: skip), or None when nothing asks for one.
@@ -710,13 +736,14 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         by_id = dict(zip(saved_ids, params))
         for g in self.param_groups:  # saved before state_capacity existed
             g["state_capacity"] = check_state_capacity(g.get("state_capacity", self.defaults["state_capacity"]))
-        self._pools, self._pool_of, self._layouts = {}, {}, None
+        self._pools, self._pool_of, self._layouts, self._moments_seen = {}, {}, None, {}
         self.state = defaultdict(dict)
         for saved in pools:
             members = [by_id[m[0]] for m in saved["members"]]
             device = local(members[0]).device
-            pool = RowPool.from_state_dict(saved, by_id, self._moments, device)
-            key = self._pool_key(members[0], self._where[members[0]][0], saved["members"][0][1])
+            gi = self._where[members[0]][0]
+            pool = RowPool.from_state_dict(saved, by_id, self._moments_of(self.param_groups[gi]), device)
+            key = self._pool_key(members[0], gi, saved["members"][0][1])
             self._pools[key] = pool
             for p, m in pool.members.items():
                 self._pool_of[p] = key
@@ -778,15 +805,18 @@ class CircuitAdamW(_CircuitOptimizer):
         if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or weight_decay < 0:
             raise CTFastError(f"invalid AdamW hyper-parameters lr={lr}, betas={betas}, eps={eps}, "
                               f"weight_decay={weight_decay}")
-        self._moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       amsgrad=amsgrad, maximize=maximize, state_capacity=state_capacity),
                          model, top_n, tuning)
 
+    def _moments_of(self, group: dict) -> tuple[str, ...]:  # (a group's own amsgrad, as torch)
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
+
     def _apply(self, lists: dict, group: dict, found_inf: torch.Tensor | None = None):
         b1, b2 = group["betas"]
         ops.masked_adamw_(lists["params"], lists["grads"], lists["exp_avg"], lists["exp_avg_sq"],
-                          lists.get("max_exp_avg_sq", []), lists["steps"], lists["rows"], lists["slots"],
+                          lists["max_exp_avg_sq"] if group["amsgrad"] else [], lists["steps"], lists["rows"],
+                          lists["slots"],
                           group["lr"], b1, b2, group["eps"], group["weight_decay"], group["maximize"],
                           found_inf=found_inf)
 
@@ -807,12 +837,15 @@ class CircuitSGD(_CircuitOptimizer):
             raise CTFastError(f"invalid SGD hyper-parameters lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
         if nesterov and (momentum <= 0 or dampening != 0):
             raise CTFastError("nesterov momentum requires momentum > 0 and dampening = 0")
-        self._moments = ("momentum_buffer",) if momentum else ()
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize, state_capacity=state_capacity),
                          model, top_n, tuning)
 
+    def _moments_of(self, group: dict) -> tuple[str, ...]:  # (a group's own momentum, e.g. cycled by OneCycleLR)
+        return ("momentum_buffer",) if group.get("momentum") else ()
+
     def _apply(self, lists: dict, group: dict, found_inf: torch.Tensor | None = None):
-        ops.masked_sgd_(lists["params"], lists["grads"], lists.get("momentum_buffer", []), lists["steps"],
+        ops.masked_sgd_(lists["params"], lists["grads"], lists["momentum_buffer"] if group["momentum"] else [],
+                        lists["steps"],
                         lists["rows"], lists["slots"], group["lr"], group["momentum"], group["dampening"],
                         group["weight_decay"], group["nesterov"], group["maximize"], found_inf=found_inf)

@@ -61,7 +61,8 @@ def _id_map(optimizer, saved_groups: list) -> dict:
 
 
 def _check_groups(optimizer, saved_groups: list):
-    """The saved hyper-parameters must describe this optimizer's algorithm and its (fixed) moment buffers."""
+    """The saved hyper-parameters must describe this optimizer's algorithm (its moments follow the saved groups'
+    amsgrad / momentum, restored by the load as torch does)."""
     from .optim import CircuitAdamW, CircuitSGD
 
     mine = "AdamW" if isinstance(optimizer, CircuitAdamW) else "SGD" if isinstance(optimizer, CircuitSGD) else None
@@ -86,19 +87,6 @@ def _check_groups(optimizer, saved_groups: list):
                                   "CircuitAdamW decays weights decoupled (AdamW), so the run cannot continue; "
                                   "continue it with torch.optim.Adam, or start the circuit run from the model "
                                   "without the optimizer state")
-            saved_ams, my_ams = bool(g.get("amsgrad", False)), "max_exp_avg_sq" in optimizer._moments
-            if saved_ams != my_ams:
-                raise CTFastError(f"load_state_dict: param group {gi} of the state_dict has amsgrad={saved_ams}, but "
-                                  f"this CircuitAdamW was built with amsgrad={my_ams} and its moment buffers are fixed "
-                                  f"at construction (torch.optim.AdamW would silently switch to the saved "
-                                  f"amsgrad={saved_ams}); build it with amsgrad={saved_ams} to load this state")
-        else:
-            momentum = g.get("momentum", 0)
-            if momentum and "momentum_buffer" not in optimizer._moments:
-                raise CTFastError(f"load_state_dict: param group {gi} of the state_dict has momentum={momentum}, but "
-                                  "this CircuitSGD was built with momentum=0 and so holds no momentum buffers; build "
-                                  f"it with momentum={momentum} (the saved hyper-parameters replace the "
-                                  "constructor's on load, as in torch) to load this state")
 
 
 def _convert_one(optimizer, p: torch.Tensor, pid, group: dict, saved: dict) -> dict | None:
@@ -114,22 +102,23 @@ def _convert_one(optimizer, p: torch.Tensor, pid, group: dict, saved: dict) -> d
                 if all(k in _TORCH_KEYS[other] for k in saved) else "not a torch.optim.AdamW/SGD state")
         raise CTFastError(f"load_state_dict: the saved state of parameter {pid} (shape {_shape(p)}) holds "
                           f"{sorted(saved)}, {hint}; this is a {type(optimizer).__name__}")
-    unread = [k for k in _TORCH_KEYS[kind] if k != "step" and saved.get(k) is not None and k not in optimizer._moments]
+    own = optimizer._moments_of(group)  # the saved group's hyper-parameters, restored by the load (as torch)
+    unread = [k for k in _TORCH_KEYS[kind] if k != "step" and saved.get(k) is not None and k not in own]
     if unread:
-        fix = "amsgrad=True" if kind == "AdamW" else "momentum != 0 (the saved group's value is restored)"
+        flag = f"amsgrad={group.get('amsgrad')}" if kind == "AdamW" else f"momentum={group.get('momentum')}"
         raise CTFastError(f"load_state_dict: the saved state of parameter {pid} (shape {_shape(p)}) holds {unread}, "
-                          f"which this {type(optimizer).__name__} has no buffer for; build it with {fix} to load "
-                          "this state")
-    moments = {k: saved.get(k) for k in optimizer._moments}
+                          f"but its saved param group has {flag}, which keeps none: the state_dict is inconsistent "
+                          "(edited, or saved by another optimizer)")
+    moments = {k: saved.get(k) for k in own}
     if adamw:
-        missing = [k for k in ("step",) + optimizer._moments if saved.get(k) is None]
+        missing = [k for k in ("step",) + own if saved.get(k) is None]
         if missing:
             raise CTFastError(f"load_state_dict: the saved AdamW state of parameter {pid} (shape {_shape(p)}) lacks "
                               f"{missing} (it holds {sorted(saved)}); it is not a complete torch.optim.AdamW state")
         step = float(saved["step"])
     else:
         buf = saved.get("momentum_buffer")
-        if buf is None or "momentum_buffer" not in optimizer._moments:
+        if buf is None or "momentum_buffer" not in own:
             return None  # no buffer: the next step starts it (torch: buffer = gradient), as a fresh pool does
         step = 1.0  # > 0: the next step updates the buffer instead of starting it
     for k, v in moments.items():
@@ -167,8 +156,8 @@ def convert_torch_state(optimizer, state_dict: dict) -> dict:
     saved step count; SGD: step 1 where a momentum buffer exists, and no state where none does), on the
     parameter's device, fp32. Saved param groups without ``state_capacity`` (torch's) take the optimizer's
     current group's. Raises ``CTFastError`` (nothing loaded) for an AdamW state into a CircuitSGD or the
-    reverse, an amsgrad (or SGD momentum) mismatch with the optimizer's moment buffers, shapes that do not
-    match the parameters, or a pool (``state_capacity``) smaller than the dense state.
+    reverse, moments its saved group's amsgrad (or SGD momentum) keeps none of, shapes that do not match the
+    parameters, or a pool (``state_capacity``) smaller than the dense state.
     """
     saved_groups = state_dict.get("param_groups")
     if saved_groups is None or "state" not in state_dict:

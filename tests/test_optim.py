@@ -45,6 +45,42 @@ def test_dense_matches_torch(ours, theirs, kw):
         assert_close(p, q, name="param")
 
 
+@pytest.mark.parametrize("ours,theirs,default,group", [
+    (CircuitAdamW, torch.optim.AdamW, dict(lr=1e-2), dict(amsgrad=True)),
+    (CircuitAdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True), dict(amsgrad=False)),
+    (CircuitSGD, torch.optim.SGD, dict(lr=0.05), dict(momentum=0.9, nesterov=True)),
+    (CircuitSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9), dict(momentum=0.0)),
+    (CircuitSGD, torch.optim.SGD, dict(lr=0.05), "OneCycleLR")], ids=lambda x: getattr(x, "__name__", str(x)))
+def test_param_groups_own_amsgrad_and_momentum(ours, theirs, default, group):
+    """A param group's own amsgrad / momentum (also one a scheduler sets before the first step: OneCycleLR
+    cycles SGD's momentum in) is honoured as torch does; switched on after the group's first step, where its
+    rows were given no state for it, the step is refused before anything is written."""
+    a, b = _params(), _params()
+    cycle = group == "OneCycleLR"
+    split = lambda ps: [dict(params=ps[:2]), dict(params=ps[2:], **({} if cycle else group))]  # noqa: E731
+    opt_a, opt_b = ours(split(a), **default), theirs(split(b), foreach=False, **default)
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10) for o in (opt_a, opt_b)] if cycle \
+        else []
+    for step in range(5):
+        for p, q, g in zip(a, b, _grads(a, step)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+        for s in scheds:
+            s.step()
+    for p, q in zip(a, b):
+        assert_close(p, q, name="param")
+    key, on = ("amsgrad", True) if ours is CircuitAdamW else ("momentum", 0.9)
+    off = next((g for g in opt_a.param_groups if not g[key]), None)
+    if off is None:
+        return
+    off[key] = on
+    before = [p.detach().clone() for p in a]
+    with pytest.raises(CTFastError, match=f"param group .* now needs optimizer state.*before the first step"):
+        opt_a.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, before))
+
+
 def _circuit(params, step):
     """Alternating row/column selections, some params frozen, one full."""
     if step % 2 == 0:

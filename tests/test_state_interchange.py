@@ -72,6 +72,13 @@ def _transport(sd, how):
     return torch.load(buf, weights_only=True)
 
 
+def _opposite(ours, kw):
+    """The constructor's amsgrad / momentum opposite to ``kw``'s."""
+    if ours is CircuitAdamW:
+        return dict(amsgrad=not kw.get("amsgrad", False))
+    return dict(momentum=0.0 if kw.get("momentum") else 0.9)
+
+
 def _structural(ours, kw):
     """Only the constructor arguments that fix a circuit optimizer's moment buffers: every other
     hyper-parameter comes from the loaded state_dict (as in torch)."""
@@ -91,7 +98,9 @@ def _take(t, dim, idx):
 def test_torch_state_continues_its_trajectory(ours, theirs, kw, how):
     ref, ref_opt = _torch_run(theirs, kw)
     params = _clone(ref)
-    opt = ours(params, lr=0.5, **_structural(ours, kw))  # lr (like all hyper-parameters) comes from the state
+    # lr, like every hyper-parameter, comes from the state — amsgrad and momentum too (the moments follow them,
+    # as torch's do): built with the opposite ones, the run still continues torch's
+    opt = ours(params, lr=0.5, **_opposite(ours, kw))
     opt.load_state_dict(_transport(ref_opt.state_dict(), how))
     assert opt.param_groups[0]["lr"] == kw["lr"] and opt.param_groups[0]["state_capacity"] is None
     for p, q in zip(params, ref):  # the loaded state: every row along axis 0 holds a slot, fp32, on the device
@@ -311,13 +320,10 @@ def test_mismatch_errors():
     p = _clone(ref)
     _load_fails(CircuitSGD(p, momentum=0.9), adamw.state_dict(), r"torch\.optim\.Adam/AdamW.*CircuitAdamW")
     _load_fails(CircuitAdamW(p), sgd.state_dict(), r"torch\.optim\.SGD.*ct_fast\.CircuitSGD")
-    _load_fails(CircuitAdamW(p), ams.state_dict(), r"amsgrad=True.*build it with amsgrad=True")
-    _load_fails(CircuitAdamW(p, amsgrad=True), adamw.state_dict(), r"amsgrad=False.*build it with amsgrad=False")
-    _load_fails(CircuitSGD(p), sgd.state_dict(), r"momentum=0\.9.*built with momentum=0")
     _load_fails(CircuitAdamW(p), adam_l2.state_dict(), r"torch\.optim\.Adam with weight_decay=0\.1")
     inconsistent = copy.deepcopy(ams.state_dict())
     inconsistent["param_groups"][0]["amsgrad"] = False
-    _load_fails(CircuitAdamW(p), inconsistent, r"max_exp_avg_sq.*amsgrad=True")
+    _load_fails(CircuitAdamW(p), inconsistent, r"max_exp_avg_sq.*saved param group has amsgrad=False.*inconsistent")
     # a bounded pool cannot hold a dense state (the 2-D parameters): raise state_capacity or start fresh
     _load_fails(CircuitAdamW(p, state_capacity=0.5), adamw.state_dict(),
                 r"shape \(7, 5\).*state_capacity=0\.5.*pool of 4 rows.*state_capacity=None.*fresh run")
@@ -342,4 +348,14 @@ def test_circuit_state_of_the_other_kind_raises():
     _set_grads(0, params)
     opt.step()
     _load_fails(CircuitAdamW(_clone(params)), opt.state_dict(), r"CircuitSGD")
-    _load_fails(CircuitSGD(_clone(params)), opt.state_dict(), r"momentum=0\.9")
+    # built without momentum, it takes the saved group's (and its buffers), as torch.optim.SGD does
+    other = _clone(params)
+    same = CircuitSGD(other, lr=0.5)
+    same.load_state_dict(opt.state_dict())
+    assert same.param_groups[0]["momentum"] == 0.9
+    for step in (1, 2):
+        _set_grads(step, params, other)
+        opt.step()
+        same.step()
+    for p, q in zip(params, other):
+        assert torch.equal(p, q)
