@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -246,6 +247,11 @@ def select_circuit(edge_scores, n: int, method: str = "edges", threshold: float 
                    graph)
 
 
+def _whole(value) -> bool:
+    """An int (numpy's too), not a bool, a float or a string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclass
 class TopNSchedule:
     """Circuit size over steps: ``constant`` (``start``), or ``linear``/``cosine`` from ``start`` at step 0 to
@@ -257,6 +263,14 @@ class TopNSchedule:
     kind: str = "constant"
 
     def __post_init__(self):
+        for name in ("start", "end", "steps"):
+            value = getattr(self, name)
+            if not (value is None and name == "end" or _whole(value)):
+                what = "top_n" if name == "start" and self.kind == "constant" else f"TopNSchedule {name}"
+                hint = " (a share of the edges? top_n=round(share * graph.n_edges))" if isinstance(value, float) else ""
+                raise CTFastError(f"{what}={value!r}: expected a whole number of edges{hint}" if name != "steps" else
+                                  f"TopNSchedule steps={value!r}: expected a whole number of steps")
+            setattr(self, name, None if value is None else int(value))
         if self.kind not in ("constant", "linear", "cosine"):
             raise CTFastError(f"TopNSchedule kind {self.kind!r} is not 'constant', 'linear' or 'cosine'")
         if self.kind != "constant" and self.end is None:

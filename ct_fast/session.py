@@ -153,7 +153,7 @@ class TuningSession:
         else:
             graph.check_model(model)
         self.graph = graph
-        self.schedule = schedule or (top_n if isinstance(top_n, TopNSchedule) else TopNSchedule(int(top_n)))
+        self.schedule = schedule or (top_n if isinstance(top_n, TopNSchedule) else TopNSchedule(top_n))
         for probe in (0, self.schedule.steps):
             n = self.schedule(probe)
             if n < 0 or n > self.graph.n_edges:

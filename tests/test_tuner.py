@@ -181,6 +181,13 @@ def test_bad_input_leaves_model_untouched(model, batch):
         CircuitTuner(model, opt, top_n=10, positions=torch.ones(2, 2, dtype=torch.bool)).step(batch)
     with pytest.raises(CTFastError, match="out of range"):
         CircuitTuner(model, opt, top_n=10 ** 9)
+    for bad in (0.05, 2.7, True, "10"):  # not silently 0, 2, 1 or 10 edges
+        with pytest.raises(CTFastError, match=f"top_n={bad!r}: expected a whole number of edges"):
+            CircuitTuner(model, opt, top_n=bad)
+    with pytest.raises(CTFastError, match=r"top_n=0.05: .*a share of the edges\? top_n=round"):
+        CircuitAdamW(model.parameters(), model=model, top_n=0.05)
+    with pytest.raises(CTFastError, match="TopNSchedule end=7.5"):
+        TopNSchedule(10, 7.5, 3, "linear")
     with pytest.raises(CTFastError, match="CircuitAdamW or CircuitSGD"):
         CircuitTuner(model, torch.optim.AdamW(model.parameters()), top_n=10)
     nan_metric = CircuitTuner(model, opt, top_n=10, metric=lambda logits, b: logits.mean() * float("nan"))
