@@ -359,6 +359,7 @@ class EdgeScorer:
                 self.readers_left[k] += 1
         self.pending: dict[int, dict] = {}
         self.layers_left = len(self.plans)
+        self.scored: set[int] = set()  # layers whose gradients have been scored (each forward's backward once)
         self._buffers: dict = {}
         self.budget = chunk_elements(raw.device)
         # the kernels of this backward, chosen once: fused scoring (contributions made on chip), and the fused
@@ -379,6 +380,12 @@ class EdgeScorer:
     def on_grad(self, key, grad: torch.Tensor):
         """Tap callback: keep the scored rows of this gradient; score the layer once it is complete."""
         layer = self.layer_of_tap[key]
+        if layer in self.scored:
+            raise CTFastError(
+                "a second backward through one recorded forward (retain_graph=True, or two losses of one forward "
+                "backwarded one by one): attribution scores each forward's backward once, and this forward's "
+                "activations are gone — backward the sum of the losses instead ((loss_a + loss_b).backward()), "
+                "or run a forward per backward")
         with self._span():
             self.pending.setdefault(layer, {})[key] = self.rows.select(grad.detach())
             complete = len(self.pending[layer]) == self.plans[layer].taps
@@ -459,6 +466,7 @@ class EdgeScorer:
             if self.readers_left[k] == 0:  # no later layer reads this writer: drop its rows and weight
                 self.sources[k] = self.up_weight[k] = None
         self.layers_left -= 1
+        self.scored.add(plan.layer)
         if self.layers_left == 0:  # the backward has scored every layer: free the scratch buffers now
             self._buffers.clear()
             # the stacked sources are freed together, with the last span (not source by source)

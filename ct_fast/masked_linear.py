@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .errors import CTFastError
 from .graph import ComputationGraph
 
 
@@ -100,6 +101,7 @@ class MaskedLinears:
         self.touched = False  # a backward reached a masked linear since the last clear()
         self.calls: dict[str, int] = {}  # grad-enabled calls per module since the model's last forward began
         self.stream = None
+        self.refuse: str | None = None  # set: a backward reaching a masked linear raises this (a step concluded)
         self._indexed: dict[tuple, torch.Tensor] = {}  # (ParamSelection, device) -> its row index (_index)
 
     def plain_outside(self, selection: dict | None):
@@ -139,6 +141,7 @@ class MaskedLinears:
         self.touched = False
         self.calls.clear()
         self.stream = None
+        self.refuse = None
 
     def new_forward(self):
         """The model's forward begins: count this forward's module calls afresh."""
@@ -169,6 +172,8 @@ class MaskedLinears:
 
     # ---- backward side ----
     def _on_backward(self, name: str, x: torch.Tensor, grad_out: torch.Tensor):
+        if self.refuse is not None:
+            raise CTFastError(self.refuse)
         self.touched = True
         if not self.active:
             return

@@ -27,6 +27,7 @@ free device memory). Between refreshes (``reused``) the known circuit's dW is co
 from __future__ import annotations
 
 import math
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -98,15 +99,28 @@ class ForwardRng:
                 torch.cuda.set_rng_state(cuda, self.device)
 
 
-def _detach(masked: MaskedLinears, frozen: list, handles: list, ddp, ddp_sync):
+def _detach(masked: MaskedLinears, frozen: list, handles: list, ddp, ddp_sync, zeroed: list):
     """Undo ``TuningSession``'s changes to the model (also run when the session is garbage-collected)."""
     for h in handles:
         h.remove()
+    for module in zeroed:
+        module.__dict__.pop("zero_grad", None)  # the class's zero_grad again
     masked.__exit__(None, None, None)
     for p in frozen:
         p.requires_grad_(True)
     if ddp is not None:
         ddp.require_backward_grad_sync = ddp_sync
+
+
+def _discarding_zero_grad(session_ref):
+    """A module's ``zero_grad`` that also forgets the attached session's step so far (``TuningSession.zero_grad``)."""
+    def zero_grad(module, set_to_none: bool = True):
+        session = session_ref()
+        if session is not None:
+            session.zero_grad()
+        return type(module).zero_grad(module, set_to_none)
+
+    return zero_grad
 
 
 class TuningSession:
@@ -257,7 +271,12 @@ class TuningSession:
             model.register_forward_pre_hook(lambda m, a, kw: me() and me()._before_forward(m, a, kw), with_kwargs=True),
             model.register_forward_hook(lambda m, a, kw, out: me() and me()._after_forward(m, out), with_kwargs=True,
                                         always_call=True)]
-        self._detach = weakref.finalize(self, _detach, self.masked, frozen, handles, self.ddp, ddp_sync)
+        # model.zero_grad() discards the step's backwards as the optimizer's zero_grad() does (what they accumulate
+        # lives here, not in .grad; the HF Trainer calls only the model's), on a DDP wrapper too
+        zeroed = [model] + ([self.ddp] if self.ddp is not None else [])
+        for module in zeroed:
+            module.zero_grad = types.MethodType(_discarding_zero_grad(me), module)
+        self._detach = weakref.finalize(self, _detach, self.masked, frozen, handles, self.ddp, ddp_sync, zeroed)
 
     def detach(self):
         """Remove the hooks and masked linears and unfreeze what was frozen (idempotent)."""
@@ -510,6 +529,9 @@ class TuningSession:
         self._conclusion = Conclusion(applied, selection, grads, norm, self.refresh, top_n, self.mode,
                                       0 if self.dp is None else self.dp.comm_bytes,
                                       0 if stream is None else stream.early_bytes)
+        self.masked.refuse = ("a backward after this step was concluded (by clip_grad_norm_, or another call that "
+                              "reads the step's gradients) and before step(): its gradients would not count — run "
+                              "every backward of the step first, or zero_grad() to start the step over")
         return self._conclusion
 
     def finish_step(self):

@@ -225,6 +225,51 @@ def test_nan_loss_is_refused_and_the_model_untouched():
     list(_loop(model, opt, [b]))  # usable afterwards
 
 
+@pytest.mark.parametrize("mode", ["deferred", "lagged"])
+def test_backwards_attribution_cannot_serve_are_refused(mode):
+    """Two backwards through one recorded forward (retain_graph=True), and a backward after clip_grad_norm_ concluded
+    the step, raise a clear error instead of an internal KeyError / silently dropping that backward's gradients;
+    after zero_grad() the loop goes on."""
+    model = tiny_model("llama")
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=20, memory_mode=mode)
+    b, c = _batches(2)
+    if mode == "lagged":
+        list(_loop(model, opt, [b]))
+    out = model(**_inputs(b))
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(CTFastError, match="a second backward through one recorded forward.*loss_a \\+ loss_b"):
+        out.logits.float().pow(2).mean().backward()
+    opt.zero_grad()
+    model(**_inputs(b)).loss.backward()
+    opt.clip_grad_norm_(1e9)
+    with pytest.raises(CTFastError, match="a backward after this step was concluded \\(by clip_grad_norm_"):
+        model(**_inputs(c)).loss.backward()
+    opt.zero_grad()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    list(_loop(model, opt, [[b, c]]))
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def test_model_zero_grad_discards_like_the_optimizers():
+    """model.zero_grad() (all the HF Trainer calls) forgets the backwards so far as opt.zero_grad() does: a batch
+    backwarded and thrown away leaves no trace in the next step; detached, the model's own zero_grad is back."""
+    b, c = _batches(2)
+    runs = []
+    for discard in (None, "model", "optimizer"):
+        model = tiny_model("llama")
+        opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=20)
+        if discard is not None:
+            model(**_inputs(c)).loss.backward()
+            (model if discard == "model" else opt).zero_grad()
+        list(_loop(model, opt, [b]))
+        runs.append((_edges(opt.last_step.circuit), {n: p.detach().clone() for n, p in model.named_parameters()}))
+        opt.detach()
+        assert "zero_grad" not in model.__dict__
+    for edges, params in runs[1:]:
+        assert edges == runs[0][0]
+        assert all(torch.equal(params[n], runs[0][1][n]) for n in params)
+
+
 def test_options_and_errors():
     model = tiny_model("llama")
     with pytest.raises(CTFastError, match="need the model"):
