@@ -160,6 +160,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         where = self.__dict__.setdefault("_where", {})  # param -> (group index, position): called from __init__ too
         where.update((p, (len(self.param_groups) - 1, j)) for j, p in enumerate(group["params"]))
         self._layouts = None
+        if getattr(self, "tuning", None) is not None:  # circuit-tuning (model=): the new parameters are trained
+            self.tuning.sync_trained()
 
     # ---- circuit ----
     def set_circuit(self, circuit=None, model: nn.Module | None = None):

@@ -211,6 +211,22 @@ class TuningSession:
         if group is not None:
             self._join(group)
 
+    def sync_trained(self):
+        """The trained parameters again — what some node owns, the optimizer holds and requires grad now — at each
+        refresh step and when the optimizer gains a param group: a parameter unfrozen or added after attaching is
+        trained from the next circuit on, one frozen leaves it (a walk of the model's parameters: not per step)."""
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        params = [p for n, p in self.model.named_parameters()
+                  if n in self._owned and id(p) in held and p.requires_grad]
+        trained = {id(p) for p in params}
+        if trained == self._trained:
+            return
+        if not params:
+            raise CTFastError("no circuit parameter is left to train: the optimizer holds none of the model's "
+                              "attention and MLP projections that require grad")
+        self.params, self._trained, self._param_selection = params, trained, (None, None)
+        self._reserve_state_pools(self.model)
+
     def _reserve_state_pools(self, model: nn.Module):
         """Register every trained parameter in its optimizer-state pool now (so each pool is allocated once, at
         its final size), and refuse a node whose rows alone overflow a pool, so that no circuit containing it
@@ -317,6 +333,8 @@ class TuningSession:
                 self._join(group)
         self.timer = timer or PhaseTimer(self.device, self.profile)
         self.refresh = self.circuit is None or self.step_count % self.refresh_every == 0
+        if self.refresh:
+            self.sync_trained()
         self.top_n = self.schedule(self.step_count)
         if not self.refresh:
             mode = "reused"

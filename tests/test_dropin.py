@@ -270,6 +270,41 @@ def test_model_zero_grad_discards_like_the_optimizers():
         assert all(torch.equal(params[n], runs[0][1][n]) for n in params)
 
 
+def test_parameters_added_or_unfrozen_after_attaching_are_trained():
+    """Progressive unfreezing with model=: a param group added mid-run, or a weight unfrozen mid-run, is trained
+    from the next circuit on where the circuit selects it (it was silently never updated); one frozen mid-run
+    stays as it is."""
+    batches = _batches(4)
+    for how in ("add_param_group", "unfreeze"):
+        model = tiny_model("llama")
+        init = {n: p.detach().clone() for n, p in model.named_parameters()}
+        mlp = [p for n, p in model.named_parameters() if ".mlp." in n]
+        if how == "add_param_group":
+            opt = CircuitSGD([p for n, p in model.named_parameters() if ".mlp." not in n], lr=0.1, model=model,
+                             top_n=40)
+        else:
+            for p in mlp:
+                p.requires_grad_(False)
+            opt = CircuitSGD(model.parameters(), lr=0.1, model=model, top_n=40)
+        frozen_later = model.model.layers[0].self_attn.o_proj.weight
+        list(_loop(model, opt, batches[:1]))
+        assert all(torch.equal(p.detach(), init[n]) for n, p in model.named_parameters() if ".mlp." in n)
+        if how == "add_param_group":
+            opt.add_param_group({"params": mlp})
+        else:
+            for p in mlp:
+                p.requires_grad_(True)
+        frozen_later.requires_grad_(False)
+        kept = frozen_later.detach().clone()
+        selected = set()
+        for result in _loop(model, opt, batches[1:]):
+            selected |= {n for n in result.circuit.nodes if n.startswith("mlp")}
+        assert selected
+        changed = {n for n, p in model.named_parameters() if ".mlp." in n and not torch.equal(p.detach(), init[n])}
+        assert {f"model.layers.{node.split('.')[1]}.mlp.down_proj.weight" for node in selected} <= changed
+        assert torch.equal(frozen_later.detach(), kept)
+
+
 def test_options_and_errors():
     model = tiny_model("llama")
     with pytest.raises(CTFastError, match="need the model"):
