@@ -730,6 +730,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         pools = state_dict.pop("pools", [])
         if tuning is not None and self.tuning is not None:
             self.tuning.load_state_dict(tuning)
+        if tuning is not None and self.tuning is None:  # the tuning session's last circuit, not one set_circuit fixed:
+            circuit = None  # without model= the optimizer is dense, as the saving one is once detached
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         # members of pools pass as their axis only: torch would cast the shared tensors once per parameter
         super().load_state_dict({**state_dict, "state": {pid: {"dim": s["dim"]} if "pool" in s else s

@@ -344,6 +344,16 @@ def test_checkpoint_resume_is_bit_exact():
     assert got[0].refreshed is False and oc.tuning.step_count == 4
     for p, q in zip(a.parameters(), c.parameters()):
         assert torch.equal(p, q)
+    # the same state in an optimizer without model=: dense (the session's last circuit is not a fixed one), as the
+    # saving optimizer is once detached — every parameter with a gradient moves
+    d = tiny_model("qwen2", seed=7)
+    d.load_state_dict(saved["model"])
+    od = CircuitAdamW(d.parameters(), lr=1e-2)
+    od.load_state_dict(saved["opt"])
+    before = {n: p.detach().clone() for n, p in d.named_parameters()}
+    d(**_inputs(batches[1])).loss.backward()
+    od.step()
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in d.named_parameters() if p.grad is not None)
 
 
 def test_activation_checkpointing():
