@@ -104,20 +104,32 @@ def scoring_chunks(nodes: int, seen: int, d: int, budget: int, fused: bool, spli
     return max(sub, scoring_chunk(nodes, seen, d, budget, True) // sub * sub), sub
 
 
+def _input_ids(batch: dict) -> torch.Tensor:
+    if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise CTFastError(f"the batch has no 'input_ids' tensor (keys: {keys}); pass a tokenized HF batch")
+    return batch["input_ids"]
+
+
 def model_inputs(batch: dict) -> dict:
     """The keys of ``batch`` that go to the model (task fields such as answer ids stay out), and
     ``use_cache=False``: a training forward needs no KV cache (HF builds one by default: a copy of every layer's
     keys and values, two launches per layer, held as long as the output)."""
-    if "input_ids" not in batch:
-        raise CTFastError(f"the batch has no 'input_ids' (keys: {sorted(batch)}); pass a tokenized HF batch")
+    _input_ids(batch)
     return {**{k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS and v is not None}, "use_cache": False}
 
 
 def valid_tokens(batch: dict) -> torch.Tensor:
     """Bool ``[B, T]``: the non-padding tokens (``attention_mask``, or all)."""
-    ids = batch["input_ids"]
+    ids = _input_ids(batch)
     mask = batch.get("attention_mask")
-    return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    if mask is None:
+        return torch.ones_like(ids, dtype=torch.bool)
+    if mask.shape != ids.shape:
+        raise CTFastError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}: ct_fast takes "
+                          "the 2-D [B, T] padding mask tokenizers give (1: token, 0: padding); 4-D masks (custom "
+                          "attention patterns) are not supported")
+    return mask.bool()
 
 
 # ---- metrics ------------------------------------------------------------------------------------
@@ -129,9 +141,29 @@ def _answer_logits(logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, tor
                 f"this metric needs batch[{key!r}] ([B] long): 'target_pos' is the position whose logits "
                 "predict the answer, 'answer'/'wrong_answer' the correct and incorrect token ids"
             )
+    target = check_target_pos(batch)
     rows = torch.arange(logits.shape[0], device=logits.device)
-    at = logits[rows, batch["target_pos"].to(logits.device)].float()
+    at = logits[rows, target.to(logits.device)].float()
     return at, rows
+
+
+def check_target_pos(batch: dict) -> torch.Tensor:
+    """``batch["target_pos"]`` as a ``[B]`` long tensor; on the host (no device read) also checked to point at a
+    non-padding token of each example — a negative or padded position would silently read another logit."""
+    ids = _input_ids(batch)
+    target = torch.as_tensor(batch["target_pos"])
+    if target.shape != ids.shape[:1] or target.is_floating_point() or target.dtype == torch.bool:
+        raise CTFastError(f"target_pos has shape {tuple(target.shape)} and dtype {target.dtype}: expected one "
+                          f"integer position per example ([{ids.shape[0]}] long)")
+    if target.device.type == "cpu":
+        bad = ((target < 0) | (target >= ids.shape[1])).nonzero().flatten().tolist()
+        mask = batch.get("attention_mask")
+        if not bad and mask is not None and mask.device.type == "cpu":
+            bad = (mask[torch.arange(ids.shape[0]), target] == 0).nonzero().flatten().tolist()
+        if bad:
+            raise CTFastError(f"target_pos of examples {bad[:8]} ({target[bad[:8]].tolist()}) is not a token of "
+                              f"its example (positions 0..{ids.shape[1] - 1}, not padding)")
+    return target.long()
 
 
 def logit_diff(logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -885,9 +917,13 @@ class AttributionRun:
         recording, self._recording = self._recording, None
         if recording is None:
             raise CTFastError("AttributionRun.backward() needs a forward() first (one backward per forward)")
+        if not metric.requires_grad:
+            raise CTFastError("the metric does not depend on the model's output (no gradient reaches it): a metric "
+                              "callable must compute its value from the logits it is given")
         if not torch.isfinite(metric.detach()).all():
             raise NonFiniteError(f"the metric is {metric.item()} (non-finite): the step is refused, "
-                                 "the model is untouched — check the inputs, labels and learning rate")
+                                 "the model is untouched — check the inputs, labels (all -100: no loss to score) and "
+                                 "learning rate")
         params = list(params)
         try:
             grads = torch.autograd.grad(scale * metric, [recording.capture.anchor] + params, allow_unused=True,
@@ -1155,6 +1191,9 @@ def attribute(model: nn.Module, batch: dict, metric="loss", ablation: str = "mea
         scores = attribute(model, {"input_ids": ids, "labels": ids})
         scores.scores.shape   # [n_upstream, n_downstream]
     """
+    if not torch.is_grad_enabled():
+        raise CTFastError("attribute() runs a backward: it was called under torch.no_grad() / inference_mode(); "
+                          "call it outside (it computes no weight gradient and leaves the model untouched)")
     if graph is None:
         graph = ComputationGraph.from_model(model)
     else:

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections import defaultdict
@@ -42,6 +43,32 @@ from .circuit import Circuit, ParamSelection
 from .distributed import is_dtensor, local, shard_rows
 from .errors import CTFastError
 from .state_pool import RowPool, pool_size
+
+
+_TORCH_SWITCHES = ("foreach", "fused", "capturable")  # torch.optim implementation choices, same arithmetic
+
+
+def _without_torch_switches(options: dict | None) -> dict:
+    """``options`` without torch.optim's implementation switches (``foreach``/``fused``/``capturable``: ct_fast picks
+    its kernels itself — ``CT_FAST_BACKEND`` — and its steps are capturable), so code written for torch's AdamW/SGD
+    runs as it is; ``differentiable=True`` (a step autograd can see through) is refused."""
+    options = dict(options or {})
+    for name in _TORCH_SWITCHES:
+        options.pop(name, None)
+    if options.pop("differentiable", False):
+        raise CTFastError("differentiable=True (backpropagating through the optimizer step) is not supported by the "
+                          "circuit optimizers; use torch.optim for that")
+    return options
+
+
+def _check_tuning_options(options: dict):
+    """Refuse option names ``TuningSession`` does not take (a misspelling), listing the ones it does."""
+    from .session import TuningSession
+
+    known = set(inspect.signature(TuningSession).parameters) - {"model", "optimizer", "top_n", "rerun"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise CTFastError(f"unknown circuit-tuning option(s) {unknown}; the options are {sorted(known)}")
 
 
 def _n_rows(p: torch.Tensor, dim: int) -> int:
@@ -89,6 +116,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
     skip_nonfinite = False
 
     def __init__(self, params, defaults, model: nn.Module | None = None, top_n=None, tuning: dict | None = None):
+        tuning = _without_torch_switches(tuning)
+        _check_tuning_options(tuning)
         super().__init__(params, defaults)
         self._selection: dict[torch.Tensor, ParamSelection] | None = None  # None: dense
         self._grad_rows: dict[torch.Tensor, torch.Tensor] = {}
@@ -113,6 +142,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         """Circuit-tune ``model`` from now on (what ``model=`` does): see ``ct_fast.session.TuningSession``
         for ``options``. Returns the session."""
         from .session import TuningSession
+        _check_tuning_options(options)
         if self.tuning is not None and self.tuning.attached:
             raise CTFastError("this optimizer already circuit-tunes a model (built with model=): call its step() in "
                               "your loop, or build one without model= for CircuitTuner")

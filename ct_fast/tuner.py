@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attribution import evaluate_metric, model_inputs
+from .attribution import check_target_pos, evaluate_metric, model_inputs
 from .circuit import Circuit, TopNSchedule
 from .errors import CTFastError, NonFiniteError
 from .fused_loss import causal_lm_loss
@@ -150,6 +150,9 @@ class CircuitTuner:
         scores are accumulated). Refuses (raises, model untouched) on NaN/inf loss, metric or scores."""
         given = batch if isinstance(batch, (list, tuple)) else [batch]
         tokens = [_label_tokens(b) for b in given]  # (before the move: labels given on the host cost no sync)
+        for b in given:  # (on the host, as given: the check reads no device)
+            if "target_pos" in b and self.metric in ("logit_diff", "logprob_diff"):
+                check_target_pos(b)
         batches = [_to(b, self.device) for b in given]
         corrupted = corrupted_batch if isinstance(corrupted_batch, (list, tuple)) else [corrupted_batch] * len(batches)
         corrupted = [None if c is None else _to(c, self.device) for c in corrupted]

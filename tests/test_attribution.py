@@ -452,6 +452,32 @@ def test_nan_metric_and_scores_are_refused(model, batch):
         attribute(model, batch)
 
 
+def test_bad_inputs_get_clear_errors():
+    """Inputs attribution cannot use are named with their fix, instead of a raw KeyError / autograd error or a
+    silently wrong score (a negative or padded target position reading another logit)."""
+    model = tiny_model("llama")
+    batch = random_batch(37)  # right padding on some rows
+    task = dict(batch, target_pos=torch.tensor([2, 1, 3]), answer=torch.tensor([1, 2, 3]),
+                wrong_answer=torch.tensor([4, 5, 6]))
+    B, T = batch["input_ids"].shape
+    padded = int((batch["attention_mask"] == 0).nonzero()[0, 0])  # an example with padding, at its last position
+    cases = [
+        (dict(batch, attention_mask=torch.ones(B, 1, T, T, dtype=torch.bool)), "loss", "4-D masks"),
+        ({"labels": batch["labels"]}, "loss", "no 'input_ids' tensor"),
+        (dict(task, target_pos=torch.tensor([[2], [1], [3]])), "logit_diff", r"expected one integer position"),
+        (dict(task, target_pos=torch.tensor([-1, 1, 3])), "logit_diff", r"target_pos of examples \[0\] \(\[-1\]\)"),
+        (dict(task, target_pos=torch.tensor([T - 1] * B)), "logit_diff", rf"examples \[{padded}"),
+        (dict(batch, labels=torch.full_like(batch["labels"], -100)), "loss", "all -100"),
+        (batch, lambda logits, b: torch.tensor(1.0), "does not depend on the model's output"),
+    ]
+    for b, metric, match in cases:
+        with pytest.raises(CTFastError, match=match):
+            attribute(model, b, metric=metric)
+    with torch.no_grad(), pytest.raises(CTFastError, match=r"under torch.no_grad\(\)"):
+        attribute(model, batch)
+    attribute(model, dict(task, target_pos=[2, 1, 3]), metric="logit_diff")  # a list is a position per example
+
+
 def test_token_budget_is_a_rescaled_subset(model, batch):
     """With a budget, scores equal the exact scores of the chosen positions times n_positions / budget."""
     g = ComputationGraph.from_model(model)

@@ -320,6 +320,14 @@ def test_options_and_errors():
         CircuitTuner(model, opt, top_n=10)
     with pytest.raises(CTFastError, match="set_circuit"):
         opt.set_circuit({})
+    # torch.optim's implementation switches are accepted as they are (ct_fast picks its kernels); a misspelled
+    # circuit-tuning option is named, with the list of options, with or without model=
+    CircuitSGD(model.parameters(), lr=0.1, foreach=False, fused=True, capturable=True).step()
+    with pytest.raises(CTFastError, match="differentiable=True"):
+        CircuitAdamW(model.parameters(), differentiable=True)
+    for kw in ({}, dict(model=tiny_model("llama"), top_n=10)):
+        with pytest.raises(CTFastError, match=r"unknown circuit-tuning option\(s\) \['refresh_evry'\].*refresh_every"):
+            CircuitAdamW(model.parameters(), refresh_evry=2, **kw)
 
 
 def test_checkpoint_resume_is_bit_exact():
