@@ -123,6 +123,9 @@ def _discarding_zero_grad(session_ref):
     return zero_grad
 
 
+_ATTACHED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> the session attached to it
+
+
 class TuningSession:
     """Per-model circuit-tuning state shared by the drop-in optimizers and ``CircuitTuner``.
 
@@ -271,9 +274,17 @@ class TuningSession:
     # ---- attachment ----
     def attach(self):
         """Hook the model: freeze what no circuit contains, swap the linears' forward, record forwards. Undone by
-        ``detach()`` or when the session is garbage-collected (the hooks hold no reference to it)."""
+        ``detach()`` or when the session is garbage-collected (the hooks hold no reference to it). A model is
+        circuit-tuned by one session at a time."""
         if self.attached:
             return
+        other = _ATTACHED.get(self.model)
+        other = other() if other is not None else None
+        if other is not None and other is not self and other.attached:
+            raise CTFastError("this model is already circuit-tuned by another optimizer (built with model=, or "
+                              "attached): call that optimizer's detach() first — two sessions would both record "
+                              "and freeze the same model")
+        _ATTACHED[self.model] = weakref.ref(self)
         frozen = [p for p in self._unowned if p.requires_grad]  # (listed once: a model walk per step costs ~1 ms)
         for p in frozen:
             p.requires_grad_(False)

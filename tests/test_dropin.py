@@ -325,6 +325,10 @@ def test_options_and_errors():
     CircuitSGD(model.parameters(), lr=0.1, foreach=False, fused=True, capturable=True).step()
     with pytest.raises(CTFastError, match="differentiable=True"):
         CircuitAdamW(model.parameters(), differentiable=True)
+    with pytest.raises(CTFastError, match="already circuit-tuned by another optimizer"):
+        CircuitSGD(model.parameters(), lr=0.1, model=model, top_n=10)  # one session per model at a time
+    opt.detach()
+    CircuitSGD(model.parameters(), lr=0.1, model=model, top_n=10).detach()
     for kw in ({}, dict(model=tiny_model("llama"), top_n=10)):
         with pytest.raises(CTFastError, match=r"unknown circuit-tuning option\(s\) \['refresh_evry'\].*refresh_every"):
             CircuitAdamW(model.parameters(), refresh_evry=2, **kw)
