@@ -329,6 +329,7 @@ class TuningSession:
         self._agreed = False
         self._stream = None  # a GradStream while a backward averages the compact gradients (stream_grads)
         self.nonfinite = False
+        self.no_labels = False  # a driver saw no label token in this rank's batches (the ranks refuse together)
         if self.dp is not None:
             self.dp.comm_bytes = 0
 
@@ -466,7 +467,14 @@ class TuningSession:
         self._agreed = True
         seen = self.dp.agree("circuit-tuning step", {
             "step": self.step_count, "mode": str(self.mode), "top_n": self.top_n, "backward_ran": int(self.pending),
-            "nonfinite": int(self.nonfinite)}, free=("nonfinite", "backward_ran", "mode"))
+            "nonfinite": int(self.nonfinite), "no_labels": int(self.no_labels)},
+            free=("nonfinite", "no_labels", "backward_ran", "mode"))
+        if any(seen["no_labels"]):
+            bad = [r for r, v in enumerate(seen["no_labels"]) if v]
+            self.abort()
+            raise CTFastError(f"no label token in this step's batches on rank(s) {bad} (labels all -100): there is no "
+                              "training loss there, so the step is refused on every rank and the model untouched — "
+                              "check the labels (-100 marks tokens without loss)")
         if any(seen["nonfinite"]):  # (a rank that saw a non-finite loss skipped its backward)
             bad = [r for r, v in enumerate(seen["nonfinite"]) if v]
             self.abort()
@@ -478,11 +486,13 @@ class TuningSession:
                 raise CTFastError(f"circuit-tuning step: the ranks disagree on {key} = {seen[key]} (rank order); "
                                   "every rank must run the same forwards and backwards and step in step")
 
-    def stream_grads(self):
+    def stream_grads(self, one_backward: bool = True):
         """Several ranks with replicated weights (DDP or a bare module): average the circuit's compact gradients
         while the next backward runs, bucket by bucket as layers finish (``distributed.GradStream``). Call it right
-        before the step's only training backward, once the circuit it trains is known (two_pass or outcome after
-        ``select``; lagged; reused). Every rank must call it at the same point: one small collective checks.
+        before the step's first training backward, once the circuit it trains is known (two_pass or outcome after
+        ``select``; lagged; reused), with ``one_backward``: whether it is the step's only one on this rank. Every rank
+        calls it at the same point; one small collective decides: the ranks stream only if it is the only backward
+        on all of them (a rank with several micro-batches averages after its backwards, so all do).
         Off unless ``overlap_comm`` (default: on CUDA devices)."""
         m = self.masked
         if (self.dp is None or self.sharded or not self.overlap_comm or self._stream is not None or m.selection is None
@@ -492,7 +502,10 @@ class TuningSession:
                  for p in reversed(self.params) if p in m.selection}  # the backward finishes the last layers first
         if not sizes:
             return
-        self.dp.agree("gradient streaming", {"step": self.step_count, "mode": str(self.mode), "streaming": 1})
+        seen = self.dp.agree("gradient streaming", {"step": self.step_count, "mode": str(self.mode),
+                                                    "one_backward": int(one_backward)}, free=("one_backward",))
+        if not all(seen["one_backward"]):
+            return
         self._stream = stream = self.dp.stream(sizes)
         m.stream = lambda p: stream.ready(p, m.grad_rows)
 

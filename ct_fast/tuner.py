@@ -158,10 +158,9 @@ class CircuitTuner:
         corrupted = [None if c is None else _to(c, self.device) for c in corrupted]
         if len(corrupted) != len(batches):
             raise CTFastError(f"{len(batches)} micro-batches but {len(corrupted)} corrupted micro-batches")
-        if sum(tokens) == 0:
-            raise CTFastError("no micro-batch has a label token (labels are all -100): there is no training loss "
-                              "to step on — check the labels (-100 marks tokens without loss)")
-        w_loss = [n / sum(tokens) for n in tokens]  # a micro-batch without label tokens weighs 0
+        no_labels = sum(tokens) == 0  # refused (_step): with several ranks on all of them together
+        # a micro-batch without label tokens weighs 0
+        w_loss = [n / sum(tokens) for n in tokens] if not no_labels else [1 / len(tokens)] * len(tokens)
         sizes = [b["input_ids"].shape[0] for b in batches]
         w_metric = w_loss if self.metric == "loss" else [s / sum(sizes) for s in sizes]
         session = self.session
@@ -169,7 +168,7 @@ class CircuitTuner:
         timer = PhaseTimer(self.device, session.profile)
         t_start = time.perf_counter()
         with self._attached():
-            return self._step(batches, corrupted, w_loss, w_metric, timer, t_start)
+            return self._step(batches, corrupted, w_loss, w_metric, timer, t_start, no_labels)
 
     @contextlib.contextmanager
     def _attached(self):
@@ -185,10 +184,16 @@ class CircuitTuner:
             self.optimizer.tuning = None
             self.session.detach()
 
-    def _step(self, batches, corrupted, w_loss, w_metric, timer, t_start) -> StepResult:
+    def _step(self, batches, corrupted, w_loss, w_metric, timer, t_start, no_labels: bool = False) -> StepResult:
         session = self.session
         session.begin_step(batches, timer, backwards=len(batches))
         try:
+            if no_labels:
+                if session.dp is None:
+                    raise CTFastError(_NO_LABEL_TOKENS)
+                # several ranks: this one runs its forwards (NaN loss, no backward) up to the step's first collective,
+                # where every rank refuses the step together (raising here alone would leave the others waiting)
+                session.no_labels = True
             if session.mode in ("two_pass", "outcome"):  # a scoring pass, then a training pass on the circuit
                 session.forward_rng = ForwardRng(self.device)
                 loss, metric, retained = self._passes(batches, corrupted, w_loss, w_metric, timer, score=True)
@@ -229,8 +234,8 @@ class CircuitTuner:
         skips the backward of a non-finite one, and the ranks refuse the step together."""
         session = self.session
         retain = score and session.mode == "two_pass" and len(batches) == 1
-        if not score and len(batches) == 1:  # several ranks: average the gradients while the backward runs
-            session.stream_grads()
+        if not score:  # several ranks: average the gradients while the backward runs (one backward on every rank)
+            session.stream_grads(one_backward=len(batches) == 1)
         loss = metric = 0.0
         retained = None
         unread = []  # (loss, metric, w_loss, w_metric): values still on the device
@@ -300,6 +305,8 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 _NO_LABELS = "the training loss needs 'labels' in every batch (e.g. input_ids with -100 on padding)"
+_NO_LABEL_TOKENS = ("no micro-batch has a label token (labels are all -100): there is no training loss to step on — "
+                    "check the labels (-100 marks tokens without loss)")
 
 
 def _read_losses(unread: list, cause: BaseException | None = None) -> tuple[float, float]:

@@ -118,10 +118,21 @@ def _scenarios(rank, out: pathlib.Path, phase: str):
         if rank == 1:
             with torch.no_grad():
                 model.get_input_embeddings().weight.copy_(before["model.embed_tokens.weight"])
+        untouched = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        # rank 1 without a label token: every rank refuses the step (rank 1 alone raised, rank 0 waited for it)
+        try:
+            tuner.step(dict(bad, labels=torch.full_like(bad["labels"], -100)) if rank == 1 else bad)
+            no_labels_error = None
+        except CTFastError as e:
+            no_labels_error = str(e)
+        # ranks with 1 and 2 micro-batches: rank 1 streaming alone left the ranks' collectives out of line
+        shard = _padded_shard(4, rank)
+        halves = [{k: v[:1] for k, v in shard.items()}, {k: v[1:] for k, v in shard.items()}]
+        tuner.step(halves if rank == 0 else shard)
         save("tuner_ddp_streamed", circuits=[[e[:2] for e in r.circuit.edges] for r in results],
              params=before, loss=[r.loss for r in results], modes=[r.memory_mode for r in results],
-             overlapped=overlapped, nan_error=nan_error,
-             untouched=all(torch.equal(v, before[k]) for k, v in model.state_dict().items()))
+             overlapped=overlapped, nan_error=nan_error, untouched=untouched, no_labels_error=no_labels_error,
+             after_uneven_micro_batches=model.state_dict())
 
         # FSDP2: parameters sharded on dim 0 (DTensors); masked dW and the optimizer act on local shards
         model = _fully_shard(tiny_model("llama"))
@@ -303,6 +314,9 @@ def test_lagged_and_reused_steps_stream_gradients_and_equal_one_rank(runs):
     for r in results:  # every step's gradients were launched while its backward ran
         assert all(b > 0 for b in r["overlapped"])
         assert "rank(s) [1]" in r["nan_error"] and r["untouched"]
+        assert "no label token in this step's batches on rank(s) [1]" in r["no_labels_error"]
+    for k, v in results[0]["after_uneven_micro_batches"].items():  # no hang, the same step on both ranks
+        assert torch.equal(v, results[1]["after_uneven_micro_batches"][k])
 
 
 def test_failures_raise_on_every_rank(runs):
