@@ -1,6 +1,7 @@
 """End-to-end command line: tune (circuit/full/lora, three data formats), resume, discover, plot, demo,
 and user errors reported without a traceback. Tiny models saved to a temp dir; no download."""
 
+import copy
 import json
 import os
 import random
@@ -386,3 +387,19 @@ def test_fused_loss_run_matches_the_plain_run(model_dir, datasets, tmp_path, cap
     assert json.load(open(tmp_path / "fused" / "config.json"))["fused_loss"] is True
     assert _tune(model_dir, datasets["contrastive"], tmp_path / "ld", "--fused-loss", "--metric", "logit_diff") == 2
     assert "--metric logit_diff" in capsys.readouterr().err
+
+
+def test_sv_evaluation_reads_through_a_peft_wrapper():
+    """The real-model demo evaluates its LoRA model too: through peft's wrapper (whose .base_model is not the
+    decoder) the disagreement metrics equal the unwrapped model's (LoRA starts as the identity)."""
+    peft = pytest.importorskip("peft")
+    from ct_fast.app.data import Example
+    from ct_fast.app.demo import evaluate_sv
+
+    model = tiny_model("llama")
+    probes = [Example([1, 2, 3, 4], [-100, -100, -100, 5], target_pos=2, answer=5, wrong_answer=6 + i)
+              for i in range(3)]
+    general = [Example([1, 2, 3, 4, 5], [1, 2, 3, 4, 5])]
+    want = evaluate_sv(model, probes, general, 0)
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert evaluate_sv(wrapped, probes, general, 0) == pytest.approx(want)

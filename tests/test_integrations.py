@@ -108,6 +108,27 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, state_capacity):
         assert torch.equal(p, q), n
 
 
+def test_one_optimizer_serves_trainers_of_other_accumulations(tmp_path):
+    """CircuitTrainer gives the optimizer its own gradient_accumulation_steps as backwards per step, replacing an
+    earlier trainer's (it kept the first: a later trainer accumulating 2 had its second backward refused), but not
+    a count the user set."""
+    def train(opt, accumulate, name):
+        args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=2, max_steps=1,
+                                 gradient_accumulation_steps=accumulate, learning_rate=1e-2, report_to="none",
+                                 use_cpu=True, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+        CircuitTrainer(model=opt.tuning.model, args=args, train_dataset=_Tokens(8, 0), optimizers=(opt, None)).train()
+
+    model = tiny_model("llama")
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25)
+    for i, accumulate in enumerate((1, 2, 1)):
+        train(opt, accumulate, f"run{i}")
+        assert opt.tuning.backwards_per_step == accumulate
+    model = tiny_model("llama")
+    mine = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25, backwards_per_step=2)
+    train(mine, 1, "mine")
+    assert mine.tuning.backwards_per_step == 2
+
+
 def test_circuit_trainer_under_torchrun(tmp_path):
     """Two processes (gloo): accelerate wraps the model in DDP; ranks end with equal parameters and circuits."""
     import json

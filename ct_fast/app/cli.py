@@ -170,10 +170,11 @@ def _out_dir(path: str, what: str = "run") -> str:
 
 
 @contextlib.contextmanager
-def new_run_dir(path: str):
+def new_run_dir(path: str, keep_finished: bool = False):
     """Create ``path`` for a new run; when the block fails before the run has a checkpoint, remove what it
     created (an interrupted run with ``config.json`` is kept: ``--resume`` restarts it), so a failed start leaves
-    no empty or half-written run directory."""
+    no empty or half-written run directory. ``keep_finished``: a run of several parts (the demo's methods) that
+    fails after one finished (its ``summary.json`` written) is kept with what it has."""
     from .run import RunDir
 
     existed = os.path.isdir(path)
@@ -186,7 +187,8 @@ def new_run_dir(path: str):
         yield run
     except BaseException as e:
         resumable = isinstance(e, KeyboardInterrupt) and os.path.exists(run.file("config.json"))
-        if not resumable and run.checkpoint_step() is None:
+        finished = keep_finished and any(os.path.exists(run.file(name, "summary.json")) for name in os.listdir(path))
+        if not resumable and not finished and run.checkpoint_step() is None:
             if existed:
                 for name in set(os.listdir(path)) - before:
                     target = os.path.join(path, name)

@@ -331,11 +331,13 @@ def evaluate_sv(model, probes: list[Example], general: list[Example], pad_id: in
 
     was_training = model.training
     model.eval()
+    # the decoder without its unembedding (under a peft wrapper, .base_model is the wrapper's LM: not the decoder)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     correct, diff, n = 0, 0.0, 0
     for i in range(0, len(probes), batch):
         b = collate(probes[i:i + batch], pad_id)
         rows = torch.arange(len(b["input_ids"]))
-        hidden = model.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        hidden = lm.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         # the unembedding of the target positions only (per-row logits_to_keep is not in every transformers 5)
         logits = model.get_output_embeddings()(hidden[rows, b["target_pos"]])
         d = logits[rows, b["answer"]] - logits[rows, b["wrong_answer"]]
@@ -400,7 +402,7 @@ def run_sv_demo(out_dir: str, cfg: SVDemoConfig | None = None, methods=("circuit
         except ImportError:
             log("peft is not installed: skipping LoRA (pip install peft)")
             methods = tuple(m for m in methods if m != "lora")
-    with new_run_dir(out_dir) as root:
+    with new_run_dir(out_dir, keep_finished=True) as root:
         root.write_json("config.json", dict(asdict(cfg), world="smollm2", methods=list(methods)))
         before = evaluate_sv(base_model, probes, general, pad)
         log(f"before tuning: held-out disagreement accuracy {before['target_accuracy']:.3f} (logit diff "
