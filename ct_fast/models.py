@@ -196,7 +196,8 @@ def resolve_model(name_or_path: str, log=None) -> tuple[str, dict]:
     # 'org/name' may be a hub name; paths that cannot be one (absolute, ./, ~, deeper) must exist locally
     looks_local = name.startswith((".", "~")) or os.path.isabs(name) or not _HUB_NAME.match(name)
     if looks_local or (os.path.sep != "/" and os.path.sep in name):
-        raise CTFastError(f"model path {name!r} does not exist; pass a directory written by save_pretrained, a "
+        state = "is a file, not a model directory" if os.path.exists(name) else "does not exist"
+        raise CTFastError(f"model path {name!r} {state}; pass a directory written by save_pretrained, a "
                           ".gguf file, or 'smollm2'")
     if _hub_reachable():
         return name, {}
@@ -293,6 +294,9 @@ def enable_activation_checkpointing(model):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     return model
+
+
+SHAPES = ("tiny", "gpt2-small", "llama-1B", "llama-8B")  # the named model shapes of shape_config
 
 
 def shape_config(name: str):

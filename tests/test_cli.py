@@ -193,6 +193,10 @@ def test_failed_starts_leave_no_run_directory(model_dir, datasets, tmp_path, cap
         (["--model", str(notok)], "has no tokenizer"),
         (["--data", str(latin1)], "latin1.jsonl:2: not UTF-8 text"),
         (["--model", "no-such-org/no-such-model"], "Hugging Face hub cannot be reached"),
+        (["--model", str(latin1)], "is a file, not a model directory"),
+        (["--data", str(tmp_path)], "is a directory, not a JSONL file"),
+        (["--device", "tpu"], "expected cpu, cuda or cuda:N"),
+        (["--seed", "-1"], "--seed must be in 0 .. 2^32 - 1"),
     ]
     for i, (extra, message) in enumerate(cases):
         out = tmp_path / f"run{i}"
@@ -201,6 +205,13 @@ def test_failed_starts_leave_no_run_directory(model_dir, datasets, tmp_path, cap
         err = _err(capsys, argv)
         assert message in err and err.count("\n") == 1, (extra, err)
         assert not out.exists(), extra
+    # an --out that holds a model folder (here the model being tuned) is refused, the model untouched
+    project = tmp_path / "project"
+    tiny_model("llama", vocab_size=40).save_pretrained(project / "model")
+    weights = (project / "model" / "model.safetensors").read_bytes()
+    assert "already holds 'model'" in _err(capsys, ["tune", "--model", str(project / "model"), "--data",
+                                                    datasets["text"], "--out", str(project), "--no-progress"])
+    assert (project / "model" / "model.safetensors").read_bytes() == weights
     # --out inside a file, or in a read-only directory, is refused before loading
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -403,3 +414,16 @@ def test_sv_evaluation_reads_through_a_peft_wrapper():
     want = evaluate_sv(model, probes, general, 0)
     wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert evaluate_sv(wrapped, probes, general, 0) == pytest.approx(want)
+
+
+def test_profile_and_bench_argument_errors(capsys):
+    """Bad profile/bench arguments: a one-line error and exit status 2, not a traceback (or exit 1)."""
+    cases = [(["profile", "--heads", "4", "--kv-heads", "3"], "--kv-heads 3 must divide --heads 4"),
+             (["profile", "--steps", "0"], "--steps must be >= 1"),
+             (["bench", "--models", "nope"], "--models: unknown ['nope']"),
+             (["bench", "--methods", "bogus"], "--methods: unknown ['bogus']")]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)

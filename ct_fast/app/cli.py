@@ -138,14 +138,34 @@ def _check_metric(metric: str, fmt: str):
                           f"is {fmt!r} — use --metric loss")
 
 
+def _check_common(args):
+    """Options several commands share, checked before anything runs: the seed's range, profile's step count and
+    head grouping."""
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2 ** 32:
+        raise CTFastError(f"--seed must be in 0 .. 2^32 - 1, got {seed}")
+    if getattr(args, "func", None) is cmd_profile:
+        if args.steps < 1:
+            raise CTFastError(f"--steps must be >= 1, got {args.steps}")
+        if args.kv_heads and args.heads % args.kv_heads:
+            raise CTFastError(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
+
+
 def _check_load_options(dtype, device):
     """dtype/device errors before anything is loaded."""
     from ..models import DTYPES
 
     if dtype is not None and dtype not in DTYPES:
         raise CTFastError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise CTFastError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise CTFastError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise CTFastError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
 
 
 def _model_ref(name: str) -> str:
@@ -161,6 +181,11 @@ def _out_dir(path: str, what: str = "run") -> str:
         raise CTFastError(f"--out {path!r} is a file, not a directory")
     if os.path.exists(os.path.join(path, "log.jsonl")) or (what == "run" and os.path.exists(os.path.join(path, "config.json"))):
         raise CTFastError(f"{path!r} already holds a run; pass --resume {path} to continue it, or another --out")
+    # a run saves its tuned model into <out>/model, replacing what is there — perhaps the very model being tuned
+    # (a demo re-run into its own folder replaces its own earlier results, and reuses its cached base model)
+    if what == "run" and os.path.exists(os.path.join(path, "model")):
+        raise CTFastError(f"{path!r} already holds 'model', which this run would replace with its tuned model; "
+                          "pass another --out")
     parent = path
     while not os.path.exists(parent):  # the nearest existing ancestor must be a writable directory
         parent = os.path.dirname(parent)
@@ -649,6 +674,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.explicit = explicit_options(parser, argv)
     try:
+        _check_common(args)
         with progress_bars(not getattr(args, "no_progress", False)):
             args.func(args)
     except CTFastError as e:

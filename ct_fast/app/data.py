@@ -44,7 +44,8 @@ def detect_format(record: dict) -> str | None:
 def read_jsonl(path: str) -> tuple[list[dict], str]:
     """Records of a JSONL file and their (single) format; errors name the file and line."""
     if not os.path.isfile(path):
-        raise CTFastError(f"data file {path!r} does not exist")
+        state = "is a directory, not a JSONL file" if os.path.isdir(path) else "does not exist"
+        raise CTFastError(f"data file {path!r} {state}")
     records, fmt = [], None
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):

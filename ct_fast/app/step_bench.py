@@ -22,7 +22,8 @@ import torch
 
 from .. import attribution
 from . import harness
-from ..models import shape_config as config
+from ..errors import CTFastError
+from ..models import SHAPES, shape_config as config
 
 METHODS = ("full", "lora", "reference", "circuit_refresh1", "circuit_dropin", "circuit_refresh10")
 LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -237,7 +238,7 @@ def table(records: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     from .cli import HelpFormatter
 
-    ap = argparse.ArgumentParser(prog="ct-fast bench", description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="ct-fast bench", description=" ".join(__doc__.split("\n\n")[0].split()),
                                  formatter_class=HelpFormatter)
     ap.add_argument("--models", default="gpt2-small", help="comma-separated: tiny, gpt2-small, llama-1B, llama-8B")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to time")
@@ -257,14 +258,18 @@ def main(argv=None) -> list[dict]:
     methods = [m for m in a.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
     if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        raise CTFastError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    models = [m for m in a.models.split(",") if m]
+    bad = [m for m in models if m not in SHAPES]
+    if bad:
+        raise CTFastError(f"--models: unknown {bad}; choose from {', '.join(SHAPES)}")
     records = []
 
     def save(rec):  # the file grows with each method: a run stopped part-way keeps what it timed
         records.append(rec)
         harness.write(f"step_{a.device}", records, a.out)
 
-    for name in a.models.split(","):
+    for name in models:
         run(name, methods, a.device, dtype, a.batch, a.seq, a.steps, a.warmup, a.fraction, on_record=save,
             max_seconds=a.max_seconds)
     print(table(records))
