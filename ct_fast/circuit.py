@@ -184,8 +184,21 @@ class Circuit:
     @classmethod
     def from_dict(cls, data: dict, graph: ComputationGraph | None = None) -> "Circuit":
         edges = [(u, d, float(s)) for u, d, s in data["edges"]]
+        pairs = [(u, d) for u, d, _ in edges]
+        if len(set(pairs)) != len(pairs):
+            twice = sorted({p for p in pairs if pairs.count(p) > 1})
+            raise CTFastError(f"circuit edges {twice[:3]} are listed more than once")
         if graph is not None:
-            unknown = [e for e in edges if e[0] not in graph.up_index or e[1] not in graph.down_index]
+            saved = data.get("graph") or {}
+            mine = graph.describe()
+            differ = [k for k in ("arch", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model", "d_mlp",
+                                  "mlp_head_dim") if k in saved and saved[k] != mine[k]]
+            if differ:
+                raise CTFastError(f"the circuit was saved for another graph: {differ[0]} is {saved[differ[0]]} there, "
+                                  f"{mine[differ[0]]} here; load it with the graph of the model it was found on")
+            mask = graph.edge_mask
+            unknown = [e for e in edges if e[0] not in graph.up_index or e[1] not in graph.down_index
+                       or not bool(mask[graph.up_index[e[0]], graph.down_index[e[1]]])]
             if unknown:
                 raise CTFastError(f"circuit edges {unknown[:3]} are not edges of this model's graph")
         return cls(edges, graph)

@@ -100,6 +100,13 @@ def causal_lm_loss(model: nn.Module, batch: dict):
     """
     inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     base, head = getattr(inner, "base_model", None), inner.get_output_embeddings()
+    config = getattr(model, "config", None)
+    scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+              if getattr(config, k, None) not in (None, 1, 1.0)]
+    if scaled:
+        raise CTFastError(f"fused_loss computes logits as hidden @ lm_head.weight^T, but this model also rescales "
+                          f"them ({scaled[0]}={getattr(config, scaled[0])!r}): its loss would differ — use the "
+                          "model's own loss (fused_loss=False)")
     if base is None or base is inner or head is None or getattr(head, "bias", None) is not None:
         raise CTFastError(f"fused_loss needs a causal LM with a base model and a bias-free lm_head; "
                           f"{type(inner).__name__} has neither: use fused_loss=False")

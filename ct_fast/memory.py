@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
+import numbers
 import os
 import re
 import weakref
@@ -123,10 +125,11 @@ def parse_bytes(text) -> int:
     """``"80GB"`` (1e9), ``"80GiB"`` (2**30), ``"512MiB"``, ``"8e10"`` -> bytes."""
     units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20,
              "gib": 2**30, "tib": 2**40}
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not m or m.group(2) not in units:
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(e[0-9]+)?\s*([a-z]*)\s*", str(text).lower())
+    size = float(m.group(1) + (m.group(2) or "")) * units.get(m.group(3), math.nan) if m else math.nan
+    if not (math.isfinite(size) and size > 0):
         raise CTFastError(f"cannot read a memory size from {text!r}; write e.g. 80GB, 80GiB or 512MiB")
-    return int(float(m.group(1)) * units[m.group(2)])
+    return int(size)
 
 
 # ---- the model on the meta device -----------------------------------------------------------------
@@ -713,12 +716,19 @@ def _largest_batch(peak_at, memory: int, guess: int) -> int:
     return lo
 
 
-def _check(batch, seq, dtype, modes, top_fraction, state_capacity, optimizer):
+def _check(batch, seq, dtype, modes, top_fraction, state_capacity, optimizer, memory=None):
     from .optim import check_state_capacity
 
+    for name, value in (("batch", batch), ("seq", seq)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise CTFastError(f"{name}={value!r} must be a whole number")
+    if isinstance(modes, str):
+        raise CTFastError(f"modes={modes!r}: give a list of memory modes, e.g. [{modes!r}]")
+    if memory is not None and not (isinstance(memory, numbers.Real) and math.isfinite(memory) and memory > 0):
+        raise CTFastError(f"device_memory={memory!r} must be a finite number of bytes > 0 (or e.g. '80GB')")
     if optimizer not in OPTIMIZERS:
         raise CTFastError(f"optimizer {optimizer!r} is not one of {OPTIMIZERS}")
-    if not isinstance(dtype, torch.dtype) and dtype not in DTYPES:
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point) and dtype not in DTYPES:
         raise CTFastError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if batch < 1 or seq < 1:
         raise CTFastError(f"batch={batch} and seq={seq} must be >= 1")
@@ -767,10 +777,13 @@ def memory_plan(model_or_config, batch: int, seq: int, dtype="bf16", device_memo
     (with momentum), for full fine-tuning (torch) and the circuit modes alike. ``fused_loss``: every step,
     full fine-tuning's too, computes its loss with ``ct_fast.causal_lm_loss`` (no ``[B, T, vocab]`` logits).
     """
-    _check(batch, seq, dtype, modes, top_fraction, state_capacity, optimizer)
-    torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     memory = parse_bytes(device_memory) if isinstance(device_memory, str) else device_memory
+    _check(batch, seq, dtype, modes, top_fraction, state_capacity, optimizer, memory)
+    torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     label, config = load_config(model_or_config)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and seq > positions:
+        raise CTFastError(f"seq={seq} is longer than the {positions} positions {label} takes")
     model, graph, shapes, step, opt = _traced(config, torch_dtype, seq, activation_checkpointing, optimizer,
                                               bool(modes), fused_loss)
     pool = circuit_state_bytes(model, graph, optimizer, state_capacity) if modes else 0

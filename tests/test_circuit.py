@@ -79,6 +79,15 @@ def test_json_round_trip(scores, tmp_path):
     assert again.edges == c.edges
     with pytest.raises(CTFastError, match="not edges of this model"):
         Circuit.from_dict({"edges": [["mlp.9", "logits", 1.0]]}, scores.graph)
+    g = scores.graph  # a later writer into an earlier reader: both nodes exist, the pair is no edge
+    late, early = g.upstream_nodes[-1], g.downstream_nodes[0]
+    with pytest.raises(CTFastError, match="not edges of this model"):
+        Circuit.from_dict({"edges": [[late, early, 1.0]]}, g)
+    with pytest.raises(CTFastError, match="listed more than once"):
+        Circuit.from_dict({"edges": [list(c.edges[0])] * 2}, g)
+    other = dict(c.to_dict(), graph=dict(c.to_dict()["graph"], d_model=g.d_model * 2))
+    with pytest.raises(CTFastError, match="saved for another graph: d_model"):
+        Circuit.from_dict(other, g)
 
 
 def test_schedules():

@@ -79,6 +79,10 @@ def test_shape_errors_name_the_problem():
     with pytest.raises(CTFastError, match="labels"):
         causal_lm_loss(tiny_model("llama"), {"input_ids": torch.ones(1, 4, dtype=torch.long)})
     assert ct_fast.causal_lm_loss is causal_lm_loss
+    scaled = tiny_model("llama")
+    scaled.config.logits_scaling = 8.0  # (Granite's: the model divides its logits, which the fused loss would not)
+    with pytest.raises(CTFastError, match="rescales them \\(logits_scaling=8.0\\)"):
+        causal_lm_loss(scaled, random_batch(37))
     model = tiny_model("llama")
     with pytest.raises(CTFastError, match="metric='logit_diff' needs them"):
         CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-3), top_n=3, metric="logit_diff", fused_loss=True)

@@ -115,8 +115,14 @@ def test_cli_plan_missing_model_is_a_one_line_error(tmp_path, capsys):
 
 def test_memory_sizes_parse():
     assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("512MiB") == 2**29
-    with pytest.raises(CTFastError):
-        parse_bytes("eighty")
+    for bad in ("eighty", "1.2.3GB", ".", "1e400", "0"):
+        with pytest.raises(CTFastError, match="cannot read a memory size"):
+            parse_bytes(bad)
+    for kw, message in ((dict(batch=2.5), "whole number"), (dict(modes="lagged"), "give a list"),
+                        (dict(device_memory=float("inf")), "finite number of bytes"),
+                        (dict(seq=10 ** 5), "longer than the 64 positions"), (dict(dtype=torch.int8), "int8")):
+        with pytest.raises(CTFastError, match=message):
+            memory_plan(TINY, **{"batch": 1, "seq": 16, "dtype": "fp32", **kw})
 
 
 def test_llama_8b_full_finetuning_needs_more_than_80gb():
