@@ -116,7 +116,7 @@ def _discarding_zero_grad(session_ref):
     """A module's ``zero_grad`` that also forgets the attached session's step so far (``TuningSession.zero_grad``)."""
     def zero_grad(module, set_to_none: bool = True):
         session = session_ref()
-        if session is not None:
+        if session is not None and module in (session.model, session.ddp):  # (not a deepcopy: inert, as its hooks)
             session.zero_grad()
         return type(module).zero_grad(module, set_to_none)
 

@@ -260,6 +260,8 @@ def test_model_zero_grad_discards_like_the_optimizers():
         opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=20)
         if discard is not None:
             model(**_inputs(c)).loss.backward()
+            copy.deepcopy(model).zero_grad()  # a copy made while attached is inert: it discards nothing
+            assert opt.tuning.pending
             (model if discard == "model" else opt).zero_grad()
         list(_loop(model, opt, [b]))
         runs.append((_edges(opt.last_step.circuit), {n: p.detach().clone() for n, p in model.named_parameters()}))
