@@ -191,8 +191,7 @@ class Circuit:
         if graph is not None:
             saved = data.get("graph") or {}
             mine = graph.describe()
-            differ = [k for k in ("arch", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model", "d_mlp",
-                                  "mlp_head_dim") if k in saved and saved[k] != mine[k]]
+            differ = [k for k in graph.SHAPE_FIELDS if k in saved and saved[k] != mine[k]]
             if differ:
                 raise CTFastError(f"the circuit was saved for another graph: {differ[0]} is {saved[differ[0]]} there, "
                                   f"{mine[differ[0]]} here; load it with the graph of the model it was found on")
@@ -260,7 +259,7 @@ def select_circuit(edge_scores, n: int, method: str = "edges", threshold: float 
                    graph)
 
 
-def _whole(value) -> bool:
+def is_whole_number(value) -> bool:
     """An int (numpy's too), not a bool, a float or a string."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -278,7 +277,7 @@ class TopNSchedule:
     def __post_init__(self):
         for name in ("start", "end", "steps"):
             value = getattr(self, name)
-            if not (value is None and name == "end" or _whole(value)):
+            if not (value is None and name == "end" or is_whole_number(value)):
                 what = "top_n" if name == "start" and self.kind == "constant" else f"TopNSchedule {name}"
                 hint = " (a share of the edges? top_n=round(share * graph.n_edges))" if isinstance(value, float) else ""
                 raise CTFastError(f"{what}={value!r}: expected a whole number of edges{hint}" if name != "steps" else

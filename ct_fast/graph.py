@@ -232,13 +232,16 @@ class ComputationGraph:
         graph.param_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         return graph
 
+    # the fields of describe() that fix the graph's shape (what a graph or a saved circuit must agree on)
+    SHAPE_FIELDS = ("arch", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model", "d_mlp", "mlp_head_dim")
+
     def check_model(self, model: nn.Module) -> None:
         """Refuse a graph built from another model (``graph=``): its shape (architecture, layers, heads, widths) and
         the shapes of the parameters its nodes own must be ``model``'s — else scores and circuits would be silently
         wrong (nodes reading a part of the model, parameters no circuit can reach)."""
         built = ComputationGraph.from_model(model)  # (whole MLPs: the fields compared do not depend on the split)
         fix = "build the graph from this model: ComputationGraph.from_model(model)"
-        for key in ("arch", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model", "d_mlp"):
+        for key in (k for k in self.SHAPE_FIELDS if k != "mlp_head_dim"):  # (built with whole MLPs: not compared)
             if getattr(self, key) != getattr(built, key):
                 raise CTFastError(f"the graph does not describe this model: {key} is {getattr(self, key)} in the "
                                   f"graph, {getattr(built, key)} in the model; {fix}")

@@ -55,9 +55,9 @@ class CircuitTrainer(Trainer):
             # one backward per micro-batch (1: deferred steps prune) — this trainer's count, unless the user set one
             # (a value an earlier trainer set is replaced: one optimizer may serve trainers of other accumulations)
             session = opt.tuning
-            if session.backwards_per_step is None or getattr(session, "_backwards_from_trainer", False):
+            if session.backwards_per_step is None or session.backwards_from_trainer:
                 session.backwards_per_step = self.args.gradient_accumulation_steps
-                session._backwards_from_trainer = True
+                session.backwards_from_trainer = True
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 # several processes: DDP's reduction expects every .grad, which circuit-tuning never makes; the
                 # optimizer all-reduces the circuit's compact gradients itself (ct_fast.distributed)

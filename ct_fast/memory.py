@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import CTFastError
 from .graph import ComputationGraph
-from .models import DTYPES, enable_activation_checkpointing, shape_config
+from .models import DTYPES, SHAPES, enable_activation_checkpointing, shape_config
 
 MODES = ("deferred", "two_pass", "lagged")
 FULL = "full"  # full fine-tuning with the torch optimizer, all parameters trained
@@ -149,7 +149,7 @@ def load_config(model_or_config):
     except ValueError:
         pass
     if not os.path.exists(name):
-        raise CTFastError(f"model {name!r} is neither a known shape (tiny, gpt2-small, llama-1B, llama-8B) nor "
+        raise CTFastError(f"model {name!r} is neither a known shape ({', '.join(SHAPES)}) nor "
                           "an existing config.json or model directory")
     try:
         return name, AutoConfig.from_pretrained(name, local_files_only=True)
@@ -717,10 +717,11 @@ def _largest_batch(peak_at, memory: int, guess: int) -> int:
 
 
 def _check(batch, seq, dtype, modes, top_fraction, state_capacity, optimizer, memory=None):
+    from .circuit import is_whole_number
     from .optim import check_state_capacity
 
     for name, value in (("batch", batch), ("seq", seq)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        if not is_whole_number(value):
             raise CTFastError(f"{name}={value!r} must be a whole number")
     if isinstance(modes, str):
         raise CTFastError(f"modes={modes!r}: give a list of memory modes, e.g. [{modes!r}]")

@@ -315,4 +315,4 @@ def shape_config(name: str):
     if name == "llama-8B":  # Llama-3-8B shape
         return tf.LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                               intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192)
-    raise ValueError(f"unknown model {name!r}: tiny, gpt2-small, llama-1B, llama-8B")
+    raise ValueError(f"unknown model {name!r}: {', '.join(SHAPES)}")

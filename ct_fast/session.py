@@ -179,21 +179,22 @@ class TuningSession:
         self.selection, self.threshold, self.refresh_every = selection, threshold, refresh_every
         self.token_budget, self.memory_mode, self.profile, self.rerun = token_budget, memory_mode, profile, rerun
         self.backwards_per_step = backwards_per_step  # promised by the loop (1: deferred steps may prune)
+        self.backwards_from_trainer = False  # backwards_per_step was set by a CircuitTrainer (the next may reset it)
         self.device = next(model.parameters()).device
         # stream_grads on: measured no gain on CPU (gloo shares the cores with the backward); on GPUs NCCL runs
         # on its own stream
         self.overlap_comm = self.device.type == "cuda" if overlap_comm is None else bool(overlap_comm)
         owned = set(self.graph.tunable_params)
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        # trained: what some node owns, the optimizer holds and requires grad; frozen: what no circuit contains
-        self.params = [p for n, p in model.named_parameters() if n in owned and id(p) in held and p.requires_grad]
+        # trained: what some node owns, the optimizer holds and requires grad (trained_now); frozen: what no circuit
+        # contains. Both listed once, in the model's order (a walk of the model per step costs ~1 ms)
+        self._owned = [p for n, p in model.named_parameters() if n in owned]
+        self._unowned = [p for n, p in model.named_parameters() if n not in owned]  # frozen while attached
+        self.params = self._trained_now()
         if not self.params:
             raise CTFastError("the optimizer holds none of the model's circuit parameters (attention and MLP "
                               "projections); build it from model.parameters()")
         self._trained = {id(p) for p in self.params}
         self._param_selection: tuple = (None, None)  # (circuit, its param_selection)
-        self._owned = owned
-        self._unowned = [p for n, p in model.named_parameters() if n not in owned]  # frozen while attached
         self._reserve_state_pools(model)
         self.anchor = torch.zeros((), device=self.device, dtype=next(model.parameters()).dtype, requires_grad=True)
         self.masked = MaskedLinears(model, self.graph, anchor=self.anchor)
@@ -217,10 +218,8 @@ class TuningSession:
     def sync_trained(self):
         """The trained parameters again — what some node owns, the optimizer holds and requires grad now — at each
         refresh step and when the optimizer gains a param group: a parameter unfrozen or added after attaching is
-        trained from the next circuit on, one frozen leaves it (a walk of the model's parameters: not per step)."""
-        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        params = [p for n, p in self.model.named_parameters()
-                  if n in self._owned and id(p) in held and p.requires_grad]
+        trained from the next circuit on, one frozen leaves it."""
+        params = self._trained_now()
         trained = {id(p) for p in params}
         if trained == self._trained:
             return
@@ -229,6 +228,11 @@ class TuningSession:
                               "attention and MLP projections that require grad")
         self.params, self._trained, self._param_selection = params, trained, (None, None)
         self._reserve_state_pools(self.model)
+
+    def _trained_now(self) -> list:
+        """The parameters some node owns that the optimizer holds and that require grad, in the model's order."""
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        return [p for p in self._owned if id(p) in held and p.requires_grad]
 
     def _reserve_state_pools(self, model: nn.Module):
         """Register every trained parameter in its optimizer-state pool now (so each pool is allocated once, at
