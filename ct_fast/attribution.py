@@ -774,6 +774,7 @@ class AttributionRun:
         self.timer = timer
         self.on_layer_scored = None  # called with each LayerPlan once scored (ct_fast.pruning.CandidatePruner)
         self.max_backwards: int | None = None  # refuse a backward beyond this many (its driver promised so)
+        self.refused: str | None = None  # why a backward was refused: the step is refused too (until reset)
         # mean ablation over several micro-batches: per micro-batch (node means [n_up, d], tokens, budget factor,
         # gradient sums [n_down, d]) so that scores() can re-centre every micro-batch on the global mean
         self._means: list = []
@@ -867,11 +868,12 @@ class AttributionRun:
     def _commit(self, recording: "Recording"):
         """A recorded forward's backward has begun: count its examples and tokens, keep its scorer to flush."""
         if self.max_backwards is not None and len(self._committed) >= self.max_backwards:
-            raise CTFastError(
+            self.refused = (
                 f"backwards_per_step={self.max_backwards}, but backward {len(self._committed) + 1} began before the "
                 "optimizer's step() (gradient accumulation?): the weight gradients this step already pruned cannot "
-                "serve it, so the step is refused. Pass backwards_per_step=None (or your number of backwards per "
-                "step) when building the optimizer")
+                "serve it, so the step is refused (zero_grad() starts it over). Pass backwards_per_step=None (or "
+                "your number of backwards per step) when building the optimizer")
+            raise CTFastError(self.refused)
         self.batch_size += recording.rows.batch_size
         if self.ablation == "mean":
             self._means.append([recording.means, int(recording.valid.sum()), recording.factor,
@@ -885,6 +887,7 @@ class AttributionRun:
         self.batch_size = 0
         self._means.clear()
         self._committed.clear()
+        self.refused = None
 
     def close(self):
         """Stop scoring: later backwards through recorded forwards (a retained graph) reach inert taps."""

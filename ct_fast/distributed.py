@@ -114,12 +114,18 @@ class DataParallel:
             raise CTFastError(f"{what}: not every rank joined the all-reduce ({e}); all ranks must run the same "
                               "steps with the same model and options") from e
 
+    AGREE_WIDTH = 16  # longs per rank in every ``agree``: one size at every call point, so ranks that reach different
+    # points (e.g. one streams gradients while another concludes its step) exchange and see that, and raise
+
     def agree(self, what: str, fields: dict, free=()) -> dict:
-        """Raise ``CTFastError`` on every rank unless all ranks hold equal ``fields`` (ints or plain data); the
-        ``free`` ones may differ. Returns ``{field: [value per rank]}`` (plain data as checksums)."""
+        """Raise ``CTFastError`` on every rank unless all ranks hold equal ``fields`` (ints or plain data) at the
+        same call point ``what``; the ``free`` ones may differ. Returns ``{field: [value per rank]}`` (plain data
+        as checksums)."""
         keys = sorted(fields)
-        mine = torch.tensor([v if isinstance(v, int) else _crc(v) for v in (fields[k] for k in keys)],
-                            dtype=torch.long, device=self.device)
+        if len(keys) >= self.AGREE_WIDTH:
+            raise AssertionError(f"agree({what!r}) takes at most {self.AGREE_WIDTH - 1} fields")
+        values = [_crc(what)] + [v if isinstance(v, int) else _crc(v) for v in (fields[k] for k in keys)]
+        mine = torch.tensor(values + [0] * (self.AGREE_WIDTH - len(values)), dtype=torch.long, device=self.device)
         gathered = [torch.empty_like(mine) for _ in range(self.world)]
         self.comm_bytes += mine.numel() * mine.element_size()
         try:
@@ -127,6 +133,13 @@ class DataParallel:
         except RuntimeError as e:
             raise CTFastError(f"{what}: not every rank joined ({e}); all ranks must run the same steps") from e
         table = torch.stack(gathered).cpu()
+        elsewhere = [r for r in range(self.world) if int(table[r, 0]) != int(table[self.rank, 0])]
+        if elsewhere:
+            raise CTFastError(f"{what}: rank(s) {elsewhere} reached another point of the step than rank "
+                              f"{self.rank} (e.g. 'auto' memory mode chose another mode there, or a different "
+                              "sequence of forward/backward/step calls); every rank must circuit-tune the same "
+                              "model with the same options and call backward/step in step")
+        table = table[:, 1:]
         bad = [k for i, k in enumerate(keys) if k not in free and not bool((table[:, i] == table[0, i]).all())]
         if bad:
             detail = ", ".join(f"{k} = {table[:, keys.index(k)].tolist()}" for k in bad)

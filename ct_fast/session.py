@@ -540,6 +540,10 @@ class TuningSession:
         if stream is not None:  # its collectives all complete before the step's next ones
             streamed = stream.finish(self.masked.grad_rows)
         self._agree_step()
+        if self.run is not None and self.run.refused is not None:  # a caught refusal does not make a step
+            refused = self.run.refused
+            self.abort()
+            raise CTFastError(refused)
         if self.mode is None or not self.pending:
             return None
         if self.refresh and not self._selected:

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 import ct_fast
 from ct_fast import CircuitAdamW, CircuitSGD, CircuitTuner, CTFastError, NonFiniteError
+from ct_fast.distributed import DataParallel
 from ct_fast.testing import assert_close, tiny_model
 
 WORLD, STEPS, PER_RANK = 2, 2, 2
@@ -181,6 +182,13 @@ def _scenarios(rank, out: pathlib.Path, phase: str):
             opt.step()
         except CTFastError as e:
             errors["no_backward"] = str(e)
+        # ranks at different points of a step (one streams gradients, the other concludes): both raise, none hangs
+        dp = DataParallel(dist.group.WORLD, torch.device("cpu"))
+        try:
+            dp.agree("gradient streaming", {"step": 0}) if rank == 0 else dp.agree("circuit-tuning step", {
+                "step": 0, "mode": "deferred", "top_n": 25})
+        except CTFastError as e:
+            errors["points"] = str(e)
         save("errors", **errors)
     elif phase == "resume":
         model = tiny_model("llama", seed=3)
@@ -325,6 +333,7 @@ def test_failures_raise_on_every_rank(runs):
         assert "rank(s) [1]" in errors["nan"] or "non-finite" in errors["nan"]
         assert errors["untouched"]
         assert "backward_ran" in errors["no_backward"]
+        assert "reached another point of the step" in errors["points"]
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])

@@ -184,6 +184,17 @@ def test_a_second_backward_is_refused_with_the_fix():
     with pytest.raises(CTFastError, match="backwards_per_step=1, but backward 2 began"):
         list(_loop(model, opt, [_batches(2)]))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    # a caught refusal does not make a step of the first backward: step() refuses it too, nothing is applied
+    inputs = lambda x: {k: x[k] for k in ("input_ids", "attention_mask", "labels")}  # noqa: E731
+    with pytest.raises(CTFastError, match="backward 2 began"):
+        model(**inputs(_batches(1)[0])).loss.backward()
+    with pytest.raises(CTFastError, match="backward 2 began"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)) and opt.last_step is None
+    opt.zero_grad()  # and the loop carries on
+    model(**inputs(_batches(1)[0])).loss.backward()
+    opt.step()
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     with pytest.raises(CTFastError, match="backwards_per_step must be None or an int"):
         CircuitAdamW(model.parameters(), model=tiny_model("llama"), top_n=25, backwards_per_step=0)
 
