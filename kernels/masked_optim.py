@@ -341,11 +341,17 @@ def tiled(p: torch.Tensor) -> bool:
     return p.stride(1) != 1 or p.shape[1] < 32
 
 
-def _check(p, g, step, r, s):
+def _check(p, g, step, r, s, *states):
+    """The layout the kernels index by (they read raw pointers: rows, slots and states must be dense)."""
     if p.dim() != 2 or g.dtype != torch.float32 or not g.is_contiguous() or tuple(g.shape) != (r.numel(), p.shape[1]):
         raise ValueError("masked optimizer: params must be [R, M] row views, grads contiguous fp32 [k, M]")
-    if step.dtype != torch.float32 or not step.is_contiguous() or r.numel() != s.numel():
-        raise ValueError("masked optimizer: steps must be contiguous fp32, rows/slots of equal length")
+    if (step.dtype != torch.float32 or not step.is_contiguous() or r.numel() != s.numel() or not r.is_contiguous()
+            or not s.is_contiguous() or r.dtype != torch.int64 or s.dtype != torch.int64):
+        raise ValueError("masked optimizer: steps must be contiguous fp32, rows/slots contiguous int64 of equal length")
+    for x in states:
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 2 or x.shape[1] != p.shape[1]:
+            raise ValueError("masked optimizer: optimizer states must be contiguous fp32 [capacity, M] with the "
+                             "parameter's row width M")
 
 
 def nonfinite_flag_(grads, found_inf):
@@ -381,9 +387,7 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, 
         k, M = r.numel(), p.shape[1]
         if k == 0:
             continue
-        _check(p, g, step, r, s)
-        if not (m.is_contiguous() and v.is_contiguous()):
-            raise ValueError("masked_adamw_: optimizer states must be contiguous fp32 [capacity, M]")
+        _check(p, g, step, r, s, m, v)
         lr_f, lr_lo = _split(float(lr))
         common = (lr_f, lr_lo, lr_tensor if lr_tensor is not None else step,
                   found_inf if found_inf is not None else step, *_split(beta1), *_split(beta2), 1.0 - beta1,
@@ -407,10 +411,10 @@ def masked_sgd_(params, grads, momentum_buffers, steps, rows, slots, lr, momentu
         k, M = r.numel(), p.shape[1]
         if k == 0:
             continue
-        _check(p, g, step, r, s)
-        buf = momentum_buffers[i] if momentum_buffers and momentum != 0 else None  # (torch ignores them at 0)
-        if buf is not None and not buf.is_contiguous():
-            raise ValueError("masked_sgd_: momentum buffers must be contiguous fp32 [capacity, M]")
+        if momentum != 0 and not momentum_buffers:
+            raise ValueError("masked_sgd_: momentum needs momentum buffers")
+        buf = momentum_buffers[i] if momentum != 0 else None  # (torch ignores them at 0)
+        _check(p, g, step, r, s, *([] if buf is None else [buf]))
         common = (float(lr), lr_tensor if lr_tensor is not None else step, found_inf if found_inf is not None else step,
                   momentum, 1.0 - dampening, weight_decay)
         flags = dict(LR_PTR=lr_tensor is not None, CHECK=found_inf is not None, MAXIMIZE=bool(maximize),

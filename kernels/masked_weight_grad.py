@@ -101,6 +101,8 @@ def masked_weight_grad(x, grad_out, index, out_features, *, out=None, config=Non
         raise ValueError("masked_weight_grad: x, grad_out and index must be on one device")
     if index is not None and (index.dim() != 1 or index.dtype not in (torch.int64, torch.int32)):
         raise ValueError("masked_weight_grad: index must be a 1-D int64/int32 tensor")
+    if index is not None and not index.is_contiguous():  # the kernel reads it by offsets
+        index = index.contiguous()
     a, b = (grad_out, x) if out_features else (x, grad_out)
     n, nb = x.shape[0], b.shape[1]
     k = a.shape[1] if index is None else index.numel()

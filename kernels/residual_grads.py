@@ -324,6 +324,9 @@ def _launch(blocks, out, x, stats, gamma, kind, config, sums=None):
     norm's reductions (``_norm_dots_kernel``, with a norm), then the gradients (``_residual_grads_kernel``), then
     (``sums``) the sum of its per-token-block column sums."""
     n, c, d = out.shape
+    if not out.is_contiguous() or (sums is not None and not sums.is_contiguous()):
+        raise ValueError("residual_grads kernel: out [n, c, d] and sums [n, d] must be contiguous (it writes them by "
+                         "offsets; ct_fast.ops.residual_grads routes other layouts to the torch path)")
     if n == 0 or c == 0:
         if sums is not None:
             sums.zero_()

@@ -297,6 +297,27 @@ RESID_SHAPES = [(3, 5, 13, 24, 1, "rmsnorm"), (2, 7, 33, 40, 2, "layernorm"), (1
                 (2, 150, 7, 20, 2, "rmsnorm")]  # widths: one block of 64 (held), two (unrolled), three (a loop)
 
 
+
+@pytest.mark.parametrize("device,backend", _cases("score_edges"))
+def test_score_edges_takes_per_head_deltas_and_refuses_other_shapes(device, backend):
+    """``delta`` per head ``[n_u, c, w]`` scores as its rows ``[c, n_u * w]``; a delta, weight or gradient of
+    another size is refused with the sizes expected (the kernels would read out of bounds)."""
+    g = _gen(53)
+    n_u, w, n_d, c, d = 3, 4, 5, 7, 6
+    W, delta, G = torch.randn(n_u, w, d, generator=g), torch.randn(c, n_u * w, generator=g), torch.randn(n_d, c, d,
+                                                                                                        generator=g)
+    per_head = delta.reshape(c, n_u, w).transpose(0, 1)
+    dev = lambda *ts: [None if t is None else t.to(device) for t in ts]  # noqa: E731
+    assert_close(ops.score_edges(*dev(per_head, W, G)).cpu(), ops.score_edges(*dev(delta, W, G)).cpu())
+    for bad in (delta[:, 1:], delta[1:], torch.randn(n_u, c, w + 1)):
+        with pytest.raises(CTFastError, match=r"delta must be \[7, 12\]"):
+            ops.score_edges(*dev(bad, W, G))
+    with pytest.raises(CTFastError, match="up_weight must be"):
+        ops.score_edges(*dev(delta, torch.randn(n_u, w, d + 1), G))
+    with pytest.raises(CTFastError, match="delta must be"):
+        ops.score_edges(*dev(torch.randn(c, d + 1), None, G))
+
+
 class _ScaledTanhNorm(torch.nn.Module):  # a per-token "norm" with no closed-form kernel: the composite path
     def forward(self, x):
         return torch.tanh(x) * 1.5
@@ -389,6 +410,24 @@ def test_residual_grads_blocks(device, backend, counts, kind, dtype):
     assert ((out - want).abs().max() / want.abs().max()).item() <= tol
     # token sums on every path (the kernel's partials, or a sum of the output): the sums of the stored values
     assert ((sums - out.float().sum(1)).abs().max() / out.float().sum(1).abs().max()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("device,backend", _cases("residual_grads"))
+def test_residual_grads_into_a_strided_output(device, backend):
+    """``out`` a token slice of a wider buffer (any strides, as the torch path takes): every backend writes exactly
+    that view — the same values as a contiguous output, the buffer's other tokens untouched."""
+    g = _gen(59)
+    n, w, c, d = 3, 5, 9, 16
+    norm = _norm("rmsnorm", d, g).to(device)
+    x = (torch.randn(c, d, generator=g) + 0.5).to(device)
+    terms = [(torch.randn(c, n * w, generator=g).to(device), torch.randn(n, w, d, generator=g).to(device))]
+    want = ops.residual_grads(terms, torch.empty(n, c, d, device=device), norm, x)
+    buffer = torch.full((n, c + 4, d), float("nan"), device=device)
+    sums = torch.full((n, d), float("nan"), device=device)
+    ops.residual_grads(terms, buffer[:, 2:2 + c], norm, x, sums=sums)
+    assert_close(buffer[:, 2:2 + c], want)
+    assert torch.isnan(buffer[:, :2]).all() and torch.isnan(buffer[:, 2 + c:]).all()
+    assert_close(sums, want.sum(1))
 
 
 @pytest.mark.triton
@@ -516,7 +555,8 @@ def test_masked_weight_grad_strided_inputs(device, backend):
     g = _gen(8)
     x = torch.randn(13, 29, generator=g).t()[:, 2:11]  # [29, 9], column stride 29
     go = torch.randn(29, 30, generator=g)[:, ::2]  # [29, 15], column stride 2
-    for out_features, idx in ((True, torch.tensor([14, 0, 7, 3], dtype=torch.int32)), (False, torch.tensor([8, 1]))):
+    for out_features, idx in ((True, torch.tensor([14, 0, 7, 3], dtype=torch.int32)), (False, torch.tensor([8, 1])),
+                              (True, _strided(torch.tensor([2, 11, 5])))):  # a strided index view
         got = ops.masked_weight_grad(x.to(device), go.to(device), idx.to(device), out_features)
         _dw_check(got, x, go, idx.long(), out_features, torch.float32)
 
@@ -837,6 +877,70 @@ def test_masked_sgd_without_momentum_ignores_buffers(device, backend):
     assert all(torch.equal(a, b) for a, b in zip(again[5], m0))
     assert all(torch.equal(a, b) for a, b in zip(again[0], full))
 
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` as a non-contiguous view (every other element of a twice-as-long tensor)."""
+    out = torch.stack([t, torch.full_like(t, 10 ** 6)], -1).select(-1, 0)
+    assert out.numel() < 2 or not out.is_contiguous()
+    return out
+
+
+@pytest.mark.parametrize("op,device,backend", [pytest.param(op, *p.values, marks=p.marks, id=f"{op}-{p.id}")
+                                               for op in ("masked_adamw_", "masked_sgd_") for p in _cases(op)])
+def test_masked_updates_take_strided_rows_and_slots(op, device, backend):
+    """Rows and slots given as strided views update the rows they name (the kernels read dense index arrays: the
+    op makes them so)."""
+    want, got = _optimizer_case(41, torch.float32, device=device), _optimizer_case(41, torch.float32, device=device)
+    got = list(got)
+    got[3], got[4] = [_strided(r) for r in got[3]], [_strided(s) for s in got[4]]
+    _opt_call(op, want, 1e-2)
+    _opt_call(op, got, 1e-2)
+    _assert_same(_state(got), _state(want), exact=False)
+
+
+@pytest.mark.parametrize("op,device,backend", [pytest.param(op, *p.values, marks=p.marks, id=f"{op}-{p.id}")
+                                               for op in ("masked_adamw_", "masked_sgd_") for p in _cases(op)])
+def test_masked_update_layout_errors(op, device, backend):
+    """Lists of different lengths, momentum without buffers and states of another row width are refused by every
+    backend before anything is written (zip would drop parameters; a kernel would address other slots' state)."""
+    case = _optimizer_case(43, torch.float32, device=device)
+    before = _state(case)
+    full, views, grads, rows, slots, m, v, steps = case
+    with pytest.raises(CTFastError, match="one entry per parameter"):
+        _opt_call(op, (full, views, grads[:-1], rows, slots, m, v, steps), 1e-2)
+    if op == "masked_sgd_":
+        with pytest.raises(CTFastError, match="needs momentum_buffers"):
+            ops.masked_sgd_(views, grads, [], steps, rows, slots, 0.1, 0.9, 0.0, 0.0, False, False)
+    wide = [torch.zeros(x.shape[0], x.shape[1] + 8, device=device) for x in m]
+    with pytest.raises((CTFastError, RuntimeError, ValueError)):
+        _opt_call(op, (full, views, grads, rows, slots, wide, wide, steps), 1e-2)
+    _assert_same(_state(case), before)
+
+
+@pytest.mark.parametrize("op", ["masked_adamw_", "masked_sgd_"])
+def test_native_cpu_updates_refuse_indices_out_of_range(op):
+    """The C++ kernels check each row and slot against the parameter and the state (a view's base would be written
+    outside it); nothing is written."""
+    if ops.native() is None:
+        pytest.skip(str(ops.native_error()))
+    for bad in ("row", "slot", "negative"):
+        case = _optimizer_case(47, torch.float32)
+        full, views, grads, rows, slots, m, v, steps = case
+        rows, slots = _clone(rows), _clone(slots)
+        if bad == "row":
+            rows[0][0] = views[0].shape[0]
+        elif bad == "slot":
+            slots[0][0] = steps[0].numel()
+        else:
+            rows[0][0] = -1
+        before = _state(case)
+        with pytest.raises(RuntimeError, match="out of range"):
+            ops._call(op, "cpp", *((views, grads, m, v, [], steps, rows, slots, 1e-2, 0.9, 0.99, 1e-8, 0.0, False)
+                                   if op == "masked_adamw_" else
+                                   (views, grads, m, steps, rows, slots, 0.1, 0.9, 0.0, 0.0, False, False)),
+                      None, None)
+        _assert_same(_state(case), before)
 
 def test_opcheck_every_op():
     g = _gen(0)

@@ -22,9 +22,19 @@ void check_rows(const at::Tensor& p, const at::Tensor& g, const at::Tensor& rows
   TORCH_CHECK(g.scalar_type() == at::kFloat && g.is_contiguous() && g.dim() == 2 && g.size(0) == rows.numel() &&
                   g.size(1) == p.size(1),
               "ct_fast: grads must be contiguous fp32 [k, M] matching the selected rows");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && rows.numel() == slots.numel(),
-              "ct_fast: rows and slots must be int64 tensors of equal length");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && slots.scalar_type() == at::kLong && rows.numel() == slots.numel() &&
+                  rows.is_contiguous() && slots.is_contiguous(),
+              "ct_fast: rows and slots must be contiguous int64 tensors of equal length");
   TORCH_CHECK(step.scalar_type() == at::kFloat && step.is_contiguous(), "ct_fast: steps must be contiguous fp32");
+  // the kernels index with them unchecked: a value out of range would write outside the parameter or the state
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* s = slots.data_ptr<int64_t>();
+  const int64_t R = p.size(0), capacity = step.numel();
+  for (int64_t i = 0; i < rows.numel(); ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < R, "ct_fast: row ", r[i], " is out of range for a parameter of ", R, " rows");
+    TORCH_CHECK(s[i] >= 0 && s[i] < capacity, "ct_fast: slot ", s[i], " is out of range for a state of ", capacity,
+                " slots");
+  }
 }
 
 // One parameter of a masked multi-tensor update (see ct_fast/ops/library.py for the layout).

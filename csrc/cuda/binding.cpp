@@ -46,8 +46,9 @@ void launch_groups(at::TensorList params, at::TensorList grads, at::TensorList s
                     (state0.empty() || on_device(state0[i])) && (state1.empty() || on_device(state1[i])),
                 "ct_fast: grads, rows, slots, steps and states must be on the parameters' CUDA device");
     TORCH_CHECK(steps[i].scalar_type() == at::kFloat && steps[i].is_contiguous() && rows[i].scalar_type() == at::kLong &&
-                    slots[i].scalar_type() == at::kLong && rows[i].numel() == slots[i].numel(),
-                "ct_fast: steps must be contiguous fp32, rows/slots int64 of equal length");
+                    slots[i].scalar_type() == at::kLong && rows[i].numel() == slots[i].numel() &&
+                    rows[i].is_contiguous() && slots[i].is_contiguous(),
+                "ct_fast: steps must be contiguous fp32, rows/slots contiguous int64 of equal length");
     TORCH_CHECK((state0.empty() || (state0[i].is_contiguous() && state0[i].scalar_type() == at::kFloat)) &&
                     (state1.empty() || (state1[i].is_contiguous() && state1[i].scalar_type() == at::kFloat)),
                 "ct_fast: optimizer states must be contiguous fp32 [capacity, M]");

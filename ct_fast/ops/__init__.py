@@ -7,7 +7,7 @@
 - ``triton``: the Triton kernels of ``ct_fast.kernels`` (GPU; on CPU only under ``TRITON_INTERPRET=1``);
 - ``torch``: the pure-torch reference (``ct_fast.ops.reference``), the oracle of every test;
 - ``auto``: per call, the first of cuda > triton > cpp > torch that has the op for the tensors' device and
-  accepts them (dtype, layout). A fallback is logged once per (op, reason). On a GPU of the architecture the
+  their dtype. A fallback is logged once per (op, reason). On a GPU of the architecture the
   committed GPU timings were measured on, an (op, dtype) they cover runs the measured order instead
   (``ct_fast.ops.measured``: a kernel joins only where it beat the torch path).
 
@@ -226,7 +226,26 @@ def score_edges(delta: torch.Tensor, up_weight, grad_down: torch.Tensor) -> torc
     b = choose_backend("score_edges", delta.device, (delta.dtype, grad_down.dtype))
     if b == "triton" and not _score_kernel_takes(up_weight, grad_down.dtype):
         b = "torch"
-    return _call("score_edges", b, delta, up_weight, grad_down)
+    return _call("score_edges", b, _delta_rows(delta, up_weight, grad_down), up_weight, grad_down)
+
+
+def _delta_rows(delta: torch.Tensor, up_weight, grad_down: torch.Tensor) -> torch.Tensor:
+    """``delta`` as the kernels read it, rows ``[c, n_u * w]`` (``[c, d]`` for a residual vector), from that or
+    per head ``[n_u, c, w]``; a shape that does not match ``up_weight [n_u, w, d]`` and ``grad_down [n_d, c, d]``
+    is refused (the kernels index by these sizes unchecked)."""
+    if grad_down.dim() != 3:
+        raise CTFastError(f"score_edges: grad_down must be [n_d, c, d], got {tuple(grad_down.shape)}")
+    _, c, d = grad_down.shape
+    n_u, w = (1, d) if up_weight is None else up_weight.shape[:2]
+    if up_weight is not None and (up_weight.dim() != 3 or up_weight.shape[2] != d):
+        raise CTFastError(f"score_edges: up_weight must be [n_u, w, {d}], got {tuple(up_weight.shape)}")
+    if delta.dim() == 3 and tuple(delta.shape) == (n_u, c, w):  # per head: the kernels take rows
+        delta = delta.transpose(0, 1).reshape(c, n_u * w)
+    if tuple(delta.shape) != (c, n_u * w):
+        raise CTFastError(f"score_edges: delta must be [{c}, {n_u * w}] (or per head [{n_u}, {c}, {w}]) for "
+                          f"up_weight {None if up_weight is None else tuple(up_weight.shape)} and grad_down "
+                          f"{tuple(grad_down.shape)}, got {tuple(delta.shape)}")
+    return delta
 
 
 def _score_kernel_takes(up_weight, dtype: torch.dtype) -> bool:
@@ -270,8 +289,7 @@ def score_edges_into(out: torch.Tensor, sources, grad_down: torch.Tensor, alpha:
     fused, r = [], 0
     for delta, up_weight in sources:
         n = 1 if up_weight is None else up_weight.shape[0]
-        if delta.dim() == 3:  # given per head [n, c, w]: the kernels take rows [c, n * w]
-            delta = delta.transpose(0, 1).reshape(delta.shape[1], -1)
+        delta = _delta_rows(delta, up_weight, grad_down)
         if b == "triton" and _score_kernel_takes(up_weight, grad_down.dtype):
             fused.append((r, n, delta, up_weight))
         else:
@@ -313,7 +331,7 @@ def residual_grads(terms, out: torch.Tensor, norm=None, x=None, stats=None, sums
     b = choose_backend("residual_grads", out.device, (out.dtype,))
     kind = "none" if norm is None else reference.norm_kind(norm)
     wide = any(w is not None and w.shape[1] > RESIDUAL_KERNEL_WIDTH for _, w in terms)
-    if b != "triton" or kind == "generic" or not 1 <= len(terms) <= 2 or wide:
+    if b != "triton" or kind == "generic" or not 1 <= len(terms) <= 2 or wide or not _dense(out, sums):
         if kind in ("rmsnorm", "layernorm") and all(w is None or w.dtype == out.dtype for _, w in terms):
             return _token_sums(reference.residual_grads_scaled(terms, out, norm, x, stats), sums)
         return _token_sums(reference.residual_grads(terms, out, norm, x), sums)
@@ -322,6 +340,11 @@ def residual_grads(terms, out: torch.Tensor, norm=None, x=None, stats=None, sums
     mean, rstd, gamma = (stats or reference.norm_stats(norm, x)) if norm is not None else (None, None, None)
     with _on(out.device):
         return kernels.residual_grads(terms, out, x, (mean, rstd), gamma, kind, sums=sums)
+
+
+def _dense(*tensors) -> bool:
+    """Whether the given tensors (None skipped) are contiguous: the Triton residual kernels write them by offsets."""
+    return all(t is None or t.is_contiguous() for t in tensors)
 
 
 def residual_grads_blocks(blocks, out: torch.Tensor, norm=None, x=None, stats=None, sums=None) -> torch.Tensor:
@@ -333,7 +356,7 @@ def residual_grads_blocks(blocks, out: torch.Tensor, norm=None, x=None, stats=No
     kind = "none" if norm is None else reference.norm_kind(norm)
     layout = {(w.shape[1:], w.stride()) for _, w in blocks if w is not None}
     if (b != "triton" or kind == "generic" or len(layout) != 1 or any(w is None for _, w in blocks)
-            or blocks[0][1].shape[1] > RESIDUAL_KERNEL_WIDTH):
+            or blocks[0][1].shape[1] > RESIDUAL_KERNEL_WIDTH or not _dense(out, sums)):
         first = 0
         for rows, w in blocks:
             n = 1 if w is None else w.shape[0]
@@ -384,6 +407,33 @@ def _check_flag(found_inf, device: torch.device):
                           f"{found_inf.dtype} {tuple(found_inf.shape)} on {found_inf.device}")
 
 
+def _rows_layout(op: str, params, grads, steps, rows, slots, states: dict) -> tuple[list, list, list]:
+    """The checks every backend relies on (the kernels trust them): one entry per parameter in each list
+    (``states``: ``{name: list}``, each empty or complete), and ``(grads, rows, slots)`` in the kernels' layout —
+    fp32 contiguous gradients, contiguous int64 rows and slots (copies only where a caller's are not). Index
+    *values* are not read here (that would sync a GPU): the torch and cpp backends check their range, the CUDA
+    and Triton kernels trust them."""
+    n = len(params)
+    lengths = {"grads": len(grads), "steps": len(steps), "rows": len(rows), "slots": len(slots),
+               **{k: len(v) for k, v in states.items() if len(v)}}
+    bad = {k: v for k, v in lengths.items() if v != n}
+    if bad:
+        raise CTFastError(f"{op}: {n} params but {bad}: every list holds one entry per parameter")
+    for name, states_of in states.items():
+        for p, x in zip(params, states_of):
+            if x.dim() != 2 or x.shape[1] != p.shape[-1]:
+                raise CTFastError(f"{op}: {name} must be [capacity, M] with each parameter's row width M, got "
+                                  f"{tuple(x.shape)} for a parameter of {tuple(p.shape)}")
+    for r, s in zip(rows, slots):
+        if r.dtype != torch.long or s.dtype != torch.long or r.dim() != 1 or r.shape != s.shape:
+            raise CTFastError(f"{op}: rows and slots must be int64 [k] of equal length per parameter, got "
+                              f"{r.dtype} {tuple(r.shape)} and {s.dtype} {tuple(s.shape)}")
+    grads = [g if g.dtype == torch.float32 and g.is_contiguous() else g.float().contiguous() for g in grads]
+    rows = [r if r.is_contiguous() else r.contiguous() for r in rows]
+    slots = [s if s.is_contiguous() else s.contiguous() for s in slots]
+    return grads, rows, slots
+
+
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, rows, slots, lr, beta1, beta2, eps,
                   weight_decay, maximize, found_inf=None):
     """AdamW on the selected rows of many parameters in one call (layout: ``ct_fast.ops.library``).
@@ -396,6 +446,10 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, 
     device = params[0].device
     lr_f, lr_t = _device_scalar(lr, device)
     _check_flag(found_inf, device)
+    grads, rows, slots = _rows_layout("masked_adamw_", params, grads, steps, rows, slots, {
+        "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "max_exp_avg_sqs": max_exp_avg_sqs})
+    if len(exp_avgs) != len(params) or len(exp_avg_sqs) != len(params):
+        raise CTFastError("masked_adamw_: exp_avgs and exp_avg_sqs need one state per parameter")
     if max_exp_avg_sqs:  # amsgrad: the reference only
         if requested_backend() not in ("auto", "torch"):
             raise CTFastError(f"CT_FAST_BACKEND={requested_backend()} cannot run masked_adamw_ with amsgrad: "
@@ -416,9 +470,13 @@ def masked_sgd_(params, grads, momentum_buffers, steps, rows, slots, lr, momentu
     device = params[0].device
     lr_f, lr_t = _device_scalar(lr, device)
     _check_flag(found_inf, device)
+    grads, rows, slots = _rows_layout("masked_sgd_", params, grads, steps, rows, slots,
+                                      {"momentum_buffers": momentum_buffers})
     b = choose_backend("masked_sgd_", device, {p.dtype for p in params})
     if float(momentum) == 0.0:
         momentum_buffers = []  # torch keeps no buffer without momentum (each backend ignores them too)
+    elif not momentum_buffers:
+        raise CTFastError(f"masked_sgd_: momentum={momentum} needs momentum_buffers (one [capacity, M] per parameter)")
     _call("masked_sgd_", b, params, grads, momentum_buffers, steps, rows, slots, lr_f, float(momentum),
           float(dampening), float(weight_decay), bool(nesterov), bool(maximize), lr_t, found_inf)
 
