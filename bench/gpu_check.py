@@ -34,6 +34,7 @@ sys.path.insert(1, ROOT)  # this process reads ct_fast from the tree: the build 
 PY = sys.executable
 BUDGET_S = 9 * 60
 BUDGET_SPENT = "the time budget is spent"
+MIN_STAGE_S = 40  # a stage is not started with less left (it would be killed before it wrote a record)
 # the build's last line, and its exit status: a build that came out without the CUDA kernels fails the stage
 BUILT_WITH_CUDA = ("import sys, ct_fast._C as C; print('ct_fast._C built; CUDA kernels:', C.WITH_CUDA); "
                    "sys.exit(0 if C.WITH_CUDA else 1)")
@@ -156,7 +157,7 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
         left = BUDGET_S - (time.perf_counter() - t_start) if not rehearse else st["limit"]
         if st["cmd"] is None:
             rec.update(status="skipped", detail=st["why"])
-        elif left < 20:
+        elif left < MIN_STAGE_S:
             rec.update(status="skipped", detail=BUDGET_SPENT)
         else:
             rec.update(run_stage(st, min(st["limit"], left), os.path.join(work, f"{st['name']}.log"), extra_env))
@@ -184,6 +185,8 @@ def run(rehearse: bool, out: str, only: set | None = None) -> list[dict]:
     if unrun:  # the command for a second call in the same lease (the build stays installed there)
         print(f"\nnot finished in this run: bash bench/gpu_check.sh --only {','.join(unrun)}")
     shutil.rmtree(work, ignore_errors=True)
+    if os.path.exists(work + "_choices.json"):
+        os.remove(work + "_choices.json")
     return summary
 
 
@@ -206,19 +209,45 @@ def run_stage(st: dict, limit: float, log_path: str, extra_env: dict | None = No
     return {"status": status, "seconds": round(time.perf_counter() - t0, 1), "detail": tail[-1][:160] if tail else ""}
 
 
+def kernels_from_tree():
+    """Make ``ct_fast.kernels`` (the tree's ``kernels/``, mapped into the package by the install) importable in this
+    process, which started before the build stage installed the package: Python reads the editable install's
+    finder at start-up only, and the choices read the kernels' tile versions."""
+    import ct_fast
+
+    if "ct_fast.kernels" in sys.modules or importlib.util.find_spec("ct_fast.kernels") is not None:
+        return
+    spec = importlib.util.spec_from_file_location("ct_fast.kernels", os.path.join(ROOT, "kernels", "__init__.py"),
+                                                  submodule_search_locations=[os.path.join(ROOT, "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ct_fast.kernels"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["ct_fast.kernels"]
+        raise
+    ct_fast.kernels = module
+
+
 def publish(out: str, work: str, summary: list[dict], rehearse: bool) -> tuple[list[dict], dict]:
     """``out/gpu_check.json`` and ``out/gpu_check.tar.gz`` as the run stands; returns the target rows and auto's
-    measured choices."""
+    measured choices (``{}`` where they cannot be read)."""
     import targets  # bench/targets.py
 
     from ct_fast.app import harness
 
-    try:  # a reading error must not cost the run's summary
+    def error_row(what: str, e: Exception) -> dict:
+        return {"target": what, "limit": "", "value": None, "where": "", "status": f"error: {e!r}"}
+
+    try:  # a reading error must not cost the run's summary, nor one reading the other
         rows = targets.evaluate(work)
+    except Exception as e:  # noqa: BLE001
+        rows = [error_row("reading the targets", e)]
+    try:
+        kernels_from_tree()
         choices = measured_choices(work)
     except Exception as e:  # noqa: BLE001
-        rows, choices = [{"target": "reading the targets", "limit": "", "value": None, "where": "",
-                          "status": f"error: {e!r}"}], {}
+        rows, choices = rows + [error_row("deriving auto's choices", e)], {}
     with open(os.path.join(out, "gpu_check.json"), "w") as f:
         json.dump({"env": harness.env(), "rehearse": rehearse, "stages": summary, "targets": rows,
                    "auto_choices": choices}, f, indent=1)
@@ -234,14 +263,14 @@ def apply_choices(work: str, summary: list[dict], choices: dict) -> str | None:
     now, on this GPU — rather than on the committed ones, once this run's tests passed: returns the table's path
     for ``CT_FAST_GPU_CHOICES`` in their environment (``report.py --import`` then commits the same choices), or
     None."""
-    if not any(r["stage"] == "tests" and r["status"] == "ok" for r in summary):
+    if not choices or not any(r["stage"] == "tests" and r["status"] == "ok" for r in summary):
         return None
     import torch
 
     from ct_fast.ops import measured
 
     arch = measured.device_architecture(torch.device("cuda"))
-    path = os.path.join(work, "gpu_choices_run.json")
+    path = work + "_choices.json"  # beside the stages' folder, not in the archive: report.py files stage results only
     with open(path, "w") as f:
         json.dump({"about": "this GPU check's op timings (ct_fast.ops.measured.derive)",
                    "architectures": [arch] if arch else [],

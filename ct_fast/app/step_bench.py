@@ -140,6 +140,9 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
     arch = "gpt2" if model_name in ("tiny", "gpt2-small") else "llama"
     data = make_batches(base.config.vocab_size, batch, seq, warmup + steps + 1, device)
     top_n = choose_top_n(base, data[0], target_fraction)
+    if device != "cpu":  # each method builds its own model there: this one would count in every method's peak
+        del base
+        _free(device)
     records = []
     for method in methods:
         model = copy.deepcopy(base) if device == "cpu" else build(model_name, device, dtype)
