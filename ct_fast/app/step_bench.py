@@ -26,6 +26,7 @@ from ..errors import CTFastError
 from ..models import SHAPES, shape_config as config
 
 METHODS = ("full", "lora", "reference", "circuit_refresh1", "circuit_dropin", "circuit_refresh10")
+REFRESH_EVERY = {"circuit_refresh10": 10}  # methods re-selecting their circuit every k steps (timed over k at least)
 LORA_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
                 "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 
@@ -93,7 +94,7 @@ class _Method:
         elif method == "circuit_dropin":  # the faithful step in the user's own loop (below: as "full")
             self.opt = ct_fast.CircuitAdamW(model.parameters(), lr=lr, model=model, top_n=top_n)
         else:
-            refresh = 1 if method == "circuit_refresh1" else 10
+            refresh = REFRESH_EVERY.get(method, 1)
             self.tuner = ct_fast.CircuitTuner(model, ct_fast.CircuitAdamW(model.parameters(), lr=lr), top_n=top_n,
                                               refresh_every=refresh, profile=True)  # phase split on GPUs too
 
@@ -138,7 +139,8 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
     record's ``steps`` says how many were): the reference code's 24 s llama-1B step need not run three times."""
     base = build(model_name, device, dtype)
     arch = "gpt2" if model_name in ("tiny", "gpt2-small") else "llama"
-    data = make_batches(base.config.vocab_size, batch, seq, warmup + steps + 1, device)
+    data = make_batches(base.config.vocab_size, batch, seq, warmup + max(timed_steps(m, steps) for m in methods) + 1,
+                        device)
     top_n = choose_top_n(base, data[0], target_fraction)
     if device != "cpu":  # each method builds its own model there: this one would count in every method's peak
         del base
@@ -152,7 +154,8 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
             progress(f"{method}: skipped ({e})")
             continue
         try:
-            times, splits = _time_steps(m, data, warmup, steps, device, max_seconds)
+            times, splits = _time_steps(m, data, warmup, timed_steps(method, steps), device,
+                                        None if method in REFRESH_EVERY else max_seconds)
         except torch.OutOfMemoryError as e:  # one method too big for the device: the others still run
             times, oom = None, str(e).splitlines()[0]
         if times is None:  # freed outside the except block: its traceback holds the failed step's tensors
@@ -191,6 +194,12 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
         del m, model
         _free(device)
     return records
+
+
+def timed_steps(method: str, steps: int) -> int:
+    """How many steps of ``method`` are timed: ``steps``, and for a method that refreshes its circuit every k steps at
+    least k — after the warm-up (a refresh) they end on the next refresh, so the mean is the amortised step."""
+    return max(steps, REFRESH_EVERY.get(method, 1))
 
 
 def _time_steps(m: _Method, data, warmup: int, steps: int, device, max_seconds: float | None = None
@@ -250,7 +259,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="model dtype")
     ap.add_argument("--batch", type=int, default=8, help="batch size")
     ap.add_argument("--seq", type=int, default=64, help="tokens per example")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per method")
+    ap.add_argument("--steps", type=int, default=3,
+                    help="timed steps per method (circuit_refresh10: at least 10, the last a refresh)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="per method: no timed step starts once the timed ones took this long (at least one runs)")
