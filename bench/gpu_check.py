@@ -201,7 +201,16 @@ def run_stage(st: dict, limit: float, log_path: str, extra_env: dict | None = No
             code = proc.wait(timeout=limit)
             status = "ok" if code == 0 else f"failed (exit {code})"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            # SIGTERM first: torchrun stops its workers on it (they run in sessions of their own, out of the group)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # the whole group is gone
+                pass
             proc.wait()
             status = f"timeout ({limit:.0f} s)"
     with open(log_path) as log:

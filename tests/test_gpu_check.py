@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -263,6 +264,35 @@ def test_later_stages_run_on_the_checks_own_choices(monkeypatch, tmp_path):
                                                           "os.environ.get('CT_FAST_GPU_CHOICES', ''))"]}
     assert gpu_check.run_stage(st, 60, str(tmp_path / "probe.log"), {"CT_FAST_GPU_CHOICES": path})["status"] == "ok"
     assert seen.read_text() == path
+
+
+def test_a_stage_past_its_limit_is_stopped_with_the_workers_it_started(monkeypatch, tmp_path):
+    """A timed-out stage gets SIGTERM first (torchrun stops its workers, which run in sessions of their own, on it),
+    then SIGKILL: here a launcher that, like torchrun, starts a worker in its own session and stops it on SIGTERM."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    import gpu_check
+
+    pid_file = tmp_path / "worker.pid"
+    launcher = f"""
+import signal, subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+open({str(pid_file)!r}, "w").write(str(worker.pid))
+signal.signal(signal.SIGTERM, lambda *a: (worker.kill(), worker.wait(), sys.exit(1)))
+time.sleep(120)
+"""
+    st = {"name": "launcher", "cmd": [sys.executable, "-c", launcher]}
+    t0 = time.perf_counter()
+    rec = gpu_check.run_stage(st, 3, str(tmp_path / "launcher.log"))
+    assert rec["status"] == "timeout (3 s)" and time.perf_counter() - t0 < 30
+    worker = int(pid_file.read_text())
+    for _ in range(50):
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the stage's worker outlived it")
 
 
 def test_device_versions_script_parses_and_refuses_unknown_arguments():
