@@ -187,10 +187,15 @@ class MaskedLinears:
                             self.stream(p)
         elif name in self.candidates:
             self._accumulate(name, x, grad_out, self.candidates[name], self.candidate_rows)
-        elif self.pruner is None and self._keep_dense(name, x):
+        elif self.pruner is None and (name in self.dense or self._keep_dense(name, [(x, grad_out)])):
             self._add_dense(name, x, grad_out)
         else:  # (with a pruner: until its nodes are decided)
-            self.saved.setdefault(name, []).append((x, grad_out))
+            pairs = self.saved.setdefault(name, [])
+            pairs.append((x, grad_out))
+            if self.pruner is None and len(pairs) > 1 and self._keep_dense(name, pairs):
+                for x, grad_out in pairs:  # several backwards (accumulation): keep their sum, not each pair
+                    self._add_dense(name, x, grad_out)
+                del self.saved[name]
 
     def resolve(self, name: str, candidates: dict):
         """Deferred mode with a pruner: only ``candidates`` (``{param: ParamSelection}``) of linear ``name`` can be
@@ -205,9 +210,14 @@ class MaskedLinears:
         """Deferred mode's two ways to keep a linear's gradient: ``(dense fp32 dW, (x, grad_out))`` bytes."""
         return 4 * w.numel(), tokens * sum(w.shape) * element_size
 
-    def _keep_dense(self, name: str, x: torch.Tensor) -> bool:
-        """Deferred mode: is the dense fp32 weight gradient smaller than this call's ``(x, grad_out)``?"""
-        dense, pair = self._kept_bytes(self.weight[name], x.numel() // x.shape[-1], x.element_size())
+    def _keep_dense(self, name: str, pairs: list) -> bool:
+        """Deferred mode: is the dense fp32 weight gradient of linear ``name`` smaller than the ``(x, grad_out)``
+        ``pairs`` of its calls? (A frozen weight's is nothing: only its bias's gradient is kept.)"""
+        w = self.weight[name]
+        if not w.requires_grad:
+            return True
+        tokens = sum(x.numel() // x.shape[-1] for x, _ in pairs)
+        dense, pair = self._kept_bytes(w, tokens, pairs[0][0].element_size())
         return dense < pair
 
     def deferred_bytes(self, tokens: int, element_size: int) -> int:
@@ -216,19 +226,22 @@ class MaskedLinears:
         return sum(min(self._kept_bytes(w, tokens, element_size)) for w in self.weight.values() if w.requires_grad)
 
     def _add_dense(self, name: str, x: torch.Tensor, grad_out: torch.Tensor):
+        """Add this call's dense gradients to what the linear keeps: ``[dW fp32 [out, in] or None (frozen weight),
+        db or None (no or frozen bias)]``."""
         w, b = self.weight[name], self.bias[name]
-        if not w.requires_grad:
+        train_b = b is not None and b.requires_grad
+        if not (w.requires_grad or train_b):
             return
         x2, g2 = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
-        dw = ops.masked_weight_grad(x2, g2, None, True)  # [out, in] fp32, feature-major for Conv1D too
-        db = ops.masked_bias_grad(g2, None) if b is not None and b.requires_grad else None
+        dw = ops.masked_weight_grad(x2, g2, None, True) if w.requires_grad else None  # feature-major for Conv1D too
+        db = ops.masked_bias_grad(g2, None) if train_b else None
         prev = self.dense.get(name)
         if prev is None:
             self.dense[name] = [dw, db]
         else:
-            prev[0].add_(dw)
-            if db is not None:
-                prev[1].add_(db)
+            for kept, new in zip(prev, (dw, db)):
+                if new is not None:
+                    kept.add_(new)
 
     def finish(self, selection: dict):
         """Deferred mode: compute the compact gradients of ``selection`` from what the backward kept."""
@@ -249,8 +262,8 @@ class MaskedLinears:
             for x, grad_out in pairs:
                 self._accumulate(name, x, grad_out, selection)
         for name, (dw, db) in self.dense.items():
-            weight, bias = self._targets(name, selection, dw.device)
-            if weight is not None:
+            weight, bias = self._targets(name, selection, (dw if dw is not None else db).device)
+            if weight is not None and dw is not None:
                 index, out_features = weight
                 g = dw if out_features else dw.t()
                 self._add(self.weight[name], g if index is None else g.index_select(0, index))

@@ -348,6 +348,7 @@ class TuningSession:
             if group is not None:  # (e.g. by the HF Trainer's arguments): join it at its first step
                 self._join(group)
         self.timer = timer or PhaseTimer(self.device, self.profile)
+        backwards = self.backwards_per_step if backwards is None else backwards
         self.refresh = self.circuit is None or self.step_count % self.refresh_every == 0
         if self.refresh:
             self.sync_trained()
@@ -357,7 +358,7 @@ class TuningSession:
         elif self.metric != "loss":
             mode = "outcome"
         else:
-            mode = self._choose_mode(batches)
+            mode = self._choose_mode(batches, backwards)
             if mode == "lagged" and self.circuit is None:  # no circuit to lag behind yet
                 mode = "two_pass" if self.rerun else "deferred"
         m = self.masked
@@ -369,7 +370,6 @@ class TuningSession:
         if self.refresh:
             self.run = AttributionRun(self.model, self.graph, self.ablation, self.positions, self.pool,
                                       self.token_budget, budget_seed=self.step_count, timer=self.timer)
-        backwards = self.backwards_per_step if backwards is None else backwards
         if self.run is not None:
             self.run.max_backwards = backwards
         if (mode == "deferred" and backwards == 1 and self.prune and self.selection == "edges" and self.dp is None
@@ -381,14 +381,18 @@ class TuningSession:
             self.run.on_layer_scored = m.pruner.on_scored
         self.mode = mode
 
-    def _choose_mode(self, batches: list) -> str:
+    def _choose_mode(self, batches: list, backwards: int | None) -> str:
+        """``memory_mode``, or for ``auto`` what fits: ``batches`` the step's micro-batches, or (your own loop) its
+        first, which ``backwards`` (the loop's promise, if any) of that size then follow."""
         if self.memory_mode != "auto":
             return self.memory_mode
-        shape = tuple(tuple(b["input_ids"].shape) for b in batches)
+        shape = (tuple(tuple(b["input_ids"].shape) for b in batches), backwards)
         if shape not in self._auto_modes:
             mode = "deferred"
             if self.device.type == "cuda":
                 tokens = sum(b["input_ids"].numel() for b in batches)
+                if len(batches) == 1 and backwards:
+                    tokens *= backwards
                 kept = self.masked.deferred_bytes(tokens, next(self.model.parameters()).element_size())
                 free, _ = torch.cuda.mem_get_info(self.device)
                 if kept > free / 4:

@@ -36,6 +36,27 @@ def test_two_pass_equals_deferred(arch, opt):
         assert_close(q, p)
 
 
+def test_deferred_dense_path_trains_a_bias_whose_weight_is_frozen():
+    """GPT-2 with its q/k/v weights frozen and their biases trainable, 96 tokens a call (deferred keeps the dense
+    gradient then): the selected biases are updated as two_pass updates them (deferred updated none)."""
+    batch = random_batch(37, batch=4, seq=24)
+    micro = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]  # (no pruner)
+    models = []
+    for mode in ("deferred", "two_pass"):
+        model = tiny_model("gpt2")
+        for layer in model.transformer.h:
+            layer.attn.c_attn.weight.requires_grad_(False)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        tuner = CircuitTuner(model, CircuitAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2),
+                             top_n=30, memory_mode=mode)
+        selected = [n for n in tuner.step(micro).circuit.param_selections(tuner.graph) if "c_attn.bias" in n]
+        changed = [n for n, p in model.named_parameters() if "c_attn.bias" in n and not torch.equal(p, before[n])]
+        assert selected and changed == selected, (mode, selected, changed)
+        models.append(model)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert_close(q, p)
+
+
 @pytest.mark.parametrize("mode", ["two_pass", "lagged"])
 def test_micro_batches_equal_the_whole_batch(mode):
     """With several micro-batches two_pass re-runs each forward for the training pass; same result."""
@@ -74,14 +95,63 @@ def test_lagged_updates_the_previous_circuit_with_this_batch(arch):
 def test_deferred_dense_gradient_equals_kept_pairs(monkeypatch):
     """Deferred mode keeps dense dW or (x, grad_out) per linear by size; both give the same update."""
     a, b = tiny_model("gpt2"), tiny_model("gpt2")
-    monkeypatch.setattr(MaskedLinears, "_keep_dense", lambda self, name, x: True)
+    monkeypatch.setattr(MaskedLinears, "_keep_dense", lambda self, name, pairs: True)
     ra = _run(a, "deferred", _batches(2))
-    monkeypatch.setattr(MaskedLinears, "_keep_dense", lambda self, name, x: False)
+    monkeypatch.setattr(MaskedLinears, "_keep_dense", lambda self, name, pairs: False)
     rb = _run(b, "deferred", _batches(2))
     for x, y in zip(ra, rb):
         assert [e[:2] for e in x.circuit.edges] == [e[:2] for e in y.circuit.edges]
     for p, q in zip(a.parameters(), b.parameters()):
         assert_close(q, p)
+
+
+def test_deferred_accumulation_keeps_no_more_than_the_dense_gradient():
+    """Many small backwards in one deferred step (gradient accumulation): once a linear's kept (x, grad_out) pairs
+    outgrow its dense fp32 weight gradient they are summed into it, so a step keeps at most about the dense
+    gradient per linear (it kept every pair: k times that); the update equals the whole batch's."""
+    ids = torch.randint(0, 37, (8, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    micro = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(8)]  # 6 tokens a backward: each pair is
+    # smaller than its linear's dense gradient (>= 8 tokens in the tiny llama), 8 pairs are not
+    kept = []
+    real = MaskedLinears.finish
+
+    def finish(self, selection):
+        tensors = [t for pairs in self.saved.values() for pair in pairs for t in pair]
+        tensors += [t for dw_db in self.dense.values() for t in dw_db if t is not None]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}  # (q/k/v share x)
+        kept.append(sum(storages.values()))
+        return real(self, selection)
+
+    whole, parts = tiny_model("llama"), tiny_model("llama")
+    _run(whole, "deferred", [batch])
+    masked_dense = 4 * sum(w.numel() + w.shape[0] for w in MaskedLinears(
+        parts, ct_fast.ComputationGraph.from_model(parts)).weight.values())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MaskedLinears, "finish", finish)
+        _run(parts, "deferred", [micro])
+    assert kept and kept[0] <= masked_dense, (kept, masked_dense)
+    for p, q in zip(whole.parameters(), parts.parameters()):
+        assert_close(q, p)
+
+
+def test_auto_weighs_the_whole_step_of_your_own_loop(monkeypatch):
+    """``auto`` on a GPU sees your loop's first micro-batch only: with ``backwards_per_step=k`` it weighs k of them
+    (what deferred then keeps), so a step whose one micro-batch fits but whose k do not runs lagged."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, 37, (1, 2))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=25, backwards_per_step=8)
+    session = opt.tuning
+    two = session.masked.deferred_bytes(2 * ids.numel(), 4)  # what two micro-batches keep: fits in a quarter
+    assert two < session.masked.deferred_bytes(8 * ids.numel(), 4)
+    monkeypatch.setattr(session, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * two, 40 * two))
+    assert session._choose_mode([batch], 1) == "deferred"
+    with pytest.warns(UserWarning, match="runs 'lagged'|steps run 'lagged'"):
+        assert session._choose_mode([batch], 8) == "lagged"
+    assert session._choose_mode([batch, batch], 2) == "deferred"  # the tuner's steps: every micro-batch given
+    opt.detach()
 
 
 def test_keep_dense_is_the_smaller_choice():
@@ -91,7 +161,8 @@ def test_keep_dense_is_the_smaller_choice():
     w = masked.weight[name]
     few = torch.zeros(1, 2, w.shape[1])
     many = torch.zeros(1, 4 * w.numel(), w.shape[1])
-    assert not masked._keep_dense(name, few) and masked._keep_dense(name, many)
+    assert not masked._keep_dense(name, [(few, None)]) and masked._keep_dense(name, [(many, None)])
+    assert masked._keep_dense(name, [(few, None)] * (4 * w.numel()))  # the pairs of many backwards
     assert masked.deferred_bytes(2, 4) < masked.deferred_bytes(10 ** 6, 4) == 4 * sum(
         p.numel() for p in masked.weight.values())
 
