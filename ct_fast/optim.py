@@ -633,9 +633,13 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         c = self.tuning.conclude()
         if c is None:
             return loss
-        with self.tuning.timer.span("optimizer"):
-            self._selection, self._grad_rows = c.selection, dict(c.grads)
-            self._update()
+        try:
+            with self.tuning.timer.span("optimizer"):
+                self._selection, self._grad_rows = c.selection, dict(c.grads)
+                self._update()
+        except BaseException:  # refused before any write (e.g. a pool the circuit overflows): no step was made
+            self.tuning.abort()
+            raise
         self.tuning.finish_step()
         self.last_step = c
         return loss

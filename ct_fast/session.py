@@ -597,7 +597,11 @@ class TuningSession:
 
     def zero_grad(self):
         """Forget the gradients and scores of the backwards run so far in this step (forwards whose backward
-        has not begun yet still count when it does)."""
+        has not begun yet still count when it does). After the step's circuit was selected or the step concluded
+        (``clip_grad_norm_``) the whole step is dropped: the next forward starts it over, scored afresh."""
+        if self._selected or self._conclusion is not None:
+            self.abort()
+            return
         self.masked.clear()
         self.anchor.grad = None
         if self.run is not None and not self._selected:
@@ -607,7 +611,9 @@ class TuningSession:
         self._conclusion = None
 
     def abort(self):
-        """Drop the step in progress (after a refused step): nothing of it is applied."""
+        """Drop the step in progress (after a refused step): nothing of it is applied, and the circuit is the one
+        before it (a circuit selected from a refused batch is no step's)."""
+        self.circuit, self.circuit_top_n = self._previous
         self.masked.clear()
         self.anchor.grad = None
         self._reset_step()

@@ -167,6 +167,29 @@ def test_clip_grad_norm_clips_the_circuit_gradient():
         assert_close(p.detach(), want, name=n)
 
 
+@pytest.mark.parametrize("mode,bps", [("deferred", None), ("deferred", 1), ("lagged", None)])
+def test_zero_grad_after_clip_starts_the_step_over(mode, bps):
+    """backward(A), clip_grad_norm_ (concludes the step: A's circuit selected), zero_grad(), backward(B), step():
+    the step is B's alone — its circuit scored from B (A's was applied to B's gradient)."""
+    a_batch, b_batch = _batches(2)
+    models, opts = [], []
+    for clipped in (False, True):
+        model = tiny_model("llama")
+        opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=10, memory_mode=mode,
+                           backwards_per_step=bps)
+        if clipped:
+            model(**_inputs(a_batch)).loss.backward()
+            opt.clip_grad_norm_(1e9)
+            opt.zero_grad()
+        model(**_inputs(b_batch)).loss.backward()
+        opt.step()
+        models.append(model)
+        opts.append(opt)
+    assert [e[:2] for e in opts[1].last_step.circuit.edges] == [e[:2] for e in opts[0].last_step.circuit.edges]
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+
+
 def test_lr_scheduler_drives_the_circuit_update():
     model, twin = tiny_model("gpt2"), tiny_model("gpt2")
     opt = CircuitSGD(model.parameters(), lr=0.2, model=model, top_n=20)

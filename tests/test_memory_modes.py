@@ -154,6 +154,24 @@ def test_auto_weighs_the_whole_step_of_your_own_loop(monkeypatch):
     opt.detach()
 
 
+def test_a_refused_lagged_step_keeps_the_circuit_it_lags():
+    """A lagged step refused after its selection (the state pool cannot hold the circuit it applies) changes nothing:
+    not the model, and not the circuit the next lagged step applies (it kept the refused batch's)."""
+    from ct_fast import TopNSchedule
+
+    model = tiny_model("llama", num_hidden_layers=3)
+    tuner = CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2, state_capacity=0.35), mlp_head_dim=8,
+                         top_n=TopNSchedule(2, 200, steps=1, kind="linear"), memory_mode="lagged")
+    tuner.step(random_batch(37, seed=0))
+    tuner.step(random_batch(37, seed=1))
+    lagged = tuner.circuit
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CTFastError, match="the circuit selects"):
+        tuner.step(random_batch(37, seed=2))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert tuner.circuit is lagged
+
+
 def test_keep_dense_is_the_smaller_choice():
     model = tiny_model("llama")  # d_model 16..: dense dW beats (x, grad_out) beyond ~in*out/(in+out) tokens
     masked = MaskedLinears(model, ct_fast.ComputationGraph.from_model(model))
