@@ -231,6 +231,18 @@ class TokenRows:
         return self.pool_rows(rows) if self.pool else rows
 
 
+def check_token_budget(token_budget, pool: bool):
+    """``token_budget``: None, or a whole number >= 1 of positions to score (not with ``pool``)."""
+    if token_budget is None:
+        return
+    from .circuit import is_whole_number
+
+    if not is_whole_number(token_budget) or token_budget < 1:
+        raise CTFastError(f"token_budget must be None or a whole number >= 1 of positions, got {token_budget!r}")
+    if pool:
+        raise CTFastError("token_budget cannot be combined with pool=True (pooled scoring reads every target position)")
+
+
 def resolve_positions(batch: dict, positions) -> torch.Tensor:
     """Bool ``[B, T]`` of scored positions: ``positions`` (a mask, a batch key, a callable, or None for all
     non-padding tokens) restricted to non-padding tokens; every example must keep at least one."""
@@ -763,8 +775,7 @@ class AttributionRun:
                  score_dtype: torch.dtype | None = None, timer: PhaseTimer | None = None):
         if ablation not in ABLATIONS:
             raise CTFastError(f"ablation={ablation!r} is not one of {ABLATIONS}")
-        if token_budget is not None and (token_budget < 1 or pool):
-            raise CTFastError("token_budget must be a positive int and cannot be combined with pool=True")
+        check_token_budget(token_budget, pool)
         self.token_budget, self._budget_calls = token_budget, 1000003 * budget_seed
         self.model, self.graph, self.ablation, self.positions, self.pool = model, graph, ablation, positions, pool
         self.raw = torch.zeros(len(graph.upstream_nodes), len(graph.downstream_nodes), dtype=torch.float32,

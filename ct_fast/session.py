@@ -27,6 +27,7 @@ free device memory). Between refreshes (``reused``) the known circuit's dW is co
 from __future__ import annotations
 
 import math
+import numbers
 import types
 import warnings
 import weakref
@@ -36,9 +37,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .attribution import AttributionRun, ABLATIONS
+from .attribution import AttributionRun, ABLATIONS, check_token_budget
 from .distributed import DataParallel
-from .circuit import Circuit, TopNSchedule, selections_by_param
+from .circuit import SELECTION_METHODS, Circuit, TopNSchedule, is_whole_number, selections_by_param
 from .errors import CTFastError, NonFiniteError
 from .graph import ComputationGraph
 from .masked_linear import MaskedLinears
@@ -85,18 +86,34 @@ class ForwardRng:
 
     def __init__(self, device: torch.device):
         self.device, self.states, self.replaying, self.key = torch.device(device), {}, False, None
+        self.end = None  # the generators where the scoring pass left them
+
+    def _now(self) -> tuple:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    def _restore(self, state: tuple):
+        cpu, cuda = state
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
 
     def at_forward(self):
         if self.key is None:
             return
         if not self.replaying:
-            cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-            self.states[self.key] = (torch.get_rng_state(), cuda)
+            self.states[self.key] = self._now()
         elif self.key in self.states:
-            cpu, cuda = self.states[self.key]
-            torch.set_rng_state(cpu)
-            if cuda is not None:
-                torch.cuda.set_rng_state(cuda, self.device)
+            self._restore(self.states[self.key])
+
+    def scored(self):
+        """The scoring pass is over: where it leaves the generators is where the step leaves them."""
+        self.end = self._now()
+
+    def replayed(self):
+        """The training pass is over: the generators back where the scoring pass left them (it also ran forwards
+        the training pass skips: micro-batches without label tokens)."""
+        if self.end is not None:
+            self._restore(self.end)
 
 
 def _detach(masked: MaskedLinears, frozen: list, handles: list, ddp, ddp_sync, zeroed: list):
@@ -144,7 +161,7 @@ class TuningSession:
                  rerun: bool = False, overlap_comm: bool | None = None, backwards_per_step: int | None = None):
         if memory_mode not in MEMORY_MODES:
             raise CTFastError(f"memory_mode={memory_mode!r} is not one of {MEMORY_MODES}")
-        if not isinstance(refresh_every, int) or refresh_every < 1:
+        if not is_whole_number(refresh_every) or refresh_every < 1:
             raise CTFastError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
         if ablation not in ABLATIONS:
             raise CTFastError(f"ablation={ablation!r} is not one of {ABLATIONS}")
@@ -158,11 +175,15 @@ class TuningSession:
             if memory_mode == "two_pass":
                 raise CTFastError("memory_mode='two_pass' runs each forward twice, which your loop does not: use "
                                   "'deferred', 'lagged' or 'auto' here, or ct_fast.CircuitTuner for two_pass")
-        if backwards_per_step is not None and (isinstance(backwards_per_step, bool) or not isinstance(
-                backwards_per_step, int) or backwards_per_step < 1):
+        if backwards_per_step is not None and (not is_whole_number(backwards_per_step) or backwards_per_step < 1):
             raise CTFastError(f"backwards_per_step must be None or an int >= 1, got {backwards_per_step!r}")
         if top_n is None and schedule is None:
             raise CTFastError("circuit-tuning needs top_n (edges per circuit) or a schedule")
+        if selection not in SELECTION_METHODS:
+            raise CTFastError(f"selection={selection!r} is not one of {SELECTION_METHODS}")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+            raise CTFastError(f"threshold must be a finite number (edges need a score above it), got {threshold!r}")
+        check_token_budget(token_budget, pool)
         model, self.ddp, group, self.sharded = DataParallel.of(model)  # hooks go on the module a DDP wrapper holds
         self.model, self.optimizer = model, optimizer
         if graph is None:
@@ -359,10 +380,12 @@ class TuningSession:
             mode = "outcome"
         else:
             mode = self._choose_mode(batches, backwards)
-            if mode == "lagged" and self.circuit is None:  # no circuit to lag behind yet
-                mode = "two_pass" if self.rerun else "deferred"
+            if mode == "lagged" and self.circuit is None and self.rerun:  # no circuit to lag behind yet: the tuner
+                mode = "two_pass"  # runs the forwards again on this batch's circuit
         m = self.masked
-        if mode in ("reused", "lagged"):
+        if mode in ("reused", "lagged") and self.circuit is None:  # your loop's first lagged step: it scores this
+            m.selection, m.active = {}, True  # batch and updates nothing (no earlier circuit), keeping no dW
+        elif mode in ("reused", "lagged"):
             m.selection, m.active = self.param_selection(self.circuit), True
         else:  # deferred keeps what dW needs; two_pass and outcome score first and train afterwards
             m.selection, m.active = None, mode == "deferred"
@@ -554,6 +577,8 @@ class TuningSession:
             self.select()
         # the circuit this step updates, and the top_n it was selected with (between refreshes: an earlier one)
         applied, top_n = self._previous if self.mode == "lagged" else (self.circuit, self.circuit_top_n)
+        if applied is None:  # your loop's first lagged step: no earlier circuit, nothing updated
+            applied = Circuit([], self.graph)
         selection = self.masked.selection if self.mode in ("reused", "lagged") else self.param_selection(applied)
         if self.mode == "deferred":
             with self.timer.span("backward"):

@@ -197,6 +197,7 @@ class CircuitTuner:
             if session.mode in ("two_pass", "outcome"):  # a scoring pass, then a training pass on the circuit
                 session.forward_rng = ForwardRng(self.device)
                 loss, metric, retained = self._passes(batches, corrupted, w_loss, w_metric, timer, score=True)
+                session.forward_rng.scored()
                 session.select()
                 if retained is not None:  # one micro-batch: the training backward over the graph kept
                     session.stream_grads()
@@ -206,6 +207,7 @@ class CircuitTuner:
                     session.masked.plain_outside(session.masked.selection)  # outside it
                     session.forward_rng.replaying = True
                     loss, _, _ = self._passes(batches, corrupted, w_loss, w_metric, timer, score=False)
+                    session.forward_rng.replayed()
             else:  # deferred, lagged, reused: one forward and backward per micro-batch
                 loss, metric, _ = self._passes(batches, corrupted, w_loss, w_metric, timer, score=False)
             conclusion = session.conclude()
@@ -259,15 +261,17 @@ class CircuitTuner:
                     value = evaluate_metric(self.metric, out, b)
             if out.loss is None:
                 raise CTFastError(_NO_LABELS)
+            # a micro-batch without label tokens (scored here for an outcome metric) has no loss: NaN, weighing 0
+            micro_loss = out.loss if wl else torch.zeros_like(out.loss)
             if session.dp is not None:
                 try:
-                    step_loss, step_metric = _read_losses([(out.loss, value, wl, wm)])
+                    step_loss, step_metric = _read_losses([(micro_loss, value, wl, wm)])
                 except NonFiniteError:
                     session.nonfinite = True  # several ranks: refused on all of them at the step's first collective
                     continue
                 loss, metric = loss + step_loss, metric + step_metric
             else:
-                unread.append((out.loss.detach(), value.detach(), wl, wm))
+                unread.append((micro_loss.detach(), value.detach(), wl, wm))
             target = (value if score else out.loss) * w
             del out  # the logits ([B, T, vocab]) are not needed by the backward: free them before it
             with timer.span("backward"):

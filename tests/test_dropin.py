@@ -77,6 +77,27 @@ def test_accumulated_backwards_equal_micro_batches(opt_name, arch):
         assert_close(q, p)
 
 
+def test_first_lagged_step_of_your_loop_scores_and_updates_nothing():
+    """No earlier circuit to update: the first lagged step selects its batch's circuit and applies an empty one,
+    keeping no dense weight gradient (deferred's, which auto chose lagged to avoid); the second applies the first's
+    circuit to its own batch's gradient, as CircuitTuner's lagged steps do."""
+    model, twin = tiny_model("llama"), tiny_model("llama")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=20, memory_mode="lagged")
+    first, second = _batches(2)
+    model(**_inputs(first)).loss.backward()
+    assert not opt.tuning.masked.dense and not opt.tuning.masked.saved
+    opt.step()
+    assert len(opt.last_step.circuit) == 0 and opt.last_step.circuit.fraction == 0.0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    selected = opt.tuning.circuit
+    assert _edges(selected) == _edges(ct_fast.attribute(twin, _inputs(first)).top_n(20))
+    opt.zero_grad()
+    model(**_inputs(second)).loss.backward()
+    opt.step()
+    assert opt.last_step.circuit is selected
+
+
 def test_only_the_circuit_changes_and_no_full_gradient(arch):
     model = tiny_model(arch)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

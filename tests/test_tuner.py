@@ -46,6 +46,28 @@ def test_faithful_step_updates_exactly_the_circuit(arch, model, batch, metric):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_outcome_metric_over_a_micro_batch_without_label_tokens():
+    """An outcome metric scores every micro-batch, one without label tokens too (it weighs 0 in the training
+    loss, whose NaN there is not the step's): the step equals the whole batch's (it was refused as non-finite)."""
+    b = random_batch(37, batch=4, seq=8)
+    b = dict(b, target_pos=torch.tensor([5, 4, 3, 2]), answer=torch.tensor([1, 2, 3, 4]),
+             wrong_answer=torch.tensor([4, 5, 6, 7]))
+    b["labels"] = b["labels"].clone()
+    b["labels"][2:] = -100
+    halves = [{k: v[:2] for k, v in b.items()}, {k: v[2:] for k, v in b.items()}]
+    results, models = [], []
+    for given in (b, halves):
+        model = tiny_model("llama")
+        results.append(CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=10,
+                                    metric="logit_diff").step(given))
+        models.append(model)
+    assert [e[:2] for e in results[1].circuit.edges] == [e[:2] for e in results[0].circuit.edges]
+    assert results[1].loss == pytest.approx(results[0].loss, rel=1e-5)
+    assert results[1].metric == pytest.approx(results[0].metric, rel=1e-4, abs=1e-6)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert_close(q, p)
+
+
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_micro_batches_equal_the_whole_batch(batch, ablation):
     a, b = tiny_model("qwen2"), tiny_model("qwen2")
@@ -190,6 +212,15 @@ def test_bad_input_leaves_model_untouched(model, batch):
         TopNSchedule(10, 7.5, 3, "linear")
     with pytest.raises(CTFastError, match="CircuitAdamW or CircuitSGD"):
         CircuitTuner(model, torch.optim.AdamW(model.parameters()), top_n=10)
+    for option, match in (({"threshold": float("nan")}, "threshold must be a finite number"),  # (0-edge circuits)
+                          ({"threshold": None}, "threshold must be"),  # (a TypeError after the backward)
+                          ({"token_budget": 2.5}, "token_budget must be None or a whole number"),
+                          ({"token_budget": 0}, "token_budget must be"),
+                          ({"token_budget": 4, "pool": True}, "cannot be combined with pool"),
+                          ({"selection": "node"}, "selection='node' is not one of"),
+                          ({"refresh_every": True}, "refresh_every must be")):
+        with pytest.raises(CTFastError, match=match):  # at construction, before any step
+            CircuitTuner(model, opt, top_n=10, **option)
     nan_metric = CircuitTuner(model, opt, top_n=10, metric=lambda logits, b: logits.mean() * float("nan"))
     with pytest.raises(NonFiniteError):
         nan_metric.step(batch)
@@ -227,12 +258,17 @@ def test_positions_name_task_fields_as_in_attribute(batch, mode):
         assert [e[:2] for e in tuner.step(halves).circuit.edges] == [e[:2] for e in want.edges]
 
 
+@pytest.mark.parametrize("last_unlabelled", [False, True])
 @pytest.mark.parametrize("arch,dropout", [("llama", {"attention_dropout": 0.3}),
                                           ("gpt2", {"resid_pdrop": 0.3, "attn_pdrop": 0.3, "embd_pdrop": 0.3})])
-def test_dropout_two_pass_equals_deferred_over_micro_batches(batch, arch, dropout):
+def test_dropout_two_pass_equals_deferred_over_micro_batches(batch, arch, dropout, last_unlabelled):
     """In train mode with dropout, two_pass's training pass runs each micro-batch's forward again from the RNG state
     its scoring forward started from: the same masks, so the same circuit and update as deferred's one forward,
-    and the generator ends where deferred leaves it."""
+    and the generator ends where deferred leaves it — also when the last micro-batch has no label token (scored,
+    with a forward of its own, but not trained: the training pass does not run it again)."""
+    if last_unlabelled:
+        batch = dict(batch, labels=batch["labels"].clone())
+        batch["labels"][2:] = -100
     halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
     runs = []
     for mode in ("deferred", "two_pass"):
