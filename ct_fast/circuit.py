@@ -242,8 +242,9 @@ def select_circuit(edge_scores, n: int, method: str = "edges", threshold: float 
     those with score ``> threshold``. Ranking happens on the scores' device, without Python edge loops."""
     graph, S = edge_scores.graph, edge_scores.scores
     n_edges = graph.n_edges
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if not is_whole_number(n) or n < 0:
         raise CTFastError(f"top_n must be a non-negative int, got {n!r}")
+    n = int(n)
     if n > n_edges:
         raise CTFastError(f"top_n={n} is larger than the {n_edges} edges of the graph; choose top_n <= {n_edges}")
     if method not in SELECTION_METHODS:

@@ -224,11 +224,14 @@ class ComputationGraph:
                 "AutoModelForCausalLM, or add an adapter in ct_fast/graph.py"
             )
         spec = _gpt2_spec(model) if model_type == "gpt2" else _llama_spec(model)
-        if mlp_head_dim is not None and (mlp_head_dim <= 0 or spec["d_mlp"] % mlp_head_dim):
+        from .circuit import is_whole_number
+
+        if mlp_head_dim is not None and (not is_whole_number(mlp_head_dim) or mlp_head_dim <= 0
+                                         or spec["d_mlp"] % mlp_head_dim):
             raise CTFastError(
                 f"mlp_head_dim={mlp_head_dim} must be a positive divisor of the MLP width {spec['d_mlp']}"
             )
-        graph = _build(model_type, spec, mlp_head_dim)
+        graph = _build(model_type, spec, None if mlp_head_dim is None else int(mlp_head_dim))
         graph.param_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
         return graph
 
@@ -245,8 +248,9 @@ class ComputationGraph:
             if getattr(self, key) != getattr(built, key):
                 raise CTFastError(f"the graph does not describe this model: {key} is {getattr(self, key)} in the "
                                   f"graph, {getattr(built, key)} in the model; {fix}")
-        for name in sorted(self.tunable_params):
-            ours, theirs = self.param_shapes.get(name), built.param_shapes.get(name)
+        for name in sorted(self.tunable_params | built.tunable_params):  # (a bias only the model has: untrained)
+            ours = self.param_shapes.get(name) if name in self.tunable_params else None
+            theirs = built.param_shapes.get(name) if name in built.tunable_params else None
             if ours != theirs:
                 raise CTFastError(f"the graph does not describe this model: parameter {name} is "
                                   f"{ours or 'absent'} in the graph, {theirs or 'absent'} in the model; {fix}")

@@ -469,13 +469,7 @@ class TuningSession:
         if output is None:  # the forward raised: nothing to score
             recording.capture.__exit__(None, None, None)
             return None
-        self.run.end(recording)
-        missing = set(self.run.tap_keys) - recording.capture.tapped
-        if recording.scorer is not None and missing:
-            raise CTFastError(f"{len(missing)} attribution taps saw no autograd during the forward (e.g. "
-                              f"{sorted(missing)[0][0]}): reentrant activation checkpointing runs layers under "
-                              "no_grad — use ct_fast.enable_activation_checkpointing(model) or "
-                              "gradient_checkpointing_kwargs={'use_reentrant': False}")
+        self.run.end(recording)  # (refuses a forward whose taps saw no autograd: reentrant checkpointing)
         return None
 
     def observe(self, batch: dict):

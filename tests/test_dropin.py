@@ -429,3 +429,7 @@ def test_activation_checkpointing():
     CircuitAdamW(c.parameters(), lr=1e-2, model=c, top_n=25)
     with pytest.raises(CTFastError, match="reentrant"):
         c(**_inputs(_batches(1)[0]))
+    d = tiny_model("llama").train()  # attribute() too (its taps' gradients never came: all but logits scored 0)
+    d.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(CTFastError, match="reentrant"):
+        ct_fast.attribute(d, _inputs(_batches(1)[0]))

@@ -67,8 +67,13 @@ def test_unsupported_architecture_is_named():
 
 
 def test_mlp_head_dim_must_divide(model):
-    with pytest.raises(CTFastError, match="mlp_head_dim=7"):
-        ComputationGraph.from_model(model, mlp_head_dim=7)
+    for bad in (7, True, 8.0):  # (True read as width 1, 8.0 as a TypeError)
+        with pytest.raises(CTFastError, match=f"mlp_head_dim={bad}"):
+            ComputationGraph.from_model(model, mlp_head_dim=bad)
+    import numpy as np
+
+    graph = ComputationGraph.from_model(model, mlp_head_dim=np.int64(8))
+    assert type(graph.mlp_head_dim) is int and graph.describe()["mlp_head_dim"] == 8
 
 
 def test_a_graph_of_another_model_is_refused():
@@ -93,6 +98,9 @@ def test_a_graph_of_another_model_is_refused():
                 use()
     for own in (ComputationGraph.from_model(model), ComputationGraph.from_model(model, mlp_head_dim=8)):
         own.check_model(model)
+    # the other way round: a bias-free model's graph for a model with biases would leave them untrained
+    with pytest.raises(CTFastError, match="proj.bias is absent in the graph"):
+        ComputationGraph.from_model(model).check_model(tiny_model("llama", attention_bias=True))
 
 
 def _perturbed(model, slices, scale=1.0):

@@ -191,6 +191,10 @@ def test_corrupted_ablation_step(model, batch):
     assert r.circuit.edges == want.edges
     with pytest.raises(CTFastError, match="corrupted_batch has shape"):
         tuner.step(batch, corrupted_batch={k: v[:2] for k, v in corrupted.items()})
+    mask = corrupted["attention_mask"].clone()
+    mask[0, -1] = 0  # padded elsewhere: that token would be scored against a padding activation
+    with pytest.raises(CTFastError, match=r"examples \[0\] of corrupted_batch are padding"):
+        tuner.step(batch, corrupted_batch=dict(corrupted, attention_mask=mask))
 
 
 def test_bad_input_leaves_model_untouched(model, batch):
