@@ -650,6 +650,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         A step planned afresh keeps each group's ``_StepLayout``; the next steps reuse them while the selection and
         the pools stay (a fixed circuit) and the gradients come as they did: then a step's host work is its
         gradients' views, one slot assignment per pool and the update's launch."""
+        refused = None
         try:  # validate every group before any state or parameter is written
             self._check_moments()
             layouts = self._layouts
@@ -659,8 +660,11 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             if not reused:
                 drafts = [(gi, group, *self._plan(gi, group)) for gi, group in enumerate(self.param_groups)]
                 plans = [(gi, group, plan) for gi, group, plan, _ in drafts]
+        except CTFastError as e:
+            refused = e
         finally:
             self._grad_rows = {}
+        self._refuse_together(refused)
         flag = self._skip_flag(plans)
         if not reused:  # (after every check: a refused step allocates no pool)
             layouts = {gi: self._layout(gi, group, plan, sources) for gi, group, plan, sources in drafts}
@@ -676,6 +680,26 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             if plan:
                 self._apply(self._collect(layouts[gi], plan, None if flag is None else flag > 0), group, flag)
         self.step_skipped = flag
+
+    def _refuse_together(self, refused: CTFastError | None):
+        """Raise ``refused`` (this rank's reason to refuse the step, or None) — under FSDP2 on every rank if any
+        refuses: each rank plans its own shard's rows, so a bounded pool may overflow on one rank only, and a step
+        applied by the others would leave the model's shards inconsistent. (Replicated ranks plan the same rows and
+        decide alike: no collective.)"""
+        session = self.tuning
+        if (session is None or not session.sharded or session.dp is None
+                or all(g.get("state_capacity") is None for g in self.param_groups)):
+            if refused is not None:
+                raise refused
+            return
+        seen = session.dp.agree("optimizer step", {"refused": int(refused is not None)}, free=("refused",))
+        if refused is not None:
+            raise refused
+        if any(seen["refused"]):
+            bad = [r for r, v in enumerate(seen["refused"]) if v]
+            raise CTFastError(f"rank(s) {bad} refused this step (their shard's rows overflow an optimizer-state pool: "
+                              "see the error there), so it is refused on every rank and the model untouched; raise "
+                              "state_capacity (or None)")
 
     def _check_moments(self) -> None:
         """Each group's pools hold the moments its hyper-parameters need now (``_moments_of``: a group's own amsgrad

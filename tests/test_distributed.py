@@ -182,6 +182,25 @@ def _scenarios(rank, out: pathlib.Path, phase: str):
             opt.step()
         except CTFastError as e:
             errors["no_backward"] = str(e)
+        # FSDP2 with a bounded state pool: each rank plans its own shard's rows, and a circuit overflowing the pool
+        # on one rank only is refused on both (one rank applied it: shards out of step, then a hang)
+        from ct_fast.testing import random_batch
+
+        model = _fully_shard(tiny_model("llama"))
+        cols = [p for n, p in model.named_parameters() if "o_proj" in n or "down_proj" in n]
+        rows = [p for p in model.parameters() if all(p is not q for q in cols)]
+        opt = CircuitAdamW([{"params": cols, "state_capacity": None}, {"params": rows}], lr=1e-2, model=model,
+                           top_n=6, state_capacity=1)
+        outcomes = []
+        for s in range(3):
+            model(**random_batch(37, batch=2, seq=8, pad=False, seed=10 * s + rank)).loss.backward()
+            try:
+                opt.step()
+                outcomes.append("applied")
+            except CTFastError as e:
+                outcomes.append("refused: " + ("own" if "overflow" not in str(e) else "other rank's"))
+            opt.zero_grad()
+        errors["fsdp_capacity"] = outcomes
         # ranks at different points of a step (one streams gradients, the other concludes): both raise, none hangs
         dp = DataParallel(dist.group.WORLD, torch.device("cpu"))
         try:
@@ -334,6 +353,9 @@ def test_failures_raise_on_every_rank(runs):
         assert errors["untouched"]
         assert "backward_ran" in errors["no_backward"]
         assert "reached another point of the step" in errors["points"]
+    outcomes = [errors["fsdp_capacity"] for errors in _load(runs, "errors")]
+    assert [o[:7] for o in outcomes[0]] == [o[:7] for o in outcomes[1]]  # the same steps applied on both ranks
+    assert any(o.startswith("refused") for o in outcomes[0]) and "applied" in outcomes[0]
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
