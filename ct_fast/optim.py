@@ -77,6 +77,27 @@ def _n_rows(p: torch.Tensor, dim: int) -> int:
     return p.shape[dim] if p.dim() else 1
 
 
+def _check_pool_members(pools: list, by_id: dict):
+    """Refuse saved optimizer-state pools whose members do not fit the parameters they load into (another model, the
+    parameters listed in another order, an FSDP2 rank's file in another number of processes): each member's rows
+    along its axis and their width must be the parameter's (this rank's shard's) — else two parameters would share
+    moments, or a step index out of range."""
+    for saved in pools:
+        width = int(saved["width"])
+        for pid, dim, _, n_rows, _ in saved["members"]:
+            p = by_id.get(pid)
+            if p is None:
+                raise CTFastError(f"the optimizer state names parameter {pid}, which this optimizer does not have "
+                                  "(saved for another model or other param groups)")
+            rows = _n_rows(p, int(dim))
+            if int(n_rows) != rows or rows * width != local(p).numel():
+                raise CTFastError(
+                    f"the optimizer state of parameter {pid} holds {n_rows} rows of width {width} (axis {dim}), but "
+                    f"this optimizer's parameter {pid} has {rows} rows of width {local(p).numel() // max(rows, 1)} "
+                    "there: it was saved for another model, with the parameters in another order, or (FSDP2) with "
+                    "another number of processes — load it into the same model, parameters and world size")
+
+
 def check_state_capacity(capacity):
     """``capacity`` as None, a float in (0, 1] or an int >= 1; anything else raises ``CTFastError``."""
     if capacity is None:
@@ -164,10 +185,11 @@ class _CircuitOptimizer(torch.optim.Optimizer):
             self.tuning.zero_grad()
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip the gradient this step will apply to total ``norm_type``-norm ``max_norm``; returns the norm before
-        clipping (as ``torch.nn.utils.clip_grad_norm_``). Circuit-tuning: the circuit's compact gradient (the
-        circuit is selected now, if this is a refresh step) — ``torch.nn.utils.clip_grad_norm_(model.parameters())``
-        sees no gradient there (tunable weights get no ``.grad``) and clips nothing."""
+        """Circuit-tuning (``model=``): clip the circuit's compact gradient, the one this step will apply (the circuit
+        is selected now, if this is a refresh step), to total ``norm_type``-norm ``max_norm``; returns the norm
+        before clipping (as ``torch.nn.utils.clip_grad_norm_``, which sees no gradient there: tunable weights get no
+        ``.grad``). Without ``model=``: ``torch.nn.utils.clip_grad_norm_`` over every parameter's ``.grad`` (a
+        circuit fixed by ``set_circuit`` included: the norm is the whole gradient's)."""
         if self.tuning is None:
             return torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_norm,
                                                   norm_type)
@@ -178,7 +200,9 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         norm = c.norm if norm_type == 2.0 else torch.linalg.vector_norm(
             torch.stack(torch._foreach_norm(grads, norm_type)), norm_type)
         if grads:  # as torch: scale by min(1, max_norm / (norm + 1e-6)), no host sync
-            torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, scale)
+            c.norm = c.norm * scale  # the gradients' 2-norm now (a second call sees the clipped gradient, as torch's)
         return norm
 
     clip_grad_norm = clip_grad_norm_  # the name the HF Trainer looks for on sharded optimizers
@@ -791,6 +815,7 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         if tuning is not None and self.tuning is None:  # the tuning session's last circuit, not one set_circuit fixed:
             circuit = None  # without model= the optimizer is dense, as the saving one is once detached
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        _check_pool_members(pools, dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"]))))
         # members of pools pass as their axis only: torch would cast the shared tensors once per parameter
         super().load_state_dict({**state_dict, "state": {pid: {"dim": s["dim"]} if "pool" in s else s
                                                          for pid, s in state_dict["state"].items()}})
@@ -818,6 +843,8 @@ class _CircuitOptimizer(torch.optim.Optimizer):
         else:
             self._selection = {by_id[i]: ParamSelection(d, n, tuple(tuple(r) for r in rs))
                                for i, (d, n, rs) in circuit.items()}
+        if self.tuning is not None:  # parameters trained now that the saved pools lack (unfrozen since the save)
+            self.tuning._reserve_state_pools(self.tuning.model)  # join them in the order the saving run would
 
     # ---- footprint (for logs and benchmarks: these synchronise) ----
     def num_state_rows(self) -> int:

@@ -26,8 +26,8 @@ _TORCH_KEYS = {"AdamW": ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), "SG
 
 def _saved_kind(group: dict) -> str | None:
     """The optimizer family whose hyper-parameters a saved param group holds."""
-    if "betas" in group:
-        return "AdamW"
+    if "betas" in group:  # Adam and AdamW groups carry amsgrad; RAdam's, NAdam's and Adamax's do not (other updates)
+        return "AdamW" if "amsgrad" in group else None
     if "momentum" in group and "dampening" in group:
         return "SGD"
     return None

@@ -145,6 +145,14 @@ class CircuitTuner:
         self.session.step_count = n
         self.session._reset_step()
 
+    def state_dict(self) -> dict:
+        """What a resume needs besides the model's and the optimizer's state dicts: the step count (the refresh and
+        ``top_n`` schedules follow it) and the newest circuit (reused between refreshes, lagged's next update)."""
+        return self.session.state_dict()
+
+    def load_state_dict(self, state: dict):
+        self.session.load_state_dict(state)
+
     def step(self, batch, corrupted_batch=None) -> StepResult:
         """One circuit-tuning step on ``batch`` (a dict, or a list of micro-batch dicts whose gradients and
         scores are accumulated). Refuses (raises, model untouched) on NaN/inf loss, metric or scores."""

@@ -173,7 +173,8 @@ def test_clip_grad_norm_clips_the_circuit_gradient():
     model(**_inputs(b)).loss.backward()
     assert float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)) == 0.0  # torch's sees no .grad
     norm = opt.clip_grad_norm_(1e-3)
-    circuit = opt.tuning._conclusion.circuit
+    assert float(opt.clip_grad_norm_(1e-3)) == pytest.approx(1e-3, rel=1e-3)  # a second call: the clipped norm,
+    circuit = opt.tuning._conclusion.circuit  # and no second scaling (as torch's)
     twin(**_inputs(b)).loss.backward()
     masks = circuit.param_masks(twin)
     dense = torch.cat([(q.grad * masks[n]).flatten() for n, q in twin.named_parameters() if q.grad is not None])
@@ -412,6 +413,38 @@ def test_checkpoint_resume_is_bit_exact():
     d(**_inputs(batches[1])).loss.backward()
     od.step()
     assert all(not torch.equal(p.detach(), before[n]) for n, p in d.named_parameters() if p.grad is not None)
+
+
+def test_resume_across_an_unfreezing_with_shared_pools_is_bit_exact():
+    """MLP weights frozen for 2 steps, then unfrozen; fractional state_capacity (shared pools, evictions). A resume
+    from the step-2 checkpoint into a model built with them unfrozen equals the uninterrupted run: the loaded pools
+    register them as that run did at its refresh (they joined one by one in step order, and evicted other rows)."""
+    batches = _batches(8)
+
+    def build(model):
+        return CircuitAdamW(model.parameters(), lr=1e-2, model=model, top_n=30, state_capacity=0.5, mlp_head_dim=8)
+
+    a = tiny_model("llama")
+    mlp = [p for n, p in a.named_parameters() if ".mlp." in n]
+    for p in mlp:
+        p.requires_grad_(False)
+    oa = build(a)
+    list(_loop(a, oa, batches[:2]))
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": oa.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    for p in mlp:
+        p.requires_grad_(True)
+    want = list(_loop(a, oa, batches[2:]))
+    c = tiny_model("llama", seed=4)
+    c.load_state_dict(saved["model"])
+    oc = build(c)
+    oc.load_state_dict(saved["opt"])
+    got = list(_loop(c, oc, batches[2:]))
+    assert [_edges(x.circuit) for x in got] == [_edges(x.circuit) for x in want]
+    for p, q in zip(a.parameters(), c.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_activation_checkpointing():

@@ -595,6 +595,31 @@ def test_state_dict_round_trip_with_capacity(ours, kw):
     _assert_same_state(oa.state_dict(), ob.state_dict())
 
 
+@pytest.mark.parametrize("capacity", [None, 0.7])
+@pytest.mark.parametrize("ours,kw", [(CircuitAdamW, dict(lr=1e-2)), (CircuitSGD, dict(lr=0.05, momentum=0.9))],
+                         ids=["adamw", "sgd"])
+def test_state_of_other_parameters_is_refused(ours, kw, capacity):
+    """A state loaded into parameters of other shapes (listed in another order, another model) is refused before
+    anything changes: its rows would share moments with another parameter's, or index past the pool."""
+    params = _pool_params(seed=5)
+    opt = ours(params, state_capacity=capacity, **kw)
+    _reserve(opt, params)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(3):
+        opt.set_circuit({params[i]: m for i, m in _random_masks(params, gen).items()})
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    shuffled = [p.detach().clone().requires_grad_() for p in reversed(params)]
+    assert [p.shape for p in shuffled] != [p.shape for p in params]
+    other = ours(shuffled, state_capacity=capacity, **kw)
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(CTFastError, match="saved for another model, with the parameters in another order"):
+        other.load_state_dict(sd)
+    _assert_same_state(other.state_dict(), before)
+
+
 def _per_parameter_layout(sd, pools: bool) -> dict:
     """``sd`` in an earlier layout: a pool per parameter (``pools``), or rows appended as they entered (no
     owner/last_used, no clock, no state_capacity)."""

@@ -321,6 +321,9 @@ def test_mismatch_errors():
     _load_fails(CircuitSGD(p, momentum=0.9), adamw.state_dict(), r"torch\.optim\.Adam/AdamW.*CircuitAdamW")
     _load_fails(CircuitAdamW(p), sgd.state_dict(), r"torch\.optim\.SGD.*ct_fast\.CircuitSGD")
     _load_fails(CircuitAdamW(p), adam_l2.state_dict(), r"torch\.optim\.Adam with weight_decay=0\.1")
+    for other in (torch.optim.RAdam, torch.optim.NAdam, torch.optim.Adamax):  # betas too, other updates
+        _, state = _torch_run(other, dict(lr=1e-2))
+        _load_fails(CircuitAdamW(p), state.state_dict(), "saved by another optimizer")
     inconsistent = copy.deepcopy(ams.state_dict())
     inconsistent["param_groups"][0]["amsgrad"] = False
     _load_fails(CircuitAdamW(p), inconsistent, r"max_exp_avg_sq.*saved param group has amsgrad=False.*inconsistent")

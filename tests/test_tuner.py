@@ -68,6 +68,38 @@ def test_outcome_metric_over_a_micro_batch_without_label_tokens():
         assert_close(q, p)
 
 
+def test_tuner_state_dict_resumes_exactly():
+    """tuner.state_dict() (step count, newest circuit) with the model's and optimizer's: a resume with
+    refresh_every=2 refreshes and reuses as the uninterrupted run (a fresh tuner refreshed at once)."""
+    import io
+
+    batches = [random_batch(37, seed=s) for s in range(5)]
+
+    def build(model):
+        return CircuitTuner(model, CircuitAdamW(model.parameters(), lr=1e-2), top_n=20, refresh_every=2)
+
+    a = tiny_model("llama")
+    ta = build(a)
+    want = [ta.step(b) for b in batches]
+    b_model = tiny_model("llama")
+    tb = build(b_model)
+    for batch in batches[:3]:
+        tb.step(batch)
+    buf = io.BytesIO()
+    torch.save({"model": b_model.state_dict(), "opt": tb.optimizer.state_dict(), "tuner": tb.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    c = tiny_model("llama", seed=5)
+    c.load_state_dict(saved["model"])
+    tc = build(c)
+    tc.optimizer.load_state_dict(saved["opt"])
+    tc.load_state_dict(saved["tuner"])
+    got = [tc.step(batch) for batch in batches[3:]]
+    assert [r.refreshed for r in got] == [r.refreshed for r in want[3:]] == [False, True]
+    for p, q in zip(a.parameters(), c.parameters()):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_micro_batches_equal_the_whole_batch(batch, ablation):
     a, b = tiny_model("qwen2"), tiny_model("qwen2")

@@ -280,19 +280,14 @@ class Method:
                 "tuned_fraction": self.trainable / self.base_params, "step_time": time.perf_counter() - t0}
 
     def tuner_state(self) -> dict | None:
-        if self.tuner is None:
-            return None
-        c = self.tuner.circuit
-        return {"step_count": self.tuner.step_count, "circuit": None if c is None else c.to_dict()}
+        return None if self.tuner is None else self.tuner.state_dict()
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "tuner": self.tuner_state()}
 
     def load_tuner_state(self, tuner: dict | None):
         if self.tuner is not None and tuner is not None:
-            self.tuner.step_count = tuner["step_count"]
-            c = tuner["circuit"]
-            self.tuner.circuit = None if c is None else Circuit.from_dict(c, self.tuner.graph)
+            self.tuner.load_state_dict(tuner)
 
     def load_state(self, state: dict):
         self.model.load_state_dict(state["model"])
