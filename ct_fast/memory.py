@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import CTFastError
 from .graph import ComputationGraph
-from .models import DTYPES, SHAPES, enable_activation_checkpointing, shape_config
+from .models import DTYPES, SHAPES, check_positions, enable_activation_checkpointing, shape_config
 
 MODES = ("deferred", "two_pass", "lagged")
 FULL = "full"  # full fine-tuning with the torch optimizer, all parameters trained
@@ -782,9 +782,7 @@ def memory_plan(model_or_config, batch: int, seq: int, dtype="bf16", device_memo
     _check(batch, seq, dtype, modes, top_fraction, state_capacity, optimizer, memory)
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     label, config = load_config(model_or_config)
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if positions is not None and seq > positions:
-        raise CTFastError(f"seq={seq} is longer than the {positions} positions {label} takes")
+    check_positions(config, seq, "seq", label)
     model, graph, shapes, step, opt = _traced(config, torch_dtype, seq, activation_checkpointing, optimizer,
                                               bool(modes), fused_loss)
     pool = circuit_state_bytes(model, graph, optimizer, state_capacity) if modes else 0

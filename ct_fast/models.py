@@ -246,6 +246,14 @@ def load_model(name_or_path: str, dtype=None, device=None, mlp_head_dim: int | N
     return model, graph
 
 
+def check_positions(config, tokens: int, what: str, label: str = "the model"):
+    """Refuse ``tokens`` per example beyond the positions ``config`` takes (learned position embeddings fail with an
+    index error there; rotary ones leave the context they were trained for)."""
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and tokens > positions:
+        raise CTFastError(f"{what}={tokens} is longer than the {positions} positions {label} takes")
+
+
 def load_tokenizer(name_or_path: str, progress: bool = True, log=None):
     """The tokenizer that goes with ``load_model(name_or_path)`` (its pad token set to eos when it has none).
 

@@ -304,6 +304,61 @@ def test_resume_from_any_directory_and_extend(model_dir, datasets, tmp_path, cap
     assert json.load(open(work / "run" / "config.json"))["steps"] == 4
 
 
+def test_an_extension_cut_short_while_saving_its_model_resumes(model_dir, datasets, tmp_path, capsys, monkeypatch):
+    """An extension interrupted after its last checkpoint, while saving its model: the summary there is the
+    extended run's (2 steps), not this one's — resume writes the 4-step model (it was refused as finished,
+    pointing at the 2-step model)."""
+    from ct_fast.app import cli
+
+    out = tmp_path / "run"
+    assert _tune(model_dir, datasets["text"], out, "--steps", "2") == 0
+    real = cli.save_model
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "save_model", cut)
+    assert main(["tune", "--resume", str(out), "--steps", "4", "--no-progress"]) != 0  # "interrupted; ..."
+    assert open(out / "checkpoints" / "latest").read() == "step-000004"
+    monkeypatch.setattr(cli, "save_model", real)
+    assert main(["tune", "--resume", str(out), "--no-progress"]) == 0
+    assert json.load(open(out / "summary.json"))["steps"] == 4
+    assert "already finished its 4 steps" in _err(capsys, ["tune", "--resume", str(out)])
+
+
+def test_lagged_run_saves_the_circuits_its_steps_applied(model_dir, datasets, tmp_path):
+    """circuits/step-N.json is the circuit step N updated, as its log record says (lagged: the previous step's
+    selection — the tuner's newest circuit is the next step's)."""
+    out = tmp_path / "run"
+    assert _tune(model_dir, datasets["text"], out, "--memory-mode", "lagged", "--circuit-every", "1") == 0
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    saved = [json.load(open(out / "circuits" / f"step-{r['step']:06d}.json")) for r in log]
+    assert [(len(c["edges"]), len(c["nodes"]), c["num_params"]) for c in saved] == \
+        [(r["circuit_edges"], r["circuit_nodes"], r["tuned_params"]) for r in log]
+    assert len({c["num_params"] for c in saved}) > 1  # (the circuits differ: a file one step off would not match)
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(model_dir, datasets, tmp_path):
+    """A log line cut short (a full disk, a kill mid-write) does not block the resume: it is dropped, and the step
+    it recorded is redone from the checkpoint."""
+    out = tmp_path / "run"
+    assert _tune(model_dir, datasets["text"], out, "--steps", "2") == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "lr": 0.01, "loss": 4.5')
+    assert main(["tune", "--resume", str(out), "--steps", "4", "--no-progress"]) == 0
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [0, 1, 2, 3]
+
+
+def test_examples_beyond_the_models_positions_are_refused(model_dir, tmp_path, capsys):
+    """Texts longer than the positions the model takes (with a --max-length past them): a one-line error naming
+    --max-length, not an index error in the forward."""
+    limit = json.load(open(os.path.join(model_dir, "config.json")))["max_position_embeddings"]
+    data = _write(tmp_path / "long.jsonl", [{"text": " ".join(["the dog runs ."] * limit)}] * 4)
+    err = _err(capsys, ["tune", "--model", model_dir, "--data", data, "--out", str(tmp_path / "r"),
+                        "--max-length", str(2 * limit), "--no-progress"])
+    assert f"an example's length (--max-length)={2 * limit} is longer than the {limit} positions" in err
+
+
 def test_top_n_end_is_reached_at_the_last_step(model_dir, datasets, tmp_path):
     out = tmp_path / "run"
     assert _tune(model_dir, datasets["text"], out, "--top-n-end", "20", "--top-n-schedule", "linear") == 0
@@ -421,7 +476,9 @@ def test_profile_and_bench_argument_errors(capsys):
     cases = [(["profile", "--heads", "4", "--kv-heads", "3"], "--kv-heads 3 must divide --heads 4"),
              (["profile", "--steps", "0"], "--steps must be >= 1"),
              (["bench", "--models", "nope"], "--models: unknown ['nope']"),
-             (["bench", "--methods", "bogus"], "--methods: unknown ['bogus']")]
+             (["bench", "--methods", "bogus"], "--methods: unknown ['bogus']"),
+             (["bench", "--steps", "0"], "--steps must be >= 1"),  # (one step was timed)
+             (["bench", "--batch", "0"], "--batch must be >= 1")]
     for argv, message in cases:
         capsys.readouterr()
         assert main(argv) == 2, argv

@@ -45,9 +45,13 @@ def _profile_model(args):
 
 
 def _capacity(text: str):
-    """``--state-capacity``: a fraction (has a '.') or a row count."""
+    """``--state-capacity``: a row count (a whole number, e.g. ``64``) or a fraction of the rows (``0.25``, ``1e-3``)."""
     try:
-        return float(text) if "." in text else int(text)
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a fraction such as 0.25 or a row count, got {text!r}") from None
 
@@ -265,7 +269,10 @@ def _resume_conf(args) -> tuple[str, dict]:
     run = RunDir(path, create=False)
     conf = run.read_json("config.json")
     done = run.checkpoint_step() or 0
-    finished = done >= conf["steps"] and os.path.exists(run.file("summary.json"))
+    # finished: the model of all its steps written, and the summary after it (an extension interrupted while saving
+    # its model leaves the summary of the run it extends: not this run's)
+    summary = run.read_json("summary.json") if os.path.exists(run.file("summary.json")) else {}
+    finished = done >= conf["steps"] and summary.get("steps") == conf["steps"]
     if "steps" in getattr(args, "explicit", ()):
         if args.steps < max(done, 1):
             raise CTFastError(f"{path} has already done {done} steps; --steps must be at least {max(done, 1)}")
@@ -312,7 +319,7 @@ def cmd_tune(args) -> dict:
 
 def _tune(args, launch, out: str, conf: dict, cfg) -> dict:
     from .data import encode, read_jsonl
-    from ..models import load_model, load_tokenizer, resolve_model
+    from ..models import check_positions, load_model, load_tokenizer, resolve_model
     from .plots import plot_run_dir
     from .run import Method, RunDir, train
 
@@ -324,7 +331,8 @@ def _tune(args, launch, out: str, conf: dict, cfg) -> dict:
     tok = load_tokenizer(conf["model"], progress=progress, log=say)
     examples = encode(records, fmt, tok, conf["max_length"], where=conf["data"])
     model, graph = load_model(conf["model"], dtype=conf["dtype"], device=launch.device(conf["device"]),
-                              progress=progress, log=say)
+                              mlp_head_dim=cfg.mlp_head_dim, progress=progress, log=say)  # (the tuner's graph)
+    check_positions(model.config, max(len(e.input_ids) for e in examples), "an example's length (--max-length)")
     if cfg.method == "circuit":
         largest = max(cfg.top_n, cfg.top_n_end or 0)
         if largest > graph.n_edges:
@@ -361,7 +369,7 @@ def _tune(args, launch, out: str, conf: dict, cfg) -> dict:
 def cmd_discover(args) -> dict:
     from ..attribution import AttributionRun
     from .data import collate, encode, read_jsonl
-    from ..models import load_model, load_tokenizer
+    from ..models import check_positions, load_model, load_tokenizer
     from .plots import edge_table, node_label, plot_circuit, write_edge_table
 
     progress = not args.no_progress
@@ -390,6 +398,7 @@ def cmd_discover(args) -> dict:
         examples = encode(records, fmt, tok, args.max_length, where=args.data)
     model, graph = load_model(args.model, dtype=args.dtype, device=args.device, mlp_head_dim=args.mlp_head_dim,
                               progress=progress, log=_log)
+    check_positions(model.config, max(len(e.input_ids) for e in examples), "an example's length (--max-length)")
     if args.top_n > graph.n_edges:
         raise CTFastError(f"top_n={args.top_n} is larger than the {graph.n_edges} edges of the graph")
     model.eval()
@@ -562,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the circuit size goes from --top-n (first step) to --top-n-end (last step)")
     t.add_argument("--refresh-every", type=int, default=1, help="re-discover the circuit every this many steps")
     t.add_argument("--token-budget", type=int, default=None,
-                   help="score at most this many positions per batch (default: all)")
+                   help="score at most this many positions per micro-batch (default: all)")
     t.add_argument("--memory-mode", default="auto", choices=["auto", "deferred", "two_pass", "lagged"],
                    help="how a faithful step bridges scoring and the weight gradient (see README)")
     t.add_argument("--state-capacity", type=_capacity, default=None,
@@ -572,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the loss without the [batch, tokens, vocab] logits (chunked unembedding + "
                         "cross-entropy; --method circuit or full)")
     t.add_argument("--lora-r", type=int, default=32, help="LoRA rank (--method lora)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the data order, LoRA's initialisation, token budget")
+    t.add_argument("--seed", type=int, default=0, help="seed of the data order and LoRA's initialisation (the token budget's subsets follow the step)")
     t.add_argument("--circuit-every", type=int, default=10, help="save the circuit every this many steps")
     t.add_argument("--save-every", type=int, default=50, help="write a checkpoint every this many steps")
     t.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
@@ -628,9 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(tune --fused-loss)")
     pn.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer")
     pn.add_argument("--top-fraction", type=float, default=0.05, help="share of tunable parameters in a circuit")
-    pn.add_argument("--state-capacity", type=float, default=None,
-                    help="circuit optimizer state: the fraction of each parameter's rows its shared pool "
-                         "holds (default: every row)")
+    pn.add_argument("--state-capacity", type=_capacity, default=None,
+                    help="circuit optimizer state each parameter brings into its shared pool: a fraction in (0, 1] "
+                         "of its rows or a row count, as tune's (default: every row)")
     pn.add_argument("--json", default=None, metavar="FILE", help="write the plan as JSON here (default: none)")
     pn.set_defaults(func=cmd_plan)
     p.subcommands = parsers

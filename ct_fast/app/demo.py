@@ -217,9 +217,8 @@ def run_demo(out_dir: str, cfg: DemoConfig | None = None, methods=("circuit", "f
                            top_n=cfg.top_n, mlp_head_dim=cfg.mlp_head_dim, lora_r=cfg.lora_r, seed=cfg.seed,
                            circuit_every=max(1, cfg.tune_steps // 6), save_every=cfg.tune_steps)
         run = RunDir(os.path.join(out_dir, name))
+        run.clear("log.jsonl", "summary.json", "circuits", "model")  # an earlier demo's, in the same --out
         run.write_json("config.json", asdict(tcfg))
-        if os.path.exists(run.file("log.jsonl")):
-            os.remove(run.file("log.jsonl"))
         model = copy.deepcopy(base_model).train()
         method = Method(model, tcfg, arch="gpt2")
         start = time.perf_counter()
@@ -420,9 +419,7 @@ def run_sv_demo(out_dir: str, cfg: SVDemoConfig | None = None, methods=("circuit
                                top_n=top_n, mlp_head_dim=cfg.mlp_head_dim, lora_r=cfg.lora_r, seed=cfg.seed,
                                circuit_every=max(1, cfg.tune_steps // 6), save_every=cfg.tune_steps)
             run = RunDir(run_path)
-            for stale in ("log.jsonl", "summary.json"):
-                if os.path.exists(run.file(stale)):
-                    os.remove(run.file(stale))
+            run.clear("log.jsonl", "summary.json", "circuits", "model")  # an earlier demo's, in the same --out
             run.write_json("config.json", asdict(tcfg))
             method = Method(copy.deepcopy(base_model).train(), tcfg, arch=graph.arch)
             start = time.perf_counter()

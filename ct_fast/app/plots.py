@@ -278,7 +278,7 @@ def plot_tradeoff(summary: dict, run_dir: str, path: str):
     fig, ax = plt.subplots(figsize=(7.2, 5.0))
     start = summary.get("before_tracked")
     for m in summary.get("methods", {}):
-        recs = [r for r in _read_jsonl(os.path.join(run_dir, m, "log.jsonl")) if r.get("target_accuracy") is not None]
+        recs = [r for r in _read_log(os.path.join(run_dir, m)) if r.get("target_accuracy") is not None]
         xs = ([start["general_loss"]] if start else []) + [r["general_loss"] for r in recs]
         ys = ([start["target_accuracy"]] if start else []) + [r["target_accuracy"] for r in recs]
         if xs:
@@ -311,11 +311,11 @@ def plot_tradeoff(summary: dict, run_dir: str, path: str):
     return path
 
 
-def _read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _read_log(run_dir: str) -> list[dict]:
+    """A run's ``log.jsonl`` records (``RunDir.read_log``: a torn last line dropped; none without a log)."""
+    from .run import RunDir
+
+    return RunDir(run_dir, create=False).read_log()
 
 
 def _circuit_snapshots(run_dir: str, tag: str) -> list[str]:
@@ -346,7 +346,7 @@ def plot_run_dir(run_dir: str) -> list[str]:
     summary_path = os.path.join(run_dir, "summary.json")
     summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     if "methods" in summary:  # the demo: one sub-run per method
-        runs = {m: _read_jsonl(os.path.join(run_dir, m, "log.jsonl")) for m in summary["methods"]}
+        runs = {m: _read_log(os.path.join(run_dir, m)) for m in summary["methods"]}
         out.append(plot_methods(summary, os.path.join(run_dir, "comparison.png")))
         out.append(plot_dynamics(runs, os.path.join(run_dir, "dynamics.png"), "tuning toward subject-verb disagreement"))
         if os.path.isdir(os.path.join(run_dir, "circuit")):
@@ -354,9 +354,11 @@ def plot_run_dir(run_dir: str) -> list[str]:
         if summary.get("tradeoff"):
             out.append(plot_tradeoff(summary, run_dir, os.path.join(run_dir, "tradeoff.png")))
         return out
-    records = _read_jsonl(os.path.join(run_dir, "log.jsonl"))
+    records = _read_log(run_dir)
     if records:
-        out.append(plot_dynamics({"circuit": records}, os.path.join(run_dir, "dynamics.png")))
+        config_path = os.path.join(run_dir, "config.json")
+        method = json.load(open(config_path)).get("method", "circuit") if os.path.exists(config_path) else "circuit"
+        out.append(plot_dynamics({method: records}, os.path.join(run_dir, "dynamics.png")))
     out += _circuit_snapshots(run_dir, os.path.basename(os.path.abspath(run_dir)))
     single = os.path.join(run_dir, "circuit.json")
     if os.path.exists(single):

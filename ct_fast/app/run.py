@@ -77,15 +77,36 @@ class RunDir:
         with open(self.file(name)) as f:
             return json.load(f)
 
+    def clear(self, *names: str):
+        """Remove these files or folders of an earlier run in the same place (a run written there again)."""
+        for name in names:
+            path = self.file(name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+
     def append_log(self, record: dict):
         with open(self.file("log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def read_log(self) -> list[dict]:
+        """The log's records; a torn last line (a write cut short: a full disk, a kill) is dropped, as the step it
+        records is redone from its checkpoint."""
         if not os.path.exists(self.file("log.jsonl")):
             return []
         with open(self.file("log.jsonl")) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:  # (not the last line: the log is damaged, not cut short)
+                    raise CTFastError(f"{self.file('log.jsonl')}: line {i + 1} is not JSON") from None
+        return records
 
     def truncate_log(self, before_step: int):
         """Drop log records of steps >= ``before_step`` (written after the checkpoint we resume from)."""
@@ -224,6 +245,7 @@ class Method:
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, arch: str, launch: Launch | None = None):
         self.cfg, self.tuner, self.launch = cfg, None, launch or Launch()
+        self.applied: Circuit | None = None  # the circuit the last step updated
         self.base_params = sum(p.numel() for p in model.parameters())
         _seed(cfg.seed)  # LoRA initialises its adapters randomly: the same seed gives the same run
         if cfg.method == "lora":
@@ -254,6 +276,7 @@ class Method:
         t0 = time.perf_counter()
         if self.tuner is not None:
             r = self.tuner.step(batch)
+            self.applied = r.circuit  # (lagged: the previous step's; tuner.circuit is the next one's)
             loss, metric = r.loss, r.metric
             if self.launch.distributed:
                 loss, metric = self.launch.mean(torch.tensor([loss, metric])).tolist()
@@ -378,7 +401,7 @@ def train(run: RunDir, method: Method, examples: list[Example], pad_id: int, eva
         if launch.main:
             run.append_log(record)
             if method.tuner is not None and (step % cfg.circuit_every == 0 or last):
-                run.save_circuit(step, method.tuner.circuit)
+                run.save_circuit(step, method.applied)  # the circuit the step updated, as the log's record
         post = {"loss": f"{record['loss']:.3f}"}
         if "circuit_edges" in record:
             post["edges"], post["params"] = record["circuit_edges"], f"{100 * record['tuned_fraction']:.1f}%"

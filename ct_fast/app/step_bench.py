@@ -272,6 +272,12 @@ def main(argv=None) -> list[dict]:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise CTFastError(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    for name, least in (("steps", 1), ("warmup", 0), ("batch", 1), ("seq", 2)):
+        if getattr(a, name) < least:
+            raise CTFastError(f"--{name} must be >= {least}, got {getattr(a, name)}")
+    if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
+        raise CTFastError(f"--device {a.device}: this torch has no CUDA device (torch {torch.__version__}); use "
+                          "--device cpu")
     models = [m for m in a.models.split(",") if m]
     bad = [m for m in models if m not in SHAPES]
     if bad:
