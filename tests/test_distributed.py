@@ -249,6 +249,7 @@ def _worker(rank, init_file, out, phase):
     try:
         torch.manual_seed(0)
         _scenarios(rank, pathlib.Path(out), phase)
+        dist.barrier()  # no rank tears its connections down while another still receives its last collective
     finally:
         dist.destroy_process_group()
 
