@@ -30,7 +30,7 @@ def selection(kind: str, n: int, fraction: float, device) -> torch.Tensor:
         return torch.arange(0, n, max(1, int(1 / fraction)), device=device)
     if kind == "blocks":
         starts = torch.arange(0, n, 64)
-        keep = starts[torch.linspace(0, starts.numel() - 1, max(1, k // 64)).long().unique()]
+        keep = starts[torch.linspace(0, starts.numel() - 1, max(1, -(-k // 64))).long().unique()]  # (>= k: 5% is 5%)
         return (keep[:, None] + torch.arange(64)).flatten().clamp(max=n - 1).unique().to(device)
     g = torch.Generator().manual_seed(n)
     return torch.randperm(n, generator=g)[:k].sort().values.to(device)

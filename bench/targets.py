@@ -40,6 +40,17 @@ def _by(recs: list[dict], *keys) -> dict[tuple, list[dict]]:
     return groups
 
 
+REFRESH_PERIOD = {"circuit_refresh10": 10}  # a method's steps per refresh: its timed steps must span one
+
+
+def _in_band(r: dict, key: str) -> bool:
+    """Whether a kernel record's error against the reference is within its dtype's band (as auto requires)."""
+    from ct_fast.ops.measured import ERROR_BAND
+
+    err = r.get(key)
+    return err is None or err <= ERROR_BAND.get(str(r.get("dtype")), 0.0)
+
+
 def _dt(r: dict) -> str:
     return str(r.get("dtype", "")).replace("torch.", "")
 
@@ -57,15 +68,21 @@ def evaluate(out: str) -> list[dict]:
         rows.append(_row(f"{name}, whole step in a CUDA graph: time / fused dense AdamW", "<=", 0.1, recs,
                          "graph_ratio_to_dense", min, where))
     scoring = _load(out, "op_score_edges")
-    ops = [r for r in scoring if r["bench"] == "score_edges_op" and r["backend"] != "torch"]
-    for (dtype,), recs in sorted(_by(ops, "dtype").items()) or [((None,), [])]:
-        rows.append(_row(f"score_edges kernel{', ' + _dt(recs[0]) if recs else ''}: time / torch path", "<=", 1.0, recs,
-                         "time_vs_torch", min, lambda r: f"{r['backend']}, {r['n_u']}x{r['w']} -> {r['n_d']} nodes, "
-                                                         f"{r['c']} tokens, d {r['d']}"))
+    # a kernel is as fast as its slower case: the one block and the scorer's own call (a layer against many groups) —
+    # auto takes it only where it wins both (ct_fast.ops.measured.derive), within its dtype's error band
+    cases = [r for r in scoring if r["bench"] in ("score_edges_op", "score_edges_layer") and r["backend"] != "torch"
+             and r.get("time_vs_torch") is not None and _in_band(r, "max_rel_err")]
+    worst = [{**max(recs, key=lambda r: r["time_vs_torch"]), "cases": len(recs)}
+             for recs in _by(cases, "dtype", "backend").values()]
+    for (dtype,), recs in sorted(_by(worst, "dtype").items()) or [((None,), [])]:
+        rows.append(_row(f"score_edges kernel{', ' + _dt(recs[0]) if recs else ''}: time / torch path (its slower of "
+                         "one block and a layer)", "<=", 1.0, recs, "time_vs_torch", min,
+                         lambda r: f"{r['backend']}, {r['bench'].removeprefix('score_edges_')}, {r['c']} tokens, "
+                                   f"d {r['d']}"))
     engine = [r for r in scoring if r["bench"] == "score_edges"]
     rows.append(_row("attribution: materialising EAP's peak memory / ours", ">=", 10, engine, "memory_ratio", max,
                      lambda r: f"{r['layers']} layers, d_model {r['d_model']}, {r['tokens']} tokens"))
-    dw = [r for r in _load(out, "op_masked_dw") if r["bench"] == "masked_dw"]
+    dw = [r for r in _load(out, "op_masked_dw") if r["bench"] == "masked_dw" and _in_band(r, "max_rel_err_vs_torch")]
     for (dtype, sel, frac), recs in sorted(_by(dw, "dtype", "selection", "fraction").items()) or [((None,) * 3, [])]:
         label = f"masked dW, {100 * frac:.0f}% rows ({sel}, {_dt(recs[0])})" if recs else "masked dW"
         rows.append(_row(f"{label}: time / dense dW", "<=", 0.15, recs, "ratio_to_dense", min,
@@ -75,7 +92,8 @@ def evaluate(out: str) -> list[dict]:
         full = next((r["mean_ms"] for r in recs if r["method"] == "full"), None)
         for method, label, limit in (("circuit_refresh1", "faithful (refresh 1)", 1.5),
                                      ("circuit_refresh10", "refresh 10", 0.9)):
-            mine = [{**r, "vs_full": r["mean_ms"] / full if full else None} for r in recs if r["method"] == method]
+            mine = [{**r, "vs_full": r["mean_ms"] / full if full else None} for r in recs if r["method"] == method
+                    and r.get("steps", 1) >= REFRESH_PERIOD.get(method, 1)]  # (refresh 10: amortised over 10)
             rows.append(_row(f"{model} {dtype} step: {label} / full fine-tuning" if recs else f"step: {label} / full",
                              "<=", limit, mine, "vs_full", min, lambda r: f"batch {r['batch']} x {r['seq']}"))
     return rows

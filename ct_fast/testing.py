@@ -181,18 +181,19 @@ def edge_directions(model, graph, batch, ablation, corrupted_batch=None):
     from .capture import Capture
 
     keys = {g.capture for g in graph.upstream_groups}
-    with torch.no_grad(), Capture(model, store=keys) as cap:
-        model(**model_inputs(batch))
-    acts = node_activations(model, graph, cap.stored)
-    if ablation == "zero":
-        base = {n: torch.zeros_like(a) for n, a in acts.items()}
-    elif ablation == "corrupted":
-        with torch.no_grad(), Capture(model, store=keys) as cap2:
-            model(**model_inputs(corrupted_batch))
-        base = node_activations(model, graph, cap2.stored)
-    else:
-        valid = valid_tokens(batch)
-        base = {n: a[valid].mean(0) for n, a in acts.items()}
+    with torch.no_grad():  # (the products with the weights too: no autograd graph kept alive by what is scored)
+        with Capture(model, store=keys) as cap:
+            model(**model_inputs(batch))
+        acts = node_activations(model, graph, cap.stored)
+        if ablation == "zero":
+            base = {n: torch.zeros_like(a) for n, a in acts.items()}
+        elif ablation == "corrupted":
+            with Capture(model, store=keys) as cap2:
+                model(**model_inputs(corrupted_batch))
+            base = node_activations(model, graph, cap2.stored)
+        else:
+            valid = valid_tokens(batch)
+            base = {n: a[valid].mean(0) for n, a in acts.items()}
     return acts, base
 
 
