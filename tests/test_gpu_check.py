@@ -129,7 +129,8 @@ def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
           {**layer, "backend": "triton", "time_vs_torch": 1.3, "max_rel_err": 1e-3},  # slower on the scorer's call
           {**op, "backend": "cuda", "time_vs_torch": 0.5, "max_rel_err": 0.5},  # fast, outside the bf16 band
           {**op, "backend": "cuda", "time_vs_torch": 2.0, "max_rel_err": 1e-3, "c": 4096},
-          dict(bench="score_edges", device="cuda", layers=4, d_model=256, tokens=512, memory_ratio=16.0))
+          dict(bench="score_edges", device="cuda", layers=12, heads=16, d_model=512, tokens=512, memory_ratio=6.0,
+               overhead_ratio=16.0))
     split = dict(forward=36.25, attribution=145.0, selection=6.75, backward=61.0, optimizer=4.5, total=253.5)
     host = dict(forward=35.0, attribution=60.0, selection=6.5, backward=20.0, optimizer=4.0, total=130.0)
     write("step", *[dict(bench="step", device="cuda", model="llama-1B", dtype="bfloat16", batch=8, seq=64,
@@ -148,7 +149,8 @@ def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
     assert got["masked AdamW, 5% circuit: time / fused dense AdamW"] == ("met", 0.08)
     slower = "score_edges kernel, bfloat16: time / torch path (its slower of one block and a layer)"
     assert got[slower] == ("missed", 1.3)  # triton's layer case; cuda's 0.5 is outside the band, its 2.0 slower
-    assert got["attribution: materialising EAP's peak memory / ours"] == ("met", 16.0)
+    assert got["attribution: materialising EAP's memory / ours (above the activation backward both run)"] == \
+        ("met", 16.0)
     assert got["masked dW: time / dense dW"] == ("no data", None)
     assert got["llama-1B bfloat16 step: faithful (refresh 1) / full fine-tuning"] == ("met", 1.4)
     assert got["llama-1B bfloat16 step: refresh 10 / full fine-tuning"] == ("missed", 0.95)
