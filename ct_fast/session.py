@@ -406,27 +406,32 @@ class TuningSession:
 
     def _choose_mode(self, batches: list, backwards: int | None) -> str:
         """``memory_mode``, or for ``auto`` what fits: ``batches`` the step's micro-batches, or (your own loop) its
-        first, which ``backwards`` (the loop's promise, if any) of that size then follow."""
-        if self.memory_mode != "auto":
-            return self.memory_mode
+        first, which ``backwards`` (the loop's promise, if any) of that size then follow. Several ranks decide
+        together (their batches, padded each on its own, and their free memory differ): ``lagged`` on all if it is
+        needed on one — a small all-reduce every step there, where a per-rank choice would split the ranks' modes."""
+        if self.memory_mode != "auto" or self.device.type != "cuda":
+            return "deferred" if self.memory_mode == "auto" else self.memory_mode
         shape = (tuple(tuple(b["input_ids"].shape) for b in batches), backwards)
-        if shape not in self._auto_modes:
-            mode = "deferred"
-            if self.device.type == "cuda":
-                tokens = sum(b["input_ids"].numel() for b in batches)
-                if len(batches) == 1 and backwards:
-                    tokens *= backwards
-                kept = self.masked.deferred_bytes(tokens, next(self.model.parameters()).element_size())
-                free, _ = torch.cuda.mem_get_info(self.device)
-                if kept > free / 4:
-                    mode = "two_pass" if self.rerun else "lagged"
-                    if not self.rerun:
-                        warnings.warn(f"memory_mode='auto': deferred would keep {kept / 2**30:.1f} GiB per step "
-                                      f"(free: {free / 2**30:.1f} GiB), so steps run 'lagged' (each updates the "
-                                      "circuit selected on the previous batch); pass memory_mode='deferred' to "
-                                      "force the faithful mode", stacklevel=3)
-            self._auto_modes[shape] = mode
-        return self._auto_modes[shape]
+        if self.dp is None and shape in self._auto_modes:
+            return self._auto_modes[shape]
+        tokens = sum(b["input_ids"].numel() for b in batches)
+        if len(batches) == 1 and backwards:
+            tokens *= backwards
+        kept = self.masked.deferred_bytes(tokens, next(self.model.parameters()).element_size())
+        free, _ = torch.cuda.mem_get_info(self.device)
+        fallback = kept > free / 4
+        if self.dp is not None:
+            flag = torch.tensor([int(fallback)], device=self.anchor.device)
+            self.dp._all_reduce(flag, "memory_mode='auto'", op=dist.ReduceOp.MAX)
+            fallback = bool(flag.item())
+        mode = ("two_pass" if self.rerun else "lagged") if fallback else "deferred"
+        if fallback and not self.rerun and self._auto_modes.get(shape) != mode:  # (once per batch shape)
+            warnings.warn(f"memory_mode='auto': deferred would keep {kept / 2**30:.1f} GiB per step "
+                          f"(free: {free / 2**30:.1f} GiB{'' if self.dp is None else ', or so on another rank'}), so "
+                          "steps run 'lagged' (each updates the circuit selected on the previous batch); pass "
+                          "memory_mode='deferred' to force the faithful mode", stacklevel=3)
+        self._auto_modes[shape] = mode
+        return mode
 
     def param_selection(self, circuit: Circuit) -> dict:
         """``{parameter: ParamSelection}`` of ``circuit``, restricted to the trained parameters; the same dict while

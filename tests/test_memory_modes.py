@@ -151,6 +151,18 @@ def test_auto_weighs_the_whole_step_of_your_own_loop(monkeypatch):
     with pytest.warns(UserWarning, match="runs 'lagged'|steps run 'lagged'"):
         assert session._choose_mode([batch], 8) == "lagged"
     assert session._choose_mode([batch, batch], 2) == "deferred"  # the tuner's steps: every micro-batch given
+
+    class OtherRankNeedsLagged:  # several ranks: one whose batch or free memory does not fit decides for all
+        calls = 0
+
+        def _all_reduce(self, t, what, op=None):
+            self.calls += 1
+            t.fill_(1)
+
+    monkeypatch.setattr(session, "dp", OtherRankNeedsLagged())
+    with pytest.warns(UserWarning, match="or so on another rank"):
+        assert session._choose_mode([batch], 1) == "lagged"
+    assert session._choose_mode([batch], 1) == "lagged" and session.dp.calls == 2  # every step: no rank-local cache
     opt.detach()
 
 

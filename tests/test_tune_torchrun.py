@@ -101,6 +101,10 @@ def test_ddp_equals_one_process_and_extends(setup, single):
     proc = _torchrun("tune", "--resume", str(run), "--steps", "4", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-4000:]
     _same_as_single(run, single)
+    os.remove(run / "summary.json")  # killed while rank 0 wrote the model: every step done, no summary — the other
+    proc = _torchrun("tune", "--resume", str(run), "--no-progress")  # ranks ran no step (their log was empty)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.load(open(run / "summary.json"))["steps"] == 4 and proc.stdout.count("tuned model:") == 1
     with pytest.warns(UserWarning, match="written by 2 process"):  # replicated state resumes on one process too
         assert main(["tune", "--resume", str(run), "--steps", "5", "--no-progress"]) == 0
     assert [r["step"] for r in _log(run)] == [0, 1, 2, 3, 4]

@@ -353,16 +353,19 @@ def _tune(args, launch, out: str, conf: dict, cfg) -> dict:
 
             state_dict = get_model_state_dict(method.model, options=StateDictOptions(full_state_dict=True,
                                                                                      cpu_offload=True))
+        # the last collective is behind every rank: the others leave (no timeout while rank 0 saves a large model),
+        # rank 0 writes the model and summary from the whole log (the others hold this invocation's records only)
+        launch.barrier()
+        if not launch.main:
+            return {}
         summary = {"steps": len(log), "final_loss": log[-1]["loss"], "format": fmt,
                    "mean_step_seconds": sum(r["step_time"] for r in log) / len(log),
                    "mean_tuned_fraction": sum(r["tuned_fraction"] for r in log) / len(log),
                    "model_dir": run.file("model"), "processes": launch.world}
-        if launch.main:
-            save_model(method.final_model(), tok, run.file("model"), state_dict=state_dict)
-            run.write_json("summary.json", summary)
-            plot_run_dir(run.path)
-            print(f"tuned model: {run.file('model')}; log: {run.file('log.jsonl')}")
-        launch.barrier()  # no rank leaves (and tears the process group down) before the run is written
+        save_model(method.final_model(), tok, run.file("model"), state_dict=state_dict)
+        run.write_json("summary.json", summary)
+        plot_run_dir(run.path)
+        print(f"tuned model: {run.file('model')}; log: {run.file('log.jsonl')}")
     return summary
 
 

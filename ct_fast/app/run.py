@@ -383,8 +383,8 @@ def train(run: RunDir, method: Method, examples: list[Example], pad_id: int, eva
         start = load_checkpoint(run, method)
         if launch.main:
             run.truncate_log(start)
-    if not start:  # a fresh run, or a resume before the first checkpoint: start over exactly
-        _seed(cfg.seed)
+    if not start:  # a fresh run, or a resume before the first checkpoint: start over exactly — each rank from its
+        _seed(cfg.seed + launch.rank)  # own seed (dropout masks of the ranks' batches independent, as in one batch)
     device = next(method.model.parameters()).device
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not (progress and launch.main),
                desc=cfg.method, dynamic_ncols=True)
@@ -445,7 +445,8 @@ def load_checkpoint(run: RunDir, method: Method) -> int:
     path = run.checkpoint_path()
     if path is None:
         return 0
-    state = torch.load(os.path.join(path, "state.pt"), weights_only=False)
+    state = torch.load(os.path.join(path, "state.pt"), weights_only=False, map_location="cpu")  # (not rank 0's GPU on
+    # every rank: load_state_dict copies each tensor to its parameter's device)
     parallel, world = state.get("parallel"), state.get("world", 1)
     if (parallel == "fsdp") != (launch.parallel == "fsdp") or (parallel == "fsdp" and world != launch.world):
         raise CTFastError(f"{path} holds sharded state of {world} process(es); resume it with the same launch "
@@ -458,7 +459,7 @@ def load_checkpoint(run: RunDir, method: Method) -> int:
         dcp.load(model_state, checkpoint_id=os.path.join(path, "model"))
         method.model.load_state_dict(model_state)
         method.optimizer.load_state_dict(torch.load(os.path.join(path, f"optimizer-rank-{launch.rank}.pt"),
-                                                    weights_only=False))
+                                                    weights_only=False))  # (this rank's own, on its own device)
         method.load_tuner_state(state["method"]["tuner"])
     else:
         method.load_state(state["method"])
