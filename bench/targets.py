@@ -96,8 +96,18 @@ def evaluate(out: str) -> list[dict]:
             mine = [{**r, "vs_full": r["mean_ms"] / full if full else None} for r in recs if r["method"] == method
                     and r.get("steps", 1) >= REFRESH_PERIOD.get(method, 1)]  # (refresh 10: amortised over 10)
             rows.append(_row(f"{model} {dtype} step: {label} / full fine-tuning" if recs else f"step: {label} / full",
-                             "<=", limit, mine, "vs_full", min, lambda r: f"batch {r['batch']} x {r['seq']}"))
+                             "<=", limit, mine, "vs_full", min, _step_where))
     return rows
+
+
+def _step_where(r: dict) -> str:
+    """A step record's shape, and the share of parameters its circuits tuned over the timed steps (each method
+    selects its own circuits: a ratio read at another circuit size is another measurement)."""
+    where = f"batch {r['batch']} x {r['seq']}"
+    fractions = r.get("tuned_param_fractions")
+    if fractions:
+        where += f", circuit {100 * min(fractions):.1f}-{100 * max(fractions):.1f}% of params"
+    return where
 
 
 def phase_table(out: str) -> str:

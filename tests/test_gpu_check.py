@@ -135,7 +135,8 @@ def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
     host = dict(forward=35.0, attribution=60.0, selection=6.5, backward=20.0, optimizer=4.0, total=130.0)
     write("step", *[dict(bench="step", device="cuda", model="llama-1B", dtype="bfloat16", batch=8, seq=64,
                          method=m, mean_ms=t, **extra) for m, t, extra in (
-                             ("full", 100.0, {}), ("circuit_refresh1", 140.0, dict(split_ms=split, split_host_ms=host)),
+                             ("full", 100.0, {}), ("circuit_refresh1", 140.0, dict(split_ms=split, split_host_ms=host,
+                                                               tuned_param_fractions=[0.05, 0.071])),
                              ("circuit_refresh10", 95.0, dict(steps=10)),
                              ("circuit_refresh10", 80.0, dict(steps=3)))])  # (not amortised over a refresh: ignored)
     write("step_span4", dict(bench="step", device="cuda", model="llama-1B", dtype="bfloat16", batch=8, seq=64,
@@ -155,6 +156,8 @@ def test_targets_read_off_a_gpu_run(monkeypatch, tmp_path):
     assert got["llama-1B bfloat16 step: faithful (refresh 1) / full fine-tuning"] == ("met", 1.4)
     assert got["llama-1B bfloat16 step: refresh 10 / full fine-tuning"] == ("missed", 0.95)
     assert f"| {slower} | <= 1 | 1.3 | triton, layer," in targets.table(list(rows.values()))
+    assert rows["llama-1B bfloat16 step: faithful (refresh 1) / full fine-tuning"]["where"] == \
+        "batch 8 x 64, circuit 5.0-7.1% of params"  # (the circuit size the ratio was read at)
     # the phase split: device / host ms per phase of the methods that have one
     assert targets.phase_table(str(tmp_path)).splitlines() == [
         "| step (device / host ms) | forward | attribution | selection | backward | optimizer | total |",

@@ -179,7 +179,9 @@ def run(model_name: str, methods=METHODS, device="cpu", dtype=torch.float32, bat
         if splits:
             split = {k: 1e3 * statistics.mean(s.timings[k] for s in splits) for k in splits[0].timings}
             rec.update(split_ms=split, attribution_fraction=split["attribution"] / split["total"], top_n=top_n,
-                       tuned_param_fraction=m.last.circuit.fraction, score_span=attribution.SCORE_SPAN,
+                       tuned_param_fraction=m.last.circuit.fraction,  # the last step's; over the timed steps:
+                       tuned_param_fractions=[s.circuit.fraction for s in splits],  # (each method selects its own)
+                       score_span=attribution.SCORE_SPAN,
                        score_chunk_elements=attribution.chunk_elements(device))
             if device != "cpu":  # the host's time in the same phases: which of them kept the device waiting
                 rec["split_host_ms"] = {k: 1e3 * statistics.mean(s.host_timings[k] for s in splits)
