@@ -145,6 +145,17 @@ class CircuitTuner:
         self.session.step_count = n
         self.session._reset_step()
 
+    def _tokens_per_rank(self, mine: int) -> float:
+        """The global batch's label tokens over the ranks (``mine`` with one process): the loss of a rank is its
+        tokens' sum over this, so that the ranks' average is the global batch's per-token mean — one process on
+        the concatenated batch, also when the ranks hold different numbers of label tokens. One small all-reduce."""
+        dp = self.session.dp
+        if dp is None:
+            return mine
+        total = torch.tensor([float(mine)], device=self.session.anchor.device)
+        dp._all_reduce(total, "label tokens")
+        return float(total) / dp.world
+
     def state_dict(self) -> dict:
         """What a resume needs besides the model's and the optimizer's state dicts: the step count (the refresh and
         ``top_n`` schedules follow it) and the newest circuit (reused between refreshes, lagged's next update)."""
@@ -167,8 +178,10 @@ class CircuitTuner:
         if len(corrupted) != len(batches):
             raise CTFastError(f"{len(batches)} micro-batches but {len(corrupted)} corrupted micro-batches")
         no_labels = sum(tokens) == 0  # refused (_step): with several ranks on all of them together
-        # a micro-batch without label tokens weighs 0
-        w_loss = [n / sum(tokens) for n in tokens] if not no_labels else [1 / len(tokens)] * len(tokens)
+        # a micro-batch without label tokens weighs 0; several ranks weigh by the tokens of all of them (the ranks'
+        # gradients and scores are averaged: each is scaled by its share of the global batch's label tokens)
+        per_rank = self._tokens_per_rank(sum(tokens))  # (every rank joins its all-reduce)
+        w_loss = [n / per_rank for n in tokens] if not no_labels else [1 / len(tokens)] * len(tokens)
         sizes = [b["input_ids"].shape[0] for b in batches]
         w_metric = w_loss if self.metric == "loss" else [s / sum(sizes) for s in sizes]
         session = self.session

@@ -42,6 +42,14 @@ def _padded_batch(step):
     return dict(batch, attention_mask=mask, labels=batch["labels"].masked_fill(mask == 0, -100))
 
 
+def _unequal_batch(step):
+    """The global batch with the first 5 label tokens of rank 1's rows masked: 32 label tokens on rank 0, 12 on 1."""
+    batch = _global_batch(step)
+    labels = batch["labels"].clone()
+    labels[PER_RANK:, :5] = -100
+    return dict(batch, labels=labels)
+
+
 def _padded_shard(step, rank):
     """This rank's slice of the padded global batch, trimmed to its own longest example (as a rank collates)."""
     part = _shard(_padded_batch(step), rank)
@@ -93,6 +101,15 @@ def _scenarios(rank, out: pathlib.Path, phase: str):
         tuner = CircuitTuner(ddp, CircuitAdamW(ddp.parameters(), lr=1e-2), top_n=40, memory_mode="deferred")
         results = [tuner.step(_padded_shard(s, rank)) for s in range(STEPS)]
         save("tuner_ddp_padded", circuits=[[e[:2] for e in r.circuit.edges] for r in results],
+             params=model.state_dict(), loss=[r.loss for r in results])
+
+        # ranks of unequal label tokens: each rank's loss weighs by its share of all the ranks' tokens (the average of
+        # per-rank means would weigh rank 1's 12 tokens as rank 0's 32)
+        model = tiny_model("qwen2")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        tuner = CircuitTuner(ddp, CircuitSGD(ddp.parameters(), lr=0.1, momentum=0.9), top_n=25, memory_mode="two_pass")
+        results = [tuner.step(_shard(_unequal_batch(s), rank)) for s in range(STEPS)]
+        save("tuner_ddp_unequal", circuits=[[e[:2] for e in r.circuit.edges] for r in results],
              params=model.state_dict(), loss=[r.loss for r in results])
 
         # lagged and reused steps know their circuit before the backward: the compact gradients are averaged
@@ -328,6 +345,12 @@ def test_tuner_equals_one_rank(runs, name):
     model = tiny_model("qwen2")
     tuner = CircuitTuner(model, CircuitSGD(model.parameters(), lr=0.1, momentum=0.9), top_n=25, memory_mode="two_pass")
     _tuner_equals_one_rank(_load(runs, name), model, tuner, [_global_batch(s) for s in range(STEPS)])
+
+
+def test_ranks_of_unequal_label_tokens_equal_one_rank(runs):
+    model = tiny_model("qwen2")
+    tuner = CircuitTuner(model, CircuitSGD(model.parameters(), lr=0.1, momentum=0.9), top_n=25, memory_mode="two_pass")
+    _tuner_equals_one_rank(_load(runs, "tuner_ddp_unequal"), model, tuner, [_unequal_batch(s) for s in range(STEPS)])
 
 
 def test_deferred_ranks_of_different_lengths_equal_one_rank(runs):

@@ -10,8 +10,10 @@ circuit for all ranks and all-reduces only its compact gradients (``ct_fast.dist
 the run directory, the log, circuits, pictures and the tuned model; a checkpoint is written by rank 0
 (replicated state) or by every rank (its shard; the model through ``torch.distributed.checkpoint``).
 
-Each rank's loss is the mean over its own label tokens and the ranks' gradients are averaged, as
-``DistributedDataParallel`` does: with equal label tokens per rank a step equals one process on the global batch.
+Circuit-tuning (``CircuitTuner``) weighs each rank's loss by its share of all the ranks' label tokens and averages
+the ranks' gradients: a step equals one process on the global batch whatever the ranks' token counts. Full and LoRA
+fine-tuning take each rank's per-token mean and average them, as ``DistributedDataParallel`` does: equal to one
+process when the ranks hold equal label tokens.
 """
 
 from __future__ import annotations
