@@ -359,6 +359,15 @@ def test_examples_beyond_the_models_positions_are_refused(model_dir, tmp_path, c
     assert f"an example's length (--max-length)={2 * limit} is longer than the {limit} positions" in err
 
 
+def test_parallel_fsdp_in_one_process_runs_unsharded(model_dir, datasets, tmp_path, capsys):
+    """--parallel fsdp without torchrun: said, and the run is recorded as what it was (unsharded), so that it
+    resumes as such."""
+    out = tmp_path / "run"
+    assert _tune(model_dir, datasets["text"], out, "--steps", "2", "--parallel", "fsdp") == 0
+    assert "--parallel fsdp has no effect in a single process" in capsys.readouterr().err
+    assert json.load(open(out / "config.json"))["parallel"] is None
+
+
 def test_top_n_end_is_reached_at_the_last_step(model_dir, datasets, tmp_path):
     out = tmp_path / "run"
     assert _tune(model_dir, datasets["text"], out, "--top-n-end", "20", "--top-n-schedule", "linear") == 0

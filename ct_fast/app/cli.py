@@ -307,6 +307,11 @@ def cmd_tune(args) -> dict:
         raise CTFastError(f"--max-length must be >= 2, got {conf['max_length']}")
     _check_load_options(conf["dtype"], conf["device"])
     launch = Launch.start(conf["device"], conf.get("parallel") or "ddp")
+    if not args.resume and not launch.distributed and conf.get("parallel") == "fsdp":
+        # one process: nothing to shard — and the run directory must not read as sharded (a resume under torchrun)
+        _log("ct-fast: --parallel fsdp has no effect in a single process (start it with torchrun "
+             "--nproc-per-node N): running unsharded")
+        conf["parallel"] = None
     try:
         launch.check_batch_size(cfg.batch_size)
         if not args.resume:
