@@ -198,8 +198,9 @@ if __name__ == "__main__":
     for b in backends:
         r = measure(f"{b:>6} rows", lambda: run(a.device, a.params, a.d, a.fraction, backend=b))
         if r is not None:
-            print(f"{b:>6}: masked {r['masked_ms']:.1f} ms vs dense {r['dense_ms']:.1f} ms ({r['ratio_to_dense']:.3f}x); "
-                  f"{r['achieved_gbps']:.1f} GB/s = {100 * r['fraction_of_copy_bw']:.0f}% of copy bandwidth")
+            print(f"{b:>6}: masked {r['masked_ms']:.1f} ms vs dense {r['dense_ms']:.1f} ms "
+                  f"({r['ratio_to_dense']:.3f}x); {r['achieved_gbps']:.1f} GB/s = "
+                  f"{100 * r['fraction_of_copy_bw']:.0f}% of copy bandwidth")
             print(f"{b:>6}: the whole step in a CUDA graph: " + (r["graph_step_error"] if r["graph_step_ms"] is None
                   else f"{r['graph_step_ms']:.2f} ms ({r['graph_ratio_to_dense']:.3f}x dense, "
                   f"{100 * r['graph_fraction_of_copy_bw']:.0f}% of copy bandwidth)"))
@@ -217,8 +218,8 @@ if __name__ == "__main__":
         o = measure(f"{b:>6} op-level", lambda: run_op(a.device, a.params, a.d, a.fraction, backend=b))
         if o is not None:
             graph = "n/a on CPU" if o["graph_replay_ms"] is None else f"{o['graph_replay_ms']:.2f} ms"
-            print(f"{b:>6}: op alone {o['eager_float_lr_ms']:.2f} ms (float lr), {o['eager_device_lr_and_flag_ms']:.2f} "
-                  f"ms (device lr + skip flag), CUDA graph replay {graph}")
+            print(f"{b:>6}: op alone {o['eager_float_lr_ms']:.2f} ms (float lr), "
+                  f"{o['eager_device_lr_and_flag_ms']:.2f} ms (device lr + skip flag), CUDA graph replay {graph}")
     if a.device == "cpu":
         h = run_host()
         recs.append(h)

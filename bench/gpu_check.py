@@ -52,8 +52,8 @@ def stages(rehearse: bool, out: str) -> list[dict]:
                     "score_edges": ["--layers", "2", "--d-model", "32", "--heads", "4", "--batch", "2", "--seq", "8"],
                     "masked_dw": ["--tokens", "32", "--d", "32"]}
     else:
-        # score_edges: a materialising EAP's memory grows with the nodes (layers x heads), ours does not — 12 layers of
-        # 16 heads (1-2 s a brute-force call: its Python loop over edges) rather than the CPU default's 4 x 8
+        # score_edges: a materialising EAP's memory grows with the nodes (layers x heads), ours does not — 12
+        # layers of 16 heads (1-2 s a brute-force call: its Python loop over edges), not the CPU default's 4 x 8
         tiny_ops = {"masked_adamw": ["--params", "1e9", "--d", "4096"], "score_edges": [
             "--layers", "12", "--d-model", "512", "--heads", "16", "--batch", "4", "--seq", "128"], "masked_dw": [
             "--tokens", "8192", "--d", "4096", "--fraction", "0.05"]}

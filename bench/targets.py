@@ -82,7 +82,8 @@ def evaluate(out: str) -> list[dict]:
     engine = [r for r in scoring if r["bench"] == "score_edges"]
     rows.append(_row("attribution: materialising EAP's memory / ours (above the activation backward both run)", ">=",
                      10, engine, "overhead_ratio", max,
-                     lambda r: f"{r['layers']} layers x {r['heads']} heads, d_model {r['d_model']}, {r['tokens']} tokens"))
+                     lambda r: f"{r['layers']} layers x {r['heads']} heads, d_model {r['d_model']}, "
+                               f"{r['tokens']} tokens"))
     dw = [r for r in _load(out, "op_masked_dw") if r["bench"] == "masked_dw" and _in_band(r, "max_rel_err_vs_torch")]
     for (dtype, sel, frac), recs in sorted(_by(dw, "dtype", "selection", "fraction").items()) or [((None,) * 3, [])]:
         label = f"masked dW, {100 * frac:.0f}% rows ({sel}, {_dt(recs[0])})" if recs else "masked dW"

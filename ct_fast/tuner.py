@@ -88,8 +88,9 @@ class CircuitTuner:
     ``ablation``, ``positions``, ``pool``: as in ``attribute``; ``selection``: ``"edges"`` or ``"nodes"``;
     ``refresh_every=k``: re-discover the circuit every k steps and reuse it in between;
     ``token_budget``: score at most this many positions per micro-batch (each forward; a rescaled random
-    subset) to bound the attribution cost on long inputs; ``memory_mode``: see the module docstring; ``profile``: time phases
-    on a GPU too (CUDA events, one synchronisation per step; on CPU phases are always timed, for free);
+    subset) to bound the attribution cost on long inputs; ``memory_mode``: see the module docstring;
+    ``profile``: time phases on a GPU too (CUDA events, one synchronisation per step; on CPU phases are always
+    timed, for free);
     ``overlap_comm``: with several ranks, all-reduce the circuit's compact gradients while the training backward
     runs when the circuit is already known (default: on CUDA devices; on the CPU it measured no gain);
     ``fused_loss``: with ``metric="loss"``, compute the loss without the ``[B, T, vocab]`` logits

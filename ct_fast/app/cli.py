@@ -45,7 +45,7 @@ def _profile_model(args):
 
 
 def _capacity(text: str):
-    """``--state-capacity``: a row count (a whole number, e.g. ``64``) or a fraction of the rows (``0.25``, ``1e-3``)."""
+    """``--state-capacity``: a row count (a whole number, ``64``) or a fraction of the rows (``0.25``, ``1e-3``)."""
     try:
         return int(text)
     except ValueError:
@@ -589,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute the loss without the [batch, tokens, vocab] logits (chunked unembedding + "
                         "cross-entropy; --method circuit or full)")
     t.add_argument("--lora-r", type=int, default=32, help="LoRA rank (--method lora)")
-    t.add_argument("--seed", type=int, default=0, help="seed of the data order and LoRA's initialisation (the token budget's subsets follow the step)")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the data order and LoRA's initialisation (the token budget's subsets follow the step)")
     t.add_argument("--circuit-every", type=int, default=10, help="save the circuit every this many steps")
     t.add_argument("--save-every", type=int, default=50, help="write a checkpoint every this many steps")
     t.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
