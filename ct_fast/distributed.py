@@ -114,6 +114,13 @@ class DataParallel:
             raise CTFastError(f"{what}: not every rank joined the all-reduce ({e}); all ranks must run the same "
                               "steps with the same model and options") from e
 
+    def reduce_number(self, value, what: str, op=dist.ReduceOp.SUM) -> float:
+        """This rank's ``value`` (a host number) reduced over the ranks with ``op``, read back on the host: one small
+        all-reduce and its read (fp64: exact for counts up to 2^53)."""
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        self._all_reduce(t, what, op=op)
+        return float(t)
+
     AGREE_WIDTH = 16  # longs per rank in every ``agree``: one size at every call point, so ranks that reach different
     # points (e.g. one streams gradients while another concludes its step) exchange and see that, and raise
 

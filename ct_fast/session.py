@@ -421,9 +421,7 @@ class TuningSession:
         free, _ = torch.cuda.mem_get_info(self.device)
         fallback = kept > free / 4
         if self.dp is not None:
-            flag = torch.tensor([int(fallback)], device=self.anchor.device)
-            self.dp._all_reduce(flag, "memory_mode='auto'", op=dist.ReduceOp.MAX)
-            fallback = bool(flag.item())
+            fallback = bool(self.dp.reduce_number(fallback, "memory_mode='auto'", op=dist.ReduceOp.MAX))
         mode = ("two_pass" if self.rerun else "lagged") if fallback else "deferred"
         if fallback and not self.rerun and self._auto_modes.get(shape) != mode:  # (once per batch shape)
             warnings.warn(f"memory_mode='auto': deferred would keep {kept / 2**30:.1f} GiB per step "

@@ -153,9 +153,7 @@ class CircuitTuner:
         dp = self.session.dp
         if dp is None:
             return mine
-        total = torch.tensor([float(mine)], device=self.session.anchor.device)
-        dp._all_reduce(total, "label tokens")
-        return float(total) / dp.world
+        return dp.reduce_number(mine, "label tokens") / dp.world
 
     def state_dict(self) -> dict:
         """What a resume needs besides the model's and the optimizer's state dicts: the step count (the refresh and

@@ -155,9 +155,9 @@ def test_auto_weighs_the_whole_step_of_your_own_loop(monkeypatch):
     class OtherRankNeedsLagged:  # several ranks: one whose batch or free memory does not fit decides for all
         calls = 0
 
-        def _all_reduce(self, t, what, op=None):
+        def reduce_number(self, value, what, op=None):
             self.calls += 1
-            t.fill_(1)
+            return 1.0
 
     monkeypatch.setattr(session, "dp", OtherRankNeedsLagged())
     with pytest.warns(UserWarning, match="or so on another rank"):
